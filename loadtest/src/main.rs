@@ -1,0 +1,214 @@
+//! `flywheel-loadtest`: drives a running Flywheel over HTTP and reports throughput and latency
+//! percentiles (HdrHistogram).
+//!
+//! Closed loop: `--concurrency` workers each send one request, wait for the answer, and send the next,
+//! for `--duration` seconds after a `--warmup`. Every request is bounded by a timeout and the run stops by
+//! itself; it only ever talks to the URL given (loopback in every documented use).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Load generator for Flywheel's HTTP API.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Base URL of the server, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    url: String,
+    /// Texts to send: JSONL with a "text" field per line, or plain text, one per line.
+    #[arg(long)]
+    texts: PathBuf,
+    /// Concurrent closed-loop workers.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Texts per request.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of unmeasured load first.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Append the summary as a CSV row to this file (header written when the file is new).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// A label for this run in the outputs.
+    #[arg(long, default_value = "flywheel")]
+    label: String,
+}
+
+/// What one run measured.
+#[derive(Serialize, Debug)]
+struct Summary {
+    label: String,
+    concurrency: usize,
+    batch: usize,
+    seconds: f64,
+    requests: u64,
+    errors: u64,
+    texts_per_second: f64,
+    requests_per_second: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn read_texts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut texts = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let text = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(o)) => o
+                .get("text")
+                .and_then(|t| t.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            _ => line,
+        };
+        if !text.trim().is_empty() {
+            texts.push(text);
+        }
+    }
+    if texts.is_empty() {
+        bail!("{} holds no texts", path.display());
+    }
+    Ok(texts)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let texts = Arc::new(read_texts(&args.texts)?);
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs_f64(args.timeout))
+        .max_idle_connections_per_host(args.concurrency.max(1))
+        .build();
+    let url = format!("{}/v1/embed", args.url.trim_end_matches('/'));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        120_000_000,
+        3,
+    )?));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+
+    let workers: Vec<_> = (0..args.concurrency.max(1))
+        .map(|_| {
+            let (agent, url, texts) = (agent.clone(), url.clone(), texts.clone());
+            let (measuring, stop, next) = (measuring.clone(), stop.clone(), next.clone());
+            let (histogram, errors, requests) =
+                (histogram.clone(), errors.clone(), requests.clone());
+            let batch = args.batch.max(1);
+            std::thread::spawn(move || {
+                let mut local =
+                    Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+                while !stop.load(Ordering::Relaxed) {
+                    let start = next.fetch_add(batch, Ordering::Relaxed);
+                    let inputs: Vec<&str> = (start..start + batch)
+                        .map(|i| texts[i % texts.len()].as_str())
+                        .collect();
+                    let sent = Instant::now();
+                    let ok = agent
+                        .post(&url)
+                        .send_json(serde_json::json!({ "inputs": inputs }))
+                        .is_ok();
+                    let micros = sent.elapsed().as_micros() as u64;
+                    if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        if ok {
+                            let _ = local.record(micros.max(1));
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                histogram
+                    .lock()
+                    .expect("histogram lock")
+                    .add(&local)
+                    .expect("same bounds");
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_secs_f64(args.warmup));
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.duration));
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?;
+    }
+
+    let h = histogram.lock().expect("histogram lock");
+    let done = requests.load(Ordering::Relaxed) as u64;
+    let errors = errors.load(Ordering::Relaxed) as u64;
+    let ok = done - errors;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let summary = Summary {
+        label: args.label.clone(),
+        concurrency: args.concurrency,
+        batch: args.batch,
+        seconds,
+        requests: done,
+        errors,
+        texts_per_second: (ok * args.batch as u64) as f64 / seconds,
+        requests_per_second: ok as f64 / seconds,
+        p50_ms: ms(0.5),
+        p95_ms: ms(0.95),
+        p99_ms: ms(0.99),
+        max_ms: h.max() as f64 / 1000.0,
+    };
+    println!("{}", serde_json::to_string(&summary)?);
+    if let Some(path) = &args.csv {
+        let new = !path.exists();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        if new {
+            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms")?;
+        }
+        let s = &summary;
+        writeln!(
+            f,
+            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3}",
+            s.label,
+            s.concurrency,
+            s.batch,
+            s.seconds,
+            s.requests,
+            s.errors,
+            s.texts_per_second,
+            s.requests_per_second,
+            s.p50_ms,
+            s.p95_ms,
+            s.p99_ms,
+            s.max_ms
+        )?;
+    }
+    if errors > 0 {
+        eprintln!("warning: {errors} requests failed");
+    }
+    Ok(())
+}

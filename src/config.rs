@@ -1,0 +1,286 @@
+//! `Config`: every setting of the server, with defaults, read from `config/flywheel.toml`, then
+//! `FLYWHEEL_<SECTION>__<FIELD>` environment variables, then command-line flags (each later source wins).
+//!
+//! One `Config` is built at start and passed down; modules read their own section.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable Flywheel reads.
+pub const ENV_PREFIX: &str = "FLYWHEEL_";
+
+/// Why the configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid TOML for `Config`.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener.
+    pub server: ServerConfig,
+    /// The pretrained model.
+    pub model: ModelConfig,
+    /// Dynamic batching of inference work.
+    pub batching: BatchingConfig,
+    /// Limits on what a caller controls.
+    pub limits: LimitsConfig,
+    /// Where state lives.
+    pub data: DataConfig,
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind; 0 picks a free one (the bound address is logged).
+    pub port: u16,
+    /// HTTP worker threads. The model runs on its own thread; 2 is enough for JSON and tokenization.
+    pub workers: usize,
+    /// Seconds to let in-flight requests finish on shutdown.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 8080,
+            workers: 2,
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+/// The pretrained model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Hugging Face model directory (`config.json`, `tokenizer.json`, `model.safetensors`).
+    pub dir: PathBuf,
+    /// Truncation length in tokens including `[CLS]`/`[SEP]` (sentence-transformers uses 256 for
+    /// all-MiniLM-L6-v2; at most the model's 512 positions).
+    pub max_length: usize,
+    /// `cpu`, or `cuda:N` in builds with the `cuda` feature.
+    pub device: String,
+    /// Threads for the model's kernels (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("models/all-MiniLM-L6-v2"),
+            max_length: 256,
+            device: "cpu".to_owned(),
+            threads: 0,
+        }
+    }
+}
+
+/// Dynamic batching: the model thread takes whatever is queued, up to these bounds, for each forward pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most tokens in one forward pass (sequences are packed, so this is real work, not padding).
+    pub max_batch_tokens: usize,
+    /// Most sequences in one forward pass.
+    pub max_batch_size: usize,
+    /// Microseconds to wait for more work once a batch has started filling. 0 runs at once: under load
+    /// batches fill while the previous one computes, so waiting only adds latency when idle.
+    pub max_wait_us: u64,
+    /// Most sequences waiting in the queue; beyond it requests get 429 with `Retry-After`.
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 16_384,
+            max_batch_size: 128,
+            max_wait_us: 0,
+            queue_capacity: 2_048,
+        }
+    }
+}
+
+/// Limits on what a caller controls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most texts in one request (422 beyond).
+    pub max_inputs: usize,
+    /// Longest text in bytes (422 beyond); texts are also truncated at `model.max_length` tokens.
+    pub max_text_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_inputs: 256,
+            max_text_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Data directory: the embedded store and `adapters/`.
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (when given it must exist) and applies `FLYWHEEL_<SECTION>__<FIELD>` overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, field)) = rest.split_once("__") else {
+                continue;
+            };
+            let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Parse(format!("[{section}] is not a table")))?;
+            entry.insert(field, parse_env_value(&value));
+        }
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        if !(2..=512).contains(&self.model.max_length) {
+            return fail(format!(
+                "model.max_length {} must be within 2..=512",
+                self.model.max_length
+            ));
+        }
+        if self.batching.max_batch_size == 0
+            || self.batching.max_batch_tokens < self.model.max_length
+        {
+            return fail(format!(
+                "batching.max_batch_size must be ≥ 1 and batching.max_batch_tokens ({}) ≥ model.max_length ({})",
+                self.batching.max_batch_tokens, self.model.max_length
+            ));
+        }
+        if self.batching.queue_capacity < self.limits.max_inputs {
+            return fail(format!(
+                "batching.queue_capacity ({}) must be ≥ limits.max_inputs ({}) or large requests could never run",
+                self.batching.queue_capacity, self.limits.max_inputs
+            ));
+        }
+        if self.limits.max_inputs == 0
+            || self.limits.max_text_bytes == 0
+            || self.limits.max_body_bytes == 0
+        {
+            return fail("limits must be positive".to_owned());
+        }
+        if self.server.workers == 0 {
+            return fail("server.workers must be ≥ 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Reads an environment value as TOML (numbers, booleans, arrays), falling back to a plain string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_file_parses_and_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flywheel.toml");
+        let config = Config::load(Some(&path), Vec::new()).expect("config/flywheel.toml loads");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_beat_the_file() {
+        let env = vec![
+            ("FLYWHEEL_SERVER__PORT".to_owned(), "9999".to_owned()),
+            (
+                "FLYWHEEL_MODEL__DIR".to_owned(),
+                "/tmp/some model".to_owned(),
+            ),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let config = Config::load(None, env).unwrap();
+        assert_eq!(config.server.port, 9999);
+        assert_eq!(config.model.dir, PathBuf::from("/tmp/some model"));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_ranges_are_refused() {
+        let env = vec![("FLYWHEEL_MODEL__MAX_LEN".to_owned(), "12".to_owned())];
+        assert!(matches!(
+            Config::load(None, env),
+            Err(ConfigError::Parse(_))
+        ));
+        let env = vec![("FLYWHEEL_MODEL__MAX_LENGTH".to_owned(), "1024".to_owned())];
+        assert!(matches!(
+            Config::load(None, env),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

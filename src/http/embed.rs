@@ -1,0 +1,108 @@
+//! `POST /v1/embed`: sentence embeddings.
+
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::{timing_headers, AppState};
+
+/// One text or a list of texts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Inputs {
+    /// A single text.
+    One(String),
+    /// Several texts, answered in order.
+    Many(Vec<String>),
+}
+
+impl Inputs {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Inputs::One(t) => vec![t],
+            Inputs::Many(v) => v,
+        }
+    }
+}
+
+/// Body of `POST /v1/embed`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedRequest {
+    /// Text(s) to embed.
+    pub inputs: Inputs,
+    /// L2-normalise each vector (sentence-transformers' default for this model).
+    #[serde(default = "default_normalize")]
+    pub normalize: bool,
+}
+
+fn default_normalize() -> bool {
+    true
+}
+
+/// Token counts of a request.
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    /// Tokens processed, special tokens included, after truncation.
+    pub tokens: usize,
+}
+
+/// Answer of `POST /v1/embed`.
+#[derive(Debug, Serialize)]
+pub struct EmbedResponse {
+    /// One vector per input, in order.
+    pub embeddings: Vec<Vec<f32>>,
+    /// The model that produced them.
+    pub model: String,
+    /// Work done.
+    pub usage: Usage,
+}
+
+/// Checks a request's texts against the configured limits.
+pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), ApiError> {
+    let limits = &state.config.limits;
+    if texts.is_empty() {
+        return Err(ApiError::invalid("inputs must hold at least one text"));
+    }
+    if texts.len() > limits.max_inputs {
+        return Err(ApiError::invalid(format!(
+            "inputs holds {} texts; at most {} are allowed per request",
+            texts.len(),
+            limits.max_inputs
+        )));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        if t.trim().is_empty() {
+            return Err(ApiError::invalid(format!("inputs[{i}] is empty")));
+        }
+        if t.len() > limits.max_text_bytes {
+            return Err(ApiError::invalid(format!(
+                "inputs[{i}] is {} bytes; at most {} are allowed",
+                t.len(),
+                limits.max_text_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Embeds the inputs with mean pooling (and L2 normalisation unless `normalize` is false).
+pub async fn embed(
+    state: web::Data<AppState>,
+    body: web::Json<EmbedRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let infer = state.infer().ok_or_else(ApiError::not_ready)?;
+    let EmbedRequest { inputs, normalize } = body.into_inner();
+    let texts = inputs.into_vec();
+    validate_texts(&texts, &state)?;
+    let out = infer.embed(&texts, normalize).await?;
+    let mut response = HttpResponse::Ok();
+    timing_headers(&mut response, &out.timings);
+    Ok(response.json(EmbedResponse {
+        embeddings: out.vectors,
+        model: infer.model_name().to_owned(),
+        usage: Usage {
+            tokens: out.tokens.iter().sum(),
+        },
+    }))
+}

@@ -1,0 +1,129 @@
+//! `ApiError`: the one JSON error body and the table from error kind to HTTP status.
+
+use actix_web::error::{JsonPayloadError, PayloadError};
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::infer::InferError;
+
+/// Seconds a client is asked to wait after a 429.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// An error answered as `{"error": "...", "error_type": "..."}` with a fitting status.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable snake_case kind, also used as a metrics label.
+    pub kind: &'static str,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    error_type: &'a str,
+}
+
+impl ApiError {
+    /// An error of any status and kind.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the body is not valid JSON.
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed_request", message)
+    }
+
+    /// 422: well-formed JSON with an invalid value.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    /// 404: no such route or resource.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 503: the model is still loading.
+    pub fn not_ready() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the model is still loading; retry shortly",
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+        }
+        response.json(ErrorBody {
+            error: &self.message,
+            error_type: self.kind,
+        })
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        let message = e.to_string();
+        match e {
+            InferError::Overloaded { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
+            }
+            InferError::TooLarge(_) | InferError::Invalid(_) => Self::invalid(message),
+            InferError::ShuttingDown => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
+            InferError::Model(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", message)
+            }
+        }
+    }
+}
+
+/// Maps actix's JSON extractor failures to `ApiError`s: 413 for oversized bodies, 400 for broken JSON,
+/// 415 for a wrong content type, 422 for JSON of the wrong shape.
+pub fn json_error(err: JsonPayloadError) -> ApiError {
+    match &err {
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body exceeds {limit} bytes"),
+        ),
+        JsonPayloadError::Payload(PayloadError::Overflow) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is too large",
+        ),
+        JsonPayloadError::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        JsonPayloadError::Deserialize(e) if e.is_data() => {
+            ApiError::invalid(format!("invalid request: {e}"))
+        }
+        JsonPayloadError::Deserialize(e) => ApiError::malformed(format!("malformed JSON: {e}")),
+        other => ApiError::malformed(format!("unreadable request body: {other}")),
+    }
+}

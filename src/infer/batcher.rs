@@ -1,0 +1,137 @@
+//! The model thread: collects queued entries into batches and runs them.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use super::{Entry, EntryResult, InferError};
+use crate::config::BatchingConfig;
+use crate::metrics::Metrics;
+use crate::model::{pooling, Model};
+
+/// Starts the thread that owns `model`; it ends when every [`super::Infer`] handle is dropped.
+pub(super) fn spawn(
+    model: Model,
+    config: BatchingConfig,
+    rx: Receiver<Entry>,
+    metrics: Metrics,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("flywheel-model".to_owned())
+        .spawn(move || batch_task(model, config, rx, metrics))?;
+    Ok(())
+}
+
+fn batch_task(model: Model, config: BatchingConfig, rx: Receiver<Entry>, metrics: Metrics) {
+    let mut waiting: VecDeque<Entry> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv() {
+                Ok(entry) => waiting.push_back(entry),
+                Err(_) => return,
+            }
+        }
+        while let Ok(entry) = rx.try_recv() {
+            waiting.push_back(entry);
+        }
+        if config.max_wait_us > 0 {
+            let deadline = Instant::now() + Duration::from_micros(config.max_wait_us);
+            while !batch_full(&waiting, &config) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(entry) => waiting.push_back(entry),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        let batch = take_batch(&mut waiting, &config, &metrics);
+        if !batch.is_empty() {
+            run_batch(&model, batch, &metrics);
+        }
+    }
+}
+
+fn batch_full(waiting: &VecDeque<Entry>, config: &BatchingConfig) -> bool {
+    let sequences: usize = waiting.iter().map(|e| e.sequences.len()).sum();
+    let tokens: usize = waiting.iter().map(Entry::tokens).sum();
+    sequences >= config.max_batch_size || tokens >= config.max_batch_tokens
+}
+
+/// Takes entries from the front while they fit; a lone oversized entry still runs on its own. Entries
+/// whose caller has gone are dropped here, before they cost compute.
+fn take_batch(
+    waiting: &mut VecDeque<Entry>,
+    config: &BatchingConfig,
+    metrics: &Metrics,
+) -> Vec<Entry> {
+    let mut batch = Vec::new();
+    let (mut sequences, mut tokens) = (0, 0);
+    while let Some(entry) = waiting.front() {
+        if entry.reply.is_closed() {
+            let gone = waiting.pop_front().expect("front exists; this is a bug");
+            metrics.queue_depth.sub(gone.sequences.len() as i64);
+            metrics.rejected.with_label_values(&["caller_gone"]).inc();
+            continue;
+        }
+        let fits = sequences + entry.sequences.len() <= config.max_batch_size
+            && tokens + entry.tokens() <= config.max_batch_tokens;
+        if !fits && !batch.is_empty() {
+            break;
+        }
+        let entry = waiting.pop_front().expect("front exists; this is a bug");
+        sequences += entry.sequences.len();
+        tokens += entry.tokens();
+        batch.push(entry);
+    }
+    batch
+}
+
+fn run_batch(model: &Model, batch: Vec<Entry>, metrics: &Metrics) {
+    let started = Instant::now();
+    let sequences: Vec<&[u32]> = batch
+        .iter()
+        .flat_map(|e| e.sequences.iter().map(Vec::as_slice))
+        .collect();
+    let tokens: usize = sequences.iter().map(|s| s.len()).sum();
+    metrics.queue_depth.sub(sequences.len() as i64);
+    metrics.batch_size.observe(sequences.len() as f64);
+    metrics.batch_tokens.observe(tokens as f64);
+    let result = model.encode(&sequences);
+    let inference = started.elapsed();
+    metrics.inference_duration.observe(inference.as_secs_f64());
+    match result {
+        Ok(packed) => {
+            let mut row = 0;
+            for entry in batch {
+                let queue = started.saturating_duration_since(entry.enqueued);
+                metrics.queue_duration.observe(queue.as_secs_f64());
+                let n = entry.sequences.len();
+                let vectors = (row..row + n)
+                    .map(|i| {
+                        let rows = packed.sequence(i);
+                        let mut v = pooling::mean_of_rows(rows, packed.width);
+                        if entry.normalize {
+                            pooling::l2_normalize(&mut v);
+                        }
+                        v
+                    })
+                    .collect();
+                row += n;
+                // The caller may have gone meanwhile; its answer is simply dropped.
+                let _ = entry.reply.send(Ok(EntryResult {
+                    vectors,
+                    queue,
+                    inference,
+                }));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, sequences = sequences.len(), "forward pass failed");
+            let err = InferError::Model(e.to_string());
+            for entry in batch {
+                let _ = entry.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The inference path: an [`Infer`] handle that async callers share, and the model thread that owns the
+//! network and runs dynamically batched forward passes.
+//!
+//! Callers tokenize, take queue permits (none left → [`InferError::Overloaded`]), and send an entry to the
+//! model thread; the thread packs whatever is queued into one forward pass, skips entries whose caller
+//! has gone, and answers each entry on its own channel. This layer knows nothing of HTTP.
+
+mod batcher;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::BatchingConfig;
+use crate::metrics::Metrics;
+use crate::model::{Model, TextTokenizer};
+
+/// Why an inference request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    /// The queue is full; retry after the given delay.
+    #[error("the inference queue is full ({capacity} sequences); retry shortly")]
+    Overloaded {
+        /// Queue capacity in sequences.
+        capacity: usize,
+    },
+    /// The request asks for more than one batch may hold.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Tokenization or the input itself was refused.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model thread failed on this batch (the error is shared by every request of the batch).
+    #[error("model failure: {0}")]
+    Model(String),
+    /// The model thread has stopped.
+    #[error("the model is shutting down")]
+    ShuttingDown,
+}
+
+/// Per-stage timings of one request, reported in response headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Tokenization.
+    pub tokenize: Duration,
+    /// Waiting in the queue.
+    pub queue: Duration,
+    /// The forward pass that served the request (shared with its batch mates).
+    pub inference: Duration,
+}
+
+/// Embeddings of one request.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// One vector per input, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens per input after truncation, special tokens included.
+    pub tokens: Vec<usize>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// What the model thread returns for one entry.
+struct EntryResult {
+    vectors: Vec<Vec<f32>>,
+    queue: Duration,
+    inference: Duration,
+}
+
+/// One request's work waiting for the model thread.
+struct Entry {
+    sequences: Vec<Vec<u32>>,
+    normalize: bool,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<EntryResult, InferError>>,
+    /// Released when the entry is answered or dropped, freeing queue capacity.
+    _permits: OwnedSemaphorePermit,
+}
+
+impl Entry {
+    fn tokens(&self) -> usize {
+        self.sequences.iter().map(Vec::len).sum()
+    }
+}
+
+/// The handle callers use to run the model; cheap to clone.
+#[derive(Clone)]
+pub struct Infer {
+    tx: mpsc::Sender<Entry>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    max_batch_tokens: usize,
+    tokenizer: TextTokenizer,
+    model_name: String,
+    dimensions: usize,
+    metrics: Metrics,
+}
+
+impl Infer {
+    /// Moves `model` onto its own OS thread and returns the handle that feeds it.
+    pub fn start(model: Model, config: &BatchingConfig, metrics: Metrics) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let handle = Self {
+            tx,
+            permits: Arc::new(Semaphore::new(config.queue_capacity)),
+            capacity: config.queue_capacity,
+            max_batch_tokens: config.max_batch_tokens,
+            tokenizer: model.tokenizer.clone(),
+            model_name: model.name.clone(),
+            dimensions: model.config.hidden_size,
+            metrics: metrics.clone(),
+        };
+        batcher::spawn(model, config.clone(), rx, metrics)?;
+        Ok(handle)
+    }
+
+    /// Name of the served model.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// Width of the embeddings.
+    pub fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+
+    /// Sentence embeddings of `texts` (mean pooling; L2-normalised when `normalize`).
+    pub async fn embed(&self, texts: &[String], normalize: bool) -> Result<Embeddings, InferError> {
+        let started = Instant::now();
+        let sequences = texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode(t)
+                    .map_err(|e| InferError::Invalid(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let tokenize = started.elapsed();
+        self.metrics
+            .tokenize_duration
+            .observe(tokenize.as_secs_f64());
+        let tokens: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        if tokens.iter().sum::<usize>() > self.max_batch_tokens {
+            return Err(InferError::TooLarge(format!(
+                "the request holds {} tokens; one request may hold at most {} (batching.max_batch_tokens)",
+                tokens.iter().sum::<usize>(),
+                self.max_batch_tokens
+            )));
+        }
+        let permits = u32::try_from(sequences.len().max(1))
+            .ok()
+            .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok())
+            .ok_or(InferError::Overloaded {
+                capacity: self.capacity,
+            })?;
+        let (reply, answer) = oneshot::channel();
+        let entry = Entry {
+            sequences,
+            normalize,
+            enqueued: Instant::now(),
+            reply,
+            _permits: permits,
+        };
+        self.metrics.queue_depth.add(texts.len() as i64);
+        self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;
+        let result = answer.await.map_err(|_| InferError::ShuttingDown)??;
+        Ok(Embeddings {
+            vectors: result.vectors,
+            tokens,
+            timings: Timings {
+                tokenize,
+                queue: result.queue,
+                inference: result.inference,
+            },
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! Every Prometheus metric Flywheel exports: names, help texts, labels and buckets in one place.
+//!
+//! Durations are in seconds. Label values are bounded: routes are the matched patterns, reasons and
+//! statuses come from fixed sets.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "flywheel";
+
+/// Geometric latency buckets from 0.5 ms to ~16 s (ratio √2): fine enough to read a P99 to within ~20 %.
+pub fn latency_buckets() -> Vec<f64> {
+    (0..31)
+        .map(|i| 0.0005 * 2f64.powf(i as f64 / 2.0))
+        .collect()
+}
+
+/// Batch-size buckets (sequences per forward pass).
+pub fn batch_size_buckets() -> Vec<f64> {
+    vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
+}
+
+/// Batch-token buckets (real tokens per forward pass).
+pub fn batch_token_buckets() -> Vec<f64> {
+    (0..15).map(|i| 16.0 * 2f64.powi(i)).collect()
+}
+
+/// The process's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `flywheel_request_duration_seconds{route, task, arm}`.
+    pub request_duration: HistogramVec,
+    /// `flywheel_requests_total{route, status}`.
+    pub requests: IntCounterVec,
+    /// `flywheel_requests_rejected_total{reason}`.
+    pub rejected: IntCounterVec,
+    /// `flywheel_requests_in_flight`.
+    pub in_flight: IntGauge,
+    /// `flywheel_queue_duration_seconds`: enqueue to the start of the forward pass.
+    pub queue_duration: Histogram,
+    /// `flywheel_tokenize_duration_seconds`, per request.
+    pub tokenize_duration: Histogram,
+    /// `flywheel_inference_duration_seconds`, per forward pass.
+    pub inference_duration: Histogram,
+    /// `flywheel_batch_size`: sequences per forward pass.
+    pub batch_size: Histogram,
+    /// `flywheel_batch_tokens`: tokens per forward pass.
+    pub batch_tokens: Histogram,
+    /// `flywheel_queue_depth`: sequences waiting for the model.
+    pub queue_depth: IntGauge,
+    /// `flywheel_model_ready`: 1 once the model is loaded.
+    pub model_ready: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let name = |n: &str| format!("{PREFIX}_{n}");
+        let histogram = |n: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name(n), help).buckets(buckets))
+                .expect("static metric definition is valid; this is a bug");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once; this is a bug");
+            h
+        };
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                name("request_duration_seconds"),
+                "HTTP request duration by route, task and arm",
+            )
+            .buckets(latency_buckets()),
+            &["route", "task", "arm"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                name("requests_total"),
+                "HTTP requests by route and status code",
+            ),
+            &["route", "status"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                name("requests_rejected_total"),
+                "Requests refused before reaching the model, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let in_flight = IntGauge::new(name("requests_in_flight"), "HTTP requests being served")
+            .expect("static metric definition is valid; this is a bug");
+        let queue_depth = IntGauge::new(name("queue_depth"), "Sequences waiting for the model")
+            .expect("static metric definition is valid; this is a bug");
+        let model_ready = IntGauge::new(
+            name("model_ready"),
+            "1 once the model is loaded and serving",
+        )
+        .expect("static metric definition is valid; this is a bug");
+        for c in [
+            Box::new(request_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
+            Box::new(rejected.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(model_ready.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("metric registered once; this is a bug");
+        }
+        Self {
+            queue_duration: histogram(
+                "queue_duration_seconds",
+                "Time from enqueue to the start of the forward pass",
+                latency_buckets(),
+            ),
+            tokenize_duration: histogram(
+                "tokenize_duration_seconds",
+                "Tokenization time per request",
+                latency_buckets(),
+            ),
+            inference_duration: histogram(
+                "inference_duration_seconds",
+                "Forward pass time per batch",
+                latency_buckets(),
+            ),
+            batch_size: histogram(
+                "batch_size",
+                "Sequences per forward pass",
+                batch_size_buckets(),
+            ),
+            batch_tokens: histogram(
+                "batch_tokens",
+                "Tokens per forward pass",
+                batch_token_buckets(),
+            ),
+            registry,
+            request_duration,
+            requests,
+            rejected,
+            in_flight,
+            queue_depth,
+            model_ready,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into memory cannot fail; this is a bug");
+        String::from_utf8(buf).expect("the text encoder writes UTF-8; this is a bug")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,193 @@
+//! The BERT encoder on candle tensors: the device-generic, differentiable reference path.
+//!
+//! Tensor names mirror Hugging Face's `BertModel` exactly (`encoder.layer.N.attention.self.query`…), so a
+//! checkpoint loads with or without the `bert.` prefix. Query, key and value are separate `Linear`s so
+//! adapters can target each one.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::error::{ModelError, Result};
+use super::hf_config::BertConfig;
+use super::linear::{LayerNorm, Linear};
+
+/// Word, position and token-type embeddings followed by LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// `[vocab, hidden]`.
+    pub word: Tensor,
+    /// `[max_positions, hidden]`.
+    pub position: Tensor,
+    /// `[type_vocab, hidden]`.
+    pub token_type: Tensor,
+    /// The embedding LayerNorm.
+    pub norm: LayerNorm,
+}
+
+/// One transformer layer: self-attention and feed-forward, each with a residual LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// `attention.self.query`.
+    pub query: Linear,
+    /// `attention.self.key`.
+    pub key: Linear,
+    /// `attention.self.value`.
+    pub value: Linear,
+    /// `attention.output.dense`.
+    pub attention_out: Linear,
+    /// `attention.output.LayerNorm`.
+    pub attention_norm: LayerNorm,
+    /// `intermediate.dense`.
+    pub intermediate: Linear,
+    /// `output.dense`.
+    pub output: Linear,
+    /// `output.LayerNorm`.
+    pub output_norm: LayerNorm,
+}
+
+/// A BERT encoder with its optional `[CLS]` pooler.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    /// The network's shape.
+    pub config: BertConfig,
+    /// Input embeddings.
+    pub embeddings: Embeddings,
+    /// The transformer stack.
+    pub layers: Vec<Layer>,
+    /// `pooler.dense` (followed by tanh), absent in checkpoints saved without it.
+    pub pooler: Option<Linear>,
+}
+
+impl Bert {
+    /// Loads the encoder from `vb`, accepting names with or without a leading `bert.`.
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        config.validate().map_err(ModelError::Unsupported)?;
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        if !vb.contains_tensor("embeddings.word_embeddings.weight") {
+            return Err(ModelError::Weights(
+                "no embeddings.word_embeddings.weight (with or without a bert. prefix): not a BERT checkpoint"
+                    .to_owned(),
+            ));
+        }
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let e = vb.pp("embeddings");
+        let embeddings = Embeddings {
+            word: e.get((config.vocab_size, h), "word_embeddings.weight")?,
+            position: e.get(
+                (config.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type: e.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            norm: LayerNorm::load(e.pp("LayerNorm"), h, eps)?,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp("encoder").pp("layer").pp(i);
+                let a = l.pp("attention");
+                Ok(Layer {
+                    query: Linear::load(a.pp("self").pp("query"), h, h)?,
+                    key: Linear::load(a.pp("self").pp("key"), h, h)?,
+                    value: Linear::load(a.pp("self").pp("value"), h, h)?,
+                    attention_out: Linear::load(a.pp("output").pp("dense"), h, h)?,
+                    attention_norm: LayerNorm::load(a.pp("output").pp("LayerNorm"), h, eps)?,
+                    intermediate: Linear::load(
+                        l.pp("intermediate").pp("dense"),
+                        h,
+                        config.intermediate_size,
+                    )?,
+                    output: Linear::load(l.pp("output").pp("dense"), config.intermediate_size, h)?,
+                    output_norm: LayerNorm::load(l.pp("output").pp("LayerNorm"), h, eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if vb.contains_tensor("pooler.dense.weight") {
+            Some(Linear::load(vb.pp("pooler").pp("dense"), h, h)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config: config.clone(),
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    /// Hidden states `[batch, seq, hidden]` for padded `input_ids` `[batch, seq]` (u32) and an
+    /// `attention_mask` `[batch, seq]` (1 for tokens, 0 for padding).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        if seq > self.config.max_position_embeddings {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence of {seq} tokens exceeds the model's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        let e = &self.embeddings;
+        let words = e
+            .word
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq, ()))?;
+        let positions = e.position.narrow(0, 0, seq)?.unsqueeze(0)?;
+        let types = e.token_type.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let mut x = e
+            .norm
+            .forward(&words.broadcast_add(&positions)?.broadcast_add(&types)?)?;
+
+        // Additive mask [batch, 1, 1, seq]: 0 where attended, a large negative where padded.
+        let mask = attention_mask.to_dtype(x.dtype())?;
+        let mask = ((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &mask)?;
+        }
+        Ok(x)
+    }
+
+    fn layer_forward(&self, layer: &Layer, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq, hidden) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let head_dim = self.config.head_dim();
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((batch, seq, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(layer.query.forward(x)?)?;
+        let k = split(layer.key.forward(x)?)?;
+        let v = split(layer.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq, hidden))?;
+        let x = layer
+            .attention_norm
+            .forward(&(layer.attention_out.forward(&ctx)? + x)?)?;
+        let inner = layer.intermediate.forward(&x)?.gelu_erf()?;
+        Ok(layer
+            .output_norm
+            .forward(&(layer.output.forward(&inner)? + x)?)?)
+    }
+}
+
+/// Softmax over the last dimension from differentiable ops (candle's fused `softmax_last_dim` has no
+/// backward).
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Mean of `hidden` `[batch, seq, h]` over the positions where `attention_mask` is 1.
+pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9f64, f64::MAX)?;
+    Ok(summed.broadcast_div(&counts)?)
+}

@@ -1,0 +1,288 @@
+//! The CPU serving path: the same BERT as [`super::bert`], run on packed sequences with fused kernels.
+//!
+//! Sequences of a batch are concatenated row after row (no padding), so every dense layer is one GEMM
+//! over exactly the real tokens, and attention runs per sequence and head. The bias is fused into the
+//! GEMM, the residual into LayerNorm, and buffers are reused across layers. The candle path in
+//! [`super::bert`] is the oracle this path is tested against.
+
+use candle_core::Tensor;
+
+use super::bert::{Bert, Layer};
+use super::error::{ModelError, Result};
+use super::hf_config::BertConfig;
+use super::kernels;
+use super::linear::{LayerNorm, Linear};
+
+/// Hidden states of a packed batch: sequence `i` is rows `offsets[i]..offsets[i + 1]` of `hidden`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    /// `[tokens × width]`, row-major.
+    pub hidden: Vec<f32>,
+    /// `sequences + 1` row offsets, starting at 0.
+    pub offsets: Vec<usize>,
+    /// Row width (the model's hidden size).
+    pub width: usize,
+}
+
+impl Packed {
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Whether the batch holds no sequence.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of sequence `i`, `[len × width]`.
+    pub fn sequence(&self, i: usize) -> &[f32] {
+        &self.hidden[self.offsets[i] * self.width..self.offsets[i + 1] * self.width]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DenseWeights {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl DenseWeights {
+    fn from(linear: &Linear) -> Result<Self> {
+        let bias = match &linear.bias {
+            Some(b) => to_vec(b)?,
+            None => vec![0.0; linear.out_features()],
+        };
+        Ok(Self {
+            weight: to_vec(&linear.weight)?,
+            bias,
+            in_features: linear.in_features(),
+            out_features: linear.out_features(),
+        })
+    }
+
+    fn run(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        kernels::linear(
+            x,
+            rows,
+            self.in_features,
+            &self.weight,
+            Some(&self.bias),
+            self.out_features,
+            out,
+        );
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NormWeights {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl NormWeights {
+    fn from(norm: &LayerNorm) -> Result<Self> {
+        Ok(Self {
+            gamma: to_vec(&norm.weight)?,
+            beta: to_vec(&norm.bias)?,
+            eps: norm.eps as f32,
+        })
+    }
+
+    fn run(&self, x: &mut [f32], residual: Option<&[f32]>) {
+        kernels::add_layer_norm_inplace(x, residual, &self.gamma, &self.beta, self.eps);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerWeights {
+    query: DenseWeights,
+    key: DenseWeights,
+    value: DenseWeights,
+    attention_out: DenseWeights,
+    attention_norm: NormWeights,
+    intermediate: DenseWeights,
+    output: DenseWeights,
+    output_norm: NormWeights,
+}
+
+impl LayerWeights {
+    fn from(l: &Layer) -> Result<Self> {
+        Ok(Self {
+            query: DenseWeights::from(&l.query)?,
+            key: DenseWeights::from(&l.key)?,
+            value: DenseWeights::from(&l.value)?,
+            attention_out: DenseWeights::from(&l.attention_out)?,
+            attention_norm: NormWeights::from(&l.attention_norm)?,
+            intermediate: DenseWeights::from(&l.intermediate)?,
+            output: DenseWeights::from(&l.output)?,
+            output_norm: NormWeights::from(&l.output_norm)?,
+        })
+    }
+}
+
+/// The encoder's weights as plain f32 buffers, run by the fused CPU kernels.
+#[derive(Debug, Clone)]
+pub struct CpuEncoder {
+    config: BertConfig,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type0: Vec<f32>,
+    embedding_norm: NormWeights,
+    layers: Vec<LayerWeights>,
+    pooler: Option<DenseWeights>,
+}
+
+/// Scratch buffers of one forward pass, sized for its token count.
+struct Buffers {
+    x: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    ctx: Vec<f32>,
+    tmp: Vec<f32>,
+    inner: Vec<f32>,
+}
+
+impl CpuEncoder {
+    /// Copies `bert`'s weights (which must be f32) into the packed layout.
+    pub fn from_bert(bert: &Bert) -> Result<Self> {
+        let e = &bert.embeddings;
+        Ok(Self {
+            config: bert.config.clone(),
+            word: to_vec(&e.word)?,
+            position: to_vec(&e.position)?,
+            token_type0: to_vec(&e.token_type.narrow(0, 0, 1)?)?,
+            embedding_norm: NormWeights::from(&e.norm)?,
+            layers: bert
+                .layers
+                .iter()
+                .map(LayerWeights::from)
+                .collect::<Result<_>>()?,
+            pooler: bert.pooler.as_ref().map(DenseWeights::from).transpose()?,
+        })
+    }
+
+    /// The network's shape.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Final hidden states of every token of `sequences` (token ids, special tokens included).
+    pub fn forward(&self, sequences: &[&[u32]]) -> Result<Packed> {
+        let h = self.config.hidden_size;
+        let mut offsets = Vec::with_capacity(sequences.len() + 1);
+        offsets.push(0);
+        for s in sequences {
+            if s.is_empty() {
+                return Err(ModelError::InvalidInput("empty token sequence".to_owned()));
+            }
+            if s.len() > self.config.max_position_embeddings {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    s.len(),
+                    self.config.max_position_embeddings
+                )));
+            }
+            offsets.push(offsets.last().copied().unwrap_or(0) + s.len());
+        }
+        let tokens = offsets.last().copied().unwrap_or(0);
+        let mut buf = Buffers {
+            x: vec![0.0; tokens * h],
+            q: vec![0.0; tokens * h],
+            k: vec![0.0; tokens * h],
+            v: vec![0.0; tokens * h],
+            ctx: vec![0.0; tokens * h],
+            tmp: vec![0.0; tokens * h],
+            inner: vec![0.0; tokens * self.config.intermediate_size],
+        };
+        self.embed(sequences, &mut buf.x)?;
+        for layer in &self.layers {
+            self.layer(layer, &offsets, &mut buf);
+        }
+        Ok(Packed {
+            hidden: buf.x,
+            offsets,
+            width: h,
+        })
+    }
+
+    /// `tanh(dense(h_[CLS]))` for each sequence: the pooled output `BertForSequenceClassification` feeds
+    /// its classifier. `None` when the checkpoint has no pooler.
+    pub fn pool_cls(&self, packed: &Packed) -> Option<Vec<f32>> {
+        let pooler = self.pooler.as_ref()?;
+        let h = packed.width;
+        let mut cls = Vec::with_capacity(packed.len() * h);
+        for i in 0..packed.len() {
+            cls.extend_from_slice(&packed.sequence(i)[..h]);
+        }
+        let mut out = vec![0.0; packed.len() * pooler.out_features];
+        pooler.run(&cls, packed.len(), &mut out);
+        out.iter_mut().for_each(|v| *v = v.tanh());
+        Some(out)
+    }
+
+    fn embed(&self, sequences: &[&[u32]], x: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        let mut rows = x.chunks_exact_mut(h);
+        for s in sequences {
+            for (pos, &id) in s.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.config.vocab_size {
+                    return Err(ModelError::InvalidInput(format!(
+                        "token id {id} outside the vocabulary"
+                    )));
+                }
+                let row = rows
+                    .next()
+                    .expect("row count equals token count; this is a bug");
+                let word = &self.word[id * h..(id + 1) * h];
+                let position = &self.position[pos * h..(pos + 1) * h];
+                for (((r, w), p), t) in row
+                    .iter_mut()
+                    .zip(word)
+                    .zip(position)
+                    .zip(&self.token_type0)
+                {
+                    *r = w + p + t;
+                }
+            }
+        }
+        self.embedding_norm.run(x, None);
+        Ok(())
+    }
+
+    fn layer(&self, l: &LayerWeights, offsets: &[usize], b: &mut Buffers) {
+        let rows = offsets.last().copied().unwrap_or(0);
+        l.query.run(&b.x, rows, &mut b.q);
+        l.key.run(&b.x, rows, &mut b.k);
+        l.value.run(&b.x, rows, &mut b.v);
+        let heads = self.config.num_attention_heads;
+        kernels::attention(
+            &b.q,
+            &b.k,
+            &b.v,
+            offsets,
+            heads,
+            self.config.head_dim(),
+            &mut b.ctx,
+        );
+        l.attention_out.run(&b.ctx, rows, &mut b.tmp);
+        l.attention_norm.run(&mut b.tmp, Some(&b.x));
+        std::mem::swap(&mut b.x, &mut b.tmp);
+        l.intermediate.run(&b.x, rows, &mut b.inner);
+        kernels::gelu_inplace(&mut b.inner);
+        l.output.run(&b.inner, rows, &mut b.tmp);
+        l.output_norm.run(&mut b.tmp, Some(&b.x));
+        std::mem::swap(&mut b.x, &mut b.tmp);
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}

@@ -1,0 +1,372 @@
+//! The pretrained encoder: Hugging Face directory loading, the BERT network (a differentiable candle
+//! path and a fused CPU serving path), tokenization and pooling.
+//!
+//! This layer knows nothing of HTTP, queues or adapters' lifecycle.
+
+pub mod bert;
+pub mod error;
+pub mod fast;
+pub mod hf_config;
+pub mod kernels;
+pub mod linear;
+pub mod pooling;
+pub mod tokenize;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use bert::Bert;
+pub use error::{ModelError, Result};
+pub use fast::{CpuEncoder, Packed};
+pub use hf_config::BertConfig;
+pub use tokenize::TextTokenizer;
+
+/// Files a model directory must hold.
+pub const CONFIG_FILE: &str = "config.json";
+/// The tokenizer file.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The weights file.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Truncation length in tokens, special tokens included.
+    pub max_length: usize,
+    /// Where the network runs.
+    pub device: Device,
+}
+
+/// Parses a device name: `cpu`, `cuda` or `cuda:N` (the latter two need the `cuda` feature).
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name.trim() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
+            None => Err(ModelError::Unsupported(format!(
+                "unknown device {other:?}; use cpu or cuda:N"
+            ))),
+        },
+    }
+}
+
+/// A loaded encoder: weights, tokenizer and the path that runs them.
+pub struct Model {
+    /// Directory name, reported as the `model` of responses.
+    pub name: String,
+    /// Directory the model came from.
+    pub dir: PathBuf,
+    /// The network's shape.
+    pub config: BertConfig,
+    /// Tokenizer with Flywheel's truncation.
+    pub tokenizer: TextTokenizer,
+    /// The candle network: the reference path, and the serving path off-CPU.
+    pub bert: Bert,
+    /// The fused CPU serving path (present when the device is the CPU).
+    cpu: Option<CpuEncoder>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads `config.json`, `tokenizer.json` and memory-mapped `model.safetensors` from `dir`.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let file = |name: &'static str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ModelError::MissingFile {
+                    dir: dir.to_owned(),
+                    file: name,
+                })
+            }
+        };
+        let config_path = file(CONFIG_FILE)?;
+        let tokenizer_path = file(TOKENIZER_FILE)?;
+        let weights_path = file(WEIGHTS_FILE)?;
+
+        let bad = |path: &Path, reason: String| ModelError::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| bad(&config_path, e.to_string()))?;
+        let config: BertConfig =
+            serde_json::from_str(&text).map_err(|e| bad(&config_path, e.to_string()))?;
+        config.validate().map_err(ModelError::Unsupported)?;
+        if options.max_length < 2 || options.max_length > config.max_position_embeddings {
+            return Err(ModelError::Unsupported(format!(
+                "max_length {} must be between 2 and the model's {} positions",
+                options.max_length, config.max_position_embeddings
+            )));
+        }
+        let tokenizer = TextTokenizer::from_file(&tokenizer_path, options.max_length)?;
+
+        // SAFETY: the weights file is mapped read-only and must not be modified while the server loads it;
+        // tensors are copied out of the mapping before it is dropped.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &options.device)
+        }
+        .map_err(|e| bad(&weights_path, e.to_string()))?;
+        let bert = Bert::load(vb, &config)?;
+        let cpu = if options.device.is_cpu() {
+            Some(CpuEncoder::from_bert(&bert)?)
+        } else {
+            None
+        };
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self {
+            name,
+            dir: dir.to_owned(),
+            config,
+            tokenizer,
+            bert,
+            cpu,
+            device: options.device.clone(),
+        })
+    }
+
+    /// Builds a model from already loaded parts (tests, conversions).
+    pub fn from_parts(
+        name: &str,
+        bert: Bert,
+        tokenizer: TextTokenizer,
+        device: Device,
+    ) -> Result<Self> {
+        let cpu = if device.is_cpu() {
+            Some(CpuEncoder::from_bert(&bert)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            dir: PathBuf::new(),
+            config: bert.config.clone(),
+            tokenizer,
+            bert,
+            cpu,
+            device,
+        })
+    }
+
+    /// The device the network runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Sentence embeddings (mean pooling, optionally L2-normalised) of token sequences.
+    pub fn embed(&self, sequences: &[&[u32]], normalize: bool) -> Result<Vec<Vec<f32>>> {
+        let packed = self.encode(sequences)?;
+        Ok(pooling::mean_pool(&packed, normalize))
+    }
+
+    /// Final hidden states of every token, packed: the fused CPU path on the CPU, the candle path elsewhere.
+    pub fn encode(&self, sequences: &[&[u32]]) -> Result<Packed> {
+        match &self.cpu {
+            Some(cpu) => cpu.forward(sequences),
+            None => self.encode_reference(sequences),
+        }
+    }
+
+    /// Final hidden states computed by the candle path on a padded batch, repacked. The oracle the fused
+    /// path is tested against, and the serving path on accelerators.
+    pub fn encode_reference(&self, sequences: &[&[u32]]) -> Result<Packed> {
+        let width = self.config.hidden_size;
+        let longest = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        if sequences.is_empty() || longest == 0 {
+            return Ok(Packed {
+                hidden: Vec::new(),
+                offsets: vec![0],
+                width,
+            });
+        }
+        let mut ids = vec![self.config.pad_token_id; sequences.len() * longest];
+        let mut mask = vec![0u8; sequences.len() * longest];
+        for (i, s) in sequences.iter().enumerate() {
+            ids[i * longest..i * longest + s.len()].copy_from_slice(s);
+            mask[i * longest..i * longest + s.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1);
+        }
+        let ids = Tensor::from_vec(ids, (sequences.len(), longest), &self.device)?;
+        let mask = Tensor::from_vec(mask, (sequences.len(), longest), &self.device)?;
+        let hidden = self
+            .bert
+            .forward(&ids, &mask)?
+            .to_device(&Device::Cpu)?
+            .to_vec3::<f32>()?;
+        let mut packed = Packed {
+            hidden: Vec::new(),
+            offsets: vec![0],
+            width,
+        };
+        for (s, rows) in sequences.iter().zip(hidden) {
+            for row in rows.into_iter().take(s.len()) {
+                packed.hidden.extend_from_slice(&row);
+            }
+            packed
+                .offsets
+                .push(packed.offsets.last().copied().unwrap_or(0) + s.len());
+        }
+        Ok(packed)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tiny;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn packed_reference(bert: &Bert, sequences: &[&[u32]]) -> Packed {
+        let tokenizer_free = Model {
+            name: "tiny".into(),
+            dir: PathBuf::new(),
+            config: bert.config.clone(),
+            tokenizer: TextTokenizer::for_tests(),
+            bert: bert.clone(),
+            cpu: None,
+            device: Device::Cpu,
+        };
+        tokenizer_free.encode_reference(sequences).unwrap()
+    }
+
+    #[test]
+    fn fused_cpu_path_equals_the_candle_path_on_a_mixed_length_batch() {
+        let bert = tiny::bert(7);
+        let cpu = CpuEncoder::from_bert(&bert).unwrap();
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![1, 5, 9, 2],
+            vec![1, 2],
+            vec![1, 33, 44, 55, 66, 77, 88, 2],
+            vec![3],
+        ];
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let fast = cpu.forward(&refs).unwrap();
+        let slow = packed_reference(&bert, &refs);
+        assert_eq!(fast.offsets, slow.offsets);
+        assert!(max_diff(&fast.hidden, &slow.hidden) < 1e-5);
+    }
+
+    #[test]
+    fn each_sequence_of_a_packed_batch_equals_the_sequence_alone() {
+        let cpu = CpuEncoder::from_bert(&tiny::bert(3)).unwrap();
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![1, 5, 9, 2],
+            vec![1, 2],
+            vec![1, 33, 44, 55, 66, 77, 88, 2],
+        ];
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let batch = cpu.forward(&refs).unwrap();
+        for (i, s) in refs.iter().enumerate() {
+            let alone = cpu.forward(&[s]).unwrap();
+            let d = max_diff(batch.sequence(i), alone.sequence(0));
+            assert!(d < 1e-5, "{d}");
+        }
+    }
+
+    #[test]
+    fn checkpoints_load_with_or_without_the_bert_prefix() {
+        let config = BertConfig::tiny();
+        let plain = Bert::load(
+            VarBuilder::from_tensors(tiny::tensors(&config, 11, ""), DType::F32, &Device::Cpu),
+            &config,
+        )
+        .unwrap();
+        let prefixed = Bert::load(
+            VarBuilder::from_tensors(
+                tiny::tensors(&config, 11, "bert."),
+                DType::F32,
+                &Device::Cpu,
+            ),
+            &config,
+        )
+        .unwrap();
+        let seq: &[u32] = &[1, 2, 3];
+        let a = CpuEncoder::from_bert(&plain)
+            .unwrap()
+            .forward(&[seq])
+            .unwrap();
+        let b = CpuEncoder::from_bert(&prefixed)
+            .unwrap()
+            .forward(&[seq])
+            .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_architecture_is_refused_by_name() {
+        let config = BertConfig::tiny();
+        let vb = VarBuilder::from_tensors(
+            tiny::tensors(&config, 1, "roberta."),
+            DType::F32,
+            &Device::Cpu,
+        );
+        let err = Bert::load(vb, &config).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("embeddings.word_embeddings.weight"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cls_pooler_equals_dense_tanh_of_the_first_token() {
+        let bert = tiny::bert(5);
+        let cpu = CpuEncoder::from_bert(&bert).unwrap();
+        let seqs: [&[u32]; 2] = [&[1, 4, 2], &[1, 8, 9, 2]];
+        let packed = cpu.forward(&seqs).unwrap();
+        let pooled = cpu.pool_cls(&packed).unwrap();
+        let pooler = bert.pooler.as_ref().unwrap();
+        for (i, chunk) in pooled.chunks(32).enumerate() {
+            let cls = Tensor::from_slice(&packed.sequence(i)[..32], (1, 32), &Device::Cpu).unwrap();
+            let want = candle_core::Module::forward(pooler, &cls)
+                .unwrap()
+                .tanh()
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            assert!(max_diff(chunk, &want.to_vec1::<f32>().unwrap()) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn out_of_vocabulary_ids_and_empty_sequences_are_input_errors() {
+        let cpu = CpuEncoder::from_bert(&tiny::bert(1)).unwrap();
+        assert!(matches!(
+            cpu.forward(&[&[1, 100_000]]),
+            Err(ModelError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            cpu.forward(&[&[]]),
+            Err(ModelError::InvalidInput(_))
+        ));
+    }
+}

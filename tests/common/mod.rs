@@ -1,0 +1,204 @@
+//! Helpers shared by the integration suites: start the real `flywheel` binary on port 0 and talk HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The default model directory, fetched by `models/fetch.sh`.
+pub fn model_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the real model is missing: run models/fetch.sh first ({} has no model.safetensors)",
+        dir.display()
+    );
+    dir
+}
+
+/// A running `flywheel serve` child process, killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    _data: tempfile::TempDir,
+    log: std::sync::Mutex<mpsc::Receiver<String>>,
+}
+
+impl Server {
+    /// Starts the server on the real model with extra flags and environment, and waits until `/ready`.
+    pub fn start(extra_args: &[&str], env: &[(&str, &str)]) -> Server {
+        let server = Self::spawn(&model_dir(), extra_args, env);
+        server.wait_ready(Duration::from_secs(60));
+        server
+    }
+
+    /// Starts the server without waiting for readiness.
+    pub fn spawn(model: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
+        let data = tempfile::tempdir().expect("temp data dir");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flywheel"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["serve", "--port", "0", "--host", "127.0.0.1"])
+            .arg("--model")
+            .arg(model)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn flywheel");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[flywheel] {line}");
+                if tx.send(line).is_err() {
+                    // Keep draining so the child never blocks on a full pipe.
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let base = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(i) = line.find("listening on http://") {
+                        break line[i + "listening on ".len()..].trim().to_owned();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("flywheel did not log its address within 30 s");
+                }
+            }
+        };
+        Server {
+            child,
+            base,
+            _data: data,
+            log: std::sync::Mutex::new(rx),
+        }
+    }
+
+    /// Polls `/ready` until 200.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = ureq::get(&self.url("/ready")).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "flywheel not ready within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Full URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs JSON and returns (status, body as JSON), whatever the status.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        response(ureq::post(&self.url(path)).send_json(body.clone()))
+    }
+
+    /// GETs and returns (status, body text).
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        match ureq::get(&self.url(path)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// Waits for the process to exit and returns its status and remaining log lines.
+    pub fn wait_exit(
+        mut self,
+        timeout: Duration,
+    ) -> (Option<std::process::ExitStatus>, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let lines = self
+            .log
+            .lock()
+            .map(|rx| rx.try_iter().collect())
+            .unwrap_or_default();
+        (status, lines)
+    }
+}
+
+/// Turns a ureq result into (status, JSON body).
+pub fn response(result: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    match result {
+        Ok(r) => {
+            let status = r.status();
+            (status, r.into_json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(ureq::Error::Status(code, r)) => {
+            (code, r.into_json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The PyTorch reference embeddings committed by tests/fixtures/make_embed_reference.py.
+pub fn reference() -> Vec<(String, Vec<f32>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/embed_reference.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    doc["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| {
+            let text = item["text"].as_str().expect("text").to_owned();
+            let v = item["embedding"]
+                .as_array()
+                .expect("embedding")
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            (text, v)
+        })
+        .collect()
+}
+
+/// Cosine similarity and max absolute difference of two vectors.
+pub fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max);
+    (dot / (na * nb), max)
+}

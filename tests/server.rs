@@ -1,0 +1,198 @@
+//! The real server (the `flywheel` binary on port 0 with all-MiniLM-L6-v2) over real HTTP.
+
+mod common;
+
+use common::{compare, reference, response, Server};
+use serde_json::{json, Value};
+
+fn vectors(body: &Value) -> Vec<Vec<f32>> {
+    body["embeddings"]
+        .as_array()
+        .expect("embeddings array")
+        .iter()
+        .map(|v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn health_ready_and_embeddings_that_match_pytorch() {
+    let server = Server::start(&[], &[]);
+    assert_eq!(
+        server.get_text("/health"),
+        (200, r#"{"status":"ok"}"#.to_owned())
+    );
+    assert_eq!(server.get_text("/ready").0, 200);
+
+    let reference = reference();
+    let texts: Vec<&str> = reference.iter().map(|(t, _)| t.as_str()).collect();
+    let (status, body) = server.post("/v1/embed", &json!({ "inputs": texts }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "all-MiniLM-L6-v2");
+    let got = vectors(&body);
+    assert_eq!(got.len(), reference.len());
+    for ((text, want), got) in reference.iter().zip(&got) {
+        let (cos, max) = compare(got, want);
+        assert!(
+            cos >= 0.9999 && max <= 1e-4,
+            "{text:?}: cosine {cos}, max abs diff {max}"
+        );
+    }
+
+    let (status, body) = server.post("/v1/embed", &json!({ "inputs": reference[4].0 }));
+    assert_eq!(status, 200);
+    let (cos, _) = compare(&vectors(&body)[0], &reference[4].1);
+    assert!(cos >= 0.9999);
+}
+
+#[test]
+fn normalize_false_returns_the_raw_mean_and_headers_carry_timings() {
+    let server = Server::start(&[], &[]);
+    let response = ureq::post(&server.url("/v1/embed"))
+        .send_json(json!({"inputs": ["hello world"], "normalize": false}))
+        .unwrap();
+    for h in [
+        "x-request-id",
+        "x-tokenize-time-ms",
+        "x-queue-time-ms",
+        "x-inference-time-ms",
+    ] {
+        assert!(response.header(h).is_some(), "missing header {h}");
+    }
+    let body: Value = response.into_json().unwrap();
+    let v = &vectors(&body)[0];
+    let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert_eq!(v.len(), 384);
+    assert!((norm - 1.0).abs() > 0.01, "unnormalised norm was {norm}");
+}
+
+#[test]
+fn bad_input_gets_json_errors_with_the_right_status() {
+    let server = Server::start(
+        &["--max-length", "128"],
+        &[("FLYWHEEL_LIMITS__MAX_INPUTS", "4")],
+    );
+    let cases: Vec<(Value, u16)> = vec![
+        (json!({"inputs": []}), 422),
+        (json!({"inputs": ""}), 422),
+        (json!({"inputs": ["ok", "   "]}), 422),
+        (json!({"inputs": 5}), 422),
+        (json!({"texts": ["x"]}), 422),
+        (json!({"inputs": ["a", "b", "c", "d", "e"]}), 422),
+    ];
+    for (body, want) in cases {
+        let (status, answer) = server.post("/v1/embed", &body);
+        assert_eq!(status, want, "{body} → {answer}");
+        assert!(
+            answer["error"].is_string() && answer["error_type"].is_string(),
+            "{answer}"
+        );
+    }
+    let malformed = ureq::post(&server.url("/v1/embed"))
+        .set("content-type", "application/json")
+        .send_string("{\"inputs\": [");
+    let (status, answer) = response(malformed);
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error_type"], "malformed_request");
+
+    let huge = "x".repeat(5 * 1024 * 1024);
+    let (status, answer) =
+        response(ureq::post(&server.url("/v1/embed")).send_json(json!({ "inputs": huge })));
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error_type"], "payload_too_large");
+
+    let (status, answer) = response(ureq::get(&server.url("/v1/nothing")).call());
+    assert_eq!(
+        (status, answer["error_type"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, _) = response(ureq::get(&server.url("/v1/embed")).call());
+    assert_eq!(status, 405);
+
+    // Serving goes on after the errors.
+    let (status, _) = server.post("/v1/embed", &json!({"inputs": "still here"}));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_all_answered() {
+    let server = Server::start(&[], &[]);
+    let reference = reference();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..32)
+            .map(|i| {
+                let (text, want) = &reference[i % reference.len()];
+                let server = &server;
+                s.spawn(move || {
+                    for _ in 0..3 {
+                        let (status, body) = server.post("/v1/embed", &json!({ "inputs": [text] }));
+                        assert_eq!(status, 200, "{body}");
+                        let (cos, _) = compare(&vectors(&body)[0], want);
+                        assert!(cos >= 0.9999, "{text:?}: {cos}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("client thread");
+        }
+    });
+    let (_, metrics) = server.get_text("/metrics");
+    let batches: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("flywheel_batch_size_count ")
+                .or(l.strip_prefix("flywheel_batch_size_sum "))
+        })
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (sum, count) = (batches[0], batches[1]);
+    assert_eq!(sum, 96.0, "every sequence went through the model once");
+    assert!(
+        count < 96.0,
+        "some requests shared a forward pass ({count} passes for 96 sequences)"
+    );
+}
+
+#[test]
+fn metrics_expose_request_and_stage_durations() {
+    let server = Server::start(&[], &[]);
+    server.post("/v1/embed", &json!({"inputs": "count me"}));
+    let (status, text) = server.get_text("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "flywheel_request_duration_seconds_bucket{arm=\"\",route=\"/v1/embed\",task=\"\"",
+        "flywheel_requests_total{route=\"/v1/embed\",status=\"200\"} 1",
+        "flywheel_queue_duration_seconds_count 1",
+        "flywheel_tokenize_duration_seconds_count 1",
+        "flywheel_inference_duration_seconds_count 1",
+        "flywheel_batch_size_count 1",
+        "flywheel_model_ready 1",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+}
+
+#[test]
+fn a_model_directory_missing_a_file_stops_the_server_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        common::model_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"));
+    let out = cmd
+        .args(["serve", "--port", "0", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+}
