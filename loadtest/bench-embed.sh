@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds="${1:-10}"
 models/fetch.sh >/dev/null
 datasets/fetch-spamassassin.sh >/dev/null
-cargo build --release --quiet --bin flywheel -p flywheel -p flywheel-loadtest
+cargo build --release --quiet --bins -p flywheel -p flywheel-loadtest
 out=target/bench
 mkdir -p "$out"
 

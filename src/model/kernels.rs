@@ -12,12 +12,46 @@ const PARALLEL_GEMM_MIN_WORK: usize = 1 << 20;
 /// Rows per rayon task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
 
+/// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it (checked once at run time)
+/// and for the build's baseline otherwise. The same source either way, so results agree.
+macro_rules! simd_dispatch {
+    ($name:ident, $avx2:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $body($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU supports AVX2 (checked at run time).
+                return unsafe { $avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+}
+
 /// A pointer that may cross threads; each task writes a disjoint region through it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: only used to write disjoint regions from rayon tasks that all end before the owner is read.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method (not field access) so closures capture the whole `Send` wrapper, not the raw pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Number of threads the heavy kernels may use (rayon's pool, which candle also uses).
 pub fn threads() -> usize {
@@ -178,18 +212,22 @@ pub fn fast_erf(x: f32) -> f32 {
 
 /// In-place exact (erf) GELU, as BERT's `hidden_act = "gelu"`.
 pub fn gelu_inplace(xs: &mut [f32]) {
-    fn run(chunk: &mut [f32]) {
-        for v in chunk.iter_mut() {
-            let x = *v;
-            *v = 0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
-        }
-    }
     if xs.len() >= 1 << 16 {
-        xs.par_chunks_mut(1 << 14).for_each(run);
+        xs.par_chunks_mut(1 << 14).for_each(gelu_chunk);
     } else {
-        run(xs);
+        gelu_chunk(xs);
     }
 }
+
+#[inline(always)]
+fn gelu_body(chunk: &mut [f32]) {
+    for v in chunk.iter_mut() {
+        let x = *v;
+        *v = 0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+simd_dispatch!(gelu_chunk, gelu_chunk_avx2, gelu_body, (chunk: &mut [f32]));
 
 /// In-place `x = LayerNorm(x + residual)` over rows of width `gamma.len()`.
 pub fn add_layer_norm_inplace(
@@ -208,62 +246,95 @@ pub fn add_layer_norm_inplace(
     if let Some(r) = residual {
         assert_eq!(r.len(), x.len(), "layer_norm: residual shape differs");
     }
-    let norm_row = |row: &mut [f32], res: Option<&[f32]>| {
-        if let Some(res) = res {
-            for (v, r) in row.iter_mut().zip(res) {
-                *v += r;
-            }
-        }
-        let mean = row.iter().sum::<f32>() / width as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-            *v = (*v - mean) * inv * g + b;
+    let rows = x.len() / width;
+    let run = |xc: &mut [f32], rc: Option<&[f32]>| {
+        for (i, row) in xc.chunks_exact_mut(width).enumerate() {
+            norm_row(
+                row,
+                rc.map(|r| &r[i * width..(i + 1) * width]),
+                gamma,
+                beta,
+                eps,
+            );
         }
     };
-    let rows = x.len() / width;
     let chunk = ROWS_PER_TASK * width;
     match residual {
         Some(res) if rows > ROWS_PER_TASK => x
             .par_chunks_mut(chunk)
             .zip(res.par_chunks(chunk))
-            .for_each(|(xc, rc)| {
-                for (row, r) in xc.chunks_exact_mut(width).zip(rc.chunks_exact(width)) {
-                    norm_row(row, Some(r));
-                }
-            }),
-        Some(res) => {
-            for (row, r) in x.chunks_exact_mut(width).zip(res.chunks_exact(width)) {
-                norm_row(row, Some(r));
-            }
+            .for_each(|(xc, rc)| run(xc, Some(rc))),
+        None if rows > ROWS_PER_TASK => x.par_chunks_mut(chunk).for_each(|xc| run(xc, None)),
+        _ => run(x, residual),
+    }
+}
+
+/// Sum of a slice in eight independent lanes, so the loop vectorises (a strict left-to-right float sum
+/// cannot).
+#[inline(always)]
+fn lane_sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
         }
-        None if rows > ROWS_PER_TASK => x.par_chunks_mut(chunk).for_each(|xc| {
-            for row in xc.chunks_exact_mut(width) {
-                norm_row(row, None);
-            }
-        }),
-        None => {
-            for row in x.chunks_exact_mut(width) {
-                norm_row(row, None);
-            }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn norm_row_body(row: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
+    if let Some(res) = residual {
+        for (v, r) in row.iter_mut().zip(res) {
+            *v += r;
+        }
+    }
+    let width = row.len() as f32;
+    let mean = lane_sum(row) / width;
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += (v - mean) * (v - mean);
+        }
+    }
+    let var = (lanes.iter().sum::<f32>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum::<f32>())
+        / width;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = (*v - mean) * inv * g + b;
+    }
+}
+
+simd_dispatch!(
+    norm_row,
+    norm_row_avx2,
+    norm_row_body,
+    (row: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32)
+);
+
+/// In-place softmax of each row of `scores` (`[rows × width]`).
+#[inline(always)]
+fn softmax_rows_body(scores: &mut [f32], width: usize) {
+    for row in scores.chunks_exact_mut(width) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for v in row.iter_mut() {
+            *v = fast_exp(*v - max);
+        }
+        let inv = 1.0 / lane_sum(row);
+        for v in row.iter_mut() {
+            *v *= inv;
         }
     }
 }
 
-/// In-place softmax of one row.
-#[inline]
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = fast_exp(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
+simd_dispatch!(softmax_rows, softmax_rows_avx2, softmax_rows_body, (scores: &mut [f32], width: usize));
 
 /// Scaled dot-product self-attention over packed sequences.
 ///
@@ -301,7 +372,6 @@ pub fn attention(
         }
         let base = start * hidden + h * head_dim;
         let mut scores = vec![0f32; len * len];
-        let out_ptr = out_ptr;
         // SAFETY: (s, h) pairs are distinct, so each task reads its own q/k/v columns of its own rows and
         // writes a disjoint block of `out`; every index stays below tokens × hidden (asserted above).
         unsafe {
@@ -326,14 +396,12 @@ pub fn attention(
                 false,
                 Parallelism::None,
             );
-            for row in scores.chunks_exact_mut(len) {
-                softmax_row(row);
-            }
+            softmax_rows(&mut scores, len);
             gemm::gemm(
                 len,
                 head_dim,
                 len,
-                out_ptr.0.add(base),
+                out_ptr.get().add(base),
                 1,
                 hidden as isize,
                 false,

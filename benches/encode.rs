@@ -1,0 +1,58 @@
+//! Encoder forward-pass timings on the real model, in-process (no HTTP): the fused CPU path at the
+//! shapes the project's findings quote (1 × 32 and 32 × 32 tokens, 32 × 128), and the candle reference
+//! path for comparison. `cargo bench --bench encode`.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use flywheel::model::{LoadOptions, Model};
+
+fn median_ms(mut f: impl FnMut(), budget: Duration) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < budget || times.len() < 5 {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            max_length: 512,
+            device: Device::Cpu,
+        },
+    )
+    .expect("run models/fetch.sh");
+    let budget = Duration::from_secs(3);
+    // `cargo bench --bench encode -- fused` skips the candle path (for profiling the fused one).
+    let fused_only = std::env::args().any(|a| a == "fused");
+    println!("threads: {}", rayon::current_num_threads());
+    for (batch, len) in [
+        (1usize, 32usize),
+        (1, 128),
+        (1, 256),
+        (8, 32),
+        (32, 32),
+        (32, 128),
+        (8, 256),
+    ] {
+        let seq: Vec<u32> = (0..len).map(|i| 1000 + (i as u32 * 37) % 20000).collect();
+        let seqs: Vec<&[u32]> = (0..batch).map(|_| seq.as_slice()).collect();
+        let fast = median_ms(|| drop(model.encode(&seqs).unwrap()), budget);
+        if fused_only {
+            println!("{batch:>3} x {len:<4} fused {fast:8.2} ms");
+            continue;
+        }
+        let reference = median_ms(|| drop(model.encode_reference(&seqs).unwrap()), budget);
+        println!("{batch:>3} x {len:<4} fused {fast:8.2} ms   candle {reference:8.2} ms");
+    }
+}
