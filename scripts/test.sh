@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 models/fetch.sh
-cargo test --workspace --all-targets --locked
+cargo test --workspace --locked

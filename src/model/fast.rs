@@ -12,6 +12,8 @@ use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::kernels;
 use super::linear::{LayerNorm, Linear};
+use super::lora::{Adapter, Dense, Pooling, Target};
+use super::pooling;
 
 /// Hidden states of a packed batch: sequence `i` is rows `offsets[i]..offsets[i + 1]` of `hidden`.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,6 +175,25 @@ impl CpuEncoder {
 
     /// Final hidden states of every token of `sequences` (token ids, special tokens included).
     pub fn forward(&self, sequences: &[&[u32]]) -> Result<Packed> {
+        self.forward_adapted(sequences, &vec![None; sequences.len()])
+    }
+
+    /// Like [`Self::forward`], with `adapters[i]` applied to sequence `i` (`None`: the base model). The base
+    /// GEMMs run once over the batch; each run of consecutive sequences sharing an adapter (compared by
+    /// address) adds its low-rank deltas, so callers should order a batch by adapter.
+    pub fn forward_adapted(&self, sequences: &[&[u32]], adapters: &[Option<&Adapter>]) -> Result<Packed> {
+        if adapters.len() != sequences.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} adapter choices for {} sequences",
+                adapters.len(),
+                sequences.len()
+            )));
+        }
+        for a in adapters.iter().flatten() {
+            if a.num_layers() != self.layers.len() {
+                return Err(ModelError::InvalidInput("adapter made for another model depth".to_owned()));
+            }
+        }
         let h = self.config.hidden_size;
         let mut offsets = Vec::with_capacity(sequences.len() + 1);
         offsets.push(0);
@@ -200,8 +221,9 @@ impl CpuEncoder {
             inner: vec![0.0; tokens * self.config.intermediate_size],
         };
         self.embed(sequences, &mut buf.x)?;
-        for layer in &self.layers {
-            self.layer(layer, &offsets, &mut buf);
+        let groups = Groups::new(adapters, &offsets);
+        for (index, layer) in self.layers.iter().enumerate() {
+            self.layer(index, layer, &groups, &mut buf);
         }
         Ok(Packed {
             hidden: buf.x,
@@ -255,29 +277,130 @@ impl CpuEncoder {
         Ok(())
     }
 
-    fn layer(&self, l: &LayerWeights, offsets: &[usize], b: &mut Buffers) {
-        let rows = offsets.last().copied().unwrap_or(0);
+    fn layer(&self, index: usize, l: &LayerWeights, groups: &Groups, b: &mut Buffers) {
+        let rows = groups.rows();
+        let h = self.config.hidden_size;
+        let inner = self.config.intermediate_size;
         l.query.run(&b.x, rows, &mut b.q);
+        groups.apply(index, Target::Query, &b.x, h, &mut b.q, h);
         l.key.run(&b.x, rows, &mut b.k);
+        groups.apply(index, Target::Key, &b.x, h, &mut b.k, h);
         l.value.run(&b.x, rows, &mut b.v);
+        groups.apply(index, Target::Value, &b.x, h, &mut b.v, h);
         let heads = self.config.num_attention_heads;
-        kernels::attention(
-            &b.q,
-            &b.k,
-            &b.v,
-            offsets,
-            heads,
-            self.config.head_dim(),
-            &mut b.ctx,
-        );
+        kernels::attention(&b.q, &b.k, &b.v, groups.offsets, heads, self.config.head_dim(), &mut b.ctx);
         l.attention_out.run(&b.ctx, rows, &mut b.tmp);
+        groups.apply(index, Target::AttentionOutput, &b.ctx, h, &mut b.tmp, h);
         l.attention_norm.run(&mut b.tmp, Some(&b.x));
         std::mem::swap(&mut b.x, &mut b.tmp);
         l.intermediate.run(&b.x, rows, &mut b.inner);
+        groups.apply(index, Target::Intermediate, &b.x, h, &mut b.inner, inner);
         kernels::gelu_inplace(&mut b.inner);
         l.output.run(&b.inner, rows, &mut b.tmp);
+        groups.apply(index, Target::Output, &b.inner, inner, &mut b.tmp, h);
         l.output_norm.run(&mut b.tmp, Some(&b.x));
         std::mem::swap(&mut b.x, &mut b.tmp);
+    }
+
+    /// Class logits of each sequence whose adapter has a head (`None` for the others): pooled as the head
+    /// says (`[CLS]` through the pooler — the adapter's own if it has one — and tanh, or the token mean),
+    /// then the classifier.
+    pub fn classify(&self, packed: &Packed, adapters: &[Option<&Adapter>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let h = packed.width;
+        let mut logits = Vec::with_capacity(packed.len());
+        for (i, adapter) in adapters.iter().enumerate().take(packed.len()) {
+            let Some(head) = adapter.and_then(|a| a.head.as_ref()) else {
+                logits.push(None);
+                continue;
+            };
+            let pooled = match head.pooling {
+                Pooling::Cls => {
+                    let cls = &packed.sequence(i)[..h];
+                    let mut p = match (&head.pooler, &self.pooler) {
+                        (Some(own), _) => own.run(cls, 1),
+                        (None, Some(base)) => {
+                            let mut out = vec![0.0; base.out_features];
+                            base.run(cls, 1, &mut out);
+                            out
+                        }
+                        (None, None) => {
+                            return Err(ModelError::InvalidInput(
+                                "a [CLS] head needs a pooler and neither the model nor the adapter has one".to_owned(),
+                            ))
+                        }
+                    };
+                    p.iter_mut().for_each(|v| *v = v.tanh());
+                    p
+                }
+                Pooling::Mean => pooling::mean_of_rows(packed.sequence(i), h),
+            };
+            logits.push(Some(head.classifier.run(&pooled, 1)));
+        }
+        Ok(logits)
+    }
+
+    /// A copy of this encoder with `adapter`'s deltas merged into the base weights (`W + scale·B·A`).
+    pub fn merged(&self, adapter: &Adapter) -> Result<Self> {
+        adapter.validate(&self.config)?;
+        let mut merged = self.clone();
+        for (index, target, delta) in adapter.deltas() {
+            let layer = &mut merged.layers[index];
+            let dense = match target {
+                Target::Query => &mut layer.query,
+                Target::Key => &mut layer.key,
+                Target::Value => &mut layer.value,
+                Target::AttentionOutput => &mut layer.attention_out,
+                Target::Intermediate => &mut layer.intermediate,
+                Target::Output => &mut layer.output,
+            };
+            let add = delta.dense(dense.in_features, dense.out_features);
+            dense.weight.iter_mut().zip(add).for_each(|(w, d)| *w += d);
+        }
+        Ok(merged)
+    }
+
+    /// The base pooler as a plain dense layer, if the checkpoint has one.
+    pub fn pooler(&self) -> Option<Dense> {
+        self.pooler.as_ref().map(|p| Dense {
+            weight: p.weight.clone(),
+            bias: p.bias.clone(),
+            in_features: p.in_features,
+            out_features: p.out_features,
+        })
+    }
+}
+
+/// Runs of consecutive sequences that share an adapter, as row ranges of the packed batch.
+struct Groups<'a> {
+    offsets: &'a [usize],
+    runs: Vec<(usize, usize, &'a Adapter)>,
+}
+
+impl<'a> Groups<'a> {
+    fn new(adapters: &[Option<&'a Adapter>], offsets: &'a [usize]) -> Self {
+        let mut runs: Vec<(usize, usize, &Adapter)> = Vec::new();
+        for (i, adapter) in adapters.iter().enumerate() {
+            let Some(a) = adapter else { continue };
+            match runs.last_mut() {
+                Some((_, end, last)) if *end == offsets[i] && std::ptr::eq(*last, *a) => *end = offsets[i + 1],
+                _ => runs.push((offsets[i], offsets[i + 1], a)),
+            }
+        }
+        Self { offsets, runs }
+    }
+
+    fn rows(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// Adds each run's delta for `target` of `layer` to its rows of `out`.
+    fn apply(&self, layer: usize, target: Target, x: &[f32], in_f: usize, out: &mut [f32], out_f: usize) {
+        for &(start, end, adapter) in &self.runs {
+            if let Some(delta) = adapter.delta(layer, target) {
+                let rows = end - start;
+                delta.apply(&x[start * in_f..end * in_f], rows, in_f, &mut out[start * out_f..end * out_f], out_f);
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod fast;
 pub mod hf_config;
 pub mod kernels;
 pub mod linear;
+pub mod lora;
 pub mod pooling;
 pub mod tokenize;
 
