@@ -232,6 +232,8 @@ impl Model {
 }
 
 #[cfg(test)]
+mod lora_tests;
+#[cfg(test)]
 pub(crate) mod tiny;
 
 #[cfg(test)]

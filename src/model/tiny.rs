@@ -85,3 +85,31 @@ pub fn bert(seed: u64) -> Bert {
     let vb = VarBuilder::from_tensors(tensors(&config, seed, ""), DType::F32, &Device::Cpu);
     Bert::load(vb, &config).expect("tiny BERT loads")
 }
+
+/// A random adapter for `config` on `targets` (B zero when `zero_b`), with a 3-label `[CLS]` head.
+pub fn adapter(
+    config: &BertConfig,
+    seed: u64,
+    targets: &[super::lora::Target],
+    rank: usize,
+    zero_b: bool,
+) -> super::lora::Adapter {
+    use super::lora::{Adapter, Dense, Head, LoraDelta, Pooling};
+    let mut adapter = Adapter::empty(config.num_hidden_layers);
+    for layer in 0..config.num_hidden_layers {
+        for (k, &target) in targets.iter().enumerate() {
+            let (i, o) = target.shape(config);
+            let s = seed * 1000 + (layer * 10 + k) as u64;
+            let b = if zero_b { vec![0.0; o * rank] } else { values(s + 500, o * rank, 0.3) };
+            let delta = LoraDelta { a: values(s, rank * i, 0.3), b, rank, scale: 2.0 };
+            adapter.set(layer, target, delta).expect("layer exists");
+        }
+    }
+    let h = config.hidden_size;
+    adapter.head = Some(Head {
+        pooling: Pooling::Cls,
+        pooler: None,
+        classifier: Dense { weight: values(seed + 77, 3 * h, 0.5), bias: values(seed + 78, 3, 0.1), in_features: h, out_features: 3 },
+    });
+    adapter
+}
