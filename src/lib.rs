@@ -11,6 +11,7 @@
 //!
 //! Data flows one way: `http` → `infer` → `model`; `metrics` and `config` are shared by all.
 
+pub mod adapters;
 pub mod config;
 pub mod http;
 pub mod infer;

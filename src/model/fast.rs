@@ -181,7 +181,11 @@ impl CpuEncoder {
     /// Like [`Self::forward`], with `adapters[i]` applied to sequence `i` (`None`: the base model). The base
     /// GEMMs run once over the batch; each run of consecutive sequences sharing an adapter (compared by
     /// address) adds its low-rank deltas, so callers should order a batch by adapter.
-    pub fn forward_adapted(&self, sequences: &[&[u32]], adapters: &[Option<&Adapter>]) -> Result<Packed> {
+    pub fn forward_adapted(
+        &self,
+        sequences: &[&[u32]],
+        adapters: &[Option<&Adapter>],
+    ) -> Result<Packed> {
         if adapters.len() != sequences.len() {
             return Err(ModelError::InvalidInput(format!(
                 "{} adapter choices for {} sequences",
@@ -191,7 +195,9 @@ impl CpuEncoder {
         }
         for a in adapters.iter().flatten() {
             if a.num_layers() != self.layers.len() {
-                return Err(ModelError::InvalidInput("adapter made for another model depth".to_owned()));
+                return Err(ModelError::InvalidInput(
+                    "adapter made for another model depth".to_owned(),
+                ));
             }
         }
         let h = self.config.hidden_size;
@@ -288,7 +294,15 @@ impl CpuEncoder {
         l.value.run(&b.x, rows, &mut b.v);
         groups.apply(index, Target::Value, &b.x, h, &mut b.v, h);
         let heads = self.config.num_attention_heads;
-        kernels::attention(&b.q, &b.k, &b.v, groups.offsets, heads, self.config.head_dim(), &mut b.ctx);
+        kernels::attention(
+            &b.q,
+            &b.k,
+            &b.v,
+            groups.offsets,
+            heads,
+            self.config.head_dim(),
+            &mut b.ctx,
+        );
         l.attention_out.run(&b.ctx, rows, &mut b.tmp);
         groups.apply(index, Target::AttentionOutput, &b.ctx, h, &mut b.tmp, h);
         l.attention_norm.run(&mut b.tmp, Some(&b.x));
@@ -305,7 +319,11 @@ impl CpuEncoder {
     /// Class logits of each sequence whose adapter has a head (`None` for the others): pooled as the head
     /// says (`[CLS]` through the pooler — the adapter's own if it has one — and tanh, or the token mean),
     /// then the classifier.
-    pub fn classify(&self, packed: &Packed, adapters: &[Option<&Adapter>]) -> Result<Vec<Option<Vec<f32>>>> {
+    pub fn classify(
+        &self,
+        packed: &Packed,
+        adapters: &[Option<&Adapter>],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let h = packed.width;
         let mut logits = Vec::with_capacity(packed.len());
         for (i, adapter) in adapters.iter().enumerate().take(packed.len()) {
@@ -382,7 +400,9 @@ impl<'a> Groups<'a> {
         for (i, adapter) in adapters.iter().enumerate() {
             let Some(a) = adapter else { continue };
             match runs.last_mut() {
-                Some((_, end, last)) if *end == offsets[i] && std::ptr::eq(*last, *a) => *end = offsets[i + 1],
+                Some((_, end, last)) if *end == offsets[i] && std::ptr::eq(*last, *a) => {
+                    *end = offsets[i + 1]
+                }
                 _ => runs.push((offsets[i], offsets[i + 1], a)),
             }
         }
@@ -394,11 +414,25 @@ impl<'a> Groups<'a> {
     }
 
     /// Adds each run's delta for `target` of `layer` to its rows of `out`.
-    fn apply(&self, layer: usize, target: Target, x: &[f32], in_f: usize, out: &mut [f32], out_f: usize) {
+    fn apply(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &[f32],
+        in_f: usize,
+        out: &mut [f32],
+        out_f: usize,
+    ) {
         for &(start, end, adapter) in &self.runs {
             if let Some(delta) = adapter.delta(layer, target) {
                 let rows = end - start;
-                delta.apply(&x[start * in_f..end * in_f], rows, in_f, &mut out[start * out_f..end * out_f], out_f);
+                delta.apply(
+                    &x[start * in_f..end * in_f],
+                    rows,
+                    in_f,
+                    &mut out[start * out_f..end * out_f],
+                    out_f,
+                );
             }
         }
     }

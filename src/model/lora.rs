@@ -32,8 +32,14 @@ pub enum Target {
 
 impl Target {
     /// Every target, in layer order.
-    pub const ALL: [Target; 6] =
-        [Target::Query, Target::Key, Target::Value, Target::AttentionOutput, Target::Intermediate, Target::Output];
+    pub const ALL: [Target; 6] = [
+        Target::Query,
+        Target::Key,
+        Target::Value,
+        Target::AttentionOutput,
+        Target::Intermediate,
+        Target::Output,
+    ];
 
     /// The module's path inside `encoder.layer.N`.
     pub fn module_path(self) -> &'static str {
@@ -83,7 +89,10 @@ pub struct LoraDelta {
 impl LoraDelta {
     /// Checks the factor shapes against the targeted linear.
     pub fn validate(&self, in_features: usize, out_features: usize) -> Result<()> {
-        if self.rank == 0 || self.a.len() != self.rank * in_features || self.b.len() != out_features * self.rank {
+        if self.rank == 0
+            || self.a.len() != self.rank * in_features
+            || self.b.len() != out_features * self.rank
+        {
             return Err(ModelError::Weights(format!(
                 "LoRA factors of rank {} do not fit a {in_features}→{out_features} linear (A has {} values, B {})",
                 self.rank,
@@ -98,10 +107,25 @@ impl LoraDelta {
     }
 
     /// Adds this delta to rows `x` (`[rows × in]`) of an output `out` (`[rows × out]`).
-    pub fn apply(&self, x: &[f32], rows: usize, in_features: usize, out: &mut [f32], out_features: usize) {
+    pub fn apply(
+        &self,
+        x: &[f32],
+        rows: usize,
+        in_features: usize,
+        out: &mut [f32],
+        out_features: usize,
+    ) {
         let mut low = vec![0.0; rows * self.rank];
         kernels::linear(x, rows, in_features, &self.a, None, self.rank, &mut low);
-        kernels::linear_accumulate(&low, rows, self.rank, &self.b, out_features, self.scale, out);
+        kernels::linear_accumulate(
+            &low,
+            rows,
+            self.rank,
+            &self.b,
+            out_features,
+            self.scale,
+            out,
+        );
     }
 
     /// `scale · B·A`, `[out × in]`: the dense delta merged into a base weight.
@@ -110,7 +134,10 @@ impl LoraDelta {
         for o in 0..out_features {
             for k in 0..self.rank {
                 let b = self.b[o * self.rank + k] * self.scale;
-                for (wi, ai) in w[o * in_features..(o + 1) * in_features].iter_mut().zip(&self.a[k * in_features..]) {
+                for (wi, ai) in w[o * in_features..(o + 1) * in_features]
+                    .iter_mut()
+                    .zip(&self.a[k * in_features..])
+                {
                     *wi += b * ai;
                 }
             }
@@ -145,7 +172,9 @@ pub struct Dense {
 impl Dense {
     /// Checks the buffers against the declared widths.
     pub fn validate(&self) -> Result<()> {
-        if self.weight.len() != self.in_features * self.out_features || self.bias.len() != self.out_features {
+        if self.weight.len() != self.in_features * self.out_features
+            || self.bias.len() != self.out_features
+        {
             return Err(ModelError::Weights(format!(
                 "dense layer {}→{} has {} weights and {} biases",
                 self.in_features,
@@ -160,7 +189,15 @@ impl Dense {
     /// `x·Wᵀ + b` for `rows` rows.
     pub fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0.0; rows * self.out_features];
-        kernels::linear(x, rows, self.in_features, &self.weight, Some(&self.bias), self.out_features, &mut out);
+        kernels::linear(
+            x,
+            rows,
+            self.in_features,
+            &self.weight,
+            Some(&self.bias),
+            self.out_features,
+            &mut out,
+        );
         out
     }
 }
@@ -187,7 +224,10 @@ pub struct Adapter {
 impl Adapter {
     /// An adapter with no deltas and no head for a model of `layers` layers.
     pub fn empty(layers: usize) -> Self {
-        Self { layers: vec![Default::default(); layers], head: None }
+        Self {
+            layers: vec![Default::default(); layers],
+            head: None,
+        }
     }
 
     /// Sets the delta of `target` in `layer`.
@@ -202,15 +242,18 @@ impl Adapter {
 
     /// The delta of `target` in `layer`, if any.
     pub fn delta(&self, layer: usize, target: Target) -> Option<&LoraDelta> {
-        self.layers.get(layer).and_then(|l| l[target.index()].as_ref())
+        self.layers
+            .get(layer)
+            .and_then(|l| l[target.index()].as_ref())
     }
 
     /// Every `(layer, target, delta)`.
     pub fn deltas(&self) -> impl Iterator<Item = (usize, Target, &LoraDelta)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| Target::ALL.into_iter().filter_map(move |t| l[t.index()].as_ref().map(|d| (i, t, d))))
+        self.layers.iter().enumerate().flat_map(|(i, l)| {
+            Target::ALL
+                .into_iter()
+                .filter_map(move |t| l[t.index()].as_ref().map(|d| (i, t, d)))
+        })
     }
 
     /// Number of layers the adapter spans.
@@ -233,7 +276,9 @@ impl Adapter {
         }
         if let Some(head) = &self.head {
             head.classifier.validate()?;
-            if head.classifier.in_features != config.hidden_size || head.classifier.out_features == 0 {
+            if head.classifier.in_features != config.hidden_size
+                || head.classifier.out_features == 0
+            {
                 return Err(ModelError::Weights(format!(
                     "classifier takes {} inputs, the model's hidden size is {}",
                     head.classifier.in_features, config.hidden_size
@@ -242,7 +287,9 @@ impl Adapter {
             if let Some(p) = &head.pooler {
                 p.validate()?;
                 if p.in_features != config.hidden_size || p.out_features != config.hidden_size {
-                    return Err(ModelError::Weights("pooler is not hidden × hidden".to_owned()));
+                    return Err(ModelError::Weights(
+                        "pooler is not hidden × hidden".to_owned(),
+                    ));
                 }
             }
         }
@@ -255,7 +302,9 @@ impl Adapter {
         let head = self.head.as_ref().map_or(0, |h| {
             h.classifier.weight.len()
                 + h.classifier.bias.len()
-                + h.pooler.as_ref().map_or(0, |p| p.weight.len() + p.bias.len())
+                + h.pooler
+                    .as_ref()
+                    .map_or(0, |p| p.weight.len() + p.bias.len())
         });
         deltas + head
     }

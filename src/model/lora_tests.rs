@@ -7,10 +7,18 @@ use super::tiny;
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
-const SEQS: [&[u32]; 4] = [&[1, 5, 9, 2], &[1, 2], &[1, 33, 44, 55, 66, 77, 88, 2], &[1, 7, 7, 2]];
+const SEQS: [&[u32]; 4] = [
+    &[1, 5, 9, 2],
+    &[1, 2],
+    &[1, 33, 44, 55, 66, 77, 88, 2],
+    &[1, 7, 7, 2],
+];
 
 #[test]
 fn an_adapter_whose_b_is_zero_equals_the_base_model() {
@@ -31,8 +39,14 @@ fn merged_weights_equal_the_unmerged_forward() {
         let unmerged = cpu.forward_adapted(&SEQS, &[Some(&adapter); 4]).unwrap();
         let merged = cpu.merged(&adapter).unwrap().forward(&SEQS).unwrap();
         let base = cpu.forward(&SEQS).unwrap();
-        assert!(max_diff(&unmerged.hidden, &merged.hidden) < 1e-4, "targets {targets:?}");
-        assert!(max_diff(&unmerged.hidden, &base.hidden) > 1e-2, "the adapter changes the output");
+        assert!(
+            max_diff(&unmerged.hidden, &merged.hidden) < 1e-4,
+            "targets {targets:?}"
+        );
+        assert!(
+            max_diff(&unmerged.hidden, &base.hidden) > 1e-2,
+            "the adapter changes the output"
+        );
     }
 }
 
@@ -42,14 +56,32 @@ fn a_batch_mixing_three_adapters_and_base_rows_equals_each_row_alone() {
     let cpu = CpuEncoder::from_bert(&tiny::bert(6)).unwrap();
     let a = tiny::adapter(&config, 1, &[Target::Query, Target::Value], 4, false);
     let b = tiny::adapter(&config, 2, &Target::ALL, 2, false);
-    let c = tiny::adapter(&config, 3, &[Target::Intermediate, Target::Output, Target::Key], 8, false);
+    let c = tiny::adapter(
+        &config,
+        3,
+        &[Target::Intermediate, Target::Output, Target::Key],
+        8,
+        false,
+    );
     let seqs: Vec<&[u32]> = SEQS.iter().chain(SEQS.iter()).copied().collect();
-    let choice = [Some(&a), Some(&a), None, Some(&b), Some(&c), None, Some(&b), Some(&a)];
+    let choice = [
+        Some(&a),
+        Some(&a),
+        None,
+        Some(&b),
+        Some(&c),
+        None,
+        Some(&b),
+        Some(&a),
+    ];
     let batch = cpu.forward_adapted(&seqs, &choice).unwrap();
     let logits = cpu.classify(&batch, &choice).unwrap();
     for (i, (seq, adapter)) in seqs.iter().zip(choice).enumerate() {
         let alone = cpu.forward_adapted(&[seq], &[adapter]).unwrap();
-        assert!(max_diff(batch.sequence(i), alone.sequence(0)) < 1e-5, "row {i}");
+        assert!(
+            max_diff(batch.sequence(i), alone.sequence(0)) < 1e-5,
+            "row {i}"
+        );
         let alone_logits = cpu.classify(&alone, &[adapter]).unwrap().remove(0);
         match (&logits[i], alone_logits) {
             (Some(x), Some(y)) => assert!(max_diff(x, &y) < 1e-5),

@@ -168,6 +168,11 @@ impl Model {
         })
     }
 
+    /// The fused CPU encoder, when the model runs on the CPU.
+    pub fn cpu(&self) -> Option<&CpuEncoder> {
+        self.cpu.as_ref()
+    }
+
     /// The device the network runs on.
     pub fn device(&self) -> &Device {
         &self.device

@@ -100,8 +100,17 @@ pub fn adapter(
         for (k, &target) in targets.iter().enumerate() {
             let (i, o) = target.shape(config);
             let s = seed * 1000 + (layer * 10 + k) as u64;
-            let b = if zero_b { vec![0.0; o * rank] } else { values(s + 500, o * rank, 0.3) };
-            let delta = LoraDelta { a: values(s, rank * i, 0.3), b, rank, scale: 2.0 };
+            let b = if zero_b {
+                vec![0.0; o * rank]
+            } else {
+                values(s + 500, o * rank, 0.3)
+            };
+            let delta = LoraDelta {
+                a: values(s, rank * i, 0.3),
+                b,
+                rank,
+                scale: 2.0,
+            };
             adapter.set(layer, target, delta).expect("layer exists");
         }
     }
@@ -109,7 +118,12 @@ pub fn adapter(
     adapter.head = Some(Head {
         pooling: Pooling::Cls,
         pooler: None,
-        classifier: Dense { weight: values(seed + 77, 3 * h, 0.5), bias: values(seed + 78, 3, 0.1), in_features: h, out_features: 3 },
+        classifier: Dense {
+            weight: values(seed + 77, 3 * h, 0.5),
+            bias: values(seed + 78, 3, 0.1),
+            in_features: h,
+            out_features: 3,
+        },
     });
     adapter
 }

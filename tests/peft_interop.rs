@@ -1,0 +1,118 @@
+//! A LoRA adapter made by Python PEFT on all-MiniLM-L6-v2 (tests/fixtures/make_peft_fixture.py) gives
+//! PyTorch's logits in Flywheel, and survives a write/read round trip through Flywheel's PEFT writer.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::Device;
+use flywheel::adapters::peft;
+use flywheel::model::lora::{Adapter, Pooling};
+use flywheel::model::{LoadOptions, Model};
+
+fn fixture() -> (Vec<(String, Vec<f32>, Vec<f32>)>, Vec<String>) {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls_reference.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let floats = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let items = doc["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["text"].as_str().unwrap().to_owned(),
+                floats(&i["logits"]),
+                floats(&i["probs"]),
+            )
+        })
+        .collect();
+    let labels = doc["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    (items, labels)
+}
+
+fn logits(model: &Model, adapter: &Adapter, text: &str) -> Vec<f32> {
+    let ids = model.tokenizer.encode(text).unwrap();
+    let cpu = model.cpu().expect("CPU model");
+    let packed = cpu.forward_adapted(&[&ids], &[Some(adapter)]).unwrap();
+    cpu.classify(&packed, &[Some(adapter)])
+        .unwrap()
+        .remove(0)
+        .unwrap()
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = v.iter().map(|x| (x - max).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+#[test]
+fn a_python_peft_seq_cls_adapter_gives_pytorchs_logits_within_1e4() {
+    let model = Model::load(
+        &common::model_dir(),
+        &LoadOptions {
+            max_length: 256,
+            device: Device::Cpu,
+        },
+    )
+    .unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls");
+    let (config, adapter) = peft::read(&dir, &model.config, Pooling::Cls).unwrap();
+    assert_eq!(
+        (config.r, config.lora_alpha, config.task_type.as_deref()),
+        (8, 16.0, Some("SEQ_CLS"))
+    );
+    assert_eq!(adapter.deltas().count(), 12, "query and value in 6 layers");
+    let (items, labels) = fixture();
+    assert_eq!(
+        adapter.head.as_ref().unwrap().classifier.out_features,
+        labels.len()
+    );
+    for (text, want_logits, want_probs) in &items {
+        let got = logits(&model, &adapter, text);
+        let max_logit = got
+            .iter()
+            .zip(want_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let max_prob = softmax(&got)
+            .iter()
+            .zip(want_probs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            max_logit < 1e-4 && max_prob < 1e-4,
+            "{text:?}: logits {max_logit:e}, probabilities {max_prob:e}"
+        );
+    }
+
+    // Flywheel's writer, read back, serves the same numbers.
+    let out = tempfile::tempdir().unwrap();
+    let written = peft::AdapterConfig::for_adapter(&adapter, config.lora_alpha, "all-MiniLM-L6-v2");
+    std::fs::write(
+        out.path().join(peft::CONFIG_FILE),
+        peft::config_json(&written).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        out.path().join(peft::WEIGHTS_FILE),
+        peft::encode(&adapter).unwrap(),
+    )
+    .unwrap();
+    let (_, back) = peft::read(out.path(), &model.config, Pooling::Cls).unwrap();
+    assert_eq!(back, adapter);
+}
