@@ -43,6 +43,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Where state lives.
     pub data: DataConfig,
+    /// Adapter admission limits.
+    pub adapters: AdaptersConfig,
 }
 
 /// HTTP listener settings.
@@ -156,6 +158,34 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("data"),
+        }
+    }
+}
+
+/// Admission limits for adapters and tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptersConfig {
+    /// Most generations ready at once.
+    pub max_adapters: usize,
+    /// Highest LoRA rank accepted.
+    pub max_rank: usize,
+    /// Largest adapter file in bytes.
+    pub max_bytes: u64,
+    /// Most tasks.
+    pub max_tasks: usize,
+    /// Most labels per task.
+    pub max_labels: usize,
+}
+
+impl Default for AdaptersConfig {
+    fn default() -> Self {
+        Self {
+            max_adapters: 64,
+            max_rank: 64,
+            max_bytes: 64 * 1024 * 1024,
+            max_tasks: 256,
+            max_labels: 1000,
         }
     }
 }

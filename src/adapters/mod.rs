@@ -1,3 +1,8 @@
 //! Adapters: PEFT reading and writing, and the registry of immutable, content-addressed generations.
 
 pub mod peft;
+pub mod registry;
+#[cfg(test)]
+mod registry_tests;
+
+pub use registry::{Generation, Registry, RegistryError, Task};

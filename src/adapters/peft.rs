@@ -318,9 +318,11 @@ pub fn decode(
                 let rank = match (b, shape.as_slice()) {
                     (false, [r, i]) if *i == in_f => *r,
                     (true, [o, r]) if *o == out_f => *r,
-                    _ => return Err(invalid(format!(
+                    _ => {
+                        return Err(invalid(format!(
                         "{name} has shape {shape:?}, which does not fit a {in_f}→{out_f} linear"
-                    ))),
+                    )))
+                    }
                 };
                 if entry.2 != 0 && entry.2 != rank {
                     return Err(invalid(format!(

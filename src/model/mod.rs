@@ -239,7 +239,7 @@ impl Model {
 #[cfg(test)]
 mod lora_tests;
 #[cfg(test)]
-pub(crate) mod tiny;
+pub mod tiny;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,725 @@
+//! The registry: tasks, immutable content-addressed adapter generations, and aliases that point at them.
+//!
+//! A generation's id is a hash of its configuration and weights, so loading the same files twice yields the
+//! same generation. Aliases (a task's stable alias is the task's name) move atomically under a write lock;
+//! readers get an `Arc` lease, so a generation removed or replaced lives until its last request ends. The
+//! index (tasks, generations, aliases) is persisted to `registry.json` in the data directory — written to a
+//! temporary file, fsynced and renamed — and restored at start. Adapter files are read only from under the
+//! adapter root.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::peft::{self, AdapterConfig, PeftError};
+use crate::config::AdaptersConfig;
+use crate::model::lora::{Adapter, Pooling, Target};
+use crate::model::BertConfig;
+
+/// Flywheel's sidecar file beside a PEFT adapter (task, labels, head kind, lineage, metrics).
+pub const SIDECAR_FILE: &str = "flywheel.json";
+const INDEX_FILE: &str = "registry.json";
+
+/// Why a registry operation failed; each kind maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No such task, generation or alias.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (in use, exists, limit reached).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request or the adapter is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The path leaves the adapter root.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The index could not be persisted.
+    #[error("registry storage: {0}")]
+    Storage(String),
+}
+
+impl From<PeftError> for RegistryError {
+    fn from(e: PeftError) -> Self {
+        RegistryError::Invalid(e.to_string())
+    }
+}
+
+/// A task: a named classification problem with an ordered label set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Name, also the task's stable alias.
+    pub name: String,
+    /// Classifier output `i` is `labels[i]`.
+    pub labels: Vec<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// Lifecycle of a generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum State {
+    /// Loaded and serving.
+    Ready,
+    /// Could not be restored (e.g. its files changed or vanished); never served.
+    Failed(String),
+}
+
+/// The sidecar's content.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sidecar {
+    /// The task the adapter was made for.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Its label order.
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// `cls` (default) or `mean`.
+    #[serde(default)]
+    pub head: Option<Pooling>,
+    /// The generation it was trained from.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Evaluation results and anything else a trainer records.
+    #[serde(default)]
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An immutable adapter generation.
+#[derive(Debug)]
+pub struct Generation {
+    /// Content hash of config and weights.
+    pub id: String,
+    /// Owning task.
+    pub task: String,
+    /// Directory relative to the adapter root.
+    pub path: String,
+    /// The PEFT config.
+    pub config: AdapterConfig,
+    /// Flywheel's metadata.
+    pub sidecar: Sidecar,
+    /// Unix seconds of registration.
+    pub created_at: u64,
+    /// Size of the weights file.
+    pub bytes: u64,
+    /// Lifecycle state.
+    pub state: State,
+    /// The weights, shared with in-flight batches.
+    pub adapter: Option<Arc<Adapter>>,
+}
+
+impl Generation {
+    /// Targeted modules, by name.
+    pub fn targets(&self) -> Vec<&'static str> {
+        let mut t: Vec<Target> = self
+            .adapter
+            .iter()
+            .flat_map(|a| a.deltas().map(|(_, t, _)| t))
+            .collect();
+        t.sort();
+        t.dedup();
+        t.into_iter().map(Target::module_path).collect()
+    }
+
+    /// Trainable values.
+    pub fn trainable_params(&self) -> usize {
+        self.adapter.as_ref().map_or(0, |a| a.parameter_count())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IndexEntry {
+    id: String,
+    task: String,
+    path: String,
+    created_at: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    tasks: Vec<Task>,
+    generations: Vec<IndexEntry>,
+    aliases: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    tasks: BTreeMap<String, Task>,
+    generations: BTreeMap<String, Arc<Generation>>,
+    aliases: BTreeMap<String, String>,
+}
+
+/// The registry handle; cheap to share behind an `Arc`.
+pub struct Registry {
+    root: PathBuf,
+    index_path: PathBuf,
+    limits: AdaptersConfig,
+    model: BertConfig,
+    model_name: String,
+    inner: RwLock<Inner>,
+    /// Serialises writers so index writes never interleave.
+    write: std::sync::Mutex<()>,
+}
+
+/// Checks a task or alias name: 1–64 of `[A-Za-z0-9_.-]`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn storage(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+impl Registry {
+    /// Opens the registry in `data_dir` (creating `adapters/`), restoring tasks, generations and aliases.
+    pub fn open(
+        data_dir: &Path,
+        limits: AdaptersConfig,
+        model: BertConfig,
+        model_name: &str,
+    ) -> Result<Self, RegistryError> {
+        let root = data_dir.join("adapters");
+        std::fs::create_dir_all(&root).map_err(storage)?;
+        let root = root.canonicalize().map_err(storage)?;
+        let registry = Self {
+            root,
+            index_path: data_dir.join(INDEX_FILE),
+            limits,
+            model,
+            model_name: model_name.to_owned(),
+            inner: RwLock::new(Inner::default()),
+            write: std::sync::Mutex::new(()),
+        };
+        registry.restore()?;
+        Ok(registry)
+    }
+
+    /// The canonical adapter root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn restore(&self) -> Result<(), RegistryError> {
+        let index: Index = match std::fs::read(&self.index_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| storage(format!("{}: {e}", self.index_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut inner = self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug");
+        for task in index.tasks {
+            inner.tasks.insert(task.name.clone(), task);
+        }
+        for entry in index.generations {
+            let generation = match self.load_files(&entry.path, &entry.task, &inner.tasks) {
+                Ok(g) if g.id == entry.id => Generation {
+                    created_at: entry.created_at,
+                    ..g
+                },
+                Ok(g) => failed(&entry, format!("files changed on disk (now hash {})", g.id)),
+                Err(e) => failed(&entry, e.to_string()),
+            };
+            if let State::Failed(reason) = &generation.state {
+                tracing::warn!(id = %entry.id, %reason, "generation could not be restored");
+            }
+            inner
+                .generations
+                .insert(entry.id.clone(), Arc::new(generation));
+        }
+        inner.aliases = index.aliases;
+        Ok(())
+    }
+
+    fn persist(&self, inner: &Inner) -> Result<(), RegistryError> {
+        let index = Index {
+            tasks: inner.tasks.values().cloned().collect(),
+            generations: inner
+                .generations
+                .values()
+                .map(|g| IndexEntry {
+                    id: g.id.clone(),
+                    task: g.task.clone(),
+                    path: g.path.clone(),
+                    created_at: g.created_at,
+                })
+                .collect(),
+            aliases: inner.aliases.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&index).map_err(storage)?;
+        write_atomically(&self.index_path, &bytes)
+    }
+
+    /// Creates a task; its name becomes its stable alias once a generation exists.
+    pub fn create_task(&self, name: &str, labels: Vec<String>) -> Result<Task, RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::Invalid(format!(
+                "task name {name:?} must be 1-64 of A-Z a-z 0-9 _ . -"
+            )));
+        }
+        if labels.len() < 2 || labels.len() > self.limits.max_labels {
+            return Err(RegistryError::Invalid(format!(
+                "a task needs 2 to {} labels",
+                self.limits.max_labels
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &labels {
+            if l.trim().is_empty() || l.len() > 128 || !seen.insert(l) {
+                return Err(RegistryError::Invalid(format!(
+                    "label {l:?} is empty, over 128 bytes or repeated"
+                )));
+            }
+        }
+        let _w = self
+            .write
+            .lock()
+            .expect("registry writer lock poisoned; this is a bug");
+        let mut inner = self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug");
+        if let Some(existing) = inner.tasks.get(name) {
+            return if existing.labels == labels {
+                Ok(existing.clone())
+            } else {
+                Err(RegistryError::Conflict(format!(
+                    "task {name:?} exists with labels {:?}",
+                    existing.labels
+                )))
+            };
+        }
+        if inner.tasks.len() >= self.limits.max_tasks {
+            return Err(RegistryError::Conflict(format!(
+                "the task limit ({}) is reached",
+                self.limits.max_tasks
+            )));
+        }
+        let task = Task {
+            name: name.to_owned(),
+            labels,
+            created_at: now(),
+        };
+        inner.tasks.insert(name.to_owned(), task.clone());
+        if let Err(e) = self.persist(&inner) {
+            inner.tasks.remove(name);
+            return Err(e);
+        }
+        Ok(task)
+    }
+
+    /// A task by name.
+    pub fn task(&self, name: &str) -> Option<Task> {
+        self.inner
+            .read()
+            .expect("registry lock poisoned; this is a bug")
+            .tasks
+            .get(name)
+            .cloned()
+    }
+
+    /// Every task.
+    pub fn tasks(&self) -> Vec<Task> {
+        self.inner
+            .read()
+            .expect("registry lock poisoned; this is a bug")
+            .tasks
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Resolves `path` (relative to the adapter root) to a canonical directory inside the root.
+    pub fn resolve_path(&self, path: &str) -> Result<PathBuf, RegistryError> {
+        let relative = Path::new(path);
+        if path.is_empty()
+            || relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(RegistryError::Forbidden(format!(
+                "adapter path {path:?} must be a relative path inside the adapter root, without '..'"
+            )));
+        }
+        let full = self.root.join(relative);
+        let canonical = full.canonicalize().map_err(|_| {
+            RegistryError::NotFound(format!(
+                "no adapter directory {path:?} under the adapter root"
+            ))
+        })?;
+        if !canonical.starts_with(&self.root) {
+            return Err(RegistryError::Forbidden(format!(
+                "adapter path {path:?} leaves the adapter root"
+            )));
+        }
+        if !canonical.is_dir() {
+            return Err(RegistryError::Invalid(format!(
+                "adapter path {path:?} is not a directory"
+            )));
+        }
+        Ok(canonical)
+    }
+
+    fn read_limited(&self, dir: &Path, name: &str) -> Result<Vec<u8>, RegistryError> {
+        let path = dir.join(name);
+        let len = std::fs::metadata(&path)
+            .map_err(|_| RegistryError::Invalid(format!("the adapter has no {name}")))?
+            .len();
+        if len > self.limits.max_bytes {
+            return Err(RegistryError::Invalid(format!(
+                "{name} is {len} bytes; the limit is {}",
+                self.limits.max_bytes
+            )));
+        }
+        std::fs::read(&path).map_err(|e| RegistryError::Invalid(format!("{name}: {e}")))
+    }
+
+    fn load_files(
+        &self,
+        path: &str,
+        task: &str,
+        tasks: &BTreeMap<String, Task>,
+    ) -> Result<Generation, RegistryError> {
+        let task = tasks
+            .get(task)
+            .ok_or_else(|| RegistryError::NotFound(format!("no task {task:?}")))?;
+        let dir = self.resolve_path(path)?;
+        let config_bytes = self.read_limited(&dir, peft::CONFIG_FILE)?;
+        let weights = self.read_limited(&dir, peft::WEIGHTS_FILE)?;
+        let sidecar: Sidecar = match std::fs::read(dir.join(SIDECAR_FILE)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| RegistryError::Invalid(format!("{SIDECAR_FILE}: {e}")))?,
+            Err(_) => Sidecar::default(),
+        };
+        let config: AdapterConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| RegistryError::Invalid(format!("{}: {e}", peft::CONFIG_FILE)))?;
+        if config.r > self.limits.max_rank {
+            return Err(RegistryError::Invalid(format!(
+                "rank {} exceeds the limit {}",
+                config.r, self.limits.max_rank
+            )));
+        }
+        let adapter = peft::decode(
+            &config,
+            &weights,
+            &self.model,
+            sidecar.head.unwrap_or(Pooling::Cls),
+        )?;
+        if adapter
+            .deltas()
+            .any(|(_, _, d)| d.rank > self.limits.max_rank)
+        {
+            return Err(RegistryError::Invalid(format!(
+                "a LoRA factor exceeds the rank limit {}",
+                self.limits.max_rank
+            )));
+        }
+        let head = adapter.head.as_ref().ok_or_else(|| {
+            RegistryError::Invalid(
+                "the adapter has no classifier head, so it cannot serve a task".to_owned(),
+            )
+        })?;
+        if head.classifier.out_features != task.labels.len() {
+            return Err(RegistryError::Invalid(format!(
+                "the classifier has {} outputs but task {:?} has {} labels",
+                head.classifier.out_features,
+                task.name,
+                task.labels.len()
+            )));
+        }
+        if let Some(labels) = &sidecar.labels {
+            if labels != &task.labels {
+                return Err(RegistryError::Invalid(format!(
+                    "the adapter's labels {labels:?} differ from task {:?}'s {:?}",
+                    task.name, task.labels
+                )));
+            }
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(serde_json::to_vec(&config).map_err(storage)?);
+        hasher.update(&weights);
+        let hash = hasher.finalize();
+        let id: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        Ok(Generation {
+            id: format!("g-{id}"),
+            task: task.name.clone(),
+            path: path.to_owned(),
+            config,
+            sidecar,
+            created_at: now(),
+            bytes: weights.len() as u64,
+            state: State::Ready,
+            adapter: Some(Arc::new(adapter)),
+        })
+    }
+
+    /// Loads the PEFT directory `path` (relative to the adapter root) as a generation of `task`. Returns the
+    /// generation and whether it is new. The task's stable alias is set if it had none; `alias` is set too.
+    pub fn load(
+        &self,
+        path: &str,
+        task: &str,
+        alias: Option<&str>,
+    ) -> Result<(Arc<Generation>, bool), RegistryError> {
+        if let Some(a) = alias {
+            if !valid_name(a) {
+                return Err(RegistryError::Invalid(format!(
+                    "alias {a:?} must be 1-64 of A-Z a-z 0-9 _ . -"
+                )));
+            }
+        }
+        let tasks = self
+            .inner
+            .read()
+            .expect("registry lock poisoned; this is a bug")
+            .tasks
+            .clone();
+        let generation = self.load_files(path, task, &tasks)?;
+        let _w = self
+            .write
+            .lock()
+            .expect("registry writer lock poisoned; this is a bug");
+        let mut inner = self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug");
+        if let Some(a) = alias {
+            self.check_alias(&inner, a, task)?;
+        }
+        let (generation, new) = match inner.generations.get(&generation.id) {
+            Some(existing) if existing.state == State::Ready => (existing.clone(), false),
+            _ => {
+                let live = inner
+                    .generations
+                    .values()
+                    .filter(|g| g.state == State::Ready)
+                    .count();
+                if live >= self.limits.max_adapters {
+                    return Err(RegistryError::Conflict(format!(
+                        "the adapter limit ({}) is reached; delete one first",
+                        self.limits.max_adapters
+                    )));
+                }
+                let g = Arc::new(generation);
+                inner.generations.insert(g.id.clone(), g.clone());
+                (g, true)
+            }
+        };
+        let before = inner.aliases.clone();
+        inner
+            .aliases
+            .entry(task.to_owned())
+            .or_insert_with(|| generation.id.clone());
+        if let Some(a) = alias {
+            inner.aliases.insert(a.to_owned(), generation.id.clone());
+        }
+        if let Err(e) = self.persist(&inner) {
+            inner.aliases = before;
+            if new {
+                inner.generations.remove(&generation.id);
+            }
+            return Err(e);
+        }
+        Ok((generation, new))
+    }
+
+    fn check_alias(&self, inner: &Inner, alias: &str, task: &str) -> Result<(), RegistryError> {
+        if inner.tasks.contains_key(alias) && alias != task {
+            return Err(RegistryError::Conflict(format!(
+                "alias {alias:?} is another task's stable alias"
+            )));
+        }
+        if let Some(g) = inner
+            .aliases
+            .get(alias)
+            .and_then(|id| inner.generations.get(id))
+        {
+            if g.task != task {
+                return Err(RegistryError::Conflict(format!(
+                    "alias {alias:?} belongs to task {:?}",
+                    g.task
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Points `alias` at generation `id` (same task only), atomically.
+    pub fn set_alias(&self, alias: &str, id: &str) -> Result<Arc<Generation>, RegistryError> {
+        if !valid_name(alias) {
+            return Err(RegistryError::Invalid(format!(
+                "alias {alias:?} must be 1-64 of A-Z a-z 0-9 _ . -"
+            )));
+        }
+        let _w = self
+            .write
+            .lock()
+            .expect("registry writer lock poisoned; this is a bug");
+        let mut inner = self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug");
+        let generation = inner
+            .generations
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(format!("no adapter {id:?}")))?;
+        if generation.state != State::Ready {
+            return Err(RegistryError::Conflict(format!(
+                "adapter {id:?} is not ready"
+            )));
+        }
+        self.check_alias(&inner, alias, &generation.task)?;
+        let previous = inner.aliases.insert(alias.to_owned(), id.to_owned());
+        if let Err(e) = self.persist(&inner) {
+            match previous {
+                Some(p) => inner.aliases.insert(alias.to_owned(), p),
+                None => inner.aliases.remove(alias),
+            };
+            return Err(e);
+        }
+        Ok(generation)
+    }
+
+    /// Removes generation `id` unless an alias points at it. In-flight requests keep their lease.
+    pub fn delete(&self, id: &str) -> Result<(), RegistryError> {
+        let _w = self
+            .write
+            .lock()
+            .expect("registry writer lock poisoned; this is a bug");
+        let mut inner = self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug");
+        if !inner.generations.contains_key(id) {
+            return Err(RegistryError::NotFound(format!("no adapter {id:?}")));
+        }
+        let users: Vec<&String> = inner
+            .aliases
+            .iter()
+            .filter(|(_, g)| g.as_str() == id)
+            .map(|(a, _)| a)
+            .collect();
+        if !users.is_empty() {
+            return Err(RegistryError::Conflict(format!(
+                "adapter {id:?} is used by alias(es) {users:?}"
+            )));
+        }
+        let removed = inner.generations.remove(id);
+        if let Err(e) = self.persist(&inner) {
+            if let Some(g) = removed {
+                inner.generations.insert(id.to_owned(), g);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// A generation by id or alias: the lease a request holds while it runs.
+    pub fn resolve(&self, id_or_alias: &str) -> Option<Arc<Generation>> {
+        let inner = self
+            .inner
+            .read()
+            .expect("registry lock poisoned; this is a bug");
+        let id = inner
+            .aliases
+            .get(id_or_alias)
+            .map(String::as_str)
+            .unwrap_or(id_or_alias);
+        inner.generations.get(id).cloned()
+    }
+
+    /// Every generation with the aliases that point at it.
+    pub fn list(&self) -> Vec<(Arc<Generation>, Vec<String>)> {
+        let inner = self
+            .inner
+            .read()
+            .expect("registry lock poisoned; this is a bug");
+        inner
+            .generations
+            .values()
+            .map(|g| {
+                let aliases = inner
+                    .aliases
+                    .iter()
+                    .filter(|(_, id)| **id == g.id)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                (g.clone(), aliases)
+            })
+            .collect()
+    }
+
+    /// Number of generations ready to serve.
+    pub fn ready_count(&self) -> usize {
+        let inner = self
+            .inner
+            .read()
+            .expect("registry lock poisoned; this is a bug");
+        inner
+            .generations
+            .values()
+            .filter(|g| g.state == State::Ready)
+            .count()
+    }
+
+    /// Name of the base model adapters are made for.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+}
+
+fn failed(entry: &IndexEntry, reason: String) -> Generation {
+    Generation {
+        id: entry.id.clone(),
+        task: entry.task.clone(),
+        path: entry.path.clone(),
+        config: AdapterConfig::for_adapter(&Adapter::empty(0), 0.0, ""),
+        sidecar: Sidecar::default(),
+        created_at: entry.created_at,
+        bytes: 0,
+        state: State::Failed(reason),
+        adapter: None,
+    }
+}
+
+/// Writes `bytes` to `path` via a fsynced temporary file and a rename, then fsyncs the directory, so a crash
+/// leaves either the old file or the new one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(storage)?;
+    f.write_all(bytes).map_err(storage)?;
+    f.sync_all().map_err(storage)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(storage)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(storage)?;
+    Ok(())
+}

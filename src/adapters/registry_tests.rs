@@ -1,0 +1,199 @@
+//! The registry on a tiny model: content ids, aliases, leases, root confinement, restore after restart.
+
+use std::path::Path;
+
+use super::peft;
+use super::registry::{Registry, RegistryError, State};
+use crate::config::AdaptersConfig;
+use crate::model::lora::Target;
+use crate::model::{tiny, BertConfig};
+
+fn write_adapter(root: &Path, name: &str, seed: u64) {
+    let config = BertConfig::tiny();
+    let adapter = tiny::adapter(&config, seed, &[Target::Query, Target::Value], 4, false);
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let peft_config = peft::AdapterConfig::for_adapter(&adapter, 8.0, "tiny");
+    std::fs::write(
+        dir.join(peft::CONFIG_FILE),
+        peft::config_json(&peft_config).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(peft::WEIGHTS_FILE),
+        peft::encode(&adapter).unwrap(),
+    )
+    .unwrap();
+}
+
+fn open(data: &Path) -> Registry {
+    Registry::open(data, AdaptersConfig::default(), BertConfig::tiny(), "tiny").unwrap()
+}
+
+fn labels() -> Vec<String> {
+    vec!["a".into(), "b".into(), "c".into()]
+}
+
+#[test]
+fn loading_the_same_files_twice_yields_one_content_addressed_generation() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("t", labels()).unwrap();
+    write_adapter(registry.root(), "one", 1);
+    write_adapter(registry.root(), "copy", 1);
+    write_adapter(registry.root(), "two", 2);
+    let (g1, new1) = registry.load("one", "t", None).unwrap();
+    let (g1b, new1b) = registry.load("copy", "t", None).unwrap();
+    let (g2, _) = registry.load("two", "t", Some("canary")).unwrap();
+    assert!(new1 && !new1b);
+    assert_eq!(g1.id, g1b.id);
+    assert_ne!(g1.id, g2.id);
+    assert_eq!(
+        registry.resolve("t").unwrap().id,
+        g1.id,
+        "the first generation becomes the stable alias"
+    );
+    assert_eq!(registry.resolve("canary").unwrap().id, g2.id);
+}
+
+#[test]
+fn aliases_move_atomically_and_leases_outlive_deletion() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("t", labels()).unwrap();
+    write_adapter(registry.root(), "one", 1);
+    write_adapter(registry.root(), "two", 2);
+    let (g1, _) = registry.load("one", "t", None).unwrap();
+    let (g2, _) = registry.load("two", "t", None).unwrap();
+    let lease = registry.resolve("t").unwrap();
+    assert!(
+        matches!(registry.delete(&g1.id), Err(RegistryError::Conflict(_))),
+        "in use by an alias"
+    );
+    registry.set_alias("t", &g2.id).unwrap();
+    registry.delete(&g1.id).unwrap();
+    assert!(registry.resolve(&g1.id).is_none());
+    assert_eq!(lease.id, g1.id);
+    assert!(
+        lease.adapter.is_some(),
+        "the in-flight lease still holds the weights"
+    );
+    assert!(matches!(
+        registry.set_alias("t", "g-nope"),
+        Err(RegistryError::NotFound(_))
+    ));
+}
+
+#[test]
+fn paths_that_leave_the_adapter_root_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("t", labels()).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    write_adapter(outside.path(), "evil", 1);
+    std::os::unix::fs::symlink(outside.path().join("evil"), registry.root().join("link")).unwrap();
+    for path in ["../evil", "/etc", "a/../../x", "link", ""] {
+        let err = registry.load(path, "t", None).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Forbidden(_)),
+            "{path:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_adapters_are_invalid_and_change_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("t", labels()).unwrap();
+    registry
+        .create_task("two_labels", vec!["x".into(), "y".into()])
+        .unwrap();
+    write_adapter(registry.root(), "ok", 1);
+    write_adapter(registry.root(), "bad", 1);
+    let weights = registry.root().join("bad").join(peft::WEIGHTS_FILE);
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(matches!(
+        registry.load("bad", "t", None),
+        Err(RegistryError::Invalid(_))
+    ));
+    std::fs::write(
+        registry.root().join("bad").join(peft::CONFIG_FILE),
+        b"{not json",
+    )
+    .unwrap();
+    assert!(matches!(
+        registry.load("bad", "t", None),
+        Err(RegistryError::Invalid(_))
+    ));
+    assert!(
+        matches!(
+            registry.load("ok", "two_labels", None),
+            Err(RegistryError::Invalid(_))
+        ),
+        "3 outputs, 2 labels"
+    );
+    assert!(matches!(
+        registry.load("ok", "nope", None),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(registry.ready_count(), 0);
+}
+
+#[test]
+fn a_restart_restores_tasks_generations_and_aliases_and_marks_changed_files_failed() {
+    let data = tempfile::tempdir().unwrap();
+    let (id1, id2) = {
+        let registry = open(data.path());
+        registry.create_task("t", labels()).unwrap();
+        write_adapter(registry.root(), "one", 1);
+        write_adapter(registry.root(), "two", 2);
+        let (g1, _) = registry.load("one", "t", None).unwrap();
+        let (g2, _) = registry.load("two", "t", Some("canary")).unwrap();
+        (g1.id.clone(), g2.id.clone())
+    };
+    write_adapter(&data.path().join("adapters"), "two", 3);
+    let registry = open(data.path());
+    assert_eq!(registry.task("t").unwrap().labels, labels());
+    assert_eq!(registry.resolve("t").unwrap().id, id1);
+    assert_eq!(registry.resolve("t").unwrap().state, State::Ready);
+    let changed = registry.resolve("canary").unwrap();
+    assert_eq!(changed.id, id2);
+    assert!(
+        matches!(changed.state, State::Failed(_)),
+        "{:?}",
+        changed.state
+    );
+}
+
+#[test]
+fn task_names_labels_and_limits_are_checked() {
+    let data = tempfile::tempdir().unwrap();
+    let limits = AdaptersConfig {
+        max_adapters: 1,
+        ..AdaptersConfig::default()
+    };
+    let registry = Registry::open(data.path(), limits, BertConfig::tiny(), "tiny").unwrap();
+    assert!(registry.create_task("bad name", labels()).is_err());
+    assert!(registry.create_task("t", vec!["only".into()]).is_err());
+    assert!(registry
+        .create_task("t", vec!["a".into(), "a".into()])
+        .is_err());
+    registry.create_task("t", labels()).unwrap();
+    assert!(
+        registry.create_task("t", labels()).is_ok(),
+        "re-creating with the same labels is idempotent"
+    );
+    assert!(matches!(
+        registry.create_task("t", vec!["x".into(), "y".into()]),
+        Err(RegistryError::Conflict(_))
+    ));
+    write_adapter(registry.root(), "one", 1);
+    write_adapter(registry.root(), "two", 2);
+    registry.load("one", "t", None).unwrap();
+    assert!(matches!(
+        registry.load("two", "t", None),
+        Err(RegistryError::Conflict(_))
+    ));
+}
