@@ -45,6 +45,28 @@ pub struct Config {
     pub data: DataConfig,
     /// Adapter admission limits.
     pub adapters: AdaptersConfig,
+    /// API keys (set them through the environment, not the file).
+    pub auth: AuthConfig,
+}
+
+/// API keys. `FLYWHEEL_ADMIN_KEYS` and `FLYWHEEL_API_KEYS` (comma-separated) fill these.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys for admin endpoints (adapters, aliases, training, rollouts). Empty: loopback clients only.
+    pub admin_keys: Vec<String>,
+    /// Keys for inference and feedback. Empty: open.
+    pub api_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print keys.
+        f.debug_struct("AuthConfig")
+            .field("admin_keys", &self.admin_keys.len())
+            .field("api_keys", &self.api_keys.len())
+            .finish()
+    }
 }
 
 /// HTTP listener settings.
@@ -207,7 +229,25 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
         for (key, value) in env {
+            if key == "FLYWHEEL_ADMIN_KEYS" || key == "FLYWHEEL_API_KEYS" {
+                let list = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                keys.push((
+                    if key == "FLYWHEEL_ADMIN_KEYS" {
+                        "admin_keys"
+                    } else {
+                        "api_keys"
+                    },
+                    list,
+                ));
+                continue;
+            }
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
@@ -221,6 +261,17 @@ impl Config {
                 .as_table_mut()
                 .ok_or_else(|| ConfigError::Parse(format!("[{section}] is not a table")))?;
             entry.insert(field, parse_env_value(&value));
+        }
+        for (field, list) in keys {
+            let auth = table
+                .entry("auth")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Parse("[auth] is not a table".to_owned()))?;
+            auth.insert(
+                field.to_owned(),
+                toml::Value::Array(list.into_iter().map(toml::Value::String).collect()),
+            );
         }
         let config: Config = table
             .try_into()

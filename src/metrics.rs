@@ -54,6 +54,10 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// `flywheel_model_ready`: 1 once the model is loaded.
     pub model_ready: IntGauge,
+    /// `flywheel_adapters_loaded`: generations ready to serve.
+    pub adapters_loaded: IntGauge,
+    /// `flywheel_adapter_load_duration_seconds`: reading, checking and registering one adapter.
+    pub adapter_load_duration: Histogram,
 }
 
 impl Metrics {
@@ -98,6 +102,11 @@ impl Metrics {
             .expect("static metric definition is valid; this is a bug");
         let queue_depth = IntGauge::new(name("queue_depth"), "Sequences waiting for the model")
             .expect("static metric definition is valid; this is a bug");
+        let adapters_loaded = IntGauge::new(
+            name("adapters_loaded"),
+            "Adapter generations ready to serve",
+        )
+        .expect("static metric definition is valid; this is a bug");
         let model_ready = IntGauge::new(
             name("model_ready"),
             "1 once the model is loaded and serving",
@@ -110,6 +119,7 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(queue_depth.clone()),
             Box::new(model_ready.clone()),
+            Box::new(adapters_loaded.clone()),
         ] {
             registry
                 .register(c)
@@ -141,7 +151,13 @@ impl Metrics {
                 "Tokens per forward pass",
                 batch_token_buckets(),
             ),
+            adapter_load_duration: histogram(
+                "adapter_load_duration_seconds",
+                "Time to read, check and register one adapter",
+                latency_buckets(),
+            ),
             registry,
+            adapters_loaded,
             request_duration,
             requests,
             rejected,

@@ -10,7 +10,10 @@ use flywheel::adapters::peft;
 use flywheel::model::lora::{Adapter, Pooling};
 use flywheel::model::{LoadOptions, Model};
 
-fn fixture() -> (Vec<(String, Vec<f32>, Vec<f32>)>, Vec<String>) {
+/// Text, PyTorch logits, PyTorch probabilities.
+type Row = (String, Vec<f32>, Vec<f32>);
+
+fn fixture() -> (Vec<Row>, Vec<String>) {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls_reference.json");
     let doc: serde_json::Value =

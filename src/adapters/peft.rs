@@ -201,6 +201,11 @@ impl AdapterConfig {
     }
 }
 
+/// A delta's `A`, `B` and rank, gathered tensor by tensor.
+type Factors = (Option<Vec<f32>>, Option<Vec<f32>>, usize);
+/// A dense layer's weight and bias with their shapes, gathered tensor by tensor.
+type DenseParts = [Option<(Vec<f32>, Vec<usize>)>; 2];
+
 /// What a tensor name refers to.
 #[derive(Debug, PartialEq)]
 enum Key {
@@ -295,12 +300,8 @@ pub fn decode(
     config.check()?;
     let tensors =
         SafeTensors::deserialize(weights).map_err(|e| invalid(format!("{WEIGHTS_FILE}: {e}")))?;
-    let mut factors: BTreeMap<(usize, Target), (Option<Vec<f32>>, Option<Vec<f32>>, usize)> =
-        BTreeMap::new();
-    let (mut classifier, mut pooler): (
-        [Option<(Vec<f32>, Vec<usize>)>; 2],
-        [Option<(Vec<f32>, Vec<usize>)>; 2],
-    ) = Default::default();
+    let mut factors: BTreeMap<(usize, Target), Factors> = BTreeMap::new();
+    let (mut classifier, mut pooler): (DenseParts, DenseParts) = Default::default();
     for (name, view) in tensors.tensors() {
         let key = parse_key(&name).ok_or_else(|| invalid(format!("unexpected tensor {name}")))?;
         let values = to_f32(&view)?;
@@ -314,7 +315,7 @@ pub fn decode(
                     )));
                 }
                 let (in_f, out_f) = target.shape(model);
-                let entry = factors.entry((layer, target)).or_insert((None, None, 0));
+                let entry = factors.entry((layer, target)).or_default();
                 let rank = match (b, shape.as_slice()) {
                     (false, [r, i]) if *i == in_f => *r,
                     (true, [o, r]) if *o == out_f => *r,

@@ -1,6 +1,6 @@
 //! `POST /v1/embed`: sentence embeddings.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
@@ -17,7 +17,7 @@ pub enum Inputs {
 }
 
 impl Inputs {
-    fn into_vec(self) -> Vec<String> {
+    pub(super) fn into_vec(self) -> Vec<String> {
         match self {
             Inputs::One(t) => vec![t],
             Inputs::Many(v) => v,
@@ -88,9 +88,11 @@ pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), A
 
 /// Embeds the inputs with mean pooling (and L2 normalisation unless `normalize` is false).
 pub async fn embed(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<EmbedRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    super::auth::caller(&req, &state.config.auth)?;
     let infer = state.infer().ok_or_else(ApiError::not_ready)?;
     let EmbedRequest { inputs, normalize } = body.into_inner();
     let texts = inputs.into_vec();

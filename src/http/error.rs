@@ -5,6 +5,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
+use crate::adapters::RegistryError;
 use crate::infer::InferError;
 
 /// Seconds a client is asked to wait after a 429.
@@ -53,6 +54,20 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 409: conflicts with the current state.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 503: the blocking pool is saturated.
+    pub fn busy() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the server is busy; retry shortly",
+        )
+    }
+
     /// 503: the model is still loading.
     pub fn not_ready() -> Self {
         Self::new(
@@ -96,6 +111,27 @@ impl From<InferError> for ApiError {
             InferError::Model(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", message)
             }
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let message = e.to_string();
+        match e {
+            RegistryError::NotFound(_) => Self::not_found(message),
+            RegistryError::Conflict(_) => Self::conflict(message),
+            RegistryError::Invalid(_) => Self::invalid(message),
+            RegistryError::Forbidden(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "path_outside_adapter_root",
+                message,
+            ),
+            RegistryError::Storage(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                message,
+            ),
         }
     }
 }

@@ -1,9 +1,13 @@
 //! The HTTP layer: actix-web routes, request/response types and error mapping. Handlers validate input
 //! and call the [`Infer`] handle; they never touch tensors.
 
+mod adapters;
+mod auth;
 mod embed;
 pub mod error;
 mod ops;
+mod predict;
+mod tasks;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -14,6 +18,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{middleware, web, App, HttpResponseBuilder, HttpServer};
 
+use crate::adapters::Registry;
 use crate::config::Config;
 use crate::infer::{Infer, Timings};
 use crate::metrics::Metrics;
@@ -26,14 +31,34 @@ pub struct AppState {
     pub config: Config,
     /// The process's metrics.
     pub metrics: Metrics,
-    infer: Arc<OnceLock<Infer>>,
+    services: Arc<OnceLock<Services>>,
+}
+
+/// What exists once the model has loaded.
+pub struct Services {
+    /// The model thread's handle.
+    pub infer: Infer,
+    /// Tasks, adapter generations and aliases.
+    pub registry: Arc<Registry>,
 }
 
 impl AppState {
     /// The inference handle, once the model has loaded.
     pub fn infer(&self) -> Option<&Infer> {
-        self.infer.get()
+        self.services.get().map(|s| &s.infer)
     }
+
+    /// The loaded services, or 503 while the model loads.
+    pub fn services(&self) -> Result<&Services, ApiError> {
+        self.services.get().ok_or_else(ApiError::not_ready)
+    }
+}
+
+/// Labels a handler attaches to its response for the request-duration histogram.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteLabels {
+    pub task: String,
+    pub arm: String,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -45,6 +70,9 @@ pub enum ServeError {
     /// The model could not be loaded.
     #[error("model: {0}")]
     Model(#[from] ModelError),
+    /// The adapter registry could not be opened.
+    #[error("registry: {0}")]
+    Registry(#[from] crate::adapters::RegistryError),
 }
 
 /// Registers every route on `cfg`.
@@ -52,11 +80,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(ops::health))
         .route("/ready", web::get().to(ops::ready))
         .route("/metrics", web::get().to(ops::metrics))
+        .service(resource("/v1/embed").route(web::post().to(embed::embed)))
+        .service(resource("/v1/predict").route(web::post().to(predict::predict)))
         .service(
-            web::resource("/v1/embed")
-                .route(web::post().to(embed::embed))
-                .default_service(web::to(method_not_allowed)),
-        );
+            resource("/v1/tasks")
+                .route(web::post().to(tasks::create))
+                .route(web::get().to(tasks::list)),
+        )
+        .service(resource("/v1/tasks/{name}").route(web::get().to(tasks::get)))
+        .service(
+            resource("/v1/adapters")
+                .route(web::get().to(adapters::list))
+                .route(web::post().to(adapters::load)),
+        )
+        .service(resource("/v1/adapters/{id}").route(web::delete().to(adapters::delete)))
+        .service(resource("/v1/aliases/{alias}").route(web::put().to(adapters::set_alias)));
+}
+
+/// A resource that answers 405 (as JSON) to methods it has no route for.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
 }
 
 async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
@@ -97,15 +140,21 @@ async fn observe(
         m.requests
             .with_label_values(&[route.as_str(), &status.to_string()])
             .inc();
+        let labels = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.response().extensions().get::<RouteLabels>().cloned());
+        let (task, arm) = labels.map_or((String::new(), String::new()), |l| (l.task, l.arm));
         m.request_duration
-            .with_label_values(&[route.as_str(), "", ""])
+            .with_label_values(&[route.as_str(), task.as_str(), arm.as_str()])
             .observe(started.elapsed().as_secs_f64());
     }
     let mut response = result?;
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static("x-request-id"), v);
+    let header = HeaderName::from_static("x-request-id");
+    if !response.headers().contains_key(&header) {
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(header, v);
+        }
     }
     Ok(response)
 }
@@ -136,11 +185,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     let metrics = Metrics::new();
-    let infer = Arc::new(OnceLock::new());
+    let services = Arc::new(OnceLock::new());
     let state = web::Data::new(AppState {
         config: config.clone(),
         metrics: metrics.clone(),
-        infer: infer.clone(),
+        services: services.clone(),
     });
     let max_body = config.limits.max_body_bytes;
     let server = HttpServer::new(move || {
@@ -170,8 +219,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .name("flywheel-load".to_owned())
         .spawn(move || {
             match load_model(&config, metrics.clone()) {
-                Ok(handle) => {
-                    let _ = infer.set(handle);
+                Ok(loaded) => {
+                    let _ = services.set(loaded);
                     metrics.model_ready.set(1);
                     tracing::info!(model = %config.model.dir.display(), "model ready");
                 }
@@ -188,12 +237,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .ok()
         .and_then(|cell| cell.into_inner())
     {
-        Some(e) => Err(e.into()),
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
-fn load_model(config: &Config, metrics: Metrics) -> Result<Infer, ModelError> {
+fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError> {
     let started = Instant::now();
     let device = crate::model::parse_device(&config.model.device)?;
     let model = Model::load(
@@ -204,6 +253,16 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Infer, ModelError> {
         },
     )?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), name = %model.name, "model loaded");
-    Infer::start(model, &config.batching, metrics)
-        .map_err(|e| ModelError::Unsupported(format!("cannot start the model thread: {e}")))
+    let registry = Registry::open(
+        &config.data.dir,
+        config.adapters.clone(),
+        model.config.clone(),
+        &model.name,
+    )?;
+    metrics.adapters_loaded.set(registry.ready_count() as i64);
+    let infer = Infer::start(model, &config.batching, metrics)?;
+    Ok(Services {
+        infer,
+        registry: Arc::new(registry),
+    })
 }

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use super::{Entry, EntryResult, InferError};
+use super::{Entry, EntryResult, InferError, Job};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::{pooling, Model};
@@ -87,39 +87,68 @@ fn take_batch(
     batch
 }
 
-fn run_batch(model: &Model, batch: Vec<Entry>, metrics: &Metrics) {
+fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
     let started = Instant::now();
-    let sequences: Vec<&[u32]> = batch
-        .iter()
-        .flat_map(|e| e.sequences.iter().map(Vec::as_slice))
-        .collect();
+    // Entries sharing an adapter sit together, so each adapter's delta runs once over one row range.
+    batch.sort_by_key(|e| {
+        e.adapter
+            .as_ref()
+            .map_or(0, |a| std::sync::Arc::as_ptr(a) as usize)
+    });
+    let mut sequences: Vec<&[u32]> = Vec::new();
+    let mut adapters = Vec::new();
+    for entry in &batch {
+        for s in &entry.sequences {
+            sequences.push(s.as_slice());
+            adapters.push(entry.adapter.as_deref());
+        }
+    }
     let tokens: usize = sequences.iter().map(|s| s.len()).sum();
     metrics.queue_depth.sub(sequences.len() as i64);
     metrics.batch_size.observe(sequences.len() as f64);
     metrics.batch_tokens.observe(tokens as f64);
-    let result = model.encode(&sequences);
+    let result = model
+        .encode_adapted(&sequences, &adapters)
+        .and_then(|packed| {
+            let logits = if batch.iter().any(|e| e.job == Job::Classify) {
+                model.classify(&packed, &adapters)?
+            } else {
+                Vec::new()
+            };
+            Ok((packed, logits))
+        });
     let inference = started.elapsed();
     metrics.inference_duration.observe(inference.as_secs_f64());
     match result {
-        Ok(packed) => {
+        Ok((packed, logits)) => {
             let mut row = 0;
             for entry in batch {
                 let queue = started.saturating_duration_since(entry.enqueued);
                 metrics.queue_duration.observe(queue.as_secs_f64());
-                let n = entry.sequences.len();
-                let vectors = (row..row + n)
-                    .map(|i| {
-                        let rows = packed.sequence(i);
-                        let mut v = pooling::mean_of_rows(rows, packed.width);
-                        if entry.normalize {
-                            pooling::l2_normalize(&mut v);
+                let rows = row..row + entry.sequences.len();
+                row = rows.end;
+                let vectors: Result<Vec<Vec<f32>>, InferError> = rows
+                    .map(|i| match entry.job {
+                        Job::Embed { normalize } => {
+                            let mut v = pooling::mean_of_rows(packed.sequence(i), packed.width);
+                            if normalize {
+                                pooling::l2_normalize(&mut v);
+                            }
+                            Ok(v)
                         }
-                        v
+                        Job::Classify => logits
+                            .get(i)
+                            .and_then(|l| l.as_deref())
+                            .map(softmax)
+                            .ok_or_else(|| {
+                                InferError::Model(
+                                    "no logits for a classification row; this is a bug".into(),
+                                )
+                            }),
                     })
                     .collect();
-                row += n;
                 // The caller may have gone meanwhile; its answer is simply dropped.
-                let _ = entry.reply.send(Ok(EntryResult {
+                let _ = entry.reply.send(vectors.map(|vectors| EntryResult {
                     vectors,
                     queue,
                     inference,
@@ -134,4 +163,12 @@ fn run_batch(model: &Model, batch: Vec<Entry>, metrics: &Metrics) {
             }
         }
     }
+}
+
+/// Softmax of logits, computed in f64 for stable tails.
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| (e / sum) as f32).collect()
 }

@@ -15,6 +15,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
+use crate::model::lora::Adapter;
 use crate::model::{Model, TextTokenizer};
 
 /// Why an inference request failed.
@@ -51,10 +52,10 @@ pub struct Timings {
     pub inference: Duration,
 }
 
-/// Embeddings of one request.
+/// What the model returns for one request: embeddings or class probabilities.
 #[derive(Debug, Clone)]
-pub struct Embeddings {
-    /// One vector per input, in order.
+pub struct Outputs {
+    /// One vector per input, in order: an embedding, or a probability per label.
     pub vectors: Vec<Vec<f32>>,
     /// Tokens per input after truncation, special tokens included.
     pub tokens: Vec<usize>,
@@ -69,10 +70,21 @@ struct EntryResult {
     inference: Duration,
 }
 
+/// What an entry asks of the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Job {
+    /// Mean-pooled sentence embeddings.
+    Embed { normalize: bool },
+    /// Softmax probabilities of the adapter's head.
+    Classify,
+}
+
 /// One request's work waiting for the model thread.
 struct Entry {
     sequences: Vec<Vec<u32>>,
-    normalize: bool,
+    job: Job,
+    /// The adapter applied to every sequence of the entry (a lease: it lives until the entry is answered).
+    adapter: Option<Arc<Adapter>>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<EntryResult, InferError>>,
     /// Released when the entry is answered or dropped, freeing queue capacity.
@@ -127,7 +139,30 @@ impl Infer {
     }
 
     /// Sentence embeddings of `texts` (mean pooling; L2-normalised when `normalize`).
-    pub async fn embed(&self, texts: &[String], normalize: bool) -> Result<Embeddings, InferError> {
+    pub async fn embed(&self, texts: &[String], normalize: bool) -> Result<Outputs, InferError> {
+        self.run(texts, Job::Embed { normalize }, None).await
+    }
+
+    /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`).
+    pub async fn classify(
+        &self,
+        texts: &[String],
+        adapter: Arc<Adapter>,
+    ) -> Result<Outputs, InferError> {
+        if adapter.head.is_none() {
+            return Err(InferError::Invalid(
+                "the adapter has no classification head".to_owned(),
+            ));
+        }
+        self.run(texts, Job::Classify, Some(adapter)).await
+    }
+
+    async fn run(
+        &self,
+        texts: &[String],
+        job: Job,
+        adapter: Option<Arc<Adapter>>,
+    ) -> Result<Outputs, InferError> {
         let started = Instant::now();
         let sequences = texts
             .iter()
@@ -152,13 +187,20 @@ impl Infer {
         let permits = u32::try_from(sequences.len().max(1))
             .ok()
             .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok())
-            .ok_or(InferError::Overloaded {
-                capacity: self.capacity,
+            .ok_or_else(|| {
+                self.metrics
+                    .rejected
+                    .with_label_values(&["queue_full"])
+                    .inc();
+                InferError::Overloaded {
+                    capacity: self.capacity,
+                }
             })?;
         let (reply, answer) = oneshot::channel();
         let entry = Entry {
             sequences,
-            normalize,
+            job,
+            adapter,
             enqueued: Instant::now(),
             reply,
             _permits: permits,
@@ -166,7 +208,7 @@ impl Infer {
         self.metrics.queue_depth.add(texts.len() as i64);
         self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;
         let result = answer.await.map_err(|_| InferError::ShuttingDown)??;
-        Ok(Embeddings {
+        Ok(Outputs {
             vectors: result.vectors,
             tokens,
             timings: Timings {

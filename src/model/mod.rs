@@ -192,6 +192,35 @@ impl Model {
         }
     }
 
+    /// Hidden states with `adapters[i]` applied to sequence `i`.
+    pub fn encode_adapted(
+        &self,
+        sequences: &[&[u32]],
+        adapters: &[Option<&lora::Adapter>],
+    ) -> Result<Packed> {
+        match &self.cpu {
+            Some(cpu) => cpu.forward_adapted(sequences, adapters),
+            None if adapters.iter().all(Option::is_none) => self.encode_reference(sequences),
+            None => Err(ModelError::Unsupported(
+                "adapters are served on the CPU path only for now".to_owned(),
+            )),
+        }
+    }
+
+    /// Class logits of each sequence whose adapter has a head (see [`CpuEncoder::classify`]).
+    pub fn classify(
+        &self,
+        packed: &Packed,
+        adapters: &[Option<&lora::Adapter>],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        match &self.cpu {
+            Some(cpu) => cpu.classify(packed, adapters),
+            None => Err(ModelError::Unsupported(
+                "classification heads run on the CPU path only for now".to_owned(),
+            )),
+        }
+    }
+
     /// Final hidden states computed by the candle path on a padded batch, repacked. The oracle the fused
     /// path is tested against, and the serving path on accelerators.
     pub fn encode_reference(&self, sequences: &[&[u32]]) -> Result<Packed> {

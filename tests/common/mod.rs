@@ -23,7 +23,9 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    _data: tempfile::TempDir,
+    /// The server's data directory.
+    pub data_dir: PathBuf,
+    _data: Option<tempfile::TempDir>,
     log: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
@@ -38,13 +40,31 @@ impl Server {
     /// Starts the server without waiting for readiness.
     pub fn spawn(model: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let data = tempfile::tempdir().expect("temp data dir");
+        let dir = data.path().to_owned();
+        Self::spawn_in(model, &dir, Some(data), extra_args, env)
+    }
+
+    /// Starts the server on the real model with an existing data directory, and waits until `/ready`.
+    pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let server = Self::spawn_in(&model_dir(), data_dir, None, extra_args, &[]);
+        server.wait_ready(Duration::from_secs(60));
+        server
+    }
+
+    fn spawn_in(
+        model: &Path,
+        data_dir: &Path,
+        owned: Option<tempfile::TempDir>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flywheel"));
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["serve", "--port", "0", "--host", "127.0.0.1"])
             .arg("--model")
             .arg(model)
             .arg("--data-dir")
-            .arg(data.path())
+            .arg(data_dir)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -81,7 +101,8 @@ impl Server {
         Server {
             child,
             base,
-            _data: data,
+            data_dir: data_dir.to_owned(),
+            _data: owned,
             log: std::sync::Mutex::new(rx),
         }
     }
@@ -111,6 +132,21 @@ impl Server {
     /// POSTs JSON and returns (status, body as JSON), whatever the status.
     pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
         response(ureq::post(&self.url(path)).send_json(body.clone()))
+    }
+
+    /// Sends `method` with a JSON body and returns (status, body as JSON).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        response(ureq::request(method, &self.url(path)).send_json(body.clone()))
+    }
+
+    /// GETs and returns (status, body as JSON).
+    pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        response(ureq::get(&self.url(path)).call())
     }
 
     /// GETs and returns (status, body text).

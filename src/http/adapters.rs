@@ -1,0 +1,180 @@
+//! Admin endpoints for adapters and aliases.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::adapters::registry::State;
+use crate::adapters::Generation;
+
+/// A generation as `GET /v1/adapters` shows it.
+#[derive(Debug, Serialize)]
+pub struct AdapterView {
+    /// Content-hash id.
+    pub id: String,
+    /// Owning task.
+    pub task: String,
+    /// Aliases pointing at it.
+    pub aliases: Vec<String>,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Targeted modules.
+    pub target_modules: Vec<&'static str>,
+    /// `ready` or `failed`.
+    pub state: &'static str,
+    /// Why it failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The generation it was trained from.
+    pub parent: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Recorded evaluation metrics.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// Trainable values.
+    pub trainable_params: usize,
+    /// Size of the weights file.
+    pub bytes: u64,
+    /// Directory relative to the adapter root.
+    pub path: String,
+}
+
+fn view(g: &Generation, aliases: Vec<String>) -> AdapterView {
+    let (state, error) = match &g.state {
+        State::Ready => ("ready", None),
+        State::Failed(reason) => ("failed", Some(reason.clone())),
+    };
+    AdapterView {
+        id: g.id.clone(),
+        task: g.task.clone(),
+        aliases,
+        rank: g.config.r,
+        alpha: g.config.lora_alpha,
+        target_modules: g.targets(),
+        state,
+        error,
+        parent: g.sidecar.parent.clone(),
+        created_at: g.created_at,
+        metrics: g.sidecar.metrics.clone(),
+        trainable_params: g.trainable_params(),
+        bytes: g.bytes,
+        path: g.path.clone(),
+    }
+}
+
+/// `GET /v1/adapters`.
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(&req, &state.config.auth)?;
+    let registry = &state.services()?.registry;
+    let all: Vec<AdapterView> = registry
+        .list()
+        .iter()
+        .map(|(g, a)| view(g, a.clone()))
+        .collect();
+    Ok(HttpResponse::Ok().json(all))
+}
+
+/// Body of `POST /v1/adapters`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadAdapter {
+    /// PEFT directory relative to the adapter root.
+    pub path: String,
+    /// The task it serves.
+    pub task: String,
+    /// An alias to point at it.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// `POST /v1/adapters` → 201 with the generation (200 if the same content was already loaded).
+pub async fn load(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<LoadAdapter>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(&req, &state.config.auth)?;
+    let registry = state.services()?.registry.clone();
+    let LoadAdapter { path, task, alias } = body.into_inner();
+    let started = Instant::now();
+    let reg = registry.clone();
+    let (generation, new) = web::block(move || reg.load(&path, &task, alias.as_deref()))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    state
+        .metrics
+        .adapter_load_duration
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .adapters_loaded
+        .set(registry.ready_count() as i64);
+    let aliases = aliases_of(&registry, &generation);
+    let body = view(&generation, aliases);
+    Ok(if new {
+        HttpResponse::Created().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    })
+}
+
+fn aliases_of(registry: &crate::adapters::Registry, g: &Arc<Generation>) -> Vec<String> {
+    registry
+        .list()
+        .into_iter()
+        .find(|(x, _)| x.id == g.id)
+        .map(|(_, a)| a)
+        .unwrap_or_default()
+}
+
+/// `DELETE /v1/adapters/{id}` → 204; 409 while an alias uses it.
+pub async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(&req, &state.config.auth)?;
+    let registry = state.services()?.registry.clone();
+    let reg = registry.clone();
+    web::block(move || reg.delete(&id))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    state
+        .metrics
+        .adapters_loaded
+        .set(registry.ready_count() as i64);
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Body of `PUT /v1/aliases/{alias}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetAlias {
+    /// The generation id to point at.
+    pub adapter: String,
+}
+
+/// `PUT /v1/aliases/{alias}`: moves the alias atomically.
+pub async fn set_alias(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    alias: web::Path<String>,
+    body: web::Json<SetAlias>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(&req, &state.config.auth)?;
+    let registry = state.services()?.registry.clone();
+    let alias = alias.into_inner();
+    let name = alias.clone();
+    let generation = web::block(move || registry.set_alias(&name, &body.adapter))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    Ok(HttpResponse::Ok().json(
+        serde_json::json!({"alias": alias, "adapter": generation.id, "task": generation.task}),
+    ))
+}

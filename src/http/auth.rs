@@ -1,0 +1,142 @@
+//! API keys: admin endpoints need an admin key when admin keys are configured and answer only loopback
+//! clients when none are; inference endpoints need an API key (or an admin key) when API keys are configured.
+//! Keys are compared through their SHA-256 digests in constant time and never logged.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::HttpRequest;
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use crate::config::AuthConfig;
+
+fn presented(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn matches(key: &str, configured: &[String]) -> bool {
+    let digest = Sha256::digest(key.as_bytes());
+    // Every configured key is compared, and each comparison touches every byte, so timing reveals nothing.
+    configured.iter().fold(false, |found, k| {
+        let other = Sha256::digest(k.as_bytes());
+        let diff = digest
+            .iter()
+            .zip(other.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        found | (diff == 0)
+    })
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// Admits a caller of an admin endpoint.
+pub fn admin(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
+    if auth.admin_keys.is_empty() {
+        let loopback = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
+        return if loopback {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "admin endpoints answer loopback clients only while no admin keys are configured",
+            ))
+        };
+    }
+    match presented(req) {
+        None => Err(unauthorized(
+            "this endpoint needs Authorization: Bearer <admin key>",
+        )),
+        Some(k) if matches(k, &auth.admin_keys) => Ok(()),
+        Some(k) if matches(k, &auth.api_keys) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this key may not use admin endpoints",
+        )),
+        Some(_) => Err(unauthorized("the key is not valid")),
+    }
+}
+
+/// Admits a caller of an inference or feedback endpoint.
+pub fn caller(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
+    if auth.api_keys.is_empty() {
+        return Ok(());
+    }
+    match presented(req) {
+        None => Err(unauthorized(
+            "this endpoint needs Authorization: Bearer <API key>",
+        )),
+        Some(k) if matches(k, &auth.api_keys) || matches(k, &auth.admin_keys) => Ok(()),
+        Some(_) => Err(unauthorized("the key is not valid")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn auth(admin: &[&str], api: &[&str]) -> AuthConfig {
+        AuthConfig {
+            admin_keys: admin.iter().map(|s| s.to_string()).collect(),
+            api_keys: api.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn without_admin_keys_only_loopback_clients_are_admins() {
+        let local = TestRequest::default()
+            .peer_addr("127.0.0.1:5000".parse().unwrap())
+            .to_http_request();
+        let remote = TestRequest::default()
+            .peer_addr("192.0.2.7:5000".parse().unwrap())
+            .to_http_request();
+        assert!(admin(&local, &auth(&[], &[])).is_ok());
+        assert_eq!(
+            admin(&remote, &auth(&[], &[])).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn keys_are_checked_by_scope() {
+        let keys = auth(&["root-key"], &["user-key"]);
+        let with = |k: &str| {
+            TestRequest::default()
+                .insert_header(("authorization", format!("Bearer {k}")))
+                .to_http_request()
+        };
+        assert!(admin(&with("root-key"), &keys).is_ok());
+        assert_eq!(
+            admin(&with("user-key"), &keys).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            admin(&with("wrong"), &keys).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            admin(&TestRequest::default().to_http_request(), &keys)
+                .unwrap_err()
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(caller(&with("user-key"), &keys).is_ok());
+        assert!(caller(&with("root-key"), &keys).is_ok());
+        assert_eq!(
+            caller(&with("nope"), &keys).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(caller(
+            &TestRequest::default().to_http_request(),
+            &auth(&["root-key"], &[])
+        )
+        .is_ok());
+    }
+}

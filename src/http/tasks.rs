@@ -1,0 +1,92 @@
+//! `POST/GET /v1/tasks`: tasks and their label sets.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::adapters::{Registry, Task};
+
+/// Body of `POST /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    /// Task name (also its stable alias).
+    pub name: String,
+    /// Labels in classifier-output order.
+    pub labels: Vec<String>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct TaskView {
+    /// Name.
+    pub name: String,
+    /// Labels in classifier-output order.
+    pub labels: Vec<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Feedback rows stored for the task.
+    pub feedback_count: u64,
+    /// The generation the task's stable alias points at, if any.
+    pub stable: Option<String>,
+}
+
+fn view(task: Task, registry: &Registry) -> TaskView {
+    let stable = registry.resolve(&task.name).map(|g| g.id.clone());
+    TaskView {
+        name: task.name,
+        labels: task.labels,
+        created_at: task.created_at,
+        feedback_count: 0,
+        stable,
+    }
+}
+
+/// `POST /v1/tasks` → 201 (200 when it already exists with the same labels).
+pub async fn create(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<CreateTask>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::caller(&req, &state.config.auth)?;
+    let registry = state.services()?.registry.clone();
+    let CreateTask { name, labels } = body.into_inner();
+    let existed = registry.task(&name).is_some();
+    let task = web::block(move || registry.create_task(&name, labels).map(|t| (t, registry)))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    let (task, registry) = task;
+    let body = view(task, &registry);
+    Ok(if existed {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::Created().json(body)
+    })
+}
+
+/// `GET /v1/tasks`.
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    super::auth::caller(&req, &state.config.auth)?;
+    let registry = &state.services()?.registry;
+    let tasks: Vec<TaskView> = registry
+        .tasks()
+        .into_iter()
+        .map(|t| view(t, registry))
+        .collect();
+    Ok(HttpResponse::Ok().json(tasks))
+}
+
+/// `GET /v1/tasks/{name}`.
+pub async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::caller(&req, &state.config.auth)?;
+    let registry = &state.services()?.registry;
+    let task = registry
+        .task(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no task {:?}", name.as_str())))?;
+    Ok(HttpResponse::Ok().json(view(task, registry)))
+}
