@@ -125,7 +125,9 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -137,31 +139,64 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 #[test]
 fn flywheel_exports_an_adapter_for_python_peft() {
     use flywheel::model::lora::{Dense, Head, LoraDelta, Target};
-    let model = Model::load(&common::model_dir(), &LoadOptions { max_length: 256, device: Device::Cpu }).unwrap();
+    let model = Model::load(
+        &common::model_dir(),
+        &LoadOptions {
+            max_length: 256,
+            device: Device::Cpu,
+        },
+    )
+    .unwrap();
     let mut adapter = Adapter::empty(model.config.num_hidden_layers);
     for layer in 0..model.config.num_hidden_layers {
         for (k, target) in Target::ALL.into_iter().enumerate() {
             let (i, o) = target.shape(&model.config);
             let seed = (layer * 10 + k) as u64;
-            let delta = LoraDelta { a: lcg(seed, 4 * i, 0.05), b: lcg(seed + 500, o * 4, 0.05), rank: 4, scale: 2.0 };
+            let delta = LoraDelta {
+                a: lcg(seed, 4 * i, 0.05),
+                b: lcg(seed + 500, o * 4, 0.05),
+                rank: 4,
+                scale: 2.0,
+            };
             adapter.set(layer, target, delta).unwrap();
         }
     }
     let h = model.config.hidden_size;
-    let classifier = Dense { weight: lcg(99, 3 * h, 0.5), bias: lcg(98, 3, 0.1), in_features: h, out_features: 3 };
-    adapter.head = Some(Head { pooling: Pooling::Cls, pooler: None, classifier });
+    let classifier = Dense {
+        weight: lcg(99, 3 * h, 0.5),
+        bias: lcg(98, 3, 0.1),
+        in_features: h,
+        out_features: 3,
+    };
+    adapter.head = Some(Head {
+        pooling: Pooling::Cls,
+        pooler: None,
+        classifier,
+    });
 
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-export");
     std::fs::create_dir_all(&out).unwrap();
     let config = peft::AdapterConfig::for_adapter(&adapter, 8.0, "all-MiniLM-L6-v2");
-    std::fs::write(out.join(peft::CONFIG_FILE), peft::config_json(&config).unwrap()).unwrap();
-    std::fs::write(out.join(peft::WEIGHTS_FILE), peft::encode(&adapter).unwrap()).unwrap();
+    std::fs::write(
+        out.join(peft::CONFIG_FILE),
+        peft::config_json(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join(peft::WEIGHTS_FILE),
+        peft::encode(&adapter).unwrap(),
+    )
+    .unwrap();
     let (items, _) = fixture();
     let rows: Vec<serde_json::Value> = items
         .iter()
         .map(|(text, _, _)| serde_json::json!({"text": text, "probs": softmax(&logits(&model, &adapter, text))}))
         .collect();
-    std::fs::write(out.join("flywheel_probs.json"), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    std::fs::write(
+        out.join("flywheel_probs.json"),
+        serde_json::to_string_pretty(&rows).unwrap(),
+    )
+    .unwrap();
     let (_, back) = peft::read(&out, &model.config, Pooling::Cls).unwrap();
     assert_eq!(back, adapter);
 }

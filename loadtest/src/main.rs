@@ -1,7 +1,8 @@
 //! `flywheel-loadtest`: drives a running Flywheel over HTTP and reports throughput and latency
 //! percentiles (HdrHistogram).
 //!
-//! Closed loop: `--concurrency` workers each send one request, wait for the answer, and send the next,
+//! Embeds through `/v1/embed`, or with `--task` classifies through `/v1/predict`, optionally pinning
+//! `--adapters` round-robin. Closed loop: `--concurrency` workers each send one request, wait for the answer, and send the next,
 //! for `--duration` seconds after a `--warmup`. Every request is bounded by a timeout and the run stops by
 //! itself; it only ever talks to the URL given (loopback in every documented use).
 
@@ -44,6 +45,12 @@ struct Args {
     /// Append the summary as a CSV row to this file (header written when the file is new).
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Classify with this task through /v1/predict instead of embedding through /v1/embed.
+    #[arg(long)]
+    task: Option<String>,
+    /// With --task: comma-separated adapter ids or aliases, pinned round-robin, one per request.
+    #[arg(long, value_delimiter = ',')]
+    adapters: Vec<String>,
     /// A label for this run in the outputs.
     #[arg(long, default_value = "flywheel")]
     label: String,
@@ -99,7 +106,14 @@ fn main() -> anyhow::Result<()> {
         .timeout(Duration::from_secs_f64(args.timeout))
         .max_idle_connections_per_host(args.concurrency.max(1))
         .build();
-    let url = format!("{}/v1/embed", args.url.trim_end_matches('/'));
+    let endpoint = if args.task.is_some() {
+        "predict"
+    } else {
+        "embed"
+    };
+    let url = format!("{}/v1/{endpoint}", args.url.trim_end_matches('/'));
+    let task = args.task.clone();
+    let adapters = Arc::new(args.adapters.clone());
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
@@ -114,6 +128,7 @@ fn main() -> anyhow::Result<()> {
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|_| {
             let (agent, url, texts) = (agent.clone(), url.clone(), texts.clone());
+            let (task, adapters) = (task.clone(), adapters.clone());
             let (measuring, stop, next) = (measuring.clone(), stop.clone(), next.clone());
             let (histogram, errors, requests) =
                 (histogram.clone(), errors.clone(), requests.clone());
@@ -126,11 +141,18 @@ fn main() -> anyhow::Result<()> {
                     let inputs: Vec<&str> = (start..start + batch)
                         .map(|i| texts[i % texts.len()].as_str())
                         .collect();
+                    let body = match &task {
+                        None => serde_json::json!({ "inputs": inputs }),
+                        Some(t) if adapters.is_empty() => {
+                            serde_json::json!({ "task": t, "inputs": inputs })
+                        }
+                        Some(t) => {
+                            let adapter = &adapters[(start / batch) % adapters.len()];
+                            serde_json::json!({ "task": t, "inputs": inputs, "adapter": adapter })
+                        }
+                    };
                     let sent = Instant::now();
-                    let ok = agent
-                        .post(&url)
-                        .send_json(serde_json::json!({ "inputs": inputs }))
-                        .is_ok();
+                    let ok = agent.post(&url).send_json(body).is_ok();
                     let micros = sent.elapsed().as_micros() as u64;
                     if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                         requests.fetch_add(1, Ordering::Relaxed);
