@@ -47,6 +47,27 @@ pub struct Config {
     pub adapters: AdaptersConfig,
     /// API keys (set them through the environment, not the file).
     pub auth: AuthConfig,
+    /// Feedback handling.
+    pub feedback: FeedbackConfig,
+}
+
+/// Feedback handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedbackConfig {
+    /// Recent `/v1/predict` requests remembered so feedback can name their `request_id`.
+    pub recent_requests: usize,
+    /// Bytes of input text those remembered requests may hold.
+    pub recent_bytes: usize,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        Self {
+            recent_requests: 100_000,
+            recent_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// API keys. `FLYWHEEL_ADMIN_KEYS` and `FLYWHEEL_API_KEYS` (comma-separated) fill these.
@@ -156,6 +177,8 @@ pub struct LimitsConfig {
     pub max_inputs: usize,
     /// Longest text in bytes (422 beyond); texts are also truncated at `model.max_length` tokens.
     pub max_text_bytes: usize,
+    /// Most items in one `POST /v1/feedback` (422 beyond).
+    pub max_feedback_items: usize,
 }
 
 impl Default for LimitsConfig {
@@ -164,6 +187,7 @@ impl Default for LimitsConfig {
             max_body_bytes: 4 * 1024 * 1024,
             max_inputs: 256,
             max_text_bytes: 64 * 1024,
+            max_feedback_items: 1000,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! - [`config`]: the one `Config` (file, environment, flags), passed down.
 //! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path),
 //!   tokenization, pooling. Knows nothing above it.
+//! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure. Knows no HTTP.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, server start and shutdown.
 //! - [`metrics`]: every Prometheus metric name, help text and bucket.
@@ -13,6 +14,7 @@
 
 pub mod adapters;
 pub mod config;
+pub mod feedback;
 pub mod http;
 pub mod infer;
 pub mod metrics;

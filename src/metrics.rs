@@ -58,6 +58,8 @@ pub struct Metrics {
     pub adapters_loaded: IntGauge,
     /// `flywheel_adapter_load_duration_seconds`: reading, checking and registering one adapter.
     pub adapter_load_duration: Histogram,
+    /// `flywheel_feedback_total{task}`: feedback items acknowledged.
+    pub feedback: IntCounterVec,
 }
 
 impl Metrics {
@@ -102,6 +104,14 @@ impl Metrics {
             .expect("static metric definition is valid; this is a bug");
         let queue_depth = IntGauge::new(name("queue_depth"), "Sequences waiting for the model")
             .expect("static metric definition is valid; this is a bug");
+        let feedback = IntCounterVec::new(
+            Opts::new(
+                name("feedback_total"),
+                "Feedback items stored and acknowledged, by task",
+            ),
+            &["task"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         let adapters_loaded = IntGauge::new(
             name("adapters_loaded"),
             "Adapter generations ready to serve",
@@ -120,6 +130,7 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(model_ready.clone()),
             Box::new(adapters_loaded.clone()),
+            Box::new(feedback.clone()),
         ] {
             registry
                 .register(c)
@@ -158,6 +169,7 @@ impl Metrics {
             ),
             registry,
             adapters_loaded,
+            feedback,
             request_duration,
             requests,
             rejected,

@@ -12,10 +12,6 @@ use flywheel::model::lora::Pooling;
 use flywheel::model::BertConfig;
 use serde_json::{json, Value};
 
-fn fixture_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls")
-}
-
 fn reference() -> (Vec<String>, Vec<(String, Vec<f32>)>) {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls_reference.json");
@@ -43,21 +39,14 @@ fn reference() -> (Vec<String>, Vec<(String, Vec<f32>)>) {
     (labels, items)
 }
 
-fn copy_fixture(server: &Server, name: &str) {
-    let dir = server.data_dir.join("adapters").join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
-        std::fs::copy(fixture_dir().join(f), dir.join(f)).unwrap();
-    }
-}
-
 /// A second, different adapter: the fixture with its classifier bias shifted, written by Flywheel's writer.
 fn write_variant(server: &Server, name: &str) {
     let model: BertConfig = serde_json::from_str(
         &std::fs::read_to_string(common::model_dir().join("config.json")).unwrap(),
     )
     .unwrap();
-    let (config, mut adapter) = peft::read(&fixture_dir(), &model, Pooling::Cls).unwrap();
+    let (config, mut adapter) =
+        peft::read(&common::peft_fixture_dir(), &model, Pooling::Cls).unwrap();
     adapter.head.as_mut().unwrap().classifier.bias[0] += 3.0;
     let dir = server.data_dir.join("adapters").join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -78,7 +67,7 @@ fn setup(server: &Server) -> String {
     let (labels, _) = reference();
     let (status, body) = server.post("/v1/tasks", &json!({"name": "sentiment", "labels": labels}));
     assert_eq!(status, 201, "{body}");
-    copy_fixture(server, "peft-fixture");
+    common::copy_peft_fixture(server, "peft-fixture");
     let (status, body) = server.post(
         "/v1/adapters",
         &json!({"path": "peft-fixture", "task": "sentiment"}),
@@ -142,14 +131,14 @@ fn bad_adapters_and_requests_get_4xx_while_serving_goes_on() {
     setup(&server);
     let root = server.data_dir.join("adapters");
     std::fs::create_dir_all(root.join("truncated")).unwrap();
-    let bytes = std::fs::read(fixture_dir().join(peft::WEIGHTS_FILE)).unwrap();
+    let bytes = std::fs::read(common::peft_fixture_dir().join(peft::WEIGHTS_FILE)).unwrap();
     std::fs::write(
         root.join("truncated").join(peft::WEIGHTS_FILE),
         &bytes[..bytes.len() / 3],
     )
     .unwrap();
     std::fs::copy(
-        fixture_dir().join(peft::CONFIG_FILE),
+        common::peft_fixture_dir().join(peft::CONFIG_FILE),
         root.join("truncated").join(peft::CONFIG_FILE),
     )
     .unwrap();

@@ -196,3 +196,54 @@ fn a_model_directory_missing_a_file_stops_the_server_with_the_file_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
 }
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after_and_recovers() {
+    let server = Server::start(
+        &[],
+        &[
+            ("FLYWHEEL_LIMITS__MAX_INPUTS", "1"),
+            ("FLYWHEEL_BATCHING__QUEUE_CAPACITY", "1"),
+        ],
+    );
+    let long = "overload ".repeat(300);
+    let results: Vec<(u16, Option<String>, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let (server, long) = (&server, &long);
+                s.spawn(move || {
+                    match ureq::post(&server.url("/v1/embed"))
+                        .send_json(json!({ "inputs": [long] }))
+                    {
+                        Ok(r) => (r.status(), None, Value::Null),
+                        Err(ureq::Error::Status(code, r)) => {
+                            let retry = r.header("retry-after").map(str::to_owned);
+                            (code, retry, r.into_json().unwrap_or(Value::Null))
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let rejected: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert!(
+        results.iter().all(|r| r.0 == 200 || r.0 == 429),
+        "{results:?}"
+    );
+    assert!(
+        !rejected.is_empty(),
+        "16 concurrent 256-token requests against a queue of 1"
+    );
+    assert!(rejected
+        .iter()
+        .all(|r| r.1.is_some() && r.2["error_type"] == "overloaded"));
+    let (status, _) = server.post("/v1/embed", &json!({"inputs": "after the storm"}));
+    assert_eq!(status, 200);
+    let (_, metrics) = server.get_text("/metrics");
+    assert!(
+        metrics.contains(r#"flywheel_requests_rejected_total{reason="queue_full"}"#),
+        "{metrics}"
+    );
+}

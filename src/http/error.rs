@@ -6,6 +6,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::adapters::RegistryError;
+use crate::feedback::FeedbackError;
 use crate::infer::InferError;
 
 /// Seconds a client is asked to wait after a 429.
@@ -112,6 +113,16 @@ impl From<InferError> for ApiError {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", message)
             }
         }
+    }
+}
+
+impl From<FeedbackError> for ApiError {
+    fn from(e: FeedbackError) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            e.to_string(),
+        )
     }
 }
 

@@ -5,6 +5,7 @@ mod adapters;
 mod auth;
 mod embed;
 pub mod error;
+mod feedback;
 mod ops;
 mod predict;
 mod tasks;
@@ -20,6 +21,9 @@ use actix_web::{middleware, web, App, HttpResponseBuilder, HttpServer};
 
 use crate::adapters::Registry;
 use crate::config::Config;
+use crate::feedback::recent::RecentRequests;
+use crate::feedback::sqlite::SqliteStore;
+use crate::feedback::FeedbackStore;
 use crate::infer::{Infer, Timings};
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError};
@@ -40,6 +44,10 @@ pub struct Services {
     pub infer: Infer,
     /// Tasks, adapter generations and aliases.
     pub registry: Arc<Registry>,
+    /// Durable feedback.
+    pub feedback: Arc<dyn FeedbackStore>,
+    /// What recent predictions served, for feedback that names a request id.
+    pub recent: Arc<RecentRequests>,
 }
 
 impl AppState {
@@ -70,6 +78,9 @@ pub enum ServeError {
     /// The model could not be loaded.
     #[error("model: {0}")]
     Model(#[from] ModelError),
+    /// The feedback store could not be opened.
+    #[error("{0}")]
+    Feedback(#[from] crate::feedback::FeedbackError),
     /// The adapter registry could not be opened.
     #[error("registry: {0}")]
     Registry(#[from] crate::adapters::RegistryError),
@@ -86,6 +97,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/v1/tasks")
                 .route(web::post().to(tasks::create))
                 .route(web::get().to(tasks::list)),
+        )
+        .service(
+            resource("/v1/feedback")
+                .route(web::post().to(feedback::post))
+                .route(web::get().to(feedback::list)),
         )
         .service(resource("/v1/tasks/{name}").route(web::get().to(tasks::get)))
         .service(
@@ -261,8 +277,15 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
     )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);
     let infer = Infer::start(model, &config.batching, metrics)?;
+    let feedback = SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?;
+    let recent = RecentRequests::new(
+        config.feedback.recent_requests,
+        config.feedback.recent_bytes,
+    );
     Ok(Services {
         infer,
         registry: Arc::new(registry),
+        feedback: Arc::new(feedback),
+        recent: Arc::new(recent),
     })
 }

@@ -7,6 +7,7 @@ use super::embed::{validate_texts, Inputs};
 use super::error::ApiError;
 use super::{timing_headers, AppState, RouteLabels};
 use crate::adapters::registry::State;
+use crate::feedback::recent::RecentRequest;
 
 /// Longest accepted `routing_key`.
 const MAX_ROUTING_KEY_BYTES: usize = 256;
@@ -137,6 +138,15 @@ pub async fn predict(
         })
         .collect();
     let request_id = uuid::Uuid::new_v4().to_string();
+    services.recent.insert(
+        request_id.clone(),
+        RecentRequest {
+            task: task.clone(),
+            texts,
+            adapter: generation.id.clone(),
+            arm: arm.to_owned(),
+        },
+    );
     let mut response = HttpResponse::Ok();
     timing_headers(&mut response, &out.timings);
     response.insert_header(("x-request-id", request_id.clone()));

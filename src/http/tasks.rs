@@ -4,8 +4,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::AppState;
-use crate::adapters::{Registry, Task};
+use super::{AppState, Services};
+use crate::adapters::Task;
 
 /// Body of `POST /v1/tasks`.
 #[derive(Debug, Deserialize)]
@@ -32,15 +32,16 @@ pub struct TaskView {
     pub stable: Option<String>,
 }
 
-fn view(task: Task, registry: &Registry) -> TaskView {
-    let stable = registry.resolve(&task.name).map(|g| g.id.clone());
-    TaskView {
+fn view(task: Task, services: &Services) -> Result<TaskView, ApiError> {
+    let stable = services.registry.resolve(&task.name).map(|g| g.id.clone());
+    let feedback_count = services.feedback.count(&task.name)?;
+    Ok(TaskView {
         name: task.name,
         labels: task.labels,
         created_at: task.created_at,
-        feedback_count: 0,
+        feedback_count,
         stable,
-    }
+    })
 }
 
 /// `POST /v1/tasks` → 201 (200 when it already exists with the same labels).
@@ -53,11 +54,10 @@ pub async fn create(
     let registry = state.services()?.registry.clone();
     let CreateTask { name, labels } = body.into_inner();
     let existed = registry.task(&name).is_some();
-    let task = web::block(move || registry.create_task(&name, labels).map(|t| (t, registry)))
+    let task = web::block(move || registry.create_task(&name, labels))
         .await
         .map_err(|_| ApiError::busy())??;
-    let (task, registry) = task;
-    let body = view(task, &registry);
+    let body = view(task, state.services()?)?;
     Ok(if existed {
         HttpResponse::Ok().json(body)
     } else {
@@ -68,12 +68,13 @@ pub async fn create(
 /// `GET /v1/tasks`.
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
-    let registry = &state.services()?.registry;
-    let tasks: Vec<TaskView> = registry
+    let services = state.services()?;
+    let tasks = services
+        .registry
         .tasks()
         .into_iter()
-        .map(|t| view(t, registry))
-        .collect();
+        .map(|t| view(t, services))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(tasks))
 }
 
@@ -84,9 +85,10 @@ pub async fn get(
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
-    let registry = &state.services()?.registry;
-    let task = registry
+    let services = state.services()?;
+    let task = services
+        .registry
         .task(&name)
         .ok_or_else(|| ApiError::not_found(format!("no task {:?}", name.as_str())))?;
-    Ok(HttpResponse::Ok().json(view(task, registry)))
+    Ok(HttpResponse::Ok().json(view(task, services)?))
 }

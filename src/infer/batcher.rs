@@ -172,3 +172,70 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
     let sum: f64 = exps.iter().sum();
     exps.iter().map(|e| (e / sum) as f32).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::{oneshot, Semaphore};
+
+    use super::*;
+
+    fn entry(
+        tokens: usize,
+        permits: &Arc<Semaphore>,
+    ) -> (Entry, oneshot::Receiver<Result<EntryResult, InferError>>) {
+        let (reply, rx) = oneshot::channel();
+        let entry = Entry {
+            sequences: vec![vec![1; tokens]],
+            job: Job::Embed { normalize: true },
+            adapter: None,
+            enqueued: Instant::now(),
+            reply,
+            _permits: permits.clone().try_acquire_owned().expect("a permit"),
+        };
+        (entry, rx)
+    }
+
+    #[test]
+    fn entries_whose_caller_has_gone_are_dropped_before_compute_and_free_their_permits() {
+        let permits = Arc::new(Semaphore::new(3));
+        let metrics = Metrics::new();
+        let (kept, _rx) = entry(4, &permits);
+        let (gone, rx) = entry(4, &permits);
+        drop(rx);
+        let mut waiting: VecDeque<Entry> = VecDeque::from([gone, kept]);
+        let batch = take_batch(&mut waiting, &BatchingConfig::default(), &metrics);
+        assert_eq!(batch.len(), 1);
+        assert!(waiting.is_empty());
+        assert_eq!(
+            permits.available_permits(),
+            2,
+            "the dropped entry's permit is back"
+        );
+        assert_eq!(
+            metrics.rejected.with_label_values(&["caller_gone"]).get(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_batch_stops_at_the_token_budget_but_a_lone_oversized_entry_still_runs() {
+        let permits = Arc::new(Semaphore::new(8));
+        let metrics = Metrics::new();
+        let config = BatchingConfig {
+            max_batch_tokens: 10,
+            ..BatchingConfig::default()
+        };
+        let entries: Vec<_> = [6, 4, 3, 30].iter().map(|&t| entry(t, &permits)).collect();
+        let (entries, _receivers): (Vec<_>, Vec<_>) = entries.into_iter().unzip();
+        let mut waiting: VecDeque<Entry> = entries.into();
+        let sizes = |b: Vec<Entry>| b.iter().map(Entry::tokens).collect::<Vec<_>>();
+        assert_eq!(
+            sizes(take_batch(&mut waiting, &config, &metrics)),
+            vec![6, 4]
+        );
+        assert_eq!(sizes(take_batch(&mut waiting, &config, &metrics)), vec![3]);
+        assert_eq!(sizes(take_batch(&mut waiting, &config, &metrics)), vec![30]);
+    }
+}

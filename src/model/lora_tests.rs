@@ -104,3 +104,20 @@ fn adapters_of_the_wrong_shape_are_refused() {
     let cpu = CpuEncoder::from_bert(&tiny::bert(1)).unwrap();
     assert!(cpu.forward_adapted(&SEQS[..1], &[Some(&deeper)]).is_err());
 }
+
+#[test]
+fn a_mean_pooling_head_classifies_the_token_mean() {
+    let config = BertConfig::tiny();
+    let cpu = CpuEncoder::from_bert(&tiny::bert(6)).unwrap();
+    let mut adapter = tiny::adapter(&config, 1, &[Target::Value], 4, false);
+    adapter.head.as_mut().unwrap().pooling = super::lora::Pooling::Mean;
+    let packed = cpu
+        .forward_adapted(&SEQS[..2], &[Some(&adapter); 2])
+        .unwrap();
+    let logits = cpu.classify(&packed, &[Some(&adapter); 2]).unwrap();
+    let head = &adapter.head.as_ref().unwrap().classifier;
+    for (i, l) in logits.iter().enumerate() {
+        let mean = super::pooling::mean_of_rows(packed.sequence(i), 32);
+        assert!(max_diff(l.as_ref().unwrap(), &head.run(&mean, 1)) < 1e-6);
+    }
+}

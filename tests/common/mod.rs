@@ -238,3 +238,17 @@ pub fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
         .fold(0.0, f64::max);
     (dot / (na * nb), max)
 }
+
+/// The committed Python-PEFT adapter fixture.
+pub fn peft_fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls")
+}
+
+/// Copies the PEFT fixture into the server's adapter root as `name`.
+pub fn copy_peft_fixture(server: &Server, name: &str) {
+    let dir = server.data_dir.join("adapters").join(name);
+    std::fs::create_dir_all(&dir).expect("adapter dir");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(peft_fixture_dir().join(f), dir.join(f)).expect("copy fixture");
+    }
+}

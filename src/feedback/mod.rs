@@ -1,0 +1,78 @@
+//! Feedback: the labels callers post for texts, stored durably before they are acknowledged.
+//!
+//! [`FeedbackStore`] is the seam for other engines (a shared PostgreSQL later); [`sqlite::SqliteStore`] is the
+//! embedded default. [`recent::RecentRequests`] remembers what recent predictions served, so feedback may name a
+//! `request_id` instead of repeating the text.
+
+pub mod recent;
+pub mod sqlite;
+
+use serde::Serialize;
+
+/// Why a feedback operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedbackError {
+    /// The storage engine failed; nothing was acknowledged.
+    #[error("feedback storage: {0}")]
+    Storage(String),
+}
+
+/// A row to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewFeedback {
+    /// The task.
+    pub task: String,
+    /// The text that was (or would be) classified.
+    pub text: String,
+    /// Its right label.
+    pub label: String,
+    /// The prediction request it corrects, if any.
+    pub request_id: Option<String>,
+    /// The generation that served that request, if known.
+    pub adapter: Option<String>,
+    /// The arm that served that request, if known.
+    pub arm: Option<String>,
+}
+
+/// A stored row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Feedback {
+    /// Monotonic id.
+    pub id: i64,
+    /// The task.
+    pub task: String,
+    /// The text.
+    pub text: String,
+    /// The right label.
+    pub label: String,
+    /// The request it corrects, if any.
+    pub request_id: Option<String>,
+    /// The generation that served that request.
+    pub adapter: Option<String>,
+    /// The arm that served that request.
+    pub arm: Option<String>,
+    /// How many times this (task, text, label) was posted.
+    pub count: i64,
+    /// Unix seconds of the first posting.
+    pub created_at: i64,
+}
+
+/// The outcome of storing one row.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Appended {
+    /// The row's id (an existing row's id for a duplicate).
+    pub id: i64,
+    /// Whether the same (task, text, label) was already stored; its count went up instead.
+    pub duplicate: bool,
+}
+
+/// Durable feedback storage.
+pub trait FeedbackStore: Send + Sync {
+    /// Stores `rows` in one transaction and returns only once it is durable.
+    fn append(&self, rows: &[NewFeedback]) -> Result<Vec<Appended>, FeedbackError>;
+    /// Rows of `task` with id > `after_id`, in id order, at most `limit`.
+    fn list(&self, task: &str, after_id: i64, limit: usize)
+        -> Result<Vec<Feedback>, FeedbackError>;
+    /// Distinct rows stored for `task`.
+    fn count(&self, task: &str) -> Result<u64, FeedbackError>;
+}

@@ -1,0 +1,126 @@
+//! A bounded memory of recent predictions, so feedback can name a `request_id` instead of the text.
+//!
+//! Oldest requests are forgotten first once either bound (entries or bytes of text) is reached.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// What a prediction request served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentRequest {
+    /// The task.
+    pub task: String,
+    /// The inputs, in order.
+    pub texts: Vec<String>,
+    /// The generation that served them.
+    pub adapter: String,
+    /// The arm that served them.
+    pub arm: String,
+}
+
+struct Inner {
+    map: HashMap<String, Arc<RecentRequest>>,
+    order: VecDeque<(String, usize)>,
+    bytes: usize,
+}
+
+/// The bounded request memory; share it behind an `Arc`.
+pub struct RecentRequests {
+    inner: Mutex<Inner>,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl RecentRequests {
+    /// Remembers at most `max_entries` requests and `max_bytes` bytes of their texts.
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                bytes: 0,
+            }),
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    /// Remembers `request` under `id`, forgetting the oldest as needed. A request larger than the whole
+    /// byte budget is not remembered.
+    pub fn insert(&self, id: String, request: RecentRequest) {
+        let size = request.texts.iter().map(String::len).sum::<usize>();
+        if size > self.max_bytes || self.max_entries == 0 {
+            return;
+        }
+        let mut inner = self
+            .inner
+            .lock()
+            .expect("recent-requests lock poisoned; this is a bug");
+        while inner.order.len() >= self.max_entries || inner.bytes + size > self.max_bytes {
+            let Some((old, old_size)) = inner.order.pop_front() else {
+                break;
+            };
+            inner.map.remove(&old);
+            inner.bytes -= old_size;
+        }
+        inner.bytes += size;
+        inner.order.push_back((id.clone(), size));
+        inner.map.insert(id, Arc::new(request));
+    }
+
+    /// The request `id`, if still remembered.
+    pub fn get(&self, id: &str) -> Option<Arc<RecentRequest>> {
+        self.inner
+            .lock()
+            .expect("recent-requests lock poisoned; this is a bug")
+            .map
+            .get(id)
+            .cloned()
+    }
+
+    /// Requests remembered now.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("recent-requests lock poisoned; this is a bug")
+            .map
+            .len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> RecentRequest {
+        RecentRequest {
+            task: "t".into(),
+            texts: vec![text.into()],
+            adapter: "g".into(),
+            arm: "stable".into(),
+        }
+    }
+
+    #[test]
+    fn the_oldest_requests_are_forgotten_at_either_bound() {
+        let recent = RecentRequests::new(3, 10);
+        for i in 0..5 {
+            recent.insert(format!("r{i}"), request("ab"));
+        }
+        assert_eq!(recent.len(), 3);
+        assert!(recent.get("r1").is_none() && recent.get("r4").is_some());
+        recent.insert("big".into(), request("abcdefgh"));
+        assert!(recent.get("big").is_some());
+        assert!(
+            recent.get("r3").is_none(),
+            "bytes bound evicts older requests"
+        );
+        recent.insert("huge".into(), request("this is more than ten bytes"));
+        assert!(recent.get("huge").is_none());
+    }
+}

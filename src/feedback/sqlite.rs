@@ -1,0 +1,222 @@
+//! The embedded feedback store: SQLite in WAL mode with `synchronous = FULL`, so a committed transaction has
+//! been fsynced before `append` returns.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use super::{Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback};
+
+fn storage(e: impl std::fmt::Display) -> FeedbackError {
+    FeedbackError::Storage(e.to_string())
+}
+
+/// SQLite-backed [`FeedbackStore`].
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS feedback (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    task        TEXT    NOT NULL,
+    text        TEXT    NOT NULL,
+    text_hash   BLOB    NOT NULL,
+    label       TEXT    NOT NULL,
+    request_id  TEXT,
+    adapter     TEXT,
+    arm         TEXT,
+    count       INTEGER NOT NULL DEFAULT 1,
+    created_at  INTEGER NOT NULL,
+    UNIQUE (task, text_hash, label)
+);
+CREATE INDEX IF NOT EXISTS feedback_task_id ON feedback (task, id);
+";
+
+impl SqliteStore {
+    /// Opens (creating) `path`.
+    pub fn open(path: &Path) -> Result<Self, FeedbackError> {
+        let conn = Connection::open(path).map_err(storage)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(storage)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(storage)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(storage)?;
+        conn.execute_batch(SCHEMA).map_err(storage)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+}
+
+impl FeedbackStore for SqliteStore {
+    fn append(&self, rows: &[NewFeedback]) -> Result<Vec<Appended>, FeedbackError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| storage("store lock poisoned"))?;
+        let tx = conn.transaction().map_err(storage)?;
+        let mut out = Vec::with_capacity(rows.len());
+        {
+            let mut find = tx
+                .prepare_cached(
+                    "SELECT id FROM feedback WHERE task = ?1 AND text_hash = ?2 AND label = ?3",
+                )
+                .map_err(storage)?;
+            let mut bump = tx
+                .prepare_cached("UPDATE feedback SET count = count + 1 WHERE id = ?1")
+                .map_err(storage)?;
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO feedback (task, text, text_hash, label, request_id, adapter, arm, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(storage)?;
+            for r in rows {
+                let hash = Sha256::digest(r.text.as_bytes()).to_vec();
+                let existing: Option<i64> = find
+                    .query_row(params![r.task, hash, r.label], |row| row.get(0))
+                    .optional()
+                    .map_err(storage)?;
+                match existing {
+                    Some(id) => {
+                        bump.execute(params![id]).map_err(storage)?;
+                        out.push(Appended {
+                            id,
+                            duplicate: true,
+                        });
+                    }
+                    None => {
+                        insert
+                            .execute(params![
+                                r.task,
+                                r.text,
+                                hash,
+                                r.label,
+                                r.request_id,
+                                r.adapter,
+                                r.arm,
+                                now
+                            ])
+                            .map_err(storage)?;
+                        out.push(Appended {
+                            id: tx.last_insert_rowid(),
+                            duplicate: false,
+                        });
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(storage)?;
+        Ok(out)
+    }
+
+    fn list(
+        &self,
+        task: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Feedback>, FeedbackError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| storage("store lock poisoned"))?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
+                 WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )
+            .map_err(storage)?;
+        let rows = stmt
+            .query_map(params![task, after_id, limit as i64], |row| {
+                Ok(Feedback {
+                    id: row.get(0)?,
+                    task: row.get(1)?,
+                    text: row.get(2)?,
+                    label: row.get(3)?,
+                    request_id: row.get(4)?,
+                    adapter: row.get(5)?,
+                    arm: row.get(6)?,
+                    count: row.get(7)?,
+                    created_at: row.get(8)?,
+                })
+            })
+            .map_err(storage)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(storage)
+    }
+
+    fn count(&self, task: &str) -> Result<u64, FeedbackError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| storage("store lock poisoned"))?;
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM feedback WHERE task = ?1",
+                params![task],
+                |row| row.get(0),
+            )
+            .map_err(storage)?;
+        Ok(n as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(text: &str, label: &str) -> NewFeedback {
+        NewFeedback {
+            task: "spam".into(),
+            text: text.into(),
+            label: label.into(),
+            request_id: None,
+            adapter: None,
+            arm: None,
+        }
+    }
+
+    #[test]
+    fn rows_survive_reopening_and_list_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feedback.sqlite");
+        let ids = {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .append(&[row("a", "spam"), row("b", "ham"), row("c", "spam")])
+                .unwrap()
+        };
+        let store = SqliteStore::open(&path).unwrap();
+        let listed = store.list("spam", 0, 10).unwrap();
+        assert_eq!(
+            listed.iter().map(|f| f.id).collect::<Vec<_>>(),
+            ids.iter().map(|a| a.id).collect::<Vec<_>>()
+        );
+        assert_eq!(store.list("spam", ids[0].id, 1).unwrap()[0].text, "b");
+        assert_eq!(store.count("spam").unwrap(), 3);
+        assert_eq!(store.count("other").unwrap(), 0);
+    }
+
+    #[test]
+    fn duplicates_are_counted_not_doubled_but_a_new_label_is_a_new_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("f.sqlite")).unwrap();
+        let first = store.append(&[row("same", "spam")]).unwrap()[0];
+        let again = store
+            .append(&[row("same", "spam"), row("same", "spam")])
+            .unwrap();
+        assert!(again.iter().all(|a| a.duplicate && a.id == first.id));
+        let relabelled = store.append(&[row("same", "ham")]).unwrap()[0];
+        assert!(!relabelled.duplicate);
+        let listed = store.list("spam", 0, 10).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].count, 3);
+    }
+}

@@ -1,0 +1,189 @@
+//! `POST /v1/feedback` (durable before 202) and `GET /v1/feedback` (admin listing).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::feedback::NewFeedback;
+
+/// One feedback item: `{task, text, label}` or `{request_id, label, index?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    /// The task (required with `text`).
+    #[serde(default)]
+    pub task: Option<String>,
+    /// The text (or name a `request_id`).
+    #[serde(default)]
+    pub text: Option<String>,
+    /// A recent `/v1/predict` request whose input this labels.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// Which input of that request (default 0).
+    #[serde(default)]
+    pub index: Option<usize>,
+    /// The right label.
+    pub label: String,
+}
+
+/// Body of `POST /v1/feedback`: one item, or `{"items": [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FeedbackRequest {
+    /// Several items, stored in one transaction.
+    Batch {
+        /// The items.
+        items: Vec<Item>,
+    },
+    /// One item.
+    One(Item),
+}
+
+fn resolve(state: &AppState, i: usize, item: Item) -> Result<NewFeedback, ApiError> {
+    let services = state.services()?;
+    let at = |m: String| ApiError::invalid(format!("items[{i}]: {m}"));
+    let row = match (&item.request_id, &item.text) {
+        (Some(id), None) => {
+            let recent = services.recent.get(id).ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "items[{i}]: request_id {id:?} is unknown or no longer remembered"
+                ))
+            })?;
+            if item.task.as_ref().is_some_and(|t| *t != recent.task) {
+                return Err(at(format!("request {id:?} was for task {:?}", recent.task)));
+            }
+            let index = item.index.unwrap_or(0);
+            let text = recent.texts.get(index).ok_or_else(|| {
+                at(format!(
+                    "request {id:?} has {} inputs; index {index} is out of range",
+                    recent.texts.len()
+                ))
+            })?;
+            NewFeedback {
+                task: recent.task.clone(),
+                text: text.clone(),
+                label: item.label,
+                request_id: Some(id.clone()),
+                adapter: Some(recent.adapter.clone()),
+                arm: Some(recent.arm.clone()),
+            }
+        }
+        (None, Some(text)) => {
+            let task = item
+                .task
+                .ok_or_else(|| at("a text needs its task".to_owned()))?;
+            if text.trim().is_empty() || text.len() > state.config.limits.max_text_bytes {
+                return Err(at(format!(
+                    "text must be 1 to {} bytes",
+                    state.config.limits.max_text_bytes
+                )));
+            }
+            NewFeedback {
+                task,
+                text: text.clone(),
+                label: item.label,
+                request_id: None,
+                adapter: None,
+                arm: None,
+            }
+        }
+        _ => return Err(at("give either text (with task) or request_id".to_owned())),
+    };
+    let task = services
+        .registry
+        .task(&row.task)
+        .ok_or_else(|| at(format!("unknown task {:?}", row.task)))?;
+    if !task.labels.contains(&row.label) {
+        return Err(at(format!(
+            "label {:?} is not one of task {:?}'s labels {:?}",
+            row.label, task.name, task.labels
+        )));
+    }
+    Ok(row)
+}
+
+/// Stores the feedback durably, then answers 202 `{"accepted", "ids", "duplicates"}`.
+pub async fn post(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<FeedbackRequest>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::caller(&req, &state.config.auth)?;
+    let items = match body.into_inner() {
+        FeedbackRequest::Batch { items } => items,
+        FeedbackRequest::One(item) => vec![item],
+    };
+    let max = state.config.limits.max_feedback_items;
+    if items.is_empty() || items.len() > max {
+        return Err(ApiError::invalid(format!(
+            "send 1 to {max} feedback items per request"
+        )));
+    }
+    let rows = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| resolve(&state, i, item))
+        .collect::<Result<Vec<_>, _>>()?;
+    let store = state.services()?.feedback.clone();
+    let tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
+    let appended = web::block(move || store.append(&rows))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    for task in &tasks {
+        state
+            .metrics
+            .feedback
+            .with_label_values(&[task.as_str()])
+            .inc();
+    }
+    Ok(HttpResponse::Accepted().json(serde_json::json!({
+        "accepted": appended.len(),
+        "ids": appended.iter().map(|a| a.id).collect::<Vec<_>>(),
+        "duplicates": appended.iter().filter(|a| a.duplicate).count(),
+    })))
+}
+
+/// Query of `GET /v1/feedback`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The task.
+    pub task: String,
+    /// Rows with a larger id.
+    #[serde(default)]
+    pub after_id: i64,
+    /// At most this many (≤ 10,000; default 1,000).
+    #[serde(default = "default_limit")]
+    pub limit: usize,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+/// Lists stored feedback of a task in id order (admin).
+pub async fn list(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(&req, &state.config.auth)?;
+    let ListQuery {
+        task,
+        after_id,
+        limit,
+    } = query.into_inner();
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1 to 10000"));
+    }
+    let services = state.services()?;
+    if services.registry.task(&task).is_none() {
+        return Err(ApiError::not_found(format!("no task {task:?}")));
+    }
+    let store = services.feedback.clone();
+    let rows = web::block(move || store.list(&task, after_id, limit))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    Ok(HttpResponse::Ok().json(rows))
+}

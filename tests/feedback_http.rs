@@ -1,0 +1,143 @@
+//! Feedback over real HTTP: durable before 202 (it survives kill -9), by text or by request id,
+//! duplicates counted, bad items refused with the item named.
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+
+fn setup(server: &Server) {
+    let labels = ["negative", "neutral", "positive"];
+    assert_eq!(
+        server
+            .post("/v1/tasks", &json!({"name": "sentiment", "labels": labels}))
+            .0,
+        201
+    );
+    common::copy_peft_fixture(server, "fixture");
+    assert_eq!(
+        server
+            .post(
+                "/v1/adapters",
+                &json!({"path": "fixture", "task": "sentiment"})
+            )
+            .0,
+        201
+    );
+}
+
+fn listed(server: &Server) -> Vec<Value> {
+    let (status, rows) = server.get_json("/v1/feedback?task=sentiment&after_id=0&limit=100");
+    assert_eq!(status, 200, "{rows}");
+    rows.as_array().unwrap().clone()
+}
+
+#[test]
+fn acknowledged_feedback_survives_kill_9_and_names_what_served_the_request() {
+    let data = tempfile::tempdir().unwrap();
+    let (ids, request_id, generation) = {
+        let server = Server::start_in(data.path(), &[]);
+        setup(&server);
+        let (status, body) = server.post(
+            "/v1/predict",
+            &json!({"task": "sentiment", "inputs": ["great stuff", "awful"]}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let request_id = body["request_id"].as_str().unwrap().to_owned();
+        let generation = body["adapter"].as_str().unwrap().to_owned();
+        let (status, ack) = server.post(
+            "/v1/feedback",
+            &json!({"items": [
+                {"task": "sentiment", "text": "the food was cold", "label": "negative"},
+                {"request_id": request_id, "label": "positive"},
+                {"request_id": request_id, "index": 1, "label": "negative"},
+            ]}),
+        );
+        assert_eq!(status, 202, "{ack}");
+        assert_eq!(ack["accepted"], 3);
+        (ack["ids"].clone(), request_id, generation)
+        // The server is killed with SIGKILL here, right after the 202.
+    };
+    let server = Server::start_in(data.path(), &[]);
+    let rows = listed(&server);
+    assert_eq!(
+        rows.iter().map(|r| r["id"].clone()).collect::<Vec<_>>(),
+        ids.as_array().unwrap().clone()
+    );
+    assert_eq!(rows[0]["text"], "the food was cold");
+    assert_eq!(
+        (rows[1]["text"].as_str(), rows[1]["label"].as_str()),
+        (Some("great stuff"), Some("positive"))
+    );
+    assert_eq!(rows[2]["text"], "awful");
+    for row in &rows[1..] {
+        assert_eq!(row["request_id"], request_id.as_str());
+        assert_eq!(row["adapter"], generation.as_str());
+        assert_eq!(row["arm"], "stable");
+    }
+    let (_, task) = server.get_json("/v1/tasks/sentiment");
+    assert_eq!(task["feedback_count"], 3);
+}
+
+#[test]
+fn duplicates_are_counted_and_bad_items_are_refused_by_name() {
+    let server = Server::start(&[], &[]);
+    setup(&server);
+    let one = json!({"task": "sentiment", "text": "fine", "label": "neutral"});
+    let (_, first) = server.post("/v1/feedback", &one);
+    let (status, again) = server.post("/v1/feedback", &one);
+    assert_eq!((status, again["duplicates"].as_u64()), (202, Some(1)));
+    assert_eq!(first["ids"], again["ids"]);
+    assert_eq!(listed(&server)[0]["count"], 2);
+
+    let cases = [
+        (
+            json!({"task": "nope", "text": "x", "label": "neutral"}),
+            422,
+            "nope",
+        ),
+        (
+            json!({"task": "sentiment", "text": "x", "label": "meh"}),
+            422,
+            "meh",
+        ),
+        (json!({"text": "x", "label": "neutral"}), 422, "task"),
+        (
+            json!({"task": "sentiment", "text": "", "label": "neutral"}),
+            422,
+            "text",
+        ),
+        (
+            json!({"request_id": "no-such-request", "label": "neutral"}),
+            404,
+            "no-such-request",
+        ),
+        (json!({"items": []}), 422, "1 to 1000"),
+        (
+            json!({"items": [one.clone(), {"task": "sentiment", "text": "y", "label": "bad"}]}),
+            422,
+            "items[1]",
+        ),
+    ];
+    for (body, status, mention) in cases {
+        let (got, answer) = server.post("/v1/feedback", &body);
+        assert_eq!(got, status, "{body} → {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(mention),
+            "{body} → {answer}"
+        );
+    }
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"task": "sentiment", "text": format!("t{i}"), "label": "neutral"}))
+        .collect();
+    assert_eq!(
+        server.post("/v1/feedback", &json!({ "items": too_many })).0,
+        422
+    );
+    assert_eq!(listed(&server).len(), 1, "refused batches stored nothing");
+    let (_, metrics) = server.get_text("/metrics");
+    assert!(
+        metrics.contains(r#"flywheel_feedback_total{task="sentiment"} 2"#),
+        "{metrics}"
+    );
+}
