@@ -247,3 +247,52 @@ fn a_full_queue_answers_429_with_retry_after_and_recovers() {
         "{metrics}"
     );
 }
+
+#[test]
+fn the_exposition_passes_promtool_and_carries_a_p99_per_route() {
+    let server = Server::start(&[], &[]);
+    for _ in 0..20 {
+        server.post("/v1/embed", &json!({"inputs": "latency sample"}));
+    }
+    let (_, text) = server.get_text("/metrics");
+    assert!(
+        text.contains("# TYPE flywheel_request_latency_seconds summary"),
+        "{text}"
+    );
+    let p99 = text
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"flywheel_request_latency_seconds{route="/v1/embed",quantile="0.99"}"#)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("a P99 line for /v1/embed");
+    assert!(p99 > 0.0 && p99 < 10.0, "{p99}");
+    assert!(
+        text.contains(r#"flywheel_request_latency_seconds_count{route="/v1/embed"} 20"#),
+        "{text}"
+    );
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is needed: install Debian's prometheus package (scripts/test.sh does)");
+    use std::io::Write;
+    let mut child = promtool;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -164,6 +164,8 @@ async fn observe(
         m.request_duration
             .with_label_values(&[route.as_str(), task.as_str(), arm.as_str()])
             .observe(started.elapsed().as_secs_f64());
+        m.latency_window
+            .record(&route, started.elapsed().as_secs_f64());
     }
     let mut response = result?;
     let header = HeaderName::from_static("x-request-id");

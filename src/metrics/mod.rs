@@ -3,6 +3,10 @@
 //! Durations are in seconds. Label values are bounded: routes are the matched patterns, reasons and
 //! statuses come from fixed sets.
 
+pub mod window;
+
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -10,6 +14,10 @@ use prometheus::{
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "flywheel";
+
+/// The latency summary's window: 6 slots of 10 s.
+const WINDOW_SLOT_SECS: u64 = 10;
+const WINDOW_SLOTS: usize = 6;
 
 /// Geometric latency buckets from 0.5 ms to ~16 s (ratio √2): fine enough to read a P99 to within ~20 %.
 pub fn latency_buckets() -> Vec<f64> {
@@ -60,6 +68,8 @@ pub struct Metrics {
     pub adapter_load_duration: Histogram,
     /// `flywheel_feedback_total{task}`: feedback items acknowledged.
     pub feedback: IntCounterVec,
+    /// `flywheel_request_latency_seconds{route, quantile}`: P50/P95/P99 over the last minute.
+    pub latency_window: Arc<window::LatencyWindow>,
 }
 
 impl Metrics {
@@ -112,6 +122,15 @@ impl Metrics {
             &["task"],
         )
         .expect("static metric definition is valid; this is a bug");
+        let latency_window = Arc::new(window::LatencyWindow::new(
+            &name("request_latency_seconds"),
+            "HTTP request latency quantiles over the last 60 s, by route",
+            WINDOW_SLOT_SECS,
+            WINDOW_SLOTS,
+        ));
+        registry
+            .register(Box::new(window::SharedWindow(latency_window.clone())))
+            .expect("metric registered once; this is a bug");
         let adapters_loaded = IntGauge::new(
             name("adapters_loaded"),
             "Adapter generations ready to serve",
@@ -170,6 +189,7 @@ impl Metrics {
             registry,
             adapters_loaded,
             feedback,
+            latency_window,
             request_duration,
             requests,
             rejected,
