@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::linear::{LayerNorm, Linear};
+use super::lora::Target;
 
 /// Word, position and token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
@@ -121,6 +122,17 @@ impl Bert {
     /// Hidden states `[batch, seq, hidden]` for padded `input_ids` `[batch, seq]` (u32) and an
     /// `attention_mask` `[batch, seq]` (1 for tokens, 0 for padding).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.forward_with(input_ids, attention_mask, &NoDelta)
+    }
+
+    /// Like [`Self::forward`], adding `deltas.delta(layer, target, input)` to each linear's output where it
+    /// returns one: the differentiable hook LoRA training uses.
+    pub fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        deltas: &dyn Deltas,
+    ) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             return Err(ModelError::InvalidInput(format!(
@@ -142,13 +154,27 @@ impl Bert {
         // Additive mask [batch, 1, 1, seq]: 0 where attended, a large negative where padded.
         let mask = attention_mask.to_dtype(x.dtype())?;
         let mask = ((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?;
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &mask)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(index, layer, &x, &mask, deltas)?;
         }
         Ok(x)
     }
 
-    fn layer_forward(&self, layer: &Layer, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        mask: &Tensor,
+        deltas: &dyn Deltas,
+    ) -> Result<Tensor> {
+        let dense = |linear: &Linear, target: Target, input: &Tensor| -> Result<Tensor> {
+            let y = linear.forward(input)?;
+            Ok(match deltas.delta(index, target, input)? {
+                Some(d) => (y + d)?,
+                None => y,
+            })
+        };
         let (batch, seq, hidden) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
@@ -157,9 +183,9 @@ impl Bert {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(layer.query.forward(x)?)?;
-        let k = split(layer.key.forward(x)?)?;
-        let v = split(layer.value.forward(x)?)?;
+        let q = split(dense(&layer.query, Target::Query, x)?)?;
+        let k = split(dense(&layer.key, Target::Key, x)?)?;
+        let v = split(dense(&layer.value, Target::Value, x)?)?;
         let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
         let probs = softmax_last(&scores)?;
         let ctx = probs
@@ -168,11 +194,26 @@ impl Bert {
             .reshape((batch, seq, hidden))?;
         let x = layer
             .attention_norm
-            .forward(&(layer.attention_out.forward(&ctx)? + x)?)?;
-        let inner = layer.intermediate.forward(&x)?.gelu_erf()?;
+            .forward(&(dense(&layer.attention_out, Target::AttentionOutput, &ctx)? + x)?)?;
+        let inner = dense(&layer.intermediate, Target::Intermediate, &x)?.gelu_erf()?;
         Ok(layer
             .output_norm
-            .forward(&(layer.output.forward(&inner)? + x)?)?)
+            .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
+    }
+}
+
+/// Supplies additive deltas for the encoder's linears on the candle path.
+pub trait Deltas {
+    /// The delta to add to the output of `target` in layer `layer` for input `x`, if any.
+    fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// No deltas: the base model.
+pub struct NoDelta;
+
+impl Deltas for NoDelta {
+    fn delta(&self, _: usize, _: Target, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }
 

@@ -1,0 +1,223 @@
+//! Trainable LoRA factors and classification head on the candle path.
+//!
+//! Only the factors and the head are `Var`s; the base encoder stays plain frozen tensors. The factors join
+//! the forward pass through [`Deltas`], so the trained network is exactly the one the fused serving path
+//! runs once exported with [`LoraTrainable::to_adapter`].
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, Var, D};
+
+use crate::model::bert::{Bert, Deltas};
+use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
+use crate::model::{BertConfig, ModelError, Result};
+
+/// Deterministic uniform values in [-bound, bound).
+fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+        })
+        .collect()
+}
+
+fn var(values: Vec<f32>, shape: (usize, usize), device: &Device) -> Result<Var> {
+    Ok(Var::from_tensor(&Tensor::from_vec(values, shape, device)?)?)
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+/// LoRA factors per (layer, target) and a classification head, as trainable variables.
+pub struct LoraTrainable {
+    factors: BTreeMap<(usize, Target), (Var, Var)>,
+    classifier_weight: Var,
+    classifier_bias: Var,
+    rank: usize,
+    scale: f64,
+}
+
+impl LoraTrainable {
+    /// Fresh factors as PEFT initialises them (A uniform in ±1/√in, B zero, so training starts at the base
+    /// model) and a fresh head (weights uniform in ±0.02·√3, i.e. std 0.02; bias zero), seeded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &BertConfig,
+        targets: &[Target],
+        rank: usize,
+        alpha: f64,
+        labels: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        if rank == 0 || labels < 2 || targets.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "LoRA needs rank ≥ 1, ≥ 2 labels and ≥ 1 target".to_owned(),
+            ));
+        }
+        let mut factors = BTreeMap::new();
+        for layer in 0..config.num_hidden_layers {
+            for (k, &target) in targets.iter().enumerate() {
+                let (i, o) = target.shape(config);
+                let s = seed
+                    .wrapping_mul(1000)
+                    .wrapping_add((layer * 16 + k) as u64);
+                let a = var(
+                    uniform(s, rank * i, 1.0 / (i as f32).sqrt()),
+                    (rank, i),
+                    device,
+                )?;
+                let b = var(vec![0.0; o * rank], (o, rank), device)?;
+                factors.insert((layer, target), (a, b));
+            }
+        }
+        let h = config.hidden_size;
+        let classifier_weight = var(
+            uniform(seed ^ 0xC1A5, labels * h, 0.02 * 3f32.sqrt()),
+            (labels, h),
+            device,
+        )?;
+        let classifier_bias = Var::from_tensor(&Tensor::zeros(labels, DType::F32, device)?)?;
+        Ok(Self {
+            factors,
+            classifier_weight,
+            classifier_bias,
+            rank,
+            scale: alpha / rank as f64,
+        })
+    }
+
+    /// Starts from an existing adapter (warm start); its head must pool `[CLS]` and have no own pooler.
+    pub fn from_adapter(adapter: &Adapter, device: &Device) -> Result<Self> {
+        let head = adapter
+            .head
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("the adapter has no head".to_owned()))?;
+        if head.pooling != Pooling::Cls || head.pooler.is_some() {
+            return Err(ModelError::Unsupported(
+                "warm starts need a [CLS] head without its own pooler".to_owned(),
+            ));
+        }
+        let mut factors = BTreeMap::new();
+        let (mut rank, mut scale) = (0, 1.0);
+        for (layer, target, d) in adapter.deltas() {
+            let in_f = d.a.len() / d.rank;
+            let out_f = d.b.len() / d.rank;
+            factors.insert(
+                (layer, target),
+                (
+                    var(d.a.clone(), (d.rank, in_f), device)?,
+                    var(d.b.clone(), (out_f, d.rank), device)?,
+                ),
+            );
+            rank = d.rank;
+            scale = d.scale as f64;
+        }
+        let c = &head.classifier;
+        Ok(Self {
+            factors,
+            classifier_weight: var(c.weight.clone(), (c.out_features, c.in_features), device)?,
+            classifier_bias: Var::from_tensor(&Tensor::from_vec(
+                c.bias.clone(),
+                c.out_features,
+                device,
+            )?)?,
+            rank,
+            scale,
+        })
+    }
+
+    /// Every trainable variable: the factors, then the head.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut vars: Vec<Var> = self
+            .factors
+            .values()
+            .flat_map(|(a, b)| [a.clone(), b.clone()])
+            .collect();
+        vars.push(self.classifier_weight.clone());
+        vars.push(self.classifier_bias.clone());
+        vars
+    }
+
+    /// Number of trainable values.
+    pub fn parameter_count(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Class logits `[batch, labels]`: the encoder with the deltas, `[CLS]` through the frozen pooler and
+    /// tanh, then the trainable classifier.
+    pub fn logits(
+        &self,
+        bert: &Bert,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let hidden = bert.forward_with(input_ids, attention_mask, self)?;
+        let cls = hidden.i((.., 0, ..))?;
+        let pooler = bert.pooler.as_ref().ok_or_else(|| {
+            ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
+        })?;
+        let pooled = pooler.forward(&cls)?.tanh()?;
+        Ok(pooled
+            .matmul(&self.classifier_weight.as_tensor().t()?)?
+            .broadcast_add(self.classifier_bias.as_tensor())?)
+    }
+
+    /// The trained state as an [`Adapter`] the serving path runs.
+    pub fn to_adapter(&self, num_layers: usize) -> Result<Adapter> {
+        let mut adapter = Adapter::empty(num_layers);
+        for (&(layer, target), (a, b)) in &self.factors {
+            let delta = LoraDelta {
+                a: to_vec(a.as_tensor())?,
+                b: to_vec(b.as_tensor())?,
+                rank: self.rank,
+                scale: self.scale as f32,
+            };
+            adapter.set(layer, target, delta)?;
+        }
+        let (labels, hidden) = self.classifier_weight.as_tensor().dims2()?;
+        adapter.head = Some(Head {
+            pooling: Pooling::Cls,
+            pooler: None,
+            classifier: Dense {
+                weight: to_vec(self.classifier_weight.as_tensor())?,
+                bias: to_vec(self.classifier_bias.as_tensor())?,
+                in_features: hidden,
+                out_features: labels,
+            },
+        });
+        Ok(adapter)
+    }
+}
+
+impl Deltas for LoraTrainable {
+    fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self.factors.get(&(layer, target)) else {
+            return Ok(None);
+        };
+        let low = x.broadcast_matmul(&a.as_tensor().t()?)?;
+        Ok(Some(
+            (low.broadcast_matmul(&b.as_tensor().t()?)? * self.scale)?,
+        ))
+    }
+}
+
+/// Mean cross-entropy of `logits` `[batch, labels]` against `targets` `[batch]` (u32), with label smoothing
+/// `smoothing` (the target keeps `1 − smoothing`, the rest is spread evenly), built from differentiable ops.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let (_, labels) = logits.dims2()?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+    let one_hot = candle_nn::encoding::one_hot(targets.clone(), labels, 1f32, 0f32)?;
+    let target = ((one_hot * (1.0 - smoothing))? + smoothing / labels as f64)?;
+    Ok((target * log_probs)?.sum(D::Minus1)?.neg()?.mean_all()?)
+}

@@ -1,0 +1,147 @@
+//! The trainable LoRA path on a tiny random BERT: it equals the serving path, every trainable tensor gets
+//! a gradient, and AdamW steps reduce the loss.
+
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use super::lora::{cross_entropy, LoraTrainable};
+use crate::model::lora::Target;
+use crate::model::{tiny, BertConfig, CpuEncoder};
+
+fn batch() -> (Vec<Vec<u32>>, Tensor, Tensor, Tensor) {
+    let seqs: Vec<Vec<u32>> = vec![
+        vec![1, 5, 9, 2],
+        vec![1, 7, 2],
+        vec![1, 33, 44, 55, 2],
+        vec![1, 8, 8, 8, 8, 2],
+    ];
+    let longest = seqs.iter().map(Vec::len).max().unwrap();
+    let mut ids = vec![0u32; seqs.len() * longest];
+    let mut mask = vec![0u8; seqs.len() * longest];
+    for (i, s) in seqs.iter().enumerate() {
+        ids[i * longest..i * longest + s.len()].copy_from_slice(s);
+        mask[i * longest..i * longest + s.len()]
+            .iter_mut()
+            .for_each(|m| *m = 1);
+    }
+    let ids_t = Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu).unwrap();
+    let mask_t = Tensor::from_vec(mask, (seqs.len(), longest), &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[0u32, 1, 2, 0], &Device::Cpu).unwrap();
+    (seqs, ids_t, mask_t, targets)
+}
+
+fn trainable(config: &BertConfig) -> LoraTrainable {
+    LoraTrainable::new(
+        config,
+        &[Target::Query, Target::Value, Target::Intermediate],
+        4,
+        8.0,
+        3,
+        42,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Gives B non-zero values so the deltas matter.
+fn perturb(lora: &LoraTrainable) {
+    for (i, v) in lora.vars().iter().enumerate() {
+        let noise = (Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap()
+            * (1.0 + i as f64 * 0.01))
+            .unwrap();
+        v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn the_training_path_computes_what_the_serving_path_serves() {
+    let bert = tiny::bert(3);
+    let lora = trainable(&bert.config);
+    perturb(&lora);
+    let (seqs, ids, mask, _) = batch();
+    let trained = lora
+        .logits(&bert, &ids, &mask)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let choice = vec![Some(&adapter); refs.len()];
+    let packed = cpu.forward_adapted(&refs, &choice).unwrap();
+    let served = cpu.classify(&packed, &choice).unwrap();
+    for (t, s) in trained.iter().zip(served) {
+        let s = s.unwrap();
+        let diff = t
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-4, "training path {t:?} vs serving path {s:?}");
+    }
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_non_zero_gradient() {
+    let bert = tiny::bert(3);
+    let lora = trainable(&bert.config);
+    perturb(&lora);
+    let (_, ids, mask, targets) = batch();
+    let loss = cross_entropy(&lora.logits(&bert, &ids, &mask).unwrap(), &targets, 0.1).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = lora.vars();
+    assert_eq!(
+        vars.len(),
+        2 * 3 * 2 + 2,
+        "A and B for 3 targets in 2 layers, plus the head"
+    );
+    for (i, v) in vars.iter().enumerate() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("var {i} got no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "var {i} has a zero gradient");
+    }
+}
+
+#[test]
+fn adamw_steps_reduce_the_loss() {
+    let bert = tiny::bert(3);
+    let lora = trainable(&bert.config);
+    let (_, ids, mask, targets) = batch();
+    let params = ParamsAdamW {
+        lr: 1e-2,
+        weight_decay: 0.01,
+        ..ParamsAdamW::default()
+    };
+    let mut opt = AdamW::new(lora.vars(), params).unwrap();
+    let loss_of = |l: &LoraTrainable| {
+        cross_entropy(&l.logits(&bert, &ids, &mask).unwrap(), &targets, 0.0).unwrap()
+    };
+    let first = loss_of(&lora).to_scalar::<f32>().unwrap();
+    for _ in 0..30 {
+        opt.backward_step(&loss_of(&lora)).unwrap();
+    }
+    let last = loss_of(&lora).to_scalar::<f32>().unwrap();
+    assert!(last < first * 0.5, "loss went from {first} to {last}");
+}
+
+#[test]
+fn a_warm_start_reproduces_the_adapter_it_started_from() {
+    let bert = tiny::bert(3);
+    let lora = trainable(&bert.config);
+    perturb(&lora);
+    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
+    assert_eq!(
+        again.to_adapter(bert.config.num_hidden_layers).unwrap(),
+        adapter
+    );
+    assert_eq!(again.parameter_count(), adapter.parameter_count());
+}
