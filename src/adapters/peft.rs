@@ -325,6 +325,12 @@ pub fn decode(
                     )))
                     }
                 };
+                if rank != config.r {
+                    return Err(invalid(format!(
+                        "{name} has rank {rank}, but adapter_config.json says r = {}",
+                        config.r
+                    )));
+                }
                 if entry.2 != 0 && entry.2 != rank {
                     return Err(invalid(format!(
                         "{name}: rank {rank} differs from its partner's {}",

@@ -163,13 +163,19 @@ pub struct Registry {
     limits: AdaptersConfig,
     model: BertConfig,
     model_name: String,
+    base_has_pooler: bool,
     inner: RwLock<Inner>,
     /// Serialises writers so index writes never interleave.
     write: std::sync::Mutex<()>,
 }
 
-/// Checks a task or alias name: 1–64 of `[A-Za-z0-9_.-]`.
+/// Checks a task or alias name: 1–64 of `[A-Za-z0-9_.-]`, not starting with `g-` (reserved for generation
+/// ids, so an alias can never hide one).
 pub fn valid_name(name: &str) -> bool {
+    !name.starts_with("g-") && plain_name(name)
+}
+
+fn plain_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .chars()
@@ -193,6 +199,7 @@ impl Registry {
         limits: AdaptersConfig,
         model: BertConfig,
         model_name: &str,
+        base_has_pooler: bool,
     ) -> Result<Self, RegistryError> {
         let root = data_dir.join("adapters");
         std::fs::create_dir_all(&root).map_err(storage)?;
@@ -203,6 +210,7 @@ impl Registry {
             limits,
             model,
             model_name: model_name.to_owned(),
+            base_has_pooler,
             inner: RwLock::new(Inner::default()),
             write: std::sync::Mutex::new(()),
         };
@@ -297,6 +305,11 @@ impl Registry {
             .inner
             .write()
             .expect("registry lock poisoned; this is a bug");
+        if !inner.tasks.contains_key(name) && inner.aliases.contains_key(name) {
+            return Err(RegistryError::Conflict(format!(
+                "{name:?} is already an alias of another task's generation"
+            )));
+        }
         if let Some(existing) = inner.tasks.get(name) {
             return if existing.labels == labels {
                 Ok(existing.clone())
@@ -379,18 +392,42 @@ impl Registry {
         Ok(canonical)
     }
 
-    fn read_limited(&self, dir: &Path, name: &str) -> Result<Vec<u8>, RegistryError> {
+    /// Reads `name` in `dir`: a regular file (no symlink, FIFO or device), at most `max_bytes`.
+    fn read_limited(&self, dir: &Path, name: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(name);
-        let len = std::fs::metadata(&path)
-            .map_err(|_| RegistryError::Invalid(format!("the adapter has no {name}")))?
-            .len();
-        if len > self.limits.max_bytes {
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RegistryError::Invalid(format!("{name}: {e}"))),
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(RegistryError::Invalid(format!(
+                    "{name} is not a regular file"
+                )));
+            }
+            Ok(_) => {}
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| RegistryError::Invalid(format!("{name}: {e}")))?;
+        let mut bytes = Vec::new();
+        file.take(self.limits.max_bytes + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| RegistryError::Invalid(format!("{name}: {e}")))?;
+        if bytes.len() as u64 > self.limits.max_bytes {
             return Err(RegistryError::Invalid(format!(
-                "{name} is {len} bytes; the limit is {}",
+                "{name} exceeds the limit of {} bytes",
                 self.limits.max_bytes
             )));
         }
-        std::fs::read(&path).map_err(|e| RegistryError::Invalid(format!("{name}: {e}")))
+        Ok(Some(bytes))
+    }
+
+    fn read_required(&self, dir: &Path, name: &str) -> Result<Vec<u8>, RegistryError> {
+        self.read_limited(dir, name)?
+            .ok_or_else(|| RegistryError::Invalid(format!("the adapter has no {name}")))
     }
 
     fn load_files(
@@ -403,12 +440,13 @@ impl Registry {
             .get(task)
             .ok_or_else(|| RegistryError::NotFound(format!("no task {task:?}")))?;
         let dir = self.resolve_path(path)?;
-        let config_bytes = self.read_limited(&dir, peft::CONFIG_FILE)?;
-        let weights = self.read_limited(&dir, peft::WEIGHTS_FILE)?;
-        let sidecar: Sidecar = match std::fs::read(dir.join(SIDECAR_FILE)) {
-            Ok(b) => serde_json::from_slice(&b)
+        let config_bytes = self.read_required(&dir, peft::CONFIG_FILE)?;
+        let weights = self.read_required(&dir, peft::WEIGHTS_FILE)?;
+        let sidecar_bytes = self.read_limited(&dir, SIDECAR_FILE)?;
+        let sidecar: Sidecar = match &sidecar_bytes {
+            Some(b) => serde_json::from_slice(b)
                 .map_err(|e| RegistryError::Invalid(format!("{SIDECAR_FILE}: {e}")))?,
-            Err(_) => Sidecar::default(),
+            None => Sidecar::default(),
         };
         let config: AdapterConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| RegistryError::Invalid(format!("{}: {e}", peft::CONFIG_FILE)))?;
@@ -454,9 +492,19 @@ impl Registry {
                 )));
             }
         }
+        if head.pooling == Pooling::Cls && head.pooler.is_none() && !self.base_has_pooler {
+            return Err(RegistryError::Invalid(
+                "the adapter's [CLS] head needs a pooler, and neither it nor the base model has one".to_owned(),
+            ));
+        }
+        // The id covers everything that changes what the generation serves: its task, config, weights and
+        // sidecar (head kind, labels).
         let mut hasher = Sha256::new();
+        hasher.update(task.name.as_bytes());
+        hasher.update([0]);
         hasher.update(serde_json::to_vec(&config).map_err(storage)?);
         hasher.update(&weights);
+        hasher.update(sidecar_bytes.as_deref().unwrap_or_default());
         let hash = hasher.finalize();
         let id: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
         Ok(Generation {
@@ -505,7 +553,8 @@ impl Registry {
         if let Some(a) = alias {
             self.check_alias(&inner, a, task)?;
         }
-        let (generation, new) = match inner.generations.get(&generation.id) {
+        let replaced = inner.generations.get(&generation.id).cloned();
+        let (generation, new) = match &replaced {
             Some(existing) if existing.state == State::Ready => (existing.clone(), false),
             _ => {
                 let live = inner
@@ -535,7 +584,10 @@ impl Registry {
         if let Err(e) = self.persist(&inner) {
             inner.aliases = before;
             if new {
-                inner.generations.remove(&generation.id);
+                match replaced {
+                    Some(old) => inner.generations.insert(generation.id.clone(), old),
+                    None => inner.generations.remove(&generation.id),
+                };
             }
             return Err(e);
         }
@@ -718,8 +770,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> 
     f.sync_all().map_err(storage)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(storage)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(storage)?;
+    // The rename is the commit: a failed directory fsync after it must not make callers roll back state
+    // that is already on disk.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(error = %e, path = %path.display(), "directory fsync after rename failed");
+    }
     Ok(())
 }

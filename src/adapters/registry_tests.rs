@@ -27,7 +27,14 @@ fn write_adapter(root: &Path, name: &str, seed: u64) {
 }
 
 fn open(data: &Path) -> Registry {
-    Registry::open(data, AdaptersConfig::default(), BertConfig::tiny(), "tiny").unwrap()
+    Registry::open(
+        data,
+        AdaptersConfig::default(),
+        BertConfig::tiny(),
+        "tiny",
+        true,
+    )
+    .unwrap()
 }
 
 fn labels() -> Vec<String> {
@@ -174,7 +181,7 @@ fn task_names_labels_and_limits_are_checked() {
         max_adapters: 1,
         ..AdaptersConfig::default()
     };
-    let registry = Registry::open(data.path(), limits, BertConfig::tiny(), "tiny").unwrap();
+    let registry = Registry::open(data.path(), limits, BertConfig::tiny(), "tiny", true).unwrap();
     assert!(registry.create_task("bad name", labels()).is_err());
     assert!(registry.create_task("t", vec!["only".into()]).is_err());
     assert!(registry
@@ -196,4 +203,74 @@ fn task_names_labels_and_limits_are_checked() {
         registry.load("two", "t", None),
         Err(RegistryError::Conflict(_))
     ));
+}
+
+#[test]
+fn the_same_files_for_two_tasks_are_two_generations_each_task_its_own() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("a", labels()).unwrap();
+    registry.create_task("b", labels()).unwrap();
+    write_adapter(registry.root(), "shared", 1);
+    let (ga, _) = registry.load("shared", "a", None).unwrap();
+    let (gb, new) = registry.load("shared", "b", None).unwrap();
+    assert!(new);
+    assert_ne!(ga.id, gb.id);
+    assert_eq!(registry.resolve("b").unwrap().task, "b");
+}
+
+#[test]
+fn names_that_would_shadow_aliases_or_ids_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("t", labels()).unwrap();
+    write_adapter(registry.root(), "one", 1);
+    let (g, _) = registry.load("one", "t", Some("canary")).unwrap();
+    assert!(matches!(
+        registry.create_task("canary", labels()),
+        Err(RegistryError::Conflict(_))
+    ));
+    assert!(
+        matches!(
+            registry.set_alias(&g.id, &g.id),
+            Err(RegistryError::Invalid(_))
+        ),
+        "ids are not aliases"
+    );
+    assert!(matches!(
+        registry.create_task("g-abc", labels()),
+        Err(RegistryError::Invalid(_))
+    ));
+}
+
+#[test]
+fn a_changed_sidecar_is_a_new_generation_and_symlinked_files_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = open(data.path());
+    registry.create_task("t", labels()).unwrap();
+    write_adapter(registry.root(), "one", 1);
+    let (before, _) = registry.load("one", "t", None).unwrap();
+    std::fs::write(
+        registry
+            .root()
+            .join("one")
+            .join(super::registry::SIDECAR_FILE),
+        br#"{"head": "mean"}"#,
+    )
+    .unwrap();
+    let (after, new) = registry.load("one", "t", None).unwrap();
+    assert!(new && after.id != before.id);
+
+    let outside = tempfile::tempdir().unwrap();
+    write_adapter(outside.path(), "real", 2);
+    std::fs::create_dir_all(registry.root().join("linked")).unwrap();
+    for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+        std::os::unix::fs::symlink(
+            outside.path().join("real").join(f),
+            registry.root().join("linked").join(f),
+        )
+        .unwrap();
+    }
+    let err = registry.load("linked", "t", None).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
 }

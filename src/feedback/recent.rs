@@ -18,6 +18,11 @@ pub struct RecentRequest {
     pub arm: String,
 }
 
+/// Approximate memory per remembered request beyond its texts (map entry, id, vectors).
+const ENTRY_OVERHEAD: usize = 160;
+/// Approximate memory per remembered text beyond its bytes (string header, allocation rounding).
+const TEXT_OVERHEAD: usize = 48;
+
 struct Inner {
     map: HashMap<String, Arc<RecentRequest>>,
     order: VecDeque<(String, usize)>,
@@ -48,7 +53,13 @@ impl RecentRequests {
     /// Remembers `request` under `id`, forgetting the oldest as needed. A request larger than the whole
     /// byte budget is not remembered.
     pub fn insert(&self, id: String, request: RecentRequest) {
-        let size = request.texts.iter().map(String::len).sum::<usize>();
+        // Text bytes plus what each string and entry costs in memory beyond its text.
+        let size = ENTRY_OVERHEAD
+            + request
+                .texts
+                .iter()
+                .map(|t| t.len() + TEXT_OVERHEAD)
+                .sum::<usize>();
         if size > self.max_bytes || self.max_entries == 0 {
             return;
         }
@@ -108,19 +119,22 @@ mod tests {
 
     #[test]
     fn the_oldest_requests_are_forgotten_at_either_bound() {
-        let recent = RecentRequests::new(3, 10);
+        let recent = RecentRequests::new(3, 10 + 3 * (ENTRY_OVERHEAD + TEXT_OVERHEAD));
         for i in 0..5 {
             recent.insert(format!("r{i}"), request("ab"));
         }
         assert_eq!(recent.len(), 3);
         assert!(recent.get("r1").is_none() && recent.get("r4").is_some());
-        recent.insert("big".into(), request("abcdefgh"));
+        recent.insert("big".into(), request("abcdefghij"));
         assert!(recent.get("big").is_some());
         assert!(
             recent.get("r3").is_none(),
             "bytes bound evicts older requests"
         );
-        recent.insert("huge".into(), request("this is more than ten bytes"));
+        recent.insert(
+            "huge".into(),
+            request(&"x".repeat(10 + 3 * (ENTRY_OVERHEAD + TEXT_OVERHEAD))),
+        );
         assert!(recent.get("huge").is_none());
     }
 }

@@ -219,7 +219,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                     .error_handler(|e, _| json_error(e).into()),
             )
             .wrap(middleware::from_fn(observe))
-            .wrap(middleware::Compress::default())
             .configure(routes)
             .default_service(web::to(not_found))
     })
@@ -276,6 +275,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         config.adapters.clone(),
         model.config.clone(),
         &model.name,
+        model.bert.pooler.is_some(),
     )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);
     let infer = Infer::start(model, &config.batching, metrics)?;

@@ -57,7 +57,9 @@ pub async fn create(
     let task = web::block(move || registry.create_task(&name, labels))
         .await
         .map_err(|_| ApiError::busy())??;
-    let body = view(task, state.services()?)?;
+    let body = web::block(move || view(task, state.services()?))
+        .await
+        .map_err(|_| ApiError::busy())??;
     Ok(if existed {
         HttpResponse::Ok().json(body)
     } else {
@@ -68,13 +70,18 @@ pub async fn create(
 /// `GET /v1/tasks`.
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
-    let services = state.services()?;
-    let tasks = services
-        .registry
-        .tasks()
-        .into_iter()
-        .map(|t| view(t, services))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Counting feedback is a store query: keep it off the async workers.
+    let tasks = web::block(move || {
+        let services = state.services()?;
+        services
+            .registry
+            .tasks()
+            .into_iter()
+            .map(|t| view(t, services))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Ok().json(tasks))
 }
 
@@ -85,10 +92,15 @@ pub async fn get(
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
-    let services = state.services()?;
-    let task = services
-        .registry
-        .task(&name)
-        .ok_or_else(|| ApiError::not_found(format!("no task {:?}", name.as_str())))?;
-    Ok(HttpResponse::Ok().json(view(task, services)?))
+    let body = web::block(move || {
+        let services = state.services()?;
+        let task = services
+            .registry
+            .task(&name)
+            .ok_or_else(|| ApiError::not_found(format!("no task {:?}", name.as_str())))?;
+        view(task, services)
+    })
+    .await
+    .map_err(|_| ApiError::busy())??;
+    Ok(HttpResponse::Ok().json(body))
 }

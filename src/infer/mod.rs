@@ -107,6 +107,7 @@ pub struct Infer {
     tokenizer: TextTokenizer,
     model_name: String,
     dimensions: usize,
+    adapters_supported: bool,
     metrics: Metrics,
 }
 
@@ -121,6 +122,7 @@ impl Infer {
             max_batch_tokens: config.max_batch_tokens,
             tokenizer: model.tokenizer.clone(),
             model_name: model.name.clone(),
+            adapters_supported: model.cpu().is_some(),
             dimensions: model.config.hidden_size,
             metrics: metrics.clone(),
         };
@@ -149,6 +151,12 @@ impl Infer {
         texts: &[String],
         adapter: Arc<Adapter>,
     ) -> Result<Outputs, InferError> {
+        if !self.adapters_supported {
+            return Err(InferError::Invalid(
+                "adapters run on the CPU path only for now; this server's model runs elsewhere"
+                    .to_owned(),
+            ));
+        }
         if adapter.head.is_none() {
             return Err(InferError::Invalid(
                 "the adapter has no classification head".to_owned(),
@@ -164,14 +172,23 @@ impl Infer {
         adapter: Option<Arc<Adapter>>,
     ) -> Result<Outputs, InferError> {
         let started = Instant::now();
-        let sequences = texts
-            .iter()
-            .map(|t| {
-                self.tokenizer
-                    .encode(t)
-                    .map_err(|e| InferError::Invalid(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Tokenizing up to a request body's worth of text is CPU work: keep it off the async workers.
+        let (tokenizer, owned) = (self.tokenizer.clone(), texts.to_vec());
+        let sequences = tokio::task::spawn_blocking(move || {
+            owned
+                .iter()
+                .map(|t| {
+                    tokenizer
+                        .encode(t)
+                        .map_err(|e| InferError::Invalid(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| InferError::Model("tokenization task failed".to_owned()))??;
+        if let Some(i) = sequences.iter().position(Vec::is_empty) {
+            return Err(InferError::Invalid(format!("inputs[{i}] yields no tokens")));
+        }
         let tokenize = started.elapsed();
         self.metrics
             .tokenize_duration

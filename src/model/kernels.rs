@@ -67,6 +67,11 @@ fn parallelism(work: usize) -> Parallelism {
     }
 }
 
+/// `a · b`, panicking on overflow: these sizes guard unsafe GEMM calls, so they must not wrap.
+fn size(a: usize, b: usize) -> usize {
+    a.checked_mul(b).expect("kernel size overflows usize")
+}
+
 /// `out[rows × n] = x[rows × k] · wᵀ + bias`, where `w` is `[n × k]` row-major (PyTorch's `Linear` layout).
 ///
 /// `out` is overwritten; its previous contents are ignored.
@@ -79,9 +84,9 @@ pub fn linear(
     n: usize,
     out: &mut [f32],
 ) {
-    assert_eq!(x.len(), rows * k, "linear: input is not rows × k");
-    assert_eq!(w.len(), n * k, "linear: weight is not n × k");
-    assert_eq!(out.len(), rows * n, "linear: output is not rows × n");
+    assert_eq!(x.len(), size(rows, k), "linear: input is not rows × k");
+    assert_eq!(w.len(), size(n, k), "linear: weight is not n × k");
+    assert_eq!(out.len(), size(rows, n), "linear: output is not rows × n");
     if rows == 0 {
         return;
     }
@@ -116,7 +121,7 @@ pub fn linear(
             false,
             false,
             false,
-            parallelism(rows * n * k),
+            parallelism(rows.saturating_mul(n).saturating_mul(k)),
         );
     }
 }
@@ -134,13 +139,17 @@ pub fn linear_accumulate(
 ) {
     assert_eq!(
         x.len(),
-        rows * k,
+        size(rows, k),
         "linear_accumulate: input is not rows × k"
     );
-    assert_eq!(w.len(), n * k, "linear_accumulate: weight is not n × k");
+    assert_eq!(
+        w.len(),
+        size(n, k),
+        "linear_accumulate: weight is not n × k"
+    );
     assert_eq!(
         out.len(),
-        rows * n,
+        size(rows, n),
         "linear_accumulate: output is not rows × n"
     );
     if rows == 0 {
@@ -167,7 +176,7 @@ pub fn linear_accumulate(
             false,
             false,
             false,
-            parallelism(rows * n * k),
+            parallelism(rows.saturating_mul(n).saturating_mul(k)),
         );
     }
 }
@@ -349,11 +358,17 @@ pub fn attention(
     head_dim: usize,
     out: &mut [f32],
 ) {
-    let hidden = heads * head_dim;
+    let hidden = size(heads, head_dim);
     let tokens = *offsets.last().unwrap_or(&0);
+    assert!(
+        offsets.first().is_none_or(|&o| o == 0) && offsets.windows(2).all(|w| w[0] <= w[1]),
+        "attention: offsets must start at 0 and never decrease"
+    );
+    let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    size(longest, longest);
     assert_eq!(
         q.len(),
-        tokens * hidden,
+        size(tokens, hidden),
         "attention: q is not tokens × hidden"
     );
     assert_eq!(k.len(), q.len(), "attention: k differs from q");
@@ -512,5 +527,23 @@ mod tests {
             let var: f32 = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 8.0;
             assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3);
         }
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "offsets")]
+    fn attention_refuses_decreasing_offsets() {
+        let mut out = vec![0.0; 2];
+        attention(&[0.0; 2], &[0.0; 2], &[0.0; 2], &[0, 2, 1], 1, 2, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "overflows")]
+    fn linear_refuses_sizes_that_overflow() {
+        linear(&[], 1 << 62, 4, &[], None, 4, &mut []);
     }
 }
