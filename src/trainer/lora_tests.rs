@@ -145,3 +145,71 @@ fn a_warm_start_reproduces_the_adapter_it_started_from() {
     );
     assert_eq!(again.parameter_count(), adapter.parameter_count());
 }
+
+#[test]
+fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
+    use super::data::Example;
+    use super::train::{train_lora, TrainConfig};
+    let bert = tiny::bert(11);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    // Label 0 texts contain token 5, label 1 texts token 9.
+    let make = |n: usize, token: u32, label: usize| -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                ids: vec![1, 20 + (i % 7) as u32, token, 30 + (i % 5) as u32, 2],
+                label,
+            })
+            .collect()
+    };
+    let train: Vec<Example> = make(24, 5, 0).into_iter().chain(make(24, 9, 1)).collect();
+    let val: Vec<Example> = make(6, 5, 0).into_iter().chain(make(6, 9, 1)).collect();
+    let config = TrainConfig {
+        epochs: 6,
+        batch_size: 8,
+        grad_accumulation: 2,
+        max_length: 16,
+        learning_rate: 1e-2,
+        ..TrainConfig::default()
+    };
+    let mut steps = 0;
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let report = train_lora(
+        &bert,
+        &cpu,
+        2,
+        &train,
+        &val,
+        &config,
+        None,
+        &mut |p| steps = p.step,
+        &cancel,
+    )
+    .unwrap();
+    assert_eq!(report.val.accuracy, 1.0, "{:?}", report.history);
+    assert!(report
+        .history
+        .iter()
+        .all(|h| h.val.macro_f1 <= report.val.macro_f1));
+    assert_eq!(steps, report.steps);
+    assert_eq!(
+        report.steps,
+        3 * report.history.len(),
+        "48 examples / (8 × 2) = 3 steps per epoch"
+    );
+    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cancelled = train_lora(
+        &bert,
+        &cpu,
+        2,
+        &train,
+        &val,
+        &config,
+        None,
+        &mut |_| {},
+        &cancel,
+    );
+    assert!(matches!(
+        cancelled,
+        Err(super::train::TrainError::Cancelled)
+    ));
+}
