@@ -49,6 +49,27 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Feedback handling.
     pub feedback: FeedbackConfig,
+    /// The trainer.
+    pub trainer: TrainerConfig,
+}
+
+/// The trainer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Threads the trainer may use; the rest of the cores keep serving.
+    pub threads: usize,
+    /// Most jobs queued or running (`POST /v1/train` answers 422 beyond).
+    pub max_queued_jobs: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            max_queued_jobs: 4,
+        }
+    }
 }
 
 /// Feedback handling.

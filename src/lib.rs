@@ -8,7 +8,7 @@
 //! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure. Knows no HTTP.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, server start and shutdown.
-//! - [`trainer`]: LoRA training on the candle path (trainable factors and heads, loss), exported as adapters.
+//! - [`trainer`]: LoRA training on the candle path, evaluation, and the job queue that publishes generations.
 //! - [`metrics`]: every Prometheus metric name, help text and bucket.
 //!
 //! Data flows one way: `http` → `infer` → `model`; `metrics` and `config` are shared by all.

@@ -9,6 +9,7 @@ mod feedback;
 mod ops;
 mod predict;
 mod tasks;
+mod train;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -27,6 +28,7 @@ use crate::feedback::FeedbackStore;
 use crate::infer::{Infer, Timings};
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError};
+use crate::trainer::jobs::{Jobs, TrainerDeps};
 use error::{json_error, ApiError};
 
 /// State shared by every handler.
@@ -48,6 +50,8 @@ pub struct Services {
     pub feedback: Arc<dyn FeedbackStore>,
     /// What recent predictions served, for feedback that names a request id.
     pub recent: Arc<RecentRequests>,
+    /// Training jobs.
+    pub jobs: Arc<Jobs>,
 }
 
 impl AppState {
@@ -102,6 +106,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/v1/feedback")
                 .route(web::post().to(feedback::post))
                 .route(web::get().to(feedback::list)),
+        )
+        .service(resource("/v1/train").route(web::post().to(train::submit)))
+        .service(resource("/v1/jobs").route(web::get().to(train::list)))
+        .service(
+            resource("/v1/jobs/{id}")
+                .route(web::get().to(train::get))
+                .route(web::delete().to(train::cancel)),
         )
         .service(resource("/v1/tasks/{name}").route(web::get().to(tasks::get)))
         .service(
@@ -278,16 +289,27 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         model.bert.pooler.is_some(),
     )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);
-    let infer = Infer::start(model, &config.batching, metrics)?;
-    let feedback = SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?;
+    let model = Arc::new(model);
+    let infer = Infer::start(model.clone(), &config.batching, metrics)?;
+    let feedback: Arc<dyn FeedbackStore> =
+        Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?);
     let recent = RecentRequests::new(
         config.feedback.recent_requests,
         config.feedback.recent_bytes,
     );
+    let registry = Arc::new(registry);
+    let deps = TrainerDeps {
+        model,
+        registry: registry.clone(),
+        feedback: feedback.clone(),
+        threads: config.trainer.threads,
+    };
+    let jobs = Jobs::start(&config.data.dir, deps, config.trainer.max_queued_jobs)?;
     Ok(Services {
         infer,
-        registry: Arc::new(registry),
-        feedback: Arc::new(feedback),
+        registry,
+        feedback,
         recent: Arc::new(recent),
+        jobs: Arc::new(jobs),
     })
 }

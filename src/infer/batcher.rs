@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Entry, EntryResult, InferError, Job};
@@ -11,7 +12,7 @@ use crate::model::{pooling, Model};
 
 /// Starts the thread that owns `model`; it ends when every [`super::Infer`] handle is dropped.
 pub(super) fn spawn(
-    model: Model,
+    model: Arc<Model>,
     config: BatchingConfig,
     rx: Receiver<Entry>,
     metrics: Metrics,
@@ -22,7 +23,7 @@ pub(super) fn spawn(
     Ok(())
 }
 
-fn batch_task(model: Model, config: BatchingConfig, rx: Receiver<Entry>, metrics: Metrics) {
+fn batch_task(model: Arc<Model>, config: BatchingConfig, rx: Receiver<Entry>, metrics: Metrics) {
     let mut waiting: VecDeque<Entry> = VecDeque::new();
     loop {
         if waiting.is_empty() {

@@ -113,7 +113,11 @@ pub struct Infer {
 
 impl Infer {
     /// Moves `model` onto its own OS thread and returns the handle that feeds it.
-    pub fn start(model: Model, config: &BatchingConfig, metrics: Metrics) -> std::io::Result<Self> {
+    pub fn start(
+        model: Arc<Model>,
+        config: &BatchingConfig,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let handle = Self {
             tx,

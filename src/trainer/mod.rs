@@ -1,8 +1,9 @@
 //! Training: LoRA factors and heads learnt on the candle path and exported as adapters the serving path
-//! runs; data splitting and batching; evaluation. (The job runner and publishing are the next pieces.)
+//! runs; data splitting and batching; evaluation. Jobs run one at a time on the trainer thread and publish new generations.
 
 pub mod data;
 pub mod eval;
+pub mod jobs;
 pub mod lora;
 pub mod train;
 

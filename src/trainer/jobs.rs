@@ -1,0 +1,499 @@
+//! Training jobs: a queue served by one trainer thread (so one job runs at a time, and serving keeps the
+//! cores its thread share leaves), job status for the API, cancellation, persistence of finished jobs, and
+//! publishing the result as a new adapter generation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::data::{stratified_split, truncate, Example};
+use super::eval::{evaluate, Evaluation};
+use super::train::{predict, train_lora, TrainConfig, TrainError};
+use crate::adapters::peft;
+use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
+use crate::feedback::FeedbackStore;
+use crate::model::Model;
+
+/// Most feedback rows one job reads.
+const MAX_ROWS: usize = 200_000;
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for the trainer thread.
+    Queued,
+    /// Training.
+    Running,
+    /// Published a generation.
+    Succeeded,
+    /// Stopped by an error (or a restart).
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+}
+
+/// A job as `GET /v1/jobs/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Job id.
+    pub id: String,
+    /// The task trained.
+    pub task: String,
+    /// `lora`.
+    pub method: String,
+    /// Lifecycle state.
+    pub state: JobState,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Optimizer steps planned.
+    pub total_steps: usize,
+    /// Current epoch.
+    pub epoch: usize,
+    /// Mean training loss of the current epoch.
+    pub train_loss: Option<f64>,
+    /// Latest (or, when done, best) validation scores.
+    pub val: Option<Evaluation>,
+    /// The stable generation's scores on the same validation split, when the task had one.
+    pub stable_val: Option<Evaluation>,
+    /// Estimated seconds left.
+    pub eta_seconds: Option<f64>,
+    /// Trainable values.
+    pub trainable_params: Option<usize>,
+    /// Seconds spent so far.
+    pub wall_seconds: f64,
+    /// The published generation.
+    pub adapter: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Hyperparameters.
+    pub config: TrainConfig,
+}
+
+/// What the trainer needs from the rest of the server.
+pub struct TrainerDeps {
+    /// The base model (shared with the serving thread).
+    pub model: Arc<Model>,
+    /// Tasks and generations.
+    pub registry: Arc<Registry>,
+    /// The feedback to learn from.
+    pub feedback: Arc<dyn FeedbackStore>,
+    /// Threads the trainer may use.
+    pub threads: usize,
+}
+
+struct Shared {
+    jobs: Mutex<BTreeMap<String, JobStatus>>,
+    cancel: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
+    path: std::path::PathBuf,
+}
+
+/// The job queue handle.
+pub struct Jobs {
+    shared: Arc<Shared>,
+    tx: Mutex<mpsc::Sender<String>>,
+    max_queued: usize,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Shared {
+    fn update(&self, id: &str, f: impl FnOnce(&mut JobStatus)) {
+        let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
+        if let Some(job) = jobs.get_mut(id) {
+            f(job);
+        }
+    }
+
+    fn persist(&self) {
+        let jobs = self
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .values()
+            .cloned()
+            .collect::<Vec<_>>();
+        match serde_json::to_vec_pretty(&jobs) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomically(&self.path, &bytes) {
+                    tracing::warn!(error = %e, "could not persist the job list");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not serialise the job list"),
+        }
+    }
+}
+
+impl Jobs {
+    /// Restores the job list from `data_dir/jobs.json` (jobs a restart interrupted are marked failed) and
+    /// starts the trainer thread.
+    pub fn start(data_dir: &Path, deps: TrainerDeps, max_queued: usize) -> std::io::Result<Self> {
+        let path = data_dir.join("jobs.json");
+        let mut jobs: BTreeMap<String, JobStatus> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<JobStatus>>(&b).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|j| (j.id.clone(), j))
+            .collect();
+        for job in jobs.values_mut() {
+            if matches!(job.state, JobState::Queued | JobState::Running) {
+                job.state = JobState::Failed;
+                job.error = Some("interrupted by a restart; submit it again".to_owned());
+            }
+        }
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new(jobs),
+            cancel: Mutex::new(BTreeMap::new()),
+            path,
+        });
+        shared.persist();
+        let (tx, rx) = mpsc::channel::<String>();
+        let worker = shared.clone();
+        std::thread::Builder::new()
+            .name("flywheel-trainer".to_owned())
+            .spawn(move || {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(deps.threads.max(1))
+                    .build();
+                let pool = match pool {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the trainer's thread pool");
+                        return;
+                    }
+                };
+                for id in rx {
+                    pool.install(|| run_job(&worker, &deps, &id));
+                }
+            })?;
+        Ok(Self {
+            shared,
+            tx: Mutex::new(tx),
+            max_queued,
+        })
+    }
+
+    /// Queues a LoRA job for `task`.
+    pub fn submit(&self, task: &str, config: TrainConfig) -> Result<JobStatus, TrainError> {
+        config.validate()?;
+        let queued = {
+            let jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            jobs.values()
+                .filter(|j| matches!(j.state, JobState::Queued | JobState::Running))
+                .count()
+        };
+        if queued >= self.max_queued {
+            return Err(TrainError::Invalid(format!(
+                "{queued} jobs are waiting; at most {} may",
+                self.max_queued
+            )));
+        }
+        let status = JobStatus {
+            id: format!("job-{}", uuid::Uuid::new_v4().simple()),
+            task: task.to_owned(),
+            method: "lora".to_owned(),
+            state: JobState::Queued,
+            step: 0,
+            total_steps: 0,
+            epoch: 0,
+            train_loss: None,
+            val: None,
+            stable_val: None,
+            eta_seconds: None,
+            trainable_params: None,
+            wall_seconds: 0.0,
+            adapter: None,
+            error: None,
+            created_at: now(),
+            config,
+        };
+        self.shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .insert(status.id.clone(), status.clone());
+        self.shared
+            .cancel
+            .lock()
+            .expect("cancel lock poisoned; this is a bug")
+            .insert(status.id.clone(), Arc::new(AtomicBool::new(false)));
+        self.shared.persist();
+        self.tx
+            .lock()
+            .expect("job sender lock poisoned; this is a bug")
+            .send(status.id.clone())
+            .map_err(|_| TrainError::Invalid("the trainer has stopped".to_owned()))?;
+        Ok(status)
+    }
+
+    /// A job's status.
+    pub fn get(&self, id: &str) -> Option<JobStatus> {
+        self.shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .get(id)
+            .cloned()
+    }
+
+    /// Every job, optionally of one task, newest first.
+    pub fn list(&self, task: Option<&str>) -> Vec<JobStatus> {
+        let jobs = self
+            .shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug");
+        let mut out: Vec<JobStatus> = jobs
+            .values()
+            .filter(|j| task.is_none_or(|t| j.task == t))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        out
+    }
+
+    /// Asks a queued or running job to stop; returns its status, or `None` if unknown.
+    pub fn cancel(&self, id: &str) -> Option<JobStatus> {
+        if let Some(flag) = self
+            .shared
+            .cancel
+            .lock()
+            .expect("cancel lock poisoned; this is a bug")
+            .get(id)
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+        self.shared.update(id, |j| {
+            if j.state == JobState::Queued {
+                j.state = JobState::Cancelled;
+            }
+        });
+        self.shared.persist();
+        self.get(id)
+    }
+}
+
+fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
+    let Some(job) = shared
+        .jobs
+        .lock()
+        .expect("jobs lock poisoned; this is a bug")
+        .get(id)
+        .cloned()
+    else {
+        return;
+    };
+    if job.state != JobState::Queued {
+        return;
+    }
+    let cancel = shared
+        .cancel
+        .lock()
+        .expect("cancel lock poisoned; this is a bug")
+        .get(id)
+        .cloned()
+        .unwrap_or_default();
+    shared.update(id, |j| j.state = JobState::Running);
+    shared.persist();
+    let started = Instant::now();
+    let result = train_and_publish(shared, deps, &job, &cancel, started);
+    shared.update(id, |j| {
+        j.wall_seconds = started.elapsed().as_secs_f64();
+        j.eta_seconds = None;
+        match result {
+            Ok(adapter) => {
+                j.state = JobState::Succeeded;
+                j.adapter = Some(adapter);
+            }
+            Err(TrainError::Cancelled) => j.state = JobState::Cancelled,
+            Err(e) => {
+                j.state = JobState::Failed;
+                j.error = Some(e.to_string());
+            }
+        }
+    });
+    shared.persist();
+    shared
+        .cancel
+        .lock()
+        .expect("cancel lock poisoned; this is a bug")
+        .remove(id);
+}
+
+fn train_and_publish(
+    shared: &Shared,
+    deps: &TrainerDeps,
+    job: &JobStatus,
+    cancel: &AtomicBool,
+    started: Instant,
+) -> Result<String, TrainError> {
+    let task = deps
+        .registry
+        .task(&job.task)
+        .ok_or_else(|| TrainError::Invalid(format!("no task {:?}", job.task)))?;
+    let rows = deps
+        .feedback
+        .list(&task.name, 0, MAX_ROWS)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let snapshot_id = rows.last().map_or(0, |r| r.id);
+    let config = &job.config;
+    let model = &deps.model;
+    let mut examples = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(label) = task.labels.iter().position(|l| *l == row.label) else {
+            continue;
+        };
+        let ids = model
+            .tokenizer
+            .encode(&row.text)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        examples.push(Example {
+            ids: truncate(ids, config.max_length),
+            label,
+        });
+    }
+    for (i, label) in task.labels.iter().enumerate() {
+        let n = examples.iter().filter(|e| e.label == i).count();
+        if n < 2 {
+            return Err(TrainError::Invalid(format!(
+                "label {label:?} has {n} feedback examples; training needs at least 2"
+            )));
+        }
+    }
+    let (train, val) = stratified_split(
+        examples,
+        task.labels.len(),
+        config.val_fraction,
+        config.seed,
+    );
+    let cpu = model.cpu().ok_or_else(|| {
+        TrainError::Invalid("training runs on the CPU path only for now".to_owned())
+    })?;
+    let stable = deps
+        .registry
+        .resolve(&task.name)
+        .filter(|g| g.task == task.name);
+    let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
+    let stable_val = match stable.as_ref().and_then(|g| g.adapter.clone()) {
+        Some(a) => Some(evaluate(
+            &predict(cpu, &a, &val)?,
+            &truth,
+            task.labels.len(),
+        )),
+        None => None,
+    };
+    shared.update(&job.id, |j| j.stable_val = stable_val.clone());
+    let report = train_lora(
+        &model.bert,
+        cpu,
+        task.labels.len(),
+        &train,
+        &val,
+        config,
+        None,
+        &mut |p| {
+            let elapsed = started.elapsed().as_secs_f64();
+            shared.update(&job.id, |j| {
+                j.step = p.step;
+                j.total_steps = p.total_steps;
+                j.epoch = p.epoch;
+                j.train_loss = Some(p.train_loss);
+                if p.val.is_some() {
+                    j.val = p.val.clone();
+                }
+                j.wall_seconds = elapsed;
+                j.eta_seconds =
+                    (p.step > 0).then(|| elapsed / p.step as f64 * (p.total_steps - p.step) as f64);
+            });
+        },
+        cancel,
+    )?;
+    shared.update(&job.id, |j| {
+        j.val = Some(report.val.clone());
+        j.trainable_params = Some(report.trainable_params);
+    });
+
+    // Publish: write the generation into a temporary directory under the adapter root, fsync, rename.
+    let name = format!("trained/{}-{}", task.name, job.id);
+    let final_dir = deps.registry.root().join(&name);
+    let parent = final_dir
+        .parent()
+        .ok_or_else(|| TrainError::Invalid("bad adapter path".to_owned()))?;
+    let io = |e: std::io::Error| TrainError::Invalid(format!("publishing the adapter: {e}"));
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let tmp = parent.join(format!(".tmp-{}", job.id));
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    let peft_config = peft::AdapterConfig::for_adapter(&report.adapter, config.alpha, &model.name);
+    let weights = peft::encode(&report.adapter).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let mut metrics = serde_json::Map::new();
+    metrics.insert(
+        "val".to_owned(),
+        serde_json::to_value(&report.val).unwrap_or_default(),
+    );
+    metrics.insert(
+        "stable_val".to_owned(),
+        serde_json::to_value(&stable_val).unwrap_or_default(),
+    );
+    metrics.insert("best_epoch".to_owned(), report.best_epoch.into());
+    metrics.insert("steps".to_owned(), report.steps.into());
+    metrics.insert("wall_seconds".to_owned(), report.wall_seconds.into());
+    metrics.insert(
+        "trainable_params".to_owned(),
+        report.trainable_params.into(),
+    );
+    metrics.insert("train_examples".to_owned(), train.len().into());
+    metrics.insert("val_examples".to_owned(), val.len().into());
+    metrics.insert("feedback_snapshot_id".to_owned(), snapshot_id.into());
+    metrics.insert(
+        "hyperparameters".to_owned(),
+        serde_json::to_value(config).unwrap_or_default(),
+    );
+    metrics.insert("job".to_owned(), job.id.clone().into());
+    let sidecar = Sidecar {
+        task: Some(task.name.clone()),
+        labels: Some(task.labels.clone()),
+        head: Some(crate::model::lora::Pooling::Cls),
+        parent: stable.map(|g| g.id.clone()),
+        metrics,
+    };
+    let store = |file: &str, bytes: &[u8]| {
+        write_atomically(&tmp.join(file), bytes).map_err(|e| TrainError::Invalid(e.to_string()))
+    };
+    store(
+        peft::CONFIG_FILE,
+        peft::config_json(&peft_config)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?
+            .as_bytes(),
+    )?;
+    store(peft::WEIGHTS_FILE, &weights)?;
+    store(
+        SIDECAR_FILE,
+        &serde_json::to_vec_pretty(&sidecar).map_err(|e| TrainError::Invalid(e.to_string()))?,
+    )?;
+    std::fs::rename(&tmp, &final_dir).map_err(io)?;
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    let (generation, _) = deps
+        .registry
+        .load(&name, &task.name, None)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = report.val.macro_f1, "training published a generation");
+    Ok(generation.id.clone())
+}
