@@ -1,17 +1,21 @@
 //! Flywheel: a fine-tune-and-serve server. It hosts a pretrained transformer (all-MiniLM-L6-v2 by default),
-//! serves embeddings over HTTP with dynamic batching, and exports Prometheus metrics.
+//! serves embeddings and classifications over HTTP with dynamic batching and per-request LoRA adapters,
+//! stores feedback, trains new adapter generations from it, and exports Prometheus metrics.
 //!
 //! # Layout
 //! - [`config`]: the one `Config` (file, environment, flags), passed down.
-//! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path),
-//!   tokenization, pooling. Knows nothing above it.
+//! - [`rng`]: a seeded generator shared by every layer.
+//! - [`metrics`]: every Prometheus metric name, help text and bucket; the sliding-window latency summary.
+//! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path), LoRA
+//!   deltas and heads, tokenization, pooling. Knows nothing above it.
+//! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases.
 //! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure. Knows no HTTP.
-//! - [`http`]: actix-web routes, JSON bodies, the error table, server start and shutdown.
 //! - [`trainer`]: LoRA training on the candle path, evaluation, and the job queue that publishes generations.
-//! - [`metrics`]: every Prometheus metric name, help text and bucket.
+//! - [`http`]: actix-web routes, JSON bodies, the error table, auth, server start and shutdown.
 //!
-//! Data flows one way: `http` → `infer` → `model`; `metrics` and `config` are shared by all.
+//! Data flows one way, top of this list to bottom never the reverse: `http` → `trainer`/`infer` →
+//! `feedback`/`adapters` → `model`; `config`, `rng` and `metrics` are shared by all.
 
 pub mod adapters;
 pub mod config;
@@ -20,6 +24,7 @@ pub mod http;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod rng;
 pub mod trainer;
 
 pub use config::Config;

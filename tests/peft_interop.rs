@@ -120,17 +120,8 @@ fn a_python_peft_seq_cls_adapter_gives_pytorchs_logits_within_1e4() {
     assert_eq!(back, adapter);
 }
 
-/// Deterministic values in [-scale, scale).
 fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    flywheel::rng::Rng::new(seed).uniform(n, scale)
 }
 
 /// Writes an adapter made by Flywheel (rank 4 on all six linears, a 3-label head) and Flywheel's

@@ -10,15 +10,26 @@ use common::Server;
 use serde_json::{json, Value};
 
 fn mails(group: &str, n: usize) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} is missing: run datasets/fetch-spamassassin.sh", path.display()));
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: run datasets/fetch-spamassassin.sh",
+            path.display()
+        )
+    });
     text.lines()
         .step_by(7)
         .take(n)
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            v["text"].as_str().unwrap().split_whitespace().take(40).collect::<Vec<_>>().join(" ")
+            v["text"]
+                .as_str()
+                .unwrap()
+                .split_whitespace()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join(" ")
         })
         .collect()
 }
@@ -31,7 +42,11 @@ fn wait_for(server: &Server, job: &str, timeout: Duration) -> Value {
         if !matches!(body["state"].as_str(), Some("queued") | Some("running")) {
             return body;
         }
-        assert!(Instant::now() < deadline, "job still {} after {timeout:?}: {body}", body["state"]);
+        assert!(
+            Instant::now() < deadline,
+            "job still {} after {timeout:?}: {body}",
+            body["state"]
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -41,24 +56,58 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
     let data = tempfile::tempdir().unwrap();
     let job_id = {
         let server = Server::start_in(data.path(), &[]);
-        assert_eq!(server.post("/v1/tasks", &json!({"name": "spam", "labels": ["ham", "spam"]})).0, 201);
+        assert_eq!(
+            server
+                .post(
+                    "/v1/tasks",
+                    &json!({"name": "spam", "labels": ["ham", "spam"]})
+                )
+                .0,
+            201
+        );
         let (status, body) = server.post("/v1/train", &json!({"task": "spam"}));
         assert_eq!(status, 202, "{body}");
-        let failed = wait_for(&server, body["job_id"].as_str().unwrap(), Duration::from_secs(60));
+        let failed = wait_for(
+            &server,
+            body["job_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        );
         assert_eq!(failed["state"], "failed");
-        assert!(failed["error"].as_str().unwrap().contains("at least 2"), "{failed}");
+        assert!(
+            failed["error"].as_str().unwrap().contains("at least 2"),
+            "{failed}"
+        );
 
         let items: Vec<Value> = mails("easy-ham-1", 40)
             .into_iter()
             .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
-            .chain(mails("spam-1", 40).into_iter().map(|t| json!({"task": "spam", "text": t, "label": "spam"})))
+            .chain(
+                mails("spam-1", 40)
+                    .into_iter()
+                    .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+            )
             .collect();
         let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
         assert_eq!(status, 202, "{ack}");
 
-        assert_eq!(server.post("/v1/train", &json!({"task": "spam", "method": "full"})).0, 422);
-        assert_eq!(server.post("/v1/train", &json!({"task": "spam", "epochs": 0})).0, 422);
-        assert_eq!(server.post("/v1/train", &json!({"task": "spam", "bogus": 1})).0, 422);
+        assert_eq!(
+            server
+                .post("/v1/train", &json!({"task": "spam", "method": "full"}))
+                .0,
+            422
+        );
+        assert_eq!(
+            server
+                .post("/v1/train", &json!({"task": "spam", "epochs": 0}))
+                .0,
+            422
+        );
+        assert_eq!(
+            server
+                .post("/v1/train", &json!({"task": "spam", "bogus": 1}))
+                .0,
+            422
+        );
         assert_eq!(server.post("/v1/train", &json!({"task": "nope"})).0, 404);
 
         let config = json!({"task": "spam", "epochs": 3, "max_length": 48, "learning_rate": 0.003});
@@ -77,15 +126,34 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
         let macro_f1 = done["val"]["macro_f1"].as_f64().unwrap();
         assert!(macro_f1 >= 0.8, "{done}");
         eprintln!("job {job_id}: {done}");
-        assert_eq!(wait_for(&server, cancel_id, Duration::from_secs(60))["state"], "cancelled");
+        assert_eq!(
+            wait_for(&server, cancel_id, Duration::from_secs(60))["state"],
+            "cancelled"
+        );
 
         let adapter = done["adapter"].as_str().unwrap().to_owned();
         let (_, list) = server.get_json("/v1/adapters");
-        let trained = list.as_array().unwrap().iter().find(|a| a["id"] == adapter.as_str()).expect("listed");
-        assert_eq!(trained["aliases"], json!(["spam"]), "the task had no generation, so it becomes stable");
+        let trained = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == adapter.as_str())
+            .expect("listed");
+        assert_eq!(
+            trained["aliases"],
+            json!(["spam"]),
+            "the task had no generation, so it becomes stable"
+        );
         assert!(trained["metrics"]["val"]["macro_f1"].is_number());
-        let (status, body) = server.post("/v1/predict", &json!({"task": "spam", "inputs": ["Meeting notes attached"]}));
-        assert_eq!((status, body["adapter"].as_str()), (200, Some(adapter.as_str())), "{body}");
+        let (status, body) = server.post(
+            "/v1/predict",
+            &json!({"task": "spam", "inputs": ["Meeting notes attached"]}),
+        );
+        assert_eq!(
+            (status, body["adapter"].as_str()),
+            (200, Some(adapter.as_str())),
+            "{body}"
+        );
         job_id
     };
     let server = Server::start_in(data.path(), &[]);

@@ -8,19 +8,8 @@ use candle_nn::VarBuilder;
 use super::bert::Bert;
 use super::hf_config::BertConfig;
 
-/// Deterministic pseudo-random values in [-scale, scale) from a 64-bit LCG.
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6_364_136_223_846_793_005)
-        .wrapping_add(1_442_695_040_888_963_407);
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    crate::rng::Rng::new(seed).uniform(n, scale)
 }
 
 /// Named tensors of a random BERT with `config`'s shapes, names prefixed with `prefix`.

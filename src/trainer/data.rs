@@ -3,6 +3,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::model::Result;
+pub use crate::rng::Rng;
 
 /// One labelled, tokenized example.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,33 +12,6 @@ pub struct Example {
     pub ids: Vec<u32>,
     /// Label index.
     pub label: usize,
-}
-
-/// A seeded 64-bit generator (splitmix64): reproducible shuffles without a dependency.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fisher-Yates shuffle.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            items.swap(i, j);
-        }
-    }
 }
 
 /// Splits `examples` into (train, validation), taking `val_fraction` of each label (at least one example of

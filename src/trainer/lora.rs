@@ -12,17 +12,8 @@ use crate::model::bert::{Bert, Deltas};
 use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
 use crate::model::{BertConfig, ModelError, Result};
 
-/// Deterministic uniform values in [-bound, bound).
 fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
-        })
-        .collect()
+    crate::rng::Rng::new(seed).uniform(n, bound)
 }
 
 fn var(values: Vec<f32>, shape: (usize, usize), device: &Device) -> Result<Var> {

@@ -337,7 +337,8 @@ pub fn train_lora(
             train_loss,
             val: Some(evaluation.clone()),
         });
-        if best.as_ref().is_none_or(|b| evaluation.macro_f1 > b.0) {
+        // Ties go to the later epoch: the same validation score after more training.
+        if best.as_ref().is_none_or(|b| evaluation.macro_f1 >= b.0) {
             best = Some((evaluation.macro_f1, epoch, adapter, evaluation));
             since_best = 0;
         } else {
