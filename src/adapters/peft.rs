@@ -542,10 +542,25 @@ mod tests {
     fn rslora_scales_by_alpha_over_the_square_root_of_r() {
         let config = BertConfig::tiny();
         let adapter = tiny::adapter(&config, 5, &[Target::Query], 4, false);
-        let peft = AdapterConfig { use_rslora: true, ..AdapterConfig::for_adapter(&adapter, 8.0, "tiny") };
+        let peft = AdapterConfig {
+            use_rslora: true,
+            ..AdapterConfig::for_adapter(&adapter, 8.0, "tiny")
+        };
         let decoded = decode(&peft, &encode(&adapter).unwrap(), &config, Pooling::Cls).unwrap();
-        assert_eq!(decoded.delta(0, Target::Query).unwrap().scale, 4.0, "8 / √4");
-        assert_eq!(AdapterConfig { use_rslora: false, ..peft }.scale(4), 2.0, "8 / 4");
+        assert_eq!(
+            decoded.delta(0, Target::Query).unwrap().scale,
+            4.0,
+            "8 / √4"
+        );
+        assert_eq!(
+            AdapterConfig {
+                use_rslora: false,
+                ..peft
+            }
+            .scale(4),
+            2.0,
+            "8 / 4"
+        );
     }
 
     #[test]

@@ -336,6 +336,15 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .remove(id);
 }
 
+/// Whether training can continue from `adapter`: a `[CLS]` head without its own pooler, of the task's width.
+fn warm_startable(adapter: &crate::model::lora::Adapter, labels: usize) -> bool {
+    adapter.head.as_ref().is_some_and(|h| {
+        h.pooling == crate::model::lora::Pooling::Cls
+            && h.pooler.is_none()
+            && h.classifier.out_features == labels
+    }) && adapter.deltas().next().is_some()
+}
+
 fn train_and_publish(
     shared: &Shared,
     deps: &TrainerDeps,
@@ -399,6 +408,10 @@ fn train_and_publish(
         None => None,
     };
     shared.update(&job.id, |j| j.stable_val = stable_val.clone());
+    let warm = stable
+        .as_ref()
+        .and_then(|g| g.adapter.clone())
+        .filter(|a| config.warm_start && warm_startable(a, task.labels.len()));
     let report = train_lora(
         &model.bert,
         cpu,
@@ -406,7 +419,7 @@ fn train_and_publish(
         &train,
         &val,
         config,
-        None,
+        warm.as_deref(),
         &mut |p| {
             let elapsed = started.elapsed().as_secs_f64();
             shared.update(&job.id, |j| {
@@ -465,6 +478,7 @@ fn train_and_publish(
         serde_json::to_value(config).unwrap_or_default(),
     );
     metrics.insert("job".to_owned(), job.id.clone().into());
+    metrics.insert("warm_started".to_owned(), warm.is_some().into());
     let sidecar = Sidecar {
         task: Some(task.name.clone()),
         labels: Some(task.labels.clone()),

@@ -213,3 +213,61 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
         Err(super::train::TrainError::Cancelled)
     ));
 }
+
+#[test]
+fn a_warm_started_run_continues_from_the_given_adapter() {
+    use super::data::Example;
+    use super::train::{train_lora, TrainConfig};
+    let bert = tiny::bert(11);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let start = trainable(&bert.config);
+    perturb(&start);
+    let warm = start.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let train: Vec<Example> = (0..16)
+        .map(|i| Example {
+            ids: vec![1, 5 + (i % 2) as u32, 2],
+            label: i % 2,
+        })
+        .collect();
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: 8,
+        learning_rate: 1e-6,
+        max_length: 16,
+        ..TrainConfig::default()
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let run = |w| {
+        train_lora(
+            &bert,
+            &cpu,
+            3,
+            &train,
+            &train,
+            &config,
+            w,
+            &mut |_| {},
+            &cancel,
+        )
+        .unwrap()
+        .adapter
+    };
+    let continued = run(Some(&warm));
+    let fresh = run(None);
+    let head = |a: &crate::model::lora::Adapter| a.head.clone().unwrap().classifier.weight;
+    let diff = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    };
+    assert!(
+        diff(&head(&continued), &head(&warm)) < 1e-3,
+        "a tiny learning rate barely moves a warm start"
+    );
+    assert!(
+        diff(&head(&fresh), &head(&warm)) > 1e-2,
+        "a fresh start is elsewhere"
+    );
+    assert_eq!(continued.deltas().count(), warm.deltas().count());
+}

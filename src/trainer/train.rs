@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     /// Seed of initialisation, split and shuffles.
     pub seed: u64,
+    /// Start from the task's stable generation when it is a LoRA `[CLS]` adapter (its rank and targets then
+    /// replace `rank` and `targets`); otherwise from fresh factors.
+    pub warm_start: bool,
 }
 
 impl Default for TrainConfig {
@@ -67,6 +70,7 @@ impl Default for TrainConfig {
             patience: 3,
             val_fraction: 0.15,
             seed: 0,
+            warm_start: true,
         }
     }
 }
