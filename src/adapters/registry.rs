@@ -192,7 +192,36 @@ fn storage(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Storage(e.to_string())
 }
 
+/// Refuses a task or alias name that [`valid_name`] rejects, saying what kind of name it was.
+fn check_name(what: &str, name: &str) -> Result<(), RegistryError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(format!(
+            "{what} {name:?} must be 1-64 of A-Z a-z 0-9 _ . - and not start with g-"
+        )))
+    }
+}
+
 impl Registry {
+    /// Takes the writer mutex, then the state lock (always in this order).
+    fn lock_for_write(
+        &self,
+    ) -> (
+        std::sync::MutexGuard<'_, ()>,
+        std::sync::RwLockWriteGuard<'_, Inner>,
+    ) {
+        let writer = self
+            .write
+            .lock()
+            .expect("registry writer lock poisoned; this is a bug");
+        let inner = self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug");
+        (writer, inner)
+    }
+
     /// Opens the registry in `data_dir` (creating `adapters/`), restoring tasks, generations and aliases.
     pub fn open(
         data_dir: &Path,
@@ -278,11 +307,7 @@ impl Registry {
 
     /// Creates a task; its name becomes its stable alias once a generation exists.
     pub fn create_task(&self, name: &str, labels: Vec<String>) -> Result<Task, RegistryError> {
-        if !valid_name(name) {
-            return Err(RegistryError::Invalid(format!(
-                "task name {name:?} must be 1-64 of A-Z a-z 0-9 _ . -"
-            )));
-        }
+        check_name("task name", name)?;
         if labels.len() < 2 || labels.len() > self.limits.max_labels {
             return Err(RegistryError::Invalid(format!(
                 "a task needs 2 to {} labels",
@@ -297,14 +322,7 @@ impl Registry {
                 )));
             }
         }
-        let _w = self
-            .write
-            .lock()
-            .expect("registry writer lock poisoned; this is a bug");
-        let mut inner = self
-            .inner
-            .write()
-            .expect("registry lock poisoned; this is a bug");
+        let (_w, mut inner) = self.lock_for_write();
         if !inner.tasks.contains_key(name) && inner.aliases.contains_key(name) {
             return Err(RegistryError::Conflict(format!(
                 "{name:?} is already an alias of another task's generation"
@@ -529,11 +547,7 @@ impl Registry {
         alias: Option<&str>,
     ) -> Result<(Arc<Generation>, bool), RegistryError> {
         if let Some(a) = alias {
-            if !valid_name(a) {
-                return Err(RegistryError::Invalid(format!(
-                    "alias {a:?} must be 1-64 of A-Z a-z 0-9 _ . -"
-                )));
-            }
+            check_name("alias", a)?;
         }
         let tasks = self
             .inner
@@ -542,14 +556,7 @@ impl Registry {
             .tasks
             .clone();
         let generation = self.load_files(path, task, &tasks)?;
-        let _w = self
-            .write
-            .lock()
-            .expect("registry writer lock poisoned; this is a bug");
-        let mut inner = self
-            .inner
-            .write()
-            .expect("registry lock poisoned; this is a bug");
+        let (_w, mut inner) = self.lock_for_write();
         if let Some(a) = alias {
             self.check_alias(&inner, a, task)?;
         }
@@ -617,19 +624,8 @@ impl Registry {
 
     /// Points `alias` at generation `id` (same task only), atomically.
     pub fn set_alias(&self, alias: &str, id: &str) -> Result<Arc<Generation>, RegistryError> {
-        if !valid_name(alias) {
-            return Err(RegistryError::Invalid(format!(
-                "alias {alias:?} must be 1-64 of A-Z a-z 0-9 _ . -"
-            )));
-        }
-        let _w = self
-            .write
-            .lock()
-            .expect("registry writer lock poisoned; this is a bug");
-        let mut inner = self
-            .inner
-            .write()
-            .expect("registry lock poisoned; this is a bug");
+        check_name("alias", alias)?;
+        let (_w, mut inner) = self.lock_for_write();
         let generation = inner
             .generations
             .get(id)
@@ -654,14 +650,7 @@ impl Registry {
 
     /// Removes generation `id` unless an alias points at it. In-flight requests keep their lease.
     pub fn delete(&self, id: &str) -> Result<(), RegistryError> {
-        let _w = self
-            .write
-            .lock()
-            .expect("registry writer lock poisoned; this is a bug");
-        let mut inner = self
-            .inner
-            .write()
-            .expect("registry lock poisoned; this is a bug");
+        let (_w, mut inner) = self.lock_for_write();
         if !inner.generations.contains_key(id) {
             return Err(RegistryError::NotFound(format!("no adapter {id:?}")));
         }
