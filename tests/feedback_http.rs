@@ -127,6 +127,12 @@ fn duplicates_are_counted_and_bad_items_are_refused_by_name() {
             "{body} → {answer}"
         );
     }
+    let (status, answer) = server.get_json("/v1/feedback?limit=5");
+    assert_eq!(
+        (status, answer["error_type"].as_str()),
+        (422, Some("invalid_request")),
+        "{answer}"
+    );
     let too_many: Vec<Value> = (0..1001)
         .map(|i| json!({"task": "sentiment", "text": format!("t{i}"), "label": "neutral"}))
         .collect();

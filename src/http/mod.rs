@@ -229,6 +229,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                     .limit(max_body)
                     .error_handler(|e, _| json_error(e).into()),
             )
+            .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                ApiError::invalid(format!("invalid query string: {e}")).into()
+            }))
             .wrap(middleware::from_fn(observe))
             .configure(routes)
             .default_service(web::to(not_found))
