@@ -49,18 +49,7 @@ fn write_variant(server: &Server, name: &str) {
         peft::read(&common::peft_fixture_dir(), &model, Pooling::Cls).unwrap();
     adapter.head.as_mut().unwrap().classifier.bias[0] += 3.0;
     let dir = server.data_dir.join("adapters").join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let written = peft::AdapterConfig::for_adapter(&adapter, config.lora_alpha, "all-MiniLM-L6-v2");
-    std::fs::write(
-        dir.join(peft::CONFIG_FILE),
-        peft::config_json(&written).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join(peft::WEIGHTS_FILE),
-        peft::encode(&adapter).unwrap(),
-    )
-    .unwrap();
+    peft::write_dir(&dir, &adapter, config.lora_alpha, "all-MiniLM-L6-v2").unwrap();
 }
 
 fn setup(server: &Server) -> String {

@@ -7,14 +7,7 @@ use candle_core::Device;
 use flywheel::model::{LoadOptions, Model};
 
 fn load() -> Model {
-    Model::load(
-        &common::model_dir(),
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-        },
-    )
-    .expect("model loads")
+    common::load_model()
 }
 
 #[test]

@@ -5,10 +5,9 @@ mod common;
 
 use std::path::Path;
 
-use candle_core::Device;
 use flywheel::adapters::peft;
 use flywheel::model::lora::{Adapter, Pooling};
-use flywheel::model::{LoadOptions, Model};
+use flywheel::model::Model;
 
 /// Text, PyTorch logits, PyTorch probabilities.
 type Row = (String, Vec<f32>, Vec<f32>);
@@ -56,23 +55,9 @@ fn logits(model: &Model, adapter: &Adapter, text: &str) -> Vec<f32> {
         .unwrap()
 }
 
-fn softmax(v: &[f32]) -> Vec<f32> {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = v.iter().map(|x| (x - max).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.iter().map(|x| x / s).collect()
-}
-
 #[test]
 fn a_python_peft_seq_cls_adapter_gives_pytorchs_logits_within_1e4() {
-    let model = Model::load(
-        &common::model_dir(),
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-        },
-    )
-    .unwrap();
+    let model = common::load_model();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_seq_cls");
     let (config, adapter) = peft::read(&dir, &model.config, Pooling::Cls).unwrap();
     assert_eq!(
@@ -92,7 +77,7 @@ fn a_python_peft_seq_cls_adapter_gives_pytorchs_logits_within_1e4() {
             .zip(want_logits)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
-        let max_prob = softmax(&got)
+        let max_prob = flywheel::model::pooling::softmax(&got)
             .iter()
             .zip(want_probs)
             .map(|(a, b)| (a - b).abs())
@@ -105,17 +90,7 @@ fn a_python_peft_seq_cls_adapter_gives_pytorchs_logits_within_1e4() {
 
     // Flywheel's writer, read back, serves the same numbers.
     let out = tempfile::tempdir().unwrap();
-    let written = peft::AdapterConfig::for_adapter(&adapter, config.lora_alpha, "all-MiniLM-L6-v2");
-    std::fs::write(
-        out.path().join(peft::CONFIG_FILE),
-        peft::config_json(&written).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        out.path().join(peft::WEIGHTS_FILE),
-        peft::encode(&adapter).unwrap(),
-    )
-    .unwrap();
+    peft::write_dir(out.path(), &adapter, config.lora_alpha, "all-MiniLM-L6-v2").unwrap();
     let (_, back) = peft::read(out.path(), &model.config, Pooling::Cls).unwrap();
     assert_eq!(back, adapter);
 }
@@ -130,14 +105,7 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 #[test]
 fn flywheel_exports_an_adapter_for_python_peft() {
     use flywheel::model::lora::{Dense, Head, LoraDelta, Target};
-    let model = Model::load(
-        &common::model_dir(),
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-        },
-    )
-    .unwrap();
+    let model = common::load_model();
     let mut adapter = Adapter::empty(model.config.num_hidden_layers);
     for layer in 0..model.config.num_hidden_layers {
         for (k, target) in Target::ALL.into_iter().enumerate() {
@@ -166,22 +134,11 @@ fn flywheel_exports_an_adapter_for_python_peft() {
     });
 
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-export");
-    std::fs::create_dir_all(&out).unwrap();
-    let config = peft::AdapterConfig::for_adapter(&adapter, 8.0, "all-MiniLM-L6-v2");
-    std::fs::write(
-        out.join(peft::CONFIG_FILE),
-        peft::config_json(&config).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        out.join(peft::WEIGHTS_FILE),
-        peft::encode(&adapter).unwrap(),
-    )
-    .unwrap();
+    peft::write_dir(&out, &adapter, 8.0, "all-MiniLM-L6-v2").unwrap();
     let (items, _) = fixture();
     let rows: Vec<serde_json::Value> = items
         .iter()
-        .map(|(text, _, _)| serde_json::json!({"text": text, "probs": softmax(&logits(&model, &adapter, text))}))
+        .map(|(text, _, _)| serde_json::json!({"text": text, "probs": flywheel::model::pooling::softmax(&logits(&model, &adapter, text))}))
         .collect();
     std::fs::write(
         out.join("flywheel_probs.json"),

@@ -6,8 +6,6 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::Device;
-use flywheel::model::{LoadOptions, Model};
 use flywheel::trainer::data::{stratified_split, truncate, Example};
 use flywheel::trainer::eval::evaluate;
 use flywheel::trainer::train::{predict, train_lora, TrainConfig};
@@ -33,14 +31,7 @@ fn mails(group: &str) -> Vec<String> {
 
 #[test]
 fn lora_learns_spam_from_a_small_real_sample() {
-    let model = Model::load(
-        &common::model_dir(),
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-        },
-    )
-    .unwrap();
+    let model = common::load_model();
     let config = TrainConfig {
         epochs: 4,
         max_length: 48,

@@ -465,6 +465,34 @@ pub fn encode(adapter: &Adapter) -> Result<Vec<u8>, PeftError> {
     safetensors::serialize(views, Some(metadata)).map_err(|e| invalid(e.to_string()))
 }
 
+/// Writes `adapter` as a PEFT directory into `dir` (created if needed): `adapter_config.json` for scaling
+/// numerator `lora_alpha` and base model `base`, and `adapter_model.safetensors`, each fsynced.
+pub fn write_dir(
+    dir: &Path,
+    adapter: &Adapter,
+    lora_alpha: f64,
+    base: &str,
+) -> Result<(), PeftError> {
+    let io = |file: &str, e: std::io::Error| PeftError::Io {
+        file: file.to_owned(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+    let config = config_json(&AdapterConfig::for_adapter(adapter, lora_alpha, base))?;
+    for (file, bytes) in [
+        (CONFIG_FILE, config.into_bytes()),
+        (WEIGHTS_FILE, encode(adapter)?),
+    ] {
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(dir.join(file))?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()
+        };
+        write().map_err(|e| io(file, e))?;
+    }
+    Ok(())
+}
+
 /// The `adapter_config.json` text Flywheel writes.
 pub fn config_json(config: &AdapterConfig) -> Result<String, PeftError> {
     serde_json::to_string_pretty(config).map_err(|e| invalid(e.to_string()))

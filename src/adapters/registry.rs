@@ -162,7 +162,6 @@ pub struct Registry {
     index_path: PathBuf,
     limits: AdaptersConfig,
     model: BertConfig,
-    model_name: String,
     base_has_pooler: bool,
     inner: RwLock<Inner>,
     /// Serialises writers so index writes never interleave.
@@ -227,7 +226,6 @@ impl Registry {
         data_dir: &Path,
         limits: AdaptersConfig,
         model: BertConfig,
-        model_name: &str,
         base_has_pooler: bool,
     ) -> Result<Self, RegistryError> {
         let root = data_dir.join("adapters");
@@ -238,7 +236,6 @@ impl Registry {
             index_path: data_dir.join(INDEX_FILE),
             limits,
             model,
-            model_name: model_name.to_owned(),
             base_has_pooler,
             inner: RwLock::new(Inner::default()),
             write: std::sync::Mutex::new(()),
@@ -721,11 +718,6 @@ impl Registry {
             .values()
             .filter(|g| g.state == State::Ready)
             .count()
-    }
-
-    /// Name of the base model adapters are made for.
-    pub fn model_name(&self) -> &str {
-        &self.model_name
     }
 }
 

@@ -11,30 +11,11 @@ use crate::model::{tiny, BertConfig};
 fn write_adapter(root: &Path, name: &str, seed: u64) {
     let config = BertConfig::tiny();
     let adapter = tiny::adapter(&config, seed, &[Target::Query, Target::Value], 4, false);
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let peft_config = peft::AdapterConfig::for_adapter(&adapter, 8.0, "tiny");
-    std::fs::write(
-        dir.join(peft::CONFIG_FILE),
-        peft::config_json(&peft_config).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join(peft::WEIGHTS_FILE),
-        peft::encode(&adapter).unwrap(),
-    )
-    .unwrap();
+    peft::write_dir(&root.join(name), &adapter, 8.0, "tiny").unwrap();
 }
 
 fn open(data: &Path) -> Registry {
-    Registry::open(
-        data,
-        AdaptersConfig::default(),
-        BertConfig::tiny(),
-        "tiny",
-        true,
-    )
-    .unwrap()
+    Registry::open(data, AdaptersConfig::default(), BertConfig::tiny(), true).unwrap()
 }
 
 fn labels() -> Vec<String> {
@@ -181,7 +162,7 @@ fn task_names_labels_and_limits_are_checked() {
         max_adapters: 1,
         ..AdaptersConfig::default()
     };
-    let registry = Registry::open(data.path(), limits, BertConfig::tiny(), "tiny", true).unwrap();
+    let registry = Registry::open(data.path(), limits, BertConfig::tiny(), true).unwrap();
     assert!(registry.create_task("bad name", labels()).is_err());
     assert!(registry.create_task("t", vec!["only".into()]).is_err());
     assert!(registry

@@ -288,7 +288,6 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         &config.data.dir,
         config.adapters.clone(),
         model.config.clone(),
-        &model.name,
         model.bert.pooler.is_some(),
     )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);

@@ -140,7 +140,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
                         Job::Classify => logits
                             .get(i)
                             .and_then(|l| l.as_deref())
-                            .map(softmax)
+                            .map(pooling::softmax)
                             .ok_or_else(|| {
                                 InferError::Model(
                                     "no logits for a classification row; this is a bug".into(),
@@ -164,14 +164,6 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
             }
         }
     }
-}
-
-/// Softmax of logits, computed in f64 for stable tails.
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|e| (e / sum) as f32).collect()
 }
 
 #[cfg(test)]

@@ -104,14 +104,6 @@ impl LatencyWindow {
             })
             .collect()
     }
-
-    /// The quantile `q` (seconds) of `route` over the current window, if it saw any request.
-    pub fn quantile(&self, route: &str, q: f64) -> Option<f64> {
-        self.merged_at(self.now_slot())
-            .into_iter()
-            .find(|(r, h)| r == route && !h.is_empty())
-            .map(|(_, h)| h.value_at_quantile(q) as f64 / 1e6)
-    }
 }
 
 impl Collector for LatencyWindow {

@@ -43,39 +43,18 @@ impl Packed {
     }
 }
 
-#[derive(Debug, Clone)]
-struct DenseWeights {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    in_features: usize,
-    out_features: usize,
-}
-
-impl DenseWeights {
-    fn from(linear: &Linear) -> Result<Self> {
-        let bias = match &linear.bias {
-            Some(b) => to_vec(b)?,
-            None => vec![0.0; linear.out_features()],
-        };
-        Ok(Self {
-            weight: to_vec(&linear.weight)?,
-            bias,
-            in_features: linear.in_features(),
-            out_features: linear.out_features(),
-        })
-    }
-
-    fn run(&self, x: &[f32], rows: usize, out: &mut [f32]) {
-        kernels::linear(
-            x,
-            rows,
-            self.in_features,
-            &self.weight,
-            Some(&self.bias),
-            self.out_features,
-            out,
-        );
-    }
+/// Copies a candle `Linear` into a plain-buffer [`Dense`] (a missing bias becomes zeros).
+fn dense(linear: &Linear) -> Result<Dense> {
+    let bias = match &linear.bias {
+        Some(b) => to_vec(b)?,
+        None => vec![0.0; linear.out_features()],
+    };
+    Ok(Dense {
+        weight: to_vec(&linear.weight)?,
+        bias,
+        in_features: linear.in_features(),
+        out_features: linear.out_features(),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -101,26 +80,26 @@ impl NormWeights {
 
 #[derive(Debug, Clone)]
 struct LayerWeights {
-    query: DenseWeights,
-    key: DenseWeights,
-    value: DenseWeights,
-    attention_out: DenseWeights,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attention_out: Dense,
     attention_norm: NormWeights,
-    intermediate: DenseWeights,
-    output: DenseWeights,
+    intermediate: Dense,
+    output: Dense,
     output_norm: NormWeights,
 }
 
 impl LayerWeights {
     fn from(l: &Layer) -> Result<Self> {
         Ok(Self {
-            query: DenseWeights::from(&l.query)?,
-            key: DenseWeights::from(&l.key)?,
-            value: DenseWeights::from(&l.value)?,
-            attention_out: DenseWeights::from(&l.attention_out)?,
+            query: dense(&l.query)?,
+            key: dense(&l.key)?,
+            value: dense(&l.value)?,
+            attention_out: dense(&l.attention_out)?,
             attention_norm: NormWeights::from(&l.attention_norm)?,
-            intermediate: DenseWeights::from(&l.intermediate)?,
-            output: DenseWeights::from(&l.output)?,
+            intermediate: dense(&l.intermediate)?,
+            output: dense(&l.output)?,
             output_norm: NormWeights::from(&l.output_norm)?,
         })
     }
@@ -135,7 +114,7 @@ pub struct CpuEncoder {
     token_type0: Vec<f32>,
     embedding_norm: NormWeights,
     layers: Vec<LayerWeights>,
-    pooler: Option<DenseWeights>,
+    pooler: Option<Dense>,
 }
 
 /// Scratch buffers of one forward pass, sized for its token count.
@@ -164,7 +143,7 @@ impl CpuEncoder {
                 .iter()
                 .map(LayerWeights::from)
                 .collect::<Result<_>>()?,
-            pooler: bert.pooler.as_ref().map(DenseWeights::from).transpose()?,
+            pooler: bert.pooler.as_ref().map(dense).transpose()?,
         })
     }
 
@@ -247,10 +226,7 @@ impl CpuEncoder {
         for i in 0..packed.len() {
             cls.extend_from_slice(&packed.sequence(i)[..h]);
         }
-        let mut out = vec![0.0; packed.len() * pooler.out_features];
-        pooler.run(&cls, packed.len(), &mut out);
-        out.iter_mut().for_each(|v| *v = v.tanh());
-        Some(out)
+        Some(tanh_dense(pooler, &cls, packed.len()))
     }
 
     fn embed(&self, sequences: &[&[u32]], x: &mut [f32]) -> Result<()> {
@@ -287,11 +263,11 @@ impl CpuEncoder {
         let rows = groups.rows();
         let h = self.config.hidden_size;
         let inner = self.config.intermediate_size;
-        l.query.run(&b.x, rows, &mut b.q);
+        l.query.run_into(&b.x, rows, &mut b.q);
         groups.apply(index, Target::Query, &b.x, h, &mut b.q, h);
-        l.key.run(&b.x, rows, &mut b.k);
+        l.key.run_into(&b.x, rows, &mut b.k);
         groups.apply(index, Target::Key, &b.x, h, &mut b.k, h);
-        l.value.run(&b.x, rows, &mut b.v);
+        l.value.run_into(&b.x, rows, &mut b.v);
         groups.apply(index, Target::Value, &b.x, h, &mut b.v, h);
         let heads = self.config.num_attention_heads;
         kernels::attention(
@@ -303,14 +279,14 @@ impl CpuEncoder {
             self.config.head_dim(),
             &mut b.ctx,
         );
-        l.attention_out.run(&b.ctx, rows, &mut b.tmp);
+        l.attention_out.run_into(&b.ctx, rows, &mut b.tmp);
         groups.apply(index, Target::AttentionOutput, &b.ctx, h, &mut b.tmp, h);
         l.attention_norm.run(&mut b.tmp, Some(&b.x));
         std::mem::swap(&mut b.x, &mut b.tmp);
-        l.intermediate.run(&b.x, rows, &mut b.inner);
+        l.intermediate.run_into(&b.x, rows, &mut b.inner);
         groups.apply(index, Target::Intermediate, &b.x, h, &mut b.inner, inner);
         kernels::gelu_inplace(&mut b.inner);
-        l.output.run(&b.inner, rows, &mut b.tmp);
+        l.output.run_into(&b.inner, rows, &mut b.tmp);
         groups.apply(index, Target::Output, &b.inner, inner, &mut b.tmp, h);
         l.output_norm.run(&mut b.tmp, Some(&b.x));
         std::mem::swap(&mut b.x, &mut b.tmp);
@@ -333,22 +309,12 @@ impl CpuEncoder {
             };
             let pooled = match head.pooling {
                 Pooling::Cls => {
-                    let cls = &packed.sequence(i)[..h];
-                    let mut p = match (&head.pooler, &self.pooler) {
-                        (Some(own), _) => own.run(cls, 1),
-                        (None, Some(base)) => {
-                            let mut out = vec![0.0; base.out_features];
-                            base.run(cls, 1, &mut out);
-                            out
-                        }
-                        (None, None) => {
-                            return Err(ModelError::InvalidInput(
-                                "a [CLS] head needs a pooler and neither the model nor the adapter has one".to_owned(),
-                            ))
-                        }
-                    };
-                    p.iter_mut().for_each(|v| *v = v.tanh());
-                    p
+                    let pooler = head.pooler.as_ref().or(self.pooler.as_ref()).ok_or_else(|| {
+                        ModelError::InvalidInput(
+                            "a [CLS] head needs a pooler and neither the model nor the adapter has one".to_owned(),
+                        )
+                    })?;
+                    tanh_dense(pooler, &packed.sequence(i)[..h], 1)
                 }
                 Pooling::Mean => pooling::mean_of_rows(packed.sequence(i), h),
             };
@@ -375,16 +341,6 @@ impl CpuEncoder {
             dense.weight.iter_mut().zip(add).for_each(|(w, d)| *w += d);
         }
         Ok(merged)
-    }
-
-    /// The base pooler as a plain dense layer, if the checkpoint has one.
-    pub fn pooler(&self) -> Option<Dense> {
-        self.pooler.as_ref().map(|p| Dense {
-            weight: p.weight.clone(),
-            bias: p.bias.clone(),
-            in_features: p.in_features,
-            out_features: p.out_features,
-        })
     }
 }
 
@@ -436,6 +392,13 @@ impl<'a> Groups<'a> {
             }
         }
     }
+}
+
+/// `tanh(x·Wᵀ + b)`: the BERT pooler.
+fn tanh_dense(pooler: &Dense, x: &[f32], rows: usize) -> Vec<f32> {
+    let mut out = pooler.run(x, rows);
+    out.iter_mut().for_each(|v| *v = v.tanh());
+    out
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {

@@ -189,6 +189,12 @@ impl Dense {
     /// `x·Wᵀ + b` for `rows` rows.
     pub fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0.0; rows * self.out_features];
+        self.run_into(x, rows, &mut out);
+        out
+    }
+
+    /// `out = x·Wᵀ + b` for `rows` rows, into a caller's buffer.
+    pub fn run_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         kernels::linear(
             x,
             rows,
@@ -196,9 +202,8 @@ impl Dense {
             &self.weight,
             Some(&self.bias),
             self.out_features,
-            &mut out,
+            out,
         );
-        out
     }
 }
 

@@ -145,37 +145,9 @@ impl Model {
         })
     }
 
-    /// Builds a model from already loaded parts (tests, conversions).
-    pub fn from_parts(
-        name: &str,
-        bert: Bert,
-        tokenizer: TextTokenizer,
-        device: Device,
-    ) -> Result<Self> {
-        let cpu = if device.is_cpu() {
-            Some(CpuEncoder::from_bert(&bert)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            name: name.to_owned(),
-            dir: PathBuf::new(),
-            config: bert.config.clone(),
-            tokenizer,
-            bert,
-            cpu,
-            device,
-        })
-    }
-
     /// The fused CPU encoder, when the model runs on the CPU.
     pub fn cpu(&self) -> Option<&CpuEncoder> {
         self.cpu.as_ref()
-    }
-
-    /// The device the network runs on.
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     /// Sentence embeddings (mean pooling, optionally L2-normalised) of token sequences.

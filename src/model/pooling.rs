@@ -29,6 +29,14 @@ pub fn mean_of_rows(rows: &[f32], width: usize) -> Vec<f32> {
     out
 }
 
+/// Softmax of logits, computed in f64 for stable tails.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| (e / sum) as f32).collect()
+}
+
 /// Scales `v` to unit L2 norm (sentence-transformers' `Normalize`, which clamps the norm at 1e-12).
 pub fn l2_normalize(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);

@@ -41,11 +41,6 @@ impl TextTokenizer {
         Ok(Self { inner, max_length })
     }
 
-    /// Longest sequence produced, special tokens included.
-    pub fn max_length(&self) -> usize {
-        self.max_length
-    }
-
     /// Token ids of `text` with `[CLS]`/`[SEP]`, truncated to `max_length`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self

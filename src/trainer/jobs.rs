@@ -452,54 +452,32 @@ fn train_and_publish(
     std::fs::create_dir_all(parent).map_err(io)?;
     let tmp = parent.join(format!(".tmp-{}", job.id));
     std::fs::create_dir_all(&tmp).map_err(io)?;
-    let peft_config = peft::AdapterConfig::for_adapter(&report.adapter, config.alpha, &model.name);
-    let weights = peft::encode(&report.adapter).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let mut metrics = serde_json::Map::new();
-    metrics.insert(
-        "val".to_owned(),
-        serde_json::to_value(&report.val).unwrap_or_default(),
-    );
-    metrics.insert(
-        "stable_val".to_owned(),
-        serde_json::to_value(&stable_val).unwrap_or_default(),
-    );
-    metrics.insert("best_epoch".to_owned(), report.best_epoch.into());
-    metrics.insert("steps".to_owned(), report.steps.into());
-    metrics.insert("wall_seconds".to_owned(), report.wall_seconds.into());
-    metrics.insert(
-        "trainable_params".to_owned(),
-        report.trainable_params.into(),
-    );
-    metrics.insert("train_examples".to_owned(), train.len().into());
-    metrics.insert("val_examples".to_owned(), val.len().into());
-    metrics.insert("feedback_snapshot_id".to_owned(), snapshot_id.into());
-    metrics.insert(
-        "hyperparameters".to_owned(),
-        serde_json::to_value(config).unwrap_or_default(),
-    );
-    metrics.insert("job".to_owned(), job.id.clone().into());
-    metrics.insert("warm_started".to_owned(), warm.is_some().into());
+    let metrics = serde_json::json!({
+        "val": report.val,
+        "stable_val": stable_val,
+        "best_epoch": report.best_epoch,
+        "steps": report.steps,
+        "wall_seconds": report.wall_seconds,
+        "trainable_params": report.trainable_params,
+        "train_examples": train.len(),
+        "val_examples": val.len(),
+        "feedback_snapshot_id": snapshot_id,
+        "hyperparameters": config,
+        "job": job.id,
+        "warm_started": warm.is_some(),
+    });
     let sidecar = Sidecar {
         task: Some(task.name.clone()),
         labels: Some(task.labels.clone()),
         head: Some(crate::model::lora::Pooling::Cls),
         parent: stable.map(|g| g.id.clone()),
-        metrics,
+        metrics: metrics.as_object().cloned().unwrap_or_default(),
     };
-    let store = |file: &str, bytes: &[u8]| {
-        write_atomically(&tmp.join(file), bytes).map_err(|e| TrainError::Invalid(e.to_string()))
-    };
-    store(
-        peft::CONFIG_FILE,
-        peft::config_json(&peft_config)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?
-            .as_bytes(),
-    )?;
-    store(peft::WEIGHTS_FILE, &weights)?;
-    store(
-        SIDECAR_FILE,
-        &serde_json::to_vec_pretty(&sidecar).map_err(|e| TrainError::Invalid(e.to_string()))?,
-    )?;
+    let invalid =
+        |e: &dyn std::fmt::Display| TrainError::Invalid(format!("publishing the adapter: {e}"));
+    peft::write_dir(&tmp, &report.adapter, config.alpha, &model.name).map_err(|e| invalid(&e))?;
+    let sidecar_bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| invalid(&e))?;
+    write_atomically(&tmp.join(SIDECAR_FILE), &sidecar_bytes).map_err(|e| invalid(&e))?;
     std::fs::rename(&tmp, &final_dir).map_err(io)?;
     std::fs::File::open(parent)
         .and_then(|d| d.sync_all())

@@ -204,10 +204,7 @@ pub fn predict(
         for logits in cpu.classify(&packed, &choice)? {
             let logits = logits
                 .ok_or_else(|| TrainError::Invalid("the adapter lost its head".to_owned()))?;
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            out.push(exps.iter().map(|e| e / sum).collect());
+            out.push(crate::model::pooling::softmax(&logits));
         }
     }
     Ok(out)

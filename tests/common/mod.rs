@@ -18,6 +18,15 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
+/// The real model loaded in-process on the CPU, truncating at 256 tokens.
+pub fn load_model() -> flywheel::model::Model {
+    let options = flywheel::model::LoadOptions {
+        max_length: 256,
+        device: candle_core::Device::Cpu,
+    };
+    flywheel::model::Model::load(&model_dir(), &options).expect("the real model loads")
+}
+
 /// A running `flywheel serve` child process, killed on drop.
 pub struct Server {
     child: Child,
