@@ -60,6 +60,7 @@ fn main() {
             &lora.logits(&model.bert, &ids, &mask).unwrap(),
             &targets,
             0.1,
+            None,
         )
         .unwrap();
         opt.backward_step(&loss).unwrap();

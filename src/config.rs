@@ -51,6 +51,51 @@ pub struct Config {
     pub feedback: FeedbackConfig,
     /// The trainer.
     pub trainer: TrainerConfig,
+    /// A/B rollouts and their guardrails.
+    pub rollouts: RolloutConfig,
+}
+
+/// A/B rollouts: how a candidate generation is put in front of traffic and judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Candidate traffic shares, advanced one by one as the analysis passes; passing the last promotes.
+    pub steps: Vec<f64>,
+    /// `split` (the candidate answers its share) or `shadow` (it runs on its share, stable answers).
+    pub mode: String,
+    /// Start a rollout automatically for every generation the trainer publishes.
+    pub auto_canary: bool,
+    /// Judged feedback items each arm needs in a step before accuracy decides anything.
+    pub min_feedback: u64,
+    /// Requests each arm needs in a step before latency decides anything.
+    pub min_requests: u64,
+    /// The candidate passes when its accuracy is not worse than stable's by more than this, at `confidence`.
+    pub margin: f64,
+    /// One-sided confidence of both the pass and the rollback decision.
+    pub confidence: f64,
+    /// Roll back when the candidate's P99 exceeds stable's by this factor.
+    pub max_p99_ratio: f64,
+    /// Roll back when the candidate's error rate exceeds stable's by this much.
+    pub max_error_rate_increase: f64,
+    /// How often the analysis runs, in milliseconds.
+    pub evaluate_every_ms: u64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            steps: vec![0.1, 0.5],
+            mode: "split".to_owned(),
+            auto_canary: true,
+            min_feedback: 100,
+            min_requests: 200,
+            margin: 0.02,
+            confidence: 0.95,
+            max_p99_ratio: 1.5,
+            max_error_rate_increase: 0.05,
+            evaluate_every_ms: 2000,
+        }
+    }
 }
 
 /// The trainer.
@@ -61,6 +106,12 @@ pub struct TrainerConfig {
     pub threads: usize,
     /// Most jobs queued or running (`POST /v1/train` answers 422 beyond).
     pub max_queued_jobs: usize,
+    /// Train a task automatically once this many feedback items arrived since its last job (0: never).
+    pub auto_every_feedback: u64,
+    /// ...but at most once per this many seconds per task.
+    pub auto_min_interval_secs: u64,
+    /// Also train automatically when drift is detected on a task (with at least 1 new feedback item).
+    pub auto_on_drift: bool,
 }
 
 impl Default for TrainerConfig {
@@ -68,6 +119,9 @@ impl Default for TrainerConfig {
         Self {
             threads: 1,
             max_queued_jobs: 4,
+            auto_every_feedback: 0,
+            auto_min_interval_secs: 600,
+            auto_on_drift: false,
         }
     }
 }
@@ -356,6 +410,24 @@ impl Config {
         }
         if self.server.workers == 0 {
             return fail("server.workers must be ≥ 1".to_owned());
+        }
+        let r = &self.rollouts;
+        if r.steps.is_empty() || r.steps.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {
+            return fail("rollouts.steps must be shares in (0, 1]".to_owned());
+        }
+        if !matches!(r.mode.as_str(), "split" | "shadow") {
+            return fail(format!("rollouts.mode {:?} is not split or shadow", r.mode));
+        }
+        if !(0.5..1.0).contains(&r.confidence) || !(0.0..0.5).contains(&r.margin) {
+            return fail(
+                "rollouts.confidence must be in [0.5, 1) and margin in [0, 0.5)".to_owned(),
+            );
+        }
+        if r.max_p99_ratio < 1.0 || r.min_feedback == 0 || r.evaluate_every_ms == 0 {
+            return fail(
+                "rollouts.max_p99_ratio must be ≥ 1, min_feedback and evaluate_every_ms ≥ 1"
+                    .to_owned(),
+            );
         }
         Ok(())
     }

@@ -11,13 +11,18 @@
 //! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases.
 //! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure. Knows no HTTP.
-//! - [`trainer`]: LoRA training on the candle path, evaluation, and the job queue that publishes generations.
+//! - [`trainer`]: LoRA and full fine-tuning on the candle path, evaluation, the job queue that publishes
+//!   generations, and offline training (`flywheel train`).
+//! - [`rollout`]: A/B rollouts: sticky routing, per-arm evidence, guardrail analysis, promote and rollback;
+//!   online accuracy.
+//! - [`autopilot`]: the policy thread: rollout analysis, automatic training on feedback growth or drift.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, auth, server start and shutdown.
 //!
-//! Data flows one way, top of this list to bottom never the reverse: `http` → `trainer`/`infer` →
+//! Data flows one way, top of this list to bottom never the reverse: `http` → `rollout`/`trainer`/`infer` →
 //! `feedback`/`adapters` → `model`; `config`, `rng` and `metrics` are shared by all.
 
 pub mod adapters;
+pub mod autopilot;
 pub mod config;
 pub mod feedback;
 pub mod http;
@@ -25,6 +30,7 @@ pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod rng;
+pub mod rollout;
 pub mod trainer;
 
 pub use config::Config;

@@ -19,6 +19,103 @@ struct Cli {
 enum Command {
     /// Start the HTTP server.
     Serve(ServeArgs),
+    /// Train a classifier offline from labelled JSONL (`{"text", "label"}` per line), with a progress bar.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Task name (recorded in the output's metadata).
+    #[arg(long)]
+    task: String,
+    /// Labelled JSONL to train and validate on; repeat for several files.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Held-out labelled JSONL scored after training; repeat for several files.
+    #[arg(long)]
+    test: Vec<PathBuf>,
+    /// `lora` (a PEFT adapter directory) or `full` (a BertForSequenceClassification checkpoint).
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// Output directory (must not exist); defaults to out/<method>-<unix time>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Label order, comma-separated; defaults to the data's labels, sorted.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Hyperparameter overrides as a JSON object, e.g. '{"epochs": 3, "max_length": 64}'.
+    #[arg(long, default_value = "{}")]
+    params: String,
+    /// Hugging Face model directory.
+    #[arg(
+        long,
+        env = "FLYWHEEL_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    model: PathBuf,
+    /// Threads to train with (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl TrainArgs {
+    fn run(self) -> anyhow::Result<()> {
+        use flywheel::trainer::offline;
+        use flywheel::trainer::train::Method;
+        let method: Method = serde_json::from_value(serde_json::json!(self.method))
+            .with_context(|| format!("--method {:?} is not lora or full", self.method))?;
+        let config = offline::parse_params(&self.params, method)?;
+        if self.threads > 0 {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(self.threads)
+                .build_global()
+                .context("configuring the training thread pool")?;
+        }
+        let model = flywheel::model::Model::load(
+            &self.model,
+            &flywheel::model::LoadOptions {
+                max_length: config.max_length,
+                device: flywheel::model::parse_device("cpu")?,
+            },
+        )
+        .with_context(|| format!("loading {}", self.model.display()))?;
+        let out = self.out.unwrap_or_else(|| offline::default_out(method));
+        let job = offline::OfflineJob {
+            task: self.task.clone(),
+            data: self.data,
+            test: self.test,
+            labels: self.labels,
+            config,
+            out: out.clone(),
+            model_dir: self.model,
+        };
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} steps, ETA {eta} {msg}",
+            )
+            .context("progress bar template")?
+            .progress_chars("=> "),
+        );
+        let report = offline::run(&model, &job, &mut |p| {
+            bar.set_length(p.total_steps as u64);
+            bar.set_position(p.step as u64);
+            let val = p
+                .val
+                .as_ref()
+                .map(|v| format!(", val macro-F1 {:.4}", v.macro_f1))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "epoch {} loss {:.4}{val} ({:.1} ex/s)",
+                p.epoch, p.train_loss, p.examples_per_second
+            ));
+        })
+        .with_context(|| format!("training task {}", self.task))?;
+        bar.finish();
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        eprintln!("wrote {}", out.display());
+        Ok(())
+    }
 }
 
 #[derive(clap::Args)]
@@ -100,6 +197,7 @@ fn main() -> anyhow::Result<()> {
                 .block_on(flywheel::run(config))
                 .context("flywheel serve")?;
         }
+        Command::Train(args) => args.run()?,
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ fn lora_learns_spam_from_a_small_real_sample() {
     let config = TrainConfig {
         epochs: 4,
         max_length: 48,
-        learning_rate: 3e-3,
+        learning_rate: Some(3e-3),
         ..TrainConfig::default()
     };
     let examples = |texts: &[String], label: usize| -> Vec<Example> {
@@ -80,11 +80,7 @@ fn lora_learns_spam_from_a_small_real_sample() {
     )
     .unwrap();
     let truth: Vec<usize> = held_out.iter().map(|e| e.label).collect();
-    let test = evaluate(
-        &predict(cpu, &report.adapter, &held_out).unwrap(),
-        &truth,
-        2,
-    );
+    let test = evaluate(&predict(cpu, &report.result, &held_out).unwrap(), &truth, 2);
     for h in &report.history {
         eprintln!(
             "epoch {}: loss {:.3}, val macro-F1 {:.3}",

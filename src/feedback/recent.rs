@@ -16,6 +16,21 @@ pub struct RecentRequest {
     pub adapter: String,
     /// The arm that served them.
     pub arm: String,
+    /// The label predicted for each input.
+    pub predicted: Vec<String>,
+    /// A shadow generation's predictions for the same inputs, once it has run.
+    pub shadow: Option<ShadowPrediction>,
+    /// Which inputs feedback has judged already (each prediction is judged once).
+    pub judged: Vec<bool>,
+}
+
+/// What a generation running in shadow predicted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowPrediction {
+    /// The shadow generation.
+    pub adapter: String,
+    /// The label it predicted for each input.
+    pub predicted: Vec<String>,
 }
 
 /// Approximate memory per remembered request beyond its texts (map entry, id, vectors).
@@ -79,6 +94,35 @@ impl RecentRequests {
         inner.map.insert(id, Arc::new(request));
     }
 
+    fn update<T>(&self, id: &str, f: impl FnOnce(&mut RecentRequest) -> T) -> Option<T> {
+        let mut inner = self
+            .inner
+            .lock()
+            .expect("recent-requests lock poisoned; this is a bug");
+        let entry = inner.map.get_mut(id)?;
+        let mut updated = (**entry).clone();
+        let out = f(&mut updated);
+        *entry = Arc::new(updated);
+        Some(out)
+    }
+
+    /// Adds a shadow generation's predictions to the remembered request `id` (if still remembered).
+    pub fn attach_shadow(&self, id: &str, shadow: ShadowPrediction) {
+        self.update(id, |r| r.shadow = Some(shadow));
+    }
+
+    /// Marks input `index` of request `id` judged; true only the first time (and while remembered).
+    pub fn claim_judgement(&self, id: &str, index: usize) -> bool {
+        self.update(id, |r| match r.judged.get_mut(index) {
+            Some(j) if !*j => {
+                *j = true;
+                true
+            }
+            _ => false,
+        })
+        .unwrap_or(false)
+    }
+
     /// The request `id`, if still remembered.
     pub fn get(&self, id: &str) -> Option<Arc<RecentRequest>> {
         self.inner
@@ -114,6 +158,9 @@ mod tests {
             texts: vec![text.into()],
             adapter: "g".into(),
             arm: "stable".into(),
+            predicted: vec!["a".into()],
+            shadow: None,
+            judged: vec![false],
         }
     }
 
@@ -136,5 +183,15 @@ mod tests {
             request(&"x".repeat(10 + 3 * (ENTRY_OVERHEAD + TEXT_OVERHEAD))),
         );
         assert!(recent.get("huge").is_none());
+    }
+
+    #[test]
+    fn a_prediction_is_judged_once() {
+        let recent = RecentRequests::new(3, 1 << 20);
+        recent.insert("r".into(), request("ab"));
+        assert!(recent.claim_judgement("r", 0));
+        assert!(!recent.claim_judgement("r", 0));
+        assert!(!recent.claim_judgement("r", 1), "out of range");
+        assert!(!recent.claim_judgement("gone", 0));
     }
 }

@@ -140,7 +140,16 @@ pub async fn delete(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    let registry = state.services()?.registry.clone();
+    let services = state.services()?;
+    if let Some(g) = services.registry.resolve(&id) {
+        if services.rollouts.uses(&g.id) {
+            return Err(ApiError::conflict(format!(
+                "adapter {} is an arm of an active rollout; promote or roll it back first",
+                g.id
+            )));
+        }
+    }
+    let registry = services.registry.clone();
     let reg = registry.clone();
     web::block(move || reg.delete(&id))
         .await

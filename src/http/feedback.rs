@@ -40,7 +40,14 @@ pub enum FeedbackRequest {
     One(Item),
 }
 
-fn resolve(state: &AppState, i: usize, item: Item) -> Result<NewFeedback, ApiError> {
+/// A verdict on a served (or shadow) prediction: the generation, the arm label it served as, and whether
+/// the feedback agreed.
+type Verdict = (String, String, bool);
+
+/// The verdicts of one feedback item and the (request id, input index) they judge.
+type Verdicts = Option<((String, usize), Vec<Verdict>)>;
+
+fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdicts), ApiError> {
     let services = state.services()?;
     let at = |m: String| ApiError::invalid(format!("items[{i}]: {m}"));
     let row = match (&item.request_id, &item.text) {
@@ -60,14 +67,28 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<NewFeedback, ApiErr
                     recent.texts.len()
                 ))
             })?;
-            NewFeedback {
-                task: recent.task.clone(),
-                text: text.clone(),
-                label: item.label,
-                request_id: Some(id.clone()),
-                adapter: Some(recent.adapter.clone()),
-                arm: Some(recent.arm.clone()),
+            let mut verdicts = Vec::new();
+            if let Some(p) = recent.predicted.get(index) {
+                verdicts.push((recent.adapter.clone(), recent.arm.clone(), *p == item.label));
             }
+            if let Some(p) = recent.shadow.as_ref().and_then(|s| {
+                s.predicted
+                    .get(index)
+                    .map(|p| (s.adapter.clone(), *p == item.label))
+            }) {
+                verdicts.push((p.0, "shadow".to_owned(), p.1));
+            }
+            (
+                NewFeedback {
+                    task: recent.task.clone(),
+                    text: text.clone(),
+                    label: item.label,
+                    request_id: Some(id.clone()),
+                    adapter: Some(recent.adapter.clone()),
+                    arm: Some(recent.arm.clone()),
+                },
+                Some(((id.clone(), index), verdicts)),
+            )
         }
         (None, Some(text)) => {
             let task = item
@@ -79,25 +100,28 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<NewFeedback, ApiErr
                     state.config.limits.max_text_bytes
                 )));
             }
-            NewFeedback {
-                task,
-                text: text.clone(),
-                label: item.label,
-                request_id: None,
-                adapter: None,
-                arm: None,
-            }
+            (
+                NewFeedback {
+                    task,
+                    text: text.clone(),
+                    label: item.label,
+                    request_id: None,
+                    adapter: None,
+                    arm: None,
+                },
+                None,
+            )
         }
         _ => return Err(at("give either text (with task) or request_id".to_owned())),
     };
     let task = services
         .registry
-        .task(&row.task)
-        .ok_or_else(|| at(format!("unknown task {:?}", row.task)))?;
-    if !task.labels.contains(&row.label) {
+        .task(&row.0.task)
+        .ok_or_else(|| at(format!("unknown task {:?}", row.0.task)))?;
+    if !task.labels.contains(&row.0.label) {
         return Err(at(format!(
             "label {:?} is not one of task {:?}'s labels {:?}",
-            row.label, task.name, task.labels
+            row.0.label, task.name, task.labels
         )));
     }
     Ok(row)
@@ -120,22 +144,33 @@ pub async fn post(
             "send 1 to {max} feedback items per request"
         )));
     }
-    let rows = items
+    let (rows, verdicts): (Vec<NewFeedback>, Vec<Verdicts>) = items
         .into_iter()
         .enumerate()
         .map(|(i, item)| resolve(&state, i, item))
-        .collect::<Result<Vec<_>, _>>()?;
-    let store = state.services()?.feedback.clone();
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    let services = state.services()?;
+    let store = services.feedback.clone();
     let tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
     let appended = web::block(move || store.append(&rows))
         .await
         .map_err(|_| ApiError::busy())??;
-    for task in &tasks {
+    for (task, verdicts) in tasks.iter().zip(verdicts) {
         state
             .metrics
             .feedback
             .with_label_values(&[task.as_str()])
             .inc();
+        // Each served prediction is judged once, however often its feedback is posted.
+        if let Some(((id, index), verdicts)) = verdicts {
+            if services.recent.claim_judgement(&id, index) {
+                for (generation, arm, correct) in verdicts {
+                    services.rollouts.judge(task, &generation, &arm, correct);
+                }
+            }
+        }
     }
     Ok(HttpResponse::Accepted().json(serde_json::json!({
         "accepted": appended.len(),

@@ -8,11 +8,13 @@ pub mod error;
 mod feedback;
 mod ops;
 mod predict;
+mod rollouts;
 mod tasks;
 mod train;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -21,6 +23,7 @@ use actix_web::middleware::Next;
 use actix_web::{middleware, web, App, HttpResponseBuilder, HttpServer};
 
 use crate::adapters::Registry;
+use crate::autopilot::Autopilot;
 use crate::config::Config;
 use crate::feedback::recent::RecentRequests;
 use crate::feedback::sqlite::SqliteStore;
@@ -28,6 +31,7 @@ use crate::feedback::FeedbackStore;
 use crate::infer::{Infer, Timings};
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError};
+use crate::rollout::{Rollouts, StartRequest};
 use crate::trainer::jobs::{Jobs, TrainerDeps};
 use error::{json_error, ApiError};
 
@@ -52,6 +56,8 @@ pub struct Services {
     pub recent: Arc<RecentRequests>,
     /// Training jobs.
     pub jobs: Arc<Jobs>,
+    /// A/B rollouts and online accuracy.
+    pub rollouts: Arc<Rollouts>,
 }
 
 impl AppState {
@@ -121,7 +127,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(adapters::load)),
         )
         .service(resource("/v1/adapters/{id}").route(web::delete().to(adapters::delete)))
-        .service(resource("/v1/aliases/{alias}").route(web::put().to(adapters::set_alias)));
+        .service(resource("/v1/aliases/{alias}").route(web::put().to(adapters::set_alias)))
+        .service(
+            resource("/v1/rollouts")
+                .route(web::post().to(rollouts::start))
+                .route(web::get().to(rollouts::list)),
+        )
+        .service(resource("/v1/rollouts/{task}").route(web::get().to(rollouts::get)))
+        .service(resource("/v1/rollouts/{task}/traffic").route(web::put().to(rollouts::traffic)))
+        .service(resource("/v1/rollouts/{task}/promote").route(web::post().to(rollouts::promote)))
+        .service(
+            resource("/v1/rollouts/{task}/rollback").route(web::post().to(rollouts::rollback)),
+        );
 }
 
 /// A resource that answers 405 (as JSON) to methods it has no route for.
@@ -245,12 +262,26 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let server = server.run();
     let handle = server.handle();
     let load_error = Arc::new(OnceLock::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_autopilot = stop.clone();
     let loader_error = load_error.clone();
     std::thread::Builder::new()
         .name("flywheel-load".to_owned())
         .spawn(move || {
             match load_model(&config, metrics.clone()) {
                 Ok(loaded) => {
+                    let autopilot = Autopilot {
+                        registry: loaded.registry.clone(),
+                        feedback: loaded.feedback.clone(),
+                        jobs: loaded.jobs.clone(),
+                        rollouts: loaded.rollouts.clone(),
+                        drifted: Box::new(|_| false),
+                        policy: config.trainer.clone(),
+                        every: Duration::from_millis(config.rollouts.evaluate_every_ms),
+                    };
+                    if let Err(e) = autopilot.spawn(stop_autopilot) {
+                        tracing::error!(error = %e, "cannot start the autopilot thread");
+                    }
                     let _ = services.set(loaded);
                     metrics.model_ready.set(1);
                     tracing::info!(model = %config.model.dir.display(), "model ready");
@@ -263,7 +294,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 }
             }
         })?;
-    server.await?;
+    let served = server.await;
+    stop.store(true, Ordering::Relaxed);
+    served?;
     match Arc::try_unwrap(load_error)
         .ok()
         .and_then(|cell| cell.into_inner())
@@ -292,7 +325,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
     )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);
     let model = Arc::new(model);
-    let infer = Infer::start(model.clone(), &config.batching, metrics)?;
+    let infer = Infer::start(model.clone(), &config.batching, metrics.clone())?;
     let feedback: Arc<dyn FeedbackStore> =
         Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?);
     let recent = RecentRequests::new(
@@ -305,13 +338,44 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         registry: registry.clone(),
         feedback: feedback.clone(),
         threads: config.trainer.threads,
+        model_dir: config.model.dir.clone(),
+        models_dir: config.data.dir.join("models"),
+        metrics: metrics.clone(),
     };
-    let jobs = Jobs::start(&config.data.dir, deps, config.trainer.max_queued_jobs)?;
+    let jobs = Arc::new(Jobs::start(
+        &config.data.dir,
+        deps,
+        config.trainer.max_queued_jobs,
+    )?);
+    let rollouts = Arc::new(Rollouts::open(
+        &config.data.dir,
+        registry.clone(),
+        metrics,
+        config.rollouts.clone(),
+    ));
+    if config.rollouts.auto_canary {
+        let canaries = rollouts.clone();
+        jobs.on_published(Arc::new(move |task, generation| {
+            let request = StartRequest {
+                task: task.to_owned(),
+                candidate: generation.to_owned(),
+                ..StartRequest::default()
+            };
+            match canaries.start(request, "trainer", true) {
+                Ok(r) => {
+                    tracing::info!(task, rollout = %r.id, "canary started for the new generation")
+                }
+                // The task's first generation is its stable one already: nothing to compare.
+                Err(e) => tracing::info!(task, generation, reason = %e, "no canary started"),
+            }
+        }));
+    }
     Ok(Services {
         infer,
         registry,
         feedback,
         recent: Arc::new(recent),
-        jobs: Arc::new(jobs),
+        jobs,
+        rollouts,
     })
 }

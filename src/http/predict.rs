@@ -6,8 +6,13 @@ use serde::{Deserialize, Serialize};
 use super::embed::{validate_texts, Inputs};
 use super::error::ApiError;
 use super::{timing_headers, AppState, RouteLabels};
-use crate::adapters::registry::State;
-use crate::feedback::recent::RecentRequest;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::adapters::registry::{Generation, State};
+use crate::feedback::recent::{RecentRequest, ShadowPrediction};
+use crate::infer::InferError;
+use crate::model::lora::Adapter;
 
 /// Longest accepted `routing_key`.
 const MAX_ROUTING_KEY_BYTES: usize = 256;
@@ -20,7 +25,7 @@ pub struct PredictRequest {
     pub task: String,
     /// Text(s) to classify.
     pub inputs: Inputs,
-    /// Sticky routing key for rollouts (accepted now; rollouts will use it).
+    /// Sticky routing key: one key always sees the same arm of a rollout.
     #[serde(default)]
     pub routing_key: Option<String>,
     /// Pin a generation by id or alias, bypassing any rollout.
@@ -48,13 +53,33 @@ pub struct PredictResponse {
     pub task: String,
     /// The generation that served the request.
     pub adapter: String,
-    /// `stable`, or `pinned` when the request named its adapter.
+    /// `stable` or `candidate` (the rollout's arm), or `pinned` when the request named its adapter.
     pub arm: String,
     /// One prediction per input, in order.
     pub predictions: Vec<Prediction>,
 }
 
-/// Classifies the inputs with the task's stable generation (or the pinned one).
+/// The label index with the highest probability, and that probability.
+fn best(probs: &[f32]) -> (usize, f32) {
+    probs.iter().enumerate().fold(
+        (0, f32::NEG_INFINITY),
+        |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
+    )
+}
+
+/// The ready weights of `generation`, or 409.
+fn weights(generation: &Generation) -> Result<Arc<Adapter>, ApiError> {
+    match (&generation.state, &generation.adapter) {
+        (State::Ready, Some(w)) => Ok(w.clone()),
+        _ => Err(ApiError::conflict(format!(
+            "adapter {} is not ready",
+            generation.id
+        ))),
+    }
+}
+
+/// Classifies the inputs with the generation the task's rollout picks (stable when none is active), or
+/// with the pinned one.
 pub async fn predict(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -82,14 +107,22 @@ pub async fn predict(
         .registry
         .task(&task)
         .ok_or_else(|| ApiError::not_found(format!("no task {task:?}")))?;
-    let (reference, arm) = match &adapter {
-        Some(a) => (a.as_str(), "pinned"),
-        None => (task.as_str(), "stable"),
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let route = match &adapter {
+        Some(_) => None,
+        None => services
+            .rollouts
+            .route(&task, routing_key.as_deref(), &request_id),
+    };
+    let (reference, arm) = match (&adapter, &route) {
+        (Some(a), _) => (a.clone(), "pinned"),
+        (None, Some(r)) => (r.generation.clone(), r.arm.as_str()),
+        (None, None) => (task.clone(), "stable"),
     };
     // The lease: this Arc keeps the generation's weights alive until the response is built.
     let generation = services
         .registry
-        .resolve(reference)
+        .resolve(&reference)
         .ok_or_else(|| match &adapter {
             Some(a) => ApiError::not_found(format!("no adapter or alias {a:?}")),
             None => ApiError::conflict(format!(
@@ -102,28 +135,28 @@ pub async fn predict(
             generation.id, generation.task
         )));
     }
-    let weights = match (&generation.state, &generation.adapter) {
-        (State::Ready, Some(w)) => w.clone(),
-        _ => {
-            return Err(ApiError::conflict(format!(
-                "adapter {} is not ready",
-                generation.id
-            )))
+    let started = Instant::now();
+    let result = services.infer.classify(&texts, weights(&generation)?).await;
+    if let Some(rollout) = route.as_ref().and_then(|r| r.rollout.as_deref()) {
+        // A full queue says nothing about the arm; anything else that failed counts against it.
+        if !matches!(result, Err(InferError::Overloaded { .. })) {
+            services.rollouts.observe(
+                &task,
+                rollout,
+                &generation.id,
+                started.elapsed().as_secs_f64(),
+                result.is_ok(),
+            );
         }
-    };
-    let out = services.infer.classify(&texts, weights).await?;
+    }
+    let out = result?;
+    let mut predicted = Vec::with_capacity(out.vectors.len());
     let predictions = out
         .vectors
         .iter()
         .map(|probs| {
-            let (best, score) =
-                probs
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
-                    );
+            let (best, score) = best(probs);
+            predicted.push(task_def.labels[best].clone());
             let scores = task_def
                 .labels
                 .iter()
@@ -137,14 +170,30 @@ pub async fn predict(
             }
         })
         .collect();
-    let request_id = uuid::Uuid::new_v4().to_string();
+    if let Some((shadow, rollout)) = route
+        .as_ref()
+        .and_then(|r| Some((r.shadow.clone()?, r.rollout.clone()?)))
+    {
+        run_shadow(
+            services,
+            &task_def.labels,
+            &task,
+            &rollout,
+            &shadow,
+            &request_id,
+            texts.clone(),
+        );
+    }
     services.recent.insert(
         request_id.clone(),
         RecentRequest {
             task: task.clone(),
+            judged: vec![false; texts.len()],
             texts,
             adapter: generation.id.clone(),
             arm: arm.to_owned(),
+            predicted,
+            shadow: None,
         },
     );
     let mut response = HttpResponse::Ok();
@@ -161,4 +210,62 @@ pub async fn predict(
         arm: arm.to_owned(),
         predictions,
     }))
+}
+
+/// Runs the shadow candidate on the same inputs after the answer has gone, and records its latency and
+/// predictions (feedback on the request then judges both arms).
+fn run_shadow(
+    services: &super::Services,
+    labels: &[String],
+    task: &str,
+    rollout: &str,
+    shadow: &str,
+    request_id: &str,
+    texts: Vec<String>,
+) {
+    let Some(generation) = services.registry.resolve(shadow) else {
+        return;
+    };
+    let Ok(w) = weights(&generation) else {
+        return;
+    };
+    let (infer, rollouts, recent) = (
+        services.infer.clone(),
+        services.rollouts.clone(),
+        services.recent.clone(),
+    );
+    let (labels, task, rollout, id) = (
+        labels.to_vec(),
+        task.to_owned(),
+        rollout.to_owned(),
+        request_id.to_owned(),
+    );
+    actix_web::rt::spawn(async move {
+        let started = Instant::now();
+        let result = infer.classify(&texts, w).await;
+        if matches!(result, Err(InferError::Overloaded { .. })) {
+            return;
+        }
+        rollouts.observe(
+            &task,
+            &rollout,
+            &generation.id,
+            started.elapsed().as_secs_f64(),
+            result.is_ok(),
+        );
+        if let Ok(out) = result {
+            let predicted = out
+                .vectors
+                .iter()
+                .map(|p| labels[best(p).0].clone())
+                .collect();
+            recent.attach_shadow(
+                &id,
+                ShadowPrediction {
+                    adapter: generation.id.clone(),
+                    predicted,
+                },
+            );
+        }
+    });
 }

@@ -13,7 +13,7 @@ impl From<TrainError> for ApiError {
     }
 }
 
-/// Queues a training job: `{"task", "method"?: "lora", ...hyperparameter overrides}` → 202 `{"job_id", ...}`.
+/// Queues a training job: `{"task", "method"?: "lora" | "full", ...hyperparameter overrides}` → 202 `{"job_id", ...}`.
 pub async fn submit(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -26,20 +26,6 @@ pub async fn submit(
         Some(serde_json::Value::String(t)) => t,
         _ => return Err(ApiError::invalid("task (a string) is required")),
     };
-    match fields.remove("method") {
-        None => {}
-        Some(serde_json::Value::String(m)) if m == "lora" => {}
-        Some(serde_json::Value::String(m)) if m == "full" => {
-            return Err(ApiError::invalid(
-                "method \"full\" (full fine-tuning) is not implemented yet; use \"lora\"",
-            ))
-        }
-        Some(other) => {
-            return Err(ApiError::invalid(format!(
-                "method {other} is not one of \"lora\", \"full\""
-            )))
-        }
-    }
     if services.registry.task(&task).is_none() {
         return Err(ApiError::not_found(format!("no task {task:?}")));
     }

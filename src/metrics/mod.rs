@@ -8,8 +8,8 @@ pub mod window;
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Prefix of every metric name.
@@ -34,6 +34,11 @@ pub fn batch_size_buckets() -> Vec<f64> {
 /// Batch-token buckets (real tokens per forward pass).
 pub fn batch_token_buckets() -> Vec<f64> {
     (0..15).map(|i| 16.0 * 2f64.powi(i)).collect()
+}
+
+/// Training-duration buckets: 1 s to ~2.3 h, doubling.
+pub fn training_buckets() -> Vec<f64> {
+    (0..14).map(|i| 2f64.powi(i)).collect()
 }
 
 /// The process's metrics.
@@ -70,6 +75,24 @@ pub struct Metrics {
     pub feedback: IntCounterVec,
     /// `flywheel_request_latency_seconds{route, quantile}`: P50/P95/P99 over the last minute.
     pub latency_window: Arc<window::LatencyWindow>,
+    /// `flywheel_training_jobs_total{task, state}`: jobs finished, by final state.
+    pub training_jobs: IntCounterVec,
+    /// `flywheel_training_duration_seconds`: wall time of finished jobs.
+    pub training_duration: Histogram,
+    /// `flywheel_training_loss{task}`: the running job's mean training loss of the current epoch.
+    pub training_loss: GaugeVec,
+    /// `flywheel_training_samples_per_second{task}`: the running job's training throughput.
+    pub training_samples_per_second: GaugeVec,
+    /// `flywheel_online_accuracy{task, arm}`: share of feedback on served predictions that agreed with them.
+    pub online_accuracy: GaugeVec,
+    /// `flywheel_rollout_traffic{task, arm}`: the share of traffic each arm of an active rollout gets.
+    pub rollout_traffic: GaugeVec,
+    /// `flywheel_rollout_events_total{task, decision}`: rollouts started, advanced, promoted, rolled back.
+    pub rollout_events: IntCounterVec,
+    /// `flywheel_drift_score{task, signal, method}`: the latest drift score.
+    pub drift_score: GaugeVec,
+    /// `flywheel_drift_detected{task, signal}`: 1 while the score is over its threshold.
+    pub drift_detected: IntGaugeVec,
 }
 
 impl Metrics {
@@ -141,8 +164,69 @@ impl Metrics {
             "1 once the model is loaded and serving",
         )
         .expect("static metric definition is valid; this is a bug");
+        let gauges = |n: &str, help: &str, labels: &[&str]| {
+            GaugeVec::new(Opts::new(name(n), help), labels)
+                .expect("static metric definition is valid; this is a bug")
+        };
+        let training_jobs = IntCounterVec::new(
+            Opts::new(
+                name("training_jobs_total"),
+                "Training jobs finished, by task and final state",
+            ),
+            &["task", "state"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let training_loss = gauges(
+            "training_loss",
+            "Mean training loss of the running job's current epoch",
+            &["task"],
+        );
+        let training_samples_per_second = gauges(
+            "training_samples_per_second",
+            "Training examples per second of the running job",
+            &["task"],
+        );
+        let online_accuracy = gauges(
+            "online_accuracy",
+            "Share of feedback on served predictions that agreed with the prediction, by arm",
+            &["task", "arm"],
+        );
+        let rollout_traffic = gauges(
+            "rollout_traffic",
+            "Share of the task's traffic each arm serves",
+            &["task", "arm"],
+        );
+        let rollout_events = IntCounterVec::new(
+            Opts::new(
+                name("rollout_events_total"),
+                "Rollout decisions: started, advanced, promoted, rolled back",
+            ),
+            &["task", "decision"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let drift_score = gauges(
+            "drift_score",
+            "Latest drift score of the live window against the reference",
+            &["task", "signal", "method"],
+        );
+        let drift_detected = IntGaugeVec::new(
+            Opts::new(
+                name("drift_detected"),
+                "1 while a drift score is over its threshold",
+            ),
+            &["task", "signal"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         for c in [
-            Box::new(request_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(training_jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(training_loss.clone()),
+            Box::new(training_samples_per_second.clone()),
+            Box::new(online_accuracy.clone()),
+            Box::new(rollout_traffic.clone()),
+            Box::new(rollout_events.clone()),
+            Box::new(drift_score.clone()),
+            Box::new(drift_detected.clone()),
+            Box::new(request_duration.clone()),
             Box::new(requests.clone()),
             Box::new(rejected.clone()),
             Box::new(in_flight.clone()),
@@ -186,7 +270,20 @@ impl Metrics {
                 "Time to read, check and register one adapter",
                 latency_buckets(),
             ),
+            training_duration: histogram(
+                "training_duration_seconds",
+                "Wall time of finished training jobs",
+                training_buckets(),
+            ),
             registry,
+            training_jobs,
+            training_loss,
+            training_samples_per_second,
+            online_accuracy,
+            rollout_traffic,
+            rollout_events,
+            drift_score,
+            drift_detected,
             adapters_loaded,
             feedback,
             latency_window,

@@ -119,6 +119,64 @@ impl Bert {
         })
     }
 
+    /// Every weight with its Hugging Face name (no `bert.` prefix), mutable: full fine-tuning swaps them for
+    /// trainable variables and exports them under these names.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        fn linear<'a>(out: &mut Vec<(String, &'a mut Tensor)>, name: String, l: &'a mut Linear) {
+            out.push((format!("{name}.weight"), &mut l.weight));
+            if let Some(b) = l.bias.as_mut() {
+                out.push((format!("{name}.bias"), b));
+            }
+        }
+        fn norm<'a>(out: &mut Vec<(String, &'a mut Tensor)>, name: String, n: &'a mut LayerNorm) {
+            out.push((format!("{name}.weight"), &mut n.weight));
+            out.push((format!("{name}.bias"), &mut n.bias));
+        }
+        let mut out = Vec::new();
+        let e = &mut self.embeddings;
+        out.push(("embeddings.word_embeddings.weight".to_owned(), &mut e.word));
+        out.push((
+            "embeddings.position_embeddings.weight".to_owned(),
+            &mut e.position,
+        ));
+        out.push((
+            "embeddings.token_type_embeddings.weight".to_owned(),
+            &mut e.token_type,
+        ));
+        norm(&mut out, "embeddings.LayerNorm".to_owned(), &mut e.norm);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            linear(&mut out, format!("{p}.attention.self.query"), &mut l.query);
+            linear(&mut out, format!("{p}.attention.self.key"), &mut l.key);
+            linear(&mut out, format!("{p}.attention.self.value"), &mut l.value);
+            linear(
+                &mut out,
+                format!("{p}.attention.output.dense"),
+                &mut l.attention_out,
+            );
+            norm(
+                &mut out,
+                format!("{p}.attention.output.LayerNorm"),
+                &mut l.attention_norm,
+            );
+            linear(
+                &mut out,
+                format!("{p}.intermediate.dense"),
+                &mut l.intermediate,
+            );
+            linear(&mut out, format!("{p}.output.dense"), &mut l.output);
+            norm(
+                &mut out,
+                format!("{p}.output.LayerNorm"),
+                &mut l.output_norm,
+            );
+        }
+        if let Some(p) = self.pooler.as_mut() {
+            linear(&mut out, "pooler.dense".to_owned(), p);
+        }
+        out
+    }
+
     /// Hidden states `[batch, seq, hidden]` for padded `input_ids` `[batch, seq]` (u32) and an
     /// `attention_mask` `[batch, seq]` (1 for tokens, 0 for padding).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

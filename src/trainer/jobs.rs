@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{stratified_split, truncate, Example};
 use super::eval::{evaluate, Evaluation};
-use super::train::{predict, train_lora, TrainConfig, TrainError};
+use super::full::write_checkpoint;
+use super::train::{predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError};
 use crate::adapters::peft;
 use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
 use crate::feedback::FeedbackStore;
@@ -45,8 +46,8 @@ pub struct JobStatus {
     pub id: String,
     /// The task trained.
     pub task: String,
-    /// `lora`.
-    pub method: String,
+    /// `lora` or `full`.
+    pub method: Method,
     /// Lifecycle state.
     pub state: JobState,
     /// Optimizer steps done.
@@ -67,8 +68,17 @@ pub struct JobStatus {
     pub trainable_params: Option<usize>,
     /// Seconds spent so far.
     pub wall_seconds: f64,
-    /// The published generation.
+    /// The published generation (LoRA).
     pub adapter: Option<String>,
+    /// The written checkpoint, relative to the data directory (full fine-tuning).
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Examples in the training split.
+    #[serde(default)]
+    pub train_examples: Option<usize>,
+    /// How many of the job's examples were replayed from before the parent generation.
+    #[serde(default)]
+    pub replayed_examples: Option<usize>,
     /// Why it failed.
     pub error: Option<String>,
     /// Unix seconds.
@@ -87,10 +97,20 @@ pub struct TrainerDeps {
     pub feedback: Arc<dyn FeedbackStore>,
     /// Threads the trainer may use.
     pub threads: usize,
+    /// The base model's directory (full fine-tuning copies its config and tokenizer).
+    pub model_dir: std::path::PathBuf,
+    /// Where full fine-tuning writes checkpoints (`<data-dir>/models`).
+    pub models_dir: std::path::PathBuf,
+    /// Training metrics.
+    pub metrics: crate::metrics::Metrics,
 }
+
+/// Called on the trainer thread with the task and generation id after a LoRA job published.
+pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 struct Shared {
     jobs: Mutex<BTreeMap<String, JobStatus>>,
+    hook: Mutex<Option<PublishHook>>,
     cancel: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
     path: std::path::PathBuf,
 }
@@ -155,6 +175,7 @@ impl Jobs {
         }
         let shared = Arc::new(Shared {
             jobs: Mutex::new(jobs),
+            hook: Mutex::new(None),
             cancel: Mutex::new(BTreeMap::new()),
             path,
         });
@@ -185,7 +206,27 @@ impl Jobs {
         })
     }
 
-    /// Queues a LoRA job for `task`.
+    /// Sets the function called after each LoRA job publishes a generation (the rollout layer starts
+    /// canaries from it).
+    pub fn on_published(&self, hook: PublishHook) {
+        *self
+            .shared
+            .hook
+            .lock()
+            .expect("hook lock poisoned; this is a bug") = Some(hook);
+    }
+
+    /// Whether `task` has a job queued or running.
+    pub fn busy(&self, task: &str) -> bool {
+        self.shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .values()
+            .any(|j| j.task == task && matches!(j.state, JobState::Queued | JobState::Running))
+    }
+
+    /// Queues a job for `task`.
     pub fn submit(&self, task: &str, config: TrainConfig) -> Result<JobStatus, TrainError> {
         config.validate()?;
         let queued = {
@@ -207,7 +248,7 @@ impl Jobs {
         let status = JobStatus {
             id: format!("job-{}", uuid::Uuid::new_v4().simple()),
             task: task.to_owned(),
-            method: "lora".to_owned(),
+            method: config.method,
             state: JobState::Queued,
             step: 0,
             total_steps: 0,
@@ -219,6 +260,9 @@ impl Jobs {
             trainable_params: None,
             wall_seconds: 0.0,
             adapter: None,
+            output: None,
+            train_examples: None,
+            replayed_examples: None,
             error: None,
             created_at: now(),
             config,
@@ -313,13 +357,20 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
     shared.persist();
     let started = Instant::now();
     let result = train_and_publish(shared, deps, &job, &cancel, started);
+    let wall = started.elapsed().as_secs_f64();
+    let mut published = None;
     shared.update(id, |j| {
-        j.wall_seconds = started.elapsed().as_secs_f64();
+        j.wall_seconds = wall;
         j.eta_seconds = None;
         match result {
-            Ok(adapter) => {
+            Ok(Output::Adapter(adapter)) => {
                 j.state = JobState::Succeeded;
+                published = Some(adapter.clone());
                 j.adapter = Some(adapter);
+            }
+            Ok(Output::Checkpoint(dir)) => {
+                j.state = JobState::Succeeded;
+                j.output = Some(dir);
             }
             Err(TrainError::Cancelled) => j.state = JobState::Cancelled,
             Err(e) => {
@@ -329,6 +380,33 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         }
     });
     shared.persist();
+    let state = shared
+        .jobs
+        .lock()
+        .expect("jobs lock poisoned; this is a bug")
+        .get(id)
+        .map(|j| j.state);
+    if let Some(state) = state {
+        let state = serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        deps.metrics
+            .training_jobs
+            .with_label_values(&[job.task.as_str(), state.as_str()])
+            .inc();
+        deps.metrics.training_duration.observe(wall);
+    }
+    if let Some(generation) = published {
+        let hook = shared
+            .hook
+            .lock()
+            .expect("hook lock poisoned; this is a bug")
+            .clone();
+        if let Some(hook) = hook {
+            hook(&job.task, &generation);
+        }
+    }
     shared
         .cancel
         .lock()
@@ -345,30 +423,56 @@ fn warm_startable(adapter: &crate::model::lora::Adapter, labels: usize) -> bool 
     }) && adapter.deltas().next().is_some()
 }
 
-fn train_and_publish(
-    shared: &Shared,
+/// The examples a job trains and validates on, and where they came from.
+struct Dataset {
+    examples: Vec<Example>,
+    snapshot_id: i64,
+    new_rows: usize,
+    replayed_rows: usize,
+}
+
+/// Reads the task's feedback. With a parent snapshot and a replay ratio, takes the rows newer than the
+/// snapshot and an even sample of `replay` older rows per new one; otherwise every row.
+fn select_data(
     deps: &TrainerDeps,
-    job: &JobStatus,
-    cancel: &AtomicBool,
-    started: Instant,
-) -> Result<String, TrainError> {
-    let task = deps
-        .registry
-        .task(&job.task)
-        .ok_or_else(|| TrainError::Invalid(format!("no task {:?}", job.task)))?;
+    task: &crate::adapters::registry::Task,
+    config: &TrainConfig,
+    parent_snapshot: Option<i64>,
+) -> Result<Dataset, TrainError> {
     let rows = deps
         .feedback
         .list(&task.name, 0, MAX_ROWS)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let snapshot_id = rows.last().map_or(0, |r| r.id);
-    let config = &job.config;
-    let model = &deps.model;
-    let mut examples = Vec::with_capacity(rows.len());
-    for row in &rows {
+    let (mut chosen, new_rows, replayed_rows) = match (parent_snapshot, config.replay) {
+        (Some(cut), Some(ratio)) => {
+            let (old, new): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.id <= cut);
+            if new.is_empty() {
+                return Err(TrainError::Invalid(format!(
+                    "no feedback arrived since the stable generation's data (row {cut}); \
+                     set \"replay\": null to retrain on all of it"
+                )));
+            }
+            let want = ((new.len() as f64 * ratio).ceil() as usize).min(old.len());
+            let mut old = old;
+            crate::rng::Rng::new(config.seed ^ 0x2E91A7).shuffle(&mut old);
+            old.truncate(want);
+            let (n, r) = (new.len(), old.len());
+            (new.into_iter().chain(old).collect::<Vec<_>>(), n, r)
+        }
+        _ => {
+            let n = rows.len();
+            (rows, n, 0)
+        }
+    };
+    chosen.sort_by_key(|r| r.id);
+    let mut examples = Vec::with_capacity(chosen.len());
+    for row in &chosen {
         let Some(label) = task.labels.iter().position(|l| *l == row.label) else {
             continue;
         };
-        let ids = model
+        let ids = deps
+            .model
             .tokenizer
             .encode(&row.text)
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
@@ -381,111 +485,216 @@ fn train_and_publish(
         let n = examples.iter().filter(|e| e.label == i).count();
         if n < 2 {
             return Err(TrainError::Invalid(format!(
-                "label {label:?} has {n} feedback examples; training needs at least 2"
+                "label {label:?} has {n} feedback examples in this job's data; training needs at least 2"
             )));
         }
     }
-    let (train, val) = stratified_split(
+    Ok(Dataset {
         examples,
-        task.labels.len(),
-        config.val_fraction,
-        config.seed,
-    );
-    let cpu = model.cpu().ok_or_else(|| {
-        TrainError::Invalid("training runs on the CPU path only for now".to_owned())
-    })?;
+        snapshot_id,
+        new_rows,
+        replayed_rows,
+    })
+}
+
+/// Writes into a fresh temporary directory beside `final_dir`, fsyncs, and renames it into place, so a
+/// crash leaves either nothing or the whole directory.
+fn publish_dir(
+    final_dir: &Path,
+    tag: &str,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let io = |e: std::io::Error| TrainError::Invalid(format!("publishing the result: {e}"));
+    let parent = final_dir
+        .parent()
+        .ok_or_else(|| TrainError::Invalid("bad output path".to_owned()))?;
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let tmp = parent.join(format!(".tmp-{tag}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    write(&tmp)?;
+    std::fs::rename(&tmp, final_dir).map_err(io)?;
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
+}
+
+/// What a finished job produced.
+enum Output {
+    /// A registered adapter generation.
+    Adapter(String),
+    /// A full checkpoint directory.
+    Checkpoint(String),
+}
+
+fn train_and_publish(
+    shared: &Shared,
+    deps: &TrainerDeps,
+    job: &JobStatus,
+    cancel: &AtomicBool,
+    started: Instant,
+) -> Result<Output, TrainError> {
+    let task = deps
+        .registry
+        .task(&job.task)
+        .ok_or_else(|| TrainError::Invalid(format!("no task {:?}", job.task)))?;
+    let config = &job.config;
+    let model = &deps.model;
+    let labels = task.labels.len();
     let stable = deps
         .registry
         .resolve(&task.name)
         .filter(|g| g.task == task.name);
+    let warm = stable.as_ref().and_then(|g| g.adapter.clone()).filter(|a| {
+        config.method == Method::Lora && config.warm_start && warm_startable(a, labels)
+    });
+    let parent_snapshot = warm
+        .as_ref()
+        .and(stable.as_ref())
+        .and_then(|g| g.sidecar.metrics.get("feedback_snapshot_id"))
+        .and_then(serde_json::Value::as_i64);
+    let data = select_data(deps, &task, config, parent_snapshot)?;
+    let (train, val) = stratified_split(data.examples, labels, config.val_fraction, config.seed);
+    let cpu = model.cpu().ok_or_else(|| {
+        TrainError::Invalid("training runs on the CPU path only for now".to_owned())
+    })?;
     let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
     let stable_val = match stable.as_ref().and_then(|g| g.adapter.clone()) {
-        Some(a) => Some(evaluate(
-            &predict(cpu, &a, &val)?,
-            &truth,
-            task.labels.len(),
-        )),
+        Some(a) => Some(evaluate(&predict(cpu, &a, &val)?, &truth, labels)),
         None => None,
     };
-    shared.update(&job.id, |j| j.stable_val = stable_val.clone());
-    let warm = stable
-        .as_ref()
-        .and_then(|g| g.adapter.clone())
-        .filter(|a| config.warm_start && warm_startable(a, task.labels.len()));
-    let report = train_lora(
-        &model.bert,
-        cpu,
-        task.labels.len(),
-        &train,
-        &val,
-        config,
-        warm.as_deref(),
-        &mut |p| {
-            let elapsed = started.elapsed().as_secs_f64();
-            shared.update(&job.id, |j| {
-                j.step = p.step;
-                j.total_steps = p.total_steps;
-                j.epoch = p.epoch;
-                j.train_loss = Some(p.train_loss);
-                if p.val.is_some() {
-                    j.val = p.val.clone();
-                }
-                j.wall_seconds = elapsed;
-                j.eta_seconds =
-                    (p.step > 0).then(|| elapsed / p.step as f64 * (p.total_steps - p.step) as f64);
-            });
-        },
-        cancel,
-    )?;
     shared.update(&job.id, |j| {
-        j.val = Some(report.val.clone());
-        j.trainable_params = Some(report.trainable_params);
+        j.stable_val = stable_val.clone();
+        j.train_examples = Some(train.len());
+        j.replayed_examples = Some(data.replayed_rows);
     });
-
-    // Publish: write the generation into a temporary directory under the adapter root, fsync, rename.
-    let name = format!("trained/{}-{}", task.name, job.id);
-    let final_dir = deps.registry.root().join(&name);
-    let parent = final_dir
-        .parent()
-        .ok_or_else(|| TrainError::Invalid("bad adapter path".to_owned()))?;
-    let io = |e: std::io::Error| TrainError::Invalid(format!("publishing the adapter: {e}"));
-    std::fs::create_dir_all(parent).map_err(io)?;
-    let tmp = parent.join(format!(".tmp-{}", job.id));
-    std::fs::create_dir_all(&tmp).map_err(io)?;
-    let metrics = serde_json::json!({
-        "val": report.val,
-        "stable_val": stable_val,
-        "best_epoch": report.best_epoch,
-        "steps": report.steps,
-        "wall_seconds": report.wall_seconds,
-        "trainable_params": report.trainable_params,
-        "train_examples": train.len(),
-        "val_examples": val.len(),
-        "feedback_snapshot_id": snapshot_id,
-        "hyperparameters": config,
-        "job": job.id,
-        "warm_started": warm.is_some(),
-    });
-    let sidecar = Sidecar {
-        task: Some(task.name.clone()),
-        labels: Some(task.labels.clone()),
-        head: Some(crate::model::lora::Pooling::Cls),
-        parent: stable.map(|g| g.id.clone()),
-        metrics: metrics.as_object().cloned().unwrap_or_default(),
+    let mut progress = |p: &Progress| {
+        let elapsed = started.elapsed().as_secs_f64();
+        deps.metrics
+            .training_loss
+            .with_label_values(&[task.name.as_str()])
+            .set(p.train_loss);
+        deps.metrics
+            .training_samples_per_second
+            .with_label_values(&[task.name.as_str()])
+            .set(p.examples_per_second);
+        shared.update(&job.id, |j| {
+            j.step = p.step;
+            j.total_steps = p.total_steps;
+            j.epoch = p.epoch;
+            j.train_loss = Some(p.train_loss);
+            if p.val.is_some() {
+                j.val = p.val.clone();
+            }
+            j.wall_seconds = elapsed;
+            j.eta_seconds =
+                (p.step > 0).then(|| elapsed / p.step as f64 * (p.total_steps - p.step) as f64);
+        });
     };
-    let invalid =
-        |e: &dyn std::fmt::Display| TrainError::Invalid(format!("publishing the adapter: {e}"));
-    peft::write_dir(&tmp, &report.adapter, config.alpha, &model.name).map_err(|e| invalid(&e))?;
-    let sidecar_bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| invalid(&e))?;
-    write_atomically(&tmp.join(SIDECAR_FILE), &sidecar_bytes).map_err(|e| invalid(&e))?;
-    std::fs::rename(&tmp, &final_dir).map_err(io)?;
-    std::fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(io)?;
-    let (generation, _) = deps
-        .registry
-        .load(&name, &task.name, None)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = report.val.macro_f1, "training published a generation");
-    Ok(generation.id.clone())
+    let metrics = |val: &Evaluation, best_epoch: usize, steps: usize, wall: f64, params: usize| {
+        serde_json::json!({
+            "method": config.method,
+            "val": val,
+            "stable_val": stable_val,
+            "best_epoch": best_epoch,
+            "steps": steps,
+            "wall_seconds": wall,
+            "trainable_params": params,
+            "train_examples": train.len(),
+            "val_examples": truth.len(),
+            "new_examples": data.new_rows,
+            "replayed_examples": data.replayed_rows,
+            "feedback_snapshot_id": data.snapshot_id,
+            "hyperparameters": config,
+            "job": job.id,
+            "warm_started": warm.is_some(),
+        })
+    };
+    let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(format!("publishing: {e}"));
+    match config.method {
+        Method::Full => {
+            let report = train_full(
+                &model.bert,
+                labels,
+                &train,
+                &val,
+                config,
+                &mut progress,
+                cancel,
+            )?;
+            shared.update(&job.id, |j| {
+                j.val = Some(report.val.clone());
+                j.trainable_params = Some(report.trainable_params);
+            });
+            let name = format!("{}-{}", task.name, job.id);
+            let final_dir = deps.models_dir.join(&name);
+            let meta = metrics(
+                &report.val,
+                report.best_epoch,
+                report.steps,
+                report.wall_seconds,
+                report.trainable_params,
+            );
+            publish_dir(&final_dir, &job.id, |tmp| {
+                write_checkpoint(tmp, &report.result, &task.labels, &deps.model_dir)
+                    .map_err(|e| invalid(&e))?;
+                let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&e))?;
+                write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
+            })?;
+            tracing::info!(job = %job.id, dir = %final_dir.display(), macro_f1 = report.val.macro_f1, "full fine-tuning wrote a checkpoint");
+            Ok(Output::Checkpoint(format!("models/{name}")))
+        }
+        Method::Lora => {
+            let report = train_lora(
+                &model.bert,
+                cpu,
+                labels,
+                &train,
+                &val,
+                config,
+                warm.as_deref(),
+                &mut progress,
+                cancel,
+            )?;
+            shared.update(&job.id, |j| {
+                j.val = Some(report.val.clone());
+                j.trainable_params = Some(report.trainable_params);
+            });
+            let name = format!("trained/{}-{}", task.name, job.id);
+            let meta = metrics(
+                &report.val,
+                report.best_epoch,
+                report.steps,
+                report.wall_seconds,
+                report.trainable_params,
+            );
+            let sidecar = Sidecar {
+                task: Some(task.name.clone()),
+                labels: Some(task.labels.clone()),
+                head: Some(crate::model::lora::Pooling::Cls),
+                parent: stable.map(|g| g.id.clone()),
+                metrics: meta.as_object().cloned().unwrap_or_default(),
+            };
+            // The rank and alpha of a warm start are the parent's.
+            let alpha = report
+                .result
+                .deltas()
+                .next()
+                .map_or(config.alpha, |(_, _, d)| d.scale as f64 * d.rank as f64);
+            publish_dir(&deps.registry.root().join(&name), &job.id, |tmp| {
+                peft::write_dir(tmp, &report.result, alpha, &model.name)
+                    .map_err(|e| invalid(&e))?;
+                let bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| invalid(&e))?;
+                write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
+            })?;
+            let (generation, _) = deps
+                .registry
+                .load(&name, &task.name, None)
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = report.val.macro_f1, "training published a generation");
+            Ok(Output::Adapter(generation.id.clone()))
+        }
+    }
 }

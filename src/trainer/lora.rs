@@ -201,14 +201,30 @@ impl Deltas for LoraTrainable {
     }
 }
 
-/// Mean cross-entropy of `logits` `[batch, labels]` against `targets` `[batch]` (u32), with label smoothing
+/// Cross-entropy of `logits` `[batch, labels]` against `targets` `[batch]` (u32), with label smoothing
 /// `smoothing` (the target keeps `1 − smoothing`, the rest is spread evenly), built from differentiable ops.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
+/// With `class_weights` `[labels]` each example counts by its label's weight and the mean is weighted, as
+/// PyTorch's `CrossEntropyLoss(weight=…)` does; without, it is the plain mean.
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    smoothing: f64,
+    class_weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let (_, labels) = logits.dims2()?;
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
     let one_hot = candle_nn::encoding::one_hot(targets.clone(), labels, 1f32, 0f32)?;
     let target = ((one_hot * (1.0 - smoothing))? + smoothing / labels as f64)?;
-    Ok((target * log_probs)?.sum(D::Minus1)?.neg()?.mean_all()?)
+    let per_example = (target * log_probs)?.sum(D::Minus1)?.neg()?;
+    Ok(match class_weights {
+        None => per_example.mean_all()?,
+        Some(w) => {
+            let w = w.index_select(targets, 0)?;
+            (per_example * &w)?
+                .sum_all()?
+                .broadcast_div(&w.sum_all()?)?
+        }
+    })
 }

@@ -87,7 +87,13 @@ fn every_trainable_tensor_gets_a_non_zero_gradient() {
     let lora = trainable(&bert.config);
     perturb(&lora);
     let (_, ids, mask, targets) = batch();
-    let loss = cross_entropy(&lora.logits(&bert, &ids, &mask).unwrap(), &targets, 0.1).unwrap();
+    let loss = cross_entropy(
+        &lora.logits(&bert, &ids, &mask).unwrap(),
+        &targets,
+        0.1,
+        None,
+    )
+    .unwrap();
     let grads = loss.backward().unwrap();
     let vars = lora.vars();
     assert_eq!(
@@ -122,7 +128,7 @@ fn adamw_steps_reduce_the_loss() {
     };
     let mut opt = AdamW::new(lora.vars(), params).unwrap();
     let loss_of = |l: &LoraTrainable| {
-        cross_entropy(&l.logits(&bert, &ids, &mask).unwrap(), &targets, 0.0).unwrap()
+        cross_entropy(&l.logits(&bert, &ids, &mask).unwrap(), &targets, 0.0, None).unwrap()
     };
     let first = loss_of(&lora).to_scalar::<f32>().unwrap();
     for _ in 0..30 {
@@ -168,7 +174,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
         batch_size: 8,
         grad_accumulation: 2,
         max_length: 16,
-        learning_rate: 1e-2,
+        learning_rate: Some(1e-2),
         ..TrainConfig::default()
     };
     let mut steps = 0;
@@ -232,7 +238,7 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
     let config = TrainConfig {
         epochs: 1,
         batch_size: 8,
-        learning_rate: 1e-6,
+        learning_rate: Some(1e-6),
         max_length: 16,
         ..TrainConfig::default()
     };
@@ -250,7 +256,7 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
             &cancel,
         )
         .unwrap()
-        .adapter
+        .result
     };
     let continued = run(Some(&warm));
     let fresh = run(None);

@@ -3,8 +3,10 @@
 
 pub mod data;
 pub mod eval;
+pub mod full;
 pub mod jobs;
 pub mod lora;
+pub mod offline;
 pub mod train;
 
 #[cfg(test)]

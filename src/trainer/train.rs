@@ -1,33 +1,114 @@
-//! The LoRA training loop: AdamW with warmup and linear decay, gradient accumulation, label smoothing,
+//! The training loop, for LoRA and full fine-tuning alike: AdamW with warmup and linear decay, gradient accumulation, label smoothing,
 //! evaluation on the validation split after every epoch, early stopping on macro-F1 with patience, and the
 //! best epoch's adapter as the result.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use super::data::{pad, Example, Rng};
 use super::eval::{evaluate, Evaluation};
+use super::full::FullTrainable;
 use super::lora::{cross_entropy, LoraTrainable};
 use crate::model::lora::{Adapter, Target};
 use crate::model::{Bert, CpuEncoder, ModelError};
 
-/// Hyperparameters of a LoRA job; every field has the project's default.
+/// What trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Low-rank factors on the chosen linears plus the head; the result is a PEFT adapter.
+    #[default]
+    Lora,
+    /// Every weight plus the head; the result is a whole checkpoint (the comparison).
+    Full,
+}
+
+/// How examples of each label weigh in the loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassWeights {
+    /// `"none"` (all 1) or `"balanced"` (`n / (labels · n_label)` from the training split, as
+    /// scikit-learn's `class_weight="balanced"`).
+    Preset(WeightPreset),
+    /// One weight per label, in the task's label order.
+    Explicit(Vec<f64>),
+}
+
+/// The named class-weight schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightPreset {
+    /// Every label weighs 1.
+    None,
+    /// Rare labels weigh more, inversely to their frequency.
+    Balanced,
+}
+
+impl Default for ClassWeights {
+    fn default() -> Self {
+        ClassWeights::Preset(WeightPreset::None)
+    }
+}
+
+impl ClassWeights {
+    /// The per-label weights for a training split of `train` examples, or `None` when all are 1.
+    pub fn resolve(
+        &self,
+        train: &[Example],
+        labels: usize,
+    ) -> Result<Option<Vec<f32>>, TrainError> {
+        match self {
+            ClassWeights::Preset(WeightPreset::None) => Ok(None),
+            ClassWeights::Preset(WeightPreset::Balanced) => {
+                let mut counts = vec![0usize; labels];
+                for e in train {
+                    counts[e.label] += 1;
+                }
+                Ok(Some(
+                    counts
+                        .iter()
+                        .map(|&c| train.len() as f32 / (labels * c.max(1)) as f32)
+                        .collect(),
+                ))
+            }
+            ClassWeights::Explicit(w) if w.len() != labels => Err(TrainError::Invalid(format!(
+                "class_weights has {} entries but the task has {labels} labels",
+                w.len()
+            ))),
+            ClassWeights::Explicit(w) => {
+                if w.iter().any(|x| !(x.is_finite() && *x > 0.0 && *x <= 1e3)) {
+                    return Err(TrainError::Invalid(
+                        "class_weights must be positive and at most 1000".to_owned(),
+                    ));
+                }
+                Ok(Some(w.iter().map(|&x| x as f32).collect()))
+            }
+        }
+    }
+}
+
+/// Hyperparameters of a job; every field has the project's default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// LoRA or full fine-tuning.
+    pub method: Method,
     /// LoRA rank.
     pub rank: usize,
     /// LoRA alpha (scale = alpha / rank).
     pub alpha: f64,
     /// Linears to adapt.
     pub targets: Vec<Target>,
-    /// Peak learning rate (LoRA wants ~10× full fine-tuning's; see docs).
-    pub learning_rate: f64,
+    /// Peak learning rate; unset means the method's default (LoRA 2e-3, full 5e-5: LoRA wants ~10–50× full
+    /// fine-tuning's, see docs/TRAINING.md).
+    pub learning_rate: Option<f64>,
     /// Passes over the training split.
     pub epochs: usize,
     /// Examples per micro-batch.
@@ -40,6 +121,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Label smoothing of the cross-entropy.
     pub label_smoothing: f64,
+    /// Loss weight per label, against imbalance.
+    pub class_weights: ClassWeights,
     /// Tokens per example, special tokens included.
     pub max_length: usize,
     /// Epochs without a better validation macro-F1 before stopping.
@@ -49,28 +132,35 @@ pub struct TrainConfig {
     /// Seed of initialisation, split and shuffles.
     pub seed: u64,
     /// Start from the task's stable generation when it is a LoRA `[CLS]` adapter (its rank and targets then
-    /// replace `rank` and `targets`); otherwise from fresh factors.
+    /// replace `rank` and `targets`); otherwise from fresh factors. LoRA only.
     pub warm_start: bool,
+    /// When warm-starting, train on the feedback that arrived since the parent generation's data snapshot
+    /// plus this many older examples per new one, sampled evenly (replay, against forgetting); `null` trains
+    /// on all of the task's feedback.
+    pub replay: Option<f64>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
+            method: Method::Lora,
             rank: 8,
             alpha: 16.0,
             targets: vec![Target::Query, Target::Value],
-            learning_rate: 2e-3,
+            learning_rate: None,
             epochs: 5,
             batch_size: 16,
             grad_accumulation: 1,
             warmup_ratio: 0.1,
             weight_decay: 0.01,
             label_smoothing: 0.1,
+            class_weights: ClassWeights::default(),
             max_length: 128,
             patience: 3,
             val_fraction: 0.15,
             seed: 0,
             warm_start: true,
+            replay: Some(2.0),
         }
     }
 }
@@ -85,7 +175,7 @@ impl TrainConfig {
         if self.targets.is_empty() {
             return bad("targets must name at least one linear");
         }
-        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+        if !(self.lr() > 0.0 && self.lr() < 1.0) {
             return bad("learning_rate must be in (0, 1)");
         }
         if self.epochs == 0 || self.epochs > 100 || self.batch_size == 0 || self.batch_size > 512 {
@@ -103,7 +193,26 @@ impl TrainConfig {
         if !(8..=512).contains(&self.max_length) {
             return bad("max_length must be 8 to 512");
         }
+        if self
+            .replay
+            .is_some_and(|r| !(r.is_finite() && (0.0..=100.0).contains(&r)))
+        {
+            return bad("replay must be 0 to 100 older examples per new one");
+        }
+        if let ClassWeights::Explicit(w) = &self.class_weights {
+            if w.iter().any(|x| !(x.is_finite() && *x > 0.0 && *x <= 1e3)) {
+                return bad("class_weights must be positive and at most 1000");
+            }
+        }
         Ok(())
+    }
+
+    /// The peak learning rate: the override, or the method's default.
+    pub fn lr(&self) -> f64 {
+        self.learning_rate.unwrap_or(match self.method {
+            Method::Lora => 2e-3,
+            Method::Full => 5e-5,
+        })
     }
 }
 
@@ -140,6 +249,8 @@ pub struct Progress {
     pub train_loss: f64,
     /// The latest validation scores, once an epoch has finished.
     pub val: Option<Evaluation>,
+    /// Training examples per second so far.
+    pub examples_per_second: f64,
 }
 
 /// One epoch's outcome.
@@ -153,11 +264,11 @@ pub struct EpochReport {
     pub val: Evaluation,
 }
 
-/// What a finished run produced.
+/// What a finished run produced: `R` is the best epoch's adapter (LoRA) or weights (full).
 #[derive(Debug, Clone)]
-pub struct TrainReport {
-    /// The best epoch's adapter.
-    pub adapter: Adapter,
+pub struct TrainReport<R> {
+    /// The best epoch's result.
+    pub result: R,
     /// The epoch it came from.
     pub best_epoch: usize,
     /// Its validation scores.
@@ -210,6 +321,62 @@ pub fn predict(
     Ok(out)
 }
 
+/// What the training loop needs of the thing it trains.
+trait Trainable {
+    /// The state kept of the best epoch.
+    type Snapshot;
+    fn vars(&self) -> Vec<Var>;
+    fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError>;
+    fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>, TrainError>;
+    fn snapshot(&self) -> Result<Self::Snapshot, TrainError>;
+}
+
+struct LoraRun<'a> {
+    lora: LoraTrainable,
+    bert: &'a Bert,
+    cpu: &'a CpuEncoder,
+}
+
+impl Trainable for LoraRun<'_> {
+    type Snapshot = Adapter;
+
+    fn vars(&self) -> Vec<Var> {
+        self.lora.vars()
+    }
+
+    fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError> {
+        Ok(self.lora.logits(self.bert, ids, mask)?)
+    }
+
+    fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>, TrainError> {
+        predict(self.cpu, &self.snapshot()?, examples)
+    }
+
+    fn snapshot(&self) -> Result<Adapter, TrainError> {
+        Ok(self.lora.to_adapter(self.bert.config.num_hidden_layers)?)
+    }
+}
+
+impl Trainable for FullTrainable {
+    type Snapshot = HashMap<String, Tensor>;
+
+    fn vars(&self) -> Vec<Var> {
+        FullTrainable::vars(self)
+    }
+
+    fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError> {
+        Ok(FullTrainable::logits(self, ids, mask)?)
+    }
+
+    fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>, TrainError> {
+        Ok(FullTrainable::predict(self, examples)?)
+    }
+
+    fn snapshot(&self) -> Result<Self::Snapshot, TrainError> {
+        Ok(FullTrainable::snapshot(self)?)
+    }
+}
+
 /// Trains a LoRA adapter with a `labels`-way head on `train`, selecting the epoch by macro-F1 on `val`.
 /// Starts from `warm` when given. `cancel` is checked between steps.
 #[allow(clippy::too_many_arguments)]
@@ -223,15 +390,7 @@ pub fn train_lora(
     warm: Option<&Adapter>,
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
-) -> Result<TrainReport, TrainError> {
-    config.validate()?;
-    if train.is_empty() || val.is_empty() {
-        return Err(TrainError::Invalid(
-            "training needs examples in both the train and validation splits".into(),
-        ));
-    }
-    flush_denormals();
-    let started = Instant::now();
+) -> Result<TrainReport<Adapter>, TrainError> {
     let device = Device::Cpu;
     let lora = match warm {
         Some(a) => LoraTrainable::from_adapter(a, &device)?,
@@ -245,32 +404,97 @@ pub fn train_lora(
             &device,
         )?,
     };
+    fit(
+        &LoraRun { lora, bert, cpu },
+        bert.config.pad_token_id,
+        labels,
+        train,
+        val,
+        config,
+        progress,
+        cancel,
+    )
+}
+
+/// Fine-tunes every weight of `bert` (a copy; `bert` itself is untouched) with a fresh `labels`-way head;
+/// the result is the best epoch's weights under `BertForSequenceClassification` names.
+#[allow(clippy::too_many_arguments)]
+pub fn train_full(
+    bert: &Bert,
+    labels: usize,
+    train: &[Example],
+    val: &[Example],
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<TrainReport<HashMap<String, Tensor>>, TrainError> {
+    let full = FullTrainable::new(bert, labels, config.seed)?;
+    fit(
+        &full,
+        bert.config.pad_token_id,
+        labels,
+        train,
+        val,
+        config,
+        progress,
+        cancel,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit<T: Trainable>(
+    trainable: &T,
+    pad_id: u32,
+    labels: usize,
+    train: &[Example],
+    val: &[Example],
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<TrainReport<T::Snapshot>, TrainError> {
+    config.validate()?;
+    if train.is_empty() || val.is_empty() {
+        return Err(TrainError::Invalid(
+            "training needs examples in both the train and validation splits".into(),
+        ));
+    }
+    flush_denormals();
+    let started = Instant::now();
+    let device = Device::Cpu;
+    let class_weights = config
+        .class_weights
+        .resolve(train, labels)?
+        .map(|w| Tensor::from_vec(w, labels, &device))
+        .transpose()?;
+    let vars = trainable.vars();
+    let trainable_params = vars.iter().map(|v| v.elem_count()).sum();
     let params = ParamsAdamW {
-        lr: config.learning_rate,
+        lr: config.lr(),
         weight_decay: config.weight_decay,
         ..ParamsAdamW::default()
     };
-    let mut optimizer = AdamW::new(lora.vars(), params)?;
+    let mut optimizer = AdamW::new(vars.clone(), params)?;
     let micro_batches = train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_batches.div_ceil(config.grad_accumulation);
     let total_steps = steps_per_epoch * config.epochs;
     let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
+    let peak = config.lr();
     let schedule = |step: usize| -> f64 {
         if step < warmup {
-            config.learning_rate * (step + 1) as f64 / warmup as f64
+            peak * (step + 1) as f64 / warmup as f64
         } else {
             let left =
                 total_steps.saturating_sub(step) as f64 / (total_steps - warmup).max(1) as f64;
-            config.learning_rate * left.max(0.0)
+            peak * left.max(0.0)
         }
     };
     let val_truth: Vec<usize> = val.iter().map(|e| e.label).collect();
     let mut rng = Rng::new(config.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut step, mut history) = (0, Vec::new());
-    let mut best: Option<(f64, usize, Adapter, Evaluation)> = None;
+    let mut best: Option<(f64, usize, T::Snapshot, Evaluation)> = None;
     let mut since_best = 0;
-    let vars = lora.vars();
+    let mut examples_seen = 0usize;
     for epoch in 1..=config.epochs {
         rng.shuffle(&mut order);
         let (mut loss_sum, mut loss_count) = (0.0, 0usize);
@@ -282,11 +506,17 @@ pub fn train_lora(
             let micro: Vec<&[usize]> = group.chunks(config.batch_size).collect();
             for indices in &micro {
                 let batch: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
-                let (ids, mask, targets) = pad(&batch, bert.config.pad_token_id, &device)?;
-                let logits = lora.logits(bert, &ids, &mask)?;
-                let loss = cross_entropy(&logits, &targets, config.label_smoothing)?;
+                let (ids, mask, targets) = pad(&batch, pad_id, &device)?;
+                let logits = trainable.logits(&ids, &mask)?;
+                let loss = cross_entropy(
+                    &logits,
+                    &targets,
+                    config.label_smoothing,
+                    class_weights.as_ref(),
+                )?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 loss_count += 1;
+                examples_seen += batch.len();
                 let grads = (loss / micro.len() as f64)?.backward()?;
                 accumulated = Some(match accumulated {
                     None => grads,
@@ -314,10 +544,10 @@ pub fn train_lora(
                 epoch,
                 train_loss: loss_sum / loss_count.max(1) as f64,
                 val: history.last().map(|h: &EpochReport| h.val.clone()),
+                examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
             });
         }
-        let adapter = lora.to_adapter(bert.config.num_hidden_layers)?;
-        let evaluation = evaluate(&predict(cpu, &adapter, val)?, &val_truth, labels);
+        let evaluation = evaluate(&trainable.predict(val)?, &val_truth, labels);
         let train_loss = loss_sum / loss_count.max(1) as f64;
         tracing::info!(
             epoch,
@@ -337,10 +567,16 @@ pub fn train_lora(
             epoch,
             train_loss,
             val: Some(evaluation.clone()),
+            examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
         });
         // Ties go to the later epoch: the same validation score after more training.
         if best.as_ref().is_none_or(|b| evaluation.macro_f1 >= b.0) {
-            best = Some((evaluation.macro_f1, epoch, adapter, evaluation));
+            best = Some((
+                evaluation.macro_f1,
+                epoch,
+                trainable.snapshot()?,
+                evaluation,
+            ));
             since_best = 0;
         } else {
             since_best += 1;
@@ -349,11 +585,11 @@ pub fn train_lora(
             }
         }
     }
-    let (_, best_epoch, adapter, val) =
+    let (_, best_epoch, result, val) =
         best.ok_or_else(|| TrainError::Invalid("no epoch ran".to_owned()))?;
     Ok(TrainReport {
-        trainable_params: adapter.parameter_count(),
-        adapter,
+        result,
+        trainable_params,
         best_epoch,
         val,
         history,

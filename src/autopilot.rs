@@ -1,0 +1,107 @@
+//! The autopilot: one background thread that closes the loop by policy. Every tick it runs the rollout
+//! analysis (advance, promote, roll back) and starts training jobs for tasks whose feedback grew enough since
+//! their last job, or whose inputs drifted.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::adapters::Registry;
+use crate::config::TrainerConfig;
+use crate::feedback::FeedbackStore;
+use crate::rollout::Rollouts;
+use crate::trainer::jobs::Jobs;
+use crate::trainer::train::TrainConfig;
+
+/// What the autopilot drives.
+pub struct Autopilot {
+    /// Tasks.
+    pub registry: Arc<Registry>,
+    /// Feedback counts.
+    pub feedback: Arc<dyn FeedbackStore>,
+    /// The job queue.
+    pub jobs: Arc<Jobs>,
+    /// The rollouts.
+    pub rollouts: Arc<Rollouts>,
+    /// Tells whether a task's drift is over threshold now.
+    pub drifted: Box<dyn Fn(&str) -> bool + Send>,
+    /// The training policy.
+    pub policy: TrainerConfig,
+    /// The tick.
+    pub every: Duration,
+}
+
+/// Per task: feedback count when its last automatic job was submitted, and when.
+struct Last {
+    count: u64,
+    at: Instant,
+}
+
+impl Autopilot {
+    /// Runs on a new thread until `stop` is set.
+    pub fn spawn(self, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("flywheel-autopilot".to_owned())
+            .spawn(move || {
+                let mut last: HashMap<String, Last> = HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(self.every);
+                    for (task, action) in self.rollouts.evaluate() {
+                        tracing::info!(task, action, "rollout analysis acted");
+                    }
+                    self.maybe_train(&mut last);
+                }
+            })
+    }
+
+    fn maybe_train(&self, last: &mut HashMap<String, Last>) {
+        let by_count = self.policy.auto_every_feedback > 0;
+        if !by_count && !self.policy.auto_on_drift {
+            return;
+        }
+        let interval = Duration::from_secs(self.policy.auto_min_interval_secs);
+        for task in self.registry.tasks() {
+            let Ok(count) = self.feedback.count(&task.name) else {
+                continue;
+            };
+            // The first look at a task sets its baseline: only feedback that arrives while this process
+            // runs triggers training.
+            let seen = last.entry(task.name.clone()).or_insert(Last {
+                count,
+                at: Instant::now()
+                    .checked_sub(interval)
+                    .unwrap_or_else(Instant::now),
+            });
+            if seen.at.elapsed() < interval
+                || self.jobs.busy(&task.name)
+                || self
+                    .rollouts
+                    .get(&task.name)
+                    .is_some_and(|r| r.phase == crate::rollout::Phase::Active)
+            {
+                continue;
+            }
+            let grown = count.saturating_sub(seen.count);
+            let reason = if by_count && grown >= self.policy.auto_every_feedback {
+                format!("{grown} new feedback items")
+            } else if self.policy.auto_on_drift && grown > 0 && (self.drifted)(&task.name) {
+                "drift detected".to_owned()
+            } else {
+                continue;
+            };
+            match self.jobs.submit(&task.name, TrainConfig::default()) {
+                Ok(job) => {
+                    tracing::info!(task = %task.name, job = %job.id, reason, "automatic training started");
+                    *seen = Last {
+                        count,
+                        at: Instant::now(),
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(task = %task.name, error = %e, "automatic training refused")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,724 @@
+//! A/B rollouts: per task at most one active rollout puts a candidate generation in front of a share of
+//! traffic (`split`) or beside it (`shadow`), gathers per-arm evidence, and advances, promotes or rolls
+//! back by the guardrail analysis or by hand. Rollouts, their evidence counts and decision logs persist in
+//! `<data-dir>/rollouts.json`.
+
+pub mod analysis;
+pub mod router;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::registry::{write_atomically, Registry, State};
+use crate::config::RolloutConfig;
+use crate::metrics::Metrics;
+use analysis::{analyse, ArmStats, Verdict};
+
+/// Finished rollouts kept per task for `GET /v1/rollouts/{task}`.
+const HISTORY: usize = 10;
+/// Judged predictions the online-accuracy gauge averages over, per task and arm.
+const ACCURACY_WINDOW: usize = 1000;
+
+/// Why a rollout operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// No such task, generation or rollout.
+    #[error("{0}")]
+    NotFound(String),
+    /// The state forbids it (a rollout is active, none is, …).
+    #[error("{0}")]
+    Conflict(String),
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How the candidate meets traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The candidate answers its share of requests.
+    Split,
+    /// The candidate also runs on its share, but stable's answer is returned.
+    Shadow,
+}
+
+/// Lifecycle of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Routing traffic.
+    Active,
+    /// The candidate became stable.
+    Promoted,
+    /// Traffic went back to stable.
+    RolledBack,
+    /// A newer candidate replaced this one.
+    Superseded,
+}
+
+/// One of the two arms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arm {
+    /// The stable generation.
+    Stable,
+    /// The candidate.
+    Candidate,
+}
+
+impl Arm {
+    /// The label value used in responses and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arm::Stable => "stable",
+            Arm::Candidate => "candidate",
+        }
+    }
+}
+
+/// Evidence of both arms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Arms {
+    /// The stable arm.
+    pub stable: ArmStats,
+    /// The candidate arm.
+    pub candidate: ArmStats,
+}
+
+impl Arms {
+    fn get_mut(&mut self, arm: Arm) -> &mut ArmStats {
+        match arm {
+            Arm::Stable => &mut self.stable,
+            Arm::Candidate => &mut self.candidate,
+        }
+    }
+}
+
+/// Figures of one arm at a decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmSummary {
+    /// Requests served in the step.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Judged predictions.
+    pub judged: u64,
+    /// Online accuracy.
+    pub accuracy: Option<f64>,
+    /// P99 latency in ms.
+    pub p99_ms: Option<f64>,
+}
+
+impl From<&ArmStats> for ArmSummary {
+    fn from(a: &ArmStats) -> Self {
+        Self {
+            requests: a.requests,
+            errors: a.errors,
+            judged: a.judged,
+            accuracy: a.accuracy(),
+            p99_ms: a.p99_ms(),
+        }
+    }
+}
+
+/// One entry of the decision log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    /// Unix seconds.
+    pub at: u64,
+    /// `start`, `advance`, `promote`, `rollback`, `supersede` or `traffic`.
+    pub action: String,
+    /// `analysis`, `manual`, `trainer` or `restart`.
+    pub by: String,
+    /// Why, with the numbers.
+    pub reason: String,
+    /// Candidate share after the decision.
+    pub traffic: f64,
+    /// Stable's figures when decided.
+    pub stable: ArmSummary,
+    /// The candidate's figures when decided.
+    pub candidate: ArmSummary,
+}
+
+/// A rollout as `GET /v1/rollouts/{task}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Rollout id (also the routing salt).
+    pub id: String,
+    /// The task.
+    pub task: String,
+    /// The stable generation when the rollout started.
+    pub stable: String,
+    /// The candidate generation.
+    pub candidate: String,
+    /// Split or shadow.
+    pub mode: Mode,
+    /// Candidate shares, in order.
+    pub steps: Vec<f64>,
+    /// Index of the current step.
+    pub step: usize,
+    /// The candidate's current share.
+    pub traffic: f64,
+    /// Lifecycle.
+    pub phase: Phase,
+    /// Whether the analysis acts on its own (advance, promote, rollback).
+    pub automatic: bool,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Unix seconds, once finished.
+    pub ended_at: Option<u64>,
+    /// Evidence of the current step.
+    pub arms: Arms,
+    /// Evidence over the whole rollout.
+    pub totals: Arms,
+    /// The latest analysis.
+    pub analysis: Option<Verdict>,
+    /// Every decision, oldest first.
+    pub decisions: Vec<Decision>,
+}
+
+impl Rollout {
+    fn log(&mut self, action: &str, by: &str, reason: String) {
+        self.decisions.push(Decision {
+            at: now(),
+            action: action.to_owned(),
+            by: by.to_owned(),
+            reason,
+            traffic: self.traffic,
+            stable: (&self.arms.stable).into(),
+            candidate: (&self.arms.candidate).into(),
+        });
+    }
+
+    fn arm_of(&self, generation: &str) -> Option<Arm> {
+        if generation == self.candidate {
+            Some(Arm::Candidate)
+        } else if generation == self.stable {
+            Some(Arm::Stable)
+        } else {
+            None
+        }
+    }
+
+    fn finish(&mut self, phase: Phase, action: &str, by: &str, reason: String) {
+        self.phase = phase;
+        self.traffic = if phase == Phase::Promoted { 1.0 } else { 0.0 };
+        self.ended_at = Some(now());
+        self.log(action, by, reason);
+    }
+}
+
+/// How to start a rollout.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The task.
+    pub task: String,
+    /// Candidate generation id or alias.
+    pub candidate: String,
+    /// First candidate share; later steps are the configured ones above it.
+    #[serde(default)]
+    pub traffic: Option<f64>,
+    /// All candidate shares (overrides `traffic` and the configured steps).
+    #[serde(default)]
+    pub steps: Option<Vec<f64>>,
+    /// `split` or `shadow`; defaults to the configured mode.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Whether the analysis acts on its own; default true.
+    #[serde(default)]
+    pub automatic: Option<bool>,
+}
+
+/// Where one request goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The arm that answers.
+    pub arm: Arm,
+    /// The generation that answers.
+    pub generation: String,
+    /// A generation to run in shadow (its answer is recorded, not returned).
+    pub shadow: Option<String>,
+    /// The rollout, when one routed the request.
+    pub rollout: Option<String>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Persisted {
+    rollouts: BTreeMap<String, Vec<Rollout>>,
+}
+
+struct Inner {
+    /// Per task, oldest first; the last may be active.
+    by_task: BTreeMap<String, Vec<Rollout>>,
+    /// Recent judgements per (task, arm label) for the online-accuracy gauge.
+    accuracy: HashMap<(String, String), VecDeque<bool>>,
+}
+
+/// The rollout manager; share it behind an `Arc`.
+pub struct Rollouts {
+    inner: Mutex<Inner>,
+    path: PathBuf,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    policy: RolloutConfig,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn check_share(share: f64) -> Result<f64, RolloutError> {
+    if share > 0.0 && share <= 1.0 {
+        Ok(share)
+    } else {
+        Err(RolloutError::Invalid(format!(
+            "traffic share {share} must be in (0, 1]"
+        )))
+    }
+}
+
+impl Rollouts {
+    /// Restores `<data_dir>/rollouts.json`; an active rollout whose generations are gone is rolled back.
+    pub fn open(
+        data_dir: &Path,
+        registry: Arc<Registry>,
+        metrics: Metrics,
+        policy: RolloutConfig,
+    ) -> Self {
+        let path = data_dir.join("rollouts.json");
+        let persisted: Persisted = std::fs::read(&path)
+            .ok()
+            .and_then(|b| match serde_json::from_slice(&b) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rollouts.json is unreadable; starting without rollouts");
+                    None
+                }
+            })
+            .unwrap_or_default();
+        let mut by_task = persisted.rollouts;
+        for list in by_task.values_mut() {
+            if let Some(r) = list.last_mut().filter(|r| r.phase == Phase::Active) {
+                let ready = |id: &str| {
+                    registry
+                        .resolve(id)
+                        .is_some_and(|g| g.state == State::Ready && g.adapter.is_some())
+                };
+                if !ready(&r.candidate) || !ready(&r.stable) {
+                    r.finish(
+                        Phase::RolledBack,
+                        "rollback",
+                        "restart",
+                        "a generation of the rollout is no longer loaded".to_owned(),
+                    );
+                }
+            }
+        }
+        let rollouts = Self {
+            inner: Mutex::new(Inner {
+                by_task,
+                accuracy: HashMap::new(),
+            }),
+            path,
+            registry,
+            metrics,
+            policy,
+        };
+        let inner = rollouts.lock();
+        for list in inner.by_task.values() {
+            if let Some(r) = list.last() {
+                rollouts.export_traffic(r);
+            }
+        }
+        drop(inner);
+        rollouts
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .expect("rollouts lock poisoned; this is a bug")
+    }
+
+    fn persist(&self, inner: &Inner) {
+        let persisted = Persisted {
+            rollouts: inner.by_task.clone(),
+        };
+        match serde_json::to_vec_pretty(&persisted) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomically(&self.path, &bytes) {
+                    tracing::warn!(error = %e, "could not persist rollouts");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not serialise rollouts"),
+        }
+    }
+
+    fn export_traffic(&self, r: &Rollout) {
+        let share = if r.phase == Phase::Active {
+            r.traffic
+        } else {
+            0.0
+        };
+        let t = &self.metrics.rollout_traffic;
+        t.with_label_values(&[r.task.as_str(), "candidate"])
+            .set(share);
+        t.with_label_values(&[r.task.as_str(), "stable"])
+            .set(1.0 - share);
+    }
+
+    fn event(&self, task: &str, decision: &str) {
+        self.metrics
+            .rollout_events
+            .with_label_values(&[task, decision])
+            .inc();
+    }
+
+    fn ready_generation(&self, task: &str, reference: &str) -> Result<String, RolloutError> {
+        let g = self
+            .registry
+            .resolve(reference)
+            .ok_or_else(|| RolloutError::NotFound(format!("no adapter or alias {reference:?}")))?;
+        if g.task != task {
+            return Err(RolloutError::Invalid(format!(
+                "adapter {} belongs to task {:?}, not {task:?}",
+                g.id, g.task
+            )));
+        }
+        if g.state != State::Ready || g.adapter.is_none() {
+            return Err(RolloutError::Conflict(format!(
+                "adapter {} is not ready",
+                g.id
+            )));
+        }
+        Ok(g.id.clone())
+    }
+
+    /// Starts a rollout. With `supersede`, an active one is ended first (the trainer's canaries);
+    /// otherwise an active one is a conflict.
+    pub fn start(
+        &self,
+        request: StartRequest,
+        by: &str,
+        supersede: bool,
+    ) -> Result<Rollout, RolloutError> {
+        let task = request.task.clone();
+        if self.registry.task(&task).is_none() {
+            return Err(RolloutError::NotFound(format!("no task {task:?}")));
+        }
+        let stable = self
+            .registry
+            .resolve(&task)
+            .filter(|g| g.task == task)
+            .ok_or_else(|| {
+                RolloutError::Conflict(format!(
+                    "task {task:?} has no stable generation to compare against"
+                ))
+            })?;
+        let stable = self.ready_generation(&task, &stable.id)?;
+        let candidate = self.ready_generation(&task, &request.candidate)?;
+        if candidate == stable {
+            return Err(RolloutError::Conflict(format!(
+                "{candidate} is already the stable generation of {task:?}"
+            )));
+        }
+        let steps = match (&request.steps, request.traffic) {
+            (Some(s), _) => s.clone(),
+            (None, Some(first)) => std::iter::once(first)
+                .chain(self.policy.steps.iter().copied().filter(|s| *s > first))
+                .collect(),
+            (None, None) => self.policy.steps.clone(),
+        };
+        if steps.is_empty() || steps.len() > 10 {
+            return Err(RolloutError::Invalid("give 1 to 10 steps".to_owned()));
+        }
+        for s in &steps {
+            check_share(*s)?;
+        }
+        let mode = request.mode.unwrap_or(if self.policy.mode == "shadow" {
+            Mode::Shadow
+        } else {
+            Mode::Split
+        });
+        let mut rollout = Rollout {
+            id: format!("r-{}", uuid::Uuid::new_v4().simple()),
+            task: task.clone(),
+            stable,
+            candidate,
+            mode,
+            traffic: steps[0],
+            steps,
+            step: 0,
+            phase: Phase::Active,
+            automatic: request.automatic.unwrap_or(true),
+            started_at: now(),
+            ended_at: None,
+            arms: Arms::default(),
+            totals: Arms::default(),
+            analysis: None,
+            decisions: Vec::new(),
+        };
+        let mut inner = self.lock();
+        let list = inner.by_task.entry(task.clone()).or_default();
+        if let Some(active) = list.last_mut().filter(|r| r.phase == Phase::Active) {
+            if !supersede {
+                return Err(RolloutError::Conflict(format!(
+                    "task {task:?} already has an active rollout ({}); promote or roll it back first",
+                    active.id
+                )));
+            }
+            active.finish(
+                Phase::Superseded,
+                "supersede",
+                by,
+                format!("replaced by a rollout of {}", rollout.candidate),
+            );
+            self.event(&task, "supersede");
+        }
+        rollout.log(
+            "start",
+            by,
+            format!(
+                "{} of traffic to {} ({:?} mode)",
+                rollout.traffic, rollout.candidate, rollout.mode
+            ),
+        );
+        list.push(rollout.clone());
+        if list.len() > HISTORY {
+            list.remove(0);
+        }
+        self.export_traffic(&rollout);
+        self.event(&task, "start");
+        self.persist(&inner);
+        tracing::info!(task, rollout = %rollout.id, candidate = %rollout.candidate, "rollout started");
+        Ok(rollout)
+    }
+
+    /// The task's active rollout, or else its latest, with the history count.
+    pub fn get(&self, task: &str) -> Option<Rollout> {
+        self.lock()
+            .by_task
+            .get(task)
+            .and_then(|l| l.last().cloned())
+    }
+
+    /// Every task's latest rollout.
+    pub fn list(&self) -> Vec<Rollout> {
+        self.lock()
+            .by_task
+            .values()
+            .filter_map(|l| l.last().cloned())
+            .collect()
+    }
+
+    /// Whether an active rollout uses generation `id`.
+    pub fn uses(&self, id: &str) -> bool {
+        self.lock().by_task.values().any(|l| {
+            l.last()
+                .is_some_and(|r| r.phase == Phase::Active && (r.candidate == id || r.stable == id))
+        })
+    }
+
+    fn with_active<T>(
+        &self,
+        task: &str,
+        f: impl FnOnce(&mut Rollout) -> Result<T, RolloutError>,
+    ) -> Result<T, RolloutError> {
+        let mut inner = self.lock();
+        let r = inner
+            .by_task
+            .get_mut(task)
+            .and_then(|l| l.last_mut())
+            .filter(|r| r.phase == Phase::Active)
+            .ok_or_else(|| {
+                RolloutError::NotFound(format!("task {task:?} has no active rollout"))
+            })?;
+        let out = f(r)?;
+        self.export_traffic(r);
+        self.persist(&inner);
+        Ok(out)
+    }
+
+    /// Sets the candidate's share of the active rollout (keys only move from stable to candidate when it
+    /// grows).
+    pub fn set_traffic(&self, task: &str, share: f64, by: &str) -> Result<Rollout, RolloutError> {
+        let share = check_share(share)?;
+        self.with_active(task, |r| {
+            r.traffic = share;
+            r.log("traffic", by, format!("candidate share set to {share}"));
+            Ok(r.clone())
+        })
+    }
+
+    /// Makes the candidate the stable generation (the task's alias moves atomically).
+    pub fn promote(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
+        let out = self.with_active(task, |r| {
+            self.registry
+                .set_alias(&r.task, &r.candidate)
+                .map_err(|e| RolloutError::Conflict(format!("cannot move the alias: {e}")))?;
+            r.finish(Phase::Promoted, "promote", by, reason);
+            Ok(r.clone())
+        })?;
+        self.event(task, "promote");
+        tracing::info!(task, candidate = %out.candidate, by, "rollout promoted");
+        Ok(out)
+    }
+
+    /// Sends all traffic back to stable.
+    pub fn rollback(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
+        let out = self.with_active(task, |r| {
+            r.finish(Phase::RolledBack, "rollback", by, reason);
+            Ok(r.clone())
+        })?;
+        self.event(task, "rollback");
+        tracing::warn!(task, candidate = %out.candidate, by, "rollout rolled back");
+        Ok(out)
+    }
+
+    /// Where a request for `task` goes: `None` when no rollout is active (the stable alias serves).
+    /// With a `routing_key` the arm is sticky for the rollout's life; without, `request_id` decides.
+    pub fn route(&self, task: &str, routing_key: Option<&str>, request_id: &str) -> Option<Route> {
+        let inner = self.lock();
+        let r = inner
+            .by_task
+            .get(task)?
+            .last()
+            .filter(|r| r.phase == Phase::Active)?;
+        let chosen = router::to_candidate(&r.id, routing_key.unwrap_or(request_id), r.traffic);
+        Some(match (r.mode, chosen) {
+            (Mode::Split, true) => Route {
+                arm: Arm::Candidate,
+                generation: r.candidate.clone(),
+                shadow: None,
+                rollout: Some(r.id.clone()),
+            },
+            (Mode::Shadow, true) => Route {
+                arm: Arm::Stable,
+                generation: r.stable.clone(),
+                shadow: Some(r.candidate.clone()),
+                rollout: Some(r.id.clone()),
+            },
+            (_, false) => Route {
+                arm: Arm::Stable,
+                generation: r.stable.clone(),
+                shadow: None,
+                rollout: Some(r.id.clone()),
+            },
+        })
+    }
+
+    /// Records a request `generation` served for `task` within rollout `rollout`.
+    pub fn observe(&self, task: &str, rollout: &str, generation: &str, seconds: f64, ok: bool) {
+        let mut inner = self.lock();
+        if let Some(r) = inner
+            .by_task
+            .get_mut(task)
+            .and_then(|l| l.last_mut())
+            .filter(|r| r.phase == Phase::Active && r.id == rollout)
+        {
+            if let Some(arm) = r.arm_of(generation) {
+                r.arms.get_mut(arm).observe(seconds, ok);
+                r.totals.get_mut(arm).observe(seconds, ok);
+            }
+        }
+    }
+
+    /// Records feedback on a prediction `generation` made (served as `arm_label`): whether `predicted`
+    /// equals the `label` given. Feeds the online-accuracy gauge and, when the generation is an arm of the
+    /// task's active rollout, that arm's evidence.
+    pub fn judge(&self, task: &str, generation: &str, arm_label: &str, correct: bool) {
+        let mut inner = self.lock();
+        let window = inner
+            .accuracy
+            .entry((task.to_owned(), arm_label.to_owned()))
+            .or_default();
+        if window.len() >= ACCURACY_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(correct);
+        let accuracy = window.iter().filter(|c| **c).count() as f64 / window.len() as f64;
+        self.metrics
+            .online_accuracy
+            .with_label_values(&[task, arm_label])
+            .set(accuracy);
+        if let Some(r) = inner
+            .by_task
+            .get_mut(task)
+            .and_then(|l| l.last_mut())
+            .filter(|r| r.phase == Phase::Active)
+        {
+            if let Some(arm) = r.arm_of(generation) {
+                r.arms.get_mut(arm).judge(correct);
+                r.totals.get_mut(arm).judge(correct);
+            }
+        }
+    }
+
+    /// Runs the analysis of every active rollout and, where automatic, acts on it. Returns the decisions
+    /// taken as `(task, action)`.
+    pub fn evaluate(&self) -> Vec<(String, String)> {
+        let mut acted = Vec::new();
+        let mut promote = Vec::new();
+        {
+            let mut inner = self.lock();
+            let active = inner
+                .by_task
+                .values()
+                .any(|l| l.last().is_some_and(|r| r.phase == Phase::Active));
+            if !active {
+                return acted;
+            }
+            for r in inner.by_task.values_mut().filter_map(|l| l.last_mut()) {
+                if r.phase != Phase::Active {
+                    continue;
+                }
+                let verdict = analyse(&r.arms.stable, &r.arms.candidate, &self.policy);
+                r.analysis = Some(verdict.clone());
+                if !r.automatic {
+                    continue;
+                }
+                match verdict {
+                    Verdict::Hold(_) => {}
+                    Verdict::Rollback(reason) => {
+                        r.finish(Phase::RolledBack, "rollback", "analysis", reason);
+                        self.export_traffic(r);
+                        acted.push((r.task.clone(), "rollback".to_owned()));
+                    }
+                    Verdict::Pass(reason) if r.step + 1 < r.steps.len() => {
+                        r.step += 1;
+                        r.traffic = r.steps[r.step];
+                        r.log("advance", "analysis", reason);
+                        r.arms = Arms::default();
+                        self.export_traffic(r);
+                        acted.push((r.task.clone(), "advance".to_owned()));
+                    }
+                    Verdict::Pass(reason) => promote.push((r.task.clone(), reason)),
+                }
+            }
+            self.persist(&inner);
+        }
+        for (task, action) in &acted {
+            self.event(task, action);
+        }
+        for (task, reason) in promote {
+            match self.promote(&task, "analysis", reason) {
+                Ok(_) => acted.push((task, "promote".to_owned())),
+                Err(e) => tracing::warn!(task, error = %e, "automatic promotion failed"),
+            }
+        }
+        acted
+    }
+
+    /// The configured policy.
+    pub fn policy(&self) -> &RolloutConfig {
+        &self.policy
+    }
+}

@@ -1,0 +1,256 @@
+//! Full fine-tuning, the comparison LoRA is measured against: every weight of the encoder (embeddings,
+//! LayerNorms, pooler) and a fresh classification head train, and the result is a whole
+//! `BertForSequenceClassification` checkpoint rather than an adapter.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
+
+use super::data::{pad, Example};
+use crate::model::bert::{Bert, NoDelta};
+use crate::model::{ModelError, Result};
+
+/// A copy of the encoder whose weights are trainable variables, plus a classification head.
+pub struct FullTrainable {
+    bert: Bert,
+    named: Vec<(String, Var)>,
+    classifier_weight: Var,
+    classifier_bias: Var,
+}
+
+impl FullTrainable {
+    /// Copies `base` into fresh variables (the base stays untouched) and adds a `labels`-way head
+    /// initialised like [`super::lora::LoraTrainable::new`]'s, seeded.
+    pub fn new(base: &Bert, labels: usize, seed: u64) -> Result<Self> {
+        if labels < 2 {
+            return Err(ModelError::InvalidInput(
+                "a classifier needs at least 2 labels".to_owned(),
+            ));
+        }
+        if base.pooler.is_none() {
+            return Err(ModelError::Unsupported(
+                "the base model has no pooler for a [CLS] head".to_owned(),
+            ));
+        }
+        let mut bert = base.clone();
+        let mut named = Vec::new();
+        for (name, tensor) in bert.tensors_mut() {
+            let var = Var::from_tensor(&tensor.copy()?)?;
+            *tensor = var.as_tensor().clone();
+            named.push((name, var));
+        }
+        let h = bert.config.hidden_size;
+        let device = base.embeddings.word.device().clone();
+        let weight = crate::rng::Rng::new(seed ^ 0xC1A5).uniform(labels * h, 0.02 * 3f32.sqrt());
+        Ok(Self {
+            bert,
+            named,
+            classifier_weight: Var::from_tensor(&Tensor::from_vec(weight, (labels, h), &device)?)?,
+            classifier_bias: Var::from_tensor(&Tensor::zeros(labels, DType::F32, &device)?)?,
+        })
+    }
+
+    /// Rebuilds the network from a [`Self::snapshot`] (to score or continue training it).
+    pub fn from_weights(base: &Bert, weights: &HashMap<String, Tensor>) -> Result<Self> {
+        let get = |name: &str| {
+            weights
+                .get(name)
+                .ok_or_else(|| ModelError::Weights(format!("the checkpoint has no {name}")))
+        };
+        let mut bert = base.clone();
+        let mut named = Vec::new();
+        for (name, tensor) in bert.tensors_mut() {
+            let var = Var::from_tensor(&get(&format!("bert.{name}"))?.copy()?)?;
+            *tensor = var.as_tensor().clone();
+            named.push((name, var));
+        }
+        Ok(Self {
+            bert,
+            named,
+            classifier_weight: Var::from_tensor(&get("classifier.weight")?.copy()?)?,
+            classifier_bias: Var::from_tensor(&get("classifier.bias")?.copy()?)?,
+        })
+    }
+
+    /// Every trainable variable: the encoder's, then the head.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut vars: Vec<Var> = self.named.iter().map(|(_, v)| v.clone()).collect();
+        vars.push(self.classifier_weight.clone());
+        vars.push(self.classifier_bias.clone());
+        vars
+    }
+
+    /// Number of trainable values.
+    pub fn parameter_count(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Class logits `[batch, labels]`: `[CLS]` through the pooler and tanh, then the classifier.
+    pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let hidden = self
+            .bert
+            .forward_with(input_ids, attention_mask, &NoDelta)?;
+        let cls = hidden.i((.., 0, ..))?;
+        let pooler = self.bert.pooler.as_ref().ok_or_else(|| {
+            ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
+        })?;
+        let pooled = pooler.forward(&cls)?.tanh()?;
+        Ok(pooled
+            .matmul(&self.classifier_weight.as_tensor().t()?)?
+            .broadcast_add(self.classifier_bias.as_tensor())?)
+    }
+
+    /// Class probabilities of `examples` under the current weights, in padded chunks.
+    pub fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(examples.len());
+        for chunk in examples.chunks(32) {
+            let batch: Vec<&Example> = chunk.iter().collect();
+            let (ids, mask, _) = pad(&batch, self.bert.config.pad_token_id, &Device::Cpu)?;
+            let logits = self.logits(&ids, &mask)?.detach();
+            for row in logits.to_vec2::<f32>()? {
+                out.push(crate::model::pooling::softmax(&row));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A detached copy of every weight under its `BertForSequenceClassification` name.
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, var) in &self.named {
+            out.insert(format!("bert.{name}"), var.as_tensor().copy()?.detach());
+        }
+        out.insert(
+            "classifier.weight".to_owned(),
+            self.classifier_weight.as_tensor().copy()?.detach(),
+        );
+        out.insert(
+            "classifier.bias".to_owned(),
+            self.classifier_bias.as_tensor().copy()?.detach(),
+        );
+        Ok(out)
+    }
+}
+
+/// Writes a `BertForSequenceClassification` checkpoint into `dir` (which must exist): `model.safetensors`
+/// from `weights`, the base's `config.json` with the architecture and `id2label`/`label2id` of `labels`,
+/// and the base's tokenizer files, so `AutoModelForSequenceClassification.from_pretrained(dir)` loads it.
+pub fn write_checkpoint(
+    dir: &Path,
+    weights: &HashMap<String, Tensor>,
+    labels: &[String],
+    base_dir: &Path,
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    candle_core::safetensors::save(weights, dir.join("model.safetensors"))?;
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(base_dir.join("config.json"))?)?;
+    config.insert(
+        "architectures".to_owned(),
+        serde_json::json!(["BertForSequenceClassification"]),
+    );
+    let id2label: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), serde_json::json!(i)))
+        .collect();
+    config.insert("id2label".to_owned(), id2label.into());
+    config.insert("label2id".to_owned(), label2id.into());
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ] {
+        let from = base_dir.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(file))?;
+        }
+    }
+    for file in std::fs::read_dir(dir)? {
+        std::fs::File::open(file?.path())?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+    use super::FullTrainable;
+    use crate::model::tiny;
+    use crate::trainer::lora::cross_entropy;
+
+    fn batch() -> (Tensor, Tensor, Tensor) {
+        let ids = Tensor::new(
+            &[[1u32, 5, 9, 2], [1, 7, 2, 0], [1, 33, 44, 2]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask =
+            Tensor::new(&[[1u8, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], &Device::Cpu).unwrap();
+        (ids, mask, Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap())
+    }
+
+    #[test]
+    fn every_weight_gets_a_non_zero_gradient_and_the_base_is_untouched() {
+        let bert = tiny::bert(5);
+        let before = bert.layers[0].query.weight.to_vec2::<f32>().unwrap();
+        let full = FullTrainable::new(&bert, 2, 1).unwrap();
+        let (ids, mask, targets) = batch();
+        let loss = cross_entropy(&full.logits(&ids, &mask).unwrap(), &targets, 0.1, None).unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = full.vars();
+        // Embeddings (3 + LayerNorm 2), 2 layers × (6 linears × 2 + 2 LayerNorms × 2), pooler 2, head 2.
+        assert_eq!(vars.len(), 5 + 2 * 16 + 2 + 2);
+        for (i, v) in vars.iter().enumerate() {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("var {i} got no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "var {i} has a zero gradient");
+        }
+        let mut opt = AdamW::new(vars, ParamsAdamW::default()).unwrap();
+        opt.step(&grads).unwrap();
+        assert_eq!(
+            bert.layers[0].query.weight.to_vec2::<f32>().unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn the_snapshot_uses_sequence_classification_names() {
+        let full = FullTrainable::new(&tiny::bert(5), 3, 1).unwrap();
+        let snap = full.snapshot().unwrap();
+        assert!(snap.contains_key("bert.encoder.layer.1.attention.self.query.weight"));
+        assert!(snap.contains_key("bert.pooler.dense.bias"));
+        assert_eq!(
+            snap["classifier.weight"].dims(),
+            &[3, full.bert.config.hidden_size]
+        );
+        assert_eq!(snap.len(), full.vars().len());
+        let rebuilt = FullTrainable::from_weights(&full.bert, &snap).unwrap();
+        let (ids, mask, _) = batch();
+        assert_eq!(
+            rebuilt
+                .logits(&ids, &mask)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            full.logits(&ids, &mask).unwrap().to_vec2::<f32>().unwrap()
+        );
+    }
+}

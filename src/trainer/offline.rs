@@ -1,0 +1,286 @@
+//! Offline training (`flywheel train`): labelled JSONL in, a PEFT adapter directory (LoRA) or a
+//! `BertForSequenceClassification` checkpoint (full) out, with the same loop, defaults and metrics the
+//! server's jobs use, and an optional held-out test set scored at the end.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use serde::Serialize;
+
+use super::data::{stratified_split, truncate, Example};
+use super::eval::{evaluate, Evaluation};
+use super::full::write_checkpoint;
+use super::train::{predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError};
+use crate::adapters::peft;
+use crate::adapters::registry::{Sidecar, SIDECAR_FILE};
+use crate::model::lora::Pooling;
+use crate::model::Model;
+
+/// One labelled line of the input files: `{"text": "…", "label": "…"}` (other fields are ignored).
+#[derive(Debug, serde::Deserialize)]
+struct Line {
+    text: String,
+    label: String,
+}
+
+/// What an offline run needs.
+pub struct OfflineJob {
+    /// Task name, recorded in the output's metadata.
+    pub task: String,
+    /// JSONL files to train (and validate) on.
+    pub data: Vec<PathBuf>,
+    /// JSONL files held out for a final test, if any.
+    pub test: Vec<PathBuf>,
+    /// Label order; `None` takes the sorted distinct labels of `data`.
+    pub labels: Option<Vec<String>>,
+    /// Hyperparameters (the method included).
+    pub config: TrainConfig,
+    /// Output directory; must not exist yet.
+    pub out: PathBuf,
+    /// The base model's directory (full fine-tuning copies its config and tokenizer).
+    pub model_dir: PathBuf,
+}
+
+/// The run's figures, also written to `<out>/flywheel.json` (`metrics`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OfflineReport {
+    /// `lora` or `full`.
+    pub method: Method,
+    /// Label order of the head.
+    pub labels: Vec<String>,
+    /// Examples trained on.
+    pub train_examples: usize,
+    /// Examples validated on (early stopping, epoch choice).
+    pub val_examples: usize,
+    /// The chosen epoch's validation scores.
+    pub val: Evaluation,
+    /// Scores on the held-out test files, when given.
+    pub test: Option<Evaluation>,
+    /// Examples in the test files.
+    pub test_examples: usize,
+    /// Values trained.
+    pub trainable_params: usize,
+    /// Values in the base encoder.
+    pub base_params: usize,
+    /// The chosen epoch.
+    pub best_epoch: usize,
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Training wall time (the test scoring excluded).
+    pub wall_seconds: f64,
+}
+
+fn read_lines(files: &[PathBuf]) -> Result<Vec<Line>, TrainError> {
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| TrainError::Invalid(format!("reading {}: {e}", file.display())))?;
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            out.push(serde_json::from_str(line).map_err(|e| {
+                TrainError::Invalid(format!("{} line {}: {e}", file.display(), n + 1))
+            })?);
+        }
+    }
+    Ok(out)
+}
+
+fn examples(
+    model: &Model,
+    lines: &[Line],
+    labels: &[String],
+    max_length: usize,
+) -> Result<Vec<Example>, TrainError> {
+    lines
+        .iter()
+        .map(|l| {
+            let label = labels.iter().position(|x| *x == l.label).ok_or_else(|| {
+                TrainError::Invalid(format!("label {:?} is not one of {labels:?}", l.label))
+            })?;
+            let ids = model
+                .tokenizer
+                .encode(&l.text)
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            Ok(Example {
+                ids: truncate(ids, max_length),
+                label,
+            })
+        })
+        .collect()
+}
+
+/// Trains on `job.data`, writes the result into `job.out` and returns the figures.
+pub fn run(
+    model: &Model,
+    job: &OfflineJob,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<OfflineReport, TrainError> {
+    if job.out.exists() {
+        return Err(TrainError::Invalid(format!(
+            "{} exists already; choose a new output directory",
+            job.out.display()
+        )));
+    }
+    let config = &job.config;
+    let lines = read_lines(&job.data)?;
+    let labels = match &job.labels {
+        Some(l) => l.clone(),
+        None => {
+            let mut l: Vec<String> = lines.iter().map(|l| l.label.clone()).collect();
+            l.sort();
+            l.dedup();
+            l
+        }
+    };
+    if labels.len() < 2 {
+        return Err(TrainError::Invalid(format!(
+            "the data has the labels {labels:?}; a classifier needs at least 2"
+        )));
+    }
+    let all = examples(model, &lines, &labels, config.max_length)?;
+    let (train, val) = stratified_split(all, labels.len(), config.val_fraction, config.seed);
+    let cancel = AtomicBool::new(false);
+    let cpu = model.cpu().ok_or_else(|| {
+        TrainError::Invalid("training runs on the CPU path only for now".to_owned())
+    })?;
+    let test = examples(model, &read_lines(&job.test)?, &labels, config.max_length)?;
+    let truth: Vec<usize> = test.iter().map(|e| e.label).collect();
+    let base_params = model
+        .bert
+        .clone()
+        .tensors_mut()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    let io = |e: &dyn std::fmt::Display| TrainError::Invalid(format!("writing the result: {e}"));
+    std::fs::create_dir_all(&job.out).map_err(|e| io(&e))?;
+    let report = match config.method {
+        Method::Lora => {
+            let r = train_lora(
+                &model.bert,
+                cpu,
+                labels.len(),
+                &train,
+                &val,
+                config,
+                None,
+                progress,
+                &cancel,
+            )?;
+            peft::write_dir(&job.out, &r.result, config.alpha, &model.name).map_err(|e| io(&e))?;
+            let test_eval = (!test.is_empty())
+                .then(|| predict(cpu, &r.result, &test))
+                .transpose()?
+                .map(|p| evaluate(&p, &truth, labels.len()));
+            report_of(
+                config,
+                &labels,
+                &train,
+                &val,
+                &test,
+                test_eval,
+                base_params,
+                &r,
+            )
+        }
+        Method::Full => {
+            let r = train_full(
+                &model.bert,
+                labels.len(),
+                &train,
+                &val,
+                config,
+                progress,
+                &cancel,
+            )?;
+            write_checkpoint(&job.out, &r.result, &labels, &job.model_dir).map_err(|e| io(&e))?;
+            let test_eval = if test.is_empty() {
+                None
+            } else {
+                let scored = super::full::FullTrainable::from_weights(&model.bert, &r.result)?;
+                Some(evaluate(&scored.predict(&test)?, &truth, labels.len()))
+            };
+            report_of(
+                config,
+                &labels,
+                &train,
+                &val,
+                &test,
+                test_eval,
+                base_params,
+                &r,
+            )
+        }
+    };
+    let sidecar = Sidecar {
+        task: Some(job.task.clone()),
+        labels: Some(labels),
+        head: Some(Pooling::Cls),
+        parent: None,
+        metrics: serde_json::json!({"offline": report, "hyperparameters": config})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| io(&e))?;
+    std::fs::write(job.out.join(SIDECAR_FILE), bytes).map_err(|e| io(&e))?;
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report_of<R>(
+    config: &TrainConfig,
+    labels: &[String],
+    train: &[Example],
+    val: &[Example],
+    test: &[Example],
+    test_eval: Option<Evaluation>,
+    base_params: usize,
+    r: &super::train::TrainReport<R>,
+) -> OfflineReport {
+    OfflineReport {
+        method: config.method,
+        labels: labels.to_vec(),
+        train_examples: train.len(),
+        val_examples: val.len(),
+        val: r.val.clone(),
+        test: test_eval,
+        test_examples: test.len(),
+        trainable_params: r.trainable_params,
+        base_params,
+        best_epoch: r.best_epoch,
+        steps: r.steps,
+        wall_seconds: r.wall_seconds,
+    }
+}
+
+/// Reads a JSON object of [`TrainConfig`] overrides from a string (the `--params` flag).
+pub fn parse_params(json: &str, method: Method) -> Result<TrainConfig, TrainError> {
+    let mut value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| TrainError::Invalid(format!("--params is not JSON: {e}")))?;
+    if let Some(map) = value.as_object_mut() {
+        map.entry("method")
+            .or_insert_with(|| serde_json::to_value(method).unwrap_or_default());
+    }
+    let config: TrainConfig = serde_json::from_value(value)
+        .map_err(|e| TrainError::Invalid(format!("invalid hyperparameters: {e}")))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Default output directory for a run: `out/<method>-<unix seconds>`.
+pub fn default_out(method: Method) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Path::new("out").join(format!(
+        "{}-{secs}",
+        serde_json::to_value(method)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    ))
+}
