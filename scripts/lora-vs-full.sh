@@ -43,5 +43,5 @@ for m in ("lora", "full"):
 ratio = r["lora"]["test"]["macro_f1"] / r["full"]["test"]["macro_f1"]
 speed = r["full"]["wall_seconds"] / r["lora"]["wall_seconds"]
 print(f"\nLoRA reaches {100 * ratio:.1f} % of full fine-tuning's macro-F1 in 1/{speed:.2f} of its time.")
-json.dump(r, open("lora-vs-full.json", "w"), indent=2)
+json.dump(r, open("target/lora-vs-full.json", "w"), indent=2)
 PY

@@ -9,10 +9,14 @@ use std::time::{Duration, Instant};
 
 use crate::adapters::Registry;
 use crate::config::TrainerConfig;
+use crate::drift::DriftMonitor;
 use crate::feedback::FeedbackStore;
 use crate::rollout::Rollouts;
 use crate::trainer::jobs::Jobs;
 use crate::trainer::train::TrainConfig;
+
+/// How often drift reports are recomputed under steady traffic (each costs a few hundred ms of one core).
+const DRIFT_EVERY: Duration = Duration::from_secs(10);
 
 /// What the autopilot drives.
 pub struct Autopilot {
@@ -24,8 +28,8 @@ pub struct Autopilot {
     pub jobs: Arc<Jobs>,
     /// The rollouts.
     pub rollouts: Arc<Rollouts>,
-    /// Tells whether a task's drift is over threshold now.
-    pub drifted: Box<dyn Fn(&str) -> bool + Send>,
+    /// Drift reports (refreshed every tick, at most every 10 s per task).
+    pub drift: Arc<DriftMonitor>,
     /// The training policy.
     pub policy: TrainerConfig,
     /// The tick.
@@ -50,6 +54,7 @@ impl Autopilot {
                     for (task, action) in self.rollouts.evaluate() {
                         tracing::info!(task, action, "rollout analysis acted");
                     }
+                    self.drift.refresh(DRIFT_EVERY);
                     self.maybe_train(&mut last);
                 }
             })
@@ -85,7 +90,7 @@ impl Autopilot {
             let grown = count.saturating_sub(seen.count);
             let reason = if by_count && grown >= self.policy.auto_every_feedback {
                 format!("{grown} new feedback items")
-            } else if self.policy.auto_on_drift && grown > 0 && (self.drifted)(&task.name) {
+            } else if self.policy.auto_on_drift && grown > 0 && self.drift.detected(&task.name) {
                 "drift detected".to_owned()
             } else {
                 continue;

@@ -53,6 +53,53 @@ pub struct Config {
     pub trainer: TrainerConfig,
     /// A/B rollouts and their guardrails.
     pub rollouts: RolloutConfig,
+    /// Drift monitoring.
+    pub drift: DriftConfig,
+}
+
+/// Drift monitoring: each task's served inputs and predictions against a reference window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftConfig {
+    /// Monitor drift at all.
+    pub enabled: bool,
+    /// Predictions of a new stable generation that form its reference (the warm-up window).
+    pub reference_size: usize,
+    /// Latest predictions compared against the reference.
+    pub window_size: usize,
+    /// Predictions the window needs before a report is computed.
+    pub min_window: usize,
+    /// PSI over which the predicted-label or confidence distribution counts as drifted (0.2 is the usual).
+    pub psi_threshold: f64,
+    /// Permutation-test significance under which the embedding statistics count as drifted.
+    pub p_value: f64,
+    /// Minimum cosine distance between mean embeddings to count as drifted besides significance (Evidently
+    /// uses 0.2, which misses real shifts on this model; see docs/DRIFT.md).
+    pub min_distance: f64,
+    /// Minimum MMD² to count as drifted besides significance (Evidently uses 0.015).
+    pub min_mmd: f64,
+    /// Permutations of each embedding test.
+    pub permutations: usize,
+    /// Embeddings per side both embedding tests use (a seeded subsample of the reference and the window),
+    /// which bounds their cost.
+    pub mmd_sample: usize,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reference_size: 500,
+            window_size: 500,
+            min_window: 200,
+            psi_threshold: 0.2,
+            p_value: 0.001,
+            min_distance: 0.0,
+            min_mmd: 0.0,
+            permutations: 999,
+            mmd_sample: 200,
+        }
+    }
 }
 
 /// A/B rollouts: how a candidate generation is put in front of traffic and judged.
@@ -410,6 +457,22 @@ impl Config {
         }
         if self.server.workers == 0 {
             return fail("server.workers must be ≥ 1".to_owned());
+        }
+        let d = &self.drift;
+        if d.reference_size < 20
+            || d.window_size < 20
+            || d.min_window == 0
+            || d.min_window > d.window_size
+            || d.reference_size > 100_000
+            || d.window_size > 100_000
+            || d.mmd_sample < 10
+            || d.mmd_sample > 2000
+            || d.permutations > 10_000
+            || !(d.p_value > 0.0 && d.p_value < 1.0)
+        {
+            return fail(
+                "drift: reference_size and window_size 20..=100000, min_window 1..=window_size, mmd_sample 10..=2000, permutations ≤ 10000, p_value in (0, 1)".to_owned(),
+            );
         }
         let r = &self.rollouts;
         if r.steps.is_empty() || r.steps.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {

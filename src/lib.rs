@@ -15,6 +15,7 @@
 //!   generations, and offline training (`flywheel train`).
 //! - [`rollout`]: A/B rollouts: sticky routing, per-arm evidence, guardrail analysis, promote and rollback;
 //!   online accuracy.
+//! - [`drift`]: per-task drift of predictions, confidence and embeddings against a warm-up reference.
 //! - [`autopilot`]: the policy thread: rollout analysis, automatic training on feedback growth or drift.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, auth, server start and shutdown.
 //!
@@ -24,6 +25,7 @@
 pub mod adapters;
 pub mod autopilot;
 pub mod config;
+pub mod drift;
 pub mod feedback;
 pub mod http;
 pub mod infer;

@@ -3,6 +3,7 @@
 
 mod adapters;
 mod auth;
+mod drift;
 mod embed;
 pub mod error;
 mod feedback;
@@ -25,6 +26,7 @@ use actix_web::{middleware, web, App, HttpResponseBuilder, HttpServer};
 use crate::adapters::Registry;
 use crate::autopilot::Autopilot;
 use crate::config::Config;
+use crate::drift::DriftMonitor;
 use crate::feedback::recent::RecentRequests;
 use crate::feedback::sqlite::SqliteStore;
 use crate::feedback::FeedbackStore;
@@ -58,6 +60,8 @@ pub struct Services {
     pub jobs: Arc<Jobs>,
     /// A/B rollouts and online accuracy.
     pub rollouts: Arc<Rollouts>,
+    /// Drift of each task's traffic.
+    pub drift: Arc<DriftMonitor>,
 }
 
 impl AppState {
@@ -134,6 +138,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(rollouts::list)),
         )
         .service(resource("/v1/rollouts/{task}").route(web::get().to(rollouts::get)))
+        .service(resource("/v1/drift/{task}").route(web::get().to(drift::get)))
         .service(resource("/v1/rollouts/{task}/traffic").route(web::put().to(rollouts::traffic)))
         .service(resource("/v1/rollouts/{task}/promote").route(web::post().to(rollouts::promote)))
         .service(
@@ -275,7 +280,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                         feedback: loaded.feedback.clone(),
                         jobs: loaded.jobs.clone(),
                         rollouts: loaded.rollouts.clone(),
-                        drifted: Box::new(|_| false),
+                        drift: loaded.drift.clone(),
                         policy: config.trainer.clone(),
                         every: Duration::from_millis(config.rollouts.evaluate_every_ms),
                     };
@@ -347,6 +352,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         deps,
         config.trainer.max_queued_jobs,
     )?);
+    let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
     let rollouts = Arc::new(Rollouts::open(
         &config.data.dir,
         registry.clone(),
@@ -377,5 +383,6 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         recent: Arc::new(recent),
         jobs,
         rollouts,
+        drift,
     })
 }

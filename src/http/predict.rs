@@ -150,6 +150,14 @@ pub async fn predict(
         }
     }
     let out = result?;
+    // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
+    if adapter.is_none() && arm == "stable" {
+        for (probs, features) in out.vectors.iter().zip(&out.features) {
+            services
+                .drift
+                .observe(&task, &generation.id, probs, features);
+        }
+    }
     let mut predicted = Vec::with_capacity(out.vectors.len());
     let predictions = out
         .vectors

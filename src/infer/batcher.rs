@@ -128,6 +128,17 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
                 metrics.queue_duration.observe(queue.as_secs_f64());
                 let rows = row..row + entry.sequences.len();
                 row = rows.end;
+                let features = if entry.job == Job::Classify {
+                    rows.clone()
+                        .map(|i| {
+                            let mut v = pooling::mean_of_rows(packed.sequence(i), packed.width);
+                            pooling::l2_normalize(&mut v);
+                            v
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let vectors: Result<Vec<Vec<f32>>, InferError> = rows
                     .map(|i| match entry.job {
                         Job::Embed { normalize } => {
@@ -151,6 +162,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
                 // The caller may have gone meanwhile; its answer is simply dropped.
                 let _ = entry.reply.send(vectors.map(|vectors| EntryResult {
                     vectors,
+                    features,
                     queue,
                     inference,
                 }));

@@ -57,6 +57,9 @@ pub struct Timings {
 pub struct Outputs {
     /// One vector per input, in order: an embedding, or a probability per label.
     pub vectors: Vec<Vec<f32>>,
+    /// For classification, each input's L2-normalised mean-pooled hidden state under the serving
+    /// generation (free: the forward pass computed it); drift monitoring compares these. Empty otherwise.
+    pub features: Vec<Vec<f32>>,
     /// Tokens per input after truncation, special tokens included.
     pub tokens: Vec<usize>,
     /// Where the time went.
@@ -66,6 +69,7 @@ pub struct Outputs {
 /// What the model thread returns for one entry.
 struct EntryResult {
     vectors: Vec<Vec<f32>>,
+    features: Vec<Vec<f32>>,
     queue: Duration,
     inference: Duration,
 }
@@ -231,6 +235,7 @@ impl Infer {
         let result = answer.await.map_err(|_| InferError::ShuttingDown)??;
         Ok(Outputs {
             vectors: result.vectors,
+            features: result.features,
             tokens,
             timings: Timings {
                 tokenize,

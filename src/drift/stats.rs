@@ -1,0 +1,225 @@
+//! The drift statistics: PSI of a categorical or binned distribution, the cosine distance between mean
+//! embeddings, MMD² with an RBF kernel (median-heuristic bandwidth), and permutation p-values that calibrate
+//! the embedding statistics against the reference itself.
+
+use crate::rng::Rng;
+
+/// Floor for empty bins, so PSI stays finite (the usual 1e-4 smoothing).
+const PSI_EPSILON: f64 = 1e-4;
+
+/// Population stability index of `live` against `reference` counts over the same bins:
+/// Σ (l − r) · ln(l / r) over bin shares.
+pub fn psi(reference: &[u64], live: &[u64]) -> f64 {
+    let (rt, lt) = (
+        reference.iter().sum::<u64>().max(1) as f64,
+        live.iter().sum::<u64>().max(1) as f64,
+    );
+    reference
+        .iter()
+        .zip(live)
+        .map(|(&r, &l)| {
+            let r = (r as f64 / rt).max(PSI_EPSILON);
+            let l = (l as f64 / lt).max(PSI_EPSILON);
+            (l - r) * (l / r).ln()
+        })
+        .sum()
+}
+
+/// Inner bin edges at the reference's deciles (so each bin holds ~10 % of the reference).
+pub fn decile_edges(reference: &[f32]) -> Vec<f32> {
+    let mut sorted = reference.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    let mut edges: Vec<f32> = (1..10)
+        .filter_map(|i| sorted.get(i * sorted.len() / 10).copied())
+        .collect();
+    edges.dedup();
+    edges
+}
+
+/// Counts of `values` in the bins the inner `edges` define (`edges.len() + 1` bins).
+pub fn bin_counts(values: &[f32], edges: &[f32]) -> Vec<u64> {
+    let mut counts = vec![0u64; edges.len() + 1];
+    for v in values {
+        counts[edges.partition_point(|e| e <= v)] += 1;
+    }
+    counts
+}
+
+fn mean(rows: &[&[f32]]) -> Vec<f64> {
+    let dim = rows.first().map_or(0, |r| r.len());
+    let mut m = vec![0.0f64; dim];
+    for r in rows {
+        for (a, &x) in m.iter_mut().zip(r.iter()) {
+            *a += f64::from(x);
+        }
+    }
+    let n = rows.len().max(1) as f64;
+    m.iter_mut().for_each(|a| *a /= n);
+    m
+}
+
+fn cosine_distance(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    1.0 - dot / (na * nb)
+}
+
+/// A statistic with its permutation p-value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tested {
+    /// The statistic on the real split.
+    pub score: f64,
+    /// Share of random re-splits of the pooled samples with a statistic at least as large (add-one).
+    pub p_value: f64,
+}
+
+/// Cosine distance between the mean of `reference` and the mean of `live`, with a permutation p-value
+/// over `permutations` seeded re-splits.
+pub fn mean_distance(
+    reference: &[&[f32]],
+    live: &[&[f32]],
+    permutations: usize,
+    seed: u64,
+) -> Tested {
+    let stat = |a: &[&[f32]], b: &[&[f32]]| cosine_distance(&mean(a), &mean(b));
+    let score = stat(reference, live);
+    let mut pooled: Vec<&[f32]> = reference.iter().chain(live).copied().collect();
+    let mut rng = Rng::new(seed);
+    let mut at_least = 0;
+    for _ in 0..permutations {
+        rng.shuffle(&mut pooled);
+        let (a, b) = pooled.split_at(reference.len());
+        if stat(a, b) >= score {
+            at_least += 1;
+        }
+    }
+    Tested {
+        score,
+        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
+    }
+}
+
+/// Unbiased MMD² between `reference` and `live` under an RBF kernel whose bandwidth is the median pairwise
+/// distance of the pooled samples, with a permutation p-value over `permutations` seeded re-splits.
+pub fn mmd(reference: &[&[f32]], live: &[&[f32]], permutations: usize, seed: u64) -> Tested {
+    let pooled: Vec<&[f32]> = reference.iter().chain(live).copied().collect();
+    let n = pooled.len();
+    let mut d2 = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let d: f64 = pooled[i]
+                .iter()
+                .zip(pooled[j])
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum();
+            d2[i * n + j] = d;
+            d2[j * n + i] = d;
+        }
+    }
+    let mut off: Vec<f64> = (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .map(|(i, j)| d2[i * n + j])
+        .collect();
+    let median = if off.is_empty() {
+        1.0
+    } else {
+        let mid = off.len() / 2;
+        *off.select_nth_unstable_by(mid, f64::total_cmp).1
+    };
+    let gamma = 1.0 / median.max(1e-12);
+    let k: Vec<f64> = d2.iter().map(|d| (-gamma * d).exp()).collect();
+    let m = reference.len();
+    let stat = |order: &[usize]| -> f64 {
+        let (a, b) = order.split_at(m);
+        let within = |s: &[usize]| -> f64 {
+            let mut sum = 0.0;
+            for (x, &i) in s.iter().enumerate() {
+                for &j in &s[x + 1..] {
+                    sum += k[i * n + j];
+                }
+            }
+            2.0 * sum / (s.len() * (s.len() - 1)).max(1) as f64
+        };
+        let mut cross = 0.0;
+        for &i in a {
+            for &j in b {
+                cross += k[i * n + j];
+            }
+        }
+        within(a) + within(b) - 2.0 * cross / (a.len() * b.len()).max(1) as f64
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    let score = stat(&order);
+    let mut rng = Rng::new(seed);
+    let mut at_least = 0;
+    for _ in 0..permutations {
+        rng.shuffle(&mut order);
+        if stat(&order) >= score {
+            at_least += 1;
+        }
+    }
+    Tested {
+        score,
+        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cloud(n: usize, shift: f32, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = Rng::new(seed);
+        (0..n)
+            .map(|_| {
+                rng.uniform(8, 1.0)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(d, x)| 1.0 + x + if d == 0 { shift } else { 0.0 })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn refs(v: &[Vec<f32>]) -> Vec<&[f32]> {
+        v.iter().map(Vec::as_slice).collect()
+    }
+
+    #[test]
+    fn psi_is_zero_for_equal_shares_and_matches_a_hand_count() {
+        assert!(psi(&[10, 20, 30], &[20, 40, 60]).abs() < 1e-12);
+        // Shares 0.5/0.5 → 0.8/0.2: 0.3·ln(1.6) + (−0.3)·ln(0.4).
+        let want = 0.3 * 1.6f64.ln() - 0.3 * 0.4f64.ln();
+        assert!((psi(&[50, 50], &[80, 20]) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn deciles_split_the_reference_evenly() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 / 1000.0).collect();
+        let edges = decile_edges(&values);
+        assert_eq!(edges.len(), 9);
+        assert!(bin_counts(&values, &edges).iter().all(|&c| c == 100));
+    }
+
+    #[test]
+    fn the_embedding_tests_separate_a_shift_from_resampling() {
+        let (a, b, shifted) = (cloud(80, 0.0, 1), cloud(80, 0.0, 2), cloud(80, 0.5, 3));
+        let same = mmd(&refs(&a), &refs(&b), 200, 9);
+        let moved = mmd(&refs(&a), &refs(&shifted), 200, 9);
+        assert!(
+            same.p_value > 0.05 && moved.p_value < 0.01,
+            "{same:?} {moved:?}"
+        );
+        assert!(moved.score > same.score);
+        let same = mean_distance(&refs(&a), &refs(&b), 200, 9);
+        let moved = mean_distance(&refs(&a), &refs(&shifted), 200, 9);
+        assert!(
+            same.p_value > 0.05 && moved.p_value < 0.01,
+            "{same:?} {moved:?}"
+        );
+    }
+}
