@@ -1,10 +1,10 @@
 //! Real drift over real HTTP: a spam adapter trained on SpamAssassin spam-1 + easy-ham-1 sees more mail from
 //! the same groups without drift, then mail from the later corpus (spam-2 + easy-ham-2) and reports drift,
-//! in `GET /v1/drift/{task}` and in the metrics.
+//! in `GET /v1/drift/{task}` and in the metrics, whose exposition (P99, drift, online accuracy) passes
+//! `promtool check metrics`.
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Server;
@@ -14,30 +14,8 @@ use serde_json::{json, Value};
 /// each). Neighbouring mails share threads and topics, so a window of consecutive lines is not a sample of
 /// its group.
 fn mails(group: &str, offset: usize, n: usize) -> Vec<String> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "{} is missing: run datasets/fetch-spamassassin.sh",
-            path.display()
-        )
-    });
-    let step = text.lines().count() / n;
-    text.lines()
-        .skip(offset)
-        .step_by(step)
-        .take(n)
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v["text"]
-                .as_str()
-                .unwrap()
-                .split_whitespace()
-                .take(80)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    let step = common::mails(group).len() / n;
+    common::sample_mails(group, offset, step, n, 80)
 }
 
 /// Ham and spam alternating, so every window holds the same label mix.
@@ -147,8 +125,21 @@ fn later_mail_drifts_and_mail_from_the_training_groups_does_not() {
         "the mean embedding moved more for the later corpus"
     );
 
+    // One judged prediction, so the exposition also carries online accuracy.
+    let (_, served) = server.post(
+        "/v1/predict",
+        &json!({"task": "spam", "inputs": "cheap pills"}),
+    );
+    let (status, body) = server.post(
+        "/v1/feedback",
+        &json!({"request_id": served["request_id"], "label": "spam"}),
+    );
+    assert_eq!(status, 202, "{body}");
     let (_, metrics) = server.get_text("/metrics");
+    common::promtool_check(&metrics);
     for series in [
+        "flywheel_request_latency_seconds{route=\"/v1/predict\",quantile=\"0.99\"}",
+        "flywheel_online_accuracy{arm=\"stable\",task=\"spam\"}",
         "flywheel_drift_detected{signal=\"embedding\",task=\"spam\"} 1",
         "flywheel_drift_score{method=\"mmd\",signal=\"embedding\",task=\"spam\"}",
         "flywheel_drift_score{method=\"psi\",signal=\"prediction\",task=\"spam\"}",

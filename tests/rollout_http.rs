@@ -1,10 +1,10 @@
 //! A/B rollouts over real HTTP on real mail: a candidate trained on flipped labels is rolled back by the
 //! guardrail analysis, a candidate the server trained on more feedback is canaried by the trainer's hook and
-//! promoted, and no request fails along the way.
+//! promoted, and no request fails along the way; shadow mode judges the candidate without serving it; promote
+//! and rollback under concurrent clients fail no request.
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -13,31 +13,8 @@ use flywheel::trainer::data::{stratified_split, truncate, Example};
 use flywheel::trainer::train::{train_lora, TrainConfig};
 use serde_json::{json, Value};
 
-/// `n` mails of `group` (the first 40 words each), taking every 5th line from `offset`.
 fn mails(group: &str, offset: usize, n: usize) -> Vec<String> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "{} is missing: run datasets/fetch-spamassassin.sh",
-            path.display()
-        )
-    });
-    text.lines()
-        .skip(offset)
-        .step_by(5)
-        .take(n)
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v["text"]
-                .as_str()
-                .unwrap()
-                .split_whitespace()
-                .take(40)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    common::sample_mails(group, offset, 5, n, 40)
 }
 
 fn labelled(offset: usize, n: usize) -> Vec<(String, &'static str)> {
@@ -58,7 +35,8 @@ fn post_feedback(server: &Server, items: &[(String, &str)]) {
     assert_eq!(status, 202, "{body}");
 }
 
-fn train(server: &Server) -> String {
+/// Trains a LoRA job and returns its final status.
+fn train_job(server: &Server) -> Value {
     let (status, body) = server.post(
         "/v1/train",
         &json!({"task": "spam", "epochs": 2, "max_length": 48, "learning_rate": 0.003}),
@@ -69,7 +47,7 @@ fn train(server: &Server) -> String {
     loop {
         let (_, job) = server.get_json(&format!("/v1/jobs/{id}"));
         match job["state"].as_str() {
-            Some("succeeded") => return job["adapter"].as_str().unwrap().to_owned(),
+            Some("succeeded") => return job,
             Some("queued") | Some("running") => {}
             other => panic!("job ended {other:?}: {job}"),
         }
@@ -132,7 +110,7 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
 
     // A small first generation becomes the task's stable one (no canary: nothing to compare with).
     post_feedback(&server, &labelled(0, 12));
-    let stable = train(&server);
+    let stable = train_job(&server)["adapter"].as_str().unwrap().to_owned();
     let (_, task) = server.get_json("/v1/tasks/spam");
     assert_eq!(task["stable"], stable.as_str());
 
@@ -194,7 +172,10 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
 
     // More real feedback; the trainer's new generation is canaried automatically and earns promotion.
     post_feedback(&server, &labelled(2, 40));
-    let better = train(&server);
+    let job = train_job(&server);
+    // Warm-started from stable: the 80 new items plus all 24 older ones as replay (2 per new one, capped).
+    assert_eq!(job["replayed_examples"], 24, "{job}");
+    let better = job["adapter"].as_str().unwrap().to_owned();
     let (_, rollout) = server.get_json("/v1/rollouts/spam");
     assert_eq!(rollout["phase"], "active", "{rollout}");
     assert_eq!(rollout["candidate"], better.as_str());
@@ -211,6 +192,7 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
 
     let (_, metrics) = server.get_text("/metrics");
     for series in [
+        "flywheel_training_jobs_total{state=\"succeeded\",task=\"spam\"} 2",
         "flywheel_online_accuracy{arm=\"candidate\",task=\"spam\"}",
         "flywheel_rollout_events_total{decision=\"rollback\",task=\"spam\"} 1",
         "flywheel_rollout_events_total{decision=\"promote\",task=\"spam\"} 1",
@@ -322,4 +304,97 @@ fn rollouts_validate_their_inputs_and_survive_a_restart() {
     assert_eq!(rollout["phase"], "rolled_back");
     let (status, _) = server.post("/v1/rollouts/spam/promote", &json!({}));
     assert_eq!(status, 404, "nothing active to promote");
+    let (stable, candidate) = (
+        rollout["stable"].as_str().unwrap().to_owned(),
+        rollout["candidate"].as_str().unwrap().to_owned(),
+    );
+
+    // Shadow: stable answers every request; the candidate runs beside it and feedback judges both.
+    let (status, body) = server.post(
+        "/v1/rollouts",
+        &json!({"task": "spam", "candidate": candidate, "traffic": 1.0, "mode": "shadow", "automatic": false}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut feedback = Vec::new();
+    for i in 0..6 {
+        let (status, body) = server.post(
+            "/v1/predict",
+            &json!({"task": "spam", "inputs": format!("message {i}"), "routing_key": format!("s{i}")}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (body["arm"].as_str(), body["adapter"].as_str()),
+            (Some("stable"), Some(stable.as_str()))
+        );
+        feedback.push(json!({"request_id": body["request_id"], "label": "a"}));
+    }
+    // The shadow runs after the answer has gone.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = server.post("/v1/feedback", &json!({ "items": feedback }));
+    assert_eq!(status, 202, "{body}");
+    let (_, rollout) = server.get_json("/v1/rollouts/spam");
+    assert_eq!(rollout["arms"]["candidate"]["requests"], 6, "{rollout}");
+    assert_eq!(rollout["arms"]["candidate"]["judged"], 6, "{rollout}");
+    assert_eq!(rollout["arms"]["stable"]["judged"], 6, "{rollout}");
+    let (status, _) = server.post("/v1/rollouts/spam/rollback", &json!({}));
+    assert_eq!(status, 200);
+
+    // Promote and roll back while clients keep predicting: not one request fails.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (served, failed) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..3)
+            .map(|c| {
+                let (server, stop) = (&server, &stop);
+                scope.spawn(move || {
+                    let (mut served, mut failed) = (0, 0);
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let (status, _) = server.post(
+                            "/v1/predict",
+                            &json!({"task": "spam", "inputs": "hello there", "routing_key": format!("c{c}-{i}")}),
+                        );
+                        if status == 200 { served += 1 } else { failed += 1 }
+                        i += 1;
+                    }
+                    (served, failed)
+                })
+            })
+            .collect();
+        let pause = || std::thread::sleep(Duration::from_millis(400));
+        let ok = |(status, body): (u16, Value)| assert!(status < 300, "{body}");
+        ok(server.post(
+            "/v1/rollouts",
+            &json!({"task": "spam", "candidate": candidate, "traffic": 0.5, "automatic": false}),
+        ));
+        pause();
+        ok(server.send("PUT", "/v1/rollouts/spam/traffic", &json!({"traffic": 0.9})));
+        pause();
+        ok(server.post("/v1/rollouts/spam/promote", &json!({})));
+        pause();
+        ok(server.post(
+            "/v1/rollouts",
+            &json!({"task": "spam", "candidate": stable, "traffic": 0.5, "automatic": false}),
+        ));
+        pause();
+        ok(server.post("/v1/rollouts/spam/rollback", &json!({})));
+        pause();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    assert!(served > 10, "the clients ran ({served} requests)");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during promote/rollback",
+        served + failed
+    );
+    let (_, task) = server.get_json("/v1/tasks/spam");
+    assert_eq!(
+        task["stable"],
+        candidate.as_str(),
+        "promoted, and the later rollback kept it"
+    );
 }

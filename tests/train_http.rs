@@ -3,35 +3,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Server;
 use serde_json::{json, Value};
 
 fn mails(group: &str, n: usize) -> Vec<String> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "{} is missing: run datasets/fetch-spamassassin.sh",
-            path.display()
-        )
-    });
-    text.lines()
-        .step_by(7)
-        .take(n)
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v["text"]
-                .as_str()
-                .unwrap()
-                .split_whitespace()
-                .take(40)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    common::sample_mails(group, 0, 7, n, 40)
 }
 
 fn wait_for(server: &Server, job: &str, timeout: Duration) -> Value {
@@ -90,11 +68,28 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
         let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
         assert_eq!(status, 202, "{ack}");
 
+        // Full fine-tuning, the comparison method: a whole checkpoint, not a served generation.
+        let (status, full) = server.post(
+            "/v1/train",
+            &json!({"task": "spam", "method": "full", "epochs": 1, "max_length": 32}),
+        );
+        assert_eq!(status, 202, "{full}");
+        let full_id = full["job_id"].as_str().unwrap().to_owned();
         assert_eq!(
             server
-                .post("/v1/train", &json!({"task": "spam", "method": "full"}))
+                .post("/v1/train", &json!({"task": "spam", "method": "half"}))
                 .0,
             422
+        );
+        assert_eq!(
+            server
+                .post(
+                    "/v1/train",
+                    &json!({"task": "spam", "class_weights": [1.0, 2.0, 3.0]})
+                )
+                .0,
+            422,
+            "class_weights needs one weight per label"
         );
         assert_eq!(
             server
@@ -119,6 +114,29 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
         let cancel_id = cancelled["job_id"].as_str().unwrap();
         let (status, _) = server.send("DELETE", &format!("/v1/jobs/{cancel_id}"), &json!({}));
         assert_eq!(status, 200);
+
+        let full = wait_for(&server, &full_id, Duration::from_secs(600));
+        assert_eq!(full["state"], "succeeded", "{full}");
+        assert_eq!(full["method"], "full");
+        assert!(full["adapter"].is_null(), "{full}");
+        let dir = server.data_dir.join(full["output"].as_str().unwrap());
+        for file in [
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "flywheel.json",
+        ] {
+            assert!(dir.join(file).is_file(), "{} lacks {file}", dir.display());
+        }
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["id2label"]["1"], "spam");
+        assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+        assert!(
+            full["trainable_params"].as_u64().unwrap() > 22_000_000,
+            "{full}"
+        );
 
         let done = wait_for(&server, &job_id, Duration::from_secs(600));
         assert_eq!(done["state"], "succeeded", "{done}");
@@ -160,5 +178,9 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
     let (_, job) = server.get_json(&format!("/v1/jobs/{job_id}"));
     assert_eq!(job["state"], "succeeded", "finished jobs survive a restart");
     let (_, jobs) = server.get_json("/v1/jobs?task=spam");
-    assert_eq!(jobs.as_array().unwrap().len(), 3);
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        4,
+        "failed, full, LoRA and cancelled jobs"
+    );
 }

@@ -3,31 +3,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+use common::mails;
 use flywheel::trainer::data::{stratified_split, truncate, Example};
 use flywheel::trainer::eval::evaluate;
 use flywheel::trainer::train::{predict, train_lora, TrainConfig};
-
-fn mails(group: &str) -> Vec<String> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "{} is missing: run datasets/fetch-spamassassin.sh",
-            path.display()
-        )
-    });
-    text.lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect()
-}
 
 #[test]
 fn lora_learns_spam_from_a_small_real_sample() {

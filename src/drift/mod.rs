@@ -162,6 +162,13 @@ impl DriftMonitor {
             .or_insert_with(|| TaskDrift::new(generation, probs.len()));
         if entry.generation != generation || entry.labels != probs.len() {
             *entry = TaskDrift::new(generation, probs.len());
+            // The old generation's verdicts no longer hold; the new one has none until its window fills.
+            for signal in ["prediction", "confidence", "embedding"] {
+                self.metrics
+                    .drift_detected
+                    .with_label_values(&[task, signal])
+                    .set(0);
+            }
         }
         if entry.reference.len() < self.config.reference_size {
             entry.reference.push(sample);

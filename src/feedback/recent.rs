@@ -16,6 +16,8 @@ pub struct RecentRequest {
     pub adapter: String,
     /// The arm that served them.
     pub arm: String,
+    /// The rollout that routed the request, if any.
+    pub rollout: Option<String>,
     /// The label predicted for each input.
     pub predicted: Vec<String>,
     /// A shadow generation's predictions for the same inputs, once it has run.
@@ -158,6 +160,7 @@ mod tests {
             texts: vec![text.into()],
             adapter: "g".into(),
             arm: "stable".into(),
+            rollout: None,
             predicted: vec!["a".into()],
             shadow: None,
             judged: vec![false],

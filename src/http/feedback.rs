@@ -40,9 +40,9 @@ pub enum FeedbackRequest {
     One(Item),
 }
 
-/// A verdict on a served (or shadow) prediction: the generation, the arm label it served as, and whether
-/// the feedback agreed.
-type Verdict = (String, String, bool);
+/// A verdict on a served (or shadow) prediction: the generation, the arm label it served as, the rollout
+/// that routed it, and whether the feedback agreed.
+type Verdict = (String, String, Option<String>, bool);
 
 /// The verdicts of one feedback item and the (request id, input index) they judge.
 type Verdicts = Option<((String, usize), Vec<Verdict>)>;
@@ -69,14 +69,19 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdi
             })?;
             let mut verdicts = Vec::new();
             if let Some(p) = recent.predicted.get(index) {
-                verdicts.push((recent.adapter.clone(), recent.arm.clone(), *p == item.label));
+                verdicts.push((
+                    recent.adapter.clone(),
+                    recent.arm.clone(),
+                    recent.rollout.clone(),
+                    *p == item.label,
+                ));
             }
             if let Some(p) = recent.shadow.as_ref().and_then(|s| {
                 s.predicted
                     .get(index)
                     .map(|p| (s.adapter.clone(), *p == item.label))
             }) {
-                verdicts.push((p.0, "shadow".to_owned(), p.1));
+                verdicts.push((p.0, "shadow".to_owned(), recent.rollout.clone(), p.1));
             }
             (
                 NewFeedback {
@@ -166,8 +171,10 @@ pub async fn post(
         // Each served prediction is judged once, however often its feedback is posted.
         if let Some(((id, index), verdicts)) = verdicts {
             if services.recent.claim_judgement(&id, index) {
-                for (generation, arm, correct) in verdicts {
-                    services.rollouts.judge(task, &generation, &arm, correct);
+                for (generation, arm, rollout, correct) in verdicts {
+                    services
+                        .rollouts
+                        .judge(task, &generation, &arm, rollout.as_deref(), correct);
                 }
             }
         }

@@ -138,8 +138,11 @@ pub async fn predict(
     let started = Instant::now();
     let result = services.infer.classify(&texts, weights(&generation)?).await;
     if let Some(rollout) = route.as_ref().and_then(|r| r.rollout.as_deref()) {
-        // A full queue says nothing about the arm; anything else that failed counts against it.
-        if !matches!(result, Err(InferError::Overloaded { .. })) {
+        // Only the model failing counts against the arm: a full queue or a refused input says nothing of it.
+        if !matches!(
+            result,
+            Err(InferError::Overloaded { .. } | InferError::TooLarge(_) | InferError::Invalid(_))
+        ) {
             services.rollouts.observe(
                 &task,
                 rollout,
@@ -200,6 +203,7 @@ pub async fn predict(
             texts,
             adapter: generation.id.clone(),
             arm: arm.to_owned(),
+            rollout: route.as_ref().and_then(|r| r.rollout.clone()),
             predicted,
             shadow: None,
         },
@@ -251,7 +255,10 @@ fn run_shadow(
     actix_web::rt::spawn(async move {
         let started = Instant::now();
         let result = infer.classify(&texts, w).await;
-        if matches!(result, Err(InferError::Overloaded { .. })) {
+        if matches!(
+            result,
+            Err(InferError::Overloaded { .. } | InferError::TooLarge(_) | InferError::Invalid(_))
+        ) {
             return;
         }
         rollouts.observe(

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::trainer::train::{TrainConfig, TrainError};
+use crate::trainer::train::{ClassWeights, TrainConfig, TrainError};
 
 impl From<TrainError> for ApiError {
     fn from(e: TrainError) -> Self {
@@ -26,11 +26,22 @@ pub async fn submit(
         Some(serde_json::Value::String(t)) => t,
         _ => return Err(ApiError::invalid("task (a string) is required")),
     };
-    if services.registry.task(&task).is_none() {
-        return Err(ApiError::not_found(format!("no task {task:?}")));
-    }
+    let labels = services
+        .registry
+        .task(&task)
+        .ok_or_else(|| ApiError::not_found(format!("no task {task:?}")))?
+        .labels
+        .len();
     let config: TrainConfig = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("invalid hyperparameters: {e}")))?;
+    if let ClassWeights::Explicit(w) = &config.class_weights {
+        if w.len() != labels {
+            return Err(ApiError::invalid(format!(
+                "class_weights has {} entries but task {task:?} has {labels} labels",
+                w.len()
+            )));
+        }
+    }
     let status = services.jobs.submit(&task, config)?;
     Ok(HttpResponse::Accepted().json(serde_json::json!({"job_id": status.id, "job": status})))
 }

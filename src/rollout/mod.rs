@@ -126,6 +126,19 @@ impl From<&ArmStats> for ArmSummary {
     }
 }
 
+/// Both arms' figures, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Stable, this step.
+    pub stable: ArmSummary,
+    /// The candidate, this step.
+    pub candidate: ArmSummary,
+    /// Stable, over the whole rollout.
+    pub stable_total: ArmSummary,
+    /// The candidate, over the whole rollout.
+    pub candidate_total: ArmSummary,
+}
+
 /// One entry of the decision log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Decision {
@@ -178,6 +191,9 @@ pub struct Rollout {
     pub totals: Arms,
     /// The latest analysis.
     pub analysis: Option<Verdict>,
+    /// Each arm's figures now (accuracy, P99), this step and overall; computed when shown.
+    #[serde(default, skip_deserializing)]
+    pub summary: Option<Summary>,
     /// Every decision, oldest first.
     pub decisions: Vec<Decision>,
 }
@@ -275,6 +291,17 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+fn with_summary(r: &Rollout) -> Rollout {
+    let mut out = r.clone();
+    out.summary = Some(Summary {
+        stable: (&r.arms.stable).into(),
+        candidate: (&r.arms.candidate).into(),
+        stable_total: (&r.totals.stable).into(),
+        candidate_total: (&r.totals.candidate).into(),
+    });
+    out
+}
+
 fn check_share(share: f64) -> Result<f64, RolloutError> {
     if share > 0.0 && share <= 1.0 {
         Ok(share)
@@ -313,6 +340,10 @@ impl Rollouts {
                         .is_some_and(|g| g.state == State::Ready && g.adapter.is_some())
                 };
                 if !ready(&r.candidate) || !ready(&r.stable) {
+                    metrics
+                        .rollout_events
+                        .with_label_values(&[r.task.as_str(), "rollback"])
+                        .inc();
                     r.finish(
                         Phase::RolledBack,
                         "rollback",
@@ -464,6 +495,7 @@ impl Rollouts {
             arms: Arms::default(),
             totals: Arms::default(),
             analysis: None,
+            summary: None,
             decisions: Vec::new(),
         };
         let mut inner = self.lock();
@@ -502,12 +534,13 @@ impl Rollouts {
         Ok(rollout)
     }
 
-    /// The task's active rollout, or else its latest, with the history count.
+    /// The task's active rollout, or else its latest, with each arm's current figures.
     pub fn get(&self, task: &str) -> Option<Rollout> {
         self.lock()
             .by_task
             .get(task)
-            .and_then(|l| l.last().cloned())
+            .and_then(|l| l.last())
+            .map(with_summary)
     }
 
     /// Every task's latest rollout.
@@ -515,7 +548,8 @@ impl Rollouts {
         self.lock()
             .by_task
             .values()
-            .filter_map(|l| l.last().cloned())
+            .filter_map(|l| l.last())
+            .map(with_summary)
             .collect()
     }
 
@@ -631,10 +665,18 @@ impl Rollouts {
         }
     }
 
-    /// Records feedback on a prediction `generation` made (served as `arm_label`): whether `predicted`
-    /// equals the `label` given. Feeds the online-accuracy gauge and, when the generation is an arm of the
-    /// task's active rollout, that arm's evidence.
-    pub fn judge(&self, task: &str, generation: &str, arm_label: &str, correct: bool) {
+    /// Records feedback on a prediction `generation` made (served as `arm_label`, routed by `rollout`):
+    /// whether it agreed with the label given. Feeds the online-accuracy gauge and, when the prediction was
+    /// routed by the task's active rollout, that arm's evidence (pinned requests and predictions from before
+    /// the rollout never count).
+    pub fn judge(
+        &self,
+        task: &str,
+        generation: &str,
+        arm_label: &str,
+        rollout: Option<&str>,
+        correct: bool,
+    ) {
         let mut inner = self.lock();
         let window = inner
             .accuracy
@@ -653,7 +695,7 @@ impl Rollouts {
             .by_task
             .get_mut(task)
             .and_then(|l| l.last_mut())
-            .filter(|r| r.phase == Phase::Active)
+            .filter(|r| r.phase == Phase::Active && rollout == Some(r.id.as_str()))
         {
             if let Some(arm) = r.arm_of(generation) {
                 r.arms.get_mut(arm).judge(correct);

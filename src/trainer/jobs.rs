@@ -110,6 +110,7 @@ pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 struct Shared {
     jobs: Mutex<BTreeMap<String, JobStatus>>,
+    metrics: crate::metrics::Metrics,
     hook: Mutex<Option<PublishHook>>,
     cancel: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
     path: std::path::PathBuf,
@@ -175,6 +176,7 @@ impl Jobs {
         }
         let shared = Arc::new(Shared {
             jobs: Mutex::new(jobs),
+            metrics: deps.metrics.clone(),
             hook: Mutex::new(None),
             cancel: Mutex::new(BTreeMap::new()),
             path,
@@ -323,11 +325,20 @@ impl Jobs {
         {
             flag.store(true, Ordering::Relaxed);
         }
+        let mut task = None;
         self.shared.update(id, |j| {
             if j.state == JobState::Queued {
                 j.state = JobState::Cancelled;
+                task = Some(j.task.clone());
             }
         });
+        if let Some(task) = task {
+            self.shared
+                .metrics
+                .training_jobs
+                .with_label_values(&[task.as_str(), "cancelled"])
+                .inc();
+        }
         self.shared.persist();
         self.get(id)
     }
@@ -397,6 +408,15 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
             .inc();
         deps.metrics.training_duration.observe(wall);
     }
+    // The gauges describe the running job only.
+    let _ = deps
+        .metrics
+        .training_loss
+        .remove_label_values(&[job.task.as_str()]);
+    let _ = deps
+        .metrics
+        .training_samples_per_second
+        .remove_label_values(&[job.task.as_str()]);
     if let Some(generation) = published {
         let hook = shared
             .hook

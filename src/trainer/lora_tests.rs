@@ -277,3 +277,55 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
     );
     assert_eq!(continued.deltas().count(), warm.deltas().count());
 }
+
+#[test]
+fn class_weights_weigh_each_example_by_its_label() {
+    use super::data::Example;
+    use super::train::{ClassWeights, WeightPreset};
+    let logits = Tensor::new(&[[2.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[0u32, 1, 1], &Device::Cpu).unwrap();
+    let per_example: Vec<f32> = [[2.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]]
+        .iter()
+        .zip([0usize, 1, 1])
+        .map(|(l, t)| {
+            let log_sum = l.iter().map(|x| x.exp()).sum::<f32>().ln();
+            log_sum - l[t]
+        })
+        .collect();
+    let weights = Tensor::new(&[1.0f32, 3.0], &Device::Cpu).unwrap();
+    let got = cross_entropy(&logits, &targets, 0.0, Some(&weights))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let want = (per_example[0] + 3.0 * per_example[1] + 3.0 * per_example[2]) / 7.0;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    let plain = cross_entropy(&logits, &targets, 0.0, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((plain - per_example.iter().sum::<f32>() / 3.0).abs() < 1e-6);
+
+    let train: Vec<Example> = [0usize, 0, 0, 1]
+        .iter()
+        .map(|&label| Example {
+            ids: vec![1, 2],
+            label,
+        })
+        .collect();
+    let balanced = ClassWeights::Preset(WeightPreset::Balanced)
+        .resolve(&train, 2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(balanced, vec![4.0 / 6.0, 2.0], "n / (labels · n_label)");
+    assert!(ClassWeights::Preset(WeightPreset::None)
+        .resolve(&train, 2)
+        .unwrap()
+        .is_none());
+    assert!(ClassWeights::Explicit(vec![1.0])
+        .resolve(&train, 2)
+        .is_err());
+    let parsed: ClassWeights = serde_json::from_str("\"balanced\"").unwrap();
+    assert_eq!(parsed, ClassWeights::Preset(WeightPreset::Balanced));
+    let parsed: ClassWeights = serde_json::from_str("[1, 2.5]").unwrap();
+    assert_eq!(parsed, ClassWeights::Explicit(vec![1.0, 2.5]));
+}

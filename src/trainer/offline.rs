@@ -261,9 +261,12 @@ fn report_of<R>(
 pub fn parse_params(json: &str, method: Method) -> Result<TrainConfig, TrainError> {
     let mut value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| TrainError::Invalid(format!("--params is not JSON: {e}")))?;
+    // The --method flag decides the method.
     if let Some(map) = value.as_object_mut() {
-        map.entry("method")
-            .or_insert_with(|| serde_json::to_value(method).unwrap_or_default());
+        map.insert(
+            "method".to_owned(),
+            serde_json::to_value(method).unwrap_or_default(),
+        );
     }
     let config: TrainConfig = serde_json::from_value(value)
         .map_err(|e| TrainError::Invalid(format!("invalid hyperparameters: {e}")))?;

@@ -172,6 +172,9 @@ impl TrainConfig {
         if self.rank == 0 || self.rank > 256 {
             return bad("rank must be 1 to 256");
         }
+        if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha <= 4096.0) {
+            return bad("alpha must be in (0, 4096]");
+        }
         if self.targets.is_empty() {
             return bad("targets must name at least one linear");
         }

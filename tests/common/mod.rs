@@ -261,3 +261,64 @@ pub fn copy_peft_fixture(server: &Server, name: &str) {
         std::fs::copy(peft_fixture_dir().join(f), dir.join(f)).expect("copy fixture");
     }
 }
+
+/// Every mail of a SpamAssassin group in file order (prepared by datasets/fetch-spamassassin.sh).
+pub fn mails(group: &str) -> Vec<String> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/spamassassin/{group}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: run datasets/fetch-spamassassin.sh",
+            path.display()
+        )
+    });
+    text.lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("a JSON line")["text"]
+                .as_str()
+                .expect("a text field")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `n` mails of `group`, every `step`th from `skip`, each cut to its first `words` words.
+pub fn sample_mails(group: &str, skip: usize, step: usize, n: usize, words: usize) -> Vec<String> {
+    mails(group)
+        .iter()
+        .skip(skip)
+        .step_by(step)
+        .take(n)
+        .map(|t| {
+            t.split_whitespace()
+                .take(words)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// Runs `promtool check metrics` (Debian's `prometheus` package) on an exposition and fails with its output.
+pub fn promtool_check(exposition: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is needed: install Debian's prometheus package (scripts/test.sh does)");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(exposition.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
