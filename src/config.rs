@@ -224,6 +224,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Seconds to let in-flight requests finish on shutdown.
     pub shutdown_timeout_secs: u64,
+    /// Record per-request metrics (request counts, duration histograms, the P99 window). Turn off only to
+    /// measure what they cost (docs/BENCHMARKS.md).
+    pub request_metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -233,6 +236,7 @@ impl Default for ServerConfig {
             port: 8080,
             workers: 2,
             shutdown_timeout_secs: 10,
+            request_metrics: true,
         }
     }
 }

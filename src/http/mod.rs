@@ -171,6 +171,7 @@ async fn observe(
     let started = Instant::now();
     let metrics = req
         .app_data::<web::Data<AppState>>()
+        .filter(|s| s.config.server.request_metrics)
         .map(|s| s.metrics.clone());
     let route = req
         .match_pattern()

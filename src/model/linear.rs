@@ -1,6 +1,6 @@
 //! `Linear`: the dense layer every projection of the encoder is built on.
 
-use candle_core::{Module, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 use super::error::Result;
@@ -41,11 +41,95 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let frozen = !self.weight.is_variable()
+            && self.bias.as_ref().is_none_or(|b| !b.is_variable())
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32;
+        if frozen {
+            return x.contiguous()?.apply_op1(FrozenLinear {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+            });
+        }
         let y = x.broadcast_matmul(&self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// `x·Wᵀ + b` for a weight and bias that do not train, whose backward computes only the input's gradient.
+/// Candle's matmul backward also computes the weight's gradient (a third of a linear's training cost)
+/// whether or not the weight is a variable; LoRA training through frozen linears would pay it for nothing.
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// The contiguous f32 values of a CPU storage.
+fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => Err(candle_core::Error::Msg(format!(
+            "frozen-linear needs a contiguous f32 {what}"
+        ))),
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.weight.dims2()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen-linear: input {dims:?} does not end in {k}"
+            )));
+        }
+        let x = f32_slice(storage, layout, "input")?;
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w_cpu) = &*w_storage else {
+            return Err(candle_core::Error::Msg("frozen-linear: weight not on the CPU".into()));
+        };
+        let w = f32_slice(w_cpu, w_layout, "weight")?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((guard, layout)) => match &**guard {
+                Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "bias")?),
+                _ => return Err(candle_core::Error::Msg("frozen-linear: bias not on the CPU".into())),
+            },
+            None => None,
+        };
+        let rows = x.len() / k.max(1);
+        let mut out = vec![0f32; rows * n];
+        super::kernels::linear(x, rows, k, w, bias, n, &mut out);
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
     }
 }
 
@@ -82,5 +166,56 @@ impl Module for LayerNorm {
         normed
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::Module;
+
+    use super::Linear;
+
+    #[test]
+    fn a_frozen_linear_computes_the_same_output_and_input_gradient_as_a_matmul() {
+        let dev = Device::Cpu;
+        let values = |n: usize, seed: u64| crate::rng::Rng::new(seed).uniform(n, 1.0);
+        let weight = Tensor::from_vec(values(5 * 3, 1), (5, 3), &dev).unwrap();
+        let bias = Tensor::from_vec(values(5, 2), 5, &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::from_vec(values(2 * 4 * 3, 3), (2, 4, 3), &dev).unwrap())
+            .unwrap();
+        let frozen = Linear {
+            weight: weight.clone(),
+            bias: Some(bias.clone()),
+        };
+        let y = frozen.forward(x.as_tensor()).unwrap();
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&weight.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(y.dims(), &[2, 4, 5]);
+        assert!(diff(&y, &reference) < 1e-5);
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = reference.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (
+            g.get(x.as_tensor()).unwrap(),
+            g_ref.get(x.as_tensor()).unwrap(),
+        );
+        assert!(diff(a, b) < 1e-4, "input gradients differ");
+        assert!(g.get(&weight).is_none(), "no gradient for the frozen weight");
     }
 }
