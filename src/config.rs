@@ -151,6 +151,9 @@ impl Default for RolloutConfig {
 pub struct TrainerConfig {
     /// Threads the trainer may use; the rest of the cores keep serving.
     pub threads: usize,
+    /// Niceness of the trainer's threads (0–19, Linux): training yields the cores to serving when both want
+    /// them.
+    pub nice: i32,
     /// Most jobs queued or running (`POST /v1/train` answers 422 beyond).
     pub max_queued_jobs: usize,
     /// Train a task automatically once this many feedback items arrived since its last job (0: never).
@@ -165,6 +168,7 @@ impl Default for TrainerConfig {
     fn default() -> Self {
         Self {
             threads: 1,
+            nice: 10,
             max_queued_jobs: 4,
             auto_every_feedback: 0,
             auto_min_interval_secs: 600,
@@ -477,6 +481,9 @@ impl Config {
             return fail(
                 "drift: reference_size and window_size 20..=100000, min_window 1..=window_size, mmd_sample 10..=2000, permutations ≤ 10000, p_value in (0, 1)".to_owned(),
             );
+        }
+        if !(0..=19).contains(&self.trainer.nice) {
+            return fail("trainer.nice must be 0 to 19".to_owned());
         }
         let r = &self.rollouts;
         if r.steps.is_empty() || r.steps.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {

@@ -344,6 +344,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         registry: registry.clone(),
         feedback: feedback.clone(),
         threads: config.trainer.threads,
+        nice: config.trainer.nice,
         model_dir: config.model.dir.clone(),
         models_dir: config.data.dir.join("models"),
         metrics: metrics.clone(),

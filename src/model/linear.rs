@@ -102,14 +102,20 @@ impl CustomOp1 for FrozenLinear {
         let x = f32_slice(storage, layout, "input")?;
         let (w_storage, w_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(w_cpu) = &*w_storage else {
-            return Err(candle_core::Error::Msg("frozen-linear: weight not on the CPU".into()));
+            return Err(candle_core::Error::Msg(
+                "frozen-linear: weight not on the CPU".into(),
+            ));
         };
         let w = f32_slice(w_cpu, w_layout, "weight")?;
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_guard {
             Some((guard, layout)) => match &**guard {
                 Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "bias")?),
-                _ => return Err(candle_core::Error::Msg("frozen-linear: bias not on the CPU".into())),
+                _ => {
+                    return Err(candle_core::Error::Msg(
+                        "frozen-linear: bias not on the CPU".into(),
+                    ))
+                }
             },
             None => None,
         };
@@ -210,12 +216,21 @@ mod tests {
         assert_eq!(y.dims(), &[2, 4, 5]);
         assert!(diff(&y, &reference) < 1e-5);
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = reference.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = reference
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let (a, b) = (
             g.get(x.as_tensor()).unwrap(),
             g_ref.get(x.as_tensor()).unwrap(),
         );
         assert!(diff(a, b) < 1e-4, "input gradients differ");
-        assert!(g.get(&weight).is_none(), "no gradient for the frozen weight");
+        assert!(
+            g.get(&weight).is_none(),
+            "no gradient for the frozen weight"
+        );
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::data::{pad, Example};
 use crate::model::bert::{Bert, NoDelta};
@@ -91,14 +91,12 @@ impl FullTrainable {
         let hidden = self
             .bert
             .forward_with(input_ids, attention_mask, &NoDelta)?;
-        let cls = hidden.i((.., 0, ..))?;
-        let pooler = self.bert.pooler.as_ref().ok_or_else(|| {
-            ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
-        })?;
-        let pooled = pooler.forward(&cls)?.tanh()?;
-        Ok(pooled
-            .matmul(&self.classifier_weight.as_tensor().t()?)?
-            .broadcast_add(self.classifier_bias.as_tensor())?)
+        super::lora::cls_head(
+            &self.bert,
+            &hidden,
+            &self.classifier_weight,
+            &self.classifier_bias,
+        )
     }
 
     /// Class probabilities of `examples` under the current weights, in padded chunks.

@@ -97,6 +97,8 @@ pub struct TrainerDeps {
     pub feedback: Arc<dyn FeedbackStore>,
     /// Threads the trainer may use.
     pub threads: usize,
+    /// Niceness of the trainer's threads (0 to 19).
+    pub nice: i32,
     /// The base model's directory (full fine-tuning copies its config and tokenizer).
     pub model_dir: std::path::PathBuf,
     /// Where full fine-tuning writes checkpoints (`<data-dir>/models`).
@@ -187,8 +189,11 @@ impl Jobs {
         std::thread::Builder::new()
             .name("flywheel-trainer".to_owned())
             .spawn(move || {
+                lower_priority(deps.nice);
+                let nice = deps.nice;
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(deps.threads.max(1))
+                    .start_handler(move |_| lower_priority(nice))
                     .build();
                 let pool = match pool {
                     Ok(p) => p,
@@ -342,6 +347,21 @@ impl Jobs {
         self.shared.persist();
         self.get(id)
     }
+}
+
+/// Lowers the calling thread's scheduling priority by `nice` (Linux: per thread), so training yields the
+/// cores to serving whenever both want them.
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on this thread's own id changes only its niceness.
+    unsafe {
+        let tid = libc::gettid();
+        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) != 0 {
+            tracing::warn!(nice, "could not lower the trainer's priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
@@ -613,7 +633,12 @@ fn train_and_publish(
                 (p.step > 0).then(|| elapsed / p.step as f64 * (p.total_steps - p.step) as f64);
         });
     };
-    let metrics = |val: &Evaluation, best_epoch: usize, steps: usize, wall: f64, params: usize| {
+    // Records the chosen epoch's scores on the job and returns the metadata stored with the result.
+    let record = |val: &Evaluation, best_epoch: usize, steps: usize, wall: f64, params: usize| {
+        shared.update(&job.id, |j| {
+            j.val = Some(val.clone());
+            j.trainable_params = Some(params);
+        });
         serde_json::json!({
             "method": config.method,
             "val": val,
@@ -644,13 +669,9 @@ fn train_and_publish(
                 &mut progress,
                 cancel,
             )?;
-            shared.update(&job.id, |j| {
-                j.val = Some(report.val.clone());
-                j.trainable_params = Some(report.trainable_params);
-            });
             let name = format!("{}-{}", task.name, job.id);
             let final_dir = deps.models_dir.join(&name);
-            let meta = metrics(
+            let meta = record(
                 &report.val,
                 report.best_epoch,
                 report.steps,
@@ -678,12 +699,8 @@ fn train_and_publish(
                 &mut progress,
                 cancel,
             )?;
-            shared.update(&job.id, |j| {
-                j.val = Some(report.val.clone());
-                j.trainable_params = Some(report.trainable_params);
-            });
             let name = format!("trained/{}-{}", task.name, job.id);
-            let meta = metrics(
+            let meta = record(
                 &report.val,
                 report.best_epoch,
                 report.steps,

@@ -152,14 +152,12 @@ impl LoraTrainable {
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
         let hidden = bert.forward_with(input_ids, attention_mask, self)?;
-        let cls = hidden.i((.., 0, ..))?;
-        let pooler = bert.pooler.as_ref().ok_or_else(|| {
-            ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
-        })?;
-        let pooled = pooler.forward(&cls)?.tanh()?;
-        Ok(pooled
-            .matmul(&self.classifier_weight.as_tensor().t()?)?
-            .broadcast_add(self.classifier_bias.as_tensor())?)
+        cls_head(
+            bert,
+            &hidden,
+            &self.classifier_weight,
+            &self.classifier_bias,
+        )
     }
 
     /// The trained state as an [`Adapter`] the serving path runs.
@@ -187,6 +185,19 @@ impl LoraTrainable {
         });
         Ok(adapter)
     }
+}
+
+/// The `BertForSequenceClassification` head on `hidden` `[batch, seq, h]`: `[CLS]` through `bert`'s pooler
+/// and tanh, then the classifier.
+pub fn cls_head(bert: &Bert, hidden: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
+    let cls = hidden.i((.., 0, ..))?;
+    let pooler = bert.pooler.as_ref().ok_or_else(|| {
+        ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
+    })?;
+    let pooled = pooler.forward(&cls)?.tanh()?;
+    Ok(pooled
+        .matmul(&weight.as_tensor().t()?)?
+        .broadcast_add(bias.as_tensor())?)
 }
 
 impl Deltas for LoraTrainable {
