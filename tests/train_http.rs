@@ -184,3 +184,57 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
         "failed, full, LoRA and cancelled jobs"
     );
 }
+
+#[test]
+fn the_autopilot_trains_once_enough_feedback_arrived() {
+    let server = Server::start(
+        &[],
+        &[
+            ("FLYWHEEL_TRAINER__AUTO_EVERY_FEEDBACK", "20"),
+            ("FLYWHEEL_TRAINER__AUTO_MIN_INTERVAL_SECS", "0"),
+            ("FLYWHEEL_ROLLOUTS__EVALUATE_EVERY_MS", "200"),
+        ],
+    );
+    let (status, body) = server.post(
+        "/v1/tasks",
+        &json!({"name": "spam", "labels": ["ham", "spam"]}),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Let the autopilot see the task (its baseline is the count at first sight: 0).
+    std::thread::sleep(Duration::from_millis(600));
+    let items: Vec<Value> = mails("easy-ham-1", 10)
+        .into_iter()
+        .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
+        .chain(
+            mails("spam-1", 9)
+                .into_iter()
+                .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+        )
+        .collect();
+    assert_eq!(
+        server.post("/v1/feedback", &json!({ "items": items })).0,
+        202
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let (_, jobs) = server.get_json("/v1/jobs?task=spam");
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        0,
+        "19 items are not enough: {jobs}"
+    );
+    let one = json!({"task": "spam", "text": "one more mail about cheap watches", "label": "spam"});
+    assert_eq!(server.post("/v1/feedback", &one).0, 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, jobs) = server.get_json("/v1/jobs?task=spam");
+        if jobs.as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no automatic job: {jobs}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One job per threshold: nothing more starts while it runs.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (_, jobs) = server.get_json("/v1/jobs?task=spam");
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+}

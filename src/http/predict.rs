@@ -1,14 +1,14 @@
 //! `POST /v1/predict`: classification with a task's adapter generation.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::embed::{validate_texts, Inputs};
 use super::error::ApiError;
 use super::{timing_headers, AppState, RouteLabels};
-use std::sync::Arc;
-use std::time::Instant;
-
 use crate::adapters::registry::{Generation, State};
 use crate::feedback::recent::{RecentRequest, ShadowPrediction};
 use crate::infer::InferError;
