@@ -238,3 +238,61 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
     let (_, jobs) = server.get_json("/v1/jobs?task=spam");
     assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
 }
+
+#[test]
+fn kill_9_during_training_loses_no_feedback_and_publishes_no_half_generation() {
+    let data = tempfile::tempdir().unwrap();
+    let (acked, job) = {
+        let server = Server::start_in(data.path(), &[]);
+        server.post(
+            "/v1/tasks",
+            &json!({"name": "spam", "labels": ["ham", "spam"]}),
+        );
+        let items: Vec<Value> = mails("easy-ham-1", 40)
+            .into_iter()
+            .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
+            .chain(
+                mails("spam-1", 40)
+                    .into_iter()
+                    .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+            )
+            .collect();
+        let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
+        assert_eq!(status, 202, "{ack}");
+        let (status, body) = server.post(
+            "/v1/train",
+            &json!({"task": "spam", "epochs": 20, "max_length": 64, "patience": 20}),
+        );
+        assert_eq!(status, 202, "{body}");
+        let job = body["job_id"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
+            if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the job never got going: {j}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (ack["ids"].as_array().unwrap().clone(), job)
+        // Dropping the server here kills it with SIGKILL mid-training.
+    };
+    let server = Server::start_in(data.path(), &[]);
+    let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("interrupted"), "{j}");
+    let (_, listed) = server.get_json("/v1/feedback?task=spam&limit=1000");
+    let ids: Vec<&Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["id"])
+        .collect();
+    for id in &acked {
+        assert!(ids.contains(&id), "acknowledged feedback {id} is gone");
+    }
+    let (_, adapters) = server.get_json("/v1/adapters");
+    assert_eq!(adapters, json!([]), "no generation from the killed job");
+    let (_, task) = server.get_json("/v1/tasks/spam");
+    assert!(task["stable"].is_null(), "{task}");
+}
