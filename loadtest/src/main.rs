@@ -2,8 +2,11 @@
 //! percentiles (HdrHistogram).
 //!
 //! Embeds through `/v1/embed`, or with `--task` classifies through `/v1/predict`, optionally pinning
-//! `--adapters` round-robin. Closed loop: `--concurrency` workers each send one request, wait for the answer, and send the next,
-//! for `--duration` seconds after a `--warmup`. Every request is bounded by a timeout and the run stops by
+//! `--adapters` round-robin. Closed loop (the default): `--concurrency` workers each send one request, wait for
+//! the answer, and send the next, for `--duration` seconds after a `--warmup`. Open loop (`--rate R`): requests
+//! are due at a constant R per second whatever the answers do, up to `--concurrency` in flight, and each
+//! latency counts from when the request was due, so a slow server cannot hide its queue (no coordinated
+//! omission). Every request is bounded by a timeout and the run stops by
 //! itself; it only ever talks to the URL given (loopback in every documented use).
 
 use std::io::{BufRead, Write};
@@ -27,9 +30,12 @@ struct Args {
     /// Texts to send: JSONL with a "text" field per line, or plain text, one per line.
     #[arg(long)]
     texts: PathBuf,
-    /// Concurrent closed-loop workers.
+    /// Concurrent workers (closed loop), or most requests in flight (open loop).
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Open loop: requests per second, due on a fixed schedule; 0 runs closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Texts per request.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -61,6 +67,8 @@ struct Args {
 struct Summary {
     label: String,
     concurrency: usize,
+    /// Open-loop rate (requests/s), 0 for closed loop.
+    rate: f64,
     batch: usize,
     seconds: f64,
     requests: u64,
@@ -124,6 +132,24 @@ fn main() -> anyhow::Result<()> {
     )?));
     let errors = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
+    // Open loop: a scheduler hands out due times at the constant rate; idle workers take them in order.
+    let due: Option<Arc<Mutex<std::sync::mpsc::Receiver<Instant>>>> = if args.rate > 0.0 {
+        let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+        let (stop, period) = (stop.clone(), Duration::from_secs_f64(1.0 / args.rate));
+        std::thread::spawn(move || {
+            let mut at = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if tx.send(at).is_err() {
+                    break;
+                }
+                at += period;
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            }
+        });
+        Some(Arc::new(Mutex::new(rx)))
+    } else {
+        None
+    };
 
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|_| {
@@ -132,11 +158,25 @@ fn main() -> anyhow::Result<()> {
             let (measuring, stop, next) = (measuring.clone(), stop.clone(), next.clone());
             let (histogram, errors, requests) =
                 (histogram.clone(), errors.clone(), requests.clone());
+            let due = due.clone();
             let batch = args.batch.max(1);
             std::thread::spawn(move || {
                 let mut local =
                     Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
                 while !stop.load(Ordering::Relaxed) {
+                    let scheduled = match &due {
+                        None => None,
+                        Some(rx) => {
+                            let next_due = rx
+                                .lock()
+                                .expect("schedule lock")
+                                .recv_timeout(Duration::from_millis(100));
+                            match next_due {
+                                Ok(at) => Some(at),
+                                Err(_) => continue,
+                            }
+                        }
+                    };
                     let start = next.fetch_add(batch, Ordering::Relaxed);
                     let inputs: Vec<&str> = (start..start + batch)
                         .map(|i| texts[i % texts.len()].as_str())
@@ -151,7 +191,7 @@ fn main() -> anyhow::Result<()> {
                             serde_json::json!({ "task": t, "inputs": inputs, "adapter": adapter })
                         }
                     };
-                    let sent = Instant::now();
+                    let sent = scheduled.unwrap_or_else(Instant::now);
                     let ok = agent.post(&url).send_json(body).is_ok();
                     let micros = sent.elapsed().as_micros() as u64;
                     if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
@@ -190,6 +230,7 @@ fn main() -> anyhow::Result<()> {
     let summary = Summary {
         label: args.label.clone(),
         concurrency: args.concurrency,
+        rate: args.rate,
         batch: args.batch,
         seconds,
         requests: done,
@@ -209,12 +250,12 @@ fn main() -> anyhow::Result<()> {
             .append(true)
             .open(path)?;
         if new {
-            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms")?;
+            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms,rate")?;
         }
         let s = &summary;
         writeln!(
             f,
-            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3}",
+            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3},{}",
             s.label,
             s.concurrency,
             s.batch,
@@ -226,7 +267,8 @@ fn main() -> anyhow::Result<()> {
             s.p50_ms,
             s.p95_ms,
             s.p99_ms,
-            s.max_ms
+            s.max_ms,
+            s.rate
         )?;
     }
     if errors > 0 {
