@@ -93,7 +93,7 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
     let server = Server::start(
         &[],
         &[
-            ("FLYWHEEL_ROLLOUTS__STEPS", "[0.5]"),
+            ("FLYWHEEL_ROLLOUTS__STEPS", "[0.4, 0.6]"),
             ("FLYWHEEL_ROLLOUTS__MIN_FEEDBACK", "40"),
             ("FLYWHEEL_ROLLOUTS__MIN_REQUESTS", "40"),
             ("FLYWHEEL_ROLLOUTS__MARGIN", "0.1"),
@@ -150,7 +150,7 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
     let flipped_id = body["id"].as_str().unwrap().to_owned();
     let (status, body) = server.post(
         "/v1/rollouts",
-        &json!({"task": "spam", "candidate": flipped_id, "traffic": 0.5}),
+        &json!({"task": "spam", "candidate": flipped_id, "traffic": 0.5, "steps": [0.5]}),
     );
     assert_eq!(status, 201, "{body}");
     let (status, _) = server.send("DELETE", &format!("/v1/adapters/{flipped_id}"), &json!({}));
@@ -183,6 +183,17 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
     let rollout = stream_until_decided(&server, &held_out);
     eprintln!("better rollout: {rollout:#}");
     assert_eq!(rollout["phase"], "promoted", "{rollout}");
+    let actions: Vec<&str> = rollout["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["start", "advance", "promote"],
+        "staged: 40 % then 60 %, then promoted"
+    );
     let (_, task) = server.get_json("/v1/tasks/spam");
     assert_eq!(
         task["stable"],
