@@ -8,11 +8,11 @@
 # Needs what loadtest/bench-embed.sh needs plus peft in .venv. Results in target/bench/adapters.csv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 seconds="${1:-10}"
-models/fetch.sh >/dev/null
-datasets/fetch-spamassassin.sh >/dev/null
-cargo build --release --quiet --bins -p flywheel -p flywheel-loadtest
+prepare
 out=target/bench
 data=$(mktemp -d)
 mkdir -p "$out" "$data/adapters"
@@ -29,11 +29,7 @@ log="$out/server-adapters.log"
 target/release/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 1 600); do
-  url=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -n 1 | sed 's/listening on //') || true
-  [ -n "${url:-}" ] && curl -sf "$url/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_for_url "$log"
 curl -sf "$url/v1/tasks" -H 'content-type: application/json' -d '{"name":"bench","labels":["ham","spam"]}' >/dev/null
 ids=()
 for i in $(seq -f '%03g' 0 63); do

@@ -8,11 +8,11 @@
 # Writes target/bench/embed-<workload>.csv and prints one JSON line per measured point.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 seconds="${1:-10}"
-models/fetch.sh >/dev/null
-datasets/fetch-spamassassin.sh >/dev/null
-cargo build --release --quiet --bins -p flywheel -p flywheel-loadtest
+prepare
 out=target/bench
 mkdir -p "$out"
 
@@ -35,12 +35,7 @@ log="$out/server.log"
 target/release/flywheel serve --port 0 >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do
-  url=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -n 1 | sed 's/listening on //') || true
-  [ -n "${url:-}" ] && curl -sf "$url/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-[ -n "${url:-}" ] || { echo "server did not start; see $log" >&2; exit 1; }
+wait_for_url "$log"
 
 for workload in short mail; do
   csv="$out/embed-$workload.csv"

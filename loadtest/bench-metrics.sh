@@ -9,12 +9,12 @@
 # Needs models/fetch.sh and datasets/fetch-spamassassin.sh. Results in target/bench/metrics.csv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 seconds="${1:-40}"
 concurrency="${2:-8}"
-models/fetch.sh >/dev/null
-datasets/fetch-spamassassin.sh >/dev/null
-cargo build --release --quiet --bins -p flywheel -p flywheel-loadtest
+prepare
 out=target/bench
 mkdir -p "$out"
 python3 - "$out" <<'PY'
@@ -36,12 +36,7 @@ start_server() {
   FLYWHEEL_SERVER__REQUEST_METRICS=$([ "$1" = on ] && echo true || echo false) \
     target/release/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
   server=$!
-  url=""
-  for _ in $(seq 1 600); do
-    url=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -n 1 | sed 's/listening on //') || true
-    [ -n "$url" ] && curl -sf "$url/ready" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
+  wait_for_url "$log"
   labels=$(python3 -c 'import json; print(json.dumps(json.load(open("tests/fixtures/peft_seq_cls_reference.json"))["labels"]))')
   curl -sf "$url/v1/tasks" -H 'content-type: application/json' -d "{\"name\":\"bench\",\"labels\":$labels}" >/dev/null
   curl -sf "$url/v1/adapters" -H 'content-type: application/json' -d '{"path":"fixture","task":"bench"}' >/dev/null

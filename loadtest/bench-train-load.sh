@@ -7,12 +7,12 @@
 # Needs models/fetch.sh and datasets/fetch-spamassassin.sh. Results in target/bench/train-load.csv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 seconds="${1:-30}"
 concurrency="${2:-4}"
-models/fetch.sh >/dev/null
-datasets/fetch-spamassassin.sh >/dev/null
-cargo build --release --quiet --bins -p flywheel -p flywheel-loadtest
+prepare
 out=target/bench
 mkdir -p "$out"
 data=$(mktemp -d)
@@ -20,12 +20,7 @@ log="$out/server-train-load.log"
 target/release/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$data"' EXIT
-url=""
-for _ in $(seq 1 600); do
-  url=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -n 1 | sed 's/listening on //') || true
-  [ -n "$url" ] && curl -sf "$url/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_for_url "$log"
 python3 - "$out" "$url" <<'PY'
 import json, sys, urllib.request
 out, url = sys.argv[1], sys.argv[2]

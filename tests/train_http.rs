@@ -12,6 +12,19 @@ fn mails(group: &str, n: usize) -> Vec<String> {
     common::sample_mails(group, 0, 7, n, 40)
 }
 
+/// Feedback for task `spam`: `ham` mails of easy-ham-1 and `spam` mails of spam-1, labelled.
+fn feedback_items(ham: usize, spam: usize) -> Vec<Value> {
+    mails("easy-ham-1", ham)
+        .into_iter()
+        .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
+        .chain(
+            mails("spam-1", spam)
+                .into_iter()
+                .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+        )
+        .collect()
+}
+
 fn wait_for(server: &Server, job: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
@@ -56,15 +69,7 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
             "{failed}"
         );
 
-        let items: Vec<Value> = mails("easy-ham-1", 40)
-            .into_iter()
-            .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
-            .chain(
-                mails("spam-1", 40)
-                    .into_iter()
-                    .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
-            )
-            .collect();
+        let items = feedback_items(40, 40);
         let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
         assert_eq!(status, 202, "{ack}");
 
@@ -202,15 +207,7 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
     assert_eq!(status, 201, "{body}");
     // Let the autopilot see the task (its baseline is the count at first sight: 0).
     std::thread::sleep(Duration::from_millis(600));
-    let items: Vec<Value> = mails("easy-ham-1", 10)
-        .into_iter()
-        .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
-        .chain(
-            mails("spam-1", 9)
-                .into_iter()
-                .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
-        )
-        .collect();
+    let items = feedback_items(10, 9);
     assert_eq!(
         server.post("/v1/feedback", &json!({ "items": items })).0,
         202
@@ -248,15 +245,7 @@ fn kill_9_during_training_loses_no_feedback_and_publishes_no_half_generation() {
             "/v1/tasks",
             &json!({"name": "spam", "labels": ["ham", "spam"]}),
         );
-        let items: Vec<Value> = mails("easy-ham-1", 40)
-            .into_iter()
-            .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
-            .chain(
-                mails("spam-1", 40)
-                    .into_iter()
-                    .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
-            )
-            .collect();
+        let items = feedback_items(40, 40);
         let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
         assert_eq!(status, 202, "{ack}");
         let (status, body) = server.post(

@@ -183,11 +183,7 @@ impl DriftMonitor {
 
     /// The task's report, recomputed when new predictions arrived and the last one is older than
     /// `max_age` (the statistics run outside the lock); or what the monitor is waiting for.
-    pub fn report_within(
-        &self,
-        task: &str,
-        max_age: Duration,
-    ) -> Option<Result<DriftReport, Warming>> {
+    fn report_within(&self, task: &str, max_age: Duration) -> Option<Result<DriftReport, Warming>> {
         let snapshot = {
             let mut tasks = self.lock();
             let entry = tasks.get_mut(task)?;

@@ -136,13 +136,14 @@ pub async fn predict(
         )));
     }
     let started = Instant::now();
-    let result = services.infer.classify(&texts, weights(&generation)?).await;
+    // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
+    let watched = adapter.is_none() && arm == "stable" && state.config.drift.enabled;
+    let result = services
+        .infer
+        .classify(&texts, weights(&generation)?, watched)
+        .await;
     if let Some(rollout) = route.as_ref().and_then(|r| r.rollout.as_deref()) {
-        // Only the model failing counts against the arm: a full queue or a refused input says nothing of it.
-        if !matches!(
-            result,
-            Err(InferError::Overloaded { .. } | InferError::TooLarge(_) | InferError::Invalid(_))
-        ) {
+        if !result.as_ref().is_err_and(InferError::is_not_the_models) {
             services.rollouts.observe(
                 &task,
                 rollout,
@@ -153,8 +154,7 @@ pub async fn predict(
         }
     }
     let out = result?;
-    // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
-    if adapter.is_none() && arm == "stable" {
+    if watched {
         for (probs, features) in out.vectors.iter().zip(&out.features) {
             services
                 .drift
@@ -254,11 +254,8 @@ fn run_shadow(
     );
     actix_web::rt::spawn(async move {
         let started = Instant::now();
-        let result = infer.classify(&texts, w).await;
-        if matches!(
-            result,
-            Err(InferError::Overloaded { .. } | InferError::TooLarge(_) | InferError::Invalid(_))
-        ) {
+        let result = infer.classify(&texts, w, false).await;
+        if result.as_ref().is_err_and(InferError::is_not_the_models) {
             return;
         }
         rollouts.observe(

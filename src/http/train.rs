@@ -5,7 +5,8 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::trainer::train::{ClassWeights, TrainConfig, TrainError};
+use crate::trainer::jobs::{JobStatus, Jobs};
+use crate::trainer::train::{TrainConfig, TrainError};
 
 impl From<TrainError> for ApiError {
     fn from(e: TrainError) -> Self {
@@ -34,14 +35,7 @@ pub async fn submit(
         .len();
     let config: TrainConfig = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("invalid hyperparameters: {e}")))?;
-    if let ClassWeights::Explicit(w) = &config.class_weights {
-        if w.len() != labels {
-            return Err(ApiError::invalid(format!(
-                "class_weights has {} entries but task {task:?} has {labels} labels",
-                w.len()
-            )));
-        }
-    }
+    config.class_weights.check_labels(labels)?;
     let status = services.jobs.submit(&task, config)?;
     Ok(HttpResponse::Accepted().json(serde_json::json!({"job_id": status.id, "job": status})))
 }
@@ -71,13 +65,7 @@ pub async fn get(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    let job = state
-        .services()?
-        .jobs
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no job {:?}", id.as_str())))?;
-    Ok(HttpResponse::Ok().json(job))
+    job_answer(&req, &state, &id, |jobs, id| jobs.get(id))
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job and returns its status.
@@ -86,11 +74,18 @@ pub async fn cancel(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    let job = state
-        .services()?
-        .jobs
-        .cancel(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no job {:?}", id.as_str())))?;
+    job_answer(&req, &state, &id, |jobs, id| jobs.cancel(id))
+}
+
+/// Admin check, then `act` on job `id`: its status, or 404.
+fn job_answer(
+    req: &HttpRequest,
+    state: &AppState,
+    id: &str,
+    act: impl FnOnce(&Jobs, &str) -> Option<JobStatus>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(req, &state.config.auth)?;
+    let job = act(&state.services()?.jobs, id)
+        .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
     Ok(HttpResponse::Ok().json(job))
 }

@@ -111,7 +111,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
     let result = model
         .encode_adapted(&sequences, &adapters)
         .and_then(|packed| {
-            let logits = if batch.iter().any(|e| e.job == Job::Classify) {
+            let logits = if batch.iter().any(|e| matches!(e.job, Job::Classify { .. })) {
                 model.classify(&packed, &adapters)?
             } else {
                 Vec::new()
@@ -128,7 +128,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
                 metrics.queue_duration.observe(queue.as_secs_f64());
                 let rows = row..row + entry.sequences.len();
                 row = rows.end;
-                let features = if entry.job == Job::Classify {
+                let features = if entry.job == (Job::Classify { features: true }) {
                     rows.clone()
                         .map(|i| {
                             let mut v = pooling::mean_of_rows(packed.sequence(i), packed.width);
@@ -148,7 +148,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
                             }
                             Ok(v)
                         }
-                        Job::Classify => logits
+                        Job::Classify { .. } => logits
                             .get(i)
                             .and_then(|l| l.as_deref())
                             .map(pooling::softmax)

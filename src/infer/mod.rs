@@ -41,6 +41,17 @@ pub enum InferError {
     ShuttingDown,
 }
 
+impl InferError {
+    /// Whether the request or the load caused it (a full queue, a refused input) rather than the model:
+    /// such failures say nothing about the generation that was asked to serve.
+    pub fn is_not_the_models(&self) -> bool {
+        matches!(
+            self,
+            InferError::Overloaded { .. } | InferError::TooLarge(_) | InferError::Invalid(_)
+        )
+    }
+}
+
 /// Per-stage timings of one request, reported in response headers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
@@ -57,8 +68,8 @@ pub struct Timings {
 pub struct Outputs {
     /// One vector per input, in order: an embedding, or a probability per label.
     pub vectors: Vec<Vec<f32>>,
-    /// For classification, each input's L2-normalised mean-pooled hidden state under the serving
-    /// generation (free: the forward pass computed it); drift monitoring compares these. Empty otherwise.
+    /// For classification asked with `features`, each input's L2-normalised mean-pooled hidden state under
+    /// the serving generation (the forward pass computed it); drift monitoring compares these. Empty otherwise.
     pub features: Vec<Vec<f32>>,
     /// Tokens per input after truncation, special tokens included.
     pub tokens: Vec<usize>,
@@ -79,8 +90,11 @@ struct EntryResult {
 enum Job {
     /// Mean-pooled sentence embeddings.
     Embed { normalize: bool },
-    /// Softmax probabilities of the adapter's head.
-    Classify,
+    /// Softmax probabilities of the adapter's head, and the pooled features when asked for.
+    Classify {
+        /// Also return each input's pooled hidden state (drift monitoring wants it).
+        features: bool,
+    },
 }
 
 /// One request's work waiting for the model thread.
@@ -153,11 +167,13 @@ impl Infer {
         self.run(texts, Job::Embed { normalize }, None).await
     }
 
-    /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`).
+    /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`), with each
+    /// input's pooled hidden state in [`Outputs::features`] when `features` is set.
     pub async fn classify(
         &self,
         texts: &[String],
         adapter: Arc<Adapter>,
+        features: bool,
     ) -> Result<Outputs, InferError> {
         if !self.adapters_supported {
             return Err(InferError::Invalid(
@@ -170,7 +186,8 @@ impl Infer {
                 "the adapter has no classification head".to_owned(),
             ));
         }
-        self.run(texts, Job::Classify, Some(adapter)).await
+        self.run(texts, Job::Classify { features }, Some(adapter))
+            .await
     }
 
     async fn run(

@@ -758,9 +758,4 @@ impl Rollouts {
         }
         acted
     }
-
-    /// The configured policy.
-    pub fn policy(&self) -> &RolloutConfig {
-        &self.policy
-    }
 }

@@ -81,11 +81,6 @@ impl FullTrainable {
         vars
     }
 
-    /// Number of trainable values.
-    pub fn parameter_count(&self) -> usize {
-        self.vars().iter().map(|v| v.elem_count()).sum()
-    }
-
     /// Class logits `[batch, labels]`: `[CLS]` through the pooler and tanh, then the classifier.
     pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let hidden = self
@@ -208,19 +203,7 @@ mod tests {
         let vars = full.vars();
         // Embeddings (3 + LayerNorm 2), 2 layers × (6 linears × 2 + 2 LayerNorms × 2), pooler 2, head 2.
         assert_eq!(vars.len(), 5 + 2 * 16 + 2 + 2);
-        for (i, v) in vars.iter().enumerate() {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("var {i} got no gradient"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0, "var {i} has a zero gradient");
-        }
+        crate::trainer::lora_tests::assert_every_var_has_a_gradient(&vars, &grads);
         let mut opt = AdamW::new(vars, ParamsAdamW::default()).unwrap();
         opt.step(&grads).unwrap();
         assert_eq!(

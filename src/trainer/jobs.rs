@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::data::{stratified_split, truncate, Example};
 use super::eval::{evaluate, Evaluation};
 use super::full::write_checkpoint;
-use super::train::{predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError};
+use super::train::{
+    predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError, TrainReport,
+};
 use crate::adapters::peft;
 use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
 use crate::feedback::FeedbackStore;
@@ -634,19 +636,19 @@ fn train_and_publish(
         });
     };
     // Records the chosen epoch's scores on the job and returns the metadata stored with the result.
-    let record = |val: &Evaluation, best_epoch: usize, steps: usize, wall: f64, params: usize| {
+    let record = |run: &TrainReport<()>| {
         shared.update(&job.id, |j| {
-            j.val = Some(val.clone());
-            j.trainable_params = Some(params);
+            j.val = Some(run.val.clone());
+            j.trainable_params = Some(run.trainable_params);
         });
         serde_json::json!({
             "method": config.method,
-            "val": val,
+            "val": run.val,
             "stable_val": stable_val,
-            "best_epoch": best_epoch,
-            "steps": steps,
-            "wall_seconds": wall,
-            "trainable_params": params,
+            "best_epoch": run.best_epoch,
+            "steps": run.steps,
+            "wall_seconds": run.wall_seconds,
+            "trainable_params": run.trainable_params,
             "train_examples": train.len(),
             "val_examples": truth.len(),
             "new_examples": data.new_rows,
@@ -660,7 +662,7 @@ fn train_and_publish(
     let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(format!("publishing: {e}"));
     match config.method {
         Method::Full => {
-            let report = train_full(
+            let (weights, run) = train_full(
                 &model.bert,
                 labels,
                 &train,
@@ -668,27 +670,22 @@ fn train_and_publish(
                 config,
                 &mut progress,
                 cancel,
-            )?;
+            )?
+            .split();
             let name = format!("{}-{}", task.name, job.id);
             let final_dir = deps.models_dir.join(&name);
-            let meta = record(
-                &report.val,
-                report.best_epoch,
-                report.steps,
-                report.wall_seconds,
-                report.trainable_params,
-            );
+            let meta = record(&run);
             publish_dir(&final_dir, &job.id, |tmp| {
-                write_checkpoint(tmp, &report.result, &task.labels, &deps.model_dir)
+                write_checkpoint(tmp, &weights, &task.labels, &deps.model_dir)
                     .map_err(|e| invalid(&e))?;
                 let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&e))?;
                 write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
             })?;
-            tracing::info!(job = %job.id, dir = %final_dir.display(), macro_f1 = report.val.macro_f1, "full fine-tuning wrote a checkpoint");
+            tracing::info!(job = %job.id, dir = %final_dir.display(), macro_f1 = run.val.macro_f1, "full fine-tuning wrote a checkpoint");
             Ok(Output::Checkpoint(format!("models/{name}")))
         }
         Method::Lora => {
-            let report = train_lora(
+            let (adapter, run) = train_lora(
                 &model.bert,
                 cpu,
                 labels,
@@ -698,15 +695,10 @@ fn train_and_publish(
                 warm.as_deref(),
                 &mut progress,
                 cancel,
-            )?;
+            )?
+            .split();
             let name = format!("trained/{}-{}", task.name, job.id);
-            let meta = record(
-                &report.val,
-                report.best_epoch,
-                report.steps,
-                report.wall_seconds,
-                report.trainable_params,
-            );
+            let meta = record(&run);
             let sidecar = Sidecar {
                 task: Some(task.name.clone()),
                 labels: Some(task.labels.clone()),
@@ -715,14 +707,12 @@ fn train_and_publish(
                 metrics: meta.as_object().cloned().unwrap_or_default(),
             };
             // The rank and alpha of a warm start are the parent's.
-            let alpha = report
-                .result
+            let alpha = adapter
                 .deltas()
                 .next()
                 .map_or(config.alpha, |(_, _, d)| d.scale as f64 * d.rank as f64);
             publish_dir(&deps.registry.root().join(&name), &job.id, |tmp| {
-                peft::write_dir(tmp, &report.result, alpha, &model.name)
-                    .map_err(|e| invalid(&e))?;
+                peft::write_dir(tmp, &adapter, alpha, &model.name).map_err(|e| invalid(&e))?;
                 let bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| invalid(&e))?;
                 write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
             })?;
@@ -730,7 +720,7 @@ fn train_and_publish(
                 .registry
                 .load(&name, &task.name, None)
                 .map_err(|e| TrainError::Invalid(e.to_string()))?;
-            tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = report.val.macro_f1, "training published a generation");
+            tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = run.val.macro_f1, "training published a generation");
             Ok(Output::Adapter(generation.id.clone()))
         }
     }

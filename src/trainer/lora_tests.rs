@@ -101,6 +101,15 @@ fn every_trainable_tensor_gets_a_non_zero_gradient() {
         2 * 3 * 2 + 2,
         "A and B for 3 targets in 2 layers, plus the head"
     );
+    assert_every_var_has_a_gradient(&vars, &grads);
+}
+
+/// Fails unless every variable got a gradient with a non-zero norm (a fused op without a backward would
+/// leave some at none or zero, silently training nothing).
+pub(super) fn assert_every_var_has_a_gradient(
+    vars: &[candle_core::Var],
+    grads: &candle_core::backprop::GradStore,
+) {
     for (i, v) in vars.iter().enumerate() {
         let g = grads
             .get(v.as_tensor())

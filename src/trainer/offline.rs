@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::data::{stratified_split, truncate, Example};
 use super::eval::{evaluate, Evaluation};
-use super::full::write_checkpoint;
+use super::full::{write_checkpoint, FullTrainable};
 use super::train::{predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError};
 use crate::adapters::peft;
 use crate::adapters::registry::{Sidecar, SIDECAR_FILE};
@@ -157,9 +157,9 @@ pub fn run(
         .sum();
     let io = |e: &dyn std::fmt::Display| TrainError::Invalid(format!("writing the result: {e}"));
     std::fs::create_dir_all(&job.out).map_err(|e| io(&e))?;
-    let report = match config.method {
+    let (run, probs) = match config.method {
         Method::Lora => {
-            let r = train_lora(
+            let (adapter, run) = train_lora(
                 &model.bert,
                 cpu,
                 labels.len(),
@@ -169,25 +169,16 @@ pub fn run(
                 None,
                 progress,
                 &cancel,
-            )?;
-            peft::write_dir(&job.out, &r.result, config.alpha, &model.name).map_err(|e| io(&e))?;
-            let test_eval = (!test.is_empty())
-                .then(|| predict(cpu, &r.result, &test))
-                .transpose()?
-                .map(|p| evaluate(&p, &truth, labels.len()));
-            report_of(
-                config,
-                &labels,
-                &train,
-                &val,
-                &test,
-                test_eval,
-                base_params,
-                &r,
-            )
+            )?
+            .split();
+            peft::write_dir(&job.out, &adapter, config.alpha, &model.name).map_err(|e| io(&e))?;
+            let probs = (!test.is_empty())
+                .then(|| predict(cpu, &adapter, &test))
+                .transpose()?;
+            (run, probs)
         }
         Method::Full => {
-            let r = train_full(
+            let (weights, run) = train_full(
                 &model.bert,
                 labels.len(),
                 &train,
@@ -195,25 +186,28 @@ pub fn run(
                 config,
                 progress,
                 &cancel,
-            )?;
-            write_checkpoint(&job.out, &r.result, &labels, &job.model_dir).map_err(|e| io(&e))?;
-            let test_eval = if test.is_empty() {
-                None
-            } else {
-                let scored = super::full::FullTrainable::from_weights(&model.bert, &r.result)?;
-                Some(evaluate(&scored.predict(&test)?, &truth, labels.len()))
-            };
-            report_of(
-                config,
-                &labels,
-                &train,
-                &val,
-                &test,
-                test_eval,
-                base_params,
-                &r,
-            )
+            )?
+            .split();
+            write_checkpoint(&job.out, &weights, &labels, &job.model_dir).map_err(|e| io(&e))?;
+            let probs = (!test.is_empty())
+                .then(|| FullTrainable::from_weights(&model.bert, &weights)?.predict(&test))
+                .transpose()?;
+            (run, probs)
         }
+    };
+    let report = OfflineReport {
+        method: config.method,
+        labels: labels.clone(),
+        train_examples: train.len(),
+        val_examples: val.len(),
+        val: run.val,
+        test: probs.map(|p| evaluate(&p, &truth, labels.len())),
+        test_examples: test.len(),
+        trainable_params: run.trainable_params,
+        base_params,
+        best_epoch: run.best_epoch,
+        steps: run.steps,
+        wall_seconds: run.wall_seconds,
     };
     let sidecar = Sidecar {
         task: Some(job.task.clone()),
@@ -228,33 +222,6 @@ pub fn run(
     let bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| io(&e))?;
     std::fs::write(job.out.join(SIDECAR_FILE), bytes).map_err(|e| io(&e))?;
     Ok(report)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report_of<R>(
-    config: &TrainConfig,
-    labels: &[String],
-    train: &[Example],
-    val: &[Example],
-    test: &[Example],
-    test_eval: Option<Evaluation>,
-    base_params: usize,
-    r: &super::train::TrainReport<R>,
-) -> OfflineReport {
-    OfflineReport {
-        method: config.method,
-        labels: labels.to_vec(),
-        train_examples: train.len(),
-        val_examples: val.len(),
-        val: r.val.clone(),
-        test: test_eval,
-        test_examples: test.len(),
-        trainable_params: r.trainable_params,
-        base_params,
-        best_epoch: r.best_epoch,
-        steps: r.steps,
-        wall_seconds: r.wall_seconds,
-    }
 }
 
 /// Reads a JSON object of [`TrainConfig`] overrides from a string (the `--params` flag).

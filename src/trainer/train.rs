@@ -78,18 +78,22 @@ impl ClassWeights {
                         .collect(),
                 ))
             }
+            ClassWeights::Explicit(w) => {
+                self.check_labels(labels)?;
+                Ok(Some(w.iter().map(|&x| x as f32).collect()))
+            }
+        }
+    }
+
+    /// Refuses explicit weights that are not one per label (their range is checked by
+    /// [`TrainConfig::validate`]).
+    pub fn check_labels(&self, labels: usize) -> Result<(), TrainError> {
+        match self {
             ClassWeights::Explicit(w) if w.len() != labels => Err(TrainError::Invalid(format!(
                 "class_weights has {} entries but the task has {labels} labels",
                 w.len()
             ))),
-            ClassWeights::Explicit(w) => {
-                if w.iter().any(|x| !(x.is_finite() && *x > 0.0 && *x <= 1e3)) {
-                    return Err(TrainError::Invalid(
-                        "class_weights must be positive and at most 1000".to_owned(),
-                    ));
-                }
-                Ok(Some(w.iter().map(|&x| x as f32).collect()))
-            }
+            _ => Ok(()),
         }
     }
 }
@@ -284,6 +288,33 @@ pub struct TrainReport<R> {
     pub steps: usize,
     /// Wall time.
     pub wall_seconds: f64,
+}
+
+impl<R> TrainReport<R> {
+    /// The result, and the run's figures without it.
+    pub fn split(self) -> (R, TrainReport<()>) {
+        let TrainReport {
+            result,
+            best_epoch,
+            val,
+            history,
+            trainable_params,
+            steps,
+            wall_seconds,
+        } = self;
+        (
+            result,
+            TrainReport {
+                result: (),
+                best_epoch,
+                val,
+                history,
+                trainable_params,
+                steps,
+                wall_seconds,
+            },
+        )
+    }
 }
 
 /// Sets flush-to-zero and denormals-are-zero on the calling thread and on every thread of rayon's pool,

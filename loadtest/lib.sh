@@ -1,0 +1,21 @@
+# Helpers shared by the benchmark scripts; they source it from the repository root.
+
+# Fetches the model and the mail, and builds the server and the load generator in release mode.
+prepare() {
+  models/fetch.sh >/dev/null
+  datasets/fetch-spamassassin.sh >/dev/null
+  cargo build --release --quiet --bins -p flywheel -p flywheel-loadtest
+}
+
+# wait_for_url LOG: waits until the server writing LOG has logged its address and answers /ready, and sets
+# $url to that address; fails after a minute.
+wait_for_url() {
+  url=""
+  for _ in $(seq 1 600); do
+    url=$(grep -o 'listening on http://[0-9.:]*' "$1" | head -n 1 | sed 's/listening on //') || true
+    [ -n "$url" ] && curl -sf "$url/ready" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "the server did not start; see $1" >&2
+  return 1
+}
