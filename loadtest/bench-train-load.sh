@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Serving while training: P99 of a steady /v1/predict load without a training job, then with one running
-# (a LoRA job on 400 real mails; the trainer has its [trainer] threads share, 1 by default).
+# Serving while training: P99 of a steady /v1/predict load (open loop, a constant request rate) without a
+# training job, then with one running (a LoRA job on 400 real mails; the trainer has its [trainer] threads
+# share, 1 by default, and yields to inference in flight, [trainer] yield_to_serving_ms).
 #
-#   loadtest/bench-train-load.sh [seconds-per-point] [concurrency]     (defaults 30 and 4)
+#   loadtest/bench-train-load.sh [seconds-per-point] [requests-per-second] [yield-ms]   (defaults 30, 12, 250)
+#
+# The rate should be one the server sustains (the closed-loop capacity of these texts is ~30 req/s here);
+# at a saturating rate every latency is queueing, with or without training. yield-ms 0 turns yielding off.
 #
 # Needs models/fetch.sh and datasets/fetch-spamassassin.sh. Results in target/bench/train-load.csv.
 set -euo pipefail
@@ -11,13 +15,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source loadtest/lib.sh
 
 seconds="${1:-30}"
-concurrency="${2:-4}"
+rate="${2:-12}"
+yield_ms="${3:-250}"
 prepare
 out=target/bench
 mkdir -p "$out"
 data=$(mktemp -d)
 log="$out/server-train-load.log"
-target/release/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
+FLYWHEEL_TRAINER__YIELD_TO_SERVING_MS="$yield_ms" \
+  target/release/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$data"' EXIT
 wait_for_url "$log"
@@ -46,7 +52,7 @@ wait_job "$job"
 csv="$out/train-load.csv"
 rm -f "$csv"
 load() {
-  target/release/flywheel-loadtest --url "$url" --texts "$out/texts-mail.jsonl" --concurrency "$concurrency" \
+  target/release/flywheel-loadtest --url "$url" --texts "$out/texts-mail.jsonl" --rate "$rate" --concurrency 32 \
     --duration "$seconds" --task spam --label "$1" --csv "$csv" >/dev/null
 }
 load idle
@@ -56,13 +62,13 @@ job=$(curl -sf "$url/v1/train" -H 'content-type: application/json' \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
 sleep 5
 load training
-state=$(curl -sf "$url/v1/jobs/$job" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["state"], j["step"], "/", j["total_steps"])')
+state=$(curl -sf "$url/v1/jobs/$job" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["state"], j["step"], "/", j["total_steps"], "steps,", round(j["wall_seconds"]), "s of which", round(j.get("yielded_seconds", 0)), "s yielded")')
 curl -sf -X DELETE "$url/v1/jobs/$job" >/dev/null
-python3 - "$csv" "$state" <<'PY' | tee "$out/train-load.txt"
+python3 - "$csv" "$state" "$rate" "$yield_ms" <<'PY' | tee "$out/train-load.txt"
 import csv, sys
 rows = {r["label"]: r for r in csv.DictReader(open(sys.argv[1]))}
 idle, busy = float(rows["idle"]["p99_ms"]), float(rows["training"]["p99_ms"])
-print(f"predict P99 idle {idle:.1f} ms, during training {busy:.1f} ms: {busy / idle:.2f}x "
+print(f"{sys.argv[3]} req/s, yield {sys.argv[4]} ms: predict P99 idle {idle:.1f} ms, during training {busy:.1f} ms: {busy / idle:.2f}x "
       f"(throughput {rows['idle']['requests_per_second']} vs {rows['training']['requests_per_second']} req/s; "
       f"job at the end of the load: {sys.argv[2]})")
 PY

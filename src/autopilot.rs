@@ -32,6 +32,8 @@ pub struct Autopilot {
     pub drift: Arc<DriftMonitor>,
     /// The training policy.
     pub policy: TrainerConfig,
+    /// Hyperparameters of the jobs it starts.
+    pub job: TrainConfig,
     /// The tick.
     pub every: Duration,
 }
@@ -95,7 +97,7 @@ impl Autopilot {
             } else {
                 continue;
             };
-            match self.jobs.submit(&task.name, TrainConfig::default()) {
+            match self.jobs.submit(&task.name, self.job.clone()) {
                 Ok(job) => {
                     tracing::info!(task = %task.name, job = %job.id, reason, "automatic training started");
                     *seen = Last {

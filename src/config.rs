@@ -154,6 +154,10 @@ pub struct TrainerConfig {
     /// Niceness of the trainer's threads (0–19, Linux): training yields the cores to serving when both want
     /// them.
     pub nice: i32,
+    /// Longest the trainer waits, at each of its yield points (every frozen linear's forward and backward,
+    /// every encoder layer, every optimizer step), for inference in flight to finish. Serving's latency
+    /// barely notices training; a saturated server still trains, slowly. 0: never wait.
+    pub yield_to_serving_ms: u64,
     /// Most jobs queued or running (`POST /v1/train` answers 422 beyond).
     pub max_queued_jobs: usize,
     /// Train a task automatically once this many feedback items arrived since its last job (0: never).
@@ -162,6 +166,9 @@ pub struct TrainerConfig {
     pub auto_min_interval_secs: u64,
     /// Also train automatically when drift is detected on a task (with at least 1 new feedback item).
     pub auto_on_drift: bool,
+    /// Hyperparameters of automatic jobs, as `POST /v1/train` takes them (e.g. `{ epochs = 3 }`); unset
+    /// ones keep the job defaults. Checked at start-up.
+    pub auto_params: toml::Table,
 }
 
 impl Default for TrainerConfig {
@@ -169,10 +176,12 @@ impl Default for TrainerConfig {
         Self {
             threads: 1,
             nice: 10,
+            yield_to_serving_ms: 250,
             max_queued_jobs: 4,
             auto_every_feedback: 0,
             auto_min_interval_secs: 600,
             auto_on_drift: false,
+            auto_params: toml::Table::new(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`config`]: the one `Config` (file, environment, flags), passed down.
 //! - [`rng`]: a seeded generator shared by every layer.
+//! - [`pressure`]: inference work in flight, which training yields to.
 //! - [`metrics`]: every Prometheus metric name, help text and bucket; the sliding-window latency summary.
 //! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path), LoRA
 //!   deltas and heads, tokenization, pooling. Knows nothing above it.
@@ -20,7 +21,7 @@
 //! - [`http`]: actix-web routes, JSON bodies, the error table, auth, server start and shutdown.
 //!
 //! Data flows one way, top of this list to bottom never the reverse: `http` → `rollout`/`trainer`/`infer` →
-//! `feedback`/`adapters` → `model`; `config`, `rng` and `metrics` are shared by all.
+//! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure` and `metrics` are shared by all.
 
 pub mod adapters;
 pub mod autopilot;
@@ -31,6 +32,7 @@ pub mod http;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod pressure;
 pub mod rng;
 pub mod rollout;
 pub mod trainer;

@@ -33,8 +33,10 @@ use crate::feedback::FeedbackStore;
 use crate::infer::{Infer, Timings};
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError};
+use crate::pressure::ServingPressure;
 use crate::rollout::{Rollouts, StartRequest};
 use crate::trainer::jobs::{Jobs, TrainerDeps};
+use crate::trainer::train::TrainConfig;
 use error::{json_error, ApiError};
 
 /// State shared by every handler.
@@ -98,6 +100,9 @@ pub enum ServeError {
     /// The adapter registry could not be opened.
     #[error("registry: {0}")]
     Registry(#[from] crate::adapters::RegistryError),
+    /// A setting is invalid in a way the configuration layer cannot check.
+    #[error("config: {0}")]
+    Config(String),
 }
 
 /// Registers every route on `cfg`.
@@ -236,6 +241,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             .into());
         }
     }
+    let auto_job = TrainConfig::from_table(&config.trainer.auto_params)
+        .map_err(|e| ServeError::Config(format!("[trainer] auto_params: {e}")))?;
     let metrics = Metrics::new();
     let services = Arc::new(OnceLock::new());
     let state = web::Data::new(AppState {
@@ -283,6 +290,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                         rollouts: loaded.rollouts.clone(),
                         drift: loaded.drift.clone(),
                         policy: config.trainer.clone(),
+                        job: auto_job,
                         every: Duration::from_millis(config.rollouts.evaluate_every_ms),
                     };
                     if let Err(e) = autopilot.spawn(stop_autopilot) {
@@ -331,7 +339,13 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
     )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);
     let model = Arc::new(model);
-    let infer = Infer::start(model.clone(), &config.batching, metrics.clone())?;
+    let pressure = ServingPressure::new();
+    let infer = Infer::start(
+        model.clone(),
+        &config.batching,
+        metrics.clone(),
+        pressure.clone(),
+    )?;
     let feedback: Arc<dyn FeedbackStore> =
         Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?);
     let recent = RecentRequests::new(
@@ -345,6 +359,10 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         feedback: feedback.clone(),
         threads: config.trainer.threads,
         nice: config.trainer.nice,
+        yield_to: (
+            pressure,
+            Duration::from_millis(config.trainer.yield_to_serving_ms),
+        ),
         model_dir: config.model.dir.clone(),
         models_dir: config.data.dir.join("models"),
         metrics: metrics.clone(),

@@ -198,6 +198,7 @@ mod tests {
             enqueued: Instant::now(),
             reply,
             _permits: permits.clone().try_acquire_owned().expect("a permit"),
+            _pending: crate::pressure::ServingPressure::new().begin(),
         };
         (entry, rx)
     }

@@ -17,6 +17,7 @@ use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::lora::Adapter;
 use crate::model::{Model, TextTokenizer};
+use crate::pressure::{Pending, ServingPressure};
 
 /// Why an inference request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -107,6 +108,8 @@ struct Entry {
     reply: oneshot::Sender<Result<EntryResult, InferError>>,
     /// Released when the entry is answered or dropped, freeing queue capacity.
     _permits: OwnedSemaphorePermit,
+    /// Tells the trainer to step aside until the entry is answered or dropped.
+    _pending: Pending,
 }
 
 impl Entry {
@@ -127,14 +130,17 @@ pub struct Infer {
     dimensions: usize,
     adapters_supported: bool,
     metrics: Metrics,
+    pressure: Arc<ServingPressure>,
 }
 
 impl Infer {
-    /// Moves `model` onto its own OS thread and returns the handle that feeds it.
+    /// Moves `model` onto its own OS thread and returns the handle that feeds it; every queued request counts
+    /// in `pressure` until it is answered.
     pub fn start(
         model: Arc<Model>,
         config: &BatchingConfig,
         metrics: Metrics,
+        pressure: Arc<ServingPressure>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let handle = Self {
@@ -147,6 +153,7 @@ impl Infer {
             adapters_supported: model.cpu().is_some(),
             dimensions: model.config.hidden_size,
             metrics: metrics.clone(),
+            pressure,
         };
         batcher::spawn(model, config.clone(), rx, metrics)?;
         Ok(handle)
@@ -246,6 +253,7 @@ impl Infer {
             enqueued: Instant::now(),
             reply,
             _permits: permits,
+            _pending: self.pressure.begin(),
         };
         self.metrics.queue_depth.add(texts.len() as i64);
         self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;

@@ -8,7 +8,7 @@ pub mod window;
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -83,6 +83,8 @@ pub struct Metrics {
     pub training_loss: GaugeVec,
     /// `flywheel_training_samples_per_second{task}`: the running job's training throughput.
     pub training_samples_per_second: GaugeVec,
+    /// `flywheel_training_yield_seconds_total{task}`: time training waited for inference to finish.
+    pub training_yield_seconds: CounterVec,
     /// `flywheel_online_accuracy{task, arm}`: share of feedback on served predictions that agreed with them.
     pub online_accuracy: GaugeVec,
     /// `flywheel_rollout_traffic{task, arm}`: the share of traffic each arm of an active rollout gets.
@@ -186,6 +188,14 @@ impl Metrics {
             "Training examples per second of the running job",
             &["task"],
         );
+        let training_yield_seconds = CounterVec::new(
+            Opts::new(
+                name("training_yield_seconds_total"),
+                "Seconds training jobs spent waiting for inference in flight to finish",
+            ),
+            &["task"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         let online_accuracy = gauges(
             "online_accuracy",
             "Share of feedback on served predictions that agreed with the prediction, by arm",
@@ -221,6 +231,7 @@ impl Metrics {
             Box::new(training_jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(training_loss.clone()),
             Box::new(training_samples_per_second.clone()),
+            Box::new(training_yield_seconds.clone()),
             Box::new(online_accuracy.clone()),
             Box::new(rollout_traffic.clone()),
             Box::new(rollout_events.clone()),
@@ -279,6 +290,7 @@ impl Metrics {
             training_jobs,
             training_loss,
             training_samples_per_second,
+            training_yield_seconds,
             online_accuracy,
             rollout_traffic,
             rollout_events,

@@ -213,6 +213,8 @@ impl Bert {
         let mask = attention_mask.to_dtype(x.dtype())?;
         let mask = ((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?;
         for (index, layer) in self.layers.iter().enumerate() {
+            // Full fine-tuning has no frozen linears to yield at; layers are its yield points.
+            crate::pressure::yield_point();
             x = self.layer_forward(index, layer, &x, &mask, deltas)?;
         }
         Ok(x)

@@ -92,6 +92,7 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        crate::pressure::yield_point();
         let (n, k) = self.weight.dims2()?;
         let dims = layout.shape().dims();
         if dims.last() != Some(&k) {
@@ -135,6 +136,7 @@ impl CustomOp1 for FrozenLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        crate::pressure::yield_point();
         Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
     }
 }

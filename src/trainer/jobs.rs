@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,7 @@ use crate::adapters::peft;
 use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
 use crate::feedback::FeedbackStore;
 use crate::model::Model;
+use crate::pressure::ServingPressure;
 
 /// Most feedback rows one job reads.
 const MAX_ROWS: usize = 200_000;
@@ -70,6 +71,9 @@ pub struct JobStatus {
     pub trainable_params: Option<usize>,
     /// Seconds spent so far.
     pub wall_seconds: f64,
+    /// Of those, seconds spent waiting for inference to finish (see [`crate::pressure`]).
+    #[serde(default)]
+    pub yielded_seconds: f64,
     /// The published generation (LoRA).
     pub adapter: Option<String>,
     /// The written checkpoint, relative to the data directory (full fine-tuning).
@@ -101,6 +105,8 @@ pub struct TrainerDeps {
     pub threads: usize,
     /// Niceness of the trainer's threads (0 to 19).
     pub nice: i32,
+    /// Inference in flight, which training yields to, and the longest wait per yield point (zero: never).
+    pub yield_to: (Arc<ServingPressure>, Duration),
     /// The base model's directory (full fine-tuning copies its config and tokenizer).
     pub model_dir: std::path::PathBuf,
     /// Where full fine-tuning writes checkpoints (`<data-dir>/models`).
@@ -193,9 +199,13 @@ impl Jobs {
             .spawn(move || {
                 lower_priority(deps.nice);
                 let nice = deps.nice;
+                let yield_to = deps.yield_to.clone();
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(deps.threads.max(1))
-                    .start_handler(move |_| lower_priority(nice))
+                    .start_handler(move |_| {
+                        lower_priority(nice);
+                        crate::pressure::yield_on_this_thread(Some(yield_to.clone()));
+                    })
                     .build();
                 let pool = match pool {
                     Ok(p) => p,
@@ -268,6 +278,7 @@ impl Jobs {
             eta_seconds: None,
             trainable_params: None,
             wall_seconds: 0.0,
+            yielded_seconds: 0.0,
             adapter: None,
             output: None,
             train_examples: None,
@@ -389,11 +400,18 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
     shared.update(id, |j| j.state = JobState::Running);
     shared.persist();
     let started = Instant::now();
+    let yielded_before = deps.yield_to.0.yielded();
     let result = train_and_publish(shared, deps, &job, &cancel, started);
     let wall = started.elapsed().as_secs_f64();
+    let yielded = (deps.yield_to.0.yielded() - yielded_before).as_secs_f64();
+    deps.metrics
+        .training_yield_seconds
+        .with_label_values(&[job.task.as_str()])
+        .inc_by(yielded);
     let mut published = None;
     shared.update(id, |j| {
         j.wall_seconds = wall;
+        j.yielded_seconds = yielded;
         j.eta_seconds = None;
         match result {
             Ok(Output::Adapter(adapter)) => {
@@ -612,8 +630,10 @@ fn train_and_publish(
         j.train_examples = Some(train.len());
         j.replayed_examples = Some(data.replayed_rows);
     });
+    let yielded_before = deps.yield_to.0.yielded();
     let mut progress = |p: &Progress| {
         let elapsed = started.elapsed().as_secs_f64();
+        let yielded = (deps.yield_to.0.yielded() - yielded_before).as_secs_f64();
         deps.metrics
             .training_loss
             .with_label_values(&[task.name.as_str()])
@@ -631,6 +651,7 @@ fn train_and_publish(
                 j.val = p.val.clone();
             }
             j.wall_seconds = elapsed;
+            j.yielded_seconds = yielded;
             j.eta_seconds =
                 (p.step > 0).then(|| elapsed / p.step as f64 * (p.total_steps - p.step) as f64);
         });

@@ -170,6 +170,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The hyperparameters a TOML table sets (the rest at their defaults), checked.
+    pub fn from_table(table: &toml::Table) -> Result<Self, TrainError> {
+        let config: Self = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: &str| Err(TrainError::Invalid(m.to_owned()));
@@ -567,6 +576,7 @@ fn fit<T: Trainable>(
                     }
                 });
             }
+            crate::pressure::yield_point();
             optimizer.set_learning_rate(schedule(step));
             if let Some(grads) = accumulated {
                 optimizer.step(&grads)?;
@@ -630,4 +640,27 @@ fn fit<T: Trainable>(
         steps: step,
         wall_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainConfig;
+
+    #[test]
+    fn automatic_job_parameters_come_from_a_toml_table_and_are_checked() {
+        let table: toml::Table = "epochs = 2\nmax_length = 64\nclass_weights = \"balanced\""
+            .parse()
+            .expect("valid TOML");
+        let config = TrainConfig::from_table(&table).expect("valid parameters");
+        assert_eq!((config.epochs, config.max_length), (2, 64));
+        assert_eq!(config.rank, TrainConfig::default().rank);
+        let unknown: toml::Table = "epoch = 2".parse().expect("valid TOML");
+        assert!(TrainConfig::from_table(&unknown).is_err());
+        let out_of_range: toml::Table = "rank = 0".parse().expect("valid TOML");
+        assert!(TrainConfig::from_table(&out_of_range).is_err());
+        assert_eq!(
+            TrainConfig::from_table(&toml::Table::new()).expect("defaults"),
+            TrainConfig::default()
+        );
+    }
 }
