@@ -66,6 +66,7 @@ impl TrainArgs {
             .with_context(|| format!("--method {:?} is not lora or full", self.method))?;
         let config = offline::parse_params(&self.params, method)?;
         if self.threads > 0 {
+            limit_candle_threads(self.threads);
             rayon::ThreadPoolBuilder::new()
                 .num_threads(self.threads)
                 .build_global()
@@ -187,6 +188,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.into_config()?;
+            limit_candle_threads(config.trainer.threads);
             if config.model.threads > 0 {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(config.model.threads)
@@ -200,4 +202,14 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => args.run()?,
     }
     Ok(())
+}
+
+/// Candle fans large elementwise ops out to a pool of its own, sized once from `CANDLE_NUM_THREADS`. Only
+/// training runs candle ops here, so unless the operator sized it, that pool gets the training thread share:
+/// otherwise a one-thread trainer would still take every core for those ops. Called before other threads
+/// start, so nothing reads the environment meanwhile.
+fn limit_candle_threads(threads: usize) {
+    if threads > 0 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
 }

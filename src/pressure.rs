@@ -93,6 +93,11 @@ pub fn yield_on_this_thread(to: Option<(Arc<ServingPressure>, Duration)>) {
     YIELD_TO.with(|cell| *cell.borrow_mut() = to);
 }
 
+/// Whether [`yield_point`] on the calling thread may wait.
+pub fn yields_on_this_thread() -> bool {
+    YIELD_TO.with(|cell| cell.borrow().is_some())
+}
+
 /// A point where the calling thread steps aside for pending inference, if [`yield_on_this_thread`] asked it
 /// to; free otherwise.
 pub fn yield_point() {

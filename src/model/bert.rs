@@ -11,6 +11,7 @@ use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::linear::{LayerNorm, Linear};
 use super::lora::Target;
+use super::yielding::yield_here;
 
 /// Word, position and token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
@@ -213,9 +214,7 @@ impl Bert {
         let mask = attention_mask.to_dtype(x.dtype())?;
         let mask = ((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?;
         for (index, layer) in self.layers.iter().enumerate() {
-            // Full fine-tuning has no frozen linears to yield at; layers are its yield points.
-            crate::pressure::yield_point();
-            x = self.layer_forward(index, layer, &x, &mask, deltas)?;
+            x = self.layer_forward(index, layer, &yield_here(&x)?, &mask, deltas)?;
         }
         Ok(x)
     }
@@ -246,16 +245,23 @@ impl Bert {
         let q = split(dense(&layer.query, Target::Query, x)?)?;
         let k = split(dense(&layer.key, Target::Key, x)?)?;
         let v = split(dense(&layer.value, Target::Value, x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
-        let x = layer
-            .attention_norm
-            .forward(&(dense(&layer.attention_out, Target::AttentionOutput, &ctx)? + x)?)?;
-        let inner = dense(&layer.intermediate, Target::Intermediate, &x)?.gelu_erf()?;
+        // Yield points between the blocks of ops, in both passes, when training shares the cores with
+        // serving (free otherwise).
+        let scores =
+            yield_here(&(q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?)?;
+        let probs = yield_here(&softmax_last(&scores)?)?;
+        let ctx = yield_here(
+            &probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((batch, seq, hidden))?,
+        )?;
+        let x = yield_here(
+            &layer
+                .attention_norm
+                .forward(&(dense(&layer.attention_out, Target::AttentionOutput, &ctx)? + x)?)?,
+        )?;
+        let inner = yield_here(&dense(&layer.intermediate, Target::Intermediate, &x)?.gelu_erf()?)?;
         Ok(layer
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)

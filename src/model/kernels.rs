@@ -126,6 +126,42 @@ pub fn linear(
     }
 }
 
+/// `out[rows × k] = g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a linear layer's input gradient.
+///
+/// `out` is overwritten; its previous contents are ignored.
+pub fn matmul(g: &[f32], rows: usize, n: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    assert_eq!(g.len(), size(rows, n), "matmul: left is not rows × n");
+    assert_eq!(w.len(), size(n, k), "matmul: right is not n × k");
+    assert_eq!(out.len(), size(rows, k), "matmul: output is not rows × k");
+    if rows == 0 {
+        return;
+    }
+    // SAFETY: the asserts above bound every access gemm makes with these sizes and strides.
+    unsafe {
+        gemm::gemm(
+            rows,
+            k,
+            n,
+            out.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            g.as_ptr(),
+            1,
+            n as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(rows.saturating_mul(n).saturating_mul(k)),
+        );
+    }
+}
+
 /// `out[rows × n] += x[rows × k] · wᵀ · scale` for a `w` of shape `[n × k]`: the accumulate form used for
 /// low-rank deltas.
 pub fn linear_accumulate(

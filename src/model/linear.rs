@@ -63,9 +63,63 @@ impl Module for Linear {
 /// `x·Wᵀ + b` for a weight and bias that do not train, whose backward computes only the input's gradient.
 /// Candle's matmul backward also computes the weight's gradient (a third of a linear's training cost)
 /// whether or not the weight is a variable; LoRA training through frozen linears would pay it for nothing.
+///
+/// Both directions run in blocks of [`CHUNK_ROWS`] rows with a [`crate::pressure::yield_point`] before
+/// each, so a trainer sharing the cores with serving steps aside within milliseconds.
 struct FrozenLinear {
     weight: Tensor,
     bias: Option<Tensor>,
+}
+
+/// The input gradient `g·W` of a [`FrozenLinear`].
+struct FrozenLinearBackward {
+    weight: Tensor,
+}
+
+/// Rows per block of a frozen linear: a few milliseconds of GEMM on one core at BERT-small widths.
+const CHUNK_ROWS: usize = 256;
+
+/// The weight's contiguous f32 values.
+fn cpu_weight(
+    weight: &Tensor,
+    run: impl FnOnce(&[f32]) -> candle_core::Result<(CpuStorage, Shape)>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let Storage::Cpu(w_cpu) = &*w_storage else {
+        return Err(candle_core::Error::Msg(
+            "frozen-linear: weight not on the CPU".into(),
+        ));
+    };
+    run(f32_slice(w_cpu, w_layout, "weight")?)
+}
+
+/// Runs `block(rows, input, output)` over blocks of [`CHUNK_ROWS`] rows of an `[rows × k]` input and an
+/// `[rows × n]` output, yielding to serving before each.
+fn by_blocks(
+    x: &[f32],
+    k: usize,
+    n: usize,
+    mut block: impl FnMut(usize, &[f32], &mut [f32]),
+) -> Vec<f32> {
+    let rows = x.len() / k.max(1);
+    let mut out = vec![0f32; rows * n];
+    for (x, out) in x
+        .chunks(CHUNK_ROWS * k.max(1))
+        .zip(out.chunks_mut(CHUNK_ROWS * n.max(1)))
+    {
+        crate::pressure::yield_point();
+        block(x.len() / k.max(1), x, out);
+    }
+    out
+}
+
+/// `dims` with its last entry replaced by `last`.
+fn with_last(dims: &[usize], last: usize) -> Shape {
+    let mut shape = dims.to_vec();
+    if let Some(l) = shape.last_mut() {
+        *l = last;
+    }
+    Shape::from(shape)
 }
 
 /// The contiguous f32 values of a CPU storage.
@@ -92,7 +146,6 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        crate::pressure::yield_point();
         let (n, k) = self.weight.dims2()?;
         let dims = layout.shape().dims();
         if dims.last() != Some(&k) {
@@ -101,33 +154,24 @@ impl CustomOp1 for FrozenLinear {
             )));
         }
         let x = f32_slice(storage, layout, "input")?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w_cpu) = &*w_storage else {
-            return Err(candle_core::Error::Msg(
-                "frozen-linear: weight not on the CPU".into(),
-            ));
-        };
-        let w = f32_slice(w_cpu, w_layout, "weight")?;
-        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &bias_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "bias")?),
-                _ => {
-                    return Err(candle_core::Error::Msg(
-                        "frozen-linear: bias not on the CPU".into(),
-                    ))
-                }
-            },
-            None => None,
-        };
-        let rows = x.len() / k.max(1);
-        let mut out = vec![0f32; rows * n];
-        super::kernels::linear(x, rows, k, w, bias, n, &mut out);
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        cpu_weight(&self.weight, |w| {
+            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+            let bias = match &bias_guard {
+                Some((guard, layout)) => match &**guard {
+                    Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "bias")?),
+                    _ => {
+                        return Err(candle_core::Error::Msg(
+                            "frozen-linear: bias not on the CPU".into(),
+                        ))
+                    }
+                },
+                None => None,
+            };
+            let out = by_blocks(x, k, n, |rows, x, out| {
+                super::kernels::linear(x, rows, k, w, bias, n, out)
+            });
+            Ok((CpuStorage::F32(out), with_last(dims, n)))
+        })
     }
 
     fn bwd(
@@ -136,8 +180,37 @@ impl CustomOp1 for FrozenLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        crate::pressure::yield_point();
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+        let backward = FrozenLinearBackward {
+            weight: self.weight.clone(),
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1(backward)?))
+    }
+}
+
+impl CustomOp1 for FrozenLinearBackward {
+    fn name(&self) -> &'static str {
+        "frozen-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = self.weight.dims2()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&n) {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen-linear-backward: gradient {dims:?} does not end in {n}"
+            )));
+        }
+        let g = f32_slice(storage, layout, "gradient")?;
+        cpu_weight(&self.weight, |w| {
+            let out = by_blocks(g, n, k, |rows, g, out| {
+                super::kernels::matmul(g, rows, n, w, k, out)
+            });
+            Ok((CpuStorage::F32(out), with_last(dims, k)))
+        })
     }
 }
 
@@ -190,8 +263,10 @@ mod tests {
         let values = |n: usize, seed: u64| crate::rng::Rng::new(seed).uniform(n, 1.0);
         let weight = Tensor::from_vec(values(5 * 3, 1), (5, 3), &dev).unwrap();
         let bias = Tensor::from_vec(values(5, 2), 5, &dev).unwrap();
-        let x = Var::from_tensor(&Tensor::from_vec(values(2 * 4 * 3, 3), (2, 4, 3), &dev).unwrap())
-            .unwrap();
+        // More rows than one block, so the blocked paths are covered.
+        let x =
+            Var::from_tensor(&Tensor::from_vec(values(3 * 100 * 3, 3), (3, 100, 3), &dev).unwrap())
+                .unwrap();
         let frozen = Linear {
             weight: weight.clone(),
             bias: Some(bias.clone()),
@@ -215,7 +290,7 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
         };
-        assert_eq!(y.dims(), &[2, 4, 5]);
+        assert_eq!(y.dims(), &[3, 100, 5]);
         assert!(diff(&y, &reference) < 1e-5);
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = reference
