@@ -4,13 +4,14 @@
 //! checkpoint loads with or without the `bert.` prefix. Query, key and value are separate `Linear`s so
 //! adapters can target each one.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::linear::{LayerNorm, Linear};
 use super::lora::Target;
+use super::train_ops;
 use super::yielding::yield_here;
 
 /// Word, position and token-type embeddings followed by LayerNorm.
@@ -246,10 +247,10 @@ impl Bert {
         let k = split(dense(&layer.key, Target::Key, x)?)?;
         let v = split(dense(&layer.value, Target::Value, x)?)?;
         // Yield points between the blocks of ops, in both passes, when training shares the cores with
-        // serving (free otherwise).
+        // serving (free otherwise); the softmax, the GELU and the frozen linears yield inside.
         let scores =
             yield_here(&(q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?)?;
-        let probs = yield_here(&softmax_last(&scores)?)?;
+        let probs = train_ops::softmax_last(&scores)?;
         let ctx = yield_here(
             &probs
                 .matmul(&v)?
@@ -261,7 +262,7 @@ impl Bert {
                 .attention_norm
                 .forward(&(dense(&layer.attention_out, Target::AttentionOutput, &ctx)? + x)?)?,
         )?;
-        let inner = yield_here(&dense(&layer.intermediate, Target::Intermediate, &x)?.gelu_erf()?)?;
+        let inner = train_ops::gelu_erf(&dense(&layer.intermediate, Target::Intermediate, &x)?)?;
         Ok(layer
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
@@ -281,14 +282,6 @@ impl Deltas for NoDelta {
     fn delta(&self, _: usize, _: Target, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
-}
-
-/// Softmax over the last dimension from differentiable ops (candle's fused `softmax_last_dim` has no
-/// backward).
-fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Mean of `hidden` `[batch, seq, h]` over the positions where `attention_mask` is 1.

@@ -274,6 +274,30 @@ fn gelu_body(chunk: &mut [f32]) {
 
 simd_dispatch!(gelu_chunk, gelu_chunk_avx2, gelu_body, (chunk: &mut [f32]));
 
+/// `grad *= GELU'(x)` elementwise, for the exact (erf) GELU: the backward pass of [`gelu_inplace`].
+pub fn gelu_backward(x: &[f32], grad: &mut [f32]) {
+    assert_eq!(x.len(), grad.len(), "gelu_backward: shapes differ");
+    gelu_backward_chunk(x, grad);
+}
+
+#[inline(always)]
+fn gelu_backward_body(x: &[f32], grad: &mut [f32]) {
+    // 1/√(2π): the standard normal density's constant.
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for (g, &x) in grad.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * fast_exp(-0.5 * x * x);
+        *g *= cdf + x * pdf;
+    }
+}
+
+simd_dispatch!(
+    gelu_backward_chunk,
+    gelu_backward_chunk_avx2,
+    gelu_backward_body,
+    (x: &[f32], grad: &mut [f32])
+);
+
 /// In-place `x = LayerNorm(x + residual)` over rows of width `gamma.len()`.
 pub fn add_layer_norm_inplace(
     x: &mut [f32],
@@ -380,6 +404,45 @@ fn softmax_rows_body(scores: &mut [f32], width: usize) {
 }
 
 simd_dispatch!(softmax_rows, softmax_rows_avx2, softmax_rows_body, (scores: &mut [f32], width: usize));
+
+/// In-place softmax of each row of `x` (`[rows × width]`).
+pub fn softmax_inplace(x: &mut [f32], width: usize) {
+    assert_eq!(
+        x.len() % width.max(1),
+        0,
+        "softmax: input is not whole rows"
+    );
+    softmax_rows(x, width);
+}
+
+/// `grad = p ⊙ (grad − Σ grad ⊙ p)` per row of width `width`: the backward pass of a row softmax whose
+/// output was `p`.
+pub fn softmax_backward(p: &[f32], grad: &mut [f32], width: usize) {
+    assert_eq!(p.len(), grad.len(), "softmax_backward: shapes differ");
+    assert_eq!(
+        p.len() % width.max(1),
+        0,
+        "softmax_backward: input is not whole rows"
+    );
+    softmax_backward_rows(p, grad, width);
+}
+
+#[inline(always)]
+fn softmax_backward_body(p: &[f32], grad: &mut [f32], width: usize) {
+    for (g, p) in grad.chunks_exact_mut(width).zip(p.chunks_exact(width)) {
+        let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
+        for (g, p) in g.iter_mut().zip(p) {
+            *g = p * (*g - dot);
+        }
+    }
+}
+
+simd_dispatch!(
+    softmax_backward_rows,
+    softmax_backward_rows_avx2,
+    softmax_backward_body,
+    (p: &[f32], grad: &mut [f32], width: usize)
+);
 
 /// Scaled dot-product self-attention over packed sequences.
 ///

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod lora;
 pub mod pooling;
 pub mod tokenize;
+pub mod train_ops;
 pub mod yielding;
 
 use std::path::{Path, PathBuf};
