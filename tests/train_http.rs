@@ -285,3 +285,76 @@ fn kill_9_during_training_loses_no_feedback_and_publishes_no_half_generation() {
     let (_, task) = server.get_json("/v1/tasks/spam");
     assert!(task["stable"].is_null(), "{task}");
 }
+
+#[test]
+fn sigterm_drains_requests_and_stops_the_trainer_with_the_job_marked_interrupted() {
+    let data = tempfile::tempdir().unwrap();
+    let job = {
+        let server = Server::start_in(data.path(), &[]);
+        server.post(
+            "/v1/tasks",
+            &json!({"name": "spam", "labels": ["ham", "spam"]}),
+        );
+        let (status, ack) =
+            server.post("/v1/feedback", &json!({ "items": feedback_items(40, 40) }));
+        assert_eq!(status, 202, "{ack}");
+        let (status, body) = server.post(
+            "/v1/train",
+            &json!({"task": "spam", "epochs": 20, "max_length": 64, "patience": 20}),
+        );
+        assert_eq!(status, 202, "{body}");
+        let job = body["job_id"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
+            if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the job never got going: {j}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Requests in flight when the signal arrives are answered.
+        let texts: Vec<String> = mails("easy-ham-1", 8);
+        let in_flight: Vec<_> = texts
+            .into_iter()
+            .map(|text| {
+                let url = server.url("/v1/embed");
+                std::thread::spawn(move || {
+                    match ureq::post(&url).send_json(json!({ "inputs": [text] })) {
+                        Ok(r) => Some(r.status()),
+                        Err(ureq::Error::Status(code, _)) => Some(code),
+                        // Not connected before the listener closed: never accepted.
+                        Err(ureq::Error::Transport(_)) => None,
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(30));
+        server.terminate();
+        let answered: Vec<u16> = in_flight
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        let (status, log) = server.wait_exit(Duration::from_secs(30));
+        let status = status.expect("the server exits within the shutdown deadline");
+        assert!(status.success(), "exit status {status}: {log:?}");
+        assert!(
+            !answered.is_empty() && answered.iter().all(|&s| s == 200),
+            "a request that was accepted failed: {answered:?}"
+        );
+        assert!(
+            log.iter().any(|l| l.contains("trainer stopped")),
+            "the trainer was not stopped cleanly: {log:?}"
+        );
+        job
+    };
+    let server = Server::start_in(data.path(), &[]);
+    let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("shutdown"),
+        "the job records why it stopped: {j}"
+    );
+    let (_, adapters) = server.get_json("/v1/adapters");
+    assert_eq!(adapters, json!([]), "no generation from the stopped job");
+}

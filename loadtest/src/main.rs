@@ -6,7 +6,9 @@
 //! the answer, and send the next, for `--duration` seconds after a `--warmup`. Open loop (`--rate R`): requests
 //! are due at a constant R per second whatever the answers do, up to `--concurrency` in flight, and each
 //! latency counts from when the request was due, so a slow server cannot hide its queue (no coordinated
-//! omission). Every request is bounded by a timeout and the run stops by
+//! omission). With `--task` and `--feedback F`, a share F of the answered requests gets its text's true label
+//! (a `"label"` field in the JSONL) posted as feedback naming the request, `--feedback-delay` seconds later,
+//! as users correcting predictions would. Every request is bounded by a timeout and the run stops by
 //! itself; it only ever talks to the URL given (loopback in every documented use).
 
 use std::io::{BufRead, Write};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use flywheel_loadtest::delayed::DelayedFeedback;
+use flywheel_loadtest::rng::Rng;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -60,6 +64,12 @@ struct Args {
     /// A label for this run in the outputs.
     #[arg(long, default_value = "flywheel")]
     label: String,
+    /// With --task: share of answered requests whose true label is posted as feedback.
+    #[arg(long, default_value_t = 0.0)]
+    feedback: f64,
+    /// Seconds between a prediction and its feedback.
+    #[arg(long, default_value_t = 5.0)]
+    feedback_delay: f64,
 }
 
 /// What one run measured.
@@ -79,9 +89,17 @@ struct Summary {
     p95_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    feedback_accepted: usize,
+    feedback_failed: usize,
 }
 
-fn read_texts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+/// A text to send, with its true label when the file gives one.
+struct Text {
+    text: String,
+    label: Option<String>,
+}
+
+fn read_texts(path: &PathBuf) -> anyhow::Result<Vec<Text>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut texts = Vec::new();
     for line in std::io::BufReader::new(file).lines() {
@@ -89,16 +107,15 @@ fn read_texts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let text = match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(serde_json::Value::Object(o)) => o
-                .get("text")
-                .and_then(|t| t.as_str())
-                .unwrap_or_default()
-                .to_owned(),
-            _ => line,
+        let (text, label) = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(o)) => {
+                let field = |f: &str| o.get(f).and_then(|t| t.as_str()).map(str::to_owned);
+                (field("text").unwrap_or_default(), field("label"))
+            }
+            _ => (line, None),
         };
         if !text.trim().is_empty() {
-            texts.push(text);
+            texts.push(Text { text, label });
         }
     }
     if texts.is_empty() {
@@ -110,6 +127,9 @@ fn read_texts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let texts = Arc::new(read_texts(&args.texts)?);
+    if args.feedback > 0.0 && (args.task.is_none() || texts.iter().any(|t| t.label.is_none())) {
+        bail!("--feedback needs --task and a \"label\" on every line of --texts");
+    }
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs_f64(args.timeout))
         .max_idle_connections_per_host(args.concurrency.max(1))
@@ -122,6 +142,11 @@ fn main() -> anyhow::Result<()> {
     let url = format!("{}/v1/{endpoint}", args.url.trim_end_matches('/'));
     let task = args.task.clone();
     let adapters = Arc::new(args.adapters.clone());
+    let feedback = Arc::new(DelayedFeedback::start(
+        agent.clone(),
+        &args.url,
+        Duration::from_secs_f64(args.feedback_delay),
+    ));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicUsize::new(0));
@@ -160,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                 (histogram.clone(), errors.clone(), requests.clone());
             let due = due.clone();
             let batch = args.batch.max(1);
+            let (feedback, share) = (feedback.clone(), args.feedback);
             std::thread::spawn(move || {
                 let mut local =
                     Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
@@ -179,7 +205,7 @@ fn main() -> anyhow::Result<()> {
                     };
                     let start = next.fetch_add(batch, Ordering::Relaxed);
                     let inputs: Vec<&str> = (start..start + batch)
-                        .map(|i| texts[i % texts.len()].as_str())
+                        .map(|i| texts[i % texts.len()].text.as_str())
                         .collect();
                     let body = match &task {
                         None => serde_json::json!({ "inputs": inputs }),
@@ -192,7 +218,27 @@ fn main() -> anyhow::Result<()> {
                         }
                     };
                     let sent = scheduled.unwrap_or_else(Instant::now);
-                    let ok = agent.post(&url).send_json(body).is_ok();
+                    let answer = agent.post(&url).send_json(body);
+                    let ok = answer.is_ok();
+                    if share > 0.0 && chosen(start, share) {
+                        let request_id = answer
+                            .ok()
+                            .and_then(|r| r.into_json::<serde_json::Value>().ok())
+                            .and_then(|v| v["request_id"].as_str().map(str::to_owned));
+                        if let Some(request_id) = request_id {
+                            let items: Vec<serde_json::Value> = (start..start + batch)
+                                .enumerate()
+                                .map(|(index, i)| {
+                                    serde_json::json!({
+                                        "request_id": request_id,
+                                        "index": index,
+                                        "label": texts[i % texts.len()].label,
+                                    })
+                                })
+                                .collect();
+                            feedback.post_later(serde_json::json!({ "items": items }));
+                        }
+                    }
                     let micros = sent.elapsed().as_micros() as u64;
                     if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                         requests.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +268,9 @@ fn main() -> anyhow::Result<()> {
         w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?;
     }
 
+    let feedback = Arc::try_unwrap(feedback)
+        .map_err(|_| anyhow::anyhow!("a worker still holds the feedback poster"))?
+        .finish();
     let h = histogram.lock().expect("histogram lock");
     let done = requests.load(Ordering::Relaxed) as u64;
     let errors = errors.load(Ordering::Relaxed) as u64;
@@ -241,6 +290,8 @@ fn main() -> anyhow::Result<()> {
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: h.max() as f64 / 1000.0,
+        feedback_accepted: feedback.accepted,
+        feedback_failed: feedback.failed,
     };
     println!("{}", serde_json::to_string(&summary)?);
     if let Some(path) = &args.csv {
@@ -250,12 +301,12 @@ fn main() -> anyhow::Result<()> {
             .append(true)
             .open(path)?;
         if new {
-            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms,rate")?;
+            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms,rate,feedback_accepted,feedback_failed")?;
         }
         let s = &summary;
         writeln!(
             f,
-            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3},{}",
+            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},{}",
             s.label,
             s.concurrency,
             s.batch,
@@ -268,11 +319,18 @@ fn main() -> anyhow::Result<()> {
             s.p95_ms,
             s.p99_ms,
             s.max_ms,
-            s.rate
+            s.rate,
+            s.feedback_accepted,
+            s.feedback_failed
         )?;
     }
     if errors > 0 {
         eprintln!("warning: {errors} requests failed");
     }
     Ok(())
+}
+
+/// Whether request `i` gets feedback: a fixed pseudo-random share of the requests, the same on every run.
+fn chosen(i: usize, share: f64) -> bool {
+    Rng(i as u64).unit() < share
 }

@@ -250,6 +250,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics: metrics.clone(),
         services: services.clone(),
     });
+    let stopping = services.clone();
+    let shutdown_deadline = Duration::from_secs(config.server.shutdown_timeout_secs);
     let max_body = config.limits.max_body_bytes;
     let server = HttpServer::new(move || {
         App::new()
@@ -310,6 +312,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         })?;
     let served = server.await;
     stop.store(true, Ordering::Relaxed);
+    // HTTP has drained; the trainer stops at its next micro-batch and records the job as interrupted.
+    if let Some(services) = stopping.get() {
+        if services.jobs.shutdown(shutdown_deadline) {
+            tracing::info!("trainer stopped");
+        }
+    }
     served?;
     match Arc::try_unwrap(load_error)
         .ok()

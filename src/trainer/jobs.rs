@@ -115,11 +115,16 @@ pub struct TrainerDeps {
     pub metrics: crate::metrics::Metrics,
 }
 
+/// Why a job a shutdown stopped failed.
+const INTERRUPTED_BY_SHUTDOWN: &str = "interrupted by a shutdown; submit it again";
+
 /// Called on the trainer thread with the task and generation id after a LoRA job published.
 pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 struct Shared {
     jobs: Mutex<BTreeMap<String, JobStatus>>,
+    /// Set once the server stops: a job that ends now was interrupted, not cancelled.
+    shutting_down: AtomicBool,
     metrics: crate::metrics::Metrics,
     hook: Mutex<Option<PublishHook>>,
     cancel: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
@@ -186,6 +191,7 @@ impl Jobs {
         }
         let shared = Arc::new(Shared {
             jobs: Mutex::new(jobs),
+            shutting_down: AtomicBool::new(false),
             metrics: deps.metrics.clone(),
             hook: Mutex::new(None),
             cancel: Mutex::new(BTreeMap::new()),
@@ -258,6 +264,11 @@ impl Jobs {
                 .filter(|j| matches!(j.state, JobState::Queued | JobState::Running))
                 .count()
         };
+        if self.shared.shutting_down.load(Ordering::Relaxed) {
+            return Err(TrainError::Invalid(
+                "the server is shutting down".to_owned(),
+            ));
+        }
         if queued >= self.max_queued {
             return Err(TrainError::Invalid(format!(
                 "{queued} jobs are waiting; at most {} may",
@@ -330,6 +341,55 @@ impl Jobs {
             .collect();
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         out
+    }
+
+    /// Stops the trainer for a shutdown: queued jobs and the running one are marked failed ("interrupted by
+    /// shutdown"), the running one stops at its next micro-batch, and the list is persisted. Waits at most
+    /// `deadline` for the running job to stop; returns whether it did.
+    pub fn shutdown(&self, deadline: Duration) -> bool {
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        for flag in self
+            .shared
+            .cancel
+            .lock()
+            .expect("cancel lock poisoned; this is a bug")
+            .values()
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+        {
+            let mut jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            for job in jobs.values_mut().filter(|j| j.state == JobState::Queued) {
+                job.state = JobState::Failed;
+                job.error = Some(INTERRUPTED_BY_SHUTDOWN.to_owned());
+            }
+        }
+        self.shared.persist();
+        let until = Instant::now() + deadline;
+        loop {
+            let running = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug")
+                .values()
+                .any(|j| j.state == JobState::Running);
+            if !running {
+                return true;
+            }
+            if Instant::now() >= until {
+                // The restart will mark it interrupted instead.
+                tracing::warn!(
+                    "the running training job did not stop before the shutdown deadline"
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Asks a queued or running job to stop; returns its status, or `None` if unknown.
@@ -422,6 +482,10 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
             Ok(Output::Checkpoint(dir)) => {
                 j.state = JobState::Succeeded;
                 j.output = Some(dir);
+            }
+            Err(TrainError::Cancelled) if shared.shutting_down.load(Ordering::Relaxed) => {
+                j.state = JobState::Failed;
+                j.error = Some(INTERRUPTED_BY_SHUTDOWN.to_owned());
             }
             Err(TrainError::Cancelled) => j.state = JobState::Cancelled,
             Err(e) => {

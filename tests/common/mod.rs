@@ -167,6 +167,14 @@ impl Server {
         }
     }
 
+    /// Sends SIGTERM: a graceful stop.
+    pub fn terminate(&self) {
+        let pid = i32::try_from(self.child.id()).expect("a pid fits an i32");
+        // SAFETY: signals only our own child process.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM not delivered");
+    }
+
     /// Waits for the process to exit and returns its status and remaining log lines.
     pub fn wait_exit(
         mut self,
