@@ -236,33 +236,38 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
     assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
 }
 
+/// Creates the task, posts 80 mails, starts a 20-epoch job and waits until it has taken two steps; returns
+/// the feedback acknowledgement and the job id.
+fn start_long_job(server: &Server) -> (Value, String) {
+    server.post(
+        "/v1/tasks",
+        &json!({"name": "spam", "labels": ["ham", "spam"]}),
+    );
+    let (status, ack) = server.post("/v1/feedback", &json!({ "items": feedback_items(40, 40) }));
+    assert_eq!(status, 202, "{ack}");
+    let (status, body) = server.post(
+        "/v1/train",
+        &json!({"task": "spam", "epochs": 20, "max_length": 64, "patience": 20}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let job = body["job_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
+        if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2 {
+            return (ack, job);
+        }
+        assert!(Instant::now() < deadline, "the job never got going: {j}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn kill_9_during_training_loses_no_feedback_and_publishes_no_half_generation() {
     let data = tempfile::tempdir().unwrap();
     let (acked, job) = {
         let server = Server::start_in(data.path(), &[]);
-        server.post(
-            "/v1/tasks",
-            &json!({"name": "spam", "labels": ["ham", "spam"]}),
-        );
-        let items = feedback_items(40, 40);
-        let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
-        assert_eq!(status, 202, "{ack}");
-        let (status, body) = server.post(
-            "/v1/train",
-            &json!({"task": "spam", "epochs": 20, "max_length": 64, "patience": 20}),
-        );
-        assert_eq!(status, 202, "{body}");
-        let job = body["job_id"].as_str().unwrap().to_owned();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
-            if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the job never got going: {j}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let (ack, job) = start_long_job(&server);
         (ack["ids"].as_array().unwrap().clone(), job)
         // Dropping the server here kills it with SIGKILL mid-training.
     };
@@ -291,28 +296,7 @@ fn sigterm_drains_requests_and_stops_the_trainer_with_the_job_marked_interrupted
     let data = tempfile::tempdir().unwrap();
     let job = {
         let server = Server::start_in(data.path(), &[]);
-        server.post(
-            "/v1/tasks",
-            &json!({"name": "spam", "labels": ["ham", "spam"]}),
-        );
-        let (status, ack) =
-            server.post("/v1/feedback", &json!({ "items": feedback_items(40, 40) }));
-        assert_eq!(status, 202, "{ack}");
-        let (status, body) = server.post(
-            "/v1/train",
-            &json!({"task": "spam", "epochs": 20, "max_length": 64, "patience": 20}),
-        );
-        assert_eq!(status, 202, "{body}");
-        let job = body["job_id"].as_str().unwrap().to_owned();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
-            if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the job never got going: {j}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let (_, job) = start_long_job(&server);
         // Requests in flight when the signal arrives are answered.
         let texts: Vec<String> = mails("easy-ham-1", 8);
         let in_flight: Vec<_> = texts

@@ -90,7 +90,7 @@ fn cpu_weight(
             "frozen-linear: weight not on the CPU".into(),
         ));
     };
-    run(f32_slice(w_cpu, w_layout, "weight")?)
+    run(f32_slice(w_cpu, w_layout, "frozen-linear weight")?)
 }
 
 /// Runs `block(rows, input, output)` over blocks of [`CHUNK_ROWS`] rows of an `[rows × k]` input and an
@@ -122,8 +122,8 @@ fn with_last(dims: &[usize], last: usize) -> Shape {
     Shape::from(shape)
 }
 
-/// The contiguous f32 values of a CPU storage.
-fn f32_slice<'a>(
+/// The contiguous f32 values of a CPU storage; `what` names it in the error (e.g. "frozen-linear input").
+pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
@@ -131,9 +131,20 @@ fn f32_slice<'a>(
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
         _ => Err(candle_core::Error::Msg(format!(
-            "frozen-linear needs a contiguous f32 {what}"
+            "{what} is not a contiguous f32 tensor"
         ))),
     }
+}
+
+/// The dims of an op's input, checked to end in `width`.
+fn ending_in<'a>(layout: &'a Layout, width: usize, what: &str) -> candle_core::Result<&'a [usize]> {
+    let dims = layout.shape().dims();
+    if dims.last() != Some(&width) {
+        return Err(candle_core::Error::Msg(format!(
+            "{what} {dims:?} does not end in {width}"
+        )));
+    }
+    Ok(dims)
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -147,18 +158,13 @@ impl CustomOp1 for FrozenLinear {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = self.weight.dims2()?;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&k) {
-            return Err(candle_core::Error::Msg(format!(
-                "frozen-linear: input {dims:?} does not end in {k}"
-            )));
-        }
-        let x = f32_slice(storage, layout, "input")?;
+        let dims = ending_in(layout, k, "frozen-linear input")?;
+        let x = f32_slice(storage, layout, "frozen-linear input")?;
         cpu_weight(&self.weight, |w| {
             let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
             let bias = match &bias_guard {
                 Some((guard, layout)) => match &**guard {
-                    Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "bias")?),
+                    Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "frozen-linear bias")?),
                     _ => {
                         return Err(candle_core::Error::Msg(
                             "frozen-linear: bias not on the CPU".into(),
@@ -198,13 +204,8 @@ impl CustomOp1 for FrozenLinearBackward {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = self.weight.dims2()?;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&n) {
-            return Err(candle_core::Error::Msg(format!(
-                "frozen-linear-backward: gradient {dims:?} does not end in {n}"
-            )));
-        }
-        let g = f32_slice(storage, layout, "gradient")?;
+        let dims = ending_in(layout, n, "frozen-linear gradient")?;
+        let g = f32_slice(storage, layout, "frozen-linear gradient")?;
         cpu_weight(&self.weight, |w| {
             let out = by_blocks(g, n, k, |rows, g, out| {
                 super::kernels::matmul(g, rows, n, w, k, out)

@@ -7,24 +7,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 use super::kernels;
+use super::linear::f32_slice;
 use crate::pressure::yield_point;
 
 /// Elements per block between yield points: well under a millisecond of work.
 const BLOCK: usize = 1 << 16;
-
-/// The contiguous f32 values of a CPU storage.
-fn values<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => Err(candle_core::Error::Msg(format!(
-            "{op} needs a contiguous f32 tensor"
-        ))),
-    }
-}
 
 fn on_cpu_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -48,6 +35,24 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
+/// A backward op's output: `grad` (the second input) updated in place by `kernel(saved, grad)` over blocks of
+/// `block` elements, yielding before each; `saved` is the first input (the forward's input or output).
+fn backward_by_blocks(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    block: usize,
+    what: &str,
+    kernel: impl Fn(&[f32], &mut [f32]),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let saved = f32_slice(s1, l1, what)?;
+    let mut grad = f32_slice(s2, l2, what)?.to_vec();
+    for (g, s) in grad.chunks_mut(block).zip(saved.chunks(block)) {
+        yield_point();
+        kernel(s, g);
+    }
+    Ok((CpuStorage::F32(grad), l2.shape().clone()))
+}
+
 struct Gelu;
 
 struct GeluBackward;
@@ -58,7 +63,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut out = values(s, l, self.name())?.to_vec();
+        let mut out = f32_slice(s, l, self.name())?.to_vec();
         for block in out.chunks_mut(BLOCK) {
             yield_point();
             kernels::gelu_inplace(block);
@@ -90,13 +95,13 @@ impl CustomOp2 for GeluBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = values(s1, l1, self.name())?;
-        let mut grad = values(s2, l2, self.name())?.to_vec();
-        for (g, x) in grad.chunks_mut(BLOCK).zip(x.chunks(BLOCK)) {
-            yield_point();
-            kernels::gelu_backward(x, g);
-        }
-        Ok((CpuStorage::F32(grad), l2.shape().clone()))
+        backward_by_blocks(
+            (s1, l1),
+            (s2, l2),
+            BLOCK,
+            self.name(),
+            kernels::gelu_backward,
+        )
     }
 }
 
@@ -118,7 +123,7 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let width = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = values(s, l, self.name())?.to_vec();
+        let mut out = f32_slice(s, l, self.name())?.to_vec();
         for block in out.chunks_mut(rows_per_block(width)) {
             yield_point();
             kernels::softmax_inplace(block, width);
@@ -152,14 +157,14 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let p = values(s1, l1, self.name())?;
-        let mut grad = values(s2, l2, self.name())?.to_vec();
-        let block = rows_per_block(self.width);
-        for (g, p) in grad.chunks_mut(block).zip(p.chunks(block)) {
-            yield_point();
-            kernels::softmax_backward(p, g, self.width.max(1));
-        }
-        Ok((CpuStorage::F32(grad), l2.shape().clone()))
+        let width = self.width.max(1);
+        backward_by_blocks(
+            (s1, l1),
+            (s2, l2),
+            rows_per_block(width),
+            self.name(),
+            |p, g| kernels::softmax_backward(p, g, width),
+        )
     }
 }
 

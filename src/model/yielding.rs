@@ -18,15 +18,8 @@ impl CustomOp1 for YieldPoint {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         pressure::yield_point();
-        let copy = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((start, end))) => CpuStorage::F32(v[start..end].to_vec()),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "yield-point needs a contiguous f32 tensor".into(),
-                ))
-            }
-        };
-        Ok((copy, layout.shape().clone()))
+        let copy = super::linear::f32_slice(storage, layout, "yield-point input")?.to_vec();
+        Ok((CpuStorage::F32(copy), layout.shape().clone()))
     }
 
     fn bwd(
