@@ -293,6 +293,9 @@ pub struct BatchingConfig {
     pub max_wait_us: u64,
     /// Most sequences waiting in the queue; beyond it requests get 429 with `Retry-After`.
     pub queue_capacity: usize,
+    /// Longest a request waits for the model, queued and running, before it is answered 503 with
+    /// `Retry-After` (its queued work is then dropped unrun). 0: no limit.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for BatchingConfig {
@@ -302,6 +305,7 @@ impl Default for BatchingConfig {
             max_batch_size: 128,
             max_wait_us: 0,
             queue_capacity: 2_048,
+            request_timeout_ms: 30_000,
         }
     }
 }

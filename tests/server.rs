@@ -249,6 +249,36 @@ fn a_full_queue_answers_429_with_retry_after_and_recovers() {
 }
 
 #[test]
+fn a_request_the_model_cannot_answer_in_time_gets_503_with_retry_after() {
+    let server = Server::start(&[], &[("FLYWHEEL_BATCHING__REQUEST_TIMEOUT_MS", "1")]);
+    // A 256-token forward pass takes tens of milliseconds: far over the 1 ms limit.
+    let long = "timeout ".repeat(300);
+    let answer = ureq::post(&server.url("/v1/embed")).send_json(json!({ "inputs": [long] }));
+    let Err(ureq::Error::Status(code, response)) = answer else {
+        panic!("expected an error status, got {answer:?}");
+    };
+    assert_eq!(code, 503);
+    assert!(response.header("retry-after").is_some());
+    let body: Value = response.into_json().unwrap();
+    assert_eq!(body["error_type"], "timeout", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("request_timeout_ms"),
+        "{body}"
+    );
+    let (_, metrics) = server.get_text("/metrics");
+    assert!(
+        metrics.contains(r#"flywheel_requests_rejected_total{reason="timeout"} 1"#),
+        "{metrics}"
+    );
+    // The server is still up.
+    let (status, _) = server.get_json("/health");
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn the_exposition_passes_promtool_and_carries_a_p99_per_route() {
     let server = Server::start(&[], &[]);
     for _ in 0..20 {

@@ -109,6 +109,9 @@ impl From<InferError> for ApiError {
             InferError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            InferError::TimedOut(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
+            }
             InferError::Model(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", message)
             }

@@ -40,6 +40,9 @@ pub enum InferError {
     /// The model thread has stopped.
     #[error("the model is shutting down")]
     ShuttingDown,
+    /// The answer did not come within `batching.request_timeout_ms`.
+    #[error("no answer from the model within {0:?} (batching.request_timeout_ms); retry shortly")]
+    TimedOut(Duration),
 }
 
 impl InferError {
@@ -48,7 +51,10 @@ impl InferError {
     pub fn is_not_the_models(&self) -> bool {
         matches!(
             self,
-            InferError::Overloaded { .. } | InferError::TooLarge(_) | InferError::Invalid(_)
+            InferError::Overloaded { .. }
+                | InferError::TooLarge(_)
+                | InferError::Invalid(_)
+                | InferError::TimedOut(_)
         )
     }
 }
@@ -125,6 +131,7 @@ pub struct Infer {
     permits: Arc<Semaphore>,
     capacity: usize,
     max_batch_tokens: usize,
+    timeout: Option<Duration>,
     tokenizer: TextTokenizer,
     model_name: String,
     dimensions: usize,
@@ -148,6 +155,8 @@ impl Infer {
             permits: Arc::new(Semaphore::new(config.queue_capacity)),
             capacity: config.queue_capacity,
             max_batch_tokens: config.max_batch_tokens,
+            timeout: (config.request_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.request_timeout_ms)),
             tokenizer: model.tokenizer.clone(),
             model_name: model.name.clone(),
             adapters_supported: model.cpu().is_some(),
@@ -257,7 +266,18 @@ impl Infer {
         };
         self.metrics.queue_depth.add(texts.len() as i64);
         self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;
-        let result = answer.await.map_err(|_| InferError::ShuttingDown)??;
+        let answered = match self.timeout {
+            None => answer.await,
+            Some(limit) => match tokio::time::timeout(limit, answer).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    // Dropping the receiver marks the entry closed: the model thread skips it unrun.
+                    self.metrics.rejected.with_label_values(&["timeout"]).inc();
+                    return Err(InferError::TimedOut(limit));
+                }
+            },
+        };
+        let result = answered.map_err(|_| InferError::ShuttingDown)??;
         Ok(Outputs {
             vectors: result.vectors,
             features: result.features,
