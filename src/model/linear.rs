@@ -257,6 +257,7 @@ mod tests {
     use candle_nn::Module;
 
     use super::Linear;
+    use crate::model::tiny::max_abs_diff;
 
     #[test]
     fn a_frozen_linear_computes_the_same_output_and_input_gradient_as_a_matmul() {
@@ -279,20 +280,8 @@ mod tests {
             .unwrap()
             .broadcast_add(&bias)
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert_eq!(y.dims(), &[3, 100, 5]);
-        assert!(diff(&y, &reference) < 1e-5);
+        assert!(max_abs_diff(&y, &reference) < 1e-5);
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = reference
             .sqr()
@@ -305,7 +294,7 @@ mod tests {
             g.get(x.as_tensor()).unwrap(),
             g_ref.get(x.as_tensor()).unwrap(),
         );
-        assert!(diff(a, b) < 1e-4, "input gradients differ");
+        assert!(max_abs_diff(a, b) < 1e-4, "input gradients differ");
         assert!(
             g.get(&weight).is_none(),
             "no gradient for the frozen weight"

@@ -173,19 +173,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
     use super::{gelu_erf, softmax_last};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::model::tiny::max_abs_diff;
 
     /// Values and input gradients of `ours` and `reference` under a weighted sum, on the same input.
     fn compare(
@@ -214,7 +202,7 @@ mod tests {
         };
         let (y1, g1) = run(&ours);
         let (y2, g2) = run(&reference);
-        (max_diff(&y1, &y2), max_diff(&g1, &g2))
+        (max_abs_diff(&y1, &y2), max_abs_diff(&g1, &g2))
     }
 
     #[test]

@@ -343,7 +343,7 @@ impl Jobs {
         out
     }
 
-    /// Stops the trainer for a shutdown: queued jobs and the running one are marked failed ("interrupted by
+    /// Stops the trainer for a shutdown: queued jobs and the running one are marked failed ("interrupted by a
     /// shutdown"), the running one stops at its next micro-batch, and the list is persisted. Waits at most
     /// `deadline` for the running job to stop; returns whether it did.
     pub fn shutdown(&self, deadline: Duration) -> bool {
