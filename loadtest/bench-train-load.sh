@@ -20,13 +20,8 @@ yield_ms="${3:-250}"
 prepare
 out=target/bench
 mkdir -p "$out"
-data=$(mktemp -d)
-log="$out/server-train-load.log"
-FLYWHEEL_TRAINER__YIELD_TO_SERVING_MS="$yield_ms" \
-  target/release/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true; rm -rf "$data"' EXIT
-wait_for_url "$log"
+export FLYWHEEL_TRAINER__YIELD_TO_SERVING_MS="$yield_ms"
+start_server "$out/server-train-load.log"
 python3 - "$out" "$url" <<'PY'
 import json, sys, urllib.request
 out, url = sys.argv[1], sys.argv[2]

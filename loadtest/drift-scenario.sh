@@ -15,10 +15,5 @@ source loadtest/lib.sh
 prepare
 out=target/scenario
 mkdir -p "$out"
-data=$(mktemp -d)
-log="$out/server.log"
-target/release/flywheel serve --config loadtest/scenario.toml --port 0 --data-dir "$data" >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true; rm -rf "$data"' EXIT
-wait_for_url "$log"
+start_server "$out/server.log" --config loadtest/scenario.toml
 target/release/flywheel-scenario --url "$url" --out "$out" "$@"
