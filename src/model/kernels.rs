@@ -72,6 +72,79 @@ fn size(a: usize, b: usize) -> usize {
     a.checked_mul(b).expect("kernel size overflows usize")
 }
 
+/// How a row-major weight `w` enters a product.
+#[derive(Clone, Copy)]
+enum Weight {
+    /// `w` is `[cols × inner]` (PyTorch's `Linear` layout) and the product uses `wᵀ`.
+    Transposed,
+    /// `w` is `[inner × cols]` and the product uses it as it is.
+    AsIs,
+}
+
+/// `out[rows × cols] = (accumulate ? out : 0) + scale · a[rows × inner] · W`, with `W` read from `w` as
+/// `layout` says. The one place the kernels call into gemm.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    what: &str,
+    a: &[f32],
+    rows: usize,
+    inner: usize,
+    w: &[f32],
+    layout: Weight,
+    cols: usize,
+    accumulate: bool,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        a.len(),
+        size(rows, inner),
+        "{what}: input is not rows × {inner}"
+    );
+    assert_eq!(
+        w.len(),
+        size(inner, cols),
+        "{what}: weight is not {cols} × {inner}"
+    );
+    assert_eq!(
+        out.len(),
+        size(rows, cols),
+        "{what}: output is not rows × {cols}"
+    );
+    if rows == 0 {
+        return;
+    }
+    let (w_cs, w_rs) = match layout {
+        Weight::Transposed => (inner as isize, 1),
+        Weight::AsIs => (1, cols as isize),
+    };
+    // SAFETY: the asserts above bound every access gemm makes with these sizes and strides: `a` and `out`
+    // are row-major `rows × inner` and `rows × cols`, and either layout of `w` stays within `inner · cols`.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            out.as_mut_ptr(),
+            1,
+            cols as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            inner as isize,
+            w.as_ptr(),
+            w_cs,
+            w_rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism(rows.saturating_mul(cols).saturating_mul(inner)),
+        );
+    }
+}
+
 /// `out[rows × n] = x[rows × k] · wᵀ + bias`, where `w` is `[n × k]` row-major (PyTorch's `Linear` layout).
 ///
 /// `out` is overwritten; its previous contents are ignored.
@@ -84,13 +157,8 @@ pub fn linear(
     n: usize,
     out: &mut [f32],
 ) {
-    assert_eq!(x.len(), size(rows, k), "linear: input is not rows × k");
-    assert_eq!(w.len(), size(n, k), "linear: weight is not n × k");
     assert_eq!(out.len(), size(rows, n), "linear: output is not rows × n");
-    if rows == 0 {
-        return;
-    }
-    let read_dst = match bias {
+    let with_bias = match bias {
         Some(b) => {
             assert_eq!(b.len(), n, "linear: bias is not n");
             for row in out.chunks_exact_mut(n) {
@@ -100,66 +168,25 @@ pub fn linear(
         }
         None => false,
     };
-    // SAFETY: the asserts above bound every access gemm makes with these sizes and strides.
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            read_dst,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(rows.saturating_mul(n).saturating_mul(k)),
-        );
-    }
+    product(
+        "linear",
+        x,
+        rows,
+        k,
+        w,
+        Weight::Transposed,
+        n,
+        with_bias,
+        1.0,
+        out,
+    );
 }
 
 /// `out[rows × k] = g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a linear layer's input gradient.
 ///
 /// `out` is overwritten; its previous contents are ignored.
 pub fn matmul(g: &[f32], rows: usize, n: usize, w: &[f32], k: usize, out: &mut [f32]) {
-    assert_eq!(g.len(), size(rows, n), "matmul: left is not rows × n");
-    assert_eq!(w.len(), size(n, k), "matmul: right is not n × k");
-    assert_eq!(out.len(), size(rows, k), "matmul: output is not rows × k");
-    if rows == 0 {
-        return;
-    }
-    // SAFETY: the asserts above bound every access gemm makes with these sizes and strides.
-    unsafe {
-        gemm::gemm(
-            rows,
-            k,
-            n,
-            out.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            g.as_ptr(),
-            1,
-            n as isize,
-            w.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(rows.saturating_mul(n).saturating_mul(k)),
-        );
-    }
+    product("matmul", g, rows, n, w, Weight::AsIs, k, false, 1.0, out);
 }
 
 /// `out[rows × n] += x[rows × k] · wᵀ · scale` for a `w` of shape `[n × k]`: the accumulate form used for
@@ -173,48 +200,18 @@ pub fn linear_accumulate(
     scale: f32,
     out: &mut [f32],
 ) {
-    assert_eq!(
-        x.len(),
-        size(rows, k),
-        "linear_accumulate: input is not rows × k"
+    product(
+        "linear_accumulate",
+        x,
+        rows,
+        k,
+        w,
+        Weight::Transposed,
+        n,
+        true,
+        scale,
+        out,
     );
-    assert_eq!(
-        w.len(),
-        size(n, k),
-        "linear_accumulate: weight is not n × k"
-    );
-    assert_eq!(
-        out.len(),
-        size(rows, n),
-        "linear_accumulate: output is not rows × n"
-    );
-    if rows == 0 {
-        return;
-    }
-    // SAFETY: the asserts above bound every access gemm makes with these sizes and strides.
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism(rows.saturating_mul(n).saturating_mul(k)),
-        );
-    }
 }
 
 /// `e^x` for `x` in roughly [-87, 88], relative error below 2e-7, written to vectorise.

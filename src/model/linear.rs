@@ -79,18 +79,16 @@ struct FrozenLinearBackward {
 /// Rows per block of a frozen linear: a few milliseconds of GEMM on one core at BERT-small widths.
 const CHUNK_ROWS: usize = 256;
 
-/// The weight's contiguous f32 values.
-fn cpu_weight(
-    weight: &Tensor,
-    run: impl FnOnce(&[f32]) -> candle_core::Result<(CpuStorage, Shape)>,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (w_storage, w_layout) = weight.storage_and_layout();
-    let Storage::Cpu(w_cpu) = &*w_storage else {
-        return Err(candle_core::Error::Msg(
-            "frozen-linear: weight not on the CPU".into(),
-        ));
-    };
-    run(f32_slice(w_cpu, w_layout, "frozen-linear weight")?)
+/// The contiguous f32 values of a tensor's storage, which must be on the CPU.
+fn cpu_f32<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => f32_slice(cpu, layout, what),
+        _ => Err(candle_core::Error::Msg(format!("{what} is not on the CPU"))),
+    }
 }
 
 /// Runs `block(rows, input, output)` over blocks of [`CHUNK_ROWS`] rows of an `[rows × k]` input and an
@@ -160,24 +158,17 @@ impl CustomOp1 for FrozenLinear {
         let (n, k) = self.weight.dims2()?;
         let dims = ending_in(layout, k, "frozen-linear input")?;
         let x = f32_slice(storage, layout, "frozen-linear input")?;
-        cpu_weight(&self.weight, |w| {
-            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-            let bias = match &bias_guard {
-                Some((guard, layout)) => match &**guard {
-                    Storage::Cpu(cpu) => Some(f32_slice(cpu, layout, "frozen-linear bias")?),
-                    _ => {
-                        return Err(candle_core::Error::Msg(
-                            "frozen-linear: bias not on the CPU".into(),
-                        ))
-                    }
-                },
-                None => None,
-            };
-            let out = by_blocks(x, k, n, |rows, x, out| {
-                super::kernels::linear(x, rows, k, w, bias, n, out)
-            });
-            Ok((CpuStorage::F32(out), with_last(dims, n)))
-        })
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
+            None => None,
+        };
+        let out = by_blocks(x, k, n, |rows, x, out| {
+            super::kernels::linear(x, rows, k, w, bias, n, out)
+        });
+        Ok((CpuStorage::F32(out), with_last(dims, n)))
     }
 
     fn bwd(
@@ -206,12 +197,12 @@ impl CustomOp1 for FrozenLinearBackward {
         let (n, k) = self.weight.dims2()?;
         let dims = ending_in(layout, n, "frozen-linear gradient")?;
         let g = f32_slice(storage, layout, "frozen-linear gradient")?;
-        cpu_weight(&self.weight, |w| {
-            let out = by_blocks(g, n, k, |rows, g, out| {
-                super::kernels::matmul(g, rows, n, w, k, out)
-            });
-            Ok((CpuStorage::F32(out), with_last(dims, k)))
-        })
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
+        let out = by_blocks(g, n, k, |rows, g, out| {
+            super::kernels::matmul(g, rows, n, w, k, out)
+        });
+        Ok((CpuStorage::F32(out), with_last(dims, k)))
     }
 }
 

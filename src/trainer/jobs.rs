@@ -115,6 +115,31 @@ pub struct TrainerDeps {
     pub metrics: crate::metrics::Metrics,
 }
 
+/// A job's wall time and the part of it spent yielding to serving, from one starting point.
+struct JobClock<'a> {
+    started: Instant,
+    pressure: &'a ServingPressure,
+    yielded_before: Duration,
+}
+
+impl<'a> JobClock<'a> {
+    fn start(pressure: &'a ServingPressure) -> Self {
+        Self {
+            started: Instant::now(),
+            pressure,
+            yielded_before: pressure.yielded(),
+        }
+    }
+
+    /// Seconds since the start, and seconds of those spent yielding.
+    fn read(&self) -> (f64, f64) {
+        (
+            self.started.elapsed().as_secs_f64(),
+            (self.pressure.yielded() - self.yielded_before).as_secs_f64(),
+        )
+    }
+}
+
 /// Why a job a shutdown stopped failed.
 const INTERRUPTED_BY_SHUTDOWN: &str = "interrupted by a shutdown; submit it again";
 
@@ -459,11 +484,9 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .unwrap_or_default();
     shared.update(id, |j| j.state = JobState::Running);
     shared.persist();
-    let started = Instant::now();
-    let yielded_before = deps.yield_to.0.yielded();
-    let result = train_and_publish(shared, deps, &job, &cancel, started);
-    let wall = started.elapsed().as_secs_f64();
-    let yielded = (deps.yield_to.0.yielded() - yielded_before).as_secs_f64();
+    let clock = JobClock::start(&deps.yield_to.0);
+    let result = train_and_publish(shared, deps, &job, &cancel, &clock);
+    let (wall, yielded) = clock.read();
     deps.metrics
         .training_yield_seconds
         .with_label_values(&[job.task.as_str()])
@@ -658,7 +681,7 @@ fn train_and_publish(
     deps: &TrainerDeps,
     job: &JobStatus,
     cancel: &AtomicBool,
-    started: Instant,
+    clock: &JobClock<'_>,
 ) -> Result<Output, TrainError> {
     let task = deps
         .registry
@@ -694,10 +717,8 @@ fn train_and_publish(
         j.train_examples = Some(train.len());
         j.replayed_examples = Some(data.replayed_rows);
     });
-    let yielded_before = deps.yield_to.0.yielded();
     let mut progress = |p: &Progress| {
-        let elapsed = started.elapsed().as_secs_f64();
-        let yielded = (deps.yield_to.0.yielded() - yielded_before).as_secs_f64();
+        let (elapsed, yielded) = clock.read();
         deps.metrics
             .training_loss
             .with_label_values(&[task.name.as_str()])

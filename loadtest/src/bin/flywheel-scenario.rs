@@ -217,6 +217,11 @@ fn accuracy(client: &Client, generation: &str, mails: &[Mail]) -> anyhow::Result
     Ok(right as f64 / mails.len().max(1) as f64)
 }
 
+/// An empty latency histogram in microseconds (1 µs to 120 s, 3 significant digits).
+fn latencies() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 120_000_000, 3)?)
+}
+
 fn p99_ms(h: &Histogram<u64>) -> Option<f64> {
     (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0)
 }
@@ -478,7 +483,7 @@ fn main() -> anyhow::Result<()> {
             }
             let mut batch: Vec<Done> = std::mem::take(&mut *done.lock().expect("done lock"));
             batch.sort_by(|a, b| a.at.total_cmp(&b.at));
-            let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+            let mut h = latencies()?;
             let (mut right, mut judged, mut errors) = (0usize, 0usize, 0usize);
             let mut candidate_requests = 0;
             for d in &batch {
@@ -560,9 +565,14 @@ fn main() -> anyhow::Result<()> {
     let new_after = accuracy(&client, &final_generation, &new_holdout)?;
 
     // Latency of the later-corpus stream, with and without a training job running.
-    let mut idle = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
-    let mut busy = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut idle = latencies()?;
+    let mut busy = latencies()?;
     let (mut before_right, mut before_n, mut after_right, mut after_n) = (0, 0, 0, 0);
+    let first_training = watch
+        .events
+        .iter()
+        .find(|e| e.label == "training starts")
+        .map_or(f64::MAX, |e| e.at);
     for d in all.iter().filter(|d| d.new_corpus) {
         if let Some(c) = d.correct {
             if d.training {
@@ -575,14 +585,7 @@ fn main() -> anyhow::Result<()> {
                     after_right += usize::from(c);
                     after_n += 1;
                 }
-                _ if watch.jobs_seen.is_empty()
-                    || d.at
-                        < watch
-                            .events
-                            .iter()
-                            .find(|e| e.label == "training starts")
-                            .map_or(f64::MAX, |e| e.at) =>
-                {
+                _ if d.at < first_training => {
                     before_right += usize::from(c);
                     before_n += 1;
                 }
