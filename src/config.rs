@@ -158,7 +158,7 @@ pub struct TrainerConfig {
     /// every encoder layer, every optimizer step), for inference in flight to finish. Serving's latency
     /// barely notices training; a saturated server still trains, slowly. 0: never wait.
     pub yield_to_serving_ms: u64,
-    /// Most jobs queued or running (`POST /v1/train` answers 422 beyond).
+    /// Most jobs queued or running (`POST /v1/train` answers 429 `queue_full` beyond).
     pub max_queued_jobs: usize,
     /// Train a task automatically once this many feedback items arrived since its last job (0: never).
     pub auto_every_feedback: u64,

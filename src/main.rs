@@ -21,6 +21,8 @@ enum Command {
     Serve(ServeArgs),
     /// Train a classifier offline from labelled JSONL (`{"text", "label"}` per line), with a progress bar.
     Train(TrainArgs),
+    /// Print the OpenAPI 3.1 document the server answers at `/openapi.json`.
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -200,6 +202,11 @@ fn main() -> anyhow::Result<()> {
                 .context("flywheel serve")?;
         }
         Command::Train(args) => args.run()?,
+        Command::Openapi => {
+            use flywheel::http::openapi::ApiDoc;
+            use utoipa::OpenApi;
+            println!("{}", ApiDoc::openapi().to_pretty_json()?);
+        }
     }
     Ok(())
 }

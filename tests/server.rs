@@ -111,8 +111,11 @@ fn bad_input_gets_json_errors_with_the_right_status() {
         (status, answer["error_type"].as_str()),
         (404, Some("not_found"))
     );
-    let (status, _) = response(ureq::get(&server.url("/v1/embed")).call());
-    assert_eq!(status, 405);
+    let wrong_method = ureq::get(&server.url("/v1/embed")).call();
+    let Err(ureq::Error::Status(405, wrong_method)) = wrong_method else {
+        panic!("GET /v1/embed should be 405: {wrong_method:?}");
+    };
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
 
     // Serving goes on after the errors.
     let (status, _) = server.post("/v1/embed", &json!({"inputs": "still here"}));
@@ -304,4 +307,44 @@ fn the_exposition_passes_promtool_and_carries_a_p99_per_route() {
     );
 
     common::promtool_check(&text);
+}
+
+#[test]
+fn openapi_document_lists_every_route_the_server_answers() {
+    let server = Server::start(&[], &[]);
+    let (status, doc) = server.get_json("/openapi.json");
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths {
+        // Path parameters get a value no resource has: the route must still be matched (no "no such endpoint").
+        let concrete = path.replace('{', "").replace('}', "-none");
+        for method in item.as_object().unwrap().keys() {
+            operations += 1;
+            let method = method.to_uppercase();
+            let request = ureq::request(&method, &server.url(&concrete));
+            let (status, body) = if method == "GET" || method == "DELETE" {
+                response(request.call())
+            } else {
+                response(request.send_json(json!({})))
+            };
+            assert_ne!(status, 405, "{method} {path}: {body}");
+            assert!(
+                !(status == 404 && body["error"] == "no such endpoint"),
+                "{method} {path} is documented but not routed"
+            );
+            let documented = &item[method.to_lowercase()]["responses"][status.to_string()];
+            assert!(
+                documented.is_object(),
+                "{method} {path} answered {status}, which the document does not list: {body}"
+            );
+        }
+    }
+    assert_eq!(operations, 26);
+    let trace = ureq::request("TRACE", &server.url("/health")).call();
+    let Err(ureq::Error::Status(405, trace)) = trace else {
+        panic!("TRACE /health should be 405: {trace:?}");
+    };
+    assert_eq!(trace.header("allow"), Some("GET"));
 }

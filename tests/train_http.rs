@@ -292,11 +292,23 @@ fn kill_9_during_training_loses_no_feedback_and_publishes_no_half_generation() {
 }
 
 #[test]
-fn sigterm_drains_requests_and_stops_the_trainer_with_the_job_marked_interrupted() {
+fn a_full_job_queue_answers_429_and_sigterm_drains_requests_and_stops_the_trainer() {
     let data = tempfile::tempdir().unwrap();
     let job = {
         let server = Server::start_in(data.path(), &[]);
         let (_, job) = start_long_job(&server);
+        // The queue takes `[trainer] max_queued_jobs` (4) jobs, the running one included; then 429.
+        for _ in 0..3 {
+            let (status, body) = server.post("/v1/train", &json!({"task": "spam"}));
+            assert_eq!(status, 202, "{body}");
+        }
+        let full = ureq::post(&server.url("/v1/train")).send_json(json!({"task": "spam"}));
+        let Err(ureq::Error::Status(429, full)) = full else {
+            panic!("a fifth job should be refused with 429: {full:?}");
+        };
+        assert_eq!(full.header("retry-after"), Some("1"));
+        let full: Value = full.into_json().unwrap();
+        assert_eq!(full["error_type"], "queue_full", "{full}");
         // Requests in flight when the signal arrives are answered.
         let texts: Vec<String> = mails("easy-ham-1", 8);
         let in_flight: Vec<_> = texts

@@ -63,7 +63,7 @@ struct Snapshot {
 }
 
 /// One signal's outcome.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SignalReport {
     /// `prediction`, `confidence` or `embedding`.
     pub signal: &'static str,
@@ -80,7 +80,7 @@ pub struct SignalReport {
 }
 
 /// `GET /v1/drift/{task}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DriftReport {
     /// The task.
     pub task: String,
@@ -97,12 +97,12 @@ pub struct DriftReport {
 }
 
 /// The state of a task's monitor when no report exists yet.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Warming {
     /// The task.
     pub task: String,
-    /// The stable generation being watched.
-    pub generation: String,
+    /// The stable generation being watched; `null` until a prediction of it was seen.
+    pub generation: Option<String>,
     /// Predictions in the reference so far.
     pub reference_size: usize,
     /// Predictions in the window so far.
@@ -190,7 +190,7 @@ impl DriftMonitor {
             if entry.window.len() < self.config.min_window {
                 return Some(Err(Warming {
                     task: task.to_owned(),
-                    generation: entry.generation.clone(),
+                    generation: Some(entry.generation.clone()),
                     reference_size: entry.reference.len(),
                     window_size: entry.window.len(),
                     status: format!(

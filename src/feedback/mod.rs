@@ -35,7 +35,7 @@ pub struct NewFeedback {
 }
 
 /// A stored row.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Feedback {
     /// Monotonic id.
     pub id: i64,

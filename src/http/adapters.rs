@@ -5,14 +5,15 @@ use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::adapters::registry::State;
 use crate::adapters::Generation;
 
 /// A generation as `GET /v1/adapters` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AdapterView {
     /// Content-hash id.
     pub id: String,
@@ -36,6 +37,7 @@ pub struct AdapterView {
     /// Unix seconds.
     pub created_at: u64,
     /// Recorded evaluation metrics.
+    #[schema(value_type = Object)]
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// Trainable values.
     pub trainable_params: usize,
@@ -69,6 +71,8 @@ fn view(g: &Generation, aliases: Vec<String>) -> AdapterView {
 }
 
 /// `GET /v1/adapters`.
+#[utoipa::path(get, path = "/v1/adapters", tag = "adapters", security((), ("admin_key" = [])),
+    responses((status = 200, description = "Every generation", body = Vec<AdapterView>)))]
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
     let registry = &state.services()?.registry;
@@ -81,19 +85,27 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 }
 
 /// Body of `POST /v1/adapters`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadAdapter {
     /// PEFT directory relative to the adapter root.
     pub path: String,
     /// The task it serves.
     pub task: String,
-    /// An alias to point at it.
+    /// An alias to point at it: 1–64 of `A-Z a-z 0-9 _ . -`, not starting with `g-`.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$", nullable)]
     pub alias: Option<String>,
 }
 
 /// `POST /v1/adapters` → 201 with the generation (200 if the same content was already loaded).
+#[utoipa::path(post, path = "/v1/adapters", tag = "adapters", request_body = LoadAdapter,
+    security((), ("admin_key" = [])),
+    responses(
+        (status = 201, description = "Loaded", body = AdapterView),
+        (status = 200, description = "The same content was already loaded", body = AdapterView),
+        (status = 404, description = "No such directory or task (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Conflicts with a loaded generation or alias (`conflict`)", body = ErrorBody)))]
 pub async fn load(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -134,6 +146,12 @@ fn aliases_of(registry: &crate::adapters::Registry, g: &Arc<Generation>) -> Vec<
 }
 
 /// `DELETE /v1/adapters/{id}` → 204; 409 while an alias uses it.
+#[utoipa::path(delete, path = "/v1/adapters/{id}", tag = "adapters", security((), ("admin_key" = [])),
+    params(("id" = String, Path, description = "Generation id or alias")),
+    responses(
+        (status = 204, description = "Unloaded"),
+        (status = 404, description = "No such generation (`not_found`)", body = ErrorBody),
+        (status = 409, description = "An alias or an active rollout uses it (`conflict`)", body = ErrorBody)))]
 pub async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -162,7 +180,7 @@ pub async fn delete(
 }
 
 /// Body of `PUT /v1/aliases/{alias}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetAlias {
     /// The generation id to point at.
@@ -170,6 +188,14 @@ pub struct SetAlias {
 }
 
 /// `PUT /v1/aliases/{alias}`: moves the alias atomically.
+#[utoipa::path(put, path = "/v1/aliases/{alias}", tag = "adapters", request_body = SetAlias,
+    security((), ("admin_key" = [])),
+    params(("alias" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$",
+        description = "Alias name: 1–64 of `A-Z a-z 0-9 _ . -`, not starting with `g-`")),
+    responses(
+        (status = 200, description = "The alias now points at the generation", body = AliasView),
+        (status = 404, description = "No such generation (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The generation belongs to another task (`conflict`)", body = ErrorBody)))]
 pub async fn set_alias(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -183,7 +209,20 @@ pub async fn set_alias(
     let generation = web::block(move || registry.set_alias(&name, &body.adapter))
         .await
         .map_err(|_| ApiError::busy())??;
-    Ok(HttpResponse::Ok().json(
-        serde_json::json!({"alias": alias, "adapter": generation.id, "task": generation.task}),
-    ))
+    Ok(HttpResponse::Ok().json(AliasView {
+        alias,
+        adapter: generation.id.clone(),
+        task: generation.task.clone(),
+    }))
+}
+
+/// Answer of `PUT /v1/aliases/{alias}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AliasView {
+    /// The alias.
+    pub alias: String,
+    /// The generation it points at now.
+    pub adapter: String,
+    /// That generation's task.
+    pub task: String,
 }

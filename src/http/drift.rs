@@ -2,10 +2,17 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
+use crate::drift::{DriftReport, Warming};
 
 /// The task's drift report (200), or its warm-up status (202: not enough predictions yet).
+#[utoipa::path(get, path = "/v1/drift/{task}", tag = "drift", security((), ("api_key" = [])),
+    params(("task" = String, Path, description = "Task name")),
+    responses(
+        (status = 200, description = "The drift report", body = DriftReport),
+        (status = 202, description = "Still warming up: not enough predictions yet", body = Warming),
+        (status = 404, description = "No such task (`not_found`)", body = ErrorBody)))]
 pub async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -25,9 +32,12 @@ pub async fn get(
     Ok(match report {
         Some(Ok(report)) => HttpResponse::Ok().json(report),
         Some(Err(warming)) => HttpResponse::Accepted().json(warming),
-        None => HttpResponse::Accepted().json(serde_json::json!({
-            "task": task.as_str(),
-            "status": "no prediction of the stable generation seen yet",
-        })),
+        None => HttpResponse::Accepted().json(Warming {
+            task: task.into_inner(),
+            generation: None,
+            reference_size: 0,
+            window_size: 0,
+            status: "no prediction of the stable generation seen yet".to_owned(),
+        }),
     })
 }

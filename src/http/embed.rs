@@ -2,6 +2,9 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::{timing_headers, AppState};
@@ -16,6 +19,34 @@ pub enum Inputs {
     Many(Vec<String>),
 }
 
+/// Written by hand: a derived schema cannot say that each text needs a non-blank character.
+impl utoipa::PartialSchema for Inputs {
+    fn schema() -> RefOr<Schema> {
+        let text = |what: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("\\S"))
+                .description(Some(format!(
+                    "{what}: not blank, at most `[limits] max_text_bytes` bytes"
+                )))
+        };
+        OneOfBuilder::new()
+            .item(text("A single text"))
+            .item(
+                ArrayBuilder::new()
+                    .items(text("A text"))
+                    .min_items(Some(1))
+                    .description(Some(
+                        "Several texts, answered in order: at most `[limits] max_inputs`",
+                    )),
+            )
+            .description(Some("One text or a list of texts."))
+            .into()
+    }
+}
+
+impl ToSchema for Inputs {}
+
 impl Inputs {
     pub(super) fn into_vec(self) -> Vec<String> {
         match self {
@@ -26,7 +57,7 @@ impl Inputs {
 }
 
 /// Body of `POST /v1/embed`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedRequest {
     /// Text(s) to embed.
@@ -41,14 +72,14 @@ fn default_normalize() -> bool {
 }
 
 /// Token counts of a request.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Usage {
     /// Tokens processed, special tokens included, after truncation.
     pub tokens: usize,
 }
 
 /// Answer of `POST /v1/embed`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EmbedResponse {
     /// One vector per input, in order.
     pub embeddings: Vec<Vec<f32>>,
@@ -87,6 +118,11 @@ pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), A
 }
 
 /// Embeds the inputs with mean pooling (and L2 normalisation unless `normalize` is false).
+#[utoipa::path(post, path = "/v1/embed", tag = "inference", request_body = EmbedRequest,
+    security((), ("api_key" = [])),
+    responses((status = 200, description = "One vector per input", body = EmbedResponse, headers(
+        ("x-request-id" = String, description = "The request's id"),
+        ("x-queue-time-ms" = String, description = "Milliseconds waiting for the model thread")))))]
 pub async fn embed(
     req: HttpRequest,
     state: web::Data<AppState>,

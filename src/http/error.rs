@@ -24,10 +24,13 @@ pub struct ApiError {
     pub message: String,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    error_type: &'a str,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A sentence for humans.
+    pub error: String,
+    /// Stable snake_case kind, e.g. `invalid_request`.
+    pub error_type: String,
 }
 
 impl ApiError {
@@ -92,8 +95,8 @@ impl ResponseError for ApiError {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
         }
         response.json(ErrorBody {
-            error: &self.message,
-            error_type: self.kind,
+            error: self.message.clone(),
+            error_type: self.kind.to_owned(),
         })
     }
 }

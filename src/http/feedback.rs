@@ -1,11 +1,14 @@
 //! `POST /v1/feedback` (durable before 202) and `GET /v1/feedback` (admin listing).
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::feedback::NewFeedback;
+use crate::feedback::{Feedback, NewFeedback};
 
 /// One feedback item: `{task, text, label}` or `{request_id, label, index?}`.
 #[derive(Debug, Deserialize)]
@@ -27,8 +30,56 @@ pub struct Item {
     pub label: String,
 }
 
+/// Written by hand: the item is one struct here, so that a wrong mix of fields gets a precise error, but
+/// callers see its two shapes.
+impl utoipa::PartialSchema for Item {
+    fn schema() -> RefOr<Schema> {
+        let string = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .description(Some(description))
+        };
+        let label = || string("The right label: one of the task's labels");
+        let by_text = ObjectBuilder::new()
+            .property("task", string("The task"))
+            .property(
+                "text",
+                string("The text: not blank, at most `[limits] max_text_bytes` bytes")
+                    .pattern(Some("\\S")),
+            )
+            .property("label", label())
+            .required("task")
+            .required("text")
+            .required("label")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .description(Some("A text and its right label"));
+        let by_request = ObjectBuilder::new()
+            .property(
+                "request_id",
+                string("A recent `/v1/predict` request whose input this labels"),
+            )
+            .property(
+                "index",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .description(Some("Which input of that request (default 0)")),
+            )
+            .property("task", string("The request's task (checked when given)"))
+            .property("label", label())
+            .required("request_id")
+            .required("label")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .description(Some("A recent request's input and its right label"));
+        OneOfBuilder::new().item(by_text).item(by_request).into()
+    }
+}
+
+impl ToSchema for Item {}
+
 /// Body of `POST /v1/feedback`: one item, or `{"items": [...]}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum FeedbackRequest {
     /// Several items, stored in one transaction.
@@ -133,6 +184,11 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdi
 }
 
 /// Stores the feedback durably, then answers 202 `{"accepted", "ids", "duplicates"}`.
+#[utoipa::path(post, path = "/v1/feedback", tag = "feedback", request_body = FeedbackRequest,
+    security((), ("api_key" = [])),
+    responses(
+        (status = 202, description = "Stored durably", body = FeedbackAccepted),
+        (status = 404, description = "The named request is unknown or forgotten (`not_found`)", body = ErrorBody)))]
 pub async fn post(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -179,15 +235,27 @@ pub async fn post(
             }
         }
     }
-    Ok(HttpResponse::Accepted().json(serde_json::json!({
-        "accepted": appended.len(),
-        "ids": appended.iter().map(|a| a.id).collect::<Vec<_>>(),
-        "duplicates": appended.iter().filter(|a| a.duplicate).count(),
-    })))
+    Ok(HttpResponse::Accepted().json(FeedbackAccepted {
+        accepted: appended.len(),
+        ids: appended.iter().map(|a| a.id).collect(),
+        duplicates: appended.iter().filter(|a| a.duplicate).count(),
+    }))
+}
+
+/// Answer of `POST /v1/feedback`, sent once the rows are durable.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackAccepted {
+    /// Items stored (duplicates included).
+    pub accepted: usize,
+    /// Each item's row id, in order (a duplicate's is the existing row's).
+    pub ids: Vec<i64>,
+    /// Items already stored with the same task, text and label; their count went up instead.
+    pub duplicates: usize,
 }
 
 /// Query of `GET /v1/feedback`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// The task.
@@ -197,6 +265,7 @@ pub struct ListQuery {
     pub after_id: i64,
     /// At most this many (≤ 10,000; default 1,000).
     #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: usize,
 }
 
@@ -205,6 +274,11 @@ fn default_limit() -> usize {
 }
 
 /// Lists stored feedback of a task in id order (admin).
+#[utoipa::path(get, path = "/v1/feedback", tag = "feedback", params(ListQuery),
+    security((), ("admin_key" = [])),
+    responses(
+        (status = 200, description = "Stored rows in id order", body = Vec<Feedback>),
+        (status = 404, description = "No such task (`not_found`)", body = ErrorBody)))]
 pub async fn list(
     req: HttpRequest,
     state: web::Data<AppState>,

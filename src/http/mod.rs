@@ -7,6 +7,7 @@ mod drift;
 mod embed;
 pub mod error;
 mod feedback;
+pub mod openapi;
 mod ops;
 mod predict;
 mod rollouts;
@@ -107,9 +108,10 @@ pub enum ServeError {
 
 /// Registers every route on `cfg`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(ops::health))
-        .route("/ready", web::get().to(ops::ready))
-        .route("/metrics", web::get().to(ops::metrics))
+    cfg.service(resource("/health").route(web::get().to(ops::health)))
+        .service(resource("/ready").route(web::get().to(ops::ready)))
+        .service(resource("/metrics").route(web::get().to(ops::metrics)))
+        .service(resource("/openapi.json").route(web::get().to(ops::openapi)))
         .service(resource("/v1/embed").route(web::post().to(embed::embed)))
         .service(resource("/v1/predict").route(web::post().to(predict::predict)))
         .service(
@@ -156,12 +158,24 @@ fn resource(path: &str) -> actix_web::Resource {
     web::resource(path).default_service(web::to(method_not_allowed))
 }
 
-async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::new(
+/// 405 with the `Allow` header RFC 9110 asks for, listing the methods the OpenAPI document gives the path.
+async fn method_not_allowed(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
+    use actix_web::ResponseError;
+    let mut response = ApiError::new(
         actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "method not allowed on this path",
-    ))
+    )
+    .error_response();
+    let allow = req
+        .match_pattern()
+        .and_then(|pattern| openapi::allowed_methods(&pattern));
+    if let Some(allow) = allow.and_then(|a| HeaderValue::from_str(a).ok()) {
+        response
+            .headers_mut()
+            .insert(actix_web::http::header::ALLOW, allow);
+    }
+    response
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {

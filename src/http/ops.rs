@@ -1,27 +1,75 @@
-//! Operational endpoints: `/health`, `/ready`, `/metrics`.
+//! Operational endpoints: `/health`, `/ready`, `/metrics`, `/openapi.json`.
+
+use std::sync::OnceLock;
 
 use actix_web::{web, HttpResponse};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::openapi::ApiDoc;
 use super::AppState;
 
+/// Answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
+}
+
+/// Answer of `GET /ready`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    pub status: &'static str,
+    /// The base model's name.
+    pub model: String,
+    /// Embedding dimensions.
+    pub dimensions: usize,
+}
+
 /// `GET /health`: 200 while the process lives.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Health)))]
 pub async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+    HttpResponse::Ok().json(Health { status: "ok" })
 }
 
 /// `GET /ready`: 200 once the model is loaded, 503 before.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "The model is loaded", body = Ready),
+        (status = 503, description = "The model is still loading (`not_ready`)", body = ErrorBody)))]
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let infer = state.infer().ok_or_else(ApiError::not_ready)?;
-    Ok(HttpResponse::Ok().json(
-        json!({"status": "ready", "model": infer.model_name(), "dimensions": infer.dimensions()}),
-    ))
+    Ok(HttpResponse::Ok().json(Ready {
+        status: "ready",
+        model: infer.model_name().to_owned(),
+        dimensions: infer.dimensions(),
+    }))
 }
 
 /// `GET /metrics`: Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String,
+        content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
+}
+
+/// `GET /openapi.json`: the OpenAPI 3.1 document of every endpoint, generated from the handlers.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document", content_type = "application/json")))]
+pub async fn openapi() -> HttpResponse {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let body = DOCUMENT.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .expect("an OpenAPI document of string-keyed maps always serialises; this is a bug")
+    });
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body.as_str())
 }

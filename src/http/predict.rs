@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::embed::{validate_texts, Inputs};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::{timing_headers, AppState, RouteLabels};
 use crate::adapters::registry::{Generation, State};
 use crate::feedback::recent::{RecentRequest, ShadowPrediction};
@@ -18,7 +19,7 @@ use crate::model::lora::Adapter;
 const MAX_ROUTING_KEY_BYTES: usize = 256;
 
 /// Body of `POST /v1/predict`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
     /// The task to classify for.
@@ -34,18 +35,19 @@ pub struct PredictRequest {
 }
 
 /// One input's prediction.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Prediction {
     /// The most probable label.
     pub label: String,
     /// Its probability.
     pub score: f32,
     /// Every label's probability.
+    #[schema(value_type = std::collections::HashMap<String, f32>)]
     pub scores: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Answer of `POST /v1/predict`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PredictResponse {
     /// Also in the `x-request-id` header; feedback may name it.
     pub request_id: String,
@@ -80,6 +82,13 @@ fn weights(generation: &Generation) -> Result<Arc<Adapter>, ApiError> {
 
 /// Classifies the inputs with the generation the task's rollout picks (stable when none is active), or
 /// with the pinned one.
+#[utoipa::path(post, path = "/v1/predict", tag = "inference", request_body = PredictRequest,
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, description = "One prediction per input", body = PredictResponse, headers(
+            ("x-request-id" = String, description = "The request's id, also in the body"))),
+        (status = 404, description = "Unknown task or adapter (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The task has no servable generation (`conflict`)", body = ErrorBody)))]
 pub async fn predict(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -3,10 +3,11 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::rollout::{RolloutError, StartRequest};
+use crate::rollout::{Rollout, RolloutError, StartRequest};
 
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
@@ -19,6 +20,12 @@ impl From<RolloutError> for ApiError {
 }
 
 /// Starts a rollout: `{"task", "candidate", "traffic"?, "steps"?, "mode"?, "automatic"?}` → 201.
+#[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts", request_body = StartRequest,
+    security((), ("admin_key" = [])),
+    responses(
+        (status = 201, description = "Started", body = Rollout),
+        (status = 404, description = "No such task or candidate (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The candidate cannot be canaried now (`conflict`)", body = ErrorBody)))]
 pub async fn start(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -33,12 +40,19 @@ pub async fn start(
 }
 
 /// Every task's latest rollout.
+#[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", security((), ("admin_key" = [])),
+    responses((status = 200, description = "Each task's latest rollout", body = Vec<Rollout>)))]
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
     Ok(HttpResponse::Ok().json(state.services()?.rollouts.list()))
 }
 
 /// The task's active (or latest) rollout: arms, shares, counts, accuracies, P99, decision log.
+#[utoipa::path(get, path = "/v1/rollouts/{task}", tag = "rollouts", security((), ("admin_key" = [])),
+    params(("task" = String, Path, description = "Task name")),
+    responses(
+        (status = 200, description = "The rollout", body = Rollout),
+        (status = 404, description = "The task has had no rollout (`not_found`)", body = ErrorBody)))]
 pub async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -54,14 +68,22 @@ pub async fn get(
 }
 
 /// Body of `PUT /v1/rollouts/{task}/traffic`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Traffic {
     /// The candidate's new share, in (0, 1].
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub traffic: f64,
 }
 
 /// Changes the candidate's share of the active rollout.
+#[utoipa::path(put, path = "/v1/rollouts/{task}/traffic", tag = "rollouts", request_body = Traffic,
+    security((), ("admin_key" = [])),
+    params(("task" = String, Path, description = "Task name")),
+    responses(
+        (status = 200, description = "The rollout with its new share", body = Rollout),
+        (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
 pub async fn traffic(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -77,6 +99,13 @@ pub async fn traffic(
 }
 
 /// Promotes the candidate: the task's stable alias moves to it.
+#[utoipa::path(post, path = "/v1/rollouts/{task}/promote", tag = "rollouts",
+    security((), ("admin_key" = [])),
+    params(("task" = String, Path, description = "Task name")),
+    responses(
+        (status = 200, description = "Promoted", body = Rollout),
+        (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
 pub async fn promote(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -92,6 +121,13 @@ pub async fn promote(
 }
 
 /// Rolls back: all traffic returns to stable.
+#[utoipa::path(post, path = "/v1/rollouts/{task}/rollback", tag = "rollouts",
+    security((), ("admin_key" = [])),
+    params(("task" = String, Path, description = "Task name")),
+    responses(
+        (status = 200, description = "Rolled back", body = Rollout),
+        (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
 pub async fn rollback(
     req: HttpRequest,
     state: web::Data<AppState>,

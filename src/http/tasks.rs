@@ -2,23 +2,42 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::{AppState, Services};
 use crate::adapters::Task;
 
 /// Body of `POST /v1/tasks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
-    /// Task name (also its stable alias).
+    /// Task name (also its stable alias): 1–64 of `A-Z a-z 0-9 _ . -`, not starting with `g-`.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     pub name: String,
-    /// Labels in classifier-output order.
+    /// Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes.
+    #[schema(schema_with = label_list)]
     pub labels: Vec<String>,
 }
 
+fn label_list() -> ArrayBuilder {
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("\\S"))
+                .max_length(Some(128)),
+        )
+        .min_items(Some(2))
+        .unique_items(true)
+        .description(Some(
+            "Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes",
+        ))
+}
+
 /// A task as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TaskView {
     /// Name.
     pub name: String,
@@ -45,6 +64,12 @@ fn view(task: Task, services: &Services) -> Result<TaskView, ApiError> {
 }
 
 /// `POST /v1/tasks` → 201 (200 when it already exists with the same labels).
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = CreateTask,
+    security((), ("api_key" = [])),
+    responses(
+        (status = 201, description = "Created", body = TaskView),
+        (status = 200, description = "It already existed with the same labels", body = TaskView),
+        (status = 409, description = "It exists with other labels (`conflict`)", body = ErrorBody)))]
 pub async fn create(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -68,6 +93,8 @@ pub async fn create(
 }
 
 /// `GET /v1/tasks`.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", security((), ("api_key" = [])),
+    responses((status = 200, description = "Every task", body = Vec<TaskView>)))]
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
     // Counting feedback is a store query: keep it off the async workers.
@@ -86,6 +113,11 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 }
 
 /// `GET /v1/tasks/{name}`.
+#[utoipa::path(get, path = "/v1/tasks/{name}", tag = "tasks", security((), ("api_key" = [])),
+    params(("name" = String, Path, description = "Task name")),
+    responses(
+        (status = 200, description = "The task", body = TaskView),
+        (status = 404, description = "No such task (`not_found`)", body = ErrorBody)))]
 pub async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -1,20 +1,40 @@
 //! Training jobs (admin): `POST /v1/train`, `GET /v1/jobs`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{Object, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::trainer::jobs::{JobStatus, Jobs};
 use crate::trainer::train::{TrainConfig, TrainError};
 
 impl From<TrainError> for ApiError {
     fn from(e: TrainError) -> Self {
-        ApiError::invalid(e.to_string())
+        let message = e.to_string();
+        match e {
+            TrainError::QueueFull(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message)
+            }
+            TrainError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
+            _ => ApiError::invalid(message),
+        }
     }
 }
 
 /// Queues a training job: `{"task", "method"?: "lora" | "full", ...hyperparameter overrides}` → 202 `{"job_id", ...}`.
+#[utoipa::path(post, path = "/v1/train", tag = "training",
+    request_body(content = TrainRequest, description = "The task and any hyperparameters to override"),
+    security((), ("admin_key" = [])),
+    responses(
+        (status = 202, description = "Queued", body = JobSubmitted),
+        (status = 404, description = "No such task (`not_found`)", body = ErrorBody),
+        (status = 429, description = "The job queue is full (`queue_full`)", body = ErrorBody)))]
 pub async fn submit(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -33,15 +53,69 @@ pub async fn submit(
         .ok_or_else(|| ApiError::not_found(format!("no task {task:?}")))?
         .labels
         .len();
+    let fields = fields.into_iter().map(|(k, v)| (k, integral(v))).collect();
     let config: TrainConfig = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("invalid hyperparameters: {e}")))?;
     config.class_weights.check_labels(labels)?;
     let status = services.jobs.submit(&task, config)?;
-    Ok(HttpResponse::Accepted().json(serde_json::json!({"job_id": status.id, "job": status})))
+    Ok(HttpResponse::Accepted().json(JobSubmitted {
+        job_id: status.id.clone(),
+        job: status,
+    }))
+}
+
+/// Names the schema of `POST /v1/train`'s body: `task` plus any [`TrainConfig`] field. [`submit`] reads it
+/// as a map so that an unknown hyperparameter is refused by name, hence no struct to derive the schema from.
+pub struct TrainRequest;
+
+impl utoipa::PartialSchema for TrainRequest {
+    fn schema() -> RefOr<Schema> {
+        let mut schema = match TrainConfig::schema() {
+            RefOr::T(Schema::Object(object)) => object,
+            _ => Object::new(),
+        };
+        let task = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("The task whose feedback to train on."));
+        schema.properties.insert("task".to_owned(), task.into());
+        schema.properties.move_index(schema.properties.len() - 1, 0);
+        schema.required.insert(0, "task".to_owned());
+        schema.description = Some(
+            "The task, and hyperparameters to override; the rest keep their defaults.".to_owned(),
+        );
+        RefOr::T(Schema::Object(schema))
+    }
+}
+
+impl ToSchema for TrainRequest {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <TrainConfig as ToSchema>::schemas(schemas);
+    }
+}
+
+/// Answer of `POST /v1/train`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobSubmitted {
+    /// The new job's id.
+    pub job_id: String,
+    /// Its status.
+    pub job: JobStatus,
+}
+
+/// JSON Schema counts `5.0` as an integer and so do many clients' encoders; serde does not. An integral,
+/// non-negative number becomes an integer, so `"epochs": 5.0` means 5 (floats still read it as 5.0).
+fn integral(value: serde_json::Value) -> serde_json::Value {
+    match value.as_f64() {
+        Some(x) if value.is_f64() && x.fract() == 0.0 && (0.0..u64::MAX as f64).contains(&x) => {
+            serde_json::Value::from(x as u64)
+        }
+        _ => value,
+    }
 }
 
 /// Query of `GET /v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only this task's jobs.
@@ -50,6 +124,9 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/jobs?task=T`, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "training", params(ListQuery),
+    security((), ("admin_key" = [])),
+    responses((status = 200, description = "Jobs, newest first", body = Vec<JobStatus>)))]
 pub async fn list(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -60,6 +137,11 @@ pub async fn list(
 }
 
 /// `GET /v1/jobs/{id}`.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "training", security((), ("admin_key" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 404, description = "No such job (`not_found`)", body = ErrorBody)))]
 pub async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -69,6 +151,11 @@ pub async fn get(
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job and returns its status.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "training", security((), ("admin_key" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, cancelled unless it had finished", body = JobStatus),
+        (status = 404, description = "No such job (`not_found`)", body = ErrorBody)))]
 pub async fn cancel(
     req: HttpRequest,
     state: web::Data<AppState>,

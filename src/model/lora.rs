@@ -13,7 +13,19 @@ use super::hf_config::BertConfig;
 use super::kernels;
 
 /// A linear of a BERT layer that an adapter may target, named as in Hugging Face's `BertLayer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// `attention.self.query`.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::RolloutConfig;
 
 /// What one arm did in the current step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmStats {
     /// Requests served.
     pub requests: u64,
@@ -78,7 +78,7 @@ impl ArmStats {
 }
 
 /// The analysis' verdict, with the sentence that explains it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "verdict", content = "reason", rename_all = "snake_case")]
 pub enum Verdict {
     /// The candidate may advance (or be promoted after the last step).

@@ -38,7 +38,7 @@ pub enum RolloutError {
 }
 
 /// How the candidate meets traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The candidate answers its share of requests.
@@ -48,7 +48,7 @@ pub enum Mode {
 }
 
 /// Lifecycle of a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Routing traffic.
@@ -82,7 +82,7 @@ impl Arm {
 }
 
 /// Evidence of both arms.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Arms {
     /// The stable arm.
     pub stable: ArmStats,
@@ -100,7 +100,7 @@ impl Arms {
 }
 
 /// Figures of one arm at a decision.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmSummary {
     /// Requests served in the step.
     pub requests: u64,
@@ -127,7 +127,7 @@ impl From<&ArmStats> for ArmSummary {
 }
 
 /// Both arms' figures, for the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Summary {
     /// Stable, this step.
     pub stable: ArmSummary,
@@ -140,7 +140,7 @@ pub struct Summary {
 }
 
 /// One entry of the decision log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Decision {
     /// Unix seconds.
     pub at: u64,
@@ -159,7 +159,7 @@ pub struct Decision {
 }
 
 /// A rollout as `GET /v1/rollouts/{task}` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rollout {
     /// Rollout id (also the routing salt).
     pub id: String,
@@ -230,7 +230,7 @@ impl Rollout {
 }
 
 /// How to start a rollout.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// The task.

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Scores of a classifier on a labelled set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Evaluation {
     /// Examples scored.
     pub examples: usize,

@@ -27,7 +27,7 @@ use crate::pressure::ServingPressure;
 const MAX_ROWS: usize = 200_000;
 
 /// Lifecycle of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for the trainer thread.
@@ -43,7 +43,7 @@ pub enum JobState {
 }
 
 /// A job as `GET /v1/jobs/{id}` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStatus {
     /// Job id.
     pub id: String,
@@ -290,12 +290,10 @@ impl Jobs {
                 .count()
         };
         if self.shared.shutting_down.load(Ordering::Relaxed) {
-            return Err(TrainError::Invalid(
-                "the server is shutting down".to_owned(),
-            ));
+            return Err(TrainError::ShuttingDown);
         }
         if queued >= self.max_queued {
-            return Err(TrainError::Invalid(format!(
+            return Err(TrainError::QueueFull(format!(
                 "{queued} jobs are waiting; at most {} may",
                 self.max_queued
             )));

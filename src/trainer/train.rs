@@ -20,7 +20,7 @@ use crate::model::lora::{Adapter, Target};
 use crate::model::{Bert, CpuEncoder, ModelError};
 
 /// What trains.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Low-rank factors on the chosen linears plus the head; the result is a PEFT adapter.
@@ -31,7 +31,7 @@ pub enum Method {
 }
 
 /// How examples of each label weigh in the loss.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ClassWeights {
     /// `"none"` (all 1) or `"balanced"` (`n / (labels · n_label)` from the training split, as
@@ -42,7 +42,7 @@ pub enum ClassWeights {
 }
 
 /// The named class-weight schemes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightPreset {
     /// Every label weighs 1.
@@ -99,39 +99,51 @@ impl ClassWeights {
 }
 
 /// Hyperparameters of a job; every field has the project's default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// LoRA or full fine-tuning.
     pub method: Method,
     /// LoRA rank.
+    #[schema(minimum = 1, maximum = 256)]
     pub rank: usize,
     /// LoRA alpha (scale = alpha / rank).
+    #[schema(exclusive_minimum = 0.0, maximum = 4096.0)]
     pub alpha: f64,
     /// Linears to adapt.
+    #[schema(min_items = 1)]
     pub targets: Vec<Target>,
     /// Peak learning rate; unset means the method's default (LoRA 2e-3, full 5e-5: LoRA wants ~10–50× full
     /// fine-tuning's, see docs/TRAINING.md).
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub learning_rate: Option<f64>,
     /// Passes over the training split.
+    #[schema(minimum = 1, maximum = 100)]
     pub epochs: usize,
     /// Examples per micro-batch.
+    #[schema(minimum = 1, maximum = 512)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
+    #[schema(minimum = 1, maximum = 64)]
     pub grad_accumulation: usize,
     /// Fraction of steps spent warming the learning rate up linearly; it then decays linearly to 0.
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
     pub warmup_ratio: f64,
     /// AdamW weight decay.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub weight_decay: f64,
     /// Label smoothing of the cross-entropy.
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
     pub label_smoothing: f64,
     /// Loss weight per label, against imbalance.
     pub class_weights: ClassWeights,
     /// Tokens per example, special tokens included.
+    #[schema(minimum = 8, maximum = 512)]
     pub max_length: usize,
     /// Epochs without a better validation macro-F1 before stopping.
     pub patience: usize,
     /// Fraction of each label held out for validation.
+    #[schema(minimum = 0.05, maximum = 0.5)]
     pub val_fraction: f64,
     /// Seed of initialisation, split and shuffles.
     pub seed: u64,
@@ -141,6 +153,7 @@ pub struct TrainConfig {
     /// When warm-starting, train on the feedback that arrived since the parent generation's data snapshot
     /// plus this many older examples per new one, sampled evenly (replay, against forgetting); `null` trains
     /// on all of the task's feedback.
+    #[schema(minimum = 0.0, maximum = 100.0)]
     pub replay: Option<f64>,
 }
 
@@ -241,6 +254,12 @@ pub enum TrainError {
     /// The job was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// The job queue is full.
+    #[error("{0}")]
+    QueueFull(String),
+    /// The trainer is stopping and takes no new jobs.
+    #[error("the server is shutting down")]
+    ShuttingDown,
     /// The tensor library failed.
     #[error(transparent)]
     Model(#[from] ModelError),

@@ -1,0 +1,294 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`: every route's `#[utoipa::path]` annotation, plus
+//! the conventions every endpoint shares (error answers, Retry-After, keys), added in one place.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Type};
+use utoipa::{Modify, OpenApi};
+
+use super::{adapters, drift, embed, feedback, ops, predict, rollouts, tasks, train};
+
+/// The document; `ApiDoc::openapi()` builds it.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Flywheel",
+        description = "Serve a transformer with hot-swapped LoRA adapters, learn from feedback, \
+                       canary and promote new generations. Every error answers \
+                       `{\"error\": \"sentence\", \"error_type\": \"snake_case_kind\"}`."
+    ),
+    paths(
+        ops::health,
+        ops::ready,
+        ops::metrics,
+        ops::openapi,
+        embed::embed,
+        predict::predict,
+        tasks::create,
+        tasks::list,
+        tasks::get,
+        feedback::post,
+        feedback::list,
+        train::submit,
+        train::list,
+        train::get,
+        train::cancel,
+        adapters::list,
+        adapters::load,
+        adapters::delete,
+        adapters::set_alias,
+        rollouts::start,
+        rollouts::list,
+        rollouts::get,
+        rollouts::traffic,
+        rollouts::promote,
+        rollouts::rollback,
+        drift::get,
+    ),
+    components(schemas(super::error::ErrorBody)),
+    modifiers(&Conventions),
+    tags(
+        (name = "inference", description = "Embeddings and classification"),
+        (name = "tasks", description = "Tasks and their label sets"),
+        (name = "feedback", description = "Corrections the trainer learns from"),
+        (name = "training", description = "Training jobs (admin)"),
+        (name = "adapters", description = "Adapter generations and aliases (admin)"),
+        (name = "rollouts", description = "A/B rollouts of candidate generations (admin)"),
+        (name = "drift", description = "Drift of a task's traffic"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The methods the document lists for a route pattern, as an `Allow` header value (`GET, POST`).
+pub(super) fn allowed_methods(pattern: &str) -> Option<&'static str> {
+    static ALLOWED: OnceLock<HashMap<String, String>> = OnceLock::new();
+    ALLOWED
+        .get_or_init(|| {
+            ApiDoc::openapi()
+                .paths
+                .paths
+                .into_iter()
+                .map(|(path, item)| {
+                    let methods: Vec<&str> = [
+                        ("GET", item.get.is_some()),
+                        ("PUT", item.put.is_some()),
+                        ("POST", item.post.is_some()),
+                        ("DELETE", item.delete.is_some()),
+                    ]
+                    .into_iter()
+                    .filter_map(|(method, present)| present.then_some(method))
+                    .collect();
+                    (path, methods.join(", "))
+                })
+                .collect()
+        })
+        .get(pattern)
+        .map(String::as_str)
+}
+
+/// Error answers every endpoint of a kind may give, each `(status, when)`.
+const EVERY_V1: [(&str, &str); 3] = [
+    (
+        "401",
+        "A key is required and missing or not valid (`unauthorized`)",
+    ),
+    (
+        "403",
+        "The key may not use this endpoint, or an admin endpoint was called from a non-loopback \
+         client while no admin keys are configured (`forbidden`)",
+    ),
+    (
+        "503",
+        "The model is loading (`not_ready`), the store or a worker pool is unavailable \
+         (`storage_unavailable`, `busy`), the server is stopping (`shutting_down`) or the model gave \
+         no answer in time (`timeout`); retry after `Retry-After` seconds",
+    ),
+];
+const WITH_BODY: [(&str, &str); 4] = [
+    ("400", "The body is not JSON (`malformed_request`)"),
+    (
+        "413",
+        "The body exceeds `[limits] max_body_bytes` (`payload_too_large`)",
+    ),
+    (
+        "415",
+        "The body is not sent as `application/json` (`unsupported_media_type`)",
+    ),
+    (
+        "422",
+        "The JSON has the wrong shape or a value out of range (`invalid_request`)",
+    ),
+];
+const WITH_QUERY: (&str, &str) = (
+    "422",
+    "A query parameter is missing or out of range (`invalid_request`)",
+);
+
+/// Adds the shared error answers and the two key schemes, and makes operation ids unique.
+struct Conventions;
+
+impl Modify for Conventions {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        for (name, whose) in [
+            ("api_key", "an inference key (`FLYWHEEL_API_KEYS`) or an admin key; needed only when API keys are configured"),
+            ("admin_key", "an admin key (`FLYWHEEL_ADMIN_KEYS`); with none configured, admin endpoints answer loopback clients only"),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(format!("`Authorization: Bearer <key>` with {whose}")))
+                        .build(),
+                ),
+            );
+        }
+        for (path, item) in api.paths.paths.iter_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                // Handlers share names across modules (`list`, `get`): the tag makes the ids unique.
+                if let (Some(tag), Some(id)) = (
+                    operation.tags.as_ref().and_then(|t| t.first()),
+                    operation.operation_id.as_mut(),
+                ) {
+                    *id = format!("{tag}_{id}");
+                }
+                if path.starts_with("/v1/") {
+                    add_errors(operation, &EVERY_V1);
+                }
+                if operation.request_body.is_some() {
+                    add_errors(operation, &WITH_BODY);
+                }
+                let has_query = operation
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| p.parameter_in == ParameterIn::Query);
+                if has_query {
+                    add_errors(operation, &[WITH_QUERY]);
+                }
+            }
+        }
+    }
+}
+
+/// Adds each `(status, when)` answer the operation does not document itself, with `Retry-After` on 429
+/// and 503.
+fn add_errors(operation: &mut Operation, errors: &[(&str, &str)]) {
+    for &(status, when) in errors {
+        let responses = &mut operation.responses.responses;
+        if responses.contains_key(status) {
+            continue;
+        }
+        let mut response = ResponseBuilder::new().description(when).content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        );
+        if status == "429" || status == "503" {
+            response = response.header(
+                "Retry-After",
+                HeaderBuilder::new()
+                    .schema(utoipa::openapi::ObjectBuilder::new().schema_type(Type::Integer))
+                    .description(Some("Seconds to wait before retrying"))
+                    .build(),
+            );
+        }
+        responses.insert(status.to_owned(), RefOr::T(response.build()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_v1_operation_documents_its_success_and_the_shared_errors() {
+        let doc = ApiDoc::openapi();
+        let mut operations = 0;
+        for (path, item) in &doc.paths.paths {
+            for op in [&item.get, &item.put, &item.post, &item.delete]
+                .into_iter()
+                .flatten()
+            {
+                operations += 1;
+                let statuses: Vec<&String> = op.responses.responses.keys().collect();
+                assert!(
+                    statuses.iter().any(|s| s.starts_with('2')),
+                    "{path}: no success answer in {statuses:?}"
+                );
+                if path.starts_with("/v1/") {
+                    for status in ["401", "403", "503"] {
+                        assert!(
+                            op.responses.responses.contains_key(status),
+                            "{path} lacks {status}"
+                        );
+                    }
+                }
+                if op.request_body.is_some() {
+                    for status in ["400", "413", "415", "422"] {
+                        assert!(
+                            op.responses.responses.contains_key(status),
+                            "{path} lacks {status}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(operations, 26, "every route, /openapi.json included");
+        let mut ids: Vec<_> = doc
+            .paths
+            .paths
+            .values()
+            .flat_map(|i| [&i.get, &i.put, &i.post, &i.delete])
+            .flatten()
+            .map(|op| op.operation_id.clone().unwrap())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), operations, "operation ids are unique");
+    }
+
+    #[test]
+    fn allowed_methods_come_from_the_document() {
+        assert_eq!(allowed_methods("/v1/tasks"), Some("GET, POST"));
+        assert_eq!(allowed_methods("/v1/jobs/{id}"), Some("GET, DELETE"));
+        assert_eq!(allowed_methods("/v1/nothing"), None);
+    }
+
+    #[test]
+    fn the_document_names_its_schemas_and_key_schemes() {
+        let json: serde_json::Value =
+            serde_json::from_str(&ApiDoc::openapi().to_json().unwrap()).unwrap();
+        assert!(json["openapi"].as_str().unwrap().starts_with("3."));
+        let schemas = &json["components"]["schemas"];
+        for name in [
+            "ErrorBody",
+            "EmbedRequest",
+            "PredictResponse",
+            "FeedbackRequest",
+            "JobStatus",
+            "TrainConfig",
+            "TrainRequest",
+            "Rollout",
+            "DriftReport",
+        ] {
+            assert!(schemas.get(name).is_some(), "no schema {name}");
+        }
+        let schemes = &json["components"]["securitySchemes"];
+        assert_eq!(schemes["admin_key"]["scheme"], "bearer");
+        assert_eq!(schemes["api_key"]["scheme"], "bearer");
+    }
+}
