@@ -200,16 +200,15 @@ fn a_model_directory_missing_a_file_stops_the_server_with_the_file_named() {
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
 }
 
-#[test]
-fn a_full_queue_answers_429_with_retry_after_and_recovers() {
-    let server = Server::start(
-        &[],
-        &[
-            ("FLYWHEEL_LIMITS__MAX_INPUTS", "1"),
-            ("FLYWHEEL_BATCHING__QUEUE_CAPACITY", "1"),
-        ],
-    );
+/// Sends 16 concurrent 256-token requests to a server started with `env`, expects some to be shed with
+/// 429 `overloaded` and `Retry-After`, none to fail otherwise, serving to go on, and the rejections counted
+/// under `reason`.
+fn shed_a_storm(env: &[(&str, &str)], reason: &str) {
+    let server = Server::start(&[], env);
     let long = "overload ".repeat(300);
+    // A first request measures the model's speed, which admission by expected wait needs.
+    let (status, _) = server.post("/v1/embed", &json!({ "inputs": [&long] }));
+    assert_eq!(status, 200);
     let results: Vec<(u16, Option<String>, Value)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..16)
             .map(|_| {
@@ -235,19 +234,36 @@ fn a_full_queue_answers_429_with_retry_after_and_recovers() {
         results.iter().all(|r| r.0 == 200 || r.0 == 429),
         "{results:?}"
     );
-    assert!(
-        !rejected.is_empty(),
-        "16 concurrent 256-token requests against a queue of 1"
-    );
+    assert!(!rejected.is_empty(), "nothing was shed: {results:?}");
     assert!(rejected
         .iter()
         .all(|r| r.1.is_some() && r.2["error_type"] == "overloaded"));
     let (status, _) = server.post("/v1/embed", &json!({"inputs": "after the storm"}));
     assert_eq!(status, 200);
     let (_, metrics) = server.get_text("/metrics");
-    assert!(
-        metrics.contains(r#"flywheel_requests_rejected_total{reason="queue_full"}"#),
-        "{metrics}"
+    let counter = format!(r#"flywheel_requests_rejected_total{{reason="{reason}"}}"#);
+    assert!(metrics.contains(&counter), "no {counter} in {metrics}");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after_and_recovers() {
+    shed_a_storm(
+        &[
+            ("FLYWHEEL_LIMITS__MAX_INPUTS", "1"),
+            ("FLYWHEEL_BATCHING__QUEUE_CAPACITY", "1"),
+            ("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "0"),
+        ],
+        "queue_full",
+    );
+}
+
+#[test]
+fn a_request_expected_to_wait_over_the_budget_answers_429_with_retry_after() {
+    // One 256-token pass takes tens of milliseconds, so 16 queued at once are expected to take far longer
+    // than 20 ms; the queue itself has room for all of them.
+    shed_a_storm(
+        &[("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "20")],
+        "expected_wait",
     );
 }
 

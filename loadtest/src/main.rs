@@ -82,7 +82,10 @@ struct Summary {
     batch: usize,
     seconds: f64,
     requests: u64,
+    /// Failed requests other than `shed` ones.
     errors: u64,
+    /// Requests the server refused with 429 (load shedding); not in the latency percentiles.
+    shed: u64,
     texts_per_second: f64,
     requests_per_second: f64,
     p50_ms: f64,
@@ -156,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         3,
     )?));
     let errors = Arc::new(AtomicUsize::new(0));
+    let shed = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     // Open loop: a scheduler hands out due times at the constant rate; idle workers take them in order.
     let due: Option<Arc<Mutex<std::sync::mpsc::Receiver<Instant>>>> = if args.rate > 0.0 {
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             let (measuring, stop, next) = (measuring.clone(), stop.clone(), next.clone());
             let (histogram, errors, requests) =
                 (histogram.clone(), errors.clone(), requests.clone());
+            let shed = shed.clone();
             let due = due.clone();
             let batch = args.batch.max(1);
             let (feedback, share) = (feedback.clone(), args.feedback);
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
                     let sent = scheduled.unwrap_or_else(Instant::now);
                     let answer = agent.post(&url).send_json(body);
                     let ok = answer.is_ok();
+                    let refused = matches!(answer, Err(ureq::Error::Status(429, _)));
                     if share > 0.0 && chosen(start, share) {
                         let request_id = answer
                             .ok()
@@ -244,6 +250,8 @@ fn main() -> anyhow::Result<()> {
                         requests.fetch_add(1, Ordering::Relaxed);
                         if ok {
                             let _ = local.record(micros.max(1));
+                        } else if refused {
+                            shed.fetch_add(1, Ordering::Relaxed);
                         } else {
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
@@ -274,7 +282,8 @@ fn main() -> anyhow::Result<()> {
     let h = histogram.lock().expect("histogram lock");
     let done = requests.load(Ordering::Relaxed) as u64;
     let errors = errors.load(Ordering::Relaxed) as u64;
-    let ok = done - errors;
+    let shed = shed.load(Ordering::Relaxed) as u64;
+    let ok = done - errors - shed;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let summary = Summary {
         label: args.label.clone(),
@@ -284,6 +293,7 @@ fn main() -> anyhow::Result<()> {
         seconds,
         requests: done,
         errors,
+        shed,
         texts_per_second: (ok * args.batch as u64) as f64 / seconds,
         requests_per_second: ok as f64 / seconds,
         p50_ms: ms(0.5),
@@ -301,12 +311,12 @@ fn main() -> anyhow::Result<()> {
             .append(true)
             .open(path)?;
         if new {
-            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms,rate,feedback_accepted,feedback_failed")?;
+            writeln!(f, "label,concurrency,batch,seconds,requests,errors,texts_per_second,requests_per_second,p50_ms,p95_ms,p99_ms,max_ms,rate,feedback_accepted,feedback_failed,shed")?;
         }
         let s = &summary;
         writeln!(
             f,
-            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},{}",
+            "{},{},{},{:.2},{},{},{:.2},{:.2},{:.3},{:.3},{:.3},{:.3},{},{},{},{}",
             s.label,
             s.concurrency,
             s.batch,
@@ -321,11 +331,15 @@ fn main() -> anyhow::Result<()> {
             s.max_ms,
             s.rate,
             s.feedback_accepted,
-            s.feedback_failed
+            s.feedback_failed,
+            s.shed
         )?;
     }
     if errors > 0 {
         eprintln!("warning: {errors} requests failed");
+    }
+    if shed > 0 {
+        eprintln!("note: the server shed {shed} requests with 429");
     }
     Ok(())
 }

@@ -371,6 +371,15 @@ pub fn decode(
      -> Result<Option<Dense>, PeftError> {
         match parts {
             [Some((weight, shape)), bias] if shape.len() == 2 => {
+                // Checked before a missing bias is filled in: a zero-width weight holds no data, so its
+                // row count alone could ask for any allocation.
+                if shape[0] == 0 || shape[1] != model.hidden_size || weight.len() != shape[0] * shape[1]
+                {
+                    return Err(invalid(format!(
+                        "{what} weight has shape {shape:?}; it needs [out > 0, {}]",
+                        model.hidden_size
+                    )));
+                }
                 let bias = bias.map(|(b, _)| b).unwrap_or_else(|| vec![0.0; shape[0]]);
                 Ok(Some(Dense {
                     weight,
@@ -563,6 +572,27 @@ mod tests {
             let decoded = decode(&back, &bytes, &config, Pooling::Cls).unwrap();
             // Scales are recomputed from alpha and rank: 8 / 4 = 2, as the tiny adapter uses.
             assert_eq!(decoded, adapter);
+        }
+    }
+
+    #[test]
+    fn a_zero_width_head_weight_is_refused_before_anything_is_sized_from_it() {
+        // Found by fuzz/fuzz_targets/adapter_loader.rs: a [2^62, 0] tensor holds no bytes, so safetensors
+        // accepts it, and filling in the missing bias from its row count used to panic or abort.
+        let config = BertConfig::tiny();
+        let peft: AdapterConfig = serde_json::from_str(r#"{"r": 1, "lora_alpha": 1.0}"#).unwrap();
+        for name in [
+            "base_model.model.classifier.weight",
+            "base_model.model.bert.pooler.dense.weight",
+        ] {
+            let header = format!(
+                r#"{{"{name}":{{"dtype":"F32","shape":[{},0],"data_offsets":[0,0]}}}}"#,
+                1u64 << 62
+            );
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            let err = decode(&peft, &bytes, &config, Pooling::Cls).unwrap_err();
+            assert!(err.to_string().contains("shape"), "{name}: {err}");
         }
     }
 

@@ -105,7 +105,7 @@ impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
         let message = e.to_string();
         match e {
-            InferError::Overloaded { .. } => {
+            InferError::Overloaded(_) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
             }
             InferError::TooLarge(_) | InferError::Invalid(_) => Self::invalid(message),

@@ -5,6 +5,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::backlog::Backlog;
 use super::{Entry, EntryResult, InferError, Job};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
@@ -16,14 +17,21 @@ pub(super) fn spawn(
     config: BatchingConfig,
     rx: Receiver<Entry>,
     metrics: Metrics,
+    backlog: Arc<Backlog>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("flywheel-model".to_owned())
-        .spawn(move || batch_task(model, config, rx, metrics))?;
+        .spawn(move || batch_task(model, config, rx, metrics, backlog))?;
     Ok(())
 }
 
-fn batch_task(model: Arc<Model>, config: BatchingConfig, rx: Receiver<Entry>, metrics: Metrics) {
+fn batch_task(
+    model: Arc<Model>,
+    config: BatchingConfig,
+    rx: Receiver<Entry>,
+    metrics: Metrics,
+    backlog: Arc<Backlog>,
+) {
     let mut waiting: VecDeque<Entry> = VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -48,7 +56,7 @@ fn batch_task(model: Arc<Model>, config: BatchingConfig, rx: Receiver<Entry>, me
         }
         let batch = take_batch(&mut waiting, &config, &metrics);
         if !batch.is_empty() {
-            run_batch(&model, batch, &metrics);
+            run_batch(&model, batch, &metrics, &backlog);
         }
     }
 }
@@ -88,7 +96,7 @@ fn take_batch(
     batch
 }
 
-fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
+fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics, backlog: &Backlog) {
     let started = Instant::now();
     // Entries sharing an adapter sit together, so each adapter's delta runs once over one row range.
     batch.sort_by_key(|e| {
@@ -120,6 +128,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) {
         });
     let inference = started.elapsed();
     metrics.inference_duration.observe(inference.as_secs_f64());
+    backlog.record(tokens, inference);
     match result {
         Ok((packed, logits)) => {
             let mut row = 0;
@@ -199,6 +208,9 @@ mod tests {
             reply,
             _permits: permits.clone().try_acquire_owned().expect("a permit"),
             _pending: crate::pressure::ServingPressure::new().begin(),
+            _admitted: Arc::new(Backlog::default())
+                .admit(tokens, None)
+                .expect("no budget admits all"),
         };
         (entry, rx)
     }

@@ -1,10 +1,12 @@
 //! The inference path: an [`Infer`] handle that async callers share, and the model thread that owns the
 //! network and runs dynamically batched forward passes.
 //!
-//! Callers tokenize, take queue permits (none left → [`InferError::Overloaded`]), and send an entry to the
+//! Callers tokenize, take queue permits and a place in the [`backlog::Backlog`] (no permits left, or an
+//! expected wait over `[batching] max_expected_wait_ms` → [`InferError::Overloaded`]), and send an entry to the
 //! model thread; the thread packs whatever is queued into one forward pass, skips entries whose caller
 //! has gone, and answers each entry on its own channel. This layer knows nothing of HTTP.
 
+mod backlog;
 mod batcher;
 
 use std::sync::mpsc;
@@ -12,6 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use backlog::{Admitted, Backlog};
 
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
@@ -22,12 +26,9 @@ use crate::pressure::{Pending, ServingPressure};
 /// Why an inference request failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InferError {
-    /// The queue is full; retry after the given delay.
-    #[error("the inference queue is full ({capacity} sequences); retry shortly")]
-    Overloaded {
-        /// Queue capacity in sequences.
-        capacity: usize,
-    },
+    /// The queue is full, or the request would wait longer than the budget; retry shortly.
+    #[error("{0}")]
+    Overloaded(String),
     /// The request asks for more than one batch may hold.
     #[error("{0}")]
     TooLarge(String),
@@ -51,7 +52,7 @@ impl InferError {
     pub fn is_not_the_models(&self) -> bool {
         matches!(
             self,
-            InferError::Overloaded { .. }
+            InferError::Overloaded(_)
                 | InferError::TooLarge(_)
                 | InferError::Invalid(_)
                 | InferError::TimedOut(_)
@@ -116,6 +117,8 @@ struct Entry {
     _permits: OwnedSemaphorePermit,
     /// Tells the trainer to step aside until the entry is answered or dropped.
     _pending: Pending,
+    /// The entry's tokens in the backlog, until it is answered or dropped.
+    _admitted: Admitted,
 }
 
 impl Entry {
@@ -132,6 +135,8 @@ pub struct Infer {
     capacity: usize,
     max_batch_tokens: usize,
     timeout: Option<Duration>,
+    backlog: Arc<Backlog>,
+    max_expected_wait: Option<Duration>,
     tokenizer: TextTokenizer,
     model_name: String,
     dimensions: usize,
@@ -150,6 +155,7 @@ impl Infer {
         pressure: Arc<ServingPressure>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let backlog = Arc::new(Backlog::default());
         let handle = Self {
             tx,
             permits: Arc::new(Semaphore::new(config.queue_capacity)),
@@ -157,6 +163,9 @@ impl Infer {
             max_batch_tokens: config.max_batch_tokens,
             timeout: (config.request_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.request_timeout_ms)),
+            backlog: backlog.clone(),
+            max_expected_wait: (config.max_expected_wait_ms > 0)
+                .then(|| Duration::from_millis(config.max_expected_wait_ms)),
             tokenizer: model.tokenizer.clone(),
             model_name: model.name.clone(),
             adapters_supported: model.cpu().is_some(),
@@ -164,7 +173,7 @@ impl Infer {
             metrics: metrics.clone(),
             pressure,
         };
-        batcher::spawn(model, config.clone(), rx, metrics)?;
+        batcher::spawn(model, config.clone(), rx, metrics, backlog)?;
         Ok(handle)
     }
 
@@ -250,9 +259,25 @@ impl Infer {
                     .rejected
                     .with_label_values(&["queue_full"])
                     .inc();
-                InferError::Overloaded {
-                    capacity: self.capacity,
-                }
+                InferError::Overloaded(format!(
+                    "the inference queue is full ({} sequences); retry shortly",
+                    self.capacity
+                ))
+            })?;
+        let admitted = self
+            .backlog
+            .admit(tokens.iter().sum(), self.max_expected_wait)
+            .map_err(|wait| {
+                self.metrics
+                    .rejected
+                    .with_label_values(&["expected_wait"])
+                    .inc();
+                InferError::Overloaded(format!(
+                    "the server is overloaded: this request would wait about {} ms for the model, over \
+                     the {} ms budget (batching.max_expected_wait_ms); retry shortly",
+                    wait.as_millis(),
+                    self.max_expected_wait.unwrap_or_default().as_millis()
+                ))
             })?;
         let (reply, answer) = oneshot::channel();
         let entry = Entry {
@@ -263,6 +288,7 @@ impl Infer {
             reply,
             _permits: permits,
             _pending: self.pressure.begin(),
+            _admitted: admitted,
         };
         self.metrics.queue_depth.add(texts.len() as i64);
         self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;

@@ -1,0 +1,125 @@
+//! Admission by expected wait: the tokens queued for (or running on) the model thread, and how long a token
+//! has recently taken, give the time a new request would wait for its answer. Refusing a request whose
+//! expected wait exceeds the budget keeps admitted requests' latency bounded under overload, where a
+//! queue-length cap alone would admit a queue minutes long.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Weight of the newest batch in the per-token estimate (1/8: smooths batch-to-batch noise while still
+/// following a change of load within a second or so of batches).
+const NEWEST_WEIGHT: u64 = 8;
+
+/// The model thread's outstanding work and its recent speed.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    /// Tokens of every admitted entry not yet answered or dropped.
+    tokens: AtomicU64,
+    /// Recent compute time per token in nanoseconds; 0 until a batch has run.
+    ns_per_token: AtomicU64,
+}
+
+/// An admitted request's tokens; they leave the backlog when this is dropped (answered or abandoned).
+#[derive(Debug)]
+pub struct Admitted {
+    backlog: Arc<Backlog>,
+    tokens: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.backlog.tokens.fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
+impl Backlog {
+    /// Adds a request of `tokens` and returns its ticket, or the wait it would have had when that exceeds
+    /// `budget` (then nothing is added). Before the first batch has run the speed is unknown and all is
+    /// admitted.
+    pub fn admit(
+        self: &Arc<Self>,
+        tokens: usize,
+        budget: Option<Duration>,
+    ) -> Result<Admitted, Duration> {
+        let tokens = tokens as u64;
+        let ahead = self.tokens.fetch_add(tokens, Ordering::Relaxed);
+        let ticket = Admitted {
+            backlog: self.clone(),
+            tokens,
+        };
+        let wait = self.wait_for(ahead + tokens);
+        match budget {
+            Some(budget) if wait > budget => Err(wait),
+            _ => Ok(ticket),
+        }
+    }
+
+    /// Records a batch of `tokens` that took `took` to compute.
+    pub fn record(&self, tokens: usize, took: Duration) {
+        if tokens == 0 {
+            return;
+        }
+        let sample = u64::try_from(took.as_nanos() / tokens as u128).unwrap_or(u64::MAX);
+        let old = self.ns_per_token.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * (NEWEST_WEIGHT - 1) + sample) / NEWEST_WEIGHT
+        };
+        // One writer (the model thread): a plain store cannot lose an update.
+        self.ns_per_token.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// How long `tokens` of work take at the recent speed.
+    pub fn wait_for(&self, tokens: u64) -> Duration {
+        Duration::from_nanos(tokens.saturating_mul(self.ns_per_token.load(Ordering::Relaxed)))
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Backlog {
+        fn tokens(&self) -> u64 {
+            self.tokens.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn admits_until_the_expected_wait_exceeds_the_budget_and_forgets_answered_work() {
+        let backlog = Arc::new(Backlog::default());
+        let budget = Some(Duration::from_millis(100));
+        // Speed unknown: admitted whatever the size.
+        let first = backlog.admit(10_000, budget).unwrap();
+        backlog.record(1_000, Duration::from_millis(10)); // 10 µs per token
+        assert_eq!(backlog.wait_for(1_000), Duration::from_millis(10));
+        drop(first);
+        assert_eq!(backlog.tokens(), 0);
+
+        let a = backlog.admit(6_000, budget).unwrap(); // 60 ms expected
+        let b = backlog.admit(4_000, budget).unwrap(); // 100 ms: at the budget, admitted
+        let refused = backlog.admit(100, budget).unwrap_err();
+        assert_eq!(refused, Duration::from_millis(101));
+        assert_eq!(backlog.tokens(), 10_000, "a refused request adds nothing");
+        drop(a);
+        let c = backlog.admit(100, budget).unwrap();
+        assert_eq!(backlog.tokens(), 4_100);
+        drop((b, c));
+        // No budget: everything is admitted.
+        let _big = backlog.admit(1_000_000, None).unwrap();
+    }
+
+    #[test]
+    fn the_speed_follows_recent_batches() {
+        let backlog = Backlog::default();
+        backlog.record(100, Duration::from_micros(800)); // 8 µs per token
+        for _ in 0..40 {
+            backlog.record(100, Duration::from_micros(200)); // now 2 µs per token
+        }
+        let per_token = backlog.wait_for(1_000).as_nanos() as f64 / 1_000.0;
+        assert!((per_token - 2_000.0).abs() < 50.0, "{per_token} ns per token");
+    }
+}
