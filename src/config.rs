@@ -293,9 +293,10 @@ pub struct BatchingConfig {
     pub max_wait_us: u64,
     /// Most sequences waiting in the queue; beyond it requests get 429 with `Retry-After`.
     pub queue_capacity: usize,
-    /// Refuse a request (429 with `Retry-After`) when the model's outstanding work plus its own would take
-    /// longer than this at the speed of recent batches: under overload, admitted requests keep a bounded
-    /// latency instead of joining a long queue. 0: admit up to `queue_capacity`.
+    /// Refuse a request (429 with `Retry-After`) when the model's outstanding work ahead of it plus its own
+    /// would take longer than this at the speed of recent batches: under overload, admitted requests keep a bounded
+    /// latency instead of joining a long queue. A request with nothing ahead is always admitted. 0: admit up
+    /// to `queue_capacity`.
     pub max_expected_wait_ms: u64,
     /// Longest a request waits for the model, queued and running, before it is answered 503 with
     /// `Retry-After` (its queued work is then dropped unrun). 0: no limit.
@@ -309,7 +310,7 @@ impl Default for BatchingConfig {
             max_batch_size: 128,
             max_wait_us: 0,
             queue_capacity: 2_048,
-            max_expected_wait_ms: 500,
+            max_expected_wait_ms: 250,
             request_timeout_ms: 30_000,
         }
     }

@@ -11,14 +11,16 @@
 //!   deltas and heads, tokenization, pooling. Knows nothing above it.
 //! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases.
 //! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
-//! - [`infer`]: the queue and the model thread: dynamic batching, backpressure. Knows no HTTP.
+//! - [`infer`]: the queue and the model thread: dynamic batching, backpressure (admission by expected
+//!   wait). Knows no HTTP.
 //! - [`trainer`]: LoRA and full fine-tuning on the candle path, evaluation, the job queue that publishes
 //!   generations, and offline training (`flywheel train`).
 //! - [`rollout`]: A/B rollouts: sticky routing, per-arm evidence, guardrail analysis, promote and rollback;
 //!   online accuracy.
 //! - [`drift`]: per-task drift of predictions, confidence and embeddings against a warm-up reference.
 //! - [`autopilot`]: the policy thread: rollout analysis, automatic training on feedback growth or drift.
-//! - [`http`]: actix-web routes, JSON bodies, the error table, auth, server start and shutdown.
+//! - [`http`]: actix-web routes, JSON bodies, the error table, auth, the OpenAPI document, server start
+//!   and shutdown.
 //!
 //! Data flows one way, top of this list to bottom never the reverse: `http` → `rollout`/`trainer`/`infer` →
 //! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure` and `metrics` are shared by all.

@@ -373,7 +373,9 @@ pub fn decode(
             [Some((weight, shape)), bias] if shape.len() == 2 => {
                 // Checked before a missing bias is filled in: a zero-width weight holds no data, so its
                 // row count alone could ask for any allocation.
-                if shape[0] == 0 || shape[1] != model.hidden_size || weight.len() != shape[0] * shape[1]
+                if shape[0] == 0
+                    || shape[1] != model.hidden_size
+                    || weight.len() != shape[0] * shape[1]
                 {
                     return Err(invalid(format!(
                         "{what} weight has shape {shape:?}; it needs [out > 0, {}]",

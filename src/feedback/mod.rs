@@ -73,6 +73,8 @@ pub trait FeedbackStore: Send + Sync {
     /// Rows of `task` with id > `after_id`, in id order, at most `limit`.
     fn list(&self, task: &str, after_id: i64, limit: usize)
         -> Result<Vec<Feedback>, FeedbackError>;
+    /// The newest `limit` rows of `task`, in id order.
+    fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError>;
     /// Distinct rows stored for `task`.
     fn count(&self, task: &str) -> Result<u64, FeedbackError>;
 }

@@ -124,32 +124,21 @@ impl FeedbackStore for SqliteStore {
         after_id: i64,
         limit: usize,
     ) -> Result<Vec<Feedback>, FeedbackError> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| storage("store lock poisoned"))?;
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
-                 WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )
-            .map_err(storage)?;
-        let rows = stmt
-            .query_map(params![task, after_id, limit as i64], |row| {
-                Ok(Feedback {
-                    id: row.get(0)?,
-                    task: row.get(1)?,
-                    text: row.get(2)?,
-                    label: row.get(3)?,
-                    request_id: row.get(4)?,
-                    adapter: row.get(5)?,
-                    arm: row.get(6)?,
-                    count: row.get(7)?,
-                    created_at: row.get(8)?,
-                })
-            })
-            .map_err(storage)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(storage)
+        self.select(
+            "SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
+             WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            params![task, after_id, limit as i64],
+        )
+    }
+
+    fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError> {
+        self.select(
+            "SELECT * FROM (
+               SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
+               WHERE task = ?1 ORDER BY id DESC LIMIT ?2
+             ) ORDER BY id",
+            params![task, limit as i64],
+        )
     }
 
     fn count(&self, task: &str) -> Result<u64, FeedbackError> {
@@ -166,6 +155,38 @@ impl FeedbackStore for SqliteStore {
             .map_err(storage)?;
         Ok(n as u64)
     }
+}
+
+impl SqliteStore {
+    /// Runs a query selecting `id, task, text, label, request_id, adapter, arm, count, created_at`.
+    fn select(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Feedback>, FeedbackError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| storage("store lock poisoned"))?;
+        let mut stmt = conn.prepare_cached(sql).map_err(storage)?;
+        let rows = stmt.query_map(params, read_row).map_err(storage)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(storage)
+    }
+}
+
+/// A row selected as `id, task, text, label, request_id, adapter, arm, count, created_at`.
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Feedback> {
+    Ok(Feedback {
+        id: row.get(0)?,
+        task: row.get(1)?,
+        text: row.get(2)?,
+        label: row.get(3)?,
+        request_id: row.get(4)?,
+        adapter: row.get(5)?,
+        arm: row.get(6)?,
+        count: row.get(7)?,
+        created_at: row.get(8)?,
+    })
 }
 
 #[cfg(test)]
@@ -200,6 +221,12 @@ mod tests {
             ids.iter().map(|a| a.id).collect::<Vec<_>>()
         );
         assert_eq!(store.list("spam", ids[0].id, 1).unwrap()[0].text, "b");
+        let newest = store.latest("spam", 2).unwrap();
+        assert_eq!(
+            newest.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
+            ["b", "c"],
+            "the newest rows, oldest first"
+        );
         assert_eq!(store.count("spam").unwrap(), 3);
         assert_eq!(store.count("other").unwrap(), 0);
     }

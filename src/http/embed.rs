@@ -48,7 +48,8 @@ impl utoipa::PartialSchema for Inputs {
 impl ToSchema for Inputs {}
 
 impl Inputs {
-    pub(super) fn into_vec(self) -> Vec<String> {
+    /// The texts, in order.
+    pub fn into_vec(self) -> Vec<String> {
         match self {
             Inputs::One(t) => vec![t],
             Inputs::Many(v) => v,

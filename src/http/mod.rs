@@ -1,18 +1,18 @@
 //! The HTTP layer: actix-web routes, request/response types and error mapping. Handlers validate input
 //! and call the [`Infer`] handle; they never touch tensors.
 
-mod adapters;
+pub mod adapters;
 mod auth;
 mod drift;
-mod embed;
+pub mod embed;
 pub mod error;
-mod feedback;
+pub mod feedback;
 pub mod openapi;
 mod ops;
-mod predict;
-mod rollouts;
-mod tasks;
-mod train;
+pub mod predict;
+pub mod rollouts;
+pub mod tasks;
+pub mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};

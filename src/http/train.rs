@@ -42,20 +42,13 @@ pub async fn submit(
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
     let services = state.services()?;
-    let mut fields = body.into_inner();
-    let task = match fields.remove("task") {
-        Some(serde_json::Value::String(t)) => t,
-        _ => return Err(ApiError::invalid("task (a string) is required")),
-    };
+    let (task, config) = read_request(body.into_inner())?;
     let labels = services
         .registry
         .task(&task)
         .ok_or_else(|| ApiError::not_found(format!("no task {task:?}")))?
         .labels
         .len();
-    let fields = fields.into_iter().map(|(k, v)| (k, integral(v))).collect();
-    let config: TrainConfig = serde_json::from_value(serde_json::Value::Object(fields))
-        .map_err(|e| ApiError::invalid(format!("invalid hyperparameters: {e}")))?;
     config.class_weights.check_labels(labels)?;
     let status = services.jobs.submit(&task, config)?;
     Ok(HttpResponse::Accepted().json(JobSubmitted {
@@ -100,6 +93,21 @@ pub struct JobSubmitted {
     pub job_id: String,
     /// Its status.
     pub job: JobStatus,
+}
+
+/// Reads a `POST /v1/train` body: the `task`, and the other fields as hyperparameters over the defaults
+/// (unchecked: [`TrainConfig::validate`] runs when the job is submitted).
+pub fn read_request(
+    mut fields: serde_json::Map<String, serde_json::Value>,
+) -> Result<(String, TrainConfig), ApiError> {
+    let task = match fields.remove("task") {
+        Some(serde_json::Value::String(t)) => t,
+        _ => return Err(ApiError::invalid("task (a string) is required")),
+    };
+    let fields = fields.into_iter().map(|(k, v)| (k, integral(v))).collect();
+    let config = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| ApiError::invalid(format!("invalid hyperparameters: {e}")))?;
+    Ok((task, config))
 }
 
 /// JSON Schema counts `5.0` as an integer and so do many clients' encoders; serde does not. An integral,
@@ -175,4 +183,34 @@ fn job_answer(
     let job = act(&state.services()?.jobs, id)
         .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
     Ok(HttpResponse::Ok().json(job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(body: serde_json::Value) -> Result<(String, TrainConfig), ApiError> {
+        match body {
+            serde_json::Value::Object(fields) => read_request(fields),
+            _ => unreachable!("the tests pass objects"),
+        }
+    }
+
+    #[test]
+    fn a_train_body_takes_integral_numbers_for_integers_and_refuses_the_rest() {
+        let (task, config) =
+            read(json!({"task": "spam", "epochs": 3.0, "alpha": 16, "rank": 4})).unwrap();
+        assert_eq!(task, "spam");
+        assert_eq!((config.epochs, config.rank, config.alpha), (3, 4, 16.0));
+        for bad in [
+            json!({"task": "spam", "epochs": 2.5}),
+            json!({"task": "spam", "epochs": -1.0}),
+            json!({"task": "spam", "learning_rat": 0.01}),
+            json!({"epochs": 3}),
+        ] {
+            let err = read(bad.clone()).unwrap_err();
+            assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {err}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Admission by expected wait: the tokens queued for (or running on) the model thread, and how long a token
 //! has recently taken, give the time a new request would wait for its answer. Refusing a request whose
-//! expected wait exceeds the budget keeps admitted requests' latency bounded under overload, where a
-//! queue-length cap alone would admit a queue minutes long.
+//! expected wait exceeds the budget keeps admitted requests' latency bounded under overload,
+//! where a queue-length cap alone would admit a queue minutes long. A request with nothing ahead of it is
+//! always admitted, however large: refusing it would not make anyone faster.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,14 +30,16 @@ pub struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.backlog.tokens.fetch_sub(self.tokens, Ordering::Relaxed);
+        self.backlog
+            .tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
     }
 }
 
 impl Backlog {
-    /// Adds a request of `tokens` and returns its ticket, or the wait it would have had when that exceeds
-    /// `budget` (then nothing is added). Before the first batch has run the speed is unknown and all is
-    /// admitted.
+    /// Adds a request of `tokens` and returns its ticket, or the wait it would have had (the work ahead of
+    /// it and its own) when that exceeds `budget` and something is ahead (then nothing is added). Before the
+    /// first batch has run the speed is unknown and all is admitted.
     pub fn admit(
         self: &Arc<Self>,
         tokens: usize,
@@ -50,7 +53,7 @@ impl Backlog {
         };
         let wait = self.wait_for(ahead + tokens);
         match budget {
-            Some(budget) if wait > budget => Err(wait),
+            Some(budget) if ahead > 0 && wait > budget => Err(wait),
             _ => Ok(ticket),
         }
     }
@@ -75,7 +78,6 @@ impl Backlog {
     pub fn wait_for(&self, tokens: u64) -> Duration {
         Duration::from_nanos(tokens.saturating_mul(self.ns_per_token.load(Ordering::Relaxed)))
     }
-
 }
 
 #[cfg(test)]
@@ -99,8 +101,11 @@ mod tests {
         drop(first);
         assert_eq!(backlog.tokens(), 0);
 
-        let a = backlog.admit(6_000, budget).unwrap(); // 60 ms expected
-        let b = backlog.admit(4_000, budget).unwrap(); // 100 ms: at the budget, admitted
+        // Nothing ahead: admitted however long its own work takes.
+        let a = backlog.admit(50_000, budget).unwrap();
+        drop(a);
+        let a = backlog.admit(6_000, budget).unwrap(); // answered in 60 ms
+        let b = backlog.admit(4_000, budget).unwrap(); // in 100 ms: at the budget, admitted
         let refused = backlog.admit(100, budget).unwrap_err();
         assert_eq!(refused, Duration::from_millis(101));
         assert_eq!(backlog.tokens(), 10_000, "a refused request adds nothing");
@@ -120,6 +125,9 @@ mod tests {
             backlog.record(100, Duration::from_micros(200)); // now 2 µs per token
         }
         let per_token = backlog.wait_for(1_000).as_nanos() as f64 / 1_000.0;
-        assert!((per_token - 2_000.0).abs() < 50.0, "{per_token} ns per token");
+        assert!(
+            (per_token - 2_000.0).abs() < 50.0,
+            "{per_token} ns per token"
+        );
     }
 }

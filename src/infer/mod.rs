@@ -273,8 +273,8 @@ impl Infer {
                     .with_label_values(&["expected_wait"])
                     .inc();
                 InferError::Overloaded(format!(
-                    "the server is overloaded: this request would wait about {} ms for the model, over \
-                     the {} ms budget (batching.max_expected_wait_ms); retry shortly",
+                    "the server is overloaded: this request would wait about {} ms for the model's \
+                     answer, over the {} ms budget (batching.max_expected_wait_ms); retry shortly",
                     wait.as_millis(),
                     self.max_expected_wait.unwrap_or_default().as_millis()
                 ))

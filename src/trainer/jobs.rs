@@ -23,7 +23,7 @@ use crate::feedback::FeedbackStore;
 use crate::model::Model;
 use crate::pressure::ServingPressure;
 
-/// Most feedback rows one job reads.
+/// Most feedback rows one job reads: the newest, so a long-lived task keeps learning from what arrives.
 const MAX_ROWS: usize = 200_000;
 
 /// Lifecycle of a job.
@@ -586,7 +586,7 @@ fn select_data(
 ) -> Result<Dataset, TrainError> {
     let rows = deps
         .feedback
-        .list(&task.name, 0, MAX_ROWS)
+        .latest(&task.name, MAX_ROWS)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let snapshot_id = rows.last().map_or(0, |r| r.id);
     let (mut chosen, new_rows, replayed_rows) = match (parent_snapshot, config.replay) {
