@@ -22,11 +22,29 @@ data=$(mktemp -d)
 target/debug/flywheel serve --port 0 --data-dir "$data" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null && wait $server; rm -rf "$data" "$log" "$out"' EXIT
-# shellcheck source=../loadtest/lib.sh
-source loadtest/lib.sh
-wait_for_url "$log"
-curl -sf -X POST "$url/v1/tasks" -H 'content-type: application/json' \
-  -d '{"name": "spam", "labels": ["ham", "spam"]}' >/dev/null
+# The bound address from the log, then /ready, then the task (Python, so the script needs no curl).
+url=$(python3 - "$log" <<'PY'
+import json, re, sys, time, urllib.request
+log, deadline, url = sys.argv[1], time.time() + 120, None
+while time.time() < deadline:
+    if url is None:
+        m = re.search(r"listening on (http://[0-9.:]+)", open(log).read())
+        url = m and m.group(1)
+    if url:
+        try:
+            urllib.request.urlopen(url + "/ready", timeout=5)
+            break
+        except Exception:
+            pass
+    time.sleep(0.2)
+else:
+    sys.exit("the server did not become ready; its log ends:\n" + open(log).read()[-3000:])
+body = json.dumps({"name": "spam", "labels": ["ham", "spam"]}).encode()
+request = urllib.request.Request(url + "/v1/tasks", body, {"content-type": "application/json"})
+urllib.request.urlopen(request, timeout=10)
+print(url)
+PY
+)
 
 status=0
 .venv/bin/schemathesis --config-file scripts/schemathesis.toml run "$url/openapi.json" \
