@@ -58,6 +58,13 @@ impl Backlog {
         }
     }
 
+    /// The wait of the work already admitted, when it alone exceeds `budget`: then any new request would be
+    /// refused by [`Backlog::admit`], and the caller can refuse it before paying for its tokenization.
+    pub fn refuses_all(&self, budget: Option<Duration>) -> Option<Duration> {
+        let wait = self.wait_for(self.tokens.load(Ordering::Relaxed));
+        budget.filter(|&b| wait > b).map(|_| wait)
+    }
+
     /// Records a batch of `tokens` that took `took` to compute.
     pub fn record(&self, tokens: usize, took: Duration) {
         if tokens == 0 {
@@ -114,7 +121,12 @@ mod tests {
         assert_eq!(backlog.tokens(), 4_100);
         drop((b, c));
         // No budget: everything is admitted.
-        let _big = backlog.admit(1_000_000, None).unwrap();
+        let big = backlog.admit(1_000_000, None).unwrap();
+        // 10 s of work ahead: any request would be refused, so it need not even be tokenized.
+        assert_eq!(backlog.refuses_all(budget), Some(Duration::from_secs(10)));
+        assert_eq!(backlog.refuses_all(None), None);
+        drop(big);
+        assert_eq!(backlog.refuses_all(budget), None);
     }
 
     #[test]

@@ -215,6 +215,20 @@ impl Infer {
             .await
     }
 
+    /// Counts and describes a refusal for an expected wait over the budget.
+    fn over_budget(&self, wait: Duration) -> InferError {
+        self.metrics
+            .rejected
+            .with_label_values(&["expected_wait"])
+            .inc();
+        InferError::Overloaded(format!(
+            "the server is overloaded: this request would wait about {} ms for the model's answer, over \
+             the {} ms budget (batching.max_expected_wait_ms); retry shortly",
+            wait.as_millis(),
+            self.max_expected_wait.unwrap_or_default().as_millis()
+        ))
+    }
+
     async fn run(
         &self,
         texts: &[String],
@@ -222,6 +236,10 @@ impl Infer {
         adapter: Option<Arc<Adapter>>,
     ) -> Result<Outputs, InferError> {
         let started = Instant::now();
+        // Under overload most requests are refused: refuse them before spending CPU on their tokens.
+        if let Some(wait) = self.backlog.refuses_all(self.max_expected_wait) {
+            return Err(self.over_budget(wait));
+        }
         // Tokenizing up to a request body's worth of text is CPU work: keep it off the async workers.
         let (tokenizer, owned) = (self.tokenizer.clone(), texts.to_vec());
         let sequences = tokio::task::spawn_blocking(move || {
@@ -267,18 +285,7 @@ impl Infer {
         let admitted = self
             .backlog
             .admit(tokens.iter().sum(), self.max_expected_wait)
-            .map_err(|wait| {
-                self.metrics
-                    .rejected
-                    .with_label_values(&["expected_wait"])
-                    .inc();
-                InferError::Overloaded(format!(
-                    "the server is overloaded: this request would wait about {} ms for the model's \
-                     answer, over the {} ms budget (batching.max_expected_wait_ms); retry shortly",
-                    wait.as_millis(),
-                    self.max_expected_wait.unwrap_or_default().as_millis()
-                ))
-            })?;
+            .map_err(|wait| self.over_budget(wait))?;
         let (reply, answer) = oneshot::channel();
         let entry = Entry {
             sequences,
