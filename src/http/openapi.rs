@@ -124,12 +124,18 @@ const WITH_BODY: [(&str, &str); 4] = [
         "The JSON has the wrong shape or a value out of range (`invalid_request`)",
     ),
 ];
+const INFERENCE: (&str, &str) = (
+    "429",
+    "Overloaded: the queue is full, or the model's work ahead of the request plus its own is expected to \
+     take longer than `[batching] max_expected_wait_ms` (`overloaded`); retry after `Retry-After` seconds",
+);
 const WITH_QUERY: (&str, &str) = (
     "422",
     "A query parameter is missing or out of range (`invalid_request`)",
 );
 
-/// Adds the shared error answers and the two key schemes, and makes operation ids unique.
+/// Adds the shared error answers (429 on inference, `Retry-After` on every 429 and 503) and the two key
+/// schemes, and makes operation ids unique.
 struct Conventions;
 
 impl Modify for Conventions {
@@ -178,35 +184,51 @@ impl Modify for Conventions {
                 if has_query {
                     add_errors(operation, &[WITH_QUERY]);
                 }
+                if operation
+                    .tags
+                    .iter()
+                    .flatten()
+                    .any(|tag| tag == "inference")
+                {
+                    add_errors(operation, &[INFERENCE]);
+                }
+                retry_after_on_429_and_503(operation);
             }
         }
     }
 }
 
-/// Adds each `(status, when)` answer the operation does not document itself, with `Retry-After` on 429
-/// and 503.
+/// Adds each `(status, when)` answer the operation does not document itself.
 fn add_errors(operation: &mut Operation, errors: &[(&str, &str)]) {
     for &(status, when) in errors {
         let responses = &mut operation.responses.responses;
         if responses.contains_key(status) {
             continue;
         }
-        let mut response = ResponseBuilder::new().description(when).content(
+        let response = ResponseBuilder::new().description(when).content(
             "application/json",
             ContentBuilder::new()
                 .schema(Some(Ref::from_schema_name("ErrorBody")))
                 .build(),
         );
-        if status == "429" || status == "503" {
-            response = response.header(
-                "Retry-After",
-                HeaderBuilder::new()
-                    .schema(utoipa::openapi::ObjectBuilder::new().schema_type(Type::Integer))
-                    .description(Some("Seconds to wait before retrying"))
-                    .build(),
-            );
-        }
         responses.insert(status.to_owned(), RefOr::T(response.build()));
+    }
+}
+
+/// Every 429 and 503 answer carries `Retry-After`, whether a handler or [`add_errors`] documented it.
+fn retry_after_on_429_and_503(operation: &mut Operation) {
+    for (status, response) in operation.responses.responses.iter_mut() {
+        if let (true, RefOr::T(response)) = (status == "429" || status == "503", response) {
+            response
+                .headers
+                .entry("Retry-After".to_owned())
+                .or_insert_with(|| {
+                    HeaderBuilder::new()
+                        .schema(utoipa::openapi::ObjectBuilder::new().schema_type(Type::Integer))
+                        .description(Some("Seconds to wait before retrying"))
+                        .build()
+                });
+        }
     }
 }
 
@@ -229,6 +251,20 @@ mod tests {
                     statuses.iter().any(|s| s.starts_with('2')),
                     "{path}: no success answer in {statuses:?}"
                 );
+                for (status, answer) in &op.responses.responses {
+                    if let (true, RefOr::T(answer)) = (status == "429" || status == "503", answer) {
+                        assert!(
+                            answer.headers.contains_key("Retry-After"),
+                            "{path} {status} lacks Retry-After"
+                        );
+                    }
+                }
+                if op.tags.iter().flatten().any(|t| t == "inference") {
+                    assert!(
+                        op.responses.responses.contains_key("429"),
+                        "{path} lacks 429"
+                    );
+                }
                 if path.starts_with("/v1/") {
                     for status in ["401", "403", "503"] {
                         assert!(
