@@ -2,7 +2,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
@@ -22,14 +22,8 @@ pub enum Inputs {
 /// Written by hand: a derived schema cannot say that each text needs a non-blank character.
 impl utoipa::PartialSchema for Inputs {
     fn schema() -> RefOr<Schema> {
-        let text = |what: &str| {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .pattern(Some("\\S"))
-                .description(Some(format!(
-                    "{what}: not blank, at most `[limits] max_text_bytes` bytes"
-                )))
-        };
+        use super::openapi::text;
+
         OneOfBuilder::new()
             .item(text("A single text"))
             .item(

@@ -43,11 +43,7 @@ impl utoipa::PartialSchema for Item {
         let label = || string("The right label: one of the task's labels");
         let by_text = ObjectBuilder::new()
             .property("task", string("The task"))
-            .property(
-                "text",
-                string("The text: not blank, at most `[limits] max_text_bytes` bytes")
-                    .pattern(Some("\\S")),
-            )
+            .property("text", super::openapi::text("The text"))
             .property("label", label())
             .required("task")
             .required("text")

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Type};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
 use utoipa::{Modify, OpenApi};
 
 use super::{adapters, drift, embed, feedback, ops, predict, rollouts, tasks, train};
@@ -63,6 +63,21 @@ use super::{adapters, drift, embed, feedback, ops, predict, rollouts, tasks, tra
     )
 )]
 pub struct ApiDoc;
+
+/// A string schema that needs a non-blank character, as the handlers require of texts and labels.
+pub(super) fn non_blank(description: impl Into<String>) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("\\S"))
+        .description(Some(description))
+}
+
+/// The schema of an input text: not blank, and bounded by `[limits] max_text_bytes`.
+pub(super) fn text(what: &str) -> ObjectBuilder {
+    non_blank(format!(
+        "{what}: not blank, at most `[limits] max_text_bytes` bytes"
+    ))
+}
 
 /// The methods the document lists for a route pattern, as an `Allow` header value (`GET, POST`).
 pub(super) fn allowed_methods(pattern: &str) -> Option<&'static str> {
@@ -224,7 +239,7 @@ fn retry_after_on_429_and_503(operation: &mut Operation) {
                 .entry("Retry-After".to_owned())
                 .or_insert_with(|| {
                     HeaderBuilder::new()
-                        .schema(utoipa::openapi::ObjectBuilder::new().schema_type(Type::Integer))
+                        .schema(ObjectBuilder::new().schema_type(Type::Integer))
                         .description(Some("Seconds to wait before retrying"))
                         .build()
                 });

@@ -2,7 +2,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+use utoipa::openapi::schema::ArrayBuilder;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
@@ -23,12 +23,7 @@ pub struct CreateTask {
 
 fn label_list() -> ArrayBuilder {
     ArrayBuilder::new()
-        .items(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .pattern(Some("\\S"))
-                .max_length(Some(128)),
-        )
+        .items(super::openapi::non_blank("A label").max_length(Some(128)))
         .min_items(Some(2))
         .unique_items(true)
         .description(Some(

@@ -12,9 +12,11 @@ use std::time::Duration;
 /// following a change of load within a second or so of batches).
 const NEWEST_WEIGHT: u64 = 8;
 
-/// The model thread's outstanding work and its recent speed.
+/// The model thread's outstanding work, its recent speed, and the wait a request may be asked to accept.
 #[derive(Debug, Default)]
 pub struct Backlog {
+    /// The longest expected wait admitted when something is ahead; `None` admits all.
+    budget: Option<Duration>,
     /// Tokens of every admitted entry not yet answered or dropped.
     tokens: AtomicU64,
     /// Recent compute time per token in nanoseconds; 0 until a batch has run.
@@ -37,14 +39,23 @@ impl Drop for Admitted {
 }
 
 impl Backlog {
+    /// An empty backlog that refuses expected waits over `budget` (`None`: admits all).
+    pub fn new(budget: Option<Duration>) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
+    }
+
+    /// The configured budget.
+    pub fn budget(&self) -> Option<Duration> {
+        self.budget
+    }
+
     /// Adds a request of `tokens` and returns its ticket, or the wait it would have had (the work ahead of
-    /// it and its own) when that exceeds `budget` and something is ahead (then nothing is added). Before the
-    /// first batch has run the speed is unknown and all is admitted.
-    pub fn admit(
-        self: &Arc<Self>,
-        tokens: usize,
-        budget: Option<Duration>,
-    ) -> Result<Admitted, Duration> {
+    /// it and its own) when that exceeds the budget and something is ahead (then nothing is added). Before
+    /// the first batch has run the speed is unknown and all is admitted.
+    pub fn admit(self: &Arc<Self>, tokens: usize) -> Result<Admitted, Duration> {
         let tokens = tokens as u64;
         let ahead = self.tokens.fetch_add(tokens, Ordering::Relaxed);
         let ticket = Admitted {
@@ -52,17 +63,17 @@ impl Backlog {
             tokens,
         };
         let wait = self.wait_for(ahead + tokens);
-        match budget {
+        match self.budget {
             Some(budget) if ahead > 0 && wait > budget => Err(wait),
             _ => Ok(ticket),
         }
     }
 
-    /// The wait of the work already admitted, when it alone exceeds `budget`: then any new request would be
-    /// refused by [`Backlog::admit`], and the caller can refuse it before paying for its tokenization.
-    pub fn refuses_all(&self, budget: Option<Duration>) -> Option<Duration> {
+    /// The wait of the work already admitted, when it alone exceeds the budget: then any new request would
+    /// be refused by [`Backlog::admit`], and the caller can refuse it before paying for its tokenization.
+    pub fn refuses_all(&self) -> Option<Duration> {
         let wait = self.wait_for(self.tokens.load(Ordering::Relaxed));
-        budget.filter(|&b| wait > b).map(|_| wait)
+        self.budget.filter(|&b| wait > b).map(|_| wait)
     }
 
     /// Records a batch of `tokens` that took `took` to compute.
@@ -99,34 +110,38 @@ mod tests {
 
     #[test]
     fn admits_until_the_expected_wait_exceeds_the_budget_and_forgets_answered_work() {
-        let backlog = Arc::new(Backlog::default());
-        let budget = Some(Duration::from_millis(100));
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100))));
         // Speed unknown: admitted whatever the size.
-        let first = backlog.admit(10_000, budget).unwrap();
+        let first = backlog.admit(10_000).unwrap();
         backlog.record(1_000, Duration::from_millis(10)); // 10 µs per token
         assert_eq!(backlog.wait_for(1_000), Duration::from_millis(10));
         drop(first);
         assert_eq!(backlog.tokens(), 0);
 
         // Nothing ahead: admitted however long its own work takes.
-        let a = backlog.admit(50_000, budget).unwrap();
+        let a = backlog.admit(50_000).unwrap();
         drop(a);
-        let a = backlog.admit(6_000, budget).unwrap(); // answered in 60 ms
-        let b = backlog.admit(4_000, budget).unwrap(); // in 100 ms: at the budget, admitted
-        let refused = backlog.admit(100, budget).unwrap_err();
+        let a = backlog.admit(6_000).unwrap(); // answered in 60 ms
+        let b = backlog.admit(4_000).unwrap(); // in 100 ms: at the budget, admitted
+        let refused = backlog.admit(100).unwrap_err();
         assert_eq!(refused, Duration::from_millis(101));
         assert_eq!(backlog.tokens(), 10_000, "a refused request adds nothing");
         drop(a);
-        let c = backlog.admit(100, budget).unwrap();
+        let c = backlog.admit(100).unwrap();
         assert_eq!(backlog.tokens(), 4_100);
         drop((b, c));
-        // No budget: everything is admitted.
-        let big = backlog.admit(1_000_000, None).unwrap();
+        // Nothing ahead: admitted however large.
+        let big = backlog.admit(1_000_000).unwrap();
         // 10 s of work ahead: any request would be refused, so it need not even be tokenized.
-        assert_eq!(backlog.refuses_all(budget), Some(Duration::from_secs(10)));
-        assert_eq!(backlog.refuses_all(None), None);
+        assert_eq!(backlog.refuses_all(), Some(Duration::from_secs(10)));
         drop(big);
-        assert_eq!(backlog.refuses_all(budget), None);
+        assert_eq!(backlog.refuses_all(), None);
+        // No budget: everything is admitted.
+        let unbounded = Arc::new(Backlog::new(None));
+        unbounded.record(1_000, Duration::from_millis(10));
+        let _first = unbounded.admit(1_000_000).unwrap();
+        let _second = unbounded.admit(1_000_000).unwrap();
+        assert_eq!(unbounded.refuses_all(), None);
     }
 
     #[test]

@@ -208,8 +208,8 @@ mod tests {
             reply,
             _permits: permits.clone().try_acquire_owned().expect("a permit"),
             _pending: crate::pressure::ServingPressure::new().begin(),
-            _admitted: Arc::new(Backlog::default())
-                .admit(tokens, None)
+            _admitted: Arc::new(Backlog::new(None))
+                .admit(tokens)
                 .expect("no budget admits all"),
         };
         (entry, rx)

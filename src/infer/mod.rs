@@ -136,7 +136,6 @@ pub struct Infer {
     max_batch_tokens: usize,
     timeout: Option<Duration>,
     backlog: Arc<Backlog>,
-    max_expected_wait: Option<Duration>,
     tokenizer: TextTokenizer,
     model_name: String,
     dimensions: usize,
@@ -155,7 +154,10 @@ impl Infer {
         pressure: Arc<ServingPressure>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let backlog = Arc::new(Backlog::default());
+        let backlog = Arc::new(Backlog::new(
+            (config.max_expected_wait_ms > 0)
+                .then(|| Duration::from_millis(config.max_expected_wait_ms)),
+        ));
         let handle = Self {
             tx,
             permits: Arc::new(Semaphore::new(config.queue_capacity)),
@@ -164,8 +166,6 @@ impl Infer {
             timeout: (config.request_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.request_timeout_ms)),
             backlog: backlog.clone(),
-            max_expected_wait: (config.max_expected_wait_ms > 0)
-                .then(|| Duration::from_millis(config.max_expected_wait_ms)),
             tokenizer: model.tokenizer.clone(),
             model_name: model.name.clone(),
             adapters_supported: model.cpu().is_some(),
@@ -225,7 +225,7 @@ impl Infer {
             "the server is overloaded: this request would wait about {} ms for the model's answer, over \
              the {} ms budget (batching.max_expected_wait_ms); retry shortly",
             wait.as_millis(),
-            self.max_expected_wait.unwrap_or_default().as_millis()
+            self.backlog.budget().unwrap_or_default().as_millis()
         ))
     }
 
@@ -237,7 +237,7 @@ impl Infer {
     ) -> Result<Outputs, InferError> {
         let started = Instant::now();
         // Under overload most requests are refused: refuse them before spending CPU on their tokens.
-        if let Some(wait) = self.backlog.refuses_all(self.max_expected_wait) {
+        if let Some(wait) = self.backlog.refuses_all() {
             return Err(self.over_budget(wait));
         }
         // Tokenizing up to a request body's worth of text is CPU work: keep it off the async workers.
@@ -284,7 +284,7 @@ impl Infer {
             })?;
         let admitted = self
             .backlog
-            .admit(tokens.iter().sum(), self.max_expected_wait)
+            .admit(tokens.iter().sum())
             .map_err(|wait| self.over_budget(wait))?;
         let (reply, answer) = oneshot::channel();
         let entry = Entry {
