@@ -22,6 +22,7 @@ fn main() {
     )
     .expect("run models/fetch.sh");
     flush_denormals();
+    let _heap = flywheel::heap::TrainingHeap::enter();
     let (batch, len) = (16usize, 48usize);
     let ids: Vec<u32> = (0..batch * len)
         .map(|i| 1000 + (i as u32 * 37) % 20000)

@@ -6,6 +6,7 @@
 //! - [`config`]: the one `Config` (file, environment, flags), passed down.
 //! - [`rng`]: a seeded generator shared by every layer.
 //! - [`pressure`]: inference work in flight, which training yields to.
+//! - [`heap`]: the C heap's policy while training (keep freed memory across steps, return it after).
 //! - [`metrics`]: every Prometheus metric name, help text and bucket; the sliding-window latency summary.
 //! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path), LoRA
 //!   deltas and heads, tokenization, pooling. Knows nothing above it.
@@ -23,13 +24,14 @@
 //!   and shutdown.
 //!
 //! Data flows one way, top of this list to bottom never the reverse: `http` → `rollout`/`trainer`/`infer` →
-//! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure` and `metrics` are shared by all.
+//! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap` and `metrics` are shared by all.
 
 pub mod adapters;
 pub mod autopilot;
 pub mod config;
 pub mod drift;
 pub mod feedback;
+pub mod heap;
 pub mod http;
 pub mod infer;
 pub mod metrics;

@@ -16,6 +16,7 @@ use super::data::{pad, Example, Rng};
 use super::eval::{evaluate, Evaluation};
 use super::full::FullTrainable;
 use super::lora::{cross_entropy, LoraTrainable};
+use crate::heap::TrainingHeap;
 use crate::model::lora::{Adapter, Target};
 use crate::model::{Bert, CpuEncoder, ModelError};
 
@@ -521,6 +522,7 @@ fn fit<T: Trainable>(
         ));
     }
     flush_denormals();
+    let _heap = TrainingHeap::enter();
     let started = Instant::now();
     let device = Device::Cpu;
     let class_weights = config

@@ -1,0 +1,81 @@
+//! The C heap while training: keep freed memory for the next step, hand it back when the job ends.
+//!
+//! A training step allocates and frees a few hundred megabytes of activations and gradients in blocks of
+//! one to five megabytes. With glibc's defaults each free above a dynamic threshold goes back to the
+//! kernel (`munmap`, or a trim of the heap top) and the next step faults every page in again, zeroed:
+//! measured here, 38 % of a LoRA step's time was spent in the kernel (page faults, page clearing, TLB
+//! shootdowns). Raising the mmap and trim thresholds keeps that memory in the heap across steps (a step at
+//! 16 × 48 tokens went from 1,182 to 646 ms); [`TrainingHeap`]'s drop returns it once the job is done.
+//! Other C libraries and platforms are left as they are.
+
+use std::sync::Once;
+
+/// Blocks up to this size come from the heap instead of their own mapping (glibc's ceiling on 64-bit).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+
+/// Free memory at the top of a heap kept rather than returned: above a training step's working set.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 1 << 30;
+
+/// Held for the length of a training run: sets the heap policy (once per process) on creation and
+/// returns the heap's free pages to the kernel on drop.
+pub struct TrainingHeap(());
+
+impl TrainingHeap {
+    /// Applies the training heap policy to the whole process (idempotent).
+    pub fn enter() -> Self {
+        static POLICY: Once = Once::new();
+        POLICY.call_once(|| {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: mallopt only changes allocator parameters; it takes the arena locks itself.
+            unsafe {
+                if libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1
+                    || libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1
+                {
+                    tracing::warn!("could not raise the C heap's mmap and trim thresholds");
+                }
+            }
+        });
+        Self(())
+    }
+}
+
+impl Drop for TrainingHeap {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free pages of every arena back to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod tests {
+    use super::TrainingHeap;
+
+    /// Bytes the C library currently holds in blocks mapped on their own.
+    fn mapped() -> usize {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        unsafe { libc::mallinfo2() }.hblkhd
+    }
+
+    #[test]
+    fn blocks_of_a_training_step_come_from_the_heap_and_stay_usable_after_the_trim() {
+        let heap = TrainingHeap::enter();
+        let before = mapped();
+        // Activation-sized blocks: with glibc's defaults each of these is its own mapping.
+        let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 3 << 20]).collect();
+        let during = mapped();
+        assert!(
+            during < before + (8 << 20),
+            "24 MiB of blocks added {} mapped bytes",
+            during.saturating_sub(before)
+        );
+        drop(blocks);
+        drop(heap);
+        let again: Vec<u8> = vec![7; 3 << 20];
+        assert!(again.iter().all(|&b| b == 7));
+    }
+}
