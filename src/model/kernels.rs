@@ -349,13 +349,9 @@ fn lane_sum(xs: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
+/// A row's mean and `1/√(var + eps)`.
 #[inline(always)]
-fn norm_row_body(row: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
-    if let Some(res) = residual {
-        for (v, r) in row.iter_mut().zip(res) {
-            *v += r;
-        }
-    }
+fn mean_and_inv_std(row: &[f32], eps: f32) -> (f32, f32) {
     let width = row.len() as f32;
     let mean = lane_sum(row) / width;
     let mut lanes = [0f32; 8];
@@ -372,7 +368,17 @@ fn norm_row_body(row: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta:
             .map(|v| (v - mean) * (v - mean))
             .sum::<f32>())
         / width;
-    let inv = 1.0 / (var + eps).sqrt();
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline(always)]
+fn norm_row_body(row: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
+    if let Some(res) = residual {
+        for (v, r) in row.iter_mut().zip(res) {
+            *v += r;
+        }
+    }
+    let (mean, inv) = mean_and_inv_std(row, eps);
     for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
         *v = (*v - mean) * inv * g + b;
     }
@@ -383,6 +389,85 @@ simd_dispatch!(
     norm_row_avx2,
     norm_row_body,
     (row: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32)
+);
+
+/// The backward pass of a row LayerNorm `y = (x − μ)/σ · γ + β` (`σ = √(var + eps)`) over rows of width
+/// `gamma.len()`: writes the input gradient into `grad` (which holds `∂L/∂y` on entry) and adds the scale's
+/// and shift's gradients into `d_gamma` and `d_beta`. Mean and σ are recomputed from `x`: two cheap passes
+/// instead of keeping a normalised copy of every activation alive until the backward pass.
+pub fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    grad: &mut [f32],
+    d_gamma: &mut [f32],
+    d_beta: &mut [f32],
+) {
+    let width = gamma.len();
+    assert!(
+        width > 0 && x.len() == grad.len() && x.len() % width == 0,
+        "layer_norm_backward: shapes differ"
+    );
+    assert!(d_gamma.len() == width && d_beta.len() == width);
+    layer_norm_backward_rows(x, gamma, eps, grad, d_gamma, d_beta);
+}
+
+#[inline(always)]
+fn layer_norm_backward_body(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    grad: &mut [f32],
+    d_gamma: &mut [f32],
+    d_beta: &mut [f32],
+) {
+    let width = gamma.len();
+    let n = width as f32;
+    for (x, g) in x.chunks_exact(width).zip(grad.chunks_exact_mut(width)) {
+        let (mean, inv) = mean_and_inv_std(x, eps);
+        // Σ γ·dy and Σ γ·dy·x̂ over the row, in eight lanes so the loop vectorises.
+        let (mut lanes_a, mut lanes_b) = ([0f32; 8], [0f32; 8]);
+        let (mut a, mut b) = (0f32, 0f32);
+        let whole = width - width % 8;
+        for ((xc, gc), mc) in x[..whole]
+            .chunks_exact(8)
+            .zip(g[..whole].chunks_exact(8))
+            .zip(gamma[..whole].chunks_exact(8))
+        {
+            for l in 0..8 {
+                let gy = mc[l] * gc[l];
+                lanes_a[l] += gy;
+                lanes_b[l] += gy * (xc[l] - mean) * inv;
+            }
+        }
+        for j in whole..width {
+            let gy = gamma[j] * g[j];
+            a += gy;
+            b += gy * (x[j] - mean) * inv;
+        }
+        a += lanes_a.iter().sum::<f32>();
+        b += lanes_b.iter().sum::<f32>();
+        let (a, b) = (a / n, b / n);
+        for ((((&xv, dy), &gm), dg), db) in x
+            .iter()
+            .zip(g.iter_mut())
+            .zip(gamma)
+            .zip(d_gamma.iter_mut())
+            .zip(d_beta.iter_mut())
+        {
+            let xhat = (xv - mean) * inv;
+            *dg += *dy * xhat;
+            *db += *dy;
+            *dy = inv * (gm * *dy - a - xhat * b);
+        }
+    }
+}
+
+simd_dispatch!(
+    layer_norm_backward_rows,
+    layer_norm_backward_rows_avx2,
+    layer_norm_backward_body,
+    (x: &[f32], gamma: &[f32], eps: f32, grad: &mut [f32], d_gamma: &mut [f32], d_beta: &mut [f32])
 );
 
 /// In-place softmax of each row of `scores` (`[rows × width]`).

@@ -206,8 +206,8 @@ impl CustomOp1 for FrozenLinearBackward {
     }
 }
 
-/// LayerNorm over the last dimension, built from differentiable elementwise ops (candle's fused
-/// `layer_norm` records no backward).
+/// LayerNorm over the last dimension, as one op with its own backward pass (candle's fused `layer_norm`
+/// records none).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     /// Scale, `[hidden]`.
@@ -231,14 +231,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let last = x.rank() - 1;
-        let mean = x.mean_keepdim(last)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(last)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

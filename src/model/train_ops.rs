@@ -1,10 +1,11 @@
-//! GELU and the attention softmax for the trainable candle path, as single ops with hand-written backward
-//! passes on the vectorised kernels. Candle's own `gelu_erf` backward runs a scalar erf, and a softmax
-//! composed of differentiable ops (its fused one has no backward) costs five elementwise passes each way;
-//! both were long stretches in which the trainer could not step aside for serving. These run in blocks with
-//! a [`crate::pressure::yield_point`] before each. Other devices and dtypes take candle's ops.
+//! GELU, the attention softmax and LayerNorm for the trainable candle path, as single ops with hand-written
+//! backward passes on the vectorised kernels. Candle's own `gelu_erf` backward runs a scalar erf, and a
+//! softmax or LayerNorm composed of differentiable ops (the fused ones have no backward) costs five to ten
+//! elementwise passes, each a fresh allocation, in each direction; they were also long stretches in which
+//! the trainer could not step aside for serving. These run in blocks with a [`crate::pressure::yield_point`]
+//! before each. Other devices and dtypes take candle's ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::kernels;
 use super::linear::f32_slice;
@@ -33,6 +34,30 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
         return e.broadcast_div(&e.sum_keepdim(D::Minus1)?);
     }
     x.contiguous()?.apply_op1(Softmax)
+}
+
+/// LayerNorm over the last dimension with scale `gamma` and shift `beta` (both `[width]`); gradients flow to
+/// all three.
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    if !(on_cpu_f32(x) && on_cpu_f32(gamma) && on_cpu_f32(beta)) {
+        let last = x.rank() - 1;
+        let centered = x.broadcast_sub(&x.mean_keepdim(last)?)?;
+        let var = centered.sqr()?.mean_keepdim(last)?;
+        return centered
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(gamma)?
+            .broadcast_add(beta);
+    }
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
 }
 
 /// A backward op's output: `grad` (the second input) updated in place by `kernel(saved, grad)` over blocks of
@@ -168,11 +193,108 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Output `[rows + 2, width]`: the input gradient's rows, then the scale's and the shift's gradients.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gamma = f32_slice(s2, l2, self.name())?;
+        let beta = f32_slice(s3, l3, self.name())?;
+        let width = gamma.len().max(1);
+        let mut out = f32_slice(s1, l1, self.name())?.to_vec();
+        if l1.shape().dims().last() != Some(&gamma.len()) || beta.len() != gamma.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "layer-norm: input {:?}, scale {}, shift {}",
+                l1.shape(),
+                gamma.len(),
+                beta.len()
+            )));
+        }
+        for block in out.chunks_mut(rows_per_block(width)) {
+            yield_point();
+            kernels::add_layer_norm_inplace(block, None, gamma, beta, self.eps);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let width = gamma.elem_count();
+        let rows = x.elem_count() / width.max(1);
+        let all = x.apply_op3_no_bwd(
+            gamma,
+            &grad.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
+        Ok((
+            Some(all.narrow(0, 0, rows)?.reshape(x.shape())?),
+            Some(all.get(rows)?),
+            Some(all.get(rows + 1)?),
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let gamma = f32_slice(s2, l2, self.name())?;
+        let width = gamma.len().max(1);
+        let rows = x.len() / width;
+        let mut out = Vec::with_capacity((rows + 2) * width);
+        out.extend_from_slice(f32_slice(s3, l3, self.name())?);
+        out.resize((rows + 2) * width, 0.0);
+        let (grad, sums) = out.split_at_mut(rows * width);
+        let (d_gamma, d_beta) = sums.split_at_mut(width);
+        let block = rows_per_block(width);
+        for (x, g) in x.chunks(block).zip(grad.chunks_mut(block)) {
+            yield_point();
+            kernels::layer_norm_backward(x, gamma, self.eps, g, d_gamma, d_beta);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, width))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
-    use super::{gelu_erf, softmax_last};
+    use super::{gelu_erf, layer_norm, softmax_last};
     use crate::model::tiny::max_abs_diff;
 
     /// Values and input gradients of `ours` and `reference` under a weighted sum, on the same input.
@@ -210,6 +332,67 @@ mod tests {
         let (value, gradient) = compare(gelu_erf, |x| x.gelu_erf());
         assert!(value < 1e-5, "values differ by {value}");
         assert!(gradient < 1e-5, "gradients differ by {gradient}");
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_ops_in_value_and_all_three_gradients() {
+        let dev = Device::Cpu;
+        let (rows, width) = (300, 384);
+        let var = |seed: u64, n: usize, shape: &[usize], offset: f32| {
+            let values: Vec<f32> = crate::rng::Rng::new(seed)
+                .uniform(n, 2.0)
+                .into_iter()
+                .map(|v| v + offset)
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(values, shape, &dev).unwrap()).unwrap()
+        };
+        // Rows off zero mean, so the mean's gradient path matters.
+        let x = var(1, rows * width, &[3, rows / 3, width], 0.7);
+        let gamma = var(2, width, &[width], 1.0);
+        let beta = var(3, width, &[width], 0.0);
+        let weights = Tensor::from_vec(
+            crate::rng::Rng::new(4).uniform(rows * width, 1.0),
+            (3, rows / 3, width),
+            &dev,
+        )
+        .unwrap();
+        let composed = |x: &Tensor, g: &Tensor, b: &Tensor| {
+            let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            centered
+                .broadcast_div(&(var + 1e-12)?.sqrt()?)?
+                .broadcast_mul(g)?
+                .broadcast_add(b)
+        };
+        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+            let y = f(x.as_tensor(), gamma.as_tensor(), beta.as_tensor()).unwrap();
+            let grads = (&y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (y, [grad(&x), grad(&gamma), grad(&beta)])
+        };
+        let (y1, g1) = run(&|x, g, b| layer_norm(x, g, b, 1e-12));
+        let (y2, g2) = run(&composed);
+        assert!(max_abs_diff(&y1, &y2) < 1e-5, "values differ");
+        for (name, (a, b)) in ["input", "scale", "shift"].iter().zip(g1.iter().zip(&g2)) {
+            assert_eq!(a.dims(), b.dims(), "{name} gradient shape");
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(a, b);
+            assert!(
+                diff < 1e-5 * scale.max(1.0),
+                "{name} gradients differ by {diff}"
+            );
+        }
     }
 
     #[test]
