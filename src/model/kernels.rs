@@ -11,6 +11,14 @@ use rayon::prelude::*;
 const PARALLEL_GEMM_MIN_WORK: usize = 1 << 20;
 /// Rows per rayon task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
+/// Elements from which the elementwise kernels split across rayon's pool, and the size of each task.
+const PARALLEL_ELEMENTS: usize = 1 << 16;
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// A task's share of a row-wise kernel: whole rows of `width`, about [`ELEMENTS_PER_TASK`] elements.
+fn whole_rows(width: usize) -> usize {
+    (ELEMENTS_PER_TASK / width.max(1)).max(1) * width.max(1)
+}
 
 /// Defines `$name`, which runs `$body` compiled for AVX2 when the CPU has it (checked once at run time)
 /// and for the build's baseline otherwise. The same source either way, so results agree.
@@ -254,8 +262,8 @@ pub fn fast_erf(x: f32) -> f32 {
 
 /// In-place exact (erf) GELU, as BERT's `hidden_act = "gelu"`.
 pub fn gelu_inplace(xs: &mut [f32]) {
-    if xs.len() >= 1 << 16 {
-        xs.par_chunks_mut(1 << 14).for_each(gelu_chunk);
+    if xs.len() >= PARALLEL_ELEMENTS {
+        xs.par_chunks_mut(ELEMENTS_PER_TASK).for_each(gelu_chunk);
     } else {
         gelu_chunk(xs);
     }
@@ -274,7 +282,13 @@ simd_dispatch!(gelu_chunk, gelu_chunk_avx2, gelu_body, (chunk: &mut [f32]));
 /// `grad *= GELU'(x)` elementwise, for the exact (erf) GELU: the backward pass of [`gelu_inplace`].
 pub fn gelu_backward(x: &[f32], grad: &mut [f32]) {
     assert_eq!(x.len(), grad.len(), "gelu_backward: shapes differ");
-    gelu_backward_chunk(x, grad);
+    if grad.len() >= PARALLEL_ELEMENTS {
+        grad.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(x.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(g, x)| gelu_backward_chunk(x, g));
+    } else {
+        gelu_backward_chunk(x, grad);
+    }
 }
 
 #[inline(always)]
@@ -494,7 +508,12 @@ pub fn softmax_inplace(x: &mut [f32], width: usize) {
         0,
         "softmax: input is not whole rows"
     );
-    softmax_rows(x, width);
+    if x.len() >= PARALLEL_ELEMENTS {
+        x.par_chunks_mut(whole_rows(width))
+            .for_each(|rows| softmax_rows(rows, width));
+    } else {
+        softmax_rows(x, width);
+    }
 }
 
 /// `grad = p ⊙ (grad − Σ grad ⊙ p)` per row of width `width`: the backward pass of a row softmax whose
@@ -506,7 +525,14 @@ pub fn softmax_backward(p: &[f32], grad: &mut [f32], width: usize) {
         0,
         "softmax_backward: input is not whole rows"
     );
-    softmax_backward_rows(p, grad, width);
+    if grad.len() >= PARALLEL_ELEMENTS {
+        let chunk = whole_rows(width);
+        grad.par_chunks_mut(chunk)
+            .zip(p.par_chunks(chunk))
+            .for_each(|(g, p)| softmax_backward_rows(p, g, width));
+    } else {
+        softmax_backward_rows(p, grad, width);
+    }
 }
 
 #[inline(always)]
@@ -626,6 +652,27 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_and_elementwise_kernels_split_across_threads_agree_with_one_pass() {
+        let width = 48;
+        let n = width * (2 * PARALLEL_ELEMENTS / width + 3);
+        let x = crate::rng::Rng::new(9).uniform(n, 3.0);
+        let g = crate::rng::Rng::new(10).uniform(n, 1.0);
+        let mut whole = x.clone();
+        softmax_inplace(&mut whole, width);
+        let mut serial = x.clone();
+        softmax_rows(&mut serial, width);
+        assert_eq!(whole, serial, "softmax");
+        let (mut whole_g, mut serial_g) = (g.clone(), g.clone());
+        softmax_backward(&whole, &mut whole_g, width);
+        softmax_backward_rows(&serial, &mut serial_g, width);
+        assert_eq!(whole_g, serial_g, "softmax backward");
+        let (mut whole_g, mut serial_g) = (g.clone(), g);
+        gelu_backward(&x, &mut whole_g);
+        gelu_backward_chunk(&x, &mut serial_g);
+        assert_eq!(whole_g, serial_g, "gelu backward");
+    }
 
     #[test]
     fn fast_exp_matches_libm_to_two_ulps_in_relative_terms() {
