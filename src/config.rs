@@ -160,6 +160,10 @@ pub struct TrainerConfig {
     pub yield_to_serving_ms: u64,
     /// Most jobs queued or running (`POST /v1/train` answers 429 `queue_full` beyond).
     pub max_queued_jobs: usize,
+    /// Where training runs: `cpu`; `cuda` or `cuda:N` (a build with the `cuda` cargo feature); or `auto`, the
+    /// first GPU when the build has CUDA and the machine has one, else the CPU. The trainer keeps its own
+    /// copy of the base weights there; serving stays on `model.device`. Checked at start-up.
+    pub device: String,
     /// Train a task automatically once this many feedback items arrived since its last job (0: never).
     pub auto_every_feedback: u64,
     /// ...but at most once per this many seconds per task.
@@ -178,6 +182,7 @@ impl Default for TrainerConfig {
             nice: 10,
             yield_to_serving_ms: 250,
             max_queued_jobs: 4,
+            device: "cpu".to_owned(),
             auto_every_feedback: 0,
             auto_min_interval_secs: 600,
             auto_on_drift: false,

@@ -58,6 +58,9 @@ struct TrainArgs {
     /// Threads to train with (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where to train: cpu, cuda, cuda:N (a build with the `cuda` feature) or auto.
+    #[arg(long, env = "FLYWHEEL_TRAINER__DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 impl TrainArgs {
@@ -67,6 +70,8 @@ impl TrainArgs {
         let method: Method = serde_json::from_value(serde_json::json!(self.method))
             .with_context(|| format!("--method {:?} is not lora or full", self.method))?;
         let config = offline::parse_params(&self.params, method)?;
+        let device = flywheel::model::parse_device(&self.device)
+            .with_context(|| format!("--device {}", self.device))?;
         if self.threads > 0 {
             limit_candle_threads(self.threads);
             rayon::ThreadPoolBuilder::new()
@@ -91,6 +96,7 @@ impl TrainArgs {
             config,
             out: out.clone(),
             model_dir: self.model,
+            device,
         };
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

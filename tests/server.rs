@@ -200,6 +200,20 @@ fn a_model_directory_missing_a_file_stops_the_server_with_the_file_named() {
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
 }
 
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_cuda_trainer_in_a_build_without_cuda_stops_the_server_naming_the_feature() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(common::model_dir())
+        .env("FLYWHEEL_TRAINER__DEVICE", "cuda:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`cuda` cargo feature"), "{stderr}");
+}
+
 /// Sends 16 concurrent 256-token requests to a server started with `env`, expects some to be shed with
 /// 429 `overloaded` and `Retry-After`, none to fail otherwise, serving to go on, and the rejections counted
 /// under `reason`.

@@ -196,6 +196,8 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
         &[],
         &[
             ("FLYWHEEL_TRAINER__AUTO_EVERY_FEEDBACK", "20"),
+            // `auto` trains on the CPU where the build or the machine has no GPU.
+            ("FLYWHEEL_TRAINER__DEVICE", "auto"),
             ("FLYWHEEL_TRAINER__AUTO_MIN_INTERVAL_SECS", "0"),
             ("FLYWHEEL_ROLLOUTS__EVALUATE_EVERY_MS", "200"),
         ],

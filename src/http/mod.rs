@@ -345,6 +345,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError> {
     let started = Instant::now();
     let device = crate::model::parse_device(&config.model.device)?;
+    let train_device = crate::model::parse_device(&config.trainer.device)?;
     let model = Model::load(
         &config.model.dir,
         &LoadOptions {
@@ -376,6 +377,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
     );
     let registry = Arc::new(registry);
     let deps = TrainerDeps {
+        bert: Arc::new(model.bert.to_device(&train_device)?),
         model,
         registry: registry.clone(),
         feedback: feedback.clone(),

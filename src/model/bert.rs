@@ -121,6 +121,15 @@ impl Bert {
         })
     }
 
+    /// A copy of the network with every weight on `device` (shared, not copied, where it is already there).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        let mut copy = self.clone();
+        for (_, tensor) in copy.tensors_mut() {
+            *tensor = tensor.to_device(device)?;
+        }
+        Ok(copy)
+    }
+
     /// Every weight with its Hugging Face name (no `bert.` prefix), mutable: full fine-tuning swaps them for
     /// trainable variables and exports them under these names.
     pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {

@@ -42,21 +42,33 @@ pub struct LoadOptions {
     pub device: Device,
 }
 
-/// Parses a device name: `cpu`, `cuda` or `cuda:N` (the latter two need the `cuda` feature).
+/// Parses a device name: `cpu`, `cuda` or `cuda:N` (both need a build with the `cuda` cargo feature), or
+/// `auto`: the first GPU when the build has CUDA and the machine has one, else the CPU.
 pub fn parse_device(name: &str) -> Result<Device> {
     match name.trim() {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
+        "auto" if candle_core::utils::cuda_is_available() => cuda(0),
+        "auto" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
         other => match other
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
         {
-            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
+            Some(ordinal) => cuda(ordinal),
             None => Err(ModelError::Unsupported(format!(
-                "unknown device {other:?}; use cpu or cuda:N"
+                "unknown device {other:?}; use cpu, auto, cuda or cuda:N"
             ))),
         },
     }
+}
+
+fn cuda(ordinal: usize) -> Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err(ModelError::Unsupported(format!(
+            "device cuda:{ordinal} needs a build with the `cuda` cargo feature"
+        )));
+    }
+    Ok(Device::new_cuda(ordinal)?)
 }
 
 /// A loaded encoder: weights, tokenizer and the path that runs them.
@@ -247,6 +259,20 @@ pub mod tiny;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names_parse_and_cuda_needs_the_feature() {
+        assert!(matches!(parse_device(" cpu "), Ok(Device::Cpu)));
+        let unknown = parse_device("tpu").unwrap_err().to_string();
+        assert!(unknown.contains("cpu, auto, cuda or cuda:N"), "{unknown}");
+        if !candle_core::utils::cuda_is_available() {
+            assert!(matches!(parse_device("auto"), Ok(Device::Cpu)));
+            for name in ["cuda", "cuda:1"] {
+                let e = parse_device(name).unwrap_err().to_string();
+                assert!(e.contains("`cuda` cargo feature"), "{name}: {e}");
+            }
+        }
+    }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());

@@ -94,12 +94,17 @@ impl FullTrainable {
         )
     }
 
+    /// Where the network runs.
+    pub fn device(&self) -> &Device {
+        self.bert.embeddings.word.device()
+    }
+
     /// Class probabilities of `examples` under the current weights, in padded chunks.
     pub fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(32) {
             let batch: Vec<&Example> = chunk.iter().collect();
-            let (ids, mask, _) = pad(&batch, self.bert.config.pad_token_id, &Device::Cpu)?;
+            let (ids, mask, _) = pad(&batch, self.bert.config.pad_token_id, self.device())?;
             let logits = self.logits(&ids, &mask)?.detach();
             for row in logits.to_vec2::<f32>()? {
                 out.push(crate::model::pooling::softmax(&row));

@@ -20,7 +20,7 @@ use super::train::{
 use crate::adapters::peft;
 use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
 use crate::feedback::FeedbackStore;
-use crate::model::Model;
+use crate::model::{Bert, Model};
 use crate::pressure::ServingPressure;
 
 /// Most feedback rows one job reads: the newest, so a long-lived task keeps learning from what arrives.
@@ -97,6 +97,9 @@ pub struct JobStatus {
 pub struct TrainerDeps {
     /// The base model (shared with the serving thread).
     pub model: Arc<Model>,
+    /// The base encoder on the training device (`trainer.device`): the model's own where that is its
+    /// device, a copy otherwise.
+    pub bert: Arc<Bert>,
     /// Tasks and generations.
     pub registry: Arc<Registry>,
     /// The feedback to learn from.
@@ -767,7 +770,7 @@ fn train_and_publish(
     match config.method {
         Method::Full => {
             let (weights, run) = train_full(
-                &model.bert,
+                &deps.bert,
                 labels,
                 &train,
                 &val,
@@ -790,7 +793,7 @@ fn train_and_publish(
         }
         Method::Lora => {
             let (adapter, run) = train_lora(
-                &model.bert,
+                &deps.bert,
                 cpu,
                 labels,
                 &train,

@@ -39,6 +39,8 @@ pub struct OfflineJob {
     pub out: PathBuf,
     /// The base model's directory (full fine-tuning copies its config and tokenizer).
     pub model_dir: PathBuf,
+    /// Where training runs (the model itself stays where it was loaded, for tokenizing and scoring).
+    pub device: candle_core::Device,
 }
 
 /// The run's figures, also written to `<out>/flywheel.json` (`metrics`).
@@ -155,12 +157,13 @@ pub fn run(
         .iter()
         .map(|(_, t)| t.elem_count())
         .sum();
+    let bert = model.bert.to_device(&job.device)?;
     let io = |e: &dyn std::fmt::Display| TrainError::Invalid(format!("writing the result: {e}"));
     std::fs::create_dir_all(&job.out).map_err(|e| io(&e))?;
     let (run, probs) = match config.method {
         Method::Lora => {
             let (adapter, run) = train_lora(
-                &model.bert,
+                &bert,
                 cpu,
                 labels.len(),
                 &train,
@@ -178,19 +181,11 @@ pub fn run(
             (run, probs)
         }
         Method::Full => {
-            let (weights, run) = train_full(
-                &model.bert,
-                labels.len(),
-                &train,
-                &val,
-                config,
-                progress,
-                &cancel,
-            )?
-            .split();
+            let (weights, run) =
+                train_full(&bert, labels.len(), &train, &val, config, progress, &cancel)?.split();
             write_checkpoint(&job.out, &weights, &labels, &job.model_dir).map_err(|e| io(&e))?;
             let probs = (!test.is_empty())
-                .then(|| FullTrainable::from_weights(&model.bert, &weights)?.predict(&test))
+                .then(|| FullTrainable::from_weights(&bert, &weights)?.predict(&test))
                 .transpose()?;
             (run, probs)
         }

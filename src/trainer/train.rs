@@ -388,6 +388,8 @@ pub fn predict(
 trait Trainable {
     /// The state kept of the best epoch.
     type Snapshot;
+    /// Where the forward and backward passes run.
+    fn device(&self) -> Device;
     fn vars(&self) -> Vec<Var>;
     fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError>;
     fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>, TrainError>;
@@ -402,6 +404,10 @@ struct LoraRun<'a> {
 
 impl Trainable for LoraRun<'_> {
     type Snapshot = Adapter;
+
+    fn device(&self) -> Device {
+        self.bert.embeddings.word.device().clone()
+    }
 
     fn vars(&self) -> Vec<Var> {
         self.lora.vars()
@@ -422,6 +428,10 @@ impl Trainable for LoraRun<'_> {
 
 impl Trainable for FullTrainable {
     type Snapshot = HashMap<String, Tensor>;
+
+    fn device(&self) -> Device {
+        FullTrainable::device(self).clone()
+    }
 
     fn vars(&self) -> Vec<Var> {
         FullTrainable::vars(self)
@@ -454,7 +464,7 @@ pub fn train_lora(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<TrainReport<Adapter>, TrainError> {
-    let device = Device::Cpu;
+    let device = bert.embeddings.word.device().clone();
     let lora = match warm {
         Some(a) => LoraTrainable::from_adapter(a, &device)?,
         None => LoraTrainable::new(
@@ -524,7 +534,7 @@ fn fit<T: Trainable>(
     flush_denormals();
     let _heap = TrainingHeap::enter();
     let started = Instant::now();
-    let device = Device::Cpu;
+    let device = trainable.device();
     let class_weights = config
         .class_weights
         .resolve(train, labels)?
