@@ -5,6 +5,7 @@
 //! runs once exported with [`LoraTrainable::to_adapter`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, Var, D};
 
@@ -34,6 +35,35 @@ pub struct LoraTrainable {
     classifier_bias: Var,
     rank: usize,
     scale: f64,
+    dropout: Option<Dropout>,
+}
+
+/// Dropout on the factors' input: a fresh seeded mask per call (keep with probability `1 − p`, scaled by
+/// `1 / (1 − p)`), so a run is reproducible from its seed.
+struct Dropout {
+    p: f64,
+    seed: u64,
+    calls: AtomicU64,
+}
+
+impl Dropout {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut rng = crate::rng::Rng::new(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 - self.p;
+        let threshold = (keep * (1u64 << 53) as f64) as u64;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.next_u64() >> 11 < threshold {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    }
 }
 
 impl LoraTrainable {
@@ -83,6 +113,7 @@ impl LoraTrainable {
             classifier_bias,
             rank,
             scale: alpha / rank as f64,
+            dropout: None,
         })
     }
 
@@ -123,7 +154,19 @@ impl LoraTrainable {
             )?)?,
             rank,
             scale,
+            dropout: None,
         })
+    }
+
+    /// Drops a share `p` of the factors' input values in every forward pass from now on (training only:
+    /// [`Self::to_adapter`] exports the factors, and serving never drops); `p = 0` drops nothing.
+    pub fn with_dropout(mut self, p: f64, seed: u64) -> Self {
+        self.dropout = (p > 0.0).then(|| Dropout {
+            p,
+            seed: seed ^ 0xD20F,
+            calls: AtomicU64::new(0),
+        });
+        self
     }
 
     /// Every trainable variable: the factors, then the head.
@@ -205,7 +248,11 @@ impl Deltas for LoraTrainable {
         let Some((a, b)) = self.factors.get(&(layer, target)) else {
             return Ok(None);
         };
-        let low = x.broadcast_matmul(&a.as_tensor().t()?)?;
+        let low = match &self.dropout {
+            Some(d) => d.apply(x)?,
+            None => x.clone(),
+        }
+        .broadcast_matmul(&a.as_tensor().t()?)?;
         Ok(Some(
             (low.broadcast_matmul(&b.as_tensor().t()?)? * self.scale)?,
         ))
@@ -238,4 +285,48 @@ pub fn cross_entropy(
                 .broadcast_div(&w.sum_all()?)?
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use candle_core::{Device, Tensor};
+
+    use super::Dropout;
+
+    fn dropout(p: f64, seed: u64) -> Dropout {
+        Dropout {
+            p,
+            seed,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    fn mask(d: &Dropout) -> Vec<f32> {
+        let ones = Tensor::ones((100, 400), candle_core::DType::F32, &Device::Cpu).unwrap();
+        d.apply(&ones)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn dropout_zeroes_about_p_keeps_the_expectation_and_draws_a_seeded_mask_per_call() {
+        let d = dropout(0.1, 7);
+        let first = mask(&d);
+        let dropped = first.iter().filter(|&&v| v == 0.0).count() as f64 / first.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.01, "dropped {dropped}");
+        assert!(first
+            .iter()
+            .all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        let mean = first.iter().map(|&v| v as f64).sum::<f64>() / first.len() as f64;
+        assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+        let second = mask(&d);
+        assert_ne!(first, second, "each call draws a new mask");
+        let again = dropout(0.1, 7);
+        assert_eq!(mask(&again), first, "the same seed gives the same masks");
+    }
 }

@@ -104,6 +104,30 @@ fn every_trainable_tensor_gets_a_non_zero_gradient() {
     assert_every_var_has_a_gradient(&vars, &grads);
 }
 
+#[test]
+fn with_dropout_the_factors_still_all_get_gradients_and_each_pass_differs() {
+    let bert = tiny::bert(3);
+    let plain = trainable(&bert.config);
+    perturb(&plain);
+    let (_, ids, mask, targets) = batch();
+    let logits = |lora: &LoraTrainable| lora.logits(&bert, &ids, &mask).unwrap();
+    let reference = logits(&plain);
+    assert_eq!(
+        crate::model::tiny::max_abs_diff(&reference, &logits(&plain)),
+        0.0,
+        "without dropout a pass is deterministic"
+    );
+    let lora = plain.with_dropout(0.3, 1);
+    let (first, second) = (logits(&lora), logits(&lora));
+    assert!(crate::model::tiny::max_abs_diff(&first, &second) > 0.0);
+    assert!(crate::model::tiny::max_abs_diff(&first, &reference) > 0.0);
+    let grads = cross_entropy(&first, &targets, 0.1, None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_every_var_has_a_gradient(&lora.vars(), &grads);
+}
+
 /// Fails unless every variable got a gradient with a non-zero norm (a fused op without a backward would
 /// leave some at none or zero, silently training nothing).
 pub(super) fn assert_every_var_has_a_gradient(

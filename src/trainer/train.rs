@@ -114,6 +114,10 @@ pub struct TrainConfig {
     /// Linears to adapt.
     #[schema(min_items = 1)]
     pub targets: Vec<Target>,
+    /// LoRA dropout: the share of each factor input's values zeroed (the rest scaled up to keep the
+    /// expectation) while training, as PEFT's `lora_dropout`; the base path and serving never drop.
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
+    pub lora_dropout: f64,
     /// Peak learning rate; unset means the method's default (LoRA 2e-3, full 5e-5: LoRA wants ~10–50× full
     /// fine-tuning's, see docs/TRAINING.md).
     #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
@@ -165,6 +169,7 @@ impl Default for TrainConfig {
             rank: 8,
             alpha: 16.0,
             targets: vec![Target::Query, Target::Value],
+            lora_dropout: 0.1,
             learning_rate: None,
             epochs: 5,
             batch_size: 16,
@@ -214,8 +219,11 @@ impl TrainConfig {
         if self.grad_accumulation == 0 || self.grad_accumulation > 64 {
             return bad("grad_accumulation must be 1 to 64");
         }
-        if !(0.0..1.0).contains(&self.warmup_ratio) || !(0.0..1.0).contains(&self.label_smoothing) {
-            return bad("warmup_ratio and label_smoothing must be in [0, 1)");
+        if !(0.0..1.0).contains(&self.warmup_ratio)
+            || !(0.0..1.0).contains(&self.label_smoothing)
+            || !(0.0..1.0).contains(&self.lora_dropout)
+        {
+            return bad("warmup_ratio, label_smoothing and lora_dropout must be in [0, 1)");
         }
         if !(0.0..=1.0).contains(&self.weight_decay) || !(0.05..=0.5).contains(&self.val_fraction) {
             return bad("weight_decay must be in [0, 1] and val_fraction in [0.05, 0.5]");
@@ -476,7 +484,8 @@ pub fn train_lora(
             config.seed,
             &device,
         )?,
-    };
+    }
+    .with_dropout(config.lora_dropout, config.seed);
     fit(
         &LoraRun { lora, bert, cpu },
         bert.config.pad_token_id,
