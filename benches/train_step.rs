@@ -1,17 +1,47 @@
-//! One LoRA training step (forward, backward, AdamW) on the real model at 16 × 48 tokens, r=8 on
-//! query+value with a 2-label head: the figure to compare with PEFT (benches/pytorch_train_step.py).
-//! `cargo bench --bench train_step`.
+//! One training step (forward, backward, AdamW) on the real model at 16 × L tokens (L = 48 unless given):
+//! LoRA r=8, alpha 16, dropout 0.1 on query+value with a 2-label head, and full fine-tuning. The figures to
+//! compare with PEFT and PyTorch (benches/pytorch_train_step.py, same shapes).
+//! `cargo bench --bench train_step [-- L]`.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use flywheel::model::lora::Target;
 use flywheel::model::{LoadOptions, Model};
+use flywheel::trainer::full::FullTrainable;
 use flywheel::trainer::lora::{cross_entropy, LoraTrainable};
 use flywheel::trainer::train::flush_denormals;
 
+/// Median milliseconds of steps 3 to 10 of AdamW at `lr` on `vars`, the loss from `logits`.
+fn median_step(vars: Vec<Var>, lr: f64, targets: &Tensor, logits: impl Fn() -> Tensor) -> f64 {
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut times = Vec::new();
+    for i in 0..10 {
+        let t = Instant::now();
+        let loss = cross_entropy(&logits(), targets, 0.1, None).unwrap();
+        opt.backward_step(&loss).unwrap();
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 fn main() {
+    let len: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(48);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
     let model = Model::load(
         &dir,
@@ -23,7 +53,7 @@ fn main() {
     .expect("run models/fetch.sh");
     flush_denormals();
     let _heap = flywheel::heap::TrainingHeap::enter();
-    let (batch, len) = (16usize, 48usize);
+    let batch = 16usize;
     let ids: Vec<u32> = (0..batch * len)
         .map(|i| 1000 + (i as u32 * 37) % 20000)
         .collect();
@@ -44,35 +74,15 @@ fn main() {
         0,
         &Device::Cpu,
     )
-    .unwrap();
-    let mut opt = AdamW::new(
-        lora.vars(),
-        ParamsAdamW {
-            lr: 2e-3,
-            weight_decay: 0.01,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut times = Vec::new();
-    for i in 0..8 {
-        let t = Instant::now();
-        let loss = cross_entropy(
-            &lora.logits(&model.bert, &ids, &mask).unwrap(),
-            &targets,
-            0.1,
-            None,
-        )
-        .unwrap();
-        opt.backward_step(&loss).unwrap();
-        if i >= 2 {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    println!(
-        "flywheel LoRA step {batch} x {len}: median {:.0} ms over {} steps",
-        times[times.len() / 2],
-        times.len()
-    );
+    .unwrap()
+    .with_dropout(0.1, 0);
+    let ms = median_step(lora.vars(), 2e-3, &targets, || {
+        lora.logits(&model.bert, &ids, &mask).unwrap()
+    });
+    println!("flywheel LoRA step {batch} x {len}: median {ms:.0} ms over 8 steps");
+    let full = FullTrainable::new(&model.bert, 2, 0).unwrap();
+    let ms = median_step(full.vars(), 5e-5, &targets, || {
+        full.logits(&ids, &mask).unwrap()
+    });
+    println!("flywheel full fine-tuning step {batch} x {len}: median {ms:.0} ms over 8 steps");
 }

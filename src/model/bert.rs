@@ -220,11 +220,19 @@ impl Bert {
             .norm
             .forward(&words.broadcast_add(&positions)?.broadcast_add(&types)?)?;
 
-        // Additive mask [batch, 1, 1, seq]: 0 where attended, a large negative where padded.
-        let mask = attention_mask.to_dtype(x.dtype())?;
-        let mask = ((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?;
+        // Right padding on the CPU takes the fused attention op; anything else an additive mask
+        // [batch, 1, 1, seq]: 0 where attended, a large negative where padded.
+        let padding = match right_padded_lengths(attention_mask)? {
+            Some(lengths) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                Padding::Lengths(lengths)
+            }
+            _ => {
+                let mask = attention_mask.to_dtype(x.dtype())?;
+                Padding::Mask(((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?)
+            }
+        };
         for (index, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(index, layer, &yield_here(&x)?, &mask, deltas)?;
+            x = self.layer_forward(index, layer, &yield_here(&x)?, &padding, deltas)?;
         }
         Ok(x)
     }
@@ -234,7 +242,7 @@ impl Bert {
         index: usize,
         layer: &Layer,
         x: &Tensor,
-        mask: &Tensor,
+        padding: &Padding,
         deltas: &dyn Deltas,
     ) -> Result<Tensor> {
         let dense = |linear: &Linear, target: Target, input: &Tensor| -> Result<Tensor> {
@@ -252,20 +260,29 @@ impl Bert {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(dense(&layer.query, Target::Query, x)?)?;
-        let k = split(dense(&layer.key, Target::Key, x)?)?;
-        let v = split(dense(&layer.value, Target::Value, x)?)?;
+        let q = dense(&layer.query, Target::Query, x)?;
+        let k = dense(&layer.key, Target::Key, x)?;
+        let v = dense(&layer.value, Target::Value, x)?;
         // Yield points between the blocks of ops, in both passes, when training shares the cores with
-        // serving (free otherwise); the softmax, the GELU and the frozen linears yield inside.
-        let scores =
-            yield_here(&(q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?)?;
-        let probs = train_ops::softmax_last(&scores)?;
-        let ctx = yield_here(
-            &probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((batch, seq, hidden))?,
-        )?;
+        // serving (free otherwise); the attention, softmax, GELU, LayerNorm and frozen linears yield inside.
+        let ctx = match padding {
+            Padding::Lengths(lengths) => {
+                train_ops::attention(&Tensor::cat(&[&q, &k, &v], 2)?, lengths, heads)?
+            }
+            Padding::Mask(mask) => {
+                let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+                let scores = yield_here(
+                    &(q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?,
+                )?;
+                let probs = train_ops::softmax_last(&scores)?;
+                yield_here(
+                    &probs
+                        .matmul(&v)?
+                        .transpose(1, 2)?
+                        .reshape((batch, seq, hidden))?,
+                )?
+            }
+        };
         let x = yield_here(
             &layer
                 .attention_norm
@@ -276,6 +293,26 @@ impl Bert {
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
     }
+}
+
+/// How a batch's padding reaches the attention.
+enum Padding {
+    /// Right padding: each sequence's real length (the fused attention op).
+    Lengths(Vec<usize>),
+    /// Any other mask, additive, `[batch, 1, 1, seq]`.
+    Mask(Tensor),
+}
+
+/// Each row's count of ones when `attention_mask` `[batch, seq]` is ones followed by zeros in every row.
+fn right_padded_lengths(attention_mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let rows = attention_mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let len = row.iter().take_while(|&&m| m == 1).count();
+            row[len..].iter().all(|&m| m == 0).then_some(len)
+        })
+        .collect())
 }
 
 /// Supplies additive deltas for the encoder's linears on the candle path.

@@ -649,6 +649,206 @@ pub fn attention(
     }
 }
 
+/// A strided single-threaded product `dst = scale · a·b` (`[m × n]`, row stride `dst_rs`) of `a` `[m × k]`
+/// and `b` `[k × n]`, each given by its row and column strides.
+///
+/// # Safety
+/// Every index the strides and sizes reach must lie inside the pointed-to buffers, and `dst` must not
+/// overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+    scale: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
+/// The shape of a padded self-attention over `qkv` `[batch × seq × 3·hidden]` (queries, keys and values side
+/// by side in each row); sequence `b` is its first `lengths[b]` positions, the rest padding.
+#[derive(Clone, Copy)]
+pub struct Padded<'a> {
+    /// Positions per sequence, padding included.
+    pub seq: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Real positions of each sequence (≤ `seq`).
+    pub lengths: &'a [usize],
+}
+
+impl Padded<'_> {
+    fn hidden(&self) -> usize {
+        size(self.heads, self.head_dim)
+    }
+
+    /// Checks the buffers, then runs `task(b, h)` for every sequence and head, in parallel.
+    fn each_head(&self, qkv: &[f32], other: &[f32], task: impl Fn(usize, usize) + Sync) {
+        let (rows, hidden) = (size(self.lengths.len(), self.seq), self.hidden());
+        assert_eq!(
+            qkv.len(),
+            size(rows, 3 * hidden),
+            "attention: qkv is not rows × 3·hidden"
+        );
+        assert_eq!(
+            other.len(),
+            size(rows, hidden),
+            "attention: rows × hidden buffer differs"
+        );
+        assert!(
+            self.lengths.iter().all(|&l| l <= self.seq),
+            "attention: a length exceeds seq"
+        );
+        size(self.seq, self.seq);
+        let work: Vec<(usize, usize)> = (0..self.lengths.len())
+            .flat_map(|b| (0..self.heads).map(move |h| (b, h)))
+            .filter(|&(b, _)| self.lengths[b] > 0)
+            .collect();
+        if work.len() > 1 && threads() > 1 {
+            work.par_iter().for_each(|&(b, h)| task(b, h));
+        } else {
+            work.iter().for_each(|&(b, h)| task(b, h));
+        }
+    }
+
+    /// Softmax probabilities `[len × len]` of sequence `b`, head `h`.
+    ///
+    /// # Safety
+    /// `qkv` must hold `batch × seq × 3·hidden` values (checked by [`Self::each_head`]).
+    unsafe fn probabilities(&self, qkv: &[f32], b: usize, h: usize) -> Vec<f32> {
+        let (len, hidden) = (self.lengths[b], self.hidden());
+        let q = qkv
+            .as_ptr()
+            .add(b * self.seq * 3 * hidden + h * self.head_dim);
+        let mut p = vec![0f32; len * len];
+        strided_product(
+            (len, len, self.head_dim),
+            p.as_mut_ptr(),
+            len,
+            (q, 3 * hidden, 1),
+            (q.add(hidden), 1, 3 * hidden),
+            1.0 / (self.head_dim as f32).sqrt(),
+        );
+        softmax_rows(&mut p, len);
+        p
+    }
+}
+
+/// Scaled dot-product self-attention over a padded batch: `out` `[batch × seq × hidden]` gets each real
+/// position's context (padded positions stay zero); keys beyond a sequence's length are not attended.
+pub fn attention_padded(shape: &Padded, qkv: &[f32], out: &mut [f32]) {
+    let hidden = shape.hidden();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    shape.each_head(qkv, out, |b, h| {
+        let len = shape.lengths[b];
+        // SAFETY: sizes checked by each_head; each (b, h) writes only its own rows' head columns of `out`.
+        unsafe {
+            let p = shape.probabilities(qkv, b, h);
+            let v = qkv
+                .as_ptr()
+                .add(b * shape.seq * 3 * hidden + 2 * hidden + h * shape.head_dim);
+            strided_product(
+                (len, shape.head_dim, len),
+                out_ptr
+                    .get()
+                    .add(b * shape.seq * hidden + h * shape.head_dim),
+                hidden,
+                (p.as_ptr(), len, 1),
+                (v, 3 * hidden, 1),
+                1.0,
+            );
+        }
+    });
+}
+
+/// The backward pass of [`attention_padded`]: `d_qkv` (`[batch × seq × 3·hidden]`, zero on entry) gets the
+/// gradients of queries, keys and values from `grad` (`∂L/∂out`). The probabilities are recomputed rather
+/// than kept from the forward pass (their product is a sliver of a layer's work at these lengths).
+pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qkv: &mut [f32]) {
+    let hidden = shape.hidden();
+    assert_eq!(
+        d_qkv.len(),
+        qkv.len(),
+        "attention backward: d_qkv differs from qkv"
+    );
+    let d_ptr = SendPtr(d_qkv.as_mut_ptr());
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    shape.each_head(qkv, grad, |b, h| {
+        let len = shape.lengths[b];
+        let row = b * shape.seq;
+        let col = h * shape.head_dim;
+        let (hd, stride) = (shape.head_dim, 3 * hidden);
+        // SAFETY: sizes checked by each_head; each (b, h) writes only its own rows' head columns of d_qkv.
+        unsafe {
+            let p = shape.probabilities(qkv, b, h);
+            let q = qkv.as_ptr().add(row * stride + col);
+            let (k, v) = (q.add(hidden), q.add(2 * hidden));
+            let d_out = grad.as_ptr().add(row * hidden + col);
+            let d_q = d_ptr.get().add(row * stride + col);
+            let (d_k, d_v) = (d_q.add(hidden), d_q.add(2 * hidden));
+            // dV = Pᵀ·dO; dP = dO·Vᵀ; dS = softmax backward; dQ = s·dS·K; dK = s·dSᵀ·Q.
+            strided_product(
+                (len, hd, len),
+                d_v,
+                stride,
+                (p.as_ptr(), 1, len),
+                (d_out, hidden, 1),
+                1.0,
+            );
+            let mut d_s = vec![0f32; len * len];
+            strided_product(
+                (len, len, hd),
+                d_s.as_mut_ptr(),
+                len,
+                (d_out, hidden, 1),
+                (v, 1, stride),
+                1.0,
+            );
+            softmax_backward_rows(&p, &mut d_s, len);
+            strided_product(
+                (len, hd, len),
+                d_q,
+                stride,
+                (d_s.as_ptr(), len, 1),
+                (k, stride, 1),
+                scale,
+            );
+            strided_product(
+                (len, hd, len),
+                d_k,
+                stride,
+                (d_s.as_ptr(), 1, len),
+                (q, stride, 1),
+                scale,
+            );
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,17 @@ pub fn layer_norm(
     )
 }
 
+/// Scaled dot-product self-attention of `qkv` `[batch, seq, 3·hidden]` (queries, keys and values side by
+/// side) over a right-padded batch: sequence `b` is its first `lengths[b]` positions. `[batch, seq, hidden]`,
+/// zero at padded positions; the padding is never attended. CPU f32 only: the caller keeps the composed
+/// path for other devices and for masks that are not right padding.
+pub fn attention(qkv: &Tensor, lengths: &[usize], heads: usize) -> candle_core::Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention {
+        lengths: lengths.to_vec(),
+        heads,
+    })
+}
+
 /// A backward op's output: `grad` (the second input) updated in place by `kernel(saved, grad)` over blocks of
 /// `block` elements, yielding before each; `saved` is the first input (the forward's input or output).
 fn backward_by_blocks(
@@ -193,6 +204,93 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+struct Attention {
+    lengths: Vec<usize>,
+    heads: usize,
+}
+
+/// The gradient of [`Attention`]'s input, `[batch, seq, 3·hidden]`.
+struct AttentionBackward {
+    lengths: Vec<usize>,
+    heads: usize,
+}
+
+/// The kernels' view of a `[batch, seq, 3·hidden]` layout.
+fn padded<'a>(
+    layout: &Layout,
+    lengths: &'a [usize],
+    heads: usize,
+    what: &str,
+) -> candle_core::Result<kernels::Padded<'a>> {
+    let (batch, seq, width) = layout.shape().dims3()?;
+    if batch != lengths.len() || heads == 0 || width % (3 * heads) != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "{what}: qkv {:?} does not fit {} lengths and {heads} heads",
+            layout.shape(),
+            lengths.len()
+        )));
+    }
+    Ok(kernels::Padded {
+        seq,
+        heads,
+        head_dim: width / 3 / heads,
+        lengths,
+    })
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = padded(l, &self.lengths, self.heads, self.name())?;
+        let qkv = f32_slice(s, l, self.name())?;
+        let (batch, seq, width) = l.shape().dims3()?;
+        let mut out = vec![0f32; batch * seq * width / 3];
+        yield_point();
+        kernels::attention_padded(&shape, qkv, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((batch, seq, width / 3))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &AttentionBackward {
+                lengths: self.lengths.clone(),
+                heads: self.heads,
+            },
+        )?))
+    }
+}
+
+impl CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = padded(l1, &self.lengths, self.heads, self.name())?;
+        let qkv = f32_slice(s1, l1, self.name())?;
+        let grad = f32_slice(s2, l2, self.name())?;
+        let mut d_qkv = vec![0f32; qkv.len()];
+        yield_point();
+        kernels::attention_padded_backward(&shape, qkv, grad, &mut d_qkv);
+        Ok((CpuStorage::F32(d_qkv), l1.shape().clone()))
+    }
+}
+
 struct LayerNorm {
     eps: f32,
 }
@@ -294,7 +392,7 @@ impl CustomOp3 for LayerNormBackward {
 mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
-    use super::{gelu_erf, layer_norm, softmax_last};
+    use super::{attention, gelu_erf, layer_norm, softmax_last};
     use crate::model::tiny::max_abs_diff;
 
     /// Values and input gradients of `ours` and `reference` under a weighted sum, on the same input.
@@ -391,6 +489,88 @@ mod tests {
             assert!(
                 diff < 1e-5 * scale.max(1.0),
                 "{name} gradients differ by {diff}"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_matches_the_masked_composed_ops_at_real_positions_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (batch, seq, heads, head_dim) = (3, 7, 2, 4);
+        let hidden = heads * head_dim;
+        let lengths = [7usize, 4, 1];
+        let n = batch * seq * hidden;
+        let var = |seed| {
+            let t = Tensor::from_vec(
+                crate::rng::Rng::new(seed).uniform(n, 1.5),
+                (batch, seq, hidden),
+                &dev,
+            );
+            Var::from_tensor(&t.unwrap()).unwrap()
+        };
+        let (q, k, v) = (var(11), var(12), var(13));
+        // 1 at real positions, the loss looks at real positions only (padded outputs differ by design).
+        let real: Vec<f32> = (0..batch * seq)
+            .map(|i| f32::from(u8::from(i % seq < lengths[i / seq])))
+            .collect();
+        let real = Tensor::from_vec(real, (batch, seq, 1), &dev).unwrap();
+        let weights = (Tensor::from_vec(
+            crate::rng::Rng::new(14).uniform(n, 1.0),
+            (batch, seq, hidden),
+            &dev,
+        )
+        .unwrap()
+        .broadcast_mul(&real))
+        .unwrap();
+        let composed = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+            let split = |t: &Tensor| {
+                t.reshape((batch, seq, heads, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let mask = ((real.reshape((batch, 1, 1, seq))? - 1.0)? * 1e9)?;
+            let scores = (split(q)?.matmul(&split(k)?.t()?)? / (head_dim as f64).sqrt())?
+                .broadcast_add(&mask)?;
+            softmax_last(&scores)?
+                .matmul(&split(v)?)?
+                .transpose(1, 2)?
+                .reshape((batch, seq, hidden))
+        };
+        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+            let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor())
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap();
+            let grads = (&y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
+            (y, [grad(&q), grad(&k), grad(&v)])
+        };
+        let fused = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            attention(&Tensor::cat(&[q, k, v], 2)?, &lengths, heads)
+        };
+        let (y1, g1) = run(&fused);
+        let (y2, g2) = run(&composed);
+        assert!(
+            max_abs_diff(&y1, &y2) < 1e-5,
+            "values differ by {}",
+            max_abs_diff(&y1, &y2)
+        );
+        for (name, (a, b)) in ["query", "key", "value"].iter().zip(g1.iter().zip(&g2)) {
+            let diff = max_abs_diff(a, b);
+            assert!(diff < 1e-5, "{name} gradients differ by {diff}");
+            assert!(
+                a.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
             );
         }
     }
