@@ -222,11 +222,14 @@ impl Bert {
 
         // Right padding on the CPU takes the fused attention op; anything else an additive mask
         // [batch, 1, 1, seq]: 0 where attended, a large negative where padded.
-        let padding = match right_padded_lengths(attention_mask)? {
-            Some(lengths) if x.device().is_cpu() && x.dtype() == DType::F32 => {
-                Padding::Lengths(lengths)
-            }
-            _ => {
+        let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+        let lengths = match on_cpu {
+            true => right_padded_lengths(attention_mask)?,
+            false => None,
+        };
+        let padding = match lengths {
+            Some(lengths) => Padding::Lengths(lengths),
+            None => {
                 let mask = attention_mask.to_dtype(x.dtype())?;
                 Padding::Mask(((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?)
             }
