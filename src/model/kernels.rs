@@ -197,6 +197,54 @@ pub fn matmul(g: &[f32], rows: usize, n: usize, w: &[f32], k: usize, out: &mut [
     product("matmul", g, rows, n, w, Weight::AsIs, k, false, 1.0, out);
 }
 
+/// `out[n × k] = gᵀ · x` for `g` `[rows × n]` and `x` `[rows × k]`: the weight gradient of a linear
+/// `y = x·Wᵀ` whose output gradient is `g`. Column sums of `g` (the bias gradient) go to `bias_out`.
+pub fn weight_gradient(
+    g: &[f32],
+    x: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    bias_out: &mut [f32],
+) {
+    assert_eq!(g.len(), size(rows, n), "weight_gradient: g is not rows × n");
+    assert_eq!(x.len(), size(rows, k), "weight_gradient: x is not rows × k");
+    assert_eq!(out.len(), size(n, k), "weight_gradient: out is not n × k");
+    assert_eq!(bias_out.len(), n, "weight_gradient: bias is not n");
+    // SAFETY: the strides below address g as its transpose [n × rows] and x as [rows × k], both inside the
+    // slices whose lengths are asserted above; out is a separate [n × k] buffer.
+    unsafe {
+        gemm::gemm(
+            n,
+            k,
+            rows,
+            out.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            g.as_ptr(),
+            n as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(size(size(n, k), rows)),
+        );
+    }
+    bias_out.fill(0.0);
+    for row in g.chunks_exact(n.max(1)) {
+        for (b, v) in bias_out.iter_mut().zip(row) {
+            *b += v;
+        }
+    }
+}
+
 /// `out[rows × n] += x[rows × k] · wᵀ · scale` for a `w` of shape `[n × k]`: the accumulate form used for
 /// low-rank deltas.
 pub fn linear_accumulate(

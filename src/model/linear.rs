@@ -1,6 +1,8 @@
 //! `Linear`: the dense layer every projection of the encoder is built on.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Storage, Tensor,
+};
 use candle_nn::VarBuilder;
 
 use super::error::Result;
@@ -52,11 +54,108 @@ impl Module for Linear {
                 bias: self.bias.clone(),
             });
         }
+        if let (Some(bias), true) = (&self.bias, on_cpu_f32(x, &self.weight)) {
+            return x
+                .contiguous()?
+                .apply_op3(&self.weight, bias, TrainableLinear)?
+                .reshape(with_last(x.dims(), self.out_features()));
+        }
         let y = x.broadcast_matmul(&self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+fn on_cpu_f32(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+}
+
+/// `x·Wᵀ + b` for a weight and bias that train (full fine-tuning): the forward pass of [`FrozenLinear`], and
+/// a backward pass of three plain products (input gradient `g·W`, weight gradient `gᵀ·x`, bias gradient
+/// `Σ g`) instead of candle's matmul backward through a batch of broadcast copies of `W`.
+struct TrainableLinear;
+
+/// The weight and bias gradients of a [`TrainableLinear`], flat: `out × in` values of the weight's, then the
+/// `out` of the bias's.
+struct TrainableLinearGrads;
+
+impl CustomOp3 for TrainableLinear {
+    fn name(&self) -> &'static str {
+        "trainable-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = l2.shape().dims2()?;
+        let dims = ending_in(l1, k, "trainable-linear input")?;
+        let x = f32_slice(s1, l1, "trainable-linear input")?;
+        let w = f32_slice(s2, l2, "trainable-linear weight")?;
+        let b = f32_slice(s3, l3, "trainable-linear bias")?;
+        let out = by_blocks(x, k, n, |rows, x, out| {
+            super::kernels::linear(x, rows, k, w, Some(b), n, out)
+        });
+        Ok((CpuStorage::F32(out), with_last(dims, n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (n, k) = weight.dims2()?;
+        let d_x = grad.apply_op1_no_bwd(&FrozenLinearBackward {
+            weight: weight.detach(),
+        })?;
+        let both = x.apply_op2_no_bwd(&grad, &TrainableLinearGrads)?;
+        let d_w = both.narrow(0, 0, n * k)?.reshape((n, k))?;
+        let d_b = both.narrow(0, n * k, n)?;
+        Ok((Some(d_x), Some(d_w), Some(d_b)))
+    }
+}
+
+impl CustomOp2 for TrainableLinearGrads {
+    fn name(&self) -> &'static str {
+        "trainable-linear-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let k = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let n = l2.shape().dims().last().copied().unwrap_or(1).max(1);
+        let x = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        let rows = x.len() / k;
+        if g.len() != rows * n {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: input {:?} and gradient {:?} disagree",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            )));
+        }
+        crate::pressure::yield_point();
+        let mut out = vec![0f32; n * k + n];
+        let (d_w, d_b) = out.split_at_mut(n * k);
+        super::kernels::weight_gradient(g, x, rows, n, k, d_w, d_b);
+        Ok((CpuStorage::F32(out), Shape::from(n * k + n)))
     }
 }
 
@@ -283,5 +382,50 @@ mod tests {
             g.get(&weight).is_none(),
             "no gradient for the frozen weight"
         );
+    }
+
+    #[test]
+    fn a_trainable_linear_computes_the_same_output_and_all_three_gradients_as_a_matmul() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], seed: u64| {
+            let n = shape.iter().product();
+            let t = Tensor::from_vec(crate::rng::Rng::new(seed).uniform(n, 1.0), shape, &dev);
+            Var::from_tensor(&t.unwrap()).unwrap()
+        };
+        // Wider out than in (as BERT's intermediate linear), more rows than one block.
+        let (weight, bias, x) = (var(&[7, 3], 1), var(&[7], 2), var(&[3, 100, 3], 3));
+        let linear = Linear {
+            weight: weight.as_tensor().clone(),
+            bias: Some(bias.as_tensor().clone()),
+        };
+        let y = linear.forward(x.as_tensor()).unwrap();
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&weight.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(bias.as_tensor())
+            .unwrap();
+        assert_eq!(y.dims(), &[3, 100, 7]);
+        assert!(max_abs_diff(&y, &reference) < 1e-5);
+        let loss = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let (g, g_ref) = (loss(&y), loss(&reference));
+        for (name, v) in [("input", &x), ("weight", &weight), ("bias", &bias)] {
+            let (a, b) = (
+                g.get(v.as_tensor()).unwrap(),
+                g_ref.get(v.as_tensor()).unwrap(),
+            );
+            assert_eq!(a.dims(), b.dims(), "{name} gradient shape");
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                max_abs_diff(a, b) < 1e-5 * scale.max(1.0),
+                "{name} gradients differ"
+            );
+        }
     }
 }
