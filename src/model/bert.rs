@@ -121,6 +121,11 @@ impl Bert {
         })
     }
 
+    /// Where the weights are.
+    pub fn device(&self) -> &candle_core::Device {
+        self.embeddings.word.device()
+    }
+
     /// A copy of the network with every weight on `device` (shared, not copied, where it is already there).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
         let mut copy = self.clone();
@@ -223,9 +228,10 @@ impl Bert {
         // Right padding on the CPU takes the fused attention op; anything else an additive mask
         // [batch, 1, 1, seq]: 0 where attended, a large negative where padded.
         let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
-        let lengths = match on_cpu {
-            true => right_padded_lengths(attention_mask)?,
-            false => None,
+        let lengths = if on_cpu {
+            right_padded_lengths(attention_mask)?
+        } else {
+            None
         };
         let padding = match lengths {
             Some(lengths) => Padding::Lengths(lengths),

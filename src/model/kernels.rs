@@ -212,28 +212,16 @@ pub fn weight_gradient(
     assert_eq!(x.len(), size(rows, k), "weight_gradient: x is not rows × k");
     assert_eq!(out.len(), size(n, k), "weight_gradient: out is not n × k");
     assert_eq!(bias_out.len(), n, "weight_gradient: bias is not n");
-    // SAFETY: the strides below address g as its transpose [n × rows] and x as [rows × k], both inside the
-    // slices whose lengths are asserted above; out is a separate [n × k] buffer.
+    // SAFETY: the strides address g as its transpose [n × rows] and x as [rows × k], both inside the slices
+    // whose lengths are asserted above; out is a separate [n × k] buffer.
     unsafe {
-        gemm::gemm(
-            n,
-            k,
-            rows,
+        strided_product(
+            (n, k, rows),
             out.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            g.as_ptr(),
-            n as isize,
-            1,
-            x.as_ptr(),
-            1,
-            k as isize,
-            0.0,
+            k,
+            (g.as_ptr(), 1, n),
+            (x.as_ptr(), k, 1),
             1.0,
-            false,
-            false,
-            false,
             parallelism(size(size(n, k), rows)),
         );
     }
@@ -645,47 +633,23 @@ pub fn attention(
         // SAFETY: (s, h) pairs are distinct, so each task reads its own q/k/v columns of its own rows and
         // writes a disjoint block of `out`; every index stays below tokens × hidden (asserted above).
         unsafe {
-            gemm::gemm(
-                len,
-                len,
-                head_dim,
+            strided_product(
+                (len, len, head_dim),
                 scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
-                q.as_ptr().add(base),
-                1,
-                hidden as isize,
-                k.as_ptr().add(base),
-                hidden as isize,
-                1,
-                0.0,
+                len,
+                (q.as_ptr().add(base), hidden, 1),
+                (k.as_ptr().add(base), 1, hidden),
                 scale,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
             softmax_rows(&mut scores, len);
-            gemm::gemm(
-                len,
-                head_dim,
-                len,
+            strided_product(
+                (len, head_dim, len),
                 out_ptr.get().add(base),
-                1,
-                hidden as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v.as_ptr().add(base),
-                1,
-                hidden as isize,
-                0.0,
+                hidden,
+                (scores.as_ptr(), len, 1),
+                (v.as_ptr().add(base), hidden, 1),
                 1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }
@@ -697,8 +661,8 @@ pub fn attention(
     }
 }
 
-/// A strided single-threaded product `dst = scale · a·b` (`[m × n]`, row stride `dst_rs`) of `a` `[m × k]`
-/// and `b` `[k × n]`, each given by its row and column strides.
+/// A strided product `dst = scale · a·b` (`[m × n]`, row stride `dst_rs`) of `a` `[m × k]` and `b` `[k × n]`,
+/// each given by its row and column strides.
 ///
 /// # Safety
 /// Every index the strides and sizes reach must lie inside the pointed-to buffers, and `dst` must not
@@ -711,6 +675,7 @@ unsafe fn strided_product(
     (a, a_rs, a_cs): (*const f32, usize, usize),
     (b, b_rs, b_cs): (*const f32, usize, usize),
     scale: f32,
+    parallelism: Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -731,7 +696,7 @@ unsafe fn strided_product(
         false,
         false,
         false,
-        Parallelism::None,
+        parallelism,
     );
 }
 
@@ -800,6 +765,7 @@ impl Padded<'_> {
             (q, 3 * hidden, 1),
             (q.add(hidden), 1, 3 * hidden),
             1.0 / (self.head_dim as f32).sqrt(),
+            Parallelism::None,
         );
         softmax_rows(&mut p, len);
         p
@@ -828,6 +794,7 @@ pub fn attention_padded(shape: &Padded, qkv: &[f32], out: &mut [f32]) {
                 (p.as_ptr(), len, 1),
                 (v, 3 * hidden, 1),
                 1.0,
+                Parallelism::None,
             );
         }
     });
@@ -866,6 +833,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
                 (p.as_ptr(), 1, len),
                 (d_out, hidden, 1),
                 1.0,
+                Parallelism::None,
             );
             let mut d_s = vec![0f32; len * len];
             strided_product(
@@ -875,6 +843,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
                 (d_out, hidden, 1),
                 (v, 1, stride),
                 1.0,
+                Parallelism::None,
             );
             softmax_backward_rows(&p, &mut d_s, len);
             strided_product(
@@ -884,6 +853,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
                 (d_s.as_ptr(), len, 1),
                 (k, stride, 1),
                 scale,
+                Parallelism::None,
             );
             strided_product(
                 (len, hd, len),
@@ -892,6 +862,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
                 (d_s.as_ptr(), 1, len),
                 (q, stride, 1),
                 scale,
+                Parallelism::None,
             );
         }
     });

@@ -43,22 +43,23 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let frozen = !self.weight.is_variable()
-            && self.bias.as_ref().is_none_or(|b| !b.is_variable())
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32;
-        if frozen {
-            return x.contiguous()?.apply_op1(FrozenLinear {
-                weight: self.weight.clone(),
-                bias: self.bias.clone(),
-            });
-        }
-        if let (Some(bias), true) = (&self.bias, on_cpu_f32(x, &self.weight)) {
-            return x
-                .contiguous()?
-                .apply_op3(&self.weight, bias, TrainableLinear)?
-                .reshape(with_last(x.dims(), self.out_features()));
+        let cpu =
+            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        let frozen =
+            !self.weight.is_variable() && self.bias.as_ref().is_none_or(|b| !b.is_variable());
+        match (&self.bias, cpu, frozen) {
+            (_, true, true) => {
+                return x.contiguous()?.apply_op1(FrozenLinear {
+                    weight: self.weight.clone(),
+                    bias: self.bias.clone(),
+                })
+            }
+            (Some(bias), true, false) => {
+                return x
+                    .contiguous()?
+                    .apply_op3(&self.weight, bias, TrainableLinear)
+            }
+            _ => {}
         }
         let y = x.broadcast_matmul(&self.weight.t()?)?;
         match &self.bias {
@@ -66,10 +67,6 @@ impl Module for Linear {
             None => Ok(y),
         }
     }
-}
-
-fn on_cpu_f32(x: &Tensor, weight: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
 
 /// `x·Wᵀ + b` for a weight and bias that train (full fine-tuning): the forward pass of [`FrozenLinear`], and
@@ -96,14 +93,9 @@ impl CustomOp3 for TrainableLinear {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = l2.shape().dims2()?;
-        let dims = ending_in(l1, k, "trainable-linear input")?;
-        let x = f32_slice(s1, l1, "trainable-linear input")?;
         let w = f32_slice(s2, l2, "trainable-linear weight")?;
         let b = f32_slice(s3, l3, "trainable-linear bias")?;
-        let out = by_blocks(x, k, n, |rows, x, out| {
-            super::kernels::linear(x, rows, k, w, Some(b), n, out)
-        });
-        Ok((CpuStorage::F32(out), with_last(dims, n)))
+        forward_rows((s1, l1), w, Some(b), (n, k), "trainable-linear input")
     }
 
     fn bwd(
@@ -233,6 +225,23 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
+/// `x·Wᵀ + b` for an `x` ending in `k` and a `w` of `[n × k]`, in blocks of rows: the forward pass of both
+/// linear ops.
+fn forward_rows(
+    (storage, layout): (&CpuStorage, &Layout),
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (n, k): (usize, usize),
+    what: &str,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let dims = ending_in(layout, k, what)?;
+    let x = f32_slice(storage, layout, what)?;
+    let out = by_blocks(x, k, n, |rows, x, out| {
+        super::kernels::linear(x, rows, k, w, bias, n, out)
+    });
+    Ok((CpuStorage::F32(out), with_last(dims, n)))
+}
+
 /// The dims of an op's input, checked to end in `width`.
 fn ending_in<'a>(layout: &'a Layout, width: usize, what: &str) -> candle_core::Result<&'a [usize]> {
     let dims = layout.shape().dims();
@@ -255,8 +264,6 @@ impl CustomOp1 for FrozenLinear {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = self.weight.dims2()?;
-        let dims = ending_in(layout, k, "frozen-linear input")?;
-        let x = f32_slice(storage, layout, "frozen-linear input")?;
         let (w_storage, w_layout) = self.weight.storage_and_layout();
         let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
@@ -264,10 +271,7 @@ impl CustomOp1 for FrozenLinear {
             Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
             None => None,
         };
-        let out = by_blocks(x, k, n, |rows, x, out| {
-            super::kernels::linear(x, rows, k, w, bias, n, out)
-        });
-        Ok((CpuStorage::F32(out), with_last(dims, n)))
+        forward_rows((storage, layout), w, bias, (n, k), "frozen-linear input")
     }
 
     fn bwd(

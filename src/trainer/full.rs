@@ -41,7 +41,7 @@ impl FullTrainable {
             named.push((name, var));
         }
         let h = bert.config.hidden_size;
-        let device = base.embeddings.word.device().clone();
+        let device = base.device().clone();
         let weight = crate::rng::Rng::new(seed ^ 0xC1A5).uniform(labels * h, 0.02 * 3f32.sqrt());
         Ok(Self {
             bert,
@@ -96,7 +96,7 @@ impl FullTrainable {
 
     /// Where the network runs.
     pub fn device(&self) -> &Device {
-        self.bert.embeddings.word.device()
+        self.bert.device()
     }
 
     /// Class probabilities of `examples` under the current weights, in padded chunks.

@@ -414,7 +414,7 @@ impl Trainable for LoraRun<'_> {
     type Snapshot = Adapter;
 
     fn device(&self) -> Device {
-        self.bert.embeddings.word.device().clone()
+        self.bert.device().clone()
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -472,7 +472,7 @@ pub fn train_lora(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<TrainReport<Adapter>, TrainError> {
-    let device = bert.embeddings.word.device().clone();
+    let device = bert.device().clone();
     let lora = match warm {
         Some(a) => LoraTrainable::from_adapter(a, &device)?,
         None => LoraTrainable::new(
