@@ -1,5 +1,6 @@
 //! One training step (forward, backward, AdamW) on the real model at 16 × L tokens (L = 48 unless given):
-//! LoRA r=8, alpha 16, dropout 0.1 on query+value with a 2-label head, and full fine-tuning. The figures to
+//! LoRA r=8, alpha 16, dropout 0.1 on query+value with a 2-label head, and full fine-tuning (also once with
+//! candle's composed AdamW in place of the trainer's fused one). The figures to
 //! compare with PEFT and PyTorch (benches/pytorch_train_step.py, same shapes).
 //! `cargo bench --bench train_step [-- L]`.
 
@@ -11,11 +12,17 @@ use flywheel::model::lora::Target;
 use flywheel::model::{LoadOptions, Model};
 use flywheel::trainer::full::FullTrainable;
 use flywheel::trainer::lora::{cross_entropy, LoraTrainable};
+use flywheel::trainer::optim::FusedAdamW;
 use flywheel::trainer::train::flush_denormals;
 
-/// Median milliseconds of steps 3 to 10 of AdamW at `lr` on `vars`, the loss from `logits`.
-fn median_step(vars: Vec<Var>, lr: f64, targets: &Tensor, logits: impl Fn() -> Tensor) -> f64 {
-    let mut opt = AdamW::new(
+/// Median milliseconds of steps 3 to 10 of optimizer `O` (AdamW) at `lr` on `vars`, the loss from `logits`.
+fn median_step<O: Optimizer<Config = ParamsAdamW>>(
+    vars: Vec<Var>,
+    lr: f64,
+    targets: &Tensor,
+    logits: impl Fn() -> Tensor,
+) -> f64 {
+    let mut opt = O::new(
         vars,
         ParamsAdamW {
             lr,
@@ -76,13 +83,17 @@ fn main() {
     )
     .unwrap()
     .with_dropout(0.1, 0);
-    let ms = median_step(lora.vars(), 2e-3, &targets, || {
+    let ms = median_step::<FusedAdamW>(lora.vars(), 2e-3, &targets, || {
         lora.logits(&model.bert, &ids, &mask).unwrap()
     });
     println!("flywheel LoRA step {batch} x {len}: median {ms:.0} ms over 8 steps");
     let full = FullTrainable::new(&model.bert, 2, 0).unwrap();
-    let ms = median_step(full.vars(), 5e-5, &targets, || {
+    let ms = median_step::<FusedAdamW>(full.vars(), 5e-5, &targets, || {
         full.logits(&ids, &mask).unwrap()
     });
     println!("flywheel full fine-tuning step {batch} x {len}: median {ms:.0} ms over 8 steps");
+    let ms = median_step::<AdamW>(full.vars(), 5e-5, &targets, || {
+        full.logits(&ids, &mask).unwrap()
+    });
+    println!("  the same with candle's composed AdamW: median {ms:.0} ms over 8 steps");
 }

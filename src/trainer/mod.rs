@@ -7,6 +7,7 @@ pub mod full;
 pub mod jobs;
 pub mod lora;
 pub mod offline;
+pub mod optim;
 pub mod train;
 
 #[cfg(test)]

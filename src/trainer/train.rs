@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use super::data::{pad, Example, Rng};
@@ -556,7 +556,7 @@ fn fit<T: Trainable>(
         weight_decay: config.weight_decay,
         ..ParamsAdamW::default()
     };
-    let mut optimizer = AdamW::new(vars.clone(), params)?;
+    let mut optimizer = super::optim::FusedAdamW::new(vars.clone(), params)?;
     let micro_batches = train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_batches.div_ceil(config.grad_accumulation);
     let total_steps = steps_per_epoch * config.epochs;
