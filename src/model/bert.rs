@@ -215,10 +215,11 @@ impl Bert {
             )));
         }
         let e = &self.embeddings;
-        let words = e
-            .word
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((batch, seq, ()))?;
+        let words = super::train_ops::embedding(&e.word, &input_ids.flatten_all()?)?.reshape((
+            batch,
+            seq,
+            (),
+        ))?;
         let positions = e.position.narrow(0, 0, seq)?.unsqueeze(0)?;
         let types = e.token_type.narrow(0, 0, 1)?.unsqueeze(0)?;
         let mut x = e
