@@ -160,6 +160,9 @@ pub struct TrainerConfig {
     pub yield_to_serving_ms: u64,
     /// Most jobs queued or running (`POST /v1/train` answers 429 `queue_full` beyond).
     pub max_queued_jobs: usize,
+    /// Most finished jobs `GET /v1/jobs` remembers (and `jobs.json` keeps); older ones are forgotten,
+    /// oldest first. Their generations and checkpoints stay.
+    pub keep_finished_jobs: usize,
     /// Where training runs: `cpu`; `cuda` or `cuda:N` (a build with the `cuda` cargo feature); or `auto`, the
     /// first GPU when the build has CUDA and the machine has one, else the CPU. The trainer keeps its own
     /// copy of the base weights there; serving stays on `model.device`. Checked at start-up.
@@ -182,6 +185,7 @@ impl Default for TrainerConfig {
             nice: 10,
             yield_to_serving_ms: 250,
             max_queued_jobs: 4,
+            keep_finished_jobs: 1000,
             device: "cpu".to_owned(),
             auto_every_feedback: 0,
             auto_min_interval_secs: 600,
@@ -508,6 +512,12 @@ impl Config {
         }
         if !(0..=19).contains(&self.trainer.nice) {
             return fail("trainer.nice must be 0 to 19".to_owned());
+        }
+        if self.trainer.keep_finished_jobs == 0 {
+            return fail(
+                "trainer.keep_finished_jobs must be ≥ 1, or a finished job's result could never be read"
+                    .to_owned(),
+            );
         }
         let r = &self.rollouts;
         if r.steps.is_empty() || r.steps.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {

@@ -391,11 +391,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         models_dir: config.data.dir.join("models"),
         metrics: metrics.clone(),
     };
-    let jobs = Arc::new(Jobs::start(
-        &config.data.dir,
-        deps,
-        config.trainer.max_queued_jobs,
-    )?);
+    let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer)?);
     let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
     let rollouts = Arc::new(Rollouts::open(
         &config.data.dir,

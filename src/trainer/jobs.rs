@@ -19,6 +19,7 @@ use super::train::{
 };
 use crate::adapters::peft;
 use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
+use crate::config::TrainerConfig;
 use crate::feedback::FeedbackStore;
 use crate::model::{Bert, Model};
 use crate::pressure::ServingPressure;
@@ -157,6 +158,8 @@ struct Shared {
     hook: Mutex<Option<PublishHook>>,
     cancel: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
     path: std::path::PathBuf,
+    /// Most finished jobs remembered; older ones are forgotten, oldest first.
+    keep_finished: usize,
 }
 
 /// The job queue handle.
@@ -180,14 +183,13 @@ impl Shared {
         }
     }
 
+    /// Forgets the oldest finished jobs beyond the retention limit, then writes the list.
     fn persist(&self) {
-        let jobs = self
-            .jobs
-            .lock()
-            .expect("jobs lock poisoned; this is a bug")
-            .values()
-            .cloned()
-            .collect::<Vec<_>>();
+        let jobs = {
+            let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
+            forget_oldest_finished(&mut jobs, self.keep_finished);
+            jobs.values().cloned().collect::<Vec<_>>()
+        };
         match serde_json::to_vec_pretty(&jobs) {
             Ok(bytes) => {
                 if let Err(e) = write_atomically(&self.path, &bytes) {
@@ -199,10 +201,31 @@ impl Shared {
     }
 }
 
+/// Removes the oldest finished (succeeded, failed or cancelled) jobs until at most `keep` remain.
+fn forget_oldest_finished(jobs: &mut BTreeMap<String, JobStatus>, keep: usize) {
+    let mut finished: Vec<(u64, String)> = jobs
+        .values()
+        .filter(|j| !matches!(j.state, JobState::Queued | JobState::Running))
+        .map(|j| (j.created_at, j.id.clone()))
+        .collect();
+    if finished.len() <= keep {
+        return;
+    }
+    finished.sort_unstable();
+    for (_, id) in &finished[..finished.len() - keep] {
+        jobs.remove(id);
+    }
+}
+
 impl Jobs {
     /// Restores the job list from `data_dir/jobs.json` (jobs a restart interrupted are marked failed) and
     /// starts the trainer thread.
-    pub fn start(data_dir: &Path, deps: TrainerDeps, max_queued: usize) -> std::io::Result<Self> {
+    /// `limits` gives the queue's length and how many finished jobs are remembered.
+    pub fn start(
+        data_dir: &Path,
+        deps: TrainerDeps,
+        limits: &TrainerConfig,
+    ) -> std::io::Result<Self> {
         let path = data_dir.join("jobs.json");
         let mut jobs: BTreeMap<String, JobStatus> = std::fs::read(&path)
             .ok()
@@ -224,6 +247,7 @@ impl Jobs {
             hook: Mutex::new(None),
             cancel: Mutex::new(BTreeMap::new()),
             path,
+            keep_finished: limits.keep_finished_jobs,
         });
         shared.persist();
         let (tx, rx) = mpsc::channel::<String>();
@@ -255,7 +279,7 @@ impl Jobs {
         Ok(Self {
             shared,
             tx: Mutex::new(tx),
-            max_queued,
+            max_queued: limits.max_queued_jobs,
         })
     }
 
@@ -830,5 +854,56 @@ fn train_and_publish(
             tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = run.val.macro_f1, "training published a generation");
             Ok(Output::Adapter(generation.id.clone()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, created_at: u64, state: JobState) -> JobStatus {
+        JobStatus {
+            id: id.to_owned(),
+            task: "spam".to_owned(),
+            method: Method::Lora,
+            state,
+            step: 0,
+            total_steps: 0,
+            epoch: 0,
+            train_loss: None,
+            val: None,
+            stable_val: None,
+            eta_seconds: None,
+            trainable_params: None,
+            wall_seconds: 0.0,
+            yielded_seconds: 0.0,
+            adapter: None,
+            output: None,
+            train_examples: None,
+            replayed_examples: None,
+            error: None,
+            created_at,
+            config: TrainConfig::default(),
+        }
+    }
+
+    #[test]
+    fn retention_forgets_the_oldest_finished_jobs_and_never_a_live_one() {
+        let mut jobs: BTreeMap<String, JobStatus> = [
+            job("a", 1, JobState::Succeeded),
+            job("b", 2, JobState::Running),
+            job("c", 3, JobState::Failed),
+            job("d", 4, JobState::Cancelled),
+            job("e", 0, JobState::Queued),
+            job("f", 5, JobState::Succeeded),
+        ]
+        .into_iter()
+        .map(|j| (j.id.clone(), j))
+        .collect();
+        forget_oldest_finished(&mut jobs, 2);
+        let left: Vec<&str> = jobs.keys().map(String::as_str).collect();
+        assert_eq!(left, ["b", "d", "e", "f"]);
+        forget_oldest_finished(&mut jobs, 2);
+        assert_eq!(jobs.len(), 4, "within the limit nothing goes");
     }
 }
