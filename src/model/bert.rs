@@ -207,6 +207,29 @@ impl Bert {
         attention_mask: &Tensor,
         deltas: &dyn Deltas,
     ) -> Result<Tensor> {
+        self.encode(input_ids, attention_mask, deltas, Rows::All)
+    }
+
+    /// The first position's (`[CLS]`) final hidden state, `[batch, 1, hidden]`, as [`Self::forward_with`]
+    /// computes it, for the classification head. The last layer's other rows feed nothing the head reads, so
+    /// past its keys and values only the first row is computed: about an eighth of the encoder's work, in
+    /// both passes.
+    pub fn forward_first_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        deltas: &dyn Deltas,
+    ) -> Result<Tensor> {
+        self.encode(input_ids, attention_mask, deltas, Rows::First)
+    }
+
+    fn encode(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        deltas: &dyn Deltas,
+        rows: Rows,
+    ) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             return Err(ModelError::InvalidInput(format!(
@@ -234,15 +257,37 @@ impl Bert {
         } else {
             None
         };
+        let dtype = x.dtype();
+        let additive_mask = || -> Result<Tensor> {
+            let mask = attention_mask.to_dtype(dtype)?;
+            Ok(((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?)
+        };
         let padding = match lengths {
             Some(lengths) => Padding::Lengths(lengths),
-            None => {
-                let mask = attention_mask.to_dtype(x.dtype())?;
-                Padding::Mask(((1.0 - mask)? * -1e9f64)?.reshape((batch, 1, 1, seq))?)
-            }
+            None => Padding::Mask(additive_mask()?),
         };
+        let last = self.layers.len().saturating_sub(1);
         for (index, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(index, layer, &yield_here(&x)?, &padding, deltas)?;
+            x = if index == last && rows == Rows::First {
+                // One query row per sequence: the composed attention, whose mask takes any shape.
+                let padding = match padding {
+                    Padding::Mask(ref mask) => Padding::Mask(mask.clone()),
+                    Padding::Lengths(_) => Padding::Mask(additive_mask()?),
+                };
+                self.layer_forward(
+                    index,
+                    layer,
+                    &yield_here(&x)?,
+                    &padding,
+                    deltas,
+                    Rows::First,
+                )?
+            } else {
+                self.layer_forward(index, layer, &yield_here(&x)?, &padding, deltas, Rows::All)?
+            };
+        }
+        if rows == Rows::First && self.layers.is_empty() {
+            x = x.narrow(1, 0, 1)?;
         }
         Ok(x)
     }
@@ -254,6 +299,7 @@ impl Bert {
         x: &Tensor,
         padding: &Padding,
         deltas: &dyn Deltas,
+        rows: Rows,
     ) -> Result<Tensor> {
         let dense = |linear: &Linear, target: Target, input: &Tensor| -> Result<Tensor> {
             let y = linear.forward(input)?;
@@ -262,17 +308,25 @@ impl Bert {
                 None => y,
             })
         };
-        let (batch, seq, hidden) = x.dims3()?;
+        let (batch, _, hidden) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((batch, seq, heads, head_dim))?
+            let rows = t.dim(1)?;
+            t.reshape((batch, rows, heads, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = dense(&layer.query, Target::Query, x)?;
+        // The rows whose outputs are wanted: the queries, and the residual stream past the attention.
+        let kept = match rows {
+            Rows::All => x.clone(),
+            Rows::First => x.narrow(1, 0, 1)?.contiguous()?,
+        };
+        let q = dense(&layer.query, Target::Query, &kept)?;
         let k = dense(&layer.key, Target::Key, x)?;
         let v = dense(&layer.value, Target::Value, x)?;
+        let x = &kept;
+        let queries = q.dim(1)?;
         // Yield points between the blocks of ops, in both passes, when training shares the cores with
         // serving (free otherwise); the attention, softmax, GELU, LayerNorm and frozen linears yield inside.
         let ctx = match padding {
@@ -289,7 +343,7 @@ impl Bert {
                     &probs
                         .matmul(&v)?
                         .transpose(1, 2)?
-                        .reshape((batch, seq, hidden))?,
+                        .reshape((batch, queries, hidden))?,
                 )?
             }
         };
@@ -303,6 +357,15 @@ impl Bert {
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
     }
+}
+
+/// Which rows of the last layer an encoder pass computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// Every position's.
+    All,
+    /// The first position's only.
+    First,
 }
 
 /// How a batch's padding reaches the attention.

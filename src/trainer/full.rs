@@ -85,7 +85,7 @@ impl FullTrainable {
     pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let hidden = self
             .bert
-            .forward_with(input_ids, attention_mask, &NoDelta)?;
+            .forward_first_with(input_ids, attention_mask, &NoDelta)?;
         super::lora::cls_head(
             &self.bert,
             &hidden,

@@ -194,7 +194,7 @@ impl LoraTrainable {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
-        let hidden = bert.forward_with(input_ids, attention_mask, self)?;
+        let hidden = bert.forward_first_with(input_ids, attention_mask, self)?;
         cls_head(
             bert,
             &hidden,

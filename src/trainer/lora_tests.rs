@@ -104,6 +104,35 @@ fn every_trainable_tensor_gets_a_non_zero_gradient() {
     assert_every_var_has_a_gradient(&vars, &grads);
 }
 
+/// The head reads only `[CLS]`, so the last layer computes only its row; the loss and every gradient
+/// must be those of the whole sequence's pass, on a padded batch.
+#[test]
+fn computing_only_the_first_row_of_the_last_layer_changes_no_loss_and_no_gradient() {
+    let bert = tiny::bert(3);
+    let lora = trainable(&bert.config);
+    perturb(&lora);
+    let (_, ids, mask, targets) = batch();
+    let vars = lora.vars();
+    let (weight, bias) = (&vars[vars.len() - 2], &vars[vars.len() - 1]);
+    let run = |hidden: Tensor| {
+        let logits = super::lora::cls_head(&bert, &hidden, weight, bias).unwrap();
+        let loss = cross_entropy(&logits, &targets, 0.1, None).unwrap();
+        (logits, loss.backward().unwrap())
+    };
+    let (all, all_grads) = run(bert.forward_with(&ids, &mask, &lora).unwrap());
+    let hidden = bert.forward_first_with(&ids, &mask, &lora).unwrap();
+    assert_eq!(hidden.dims3().unwrap().1, 1);
+    let (first, first_grads) = run(hidden);
+    assert!(tiny::max_abs_diff(&all, &first) < 1e-5);
+    for v in &vars {
+        let (a, b) = (
+            all_grads.get(v.as_tensor()).unwrap(),
+            first_grads.get(v.as_tensor()).unwrap(),
+        );
+        assert!(tiny::max_abs_diff(a, b) < 1e-5, "a gradient differs");
+    }
+}
+
 #[test]
 fn with_dropout_the_factors_still_all_get_gradients_and_each_pass_differs() {
     let bert = tiny::bert(3);
