@@ -126,6 +126,21 @@ impl Bert {
         self.embeddings.word.device()
     }
 
+    /// The weights' format.
+    pub fn dtype(&self) -> DType {
+        self.embeddings.word.dtype()
+    }
+
+    /// A copy of the network with every weight in `dtype` (shared, not copied, where it already is): the
+    /// compute copy of bf16 training. The conversion is differentiable, so gradients reach the originals.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut copy = self.clone();
+        for (_, tensor) in copy.tensors_mut() {
+            *tensor = tensor.to_dtype(dtype)?;
+        }
+        Ok(copy)
+    }
+
     /// A copy of the network with every weight on `device` (shared, not copied, where it is already there).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
         let mut copy = self.clone();

@@ -18,6 +18,10 @@ fn on_cpu_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+fn is_half(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
 /// Exact (erf) GELU, `x·Φ(x)`.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if !on_cpu_f32(x) {
@@ -26,8 +30,12 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension. Half-precision inputs are computed in f32 and returned in their own
+/// format, as autocast does.
 pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    if is_half(x) {
+        return softmax_last(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     if !on_cpu_f32(x) {
         let max = x.max_keepdim(D::Minus1)?;
         let e = x.broadcast_sub(&max)?.exp()?;
@@ -37,13 +45,17 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// LayerNorm over the last dimension with scale `gamma` and shift `beta` (both `[width]`); gradients flow to
-/// all three.
+/// all three. Half-precision inputs are normalised in f32 and returned in their own format, as autocast does.
 pub fn layer_norm(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if is_half(x) {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return layer_norm(&f32(x)?, &f32(gamma)?, &f32(beta)?, eps)?.to_dtype(x.dtype());
+    }
     if !(on_cpu_f32(x) && on_cpu_f32(gamma) && on_cpu_f32(beta)) {
         let last = x.rank() - 1;
         let centered = x.broadcast_sub(&x.mean_keepdim(last)?)?;

@@ -17,6 +17,9 @@ pub struct FullTrainable {
     named: Vec<(String, Var)>,
     classifier_weight: Var,
     classifier_bias: Var,
+    /// The format of the passes: the variables stay f32 (the master weights) and, under bf16 autocast, a
+    /// differentiable bf16 copy of them runs each pass.
+    compute: DType,
 }
 
 impl FullTrainable {
@@ -48,6 +51,7 @@ impl FullTrainable {
             named,
             classifier_weight: Var::from_tensor(&Tensor::from_vec(weight, (labels, h), &device)?)?,
             classifier_bias: Var::from_tensor(&Tensor::zeros(labels, DType::F32, &device)?)?,
+            compute: DType::F32,
         })
     }
 
@@ -70,7 +74,14 @@ impl FullTrainable {
             named,
             classifier_weight: Var::from_tensor(&get("classifier.weight")?.copy()?)?,
             classifier_bias: Var::from_tensor(&get("classifier.bias")?.copy()?)?,
+            compute: DType::F32,
         })
+    }
+
+    /// Runs the passes in `dtype` (bf16 autocast) with the variables kept in f32.
+    pub fn with_compute(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     /// Every trainable variable: the encoder's, then the head.
@@ -83,11 +94,10 @@ impl FullTrainable {
 
     /// Class logits `[batch, labels]`: `[CLS]` through the pooler and tanh, then the classifier.
     pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let hidden = self
-            .bert
-            .forward_first_with(input_ids, attention_mask, &NoDelta)?;
+        let bert = self.bert.to_dtype(self.compute)?;
+        let hidden = bert.forward_first_with(input_ids, attention_mask, &NoDelta)?;
         super::lora::cls_head(
-            &self.bert,
+            &bert,
             &hidden,
             &self.classifier_weight,
             &self.classifier_bias,
@@ -179,7 +189,7 @@ pub fn write_checkpoint(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
     use super::FullTrainable;
@@ -215,6 +225,32 @@ mod tests {
             bert.layers[0].query.weight.to_vec2::<f32>().unwrap(),
             before
         );
+    }
+
+    /// bf16 autocast: the passes run on a bf16 copy, yet every f32 master weight gets an f32 gradient and
+    /// the logits stay near the f32 ones.
+    #[test]
+    fn under_bf16_autocast_every_f32_weight_gets_a_gradient() {
+        let bert = tiny::bert(5);
+        let (ids, mask, targets) = batch();
+        let exact = FullTrainable::new(&bert, 2, 1).unwrap();
+        let half = FullTrainable::new(&bert, 2, 1)
+            .unwrap()
+            .with_compute(DType::BF16);
+        let logits = half.logits(&ids, &mask).unwrap();
+        assert_eq!(logits.dtype(), DType::F32);
+        let gap = tiny::max_abs_diff(&logits, &exact.logits(&ids, &mask).unwrap());
+        assert!(gap < 0.05, "bf16 logits are {gap} from f32");
+        let grads = cross_entropy(&logits, &targets, 0.1, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let vars = half.vars();
+        crate::trainer::lora_tests::assert_every_var_has_a_gradient(&vars, &grads);
+        assert!(vars
+            .iter()
+            .all(|v| v.dtype() == DType::F32
+                && grads.get(v.as_tensor()).unwrap().dtype() == DType::F32));
     }
 
     #[test]

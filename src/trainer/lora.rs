@@ -231,13 +231,13 @@ impl LoraTrainable {
 }
 
 /// The `BertForSequenceClassification` head on `hidden` `[batch, seq, h]`: `[CLS]` through `bert`'s pooler
-/// and tanh, then the classifier.
+/// and tanh, then the classifier, in the classifier's format (f32 under bf16 autocast).
 pub fn cls_head(bert: &Bert, hidden: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
     let cls = hidden.i((.., 0, ..))?;
     let pooler = bert.pooler.as_ref().ok_or_else(|| {
         ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
     })?;
-    let pooled = pooler.forward(&cls)?.tanh()?;
+    let pooled = pooler.forward(&cls)?.tanh()?.to_dtype(weight.dtype())?;
     Ok(pooled
         .matmul(&weight.as_tensor().t()?)?
         .broadcast_add(bias.as_tensor())?)
@@ -248,13 +248,15 @@ impl Deltas for LoraTrainable {
         let Some((a, b)) = self.factors.get(&(layer, target)) else {
             return Ok(None);
         };
+        // The factors stay f32 under bf16 autocast: the input is raised to them, the delta lowered back.
+        let input = x.to_dtype(a.dtype())?;
         let low = match &self.dropout {
-            Some(d) => d.apply(x)?,
-            None => x.clone(),
+            Some(d) => d.apply(&input)?,
+            None => input,
         }
         .broadcast_matmul(&a.as_tensor().t()?)?;
         Ok(Some(
-            (low.broadcast_matmul(&b.as_tensor().t()?)? * self.scale)?,
+            (low.broadcast_matmul(&b.as_tensor().t()?)? * self.scale)?.to_dtype(x.dtype())?,
         ))
     }
 }

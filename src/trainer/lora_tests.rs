@@ -1,7 +1,7 @@
 //! The trainable LoRA path on a tiny random BERT: it equals the serving path, every trainable tensor gets
 //! a gradient, and AdamW steps reduce the loss.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::lora::{cross_entropy, LoraTrainable};
@@ -102,6 +102,45 @@ fn every_trainable_tensor_gets_a_non_zero_gradient() {
         "A and B for 3 targets in 2 layers, plus the head"
     );
     assert_every_var_has_a_gradient(&vars, &grads);
+}
+
+/// bf16 autocast on a bf16 copy of the base: the f32 factors and head all get f32 gradients, the logits stay
+/// near the f32 ones, and AdamW steps still lower the loss.
+#[test]
+fn under_bf16_autocast_the_f32_factors_get_gradients_and_learn() {
+    let bert = tiny::bert(3);
+    let half = bert.to_dtype(DType::BF16).unwrap();
+    let lora = trainable(&bert.config);
+    perturb(&lora);
+    let (_, ids, mask, targets) = batch();
+    let logits = lora.logits(&half, &ids, &mask).unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    let gap = tiny::max_abs_diff(&logits, &lora.logits(&bert, &ids, &mask).unwrap());
+    assert!(gap < 0.05, "bf16 logits are {gap} from f32");
+    let vars = lora.vars();
+    let loss = |lora: &LoraTrainable| {
+        cross_entropy(
+            &lora.logits(&half, &ids, &mask).unwrap(),
+            &targets,
+            0.0,
+            None,
+        )
+        .unwrap()
+    };
+    let first = loss(&lora);
+    assert_every_var_has_a_gradient(&vars, &first.backward().unwrap());
+    let mut opt = super::optim::adamw(vars, 1e-2, 0.0).unwrap();
+    for _ in 0..10 {
+        opt.backward_step(&loss(&lora)).unwrap();
+    }
+    let (before, after) = (
+        first.to_scalar::<f32>().unwrap(),
+        loss(&lora).to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        after < before,
+        "bf16 training did not lower the loss: {before} -> {after}"
+    );
 }
 
 /// The head reads only `[CLS]`, so the last layer computes only its row; the loss and every gradient

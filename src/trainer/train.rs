@@ -8,7 +8,7 @@ use std::time::Instant;
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +29,31 @@ pub enum Method {
     Lora,
     /// Every weight plus the head; the result is a whole checkpoint (the comparison).
     Full,
+}
+
+/// The number format of the training passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// bf16 where training runs on a GPU; f32 on the CPU, which has no fast bf16 arithmetic.
+    #[default]
+    Auto,
+    /// f32 throughout.
+    F32,
+    /// bf16 autocast: the encoder's weights and activations in bf16 for the matrix products; LayerNorm,
+    /// softmax, the LoRA factors, the head, the loss and the optimizer (its f32 master weights) in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The encoder's compute format on `device`.
+    pub fn dtype(self, device: &Device) -> DType {
+        match self {
+            Precision::Auto if device.is_cuda() => DType::BF16,
+            Precision::Auto | Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 /// How examples of each label weigh in the loss.
@@ -160,6 +185,9 @@ pub struct TrainConfig {
     /// on all of the task's feedback.
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub replay: Option<f64>,
+    /// The number format of the forward and backward passes: `auto` (bf16 on a GPU, f32 on the CPU), `f32`
+    /// or `bf16` (autocast: see docs/TRAINING.md).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -184,6 +212,7 @@ impl Default for TrainConfig {
             seed: 0,
             warm_start: true,
             replay: Some(2.0),
+            precision: Precision::Auto,
         }
     }
 }
@@ -486,8 +515,13 @@ pub fn train_lora(
         )?,
     }
     .with_dropout(config.lora_dropout, config.seed);
+    let compute = bert.to_dtype(config.precision.dtype(&device))?;
     fit(
-        &LoraRun { lora, bert, cpu },
+        &LoraRun {
+            lora,
+            bert: &compute,
+            cpu,
+        },
         bert.config.pad_token_id,
         labels,
         train,
@@ -510,7 +544,8 @@ pub fn train_full(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<TrainReport<HashMap<String, Tensor>>, TrainError> {
-    let full = FullTrainable::new(bert, labels, config.seed)?;
+    let full = FullTrainable::new(bert, labels, config.seed)?
+        .with_compute(config.precision.dtype(bert.device()));
     fit(
         &full,
         bert.config.pad_token_id,
