@@ -281,25 +281,20 @@ impl Bert {
             Some(lengths) => Padding::Lengths(lengths),
             None => Padding::Mask(additive_mask()?),
         };
+        // The last layer of a first-row pass has one query per sequence: the composed attention, whose
+        // mask takes any shape.
+        let last_padding = match (&padding, rows) {
+            (Padding::Lengths(_), Rows::First) => Some(Padding::Mask(additive_mask()?)),
+            _ => None,
+        };
         let last = self.layers.len().saturating_sub(1);
         for (index, layer) in self.layers.iter().enumerate() {
-            x = if index == last && rows == Rows::First {
-                // One query row per sequence: the composed attention, whose mask takes any shape.
-                let padding = match padding {
-                    Padding::Mask(ref mask) => Padding::Mask(mask.clone()),
-                    Padding::Lengths(_) => Padding::Mask(additive_mask()?),
-                };
-                self.layer_forward(
-                    index,
-                    layer,
-                    &yield_here(&x)?,
-                    &padding,
-                    deltas,
-                    Rows::First,
-                )?
+            let (padding, rows) = if index == last {
+                (last_padding.as_ref().unwrap_or(&padding), rows)
             } else {
-                self.layer_forward(index, layer, &yield_here(&x)?, &padding, deltas, Rows::All)?
+                (&padding, Rows::All)
             };
+            x = self.layer_forward(index, layer, &yield_here(&x)?, padding, deltas, rows)?;
         }
         if rows == Rows::First && self.layers.is_empty() {
             x = x.narrow(1, 0, 1)?;
