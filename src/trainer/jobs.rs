@@ -94,6 +94,35 @@ pub struct JobStatus {
     pub config: TrainConfig,
 }
 
+impl JobStatus {
+    /// A new job of `task`, queued now under a fresh id.
+    fn queued(task: &str, config: TrainConfig) -> Self {
+        Self {
+            id: format!("job-{}", uuid::Uuid::new_v4().simple()),
+            task: task.to_owned(),
+            method: config.method,
+            state: JobState::Queued,
+            step: 0,
+            total_steps: 0,
+            epoch: 0,
+            train_loss: None,
+            val: None,
+            stable_val: None,
+            eta_seconds: None,
+            trainable_params: None,
+            wall_seconds: 0.0,
+            yielded_seconds: 0.0,
+            adapter: None,
+            output: None,
+            train_examples: None,
+            replayed_examples: None,
+            error: None,
+            created_at: now(),
+            config,
+        }
+    }
+}
+
 /// What the trainer needs from the rest of the server.
 pub struct TrainerDeps {
     /// The base model (shared with the serving thread).
@@ -325,29 +354,7 @@ impl Jobs {
                 self.max_queued
             )));
         }
-        let status = JobStatus {
-            id: format!("job-{}", uuid::Uuid::new_v4().simple()),
-            task: task.to_owned(),
-            method: config.method,
-            state: JobState::Queued,
-            step: 0,
-            total_steps: 0,
-            epoch: 0,
-            train_loss: None,
-            val: None,
-            stable_val: None,
-            eta_seconds: None,
-            trainable_params: None,
-            wall_seconds: 0.0,
-            yielded_seconds: 0.0,
-            adapter: None,
-            output: None,
-            train_examples: None,
-            replayed_examples: None,
-            error: None,
-            created_at: now(),
-            config,
-        };
+        let status = JobStatus::queued(task, config);
         self.shared
             .jobs
             .lock()
@@ -864,26 +871,9 @@ mod tests {
     fn job(id: &str, created_at: u64, state: JobState) -> JobStatus {
         JobStatus {
             id: id.to_owned(),
-            task: "spam".to_owned(),
-            method: Method::Lora,
             state,
-            step: 0,
-            total_steps: 0,
-            epoch: 0,
-            train_loss: None,
-            val: None,
-            stable_val: None,
-            eta_seconds: None,
-            trainable_params: None,
-            wall_seconds: 0.0,
-            yielded_seconds: 0.0,
-            adapter: None,
-            output: None,
-            train_examples: None,
-            replayed_examples: None,
-            error: None,
             created_at,
-            config: TrainConfig::default(),
+            ..JobStatus::queued("spam", TrainConfig::default())
         }
     }
 
