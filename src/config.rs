@@ -588,5 +588,13 @@ mod tests {
             Config::load(None, env),
             Err(ConfigError::Invalid(_))
         ));
+        let env = vec![(
+            "FLYWHEEL_TRAINER__KEEP_FINISHED_JOBS".to_owned(),
+            "0".to_owned(),
+        )];
+        assert!(matches!(
+            Config::load(None, env),
+            Err(ConfigError::Invalid(m)) if m.contains("keep_finished_jobs")
+        ));
     }
 }
