@@ -163,6 +163,8 @@ pub struct TrainerConfig {
     /// Most finished jobs `GET /v1/jobs` remembers (and `jobs.json` keeps); older ones are forgotten,
     /// oldest first. Their generations and checkpoints stay.
     pub keep_finished_jobs: usize,
+    /// At start-up, queue again (once, as new jobs) the jobs a shutdown or crash interrupted.
+    pub rerun_interrupted: bool,
     /// Where training runs: `cpu`; `cuda` or `cuda:N` (a build with the `cuda` cargo feature); or `auto`, the
     /// first GPU when the build has CUDA and the machine has one, else the CPU. The trainer keeps its own
     /// copy of the base weights there; serving stays on `model.device`. Checked at start-up.
@@ -186,6 +188,7 @@ impl Default for TrainerConfig {
             yield_to_serving_ms: 250,
             max_queued_jobs: 4,
             keep_finished_jobs: 1000,
+            rerun_interrupted: true,
             device: "cpu".to_owned(),
             auto_every_feedback: 0,
             auto_min_interval_secs: 600,

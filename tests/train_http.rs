@@ -273,10 +273,18 @@ fn kill_9_during_training_loses_no_feedback_and_publishes_no_half_generation() {
         (ack["ids"].as_array().unwrap().clone(), job)
         // Dropping the server here kills it with SIGKILL mid-training.
     };
-    let server = Server::start_in(data.path(), &[]);
+    let server = Server::start_in_env(
+        data.path(),
+        &[],
+        &[("FLYWHEEL_TRAINER__RERUN_INTERRUPTED", "false")],
+    );
     let (_, j) = server.get_json(&format!("/v1/jobs/{job}"));
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().unwrap().contains("interrupted"), "{j}");
+    assert_eq!(j["interrupted"], true, "{j}");
+    assert!(j["rerun_as"].is_null(), "re-runs are off: {j}");
+    let (_, listed) = server.get_json("/v1/jobs");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     let (_, listed) = server.get_json("/v1/feedback?task=spam&limit=1000");
     let ids: Vec<&Value> = listed
         .as_array()
@@ -353,6 +361,28 @@ fn a_full_job_queue_answers_429_and_sigterm_drains_requests_and_stops_the_traine
         j["error"].as_str().unwrap().contains("shutdown"),
         "the job records why it stopped: {j}"
     );
+    // The start re-ran each of the four interrupted jobs once, as a new job that names it.
+    let rerun = j["rerun_as"]
+        .as_str()
+        .expect("the interrupted job was re-run");
+    let (_, r) = server.get_json(&format!("/v1/jobs/{rerun}"));
+    assert_eq!(r["rerun_of"], job.as_str(), "{r}");
+    assert_eq!(
+        r["config"], j["config"],
+        "the re-run keeps the job's parameters"
+    );
+    assert!(
+        matches!(r["state"].as_str(), Some("queued") | Some("running")),
+        "{r}"
+    );
+    let (_, listed) = server.get_json("/v1/jobs?task=spam");
+    let reruns = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["rerun_of"].is_string())
+        .count();
+    assert_eq!(reruns, 4, "{listed}");
     let (_, adapters) = server.get_json("/v1/adapters");
     assert_eq!(adapters, json!([]), "no generation from the stopped job");
 }

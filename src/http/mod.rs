@@ -416,6 +416,9 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
             }
         }));
     }
+    if config.trainer.rerun_interrupted {
+        jobs.rerun_interrupted();
+    }
     Ok(Services {
         infer,
         registry,

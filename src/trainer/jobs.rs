@@ -92,6 +92,13 @@ pub struct JobStatus {
     pub created_at: u64,
     /// Hyperparameters.
     pub config: TrainConfig,
+    /// Whether a shutdown or a crash stopped it (it then failed, and the next start re-runs it once).
+    #[serde(default)]
+    pub interrupted: bool,
+    /// The job the next start queued to repeat this interrupted one.
+    pub rerun_as: Option<String>,
+    /// The interrupted job this one repeats.
+    pub rerun_of: Option<String>,
 }
 
 impl JobStatus {
@@ -119,7 +126,23 @@ impl JobStatus {
             error: None,
             created_at: now(),
             config,
+            interrupted: false,
+            rerun_as: None,
+            rerun_of: None,
         }
+    }
+
+    /// Marks the job failed because the server stopped under it (`why`).
+    fn interrupt(&mut self, why: &str) {
+        self.state = JobState::Failed;
+        self.interrupted = true;
+        self.error = Some(why.to_owned());
+    }
+
+    /// Whether the next start should queue it again: interrupted, not yet re-run, and not itself a re-run
+    /// (a job that keeps killing the server runs twice, not forever).
+    fn wants_rerun(&self) -> bool {
+        self.interrupted && self.rerun_as.is_none() && self.rerun_of.is_none()
     }
 }
 
@@ -174,7 +197,9 @@ impl<'a> JobClock<'a> {
 }
 
 /// Why a job a shutdown stopped failed.
-const INTERRUPTED_BY_SHUTDOWN: &str = "interrupted by a shutdown; submit it again";
+const INTERRUPTED_BY_SHUTDOWN: &str = "interrupted by a shutdown";
+/// Why a job a crash or kill stopped failed.
+const INTERRUPTED_BY_RESTART: &str = "interrupted by a restart";
 
 /// Called on the trainer thread with the task and generation id after a LoRA job published.
 pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
@@ -189,6 +214,9 @@ struct Shared {
     path: std::path::PathBuf,
     /// Most finished jobs remembered; older ones are forgotten, oldest first.
     keep_finished: usize,
+    /// Held across a snapshot and its write: writers share one temporary file, and the last to write must
+    /// hold the latest snapshot.
+    persisting: Mutex<()>,
 }
 
 /// The job queue handle.
@@ -214,6 +242,10 @@ impl Shared {
 
     /// Forgets the oldest finished jobs beyond the retention limit, then writes the list.
     fn persist(&self) {
+        let _writing = self
+            .persisting
+            .lock()
+            .expect("persist lock poisoned; this is a bug");
         let jobs = {
             let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
             forget_oldest_finished(&mut jobs, self.keep_finished);
@@ -265,8 +297,7 @@ impl Jobs {
             .collect();
         for job in jobs.values_mut() {
             if matches!(job.state, JobState::Queued | JobState::Running) {
-                job.state = JobState::Failed;
-                job.error = Some("interrupted by a restart; submit it again".to_owned());
+                job.interrupt(INTERRUPTED_BY_RESTART);
             }
         }
         let shared = Arc::new(Shared {
@@ -277,6 +308,7 @@ impl Jobs {
             cancel: Mutex::new(BTreeMap::new()),
             path,
             keep_finished: limits.keep_finished_jobs,
+            persisting: Mutex::new(()),
         });
         shared.persist();
         let (tx, rx) = mpsc::channel::<String>();
@@ -312,6 +344,40 @@ impl Jobs {
         })
     }
 
+    /// Queues again, oldest first, each job a shutdown or crash interrupted that was not re-run yet (called
+    /// at start-up once the publish hook is in place, when `[trainer] rerun_interrupted`).
+    pub fn rerun_interrupted(&self) {
+        let mut waiting: Vec<JobStatus> = self
+            .shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .values()
+            .filter(|j| j.wants_rerun())
+            .cloned()
+            .collect();
+        waiting.sort_by_key(|j| j.created_at);
+        for old in waiting {
+            match self.queue(&old.task, old.config.clone(), Some(old.id.clone())) {
+                Ok(new) => {
+                    tracing::info!(job = %old.id, rerun = %new.id, task = %old.task, "re-running an interrupted job");
+                    self.shared.update(&old.id, |j| {
+                        j.error = Some(format!(
+                            "{}; re-run as {}",
+                            j.error.as_deref().unwrap_or("interrupted"),
+                            new.id
+                        ));
+                        j.rerun_as = Some(new.id.clone());
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(job = %old.id, error = %e, "could not re-run an interrupted job");
+                }
+            }
+        }
+        self.shared.persist();
+    }
+
     /// Sets the function called after each LoRA job publishes a generation (the rollout layer starts
     /// canaries from it).
     pub fn on_published(&self, hook: PublishHook) {
@@ -334,6 +400,16 @@ impl Jobs {
 
     /// Queues a job for `task`.
     pub fn submit(&self, task: &str, config: TrainConfig) -> Result<JobStatus, TrainError> {
+        self.queue(task, config, None)
+    }
+
+    /// Queues a job for `task`, a re-run of `rerun_of` when given.
+    fn queue(
+        &self,
+        task: &str,
+        config: TrainConfig,
+        rerun_of: Option<String>,
+    ) -> Result<JobStatus, TrainError> {
         config.validate()?;
         let queued = {
             let jobs = self
@@ -354,7 +430,10 @@ impl Jobs {
                 self.max_queued
             )));
         }
-        let status = JobStatus::queued(task, config);
+        let status = JobStatus {
+            rerun_of,
+            ..JobStatus::queued(task, config)
+        };
         self.shared
             .jobs
             .lock()
@@ -421,8 +500,7 @@ impl Jobs {
                 .lock()
                 .expect("jobs lock poisoned; this is a bug");
             for job in jobs.values_mut().filter(|j| j.state == JobState::Queued) {
-                job.state = JobState::Failed;
-                job.error = Some(INTERRUPTED_BY_SHUTDOWN.to_owned());
+                job.interrupt(INTERRUPTED_BY_SHUTDOWN);
             }
         }
         self.shared.persist();
@@ -436,6 +514,9 @@ impl Jobs {
                 .values()
                 .any(|j| j.state == JobState::Running);
             if !running {
+                // The trainer thread may still be writing the stopped job's state; this write waits for it
+                // and leaves the latest state on disk before the process exits.
+                self.shared.persist();
                 return true;
             }
             if Instant::now() >= until {
@@ -539,8 +620,7 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
                 j.output = Some(dir);
             }
             Err(TrainError::Cancelled) if shared.shutting_down.load(Ordering::Relaxed) => {
-                j.state = JobState::Failed;
-                j.error = Some(INTERRUPTED_BY_SHUTDOWN.to_owned());
+                j.interrupt(INTERRUPTED_BY_SHUTDOWN);
             }
             Err(TrainError::Cancelled) => j.state = JobState::Cancelled,
             Err(e) => {

@@ -55,7 +55,12 @@ impl Server {
 
     /// Starts the server on the real model with an existing data directory, and waits until `/ready`.
     pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
-        let server = Self::spawn_in(&model_dir(), data_dir, None, extra_args, &[]);
+        Self::start_in_env(data_dir, extra_args, &[])
+    }
+
+    /// [`Self::start_in`] with environment overrides.
+    pub fn start_in_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
+        let server = Self::spawn_in(&model_dir(), data_dir, None, extra_args, env);
         server.wait_ready(Duration::from_secs(60));
         server
     }
