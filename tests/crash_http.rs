@@ -1,7 +1,8 @@
 //! Crash safety over HTTP on the real model: ten `kill -9`s at seeded random moments (0.3–6 s into each
 //! life) while two clients post feedback (distinct mail, to an `inbox` task) and a short training job of the
 //! `spam` task runs or publishes. After every restart each 202-acknowledged feedback row is present, every registered generation is whole
-//! and serves, no job reads as live, and rollouts read back.
+//! and serves, no job but the re-runs the start queued reads as live, each interrupted job was re-run once, and
+//! rollouts read back.
 
 mod common;
 
@@ -74,10 +75,23 @@ fn check_consistent(server: &Server, acked: &BTreeSet<i64>, round: usize) {
     let (status, jobs) = server.get_json("/v1/jobs?task=spam");
     assert_eq!(status, 200, "{jobs}");
     for job in jobs.as_array().expect("a list") {
+        // Live now: only the re-runs this start queued. Every job the crash stopped is failed, marked
+        // interrupted, and re-run once (a re-run is not re-run again).
+        let live = matches!(job["state"].as_str(), Some("queued") | Some("running"));
         assert!(
-            !matches!(job["state"].as_str(), Some("queued") | Some("running")),
+            !live || job["rerun_of"].is_string(),
             "round {round}: a job survived the crash as live: {job}"
         );
+        if job["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("interrupted by a restart"))
+        {
+            assert_eq!(job["interrupted"], true, "round {round}: {job}");
+            assert!(
+                job["rerun_as"].is_string() || job["rerun_of"].is_string(),
+                "round {round}: an interrupted job was not re-run: {job}"
+            );
+        }
     }
     let (status, rollout) = server.get_json("/v1/rollouts/spam");
     assert!(
