@@ -22,8 +22,15 @@ pub struct RecentRequest {
     pub predicted: Vec<String>,
     /// A shadow generation's predictions for the same inputs, once it has run.
     pub shadow: Option<ShadowPrediction>,
-    /// Which inputs feedback has judged already (each prediction is judged once).
-    pub judged: Vec<bool>,
+    /// The label feedback gave each input, once it has judged it (each prediction is judged once).
+    pub judged: Vec<Option<String>>,
+}
+
+/// A first judgement of one input: how the shadow generation did on it, when it had already answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// The shadow generation and whether its prediction matched the feedback's label.
+    pub shadow: Option<(String, bool)>,
 }
 
 /// What a generation running in shadow predicted.
@@ -109,20 +116,41 @@ impl RecentRequests {
     }
 
     /// Adds a shadow generation's predictions to the remembered request `id` (if still remembered).
-    pub fn attach_shadow(&self, id: &str, shadow: ShadowPrediction) {
-        self.update(id, |r| r.shadow = Some(shadow));
+    /// Returns, for each input feedback judged before the shadow answered, whether the shadow was right:
+    /// those verdicts are the caller's to record, as [`Self::claim_judgement`] could not.
+    pub fn attach_shadow(&self, id: &str, shadow: ShadowPrediction) -> Vec<bool> {
+        self.update(id, |r| {
+            let late = r
+                .judged
+                .iter()
+                .zip(&shadow.predicted)
+                .filter_map(|(label, predicted)| label.as_ref().map(|l| l == predicted))
+                .collect();
+            r.shadow = Some(shadow);
+            late
+        })
+        .unwrap_or_default()
     }
 
-    /// Marks input `index` of request `id` judged; true only the first time (and while remembered).
-    pub fn claim_judgement(&self, id: &str, index: usize) -> bool {
-        self.update(id, |r| match r.judged.get_mut(index) {
-            Some(j) if !*j => {
-                *j = true;
-                true
+    /// Records `label` as the feedback on input `index` of request `id`. Only the first time (and while the
+    /// request is remembered) does it return a [`Judgement`], with the shadow's verdict if the shadow has
+    /// answered; otherwise [`Self::attach_shadow`] returns it later. Both happen under one lock, so the
+    /// shadow is judged exactly once whichever comes first.
+    pub fn claim_judgement(&self, id: &str, index: usize, label: &str) -> Option<Judgement> {
+        self.update(id, |r| {
+            let slot = r.judged.get_mut(index)?;
+            if slot.is_some() {
+                return None;
             }
-            _ => false,
+            *slot = Some(label.to_owned());
+            let shadow = r.shadow.as_ref().and_then(|s| {
+                s.predicted
+                    .get(index)
+                    .map(|p| (s.adapter.clone(), p == label))
+            });
+            Some(Judgement { shadow })
         })
-        .unwrap_or(false)
+        .flatten()
     }
 
     /// The request `id`, if still remembered.
@@ -163,7 +191,7 @@ mod tests {
             rollout: None,
             predicted: vec!["a".into()],
             shadow: None,
-            judged: vec![false],
+            judged: vec![None],
         }
     }
 
@@ -192,9 +220,35 @@ mod tests {
     fn a_prediction_is_judged_once() {
         let recent = RecentRequests::new(3, 1 << 20);
         recent.insert("r".into(), request("ab"));
-        assert!(recent.claim_judgement("r", 0));
-        assert!(!recent.claim_judgement("r", 0));
-        assert!(!recent.claim_judgement("r", 1), "out of range");
-        assert!(!recent.claim_judgement("gone", 0));
+        assert!(recent.claim_judgement("r", 0, "a").is_some());
+        assert!(recent.claim_judgement("r", 0, "a").is_none());
+        assert!(
+            recent.claim_judgement("r", 1, "a").is_none(),
+            "out of range"
+        );
+        assert!(recent.claim_judgement("gone", 0, "a").is_none());
+    }
+
+    fn shadow(predicted: &str) -> ShadowPrediction {
+        ShadowPrediction {
+            adapter: "s".into(),
+            predicted: vec![predicted.into()],
+        }
+    }
+
+    /// Whichever of the feedback and the shadow's answer comes first, the shadow is judged exactly once.
+    #[test]
+    fn the_shadow_is_judged_once_whether_it_answers_before_or_after_the_feedback() {
+        let recent = RecentRequests::new(3, 1 << 20);
+        recent.insert("before".into(), request("ab"));
+        assert!(recent.attach_shadow("before", shadow("a")).is_empty());
+        let judged = recent.claim_judgement("before", 0, "a").unwrap();
+        assert_eq!(judged.shadow, Some(("s".to_owned(), true)));
+
+        recent.insert("after".into(), request("ab"));
+        let judged = recent.claim_judgement("after", 0, "a").unwrap();
+        assert_eq!(judged.shadow, None, "the shadow has not answered yet");
+        assert_eq!(recent.attach_shadow("after", shadow("b")), [false]);
+        assert!(recent.claim_judgement("after", 0, "a").is_none());
     }
 }

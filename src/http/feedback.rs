@@ -87,12 +87,14 @@ pub enum FeedbackRequest {
     One(Item),
 }
 
-/// A verdict on a served (or shadow) prediction: the generation, the arm label it served as, the rollout
-/// that routed it, and whether the feedback agreed.
-type Verdict = (String, String, Option<String>, bool);
+/// A verdict on a served prediction: the generation, the arm label it served as, and whether the feedback
+/// agreed.
+type Verdict = (String, String, bool);
 
-/// The verdicts of one feedback item and the (request id, input index) they judge.
-type Verdicts = Option<((String, usize), Vec<Verdict>)>;
+/// What one feedback item on a remembered request judges: the request id, the input index, the label given
+/// and the rollout that routed the request; and the served prediction's verdict. The shadow's verdict is
+/// settled when the judgement is claimed.
+type Verdicts = Option<((String, usize, String, Option<String>), Option<Verdict>)>;
 
 fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdicts), ApiError> {
     let services = state.services()?;
@@ -114,22 +116,16 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdi
                     recent.texts.len()
                 ))
             })?;
-            let mut verdicts = Vec::new();
-            if let Some(p) = recent.predicted.get(index) {
-                verdicts.push((
-                    recent.adapter.clone(),
-                    recent.arm.clone(),
-                    recent.rollout.clone(),
-                    *p == item.label,
-                ));
-            }
-            if let Some(p) = recent.shadow.as_ref().and_then(|s| {
-                s.predicted
-                    .get(index)
-                    .map(|p| (s.adapter.clone(), *p == item.label))
-            }) {
-                verdicts.push((p.0, "shadow".to_owned(), recent.rollout.clone(), p.1));
-            }
+            let served = recent
+                .predicted
+                .get(index)
+                .map(|p| (recent.adapter.clone(), recent.arm.clone(), *p == item.label));
+            let judged = (
+                id.clone(),
+                index,
+                item.label.clone(),
+                recent.rollout.clone(),
+            );
             (
                 NewFeedback {
                     task: recent.task.clone(),
@@ -139,7 +135,7 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdi
                     adapter: Some(recent.adapter.clone()),
                     arm: Some(recent.arm.clone()),
                 },
-                Some(((id.clone(), index), verdicts)),
+                Some((judged, served)),
             )
         }
         (None, Some(text)) => {
@@ -221,12 +217,14 @@ pub async fn post(
             .with_label_values(&[task.as_str()])
             .inc();
         // Each served prediction is judged once, however often its feedback is posted.
-        if let Some(((id, index), verdicts)) = verdicts {
-            if services.recent.claim_judgement(&id, index) {
-                for (generation, arm, rollout, correct) in verdicts {
-                    services
-                        .rollouts
-                        .judge(task, &generation, &arm, rollout.as_deref(), correct);
+        if let Some(((id, index, label, rollout), served)) = verdicts {
+            if let Some(judgement) = services.recent.claim_judgement(&id, index, &label) {
+                let rollouts = &services.rollouts;
+                if let Some((generation, arm, correct)) = served {
+                    rollouts.judge(task, &generation, &arm, rollout.as_deref(), correct);
+                }
+                if let Some((shadow, correct)) = judgement.shadow {
+                    rollouts.judge(task, &shadow, "shadow", rollout.as_deref(), correct);
                 }
             }
         }

@@ -208,7 +208,7 @@ pub async fn predict(
         request_id.clone(),
         RecentRequest {
             task: task.clone(),
-            judged: vec![false; texts.len()],
+            judged: vec![None; texts.len()],
             texts,
             adapter: generation.id.clone(),
             arm: arm.to_owned(),
@@ -280,13 +280,17 @@ fn run_shadow(
                 .iter()
                 .map(|p| labels[best(p).0].clone())
                 .collect();
-            recent.attach_shadow(
+            let early = recent.attach_shadow(
                 &id,
                 ShadowPrediction {
                     adapter: generation.id.clone(),
                     predicted,
                 },
             );
+            // Feedback that arrived before the shadow answered judges it now.
+            for correct in early {
+                rollouts.judge(&task, &generation.id, "shadow", Some(&rollout), correct);
+            }
         }
     });
 }
