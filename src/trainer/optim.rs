@@ -188,8 +188,7 @@ fn update_chunk(theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], c
     }
 }
 
-/// Shorthand for tests and the benchmark: a [`FusedAdamW`] with `lr` and `weight_decay`, other parameters at
-/// PyTorch's defaults.
+/// A [`FusedAdamW`] with `lr` and `weight_decay`, the other parameters at PyTorch's defaults.
 pub fn adamw(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<FusedAdamW> {
     FusedAdamW::new(
         vars,
