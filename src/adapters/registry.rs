@@ -749,11 +749,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> 
         std::process::id(),
         WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(storage)?;
-    f.write_all(bytes).map_err(storage)?;
-    f.sync_all().map_err(storage)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(storage)?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // Names are unique per call, so a failed write must not leave its file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(storage(e));
+    }
     // The rename is the commit: a failed directory fsync after it must not make callers roll back state
     // that is already on disk.
     if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {

@@ -95,6 +95,10 @@ pub struct JobStatus {
     /// Whether a shutdown or a crash stopped it (it then failed, and the next start re-runs it once).
     #[serde(default)]
     pub interrupted: bool,
+    /// Whether a caller asked to cancel it: a job cancelled while running ends `cancelled` even when a
+    /// shutdown or crash stops it first, and is never re-run.
+    #[serde(default)]
+    pub cancel_requested: bool,
     /// The job the next start queued to repeat this interrupted one.
     pub rerun_as: Option<String>,
     /// The interrupted job this one repeats.
@@ -127,13 +131,19 @@ impl JobStatus {
             created_at: now(),
             config,
             interrupted: false,
+            cancel_requested: false,
             rerun_as: None,
             rerun_of: None,
         }
     }
 
-    /// Marks the job failed because the server stopped under it (`why`).
+    /// Marks the job stopped because the server stopped under it (`why`): failed and interrupted, or
+    /// cancelled when a caller had asked for that.
     fn interrupt(&mut self, why: &str) {
+        if self.cancel_requested {
+            self.state = JobState::Cancelled;
+            return;
+        }
         self.state = JobState::Failed;
         self.interrupted = true;
         self.error = Some(why.to_owned());
@@ -142,7 +152,10 @@ impl JobStatus {
     /// Whether the next start should queue it again: interrupted, not yet re-run, and not itself a re-run
     /// (a job that keeps killing the server runs twice, not forever).
     fn wants_rerun(&self) -> bool {
-        self.interrupted && self.rerun_as.is_none() && self.rerun_of.is_none()
+        self.interrupted
+            && !self.cancel_requested
+            && self.rerun_as.is_none()
+            && self.rerun_of.is_none()
     }
 }
 
@@ -262,11 +275,35 @@ impl Shared {
     }
 }
 
-/// Removes the oldest finished (succeeded, failed or cancelled) jobs until at most `keep` remain.
+/// The saved job list; empty when there is none. A list this build cannot read (another version's, or
+/// damaged) is moved aside, not overwritten, and the move logged.
+fn read_job_list(path: &Path) -> Vec<JobStatus> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(list) => list,
+        Err(e) => {
+            let aside = path.with_extension(format!("json.unreadable-{}", now()));
+            match std::fs::rename(path, &aside) {
+                Ok(()) => {
+                    tracing::error!(error = %e, kept = %aside.display(), "could not read the job list; starting a new one")
+                }
+                Err(m) => {
+                    tracing::error!(error = %e, move_error = %m, "could not read the job list nor move it aside")
+                }
+            }
+            Vec::new()
+        }
+    }
+}
+
+/// Removes the oldest finished (succeeded, failed or cancelled) jobs until at most `keep` remain; jobs still
+/// waiting to be re-run stay.
 fn forget_oldest_finished(jobs: &mut BTreeMap<String, JobStatus>, keep: usize) {
     let mut finished: Vec<(u64, String)> = jobs
         .values()
-        .filter(|j| !matches!(j.state, JobState::Queued | JobState::Running))
+        .filter(|j| !matches!(j.state, JobState::Queued | JobState::Running) && !j.wants_rerun())
         .map(|j| (j.created_at, j.id.clone()))
         .collect();
     if finished.len() <= keep {
@@ -288,10 +325,7 @@ impl Jobs {
         limits: &TrainerConfig,
     ) -> std::io::Result<Self> {
         let path = data_dir.join("jobs.json");
-        let mut jobs: BTreeMap<String, JobStatus> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Vec<JobStatus>>(&b).ok())
-            .unwrap_or_default()
+        let mut jobs: BTreeMap<String, JobStatus> = read_job_list(&path)
             .into_iter()
             .map(|j| (j.id.clone(), j))
             .collect();
@@ -361,21 +395,13 @@ impl Jobs {
             match self.queue(&old.task, old.config.clone(), Some(old.id.clone())) {
                 Ok(new) => {
                     tracing::info!(job = %old.id, rerun = %new.id, task = %old.task, "re-running an interrupted job");
-                    self.shared.update(&old.id, |j| {
-                        j.error = Some(format!(
-                            "{}; re-run as {}",
-                            j.error.as_deref().unwrap_or("interrupted"),
-                            new.id
-                        ));
-                        j.rerun_as = Some(new.id.clone());
-                    });
                 }
+                // Left as it is: the next start tries again.
                 Err(e) => {
-                    tracing::warn!(job = %old.id, error = %e, "could not re-run an interrupted job");
+                    tracing::warn!(job = %old.id, error = %e, "could not re-run an interrupted job now");
                 }
             }
         }
-        self.shared.persist();
     }
 
     /// Sets the function called after each LoRA job publishes a generation (the rollout layer starts
@@ -431,14 +457,27 @@ impl Jobs {
             )));
         }
         let status = JobStatus {
-            rerun_of,
+            rerun_of: rerun_of.clone(),
             ..JobStatus::queued(task, config)
         };
-        self.shared
-            .jobs
-            .lock()
-            .expect("jobs lock poisoned; this is a bug")
-            .insert(status.id.clone(), status.clone());
+        {
+            // A re-run and its link from the job it repeats land in one write, so a crash between them
+            // cannot make the next start re-run the job again.
+            let mut jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            if let Some(old) = rerun_of.and_then(|id| jobs.get_mut(&id)) {
+                old.error = Some(format!(
+                    "{}; re-run as {}",
+                    old.error.as_deref().unwrap_or("interrupted"),
+                    status.id
+                ));
+                old.rerun_as = Some(status.id.clone());
+            }
+            jobs.insert(status.id.clone(), status.clone());
+        }
         self.shared
             .cancel
             .lock()
@@ -543,6 +582,9 @@ impl Jobs {
         }
         let mut task = None;
         self.shared.update(id, |j| {
+            if matches!(j.state, JobState::Queued | JobState::Running) {
+                j.cancel_requested = true;
+            }
             if j.state == JobState::Queued {
                 j.state = JobState::Cancelled;
                 task = Some(j.task.clone());
@@ -955,6 +997,41 @@ mod tests {
             created_at,
             ..JobStatus::queued("spam", TrainConfig::default())
         }
+    }
+
+    #[test]
+    fn an_unreadable_job_list_is_moved_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.json");
+        std::fs::write(&path, b"[{\"id\": \"from another version\"}]").unwrap();
+        assert!(read_job_list(&path).is_empty());
+        assert!(!path.exists());
+        let kept: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(kept.len(), 1, "the old list is kept beside");
+        assert!(read_job_list(&path).is_empty(), "no list: nothing to read");
+    }
+
+    #[test]
+    fn a_cancel_request_wins_over_an_interruption_and_is_never_re_run() {
+        let mut asked = job("a", 1, JobState::Running);
+        asked.cancel_requested = true;
+        asked.interrupt(INTERRUPTED_BY_SHUTDOWN);
+        assert_eq!(asked.state, JobState::Cancelled);
+        assert!(!asked.wants_rerun());
+        let mut stopped = job("b", 1, JobState::Running);
+        stopped.interrupt(INTERRUPTED_BY_RESTART);
+        assert_eq!(stopped.state, JobState::Failed);
+        assert!(stopped.wants_rerun());
+        let mut jobs: BTreeMap<String, JobStatus> = [stopped, job("c", 2, JobState::Succeeded)]
+            .into_iter()
+            .map(|j| (j.id.clone(), j))
+            .collect();
+        forget_oldest_finished(&mut jobs, 0);
+        assert_eq!(
+            jobs.keys().collect::<Vec<_>>(),
+            ["b"],
+            "a job waiting to be re-run stays"
+        );
     }
 
     #[test]

@@ -46,14 +46,23 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// The encoder's compute format on `device`.
+    /// The encoder's compute format on `device`. `Auto` takes bf16 only on a GPU that multiplies bf16
+    /// matrices (a probe: older GPUs lack bf16 kernels), f32 otherwise.
     pub fn dtype(self, device: &Device) -> DType {
         match self {
-            Precision::Auto if device.is_cuda() => DType::BF16,
+            Precision::Auto if device.is_cuda() && multiplies_bf16(device) => DType::BF16,
             Precision::Auto | Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
         }
     }
+}
+
+/// Whether a small bf16 matrix product runs on `device`.
+fn multiplies_bf16(device: &Device) -> bool {
+    Tensor::ones((2, 2), DType::BF16, device)
+        .and_then(|t| t.matmul(&t))
+        .and_then(|p| p.to_dtype(DType::F32)?.to_vec2::<f32>())
+        .is_ok()
 }
 
 /// How examples of each label weigh in the loss.
