@@ -92,9 +92,13 @@ pub struct JobStatus {
     pub created_at: u64,
     /// Hyperparameters.
     pub config: TrainConfig,
-    /// Whether a shutdown or a crash stopped it (it then failed, and the next start re-runs it once).
+    /// Whether a shutdown or a crash stopped it (it then failed, and the next start re-runs it).
     #[serde(default)]
     pub interrupted: bool,
+    /// Whether that was a crash (the server died with the job live): a re-run a crash stops is not re-run
+    /// again, so a job that kills the server runs twice, not forever.
+    #[serde(default)]
+    pub crashed: bool,
     /// Whether a caller asked to cancel it: a job cancelled while running ends `cancelled` even when a
     /// shutdown or crash stops it first, and is never re-run.
     #[serde(default)]
@@ -131,6 +135,7 @@ impl JobStatus {
             created_at: now(),
             config,
             interrupted: false,
+            crashed: false,
             cancel_requested: false,
             rerun_as: None,
             rerun_of: None,
@@ -149,13 +154,14 @@ impl JobStatus {
         self.error = Some(why.to_owned());
     }
 
-    /// Whether the next start should queue it again: interrupted, not yet re-run, and not itself a re-run
-    /// (a job that keeps killing the server runs twice, not forever).
+    /// Whether the next start should queue it again: interrupted, not cancelled, not yet re-run, and not a
+    /// re-run that a crash stopped (a job that keeps killing the server runs twice, not forever; one that
+    /// only meets graceful restarts keeps being re-run).
     fn wants_rerun(&self) -> bool {
         self.interrupted
             && !self.cancel_requested
             && self.rerun_as.is_none()
-            && self.rerun_of.is_none()
+            && !(self.crashed && self.rerun_of.is_some())
     }
 }
 
@@ -332,6 +338,7 @@ impl Jobs {
         for job in jobs.values_mut() {
             if matches!(job.state, JobState::Queued | JobState::Running) {
                 job.interrupt(INTERRUPTED_BY_RESTART);
+                job.crashed = true;
             }
         }
         let shared = Arc::new(Shared {
@@ -1022,6 +1029,19 @@ mod tests {
         stopped.interrupt(INTERRUPTED_BY_RESTART);
         assert_eq!(stopped.state, JobState::Failed);
         assert!(stopped.wants_rerun());
+        // A re-run: again after a shutdown, not after a crash.
+        let mut rerun = job("r", 1, JobState::Running);
+        rerun.rerun_of = Some("b".into());
+        rerun.interrupt(INTERRUPTED_BY_SHUTDOWN);
+        assert!(
+            rerun.wants_rerun(),
+            "a graceful restart does not use up the re-run"
+        );
+        rerun.crashed = true;
+        assert!(
+            !rerun.wants_rerun(),
+            "a re-run a crash stopped is not re-run again"
+        );
         let mut jobs: BTreeMap<String, JobStatus> = [stopped, job("c", 2, JobState::Succeeded)]
             .into_iter()
             .map(|j| (j.id.clone(), j))
