@@ -90,7 +90,7 @@ enum Weight {
 }
 
 /// `out[rows × cols] = (accumulate ? out : 0) + scale · a[rows × inner] · W`, with `W` read from `w` as
-/// `layout` says. The one place the kernels call into gemm.
+/// `layout` says: the bounds-checked form of [`strided_product`] for whole row-major buffers.
 #[allow(clippy::too_many_arguments)]
 fn product(
     what: &str,
@@ -122,32 +122,19 @@ fn product(
     if rows == 0 {
         return;
     }
-    let (w_cs, w_rs) = match layout {
-        Weight::Transposed => (inner as isize, 1),
-        Weight::AsIs => (1, cols as isize),
+    let (w_rs, w_cs) = match layout {
+        Weight::Transposed => (1, inner),
+        Weight::AsIs => (cols, 1),
     };
     // SAFETY: the asserts above bound every access gemm makes with these sizes and strides: `a` and `out`
     // are row-major `rows × inner` and `rows × cols`, and either layout of `w` stays within `inner · cols`.
     unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            out.as_mut_ptr(),
-            1,
-            cols as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            inner as isize,
-            w.as_ptr(),
-            w_cs,
-            w_rs,
-            1.0,
+        strided_product(
+            (rows, cols, inner),
+            (out.as_mut_ptr(), cols, accumulate),
+            (a.as_ptr(), inner, 1),
+            (w.as_ptr(), w_rs, w_cs),
             scale,
-            false,
-            false,
-            false,
             parallelism(rows.saturating_mul(cols).saturating_mul(inner)),
         );
     }
@@ -217,8 +204,7 @@ pub fn weight_gradient(
     unsafe {
         strided_product(
             (n, k, rows),
-            out.as_mut_ptr(),
-            k,
+            (out.as_mut_ptr(), k, false),
             (g.as_ptr(), 1, n),
             (x.as_ptr(), k, 1),
             1.0,
@@ -617,61 +603,82 @@ pub fn attention(
     assert_eq!(k.len(), q.len(), "attention: k differs from q");
     assert_eq!(v.len(), q.len(), "attention: v differs from q");
     assert_eq!(out.len(), q.len(), "attention: out differs from q");
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let work: Vec<(usize, usize)> = (0..offsets.len().saturating_sub(1))
-        .flat_map(|s| (0..heads).map(move |h| (s, h)))
-        .collect();
-    let run = |&(s, h): &(usize, usize)| {
-        let start = offsets[s];
-        let len = offsets[s + 1] - start;
-        if len == 0 {
-            return;
-        }
-        let base = start * hidden + h * head_dim;
-        let mut scores = vec![0f32; len * len];
+    let lengths: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    for_each_head(&lengths, heads, |s, h| {
+        let len = lengths[s];
+        let base = offsets[s] * hidden + h * head_dim;
         // SAFETY: (s, h) pairs are distinct, so each task reads its own q/k/v columns of its own rows and
         // writes a disjoint block of `out`; every index stays below tokens × hidden (asserted above).
         unsafe {
-            strided_product(
-                (len, len, head_dim),
-                scores.as_mut_ptr(),
+            let p = head_probabilities(
+                q.as_ptr().add(base),
+                k.as_ptr().add(base),
+                hidden,
                 len,
-                (q.as_ptr().add(base), hidden, 1),
-                (k.as_ptr().add(base), 1, hidden),
-                scale,
-                Parallelism::None,
+                head_dim,
             );
-            softmax_rows(&mut scores, len);
             strided_product(
                 (len, head_dim, len),
-                out_ptr.get().add(base),
-                hidden,
-                (scores.as_ptr(), len, 1),
+                (out_ptr.get().add(base), hidden, false),
+                (p.as_ptr(), len, 1),
                 (v.as_ptr().add(base), hidden, 1),
                 1.0,
                 Parallelism::None,
             );
         }
-    };
+    });
+}
+
+/// Runs `task(sequence, head)` for every head of every non-empty sequence (`lengths`), across rayon's pool
+/// when there is more than one.
+fn for_each_head(lengths: &[usize], heads: usize, task: impl Fn(usize, usize) + Sync) {
+    let work: Vec<(usize, usize)> = (0..lengths.len())
+        .filter(|&s| lengths[s] > 0)
+        .flat_map(|s| (0..heads).map(move |h| (s, h)))
+        .collect();
     if work.len() > 1 && threads() > 1 {
-        work.par_iter().for_each(run);
+        work.par_iter().for_each(|&(s, h)| task(s, h));
     } else {
-        work.iter().for_each(run);
+        work.iter().for_each(|&(s, h)| task(s, h));
     }
 }
 
-/// A strided product `dst = scale · a·b` (`[m × n]`, row stride `dst_rs`) of `a` `[m × k]` and `b` `[k × n]`,
-/// each given by its row and column strides.
+/// One head's attention probabilities `softmax(q·kᵀ / √head_dim)`, `[len × len]`, for `len` rows of queries
+/// and keys starting at `q` and `k`, `stride` apart.
+///
+/// # Safety
+/// `len` rows of `head_dim` values, `stride` apart, must be readable from `q` and from `k`.
+unsafe fn head_probabilities(
+    q: *const f32,
+    k: *const f32,
+    stride: usize,
+    len: usize,
+    head_dim: usize,
+) -> Vec<f32> {
+    let mut p = vec![0f32; len * len];
+    strided_product(
+        (len, len, head_dim),
+        (p.as_mut_ptr(), len, false),
+        (q, stride, 1),
+        (k, 1, stride),
+        1.0 / (head_dim as f32).sqrt(),
+        Parallelism::None,
+    );
+    softmax_rows(&mut p, len);
+    p
+}
+
+/// A strided product `dst = (accumulate ? dst : 0) + scale · a·b` (`[m × n]`, row stride `dst_rs`) of `a`
+/// `[m × k]` and `b` `[k × n]`, each given by its row and column strides. The one place the kernels call
+/// into gemm.
 ///
 /// # Safety
 /// Every index the strides and sizes reach must lie inside the pointed-to buffers, and `dst` must not
 /// overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn strided_product(
     (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
     (a, a_rs, a_cs): (*const f32, usize, usize),
     (b, b_rs, b_cs): (*const f32, usize, usize),
     scale: f32,
@@ -684,14 +691,14 @@ unsafe fn strided_product(
         dst,
         1,
         dst_rs as isize,
-        false,
+        accumulate,
         a,
         a_cs as isize,
         a_rs as isize,
         b,
         b_cs as isize,
         b_rs as isize,
-        0.0,
+        1.0,
         scale,
         false,
         false,
@@ -737,15 +744,7 @@ impl Padded<'_> {
             "attention: a length exceeds seq"
         );
         size(self.seq, self.seq);
-        let work: Vec<(usize, usize)> = (0..self.lengths.len())
-            .flat_map(|b| (0..self.heads).map(move |h| (b, h)))
-            .filter(|&(b, _)| self.lengths[b] > 0)
-            .collect();
-        if work.len() > 1 && threads() > 1 {
-            work.par_iter().for_each(|&(b, h)| task(b, h));
-        } else {
-            work.iter().for_each(|&(b, h)| task(b, h));
-        }
+        for_each_head(self.lengths, self.heads, task);
     }
 
     /// Softmax probabilities `[len × len]` of sequence `b`, head `h`.
@@ -753,22 +752,11 @@ impl Padded<'_> {
     /// # Safety
     /// `qkv` must hold `batch × seq × 3·hidden` values (checked by [`Self::each_head`]).
     unsafe fn probabilities(&self, qkv: &[f32], b: usize, h: usize) -> Vec<f32> {
-        let (len, hidden) = (self.lengths[b], self.hidden());
+        let hidden = self.hidden();
         let q = qkv
             .as_ptr()
             .add(b * self.seq * 3 * hidden + h * self.head_dim);
-        let mut p = vec![0f32; len * len];
-        strided_product(
-            (len, len, self.head_dim),
-            p.as_mut_ptr(),
-            len,
-            (q, 3 * hidden, 1),
-            (q.add(hidden), 1, 3 * hidden),
-            1.0 / (self.head_dim as f32).sqrt(),
-            Parallelism::None,
-        );
-        softmax_rows(&mut p, len);
-        p
+        head_probabilities(q, q.add(hidden), 3 * hidden, self.lengths[b], self.head_dim)
     }
 }
 
@@ -787,10 +775,13 @@ pub fn attention_padded(shape: &Padded, qkv: &[f32], out: &mut [f32]) {
                 .add(b * shape.seq * 3 * hidden + 2 * hidden + h * shape.head_dim);
             strided_product(
                 (len, shape.head_dim, len),
-                out_ptr
-                    .get()
-                    .add(b * shape.seq * hidden + h * shape.head_dim),
-                hidden,
+                (
+                    out_ptr
+                        .get()
+                        .add(b * shape.seq * hidden + h * shape.head_dim),
+                    hidden,
+                    false,
+                ),
                 (p.as_ptr(), len, 1),
                 (v, 3 * hidden, 1),
                 1.0,
@@ -828,8 +819,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
             // dV = Pᵀ·dO; dP = dO·Vᵀ; dS = softmax backward; dQ = s·dS·K; dK = s·dSᵀ·Q.
             strided_product(
                 (len, hd, len),
-                d_v,
-                stride,
+                (d_v, stride, false),
                 (p.as_ptr(), 1, len),
                 (d_out, hidden, 1),
                 1.0,
@@ -838,8 +828,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
             let mut d_s = vec![0f32; len * len];
             strided_product(
                 (len, len, hd),
-                d_s.as_mut_ptr(),
-                len,
+                (d_s.as_mut_ptr(), len, false),
                 (d_out, hidden, 1),
                 (v, 1, stride),
                 1.0,
@@ -848,8 +837,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
             softmax_backward_rows(&p, &mut d_s, len);
             strided_product(
                 (len, hd, len),
-                d_q,
-                stride,
+                (d_q, stride, false),
                 (d_s.as_ptr(), len, 1),
                 (k, stride, 1),
                 scale,
@@ -857,8 +845,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
             );
             strided_product(
                 (len, hd, len),
-                d_k,
-                stride,
+                (d_k, stride, false),
                 (d_s.as_ptr(), 1, len),
                 (q, stride, 1),
                 scale,
