@@ -26,9 +26,14 @@ pub struct RecentRequest {
     pub judged: Vec<Option<String>>,
 }
 
-/// A first judgement of one input: how the shadow generation did on it, when it had already answered.
+/// A first judgement of one input: how the serving generation did on it, and the shadow generation when it
+/// had already answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judgement {
+    /// The rollout that routed the request, if any.
+    pub rollout: Option<String>,
+    /// The serving generation, the arm it served as, and whether its prediction matched the label.
+    pub served: Option<(String, String, bool)>,
     /// The shadow generation and whether its prediction matched the feedback's label.
     pub shadow: Option<(String, bool)>,
 }
@@ -143,12 +148,20 @@ impl RecentRequests {
                 return None;
             }
             *slot = Some(label.to_owned());
+            let served = r
+                .predicted
+                .get(index)
+                .map(|p| (r.adapter.clone(), r.arm.clone(), p == label));
             let shadow = r.shadow.as_ref().and_then(|s| {
                 s.predicted
                     .get(index)
                     .map(|p| (s.adapter.clone(), p == label))
             });
-            Some(Judgement { shadow })
+            Some(Judgement {
+                rollout: r.rollout.clone(),
+                served,
+                shadow,
+            })
         })
         .flatten()
     }

@@ -87,14 +87,9 @@ pub enum FeedbackRequest {
     One(Item),
 }
 
-/// A verdict on a served prediction: the generation, the arm label it served as, and whether the feedback
-/// agreed.
-type Verdict = (String, String, bool);
-
-/// What one feedback item on a remembered request judges: the request id, the input index, the label given
-/// and the rollout that routed the request; and the served prediction's verdict. The shadow's verdict is
-/// settled when the judgement is claimed.
-type Verdicts = Option<((String, usize, String, Option<String>), Option<Verdict>)>;
+/// What one feedback item on a remembered request judges: the request id, the input index and the label
+/// given. The verdicts are settled when the judgement is claimed, after the row is stored.
+type Verdicts = Option<(String, usize, String)>;
 
 fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdicts), ApiError> {
     let services = state.services()?;
@@ -116,16 +111,7 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdi
                     recent.texts.len()
                 ))
             })?;
-            let served = recent
-                .predicted
-                .get(index)
-                .map(|p| (recent.adapter.clone(), recent.arm.clone(), *p == item.label));
-            let judged = (
-                id.clone(),
-                index,
-                item.label.clone(),
-                recent.rollout.clone(),
-            );
+            let judged = (id.clone(), index, item.label.clone());
             (
                 NewFeedback {
                     task: recent.task.clone(),
@@ -135,7 +121,7 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdi
                     adapter: Some(recent.adapter.clone()),
                     arm: Some(recent.arm.clone()),
                 },
-                Some((judged, served)),
+                Some(judged),
             )
         }
         (None, Some(text)) => {
@@ -217,10 +203,10 @@ pub async fn post(
             .with_label_values(&[task.as_str()])
             .inc();
         // Each served prediction is judged once, however often its feedback is posted.
-        if let Some(((id, index, label, rollout), served)) = verdicts {
+        if let Some((id, index, label)) = verdicts {
             if let Some(judgement) = services.recent.claim_judgement(&id, index, &label) {
-                let rollouts = &services.rollouts;
-                if let Some((generation, arm, correct)) = served {
+                let (rollouts, rollout) = (&services.rollouts, judgement.rollout);
+                if let Some((generation, arm, correct)) = judgement.served {
                     rollouts.judge(task, &generation, &arm, rollout.as_deref(), correct);
                 }
                 if let Some((shadow, correct)) = judgement.shadow {

@@ -134,18 +134,19 @@ impl Bert {
     /// A copy of the network with every weight in `dtype` (shared, not copied, where it already is): the
     /// compute copy of bf16 training. The conversion is differentiable, so gradients reach the originals.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let mut copy = self.clone();
-        for (_, tensor) in copy.tensors_mut() {
-            *tensor = tensor.to_dtype(dtype)?;
-        }
-        Ok(copy)
+        self.map_weights(|t| t.to_dtype(dtype))
     }
 
     /// A copy of the network with every weight on `device` (shared, not copied, where it is already there).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        self.map_weights(|t| t.to_device(device))
+    }
+
+    /// A copy of the network with `f` applied to every weight.
+    fn map_weights(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
         let mut copy = self.clone();
         for (_, tensor) in copy.tensors_mut() {
-            *tensor = tensor.to_device(device)?;
+            *tensor = f(tensor)?;
         }
         Ok(copy)
     }

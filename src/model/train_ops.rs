@@ -227,38 +227,34 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     lengths: Vec<usize>,
     heads: usize,
 }
 
 /// The gradient of [`Attention`]'s input, `[batch, seq, 3·hidden]`.
-struct AttentionBackward {
-    lengths: Vec<usize>,
-    heads: usize,
-}
+struct AttentionBackward(Attention);
 
-/// The kernels' view of a `[batch, seq, 3·hidden]` layout.
-fn padded<'a>(
-    layout: &Layout,
-    lengths: &'a [usize],
-    heads: usize,
-    what: &str,
-) -> candle_core::Result<kernels::Padded<'a>> {
-    let (batch, seq, width) = layout.shape().dims3()?;
-    if batch != lengths.len() || heads == 0 || width % (3 * heads) != 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "{what}: qkv {:?} does not fit {} lengths and {heads} heads",
-            layout.shape(),
-            lengths.len()
-        )));
+impl Attention {
+    /// The kernels' view of a `[batch, seq, 3·hidden]` layout.
+    fn padded(&self, layout: &Layout, what: &str) -> candle_core::Result<kernels::Padded<'_>> {
+        let (lengths, heads) = (&self.lengths, self.heads);
+        let (batch, seq, width) = layout.shape().dims3()?;
+        if batch != lengths.len() || heads == 0 || width % (3 * heads) != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "{what}: qkv {:?} does not fit {} lengths and {heads} heads",
+                layout.shape(),
+                lengths.len()
+            )));
+        }
+        Ok(kernels::Padded {
+            seq,
+            heads,
+            head_dim: width / 3 / heads,
+            lengths,
+        })
     }
-    Ok(kernels::Padded {
-        seq,
-        heads,
-        head_dim: width / 3 / heads,
-        lengths,
-    })
 }
 
 impl CustomOp1 for Attention {
@@ -267,7 +263,7 @@ impl CustomOp1 for Attention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = padded(l, &self.lengths, self.heads, self.name())?;
+        let shape = self.padded(l, self.name())?;
         let qkv = f32_slice(s, l, self.name())?;
         let (batch, seq, width) = l.shape().dims3()?;
         let mut out = vec![0f32; batch * seq * width / 3];
@@ -284,10 +280,7 @@ impl CustomOp1 for Attention {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(
             &grad.contiguous()?,
-            &AttentionBackward {
-                lengths: self.lengths.clone(),
-                heads: self.heads,
-            },
+            &AttentionBackward(self.clone()),
         )?))
     }
 }
@@ -304,7 +297,7 @@ impl CustomOp2 for AttentionBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = padded(l1, &self.lengths, self.heads, self.name())?;
+        let shape = self.0.padded(l1, self.name())?;
         let qkv = f32_slice(s1, l1, self.name())?;
         let grad = f32_slice(s2, l2, self.name())?;
         let mut d_qkv = vec![0f32; qkv.len()];

@@ -94,10 +94,17 @@ impl FullTrainable {
 
     /// Class logits `[batch, labels]`: `[CLS]` through the pooler and tanh, then the classifier.
     pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let bert = self.bert.to_dtype(self.compute)?;
+        // Under autocast, a differentiable bf16 copy of the f32 variables runs the pass.
+        let cast;
+        let bert = if self.compute == self.bert.dtype() {
+            &self.bert
+        } else {
+            cast = self.bert.to_dtype(self.compute)?;
+            &cast
+        };
         let hidden = bert.forward_first_with(input_ids, attention_mask, &NoDelta)?;
         super::lora::cls_head(
-            &bert,
+            bert,
             &hidden,
             &self.classifier_weight,
             &self.classifier_bias,

@@ -142,16 +142,23 @@ impl JobStatus {
         }
     }
 
-    /// Marks the job stopped because the server stopped under it (`why`): failed and interrupted, or
-    /// cancelled when a caller had asked for that.
-    fn interrupt(&mut self, why: &str) {
+    /// Marks the job stopped because the server stopped under it: failed and interrupted, or cancelled
+    /// when a caller had asked for that.
+    fn interrupt(&mut self, by: Interruption) {
         if self.cancel_requested {
             self.state = JobState::Cancelled;
             return;
         }
         self.state = JobState::Failed;
         self.interrupted = true;
-        self.error = Some(why.to_owned());
+        self.crashed = matches!(by, Interruption::Crash);
+        self.error = Some(
+            match by {
+                Interruption::Shutdown => "interrupted by a shutdown",
+                Interruption::Crash => "interrupted by a restart",
+            }
+            .to_owned(),
+        );
     }
 
     /// Whether the next start should queue it again: interrupted, not cancelled, not yet re-run, and not a
@@ -215,10 +222,14 @@ impl<'a> JobClock<'a> {
     }
 }
 
-/// Why a job a shutdown stopped failed.
-const INTERRUPTED_BY_SHUTDOWN: &str = "interrupted by a shutdown";
-/// Why a job a crash or kill stopped failed.
-const INTERRUPTED_BY_RESTART: &str = "interrupted by a restart";
+/// What stopped a job under it.
+#[derive(Clone, Copy)]
+enum Interruption {
+    /// A graceful shutdown (SIGTERM, SIGINT).
+    Shutdown,
+    /// A crash or kill: the next start found the job still live.
+    Crash,
+}
 
 /// Called on the trainer thread with the task and generation id after a LoRA job published.
 pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
@@ -233,8 +244,7 @@ struct Shared {
     path: std::path::PathBuf,
     /// Most finished jobs remembered; older ones are forgotten, oldest first.
     keep_finished: usize,
-    /// Held across a snapshot and its write: writers share one temporary file, and the last to write must
-    /// hold the latest snapshot.
+    /// Held across a snapshot and its write, so the last write holds the latest snapshot.
     persisting: Mutex<()>,
 }
 
@@ -337,8 +347,7 @@ impl Jobs {
             .collect();
         for job in jobs.values_mut() {
             if matches!(job.state, JobState::Queued | JobState::Running) {
-                job.interrupt(INTERRUPTED_BY_RESTART);
-                job.crashed = true;
+                job.interrupt(Interruption::Crash);
             }
         }
         let shared = Arc::new(Shared {
@@ -546,7 +555,7 @@ impl Jobs {
                 .lock()
                 .expect("jobs lock poisoned; this is a bug");
             for job in jobs.values_mut().filter(|j| j.state == JobState::Queued) {
-                job.interrupt(INTERRUPTED_BY_SHUTDOWN);
+                job.interrupt(Interruption::Shutdown);
             }
         }
         self.shared.persist();
@@ -669,7 +678,7 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
                 j.output = Some(dir);
             }
             Err(TrainError::Cancelled) if shared.shutting_down.load(Ordering::Relaxed) => {
-                j.interrupt(INTERRUPTED_BY_SHUTDOWN);
+                j.interrupt(Interruption::Shutdown);
             }
             Err(TrainError::Cancelled) => j.state = JobState::Cancelled,
             Err(e) => {
@@ -1022,22 +1031,22 @@ mod tests {
     fn a_cancel_request_wins_over_an_interruption_and_is_never_re_run() {
         let mut asked = job("a", 1, JobState::Running);
         asked.cancel_requested = true;
-        asked.interrupt(INTERRUPTED_BY_SHUTDOWN);
+        asked.interrupt(Interruption::Shutdown);
         assert_eq!(asked.state, JobState::Cancelled);
         assert!(!asked.wants_rerun());
         let mut stopped = job("b", 1, JobState::Running);
-        stopped.interrupt(INTERRUPTED_BY_RESTART);
+        stopped.interrupt(Interruption::Crash);
         assert_eq!(stopped.state, JobState::Failed);
         assert!(stopped.wants_rerun());
         // A re-run: again after a shutdown, not after a crash.
         let mut rerun = job("r", 1, JobState::Running);
         rerun.rerun_of = Some("b".into());
-        rerun.interrupt(INTERRUPTED_BY_SHUTDOWN);
+        rerun.interrupt(Interruption::Shutdown);
         assert!(
             rerun.wants_rerun(),
             "a graceful restart does not use up the re-run"
         );
-        rerun.crashed = true;
+        rerun.interrupt(Interruption::Crash);
         assert!(
             !rerun.wants_rerun(),
             "a re-run a crash stopped is not re-run again"
