@@ -12,8 +12,8 @@ const PARALLEL_GEMM_MIN_WORK: usize = 1 << 20;
 /// Rows per rayon task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
 /// Elements from which the elementwise kernels split across rayon's pool, and the size of each task.
-const PARALLEL_ELEMENTS: usize = 1 << 16;
-const ELEMENTS_PER_TASK: usize = 1 << 14;
+pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 16;
+pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 /// A task's share of a row-wise kernel: whole rows of `width`, about [`ELEMENTS_PER_TASK`] elements.
 fn whole_rows(width: usize) -> usize {

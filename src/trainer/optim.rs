@@ -14,9 +14,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use rayon::prelude::*;
 
-/// Elements from which an update splits across rayon's pool, and the size of each task.
-const PARALLEL_ELEMENTS: usize = 1 << 16;
-const ELEMENTS_PER_TASK: usize = 1 << 14;
+use crate::model::kernels::{ELEMENTS_PER_TASK, PARALLEL_ELEMENTS};
 
 /// AdamW whose CPU f32 variables update in one fused pass; a drop-in [`Optimizer`].
 pub struct FusedAdamW {
