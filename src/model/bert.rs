@@ -11,6 +11,7 @@ use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::linear::{LayerNorm, Linear};
 use super::lora::Target;
+use super::lora_linear::{self, LowRank};
 use super::train_ops;
 use super::yielding::yield_here;
 
@@ -313,6 +314,11 @@ impl Bert {
         rows: Rows,
     ) -> Result<Tensor> {
         let dense = |linear: &Linear, target: Target, input: &Tensor| -> Result<Tensor> {
+            if lora_linear::fusable(linear, input) {
+                if let Some(delta) = deltas.low_rank(index, target)? {
+                    return lora_linear::forward(linear, input, &delta);
+                }
+            }
             let y = linear.forward(input)?;
             Ok(match deltas.delta(index, target, input)? {
                 Some(d) => (y + d)?,
@@ -403,6 +409,12 @@ fn right_padded_lengths(attention_mask: &Tensor) -> Result<Option<Vec<usize>>> {
 pub trait Deltas {
     /// The delta to add to the output of `target` in layer `layer` for input `x`, if any.
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// The same delta as low-rank factors, when it is one: where [`lora_linear::fusable`], the encoder then
+    /// runs the linear and its delta as one op instead of adding [`Self::delta`]'s tensor.
+    fn low_rank(&self, _layer: usize, _target: Target) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
 }
 
 /// No deltas: the base model.

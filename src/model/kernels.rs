@@ -177,6 +177,56 @@ pub fn linear(
     );
 }
 
+/// `out[rows × n] += scale · x[rows × k] · wᵀ` for a `w` of shape `[n × k]` row-major: a low-rank delta
+/// added onto a linear's output.
+pub fn add_linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    product(
+        "add_linear",
+        x,
+        rows,
+        k,
+        w,
+        Weight::Transposed,
+        n,
+        true,
+        scale,
+        out,
+    );
+}
+
+/// `out[rows × k] += scale · g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a low-rank delta's
+/// share of an input gradient.
+pub fn add_matmul(
+    g: &[f32],
+    rows: usize,
+    n: usize,
+    w: &[f32],
+    k: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    product(
+        "add_matmul",
+        g,
+        rows,
+        n,
+        w,
+        Weight::AsIs,
+        k,
+        true,
+        scale,
+        out,
+    );
+}
+
 /// `out[rows × k] = g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a linear layer's input gradient.
 ///
 /// `out` is overwritten; its previous contents are ignored.

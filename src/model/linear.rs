@@ -171,7 +171,7 @@ struct FrozenLinearBackward {
 const CHUNK_ROWS: usize = 256;
 
 /// The contiguous f32 values of a tensor's storage, which must be on the CPU.
-fn cpu_f32<'a>(
+pub(crate) fn cpu_f32<'a>(
     storage: &'a Storage,
     layout: &Layout,
     what: &str,
@@ -184,7 +184,7 @@ fn cpu_f32<'a>(
 
 /// Runs `block(rows, input, output)` over blocks of [`CHUNK_ROWS`] rows of an `[rows × k]` input and an
 /// `[rows × n]` output, yielding to serving before each.
-fn by_blocks(
+pub(crate) fn by_blocks(
     x: &[f32],
     k: usize,
     n: usize,
@@ -203,7 +203,7 @@ fn by_blocks(
 }
 
 /// `dims` with its last entry replaced by `last`.
-fn with_last(dims: &[usize], last: usize) -> Shape {
+pub(crate) fn with_last(dims: &[usize], last: usize) -> Shape {
     let mut shape = dims.to_vec();
     if let Some(l) = shape.last_mut() {
         *l = last;
@@ -243,7 +243,11 @@ fn forward_rows(
 }
 
 /// The dims of an op's input, checked to end in `width`.
-fn ending_in<'a>(layout: &'a Layout, width: usize, what: &str) -> candle_core::Result<&'a [usize]> {
+pub(crate) fn ending_in<'a>(
+    layout: &'a Layout,
+    width: usize,
+    what: &str,
+) -> candle_core::Result<&'a [usize]> {
     let dims = layout.shape().dims();
     if dims.last() != Some(&width) {
         return Err(candle_core::Error::Msg(format!(

@@ -10,6 +10,7 @@ pub mod hf_config;
 pub mod kernels;
 pub mod linear;
 pub mod lora;
+pub mod lora_linear;
 pub mod pooling;
 pub mod tokenize;
 pub mod train_ops;

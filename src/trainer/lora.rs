@@ -11,6 +11,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, Var, D};
 
 use crate::model::bert::{Bert, Deltas};
 use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
+use crate::model::lora_linear::{DropoutDraw, LowRank};
 use crate::model::{BertConfig, ModelError, Result};
 
 fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {
@@ -47,22 +48,25 @@ struct Dropout {
 }
 
 impl Dropout {
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    /// The next call's mask seed.
+    fn draw(&self) -> DropoutDraw {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut rng = crate::rng::Rng::new(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let keep = 1.0 - self.p;
-        let threshold = (keep * (1u64 << 53) as f64) as u64;
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.next_u64() >> 11 < threshold {
-                    scale
-                } else {
-                    0.0
-                }
-            })
+        DropoutDraw {
+            p: self.p,
+            seed: self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let draw = self.draw();
+        let scale = draw.scale();
+        let mask: Vec<f32> = draw
+            .mask(x.elem_count())
+            .into_iter()
+            .map(|m| f32::from(m) * scale)
             .collect();
-        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?;
+        Ok((x * mask.to_dtype(x.dtype())?)?)
     }
 }
 
@@ -258,6 +262,15 @@ impl Deltas for LoraTrainable {
         Ok(Some(
             (low.broadcast_matmul(&b.as_tensor().t()?)? * self.scale)?.to_dtype(x.dtype())?,
         ))
+    }
+
+    fn low_rank(&self, layer: usize, target: Target) -> Result<Option<LowRank>> {
+        Ok(self.factors.get(&(layer, target)).map(|(a, b)| LowRank {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: self.scale,
+            dropout: self.dropout.as_ref().map(Dropout::draw),
+        }))
     }
 }
 
