@@ -316,7 +316,7 @@ impl Bert {
         let dense = |linear: &Linear, target: Target, input: &Tensor| -> Result<Tensor> {
             if lora_linear::fusable(linear, input) {
                 if let Some(delta) = deltas.low_rank(index, target)? {
-                    return lora_linear::forward(linear, input, &delta);
+                    return lora_linear::forward(linear, input, delta);
                 }
             }
             let y = linear.forward(input)?;
@@ -339,18 +339,30 @@ impl Bert {
             Rows::All => x.clone(),
             Rows::First => x.narrow(1, 0, 1)?.contiguous()?,
         };
-        let q = dense(&layer.query, Target::Query, &kept)?;
-        let k = dense(&layer.key, Target::Key, x)?;
-        let v = dense(&layer.value, Target::Value, x)?;
-        let x = &kept;
-        let queries = q.dim(1)?;
+        let projections = [
+            (&layer.query, Target::Query),
+            (&layer.key, Target::Key),
+            (&layer.value, Target::Value),
+        ];
         // Yield points between the blocks of ops, in both passes, when training shares the cores with
         // serving (free otherwise); the attention, softmax, GELU, LayerNorm and frozen linears yield inside.
         let ctx = match padding {
             Padding::Lengths(lengths) => {
-                train_ops::attention(&Tensor::cat(&[&q, &k, &v], 2)?, lengths, heads)?
+                let qkv = match self.joined_qkv(index, &projections, x, deltas)? {
+                    Some(qkv) => qkv,
+                    None => {
+                        let [q, k, v] =
+                            projections.map(|(linear, target)| dense(linear, target, x));
+                        Tensor::cat(&[&q?, &k?, &v?], 2)?
+                    }
+                };
+                train_ops::attention(&qkv, lengths, heads)?
             }
             Padding::Mask(mask) => {
+                let q = dense(&layer.query, Target::Query, &kept)?;
+                let k = dense(&layer.key, Target::Key, x)?;
+                let v = dense(&layer.value, Target::Value, x)?;
+                let queries = q.dim(1)?;
                 let (q, k, v) = (split(q)?, split(k)?, split(v)?);
                 let scores = yield_here(
                     &(q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?,
@@ -364,6 +376,7 @@ impl Bert {
                 )?
             }
         };
+        let x = &kept;
         let x = yield_here(
             &layer
                 .attention_norm
@@ -373,6 +386,35 @@ impl Bert {
         Ok(layer
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
+    }
+}
+
+impl Bert {
+    /// Queries, keys and values side by side (`[batch, seq, 3·hidden]`) from one op where the CPU can fuse
+    /// them ([`lora_linear::forward_joined`]); `None` where it cannot, or where `deltas` has a delta that is
+    /// not low-rank.
+    fn joined_qkv(
+        &self,
+        index: usize,
+        projections: &[(&Linear, Target); 3],
+        x: &Tensor,
+        deltas: &dyn Deltas,
+    ) -> Result<Option<Tensor>> {
+        if !projections
+            .iter()
+            .all(|(linear, _)| lora_linear::fusable(linear, x))
+        {
+            return Ok(None);
+        }
+        let mut parts = Vec::with_capacity(3);
+        for &(linear, target) in projections {
+            match deltas.low_rank(index, target)? {
+                Some(delta) => parts.push((linear, Some(delta))),
+                None if deltas.delta(index, target, x)?.is_none() => parts.push((linear, None)),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(lora_linear::forward_joined(parts, x)?))
     }
 }
 

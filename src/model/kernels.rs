@@ -177,29 +177,141 @@ pub fn linear(
     );
 }
 
-/// `out[rows × n] += scale · x[rows × k] · wᵀ` for a `w` of shape `[n × k]` row-major: a low-rank delta
-/// added onto a linear's output.
-pub fn add_linear(
+/// Columns `[start, start + width)` of a row-major buffer whose rows are `stride` wide: one linear's share of
+/// the output of several linears computed side by side.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns {
+    /// First column.
+    pub start: usize,
+    /// Number of columns.
+    pub width: usize,
+    /// Width of the buffer's rows.
+    pub stride: usize,
+}
+
+impl Columns {
+    /// Every column of rows `width` wide.
+    pub fn all(width: usize) -> Self {
+        Self {
+            start: 0,
+            width,
+            stride: width,
+        }
+    }
+
+    /// Checks that the window fits `buffer` of `rows` rows; returns the window's first element.
+    fn check(&self, what: &str, buffer: usize, rows: usize) -> usize {
+        assert!(
+            self.start
+                .checked_add(self.width)
+                .is_some_and(|end| end <= self.stride),
+            "{what}: columns {self:?} exceed the rows"
+        );
+        assert_eq!(
+            buffer,
+            size(rows, self.stride),
+            "{what}: buffer is not rows × {}",
+            self.stride
+        );
+        self.start
+    }
+}
+
+/// `out[:, cols] += scale · x[rows × k] · wᵀ` for a `w` of shape `[cols.width × k]` row-major: a low-rank
+/// delta added onto its linear's columns of the output.
+pub fn add_linear_into(
     x: &[f32],
     rows: usize,
     k: usize,
     w: &[f32],
-    n: usize,
+    scale: f32,
+    out: &mut [f32],
+    cols: Columns,
+) {
+    let start = cols.check("add_linear_into", out.len(), rows);
+    assert_eq!(x.len(), size(rows, k), "add_linear_into: x is not rows × k");
+    assert_eq!(
+        w.len(),
+        size(cols.width, k),
+        "add_linear_into: w is not width × k"
+    );
+    if rows == 0 {
+        return;
+    }
+    // SAFETY: x is [rows × k], w [width × k] read transposed, and the output window's rows (start + width ≤
+    // stride) lie inside out, [rows × stride], as asserted above.
+    unsafe {
+        strided_product(
+            (rows, cols.width, k),
+            (out.as_mut_ptr().add(start), cols.stride, true),
+            (x.as_ptr(), k, 1),
+            (w.as_ptr(), 1, k),
+            scale,
+            parallelism(size(size(rows, cols.width), k)),
+        );
+    }
+}
+
+/// `out[rows × k] = g[:, cols] · w` for a `w` of shape `[cols.width × k]` row-major: the gradient reaching a
+/// low-rank delta's inner activations from its linear's columns of the output gradient.
+pub fn matmul_from(g: &[f32], cols: Columns, rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    let start = cols.check("matmul_from", g.len(), rows);
+    assert_eq!(
+        w.len(),
+        size(cols.width, k),
+        "matmul_from: w is not width × k"
+    );
+    assert_eq!(out.len(), size(rows, k), "matmul_from: out is not rows × k");
+    if rows == 0 {
+        return;
+    }
+    // SAFETY: the window's rows lie inside g, [rows × stride]; w is [width × k] and out [rows × k], as
+    // asserted above.
+    unsafe {
+        strided_product(
+            (rows, k, cols.width),
+            (out.as_mut_ptr(), k, false),
+            (g.as_ptr().add(start), cols.stride, 1),
+            (w.as_ptr(), k, 1),
+            1.0,
+            parallelism(size(size(rows, cols.width), k)),
+        );
+    }
+}
+
+/// `out[cols.width × k] = scale · g[:, cols]ᵀ · x[rows × k]`: a weight gradient summed over the rows.
+pub fn transposed_product(
+    g: &[f32],
+    cols: Columns,
+    x: &[f32],
+    rows: usize,
+    k: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    product(
-        "add_linear",
-        x,
-        rows,
-        k,
-        w,
-        Weight::Transposed,
-        n,
-        true,
-        scale,
-        out,
+    let start = cols.check("transposed_product", g.len(), rows);
+    assert_eq!(
+        x.len(),
+        size(rows, k),
+        "transposed_product: x is not rows × k"
     );
+    assert_eq!(
+        out.len(),
+        size(cols.width, k),
+        "transposed_product: out is not width × k"
+    );
+    // SAFETY: g's window is read as its transpose [width × rows] inside g, [rows × stride]; x is [rows × k]
+    // and out [width × k], as asserted above.
+    unsafe {
+        strided_product(
+            (cols.width, k, rows),
+            (out.as_mut_ptr(), k, false),
+            (g.as_ptr().add(start), 1, cols.stride),
+            (x.as_ptr(), k, 1),
+            scale,
+            parallelism(size(size(cols.width, k), rows)),
+        );
+    }
 }
 
 /// `out[rows × k] += scale · g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a low-rank delta's

@@ -11,10 +11,10 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 
-use super::error::Result;
-use super::kernels;
+use super::error::{ModelError, Result};
+use super::kernels::{self, Columns};
 use super::linear::{by_blocks, cpu_f32, ending_in, f32_slice, with_last, Linear};
 
 /// One draw of dropout on a delta's input: values are kept with probability `1 − p` and scaled by
@@ -71,27 +71,87 @@ pub fn fusable(linear: &Linear, x: &Tensor) -> bool {
 
 /// `linear(x)` plus the delta, as one op whose backward pass yields the gradients of `x` and of the
 /// factors; `linear` and `x` must be [`fusable`], the factors f32 on the CPU.
-pub fn forward(linear: &Linear, x: &Tensor, delta: &LowRank) -> Result<Tensor> {
-    let op = LoraLinear {
-        weight: linear.weight.clone(),
-        bias: linear.bias.clone(),
-        scale: delta.scale as f32,
-        dropout: delta.dropout,
-        mask: OnceLock::new(),
-    };
-    Ok(x.contiguous()?.apply_op3(&delta.a, &delta.b, op)?)
+pub fn forward(linear: &Linear, x: &Tensor, delta: LowRank) -> Result<Tensor> {
+    forward_joined(vec![(linear, Some(delta))], x)
 }
 
-struct LoraLinear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+/// Linears that share their input (`[.., in]`), side by side: `[.., Σ out]`, each linear's output plus its
+/// delta where it has one, as one op. The frozen products are one wider product, and the input's gradient
+/// one product and one buffer, where separate linears take one each and a sum. Every linear must be
+/// [`fusable`] with `x`, all with biases or none.
+pub fn forward_joined(parts: Vec<(&Linear, Option<LowRank>)>, x: &Tensor) -> Result<Tensor> {
+    let (weight, bias) = match parts.as_slice() {
+        [(linear, _)] => (linear.weight.clone(), linear.bias.clone()),
+        _ => {
+            let weights: Vec<&Tensor> = parts.iter().map(|(l, _)| &l.weight).collect();
+            let biases: Option<Vec<&Tensor>> = parts.iter().map(|(l, _)| l.bias.as_ref()).collect();
+            let bias = match biases {
+                Some(b) => Some(Tensor::cat(&b, 0)?),
+                None if parts.iter().all(|(l, _)| l.bias.is_none()) => None,
+                None => {
+                    return Err(ModelError::Unsupported(
+                        "joined linears must all have biases or none".to_owned(),
+                    ))
+                }
+            };
+            (Tensor::cat(&weights, 0)?, bias)
+        }
+    };
+    let stride = weight.dim(0)?;
+    let (mut slots, mut factors, mut start) = (Vec::new(), Vec::new(), 0);
+    for (linear, delta) in parts {
+        let width = linear.out_features();
+        if let Some(delta) = delta {
+            let rank = delta.a.dim(0)?;
+            let a_at = factors.iter().map(Tensor::elem_count).sum::<usize>();
+            let b_at = a_at + delta.a.elem_count();
+            for f in [&delta.a, &delta.b] {
+                if !f.device().is_cpu() || f.dtype() != DType::F32 {
+                    return Err(ModelError::Unsupported(
+                        "the fused LoRA op needs f32 factors on the CPU".to_owned(),
+                    ));
+                }
+            }
+            factors.push(delta.a.flatten_all()?);
+            factors.push(delta.b.flatten_all()?);
+            slots.push(Slot {
+                cols: Columns {
+                    start,
+                    width,
+                    stride,
+                },
+                rank,
+                a_at,
+                b_at,
+                scale: delta.scale as f32,
+                dropout: delta.dropout,
+                mask: OnceLock::new(),
+            });
+        }
+        start += width;
+    }
+    let linear = Linear { weight, bias };
+    if slots.is_empty() {
+        return Ok(linear.forward(x)?);
+    }
+    let op = LoraLinear { linear, slots };
+    Ok(x.contiguous()?.apply_op2(&Tensor::cat(&factors, 0)?, op)?)
+}
+
+/// One linear's delta in a [`LoraLinear`]: its columns of the output, and where its factors lie in the
+/// packed factor input (`A` `[rank × in]` at `a_at`, `B` `[width × rank]` at `b_at`).
+struct Slot {
+    cols: Columns,
+    rank: usize,
+    a_at: usize,
+    b_at: usize,
     scale: f32,
     dropout: Option<DropoutDraw>,
     /// The keep mask the forward pass drew, for the backward pass.
     mask: OnceLock<Vec<u8>>,
 }
 
-impl LoraLinear {
+impl Slot {
     /// `x` as the delta sees it: masked and scaled under dropout, as it is otherwise.
     fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         match (&self.dropout, self.mask.get()) {
@@ -108,30 +168,37 @@ impl LoraLinear {
         }
     }
 
-    /// `(out, in, rank)`, checked against the factors' shapes.
-    fn dims(&self, a: &Layout, b: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-        let (n, k) = self.weight.dims2()?;
-        let (rank, a_in) = a.shape().dims2()?;
-        let (b_out, b_rank) = b.shape().dims2()?;
-        if (a_in, b_out, b_rank) != (k, n, rank) {
-            return Err(candle_core::Error::Msg(format!(
-                "lora-linear: factors {:?} and {:?} do not fit a {n} × {k} weight",
-                a.shape(),
-                b.shape()
-            )));
+    /// `(A, B)` within the packed factors, for an input `k` wide.
+    fn factors<'a>(
+        &self,
+        packed: &'a [f32],
+        k: usize,
+    ) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+        let a_end = self.a_at + self.rank * k;
+        let b_end = self.b_at + self.cols.width * self.rank;
+        match (packed.get(self.a_at..a_end), packed.get(self.b_at..b_end)) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(candle_core::Error::Msg(
+                "lora-linear: the packed factors are too short".to_owned(),
+            )),
         }
-        Ok((n, k, rank))
     }
 }
 
-/// A copy of a (small) CPU tensor's f32 values.
-fn values(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    Ok(cpu_f32(&storage, layout, what)?.to_vec())
+/// Frozen linears side by side, plus low-rank deltas on some of them.
+struct LoraLinear {
+    linear: Linear,
+    slots: Vec<Slot>,
 }
 
-impl CustomOp3 for LoraLinear {
+impl LoraLinear {
+    /// `(out, in)` of the joined weight.
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        self.linear.weight.dims2()
+    }
+}
+
+impl CustomOp2 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
     }
@@ -142,17 +209,14 @@ impl CustomOp3 for LoraLinear {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k, rank) = self.dims(l2, l3)?;
+        let (n, k) = self.dims()?;
         let dims = ending_in(l1, k, "lora-linear input")?;
         let x = f32_slice(s1, l1, "lora-linear input")?;
-        let a = f32_slice(s2, l2, "lora-linear A")?;
-        let b = f32_slice(s3, l3, "lora-linear B")?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let packed = f32_slice(s2, l2, "lora-linear factors")?;
+        let (w_storage, w_layout) = self.linear.weight.storage_and_layout();
         let w = cpu_f32(&w_storage, w_layout, "lora-linear weight")?;
-        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias_guard = self.linear.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_guard {
             Some((storage, layout)) => Some(cpu_f32(storage, layout, "lora-linear bias")?),
             None => None,
@@ -161,85 +225,97 @@ impl CustomOp3 for LoraLinear {
         let mut out = by_blocks(x, k, n, |rows, x, out| {
             kernels::linear(x, rows, k, w, bias, n, out)
         });
-        crate::pressure::yield_point();
-        if let Some(d) = &self.dropout {
-            self.mask.get_or_init(|| d.mask(x.len()));
+        for slot in &self.slots {
+            crate::pressure::yield_point();
+            let (a, b) = slot.factors(packed, k)?;
+            if let Some(d) = &slot.dropout {
+                slot.mask.get_or_init(|| d.mask(x.len()));
+            }
+            let mut low = vec![0f32; rows * slot.rank];
+            kernels::linear(&slot.dropped(x), rows, k, a, None, slot.rank, &mut low);
+            kernels::add_linear_into(&low, rows, slot.rank, b, slot.scale, &mut out, slot.cols);
         }
-        let mut low = vec![0f32; rows * rank];
-        kernels::linear(&self.dropped(x), rows, k, a, None, rank, &mut low);
-        kernels::add_linear(&low, rows, rank, b, n, self.scale, &mut out);
         Ok((CpuStorage::F32(out), with_last(dims, n)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
+        factors: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, k, rank) = self.dims(a.layout(), b.layout())?;
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = self.dims()?;
         let grad = grad.contiguous()?;
         let (g_storage, g_layout) = grad.storage_and_layout();
         let g = cpu_f32(&g_storage, g_layout, "lora-linear gradient")?;
         let input = x.contiguous()?;
         let (x_storage, x_layout) = input.storage_and_layout();
         let x_values = cpu_f32(&x_storage, x_layout, "lora-linear input")?;
-        let (a_values, b_values) = (values(a, "lora-linear A")?, values(b, "lora-linear B")?);
+        let packed = factors.contiguous()?;
+        let (f_storage, f_layout) = packed.storage_and_layout();
+        let packed = cpu_f32(&f_storage, f_layout, "lora-linear factors")?;
         let rows = g.len() / n.max(1);
-        // The gradient reaching the low-rank activations, before the scale s: g·B.
-        let mut d_low = vec![0f32; rows * rank];
-        kernels::matmul(g, rows, n, &b_values, rank, &mut d_low);
+        // Per delta, the gradient reaching its low-rank activations, before the scale s: g[:, cols]·B.
+        let d_lows = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let (_, b) = slot.factors(packed, k)?;
+                let mut d_low = vec![0f32; rows * slot.rank];
+                kernels::matmul_from(g, slot.cols, rows, b, slot.rank, &mut d_low);
+                Ok(d_low)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         // Only an input that depends on a variable needs its gradient (the first layer's does not).
         let d_x = if x.track_op() {
-            let (w_storage, w_layout) = self.weight.storage_and_layout();
+            let (w_storage, w_layout) = self.linear.weight.storage_and_layout();
             let w = cpu_f32(&w_storage, w_layout, "lora-linear weight")?;
             let mut d_x = by_blocks(g, n, k, |rows, g, out| {
                 kernels::matmul(g, rows, n, w, k, out)
             });
-            crate::pressure::yield_point();
-            match (&self.dropout, self.mask.get()) {
-                (Some(d), Some(mask)) => {
-                    let mut through = vec![0f32; rows * k];
-                    kernels::matmul(&d_low, rows, rank, &a_values, k, &mut through);
-                    let scale = self.scale * d.scale();
-                    for ((dx, t), &m) in d_x.iter_mut().zip(&through).zip(mask) {
-                        *dx += scale * f32::from(m) * t;
+            for (slot, d_low) in self.slots.iter().zip(&d_lows) {
+                crate::pressure::yield_point();
+                let (a, _) = slot.factors(packed, k)?;
+                match (&slot.dropout, slot.mask.get()) {
+                    (Some(d), Some(mask)) => {
+                        let mut through = vec![0f32; rows * k];
+                        kernels::matmul(d_low, rows, slot.rank, a, k, &mut through);
+                        let scale = slot.scale * d.scale();
+                        for ((dx, t), &m) in d_x.iter_mut().zip(&through).zip(mask) {
+                            *dx += scale * f32::from(m) * t;
+                        }
                     }
+                    _ => kernels::add_matmul(d_low, rows, slot.rank, a, k, slot.scale, &mut d_x),
                 }
-                _ => kernels::add_matmul(&d_low, rows, rank, &a_values, k, self.scale, &mut d_x),
             }
             Some(Tensor::from_vec(d_x, x.shape(), x.device())?)
         } else {
             None
         };
-        crate::pressure::yield_point();
-        let dropped = self.dropped(x_values);
-        let scaled = |mut v: Vec<f32>| {
-            v.iter_mut().for_each(|v| *v *= self.scale);
-            v
-        };
-        // dA = s · d_lowᵀ·drop(x); dB = s · gᵀ·(drop(x)·Aᵀ). The bias sums the kernel adds are unused.
-        let mut d_a = vec![0f32; rank * k];
-        kernels::weight_gradient(
-            &d_low,
-            &dropped,
-            rows,
-            rank,
-            k,
-            &mut d_a,
-            &mut vec![0f32; rank],
-        );
-        let mut low = vec![0f32; rows * rank];
-        kernels::linear(&dropped, rows, k, &a_values, None, rank, &mut low);
-        let mut d_b = vec![0f32; n * rank];
-        kernels::weight_gradient(g, &low, rows, n, rank, &mut d_b, &mut vec![0f32; n]);
-        Ok((
-            d_x,
-            Some(Tensor::from_vec(scaled(d_a), (rank, k), a.device())?),
-            Some(Tensor::from_vec(scaled(d_b), (n, rank), b.device())?),
-        ))
+        // dA = s · d_lowᵀ·drop(x); dB = s · g[:, cols]ᵀ·(drop(x)·Aᵀ).
+        let mut d_factors = vec![0f32; packed.len()];
+        for (slot, d_low) in self.slots.iter().zip(&d_lows) {
+            crate::pressure::yield_point();
+            let (a, _) = slot.factors(packed, k)?;
+            let dropped = slot.dropped(x_values);
+            let d_a = &mut d_factors[slot.a_at..slot.a_at + slot.rank * k];
+            kernels::transposed_product(
+                d_low,
+                Columns::all(slot.rank),
+                &dropped,
+                rows,
+                k,
+                slot.scale,
+                d_a,
+            );
+            let mut low = vec![0f32; rows * slot.rank];
+            kernels::linear(&dropped, rows, k, a, None, slot.rank, &mut low);
+            let d_b = &mut d_factors[slot.b_at..slot.b_at + slot.cols.width * slot.rank];
+            kernels::transposed_product(g, slot.cols, &low, rows, slot.rank, slot.scale, d_b);
+        }
+        let d_factors = Tensor::from_vec(d_factors, factors.shape(), factors.device())?;
+        Ok((d_x, Some(d_factors)))
     }
 }
 
@@ -284,7 +360,7 @@ mod tests {
             scale: 2.5,
             dropout,
         };
-        let y = forward(&linear, &x, &delta).unwrap();
+        let y = forward(&linear, &x, delta).unwrap();
         let dropped = match dropout {
             Some(d) => {
                 let mask: Vec<f32> = d
@@ -353,6 +429,66 @@ mod tests {
         let draw = DropoutDraw { p: 0.3, seed: 11 };
         check(Some(draw), true);
         check(Some(draw), false);
+    }
+
+    #[test]
+    fn joined_linears_match_separate_ones_with_their_deltas_side_by_side() {
+        let linear = |seed: u64, n: usize| Linear {
+            weight: var(&[n, 6], seed).as_tensor().detach(),
+            bias: Some(var(&[n], seed + 1).as_tensor().detach()),
+        };
+        let (q, k, v) = (linear(1, 5), linear(3, 4), linear(5, 5));
+        let factors = [
+            (var(&[2, 6], 7), var(&[5, 2], 8)),
+            (var(&[3, 6], 9), var(&[5, 3], 10)),
+        ];
+        let draws = [
+            DropoutDraw { p: 0.2, seed: 1 },
+            DropoutDraw { p: 0.2, seed: 2 },
+        ];
+        let low_rank = |i: usize| LowRank {
+            a: factors[i].0.as_tensor().clone(),
+            b: factors[i].1.as_tensor().clone(),
+            scale: 1.5,
+            dropout: Some(draws[i]),
+        };
+        let x = var(&[2, 150, 6], 11);
+        let joined = super::forward_joined(
+            vec![(&q, Some(low_rank(0))), (&k, None), (&v, Some(low_rank(1)))],
+            x.as_tensor(),
+        )
+        .unwrap();
+        let separate = Tensor::cat(
+            &[
+                forward(&q, x.as_tensor(), low_rank(0)).unwrap(),
+                k.forward(x.as_tensor()).unwrap(),
+                forward(&v, x.as_tensor(), low_rank(1)).unwrap(),
+            ],
+            2,
+        )
+        .unwrap();
+        assert_eq!(joined.dims(), &[2, 150, 14]);
+        assert!(max_abs_diff(&joined, &separate) < 1e-4, "outputs differ");
+        let weights = var(&[2, 150, 14], 12).as_tensor().detach();
+        let loss = |t: &Tensor| {
+            (t * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g, g_ref) = (loss(&joined), loss(&separate));
+        let mut tensors = vec![x.as_tensor()];
+        tensors.extend(
+            factors
+                .iter()
+                .flat_map(|(a, b)| [a.as_tensor(), b.as_tensor()]),
+        );
+        for t in tensors {
+            let (got, want) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert!(max_abs_diff(got, want) < 1e-3, "gradients differ");
+        }
     }
 
     #[test]
