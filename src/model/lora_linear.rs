@@ -338,6 +338,16 @@ mod tests {
         Var::from_tensor(&t.unwrap()).unwrap()
     }
 
+    /// The gradients of `Σ t ⊙ weights`: a loss whose gradient differs per row and column.
+    fn weighted_loss(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
+        (t * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     /// The op against the same delta composed from candle ops, with the op's own mask: outputs, and the
     /// gradients of the input (when it tracks one) and both factors.
     fn check(dropout: Option<DropoutDraw>, input_trains: bool) {
@@ -383,16 +393,8 @@ mod tests {
         .unwrap();
         assert_eq!(y.dims(), &[3, 100, n]);
         assert!(max_abs_diff(&y, &reference) < 1e-4, "outputs differ");
-        // A loss whose gradient differs per row and column.
         let weights = var(&[3, 100, n], 6).as_tensor().detach();
-        let loss = |t: &Tensor| {
-            (t * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
+        let loss = |t: &Tensor| weighted_loss(t, &weights);
         let (g, g_ref) = (loss(&y), loss(&reference));
         for (name, v) in [("A", &a), ("B", &b)] {
             let (got, want) = (
@@ -470,14 +472,7 @@ mod tests {
         assert_eq!(joined.dims(), &[2, 150, 14]);
         assert!(max_abs_diff(&joined, &separate) < 1e-4, "outputs differ");
         let weights = var(&[2, 150, 14], 12).as_tensor().detach();
-        let loss = |t: &Tensor| {
-            (t * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
+        let loss = |t: &Tensor| weighted_loss(t, &weights);
         let (g, g_ref) = (loss(&joined), loss(&separate));
         let mut tensors = vec![x.as_tensor()];
         tensors.extend(
