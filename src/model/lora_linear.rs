@@ -112,6 +112,13 @@ pub fn forward_joined(parts: Vec<(&Linear, Option<LowRank>)>, x: &Tensor) -> Res
                     ));
                 }
             }
+            let (a_dims, b_dims) = (delta.a.dims2()?, delta.b.dims2()?);
+            if a_dims != (rank, linear.in_features()) || b_dims != (width, rank) {
+                return Err(ModelError::InvalidInput(format!(
+                    "LoRA factors {a_dims:?} and {b_dims:?} do not fit a {width} × {} linear",
+                    linear.in_features()
+                )));
+            }
             factors.push(delta.a.flatten_all()?);
             factors.push(delta.b.flatten_all()?);
             slots.push(Slot {
