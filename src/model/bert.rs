@@ -387,9 +387,7 @@ impl Bert {
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
     }
-}
 
-impl Bert {
     /// Queries, keys and values side by side (`[batch, seq, 3·hidden]`) from one op where the CPU can fuse
     /// them ([`lora_linear::forward_joined`]); `None` where it cannot, or where `deltas` has a delta that is
     /// not low-rank.
