@@ -300,6 +300,10 @@ pub fn transposed_product(
         size(cols.width, k),
         "transposed_product: out is not width × k"
     );
+    if rows == 0 {
+        out.fill(0.0);
+        return;
+    }
     // SAFETY: g's window is read as its transpose [width × rows] inside g, [rows × stride]; x is [rows × k]
     // and out [width × k], as asserted above.
     unsafe {
