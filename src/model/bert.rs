@@ -389,8 +389,8 @@ impl Bert {
     }
 
     /// Queries, keys and values side by side (`[batch, seq, 3·hidden]`) from one op where the CPU can fuse
-    /// them ([`lora_linear::forward_joined`]); `None` where it cannot, or where `deltas` has a delta that is
-    /// not low-rank.
+    /// them ([`lora_linear::forward_joined`]); `None` where it cannot, or where `deltas` may have deltas that
+    /// are not low-rank.
     fn joined_qkv(
         &self,
         index: usize,
@@ -398,20 +398,16 @@ impl Bert {
         x: &Tensor,
         deltas: &dyn Deltas,
     ) -> Result<Option<Tensor>> {
-        if !projections
+        let fusable = projections
             .iter()
-            .all(|(linear, _)| lora_linear::fusable(linear, x))
-        {
+            .all(|(linear, _)| lora_linear::fusable(linear, x));
+        if !(fusable && deltas.all_low_rank()) {
             return Ok(None);
         }
-        let mut parts = Vec::with_capacity(3);
-        for &(linear, target) in projections {
-            match deltas.low_rank(index, target)? {
-                Some(delta) => parts.push((linear, Some(delta))),
-                None if deltas.delta(index, target, x)?.is_none() => parts.push((linear, None)),
-                None => return Ok(None),
-            }
-        }
+        let parts = projections
+            .iter()
+            .map(|&(linear, target)| Ok((linear, deltas.low_rank(index, target)?)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Some(lora_linear::forward_joined(parts, x)?))
     }
 }
@@ -455,6 +451,12 @@ pub trait Deltas {
     fn low_rank(&self, _layer: usize, _target: Target) -> Result<Option<LowRank>> {
         Ok(None)
     }
+
+    /// Whether [`Self::low_rank`] gives every delta there is, so a linear it gives none for has none: the
+    /// encoder may then join linears that share an input into one op.
+    fn all_low_rank(&self) -> bool {
+        false
+    }
 }
 
 /// No deltas: the base model.
@@ -463,6 +465,10 @@ pub struct NoDelta;
 impl Deltas for NoDelta {
     fn delta(&self, _: usize, _: Target, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+
+    fn all_low_rank(&self) -> bool {
+        true
     }
 }
 

@@ -272,6 +272,10 @@ impl Deltas for LoraTrainable {
             dropout: self.dropout.as_ref().map(Dropout::draw),
         }))
     }
+
+    fn all_low_rank(&self) -> bool {
+        true
+    }
 }
 
 /// Cross-entropy of `logits` `[batch, labels]` against `targets` `[batch]` (u32), with label smoothing

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::lora::{cross_entropy, LoraTrainable};
+use crate::model::bert::Deltas;
 use crate::model::lora::Target;
 use crate::model::{tiny, BertConfig, CpuEncoder};
 
@@ -194,6 +195,70 @@ fn with_dropout_the_factors_still_all_get_gradients_and_each_pass_differs() {
         .backward()
         .unwrap();
     assert_every_var_has_a_gradient(&lora.vars(), &grads);
+}
+
+/// Hands the encoder only [`Deltas::delta`], so it takes the composed path (candle ops) for every delta.
+struct Composed<'a>(&'a LoraTrainable);
+
+impl Deltas for Composed<'_> {
+    fn delta(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &Tensor,
+    ) -> crate::model::Result<Option<Tensor>> {
+        self.0.delta(layer, target, x)
+    }
+}
+
+#[test]
+fn the_fused_cpu_ops_compute_what_the_composed_deltas_do_with_or_without_dropout() {
+    let bert = tiny::bert(3);
+    let (_, ids, mask, _) = batch();
+    for p in [0.0, 0.3] {
+        // Two copies of the same factors, whose dropout draws the same masks in the same order.
+        let fused = trainable(&bert.config).with_dropout(p, 5);
+        perturb(&fused);
+        let composed = trainable(&bert.config).with_dropout(p, 5);
+        for (from, to) in fused.vars().iter().zip(composed.vars()) {
+            to.set(from.as_tensor()).unwrap();
+        }
+        let weights =
+            Tensor::randn(0f32, 1.0, (4, 1, bert.config.hidden_size), &Device::Cpu).unwrap();
+        let run = |deltas: &dyn Deltas| {
+            let hidden = bert.forward_first_with(&ids, &mask, deltas).unwrap();
+            let grads = (&hidden * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (hidden, grads)
+        };
+        let (fused_hidden, fused_grads) = run(&fused);
+        let (composed_hidden, composed_grads) = run(&Composed(&composed));
+        let diff = tiny::max_abs_diff(&fused_hidden, &composed_hidden);
+        assert!(diff < 1e-4, "p = {p}: hidden states differ by {diff}");
+        // The factors (every variable but the head's two).
+        let factors = fused.vars().len() - 2;
+        for (i, (a, b)) in fused
+            .vars()
+            .iter()
+            .zip(composed.vars())
+            .take(factors)
+            .enumerate()
+        {
+            let (ga, gb) = (
+                fused_grads.get(a.as_tensor()).unwrap(),
+                composed_grads.get(b.as_tensor()).unwrap(),
+            );
+            let diff = tiny::max_abs_diff(ga, gb);
+            assert!(
+                diff < 1e-3,
+                "p = {p}: factor {i}'s gradients differ by {diff}"
+            );
+        }
+    }
 }
 
 /// Fails unless every variable got a gradient with a non-zero norm (a fused op without a backward would
