@@ -14,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 lengths=("$@")
 [ ${#lengths[@]} -gt 0 ] || lengths=(64 48 64)
+runs=${RUNS:-1}
+[[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "RUNS must be a whole number ≥ 1, not '$runs'" >&2; exit 1; }
 models/fetch.sh >/dev/null
 [ -x .venv/bin/python ] || { echo "needs .venv with torch, transformers and peft (see the header)" >&2; exit 1; }
 bench=$(cargo bench --bench train_step --no-run --message-format=json 2>/dev/null \
@@ -24,7 +26,6 @@ for line in sys.stdin:
         print(m["executable"])')
 out=target/bench
 mkdir -p "$out"
-runs=${RUNS:-1}
 raw=$(mktemp)
 trap 'rm -f "$raw"' EXIT
 {

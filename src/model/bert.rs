@@ -348,6 +348,7 @@ impl Bert {
         // serving (free otherwise); the attention, softmax, GELU, LayerNorm and frozen linears yield inside.
         let ctx = match padding {
             Padding::Lengths(lengths) => {
+                debug_assert!(rows == Rows::All, "encode gives a first-row layer a mask");
                 let qkv = match self.joined_qkv(index, &projections, x, deltas)? {
                     Some(qkv) => qkv,
                     None => {
@@ -408,6 +409,10 @@ impl Bert {
             .iter()
             .map(|&(linear, target)| Ok((linear, deltas.low_rank(index, target)?)))
             .collect::<Result<Vec<_>>>()?;
+        // Without a delta, three frozen linears cost what one joined does, without concatenating weights.
+        if parts.iter().all(|(_, delta)| delta.is_none()) {
+            return Ok(None);
+        }
         Ok(Some(lora_linear::forward_joined(parts, x)?))
     }
 }
@@ -447,7 +452,8 @@ pub trait Deltas {
     fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Result<Option<Tensor>>;
 
     /// The same delta as low-rank factors, when it is one: where [`lora_linear::fusable`], the encoder then
-    /// runs the linear and its delta as one op instead of adding [`Self::delta`]'s tensor.
+    /// runs the linear and its delta as one op instead of adding [`Self::delta`]'s tensor. Like `delta`, each
+    /// call may draw the next dropout mask, so the encoder calls one or the other per linear and pass.
     fn low_rank(&self, _layer: usize, _target: Target) -> Result<Option<LowRank>> {
         Ok(None)
     }

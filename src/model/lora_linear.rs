@@ -4,8 +4,8 @@
 //! Composed from candle ops the delta costs, per linear and step, a dropout mask tensor, a masked copy of
 //! the input, two batched products, a scaling and a sum; the backward pass repeats each, and candle adds
 //! every gradient it accumulates into a freshly zeroed buffer. Here the forward pass adds the two small
-//! products into the linear's output, and the backward pass writes the input's gradient once (not at all
-//! when the input needs none) and the factors' gradients directly. The dropout mask is one byte per value,
+//! products into the linear's output, and the backward pass returns the input's gradient as one tensor (none
+//! when the input needs none) and the factors' gradients as another. The dropout mask is one byte per value,
 //! drawn once and reused by the backward pass.
 
 use std::borrow::Cow;
@@ -62,7 +62,8 @@ pub struct LowRank {
 
 /// Whether [`forward`] can run `linear` on `x` as one op: f32 input and frozen f32 weights on the CPU.
 pub fn fusable(linear: &Linear, x: &Tensor) -> bool {
-    let frozen_f32 = |t: &Tensor| !t.is_variable() && t.dtype() == DType::F32;
+    // Not `is_variable`: a weight derived from a variable (a cast copy) trains too.
+    let frozen_f32 = |t: &Tensor| !t.track_op() && t.dtype() == DType::F32;
     x.device().is_cpu()
         && x.dtype() == DType::F32
         && frozen_f32(&linear.weight)
@@ -159,20 +160,28 @@ struct Slot {
 }
 
 impl Slot {
-    /// `x` as the delta sees it: masked and scaled under dropout, as it is otherwise.
-    fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+    /// The keep mask and the kept values' scale under dropout; `None` without.
+    fn mask(&self) -> candle_core::Result<Option<(&[u8], f32)>> {
         match (&self.dropout, self.mask.get()) {
-            (Some(d), Some(mask)) => {
-                let scale = d.scale();
-                Cow::Owned(
-                    x.iter()
-                        .zip(mask)
-                        .map(|(&v, &m)| v * f32::from(m) * scale)
-                        .collect(),
-                )
-            }
-            _ => Cow::Borrowed(x),
+            (Some(d), Some(mask)) => Ok(Some((mask, d.scale()))),
+            (None, _) => Ok(None),
+            (Some(_), None) => Err(candle_core::Error::Msg(
+                "lora-linear: no dropout mask drawn (the forward pass did not run)".to_owned(),
+            )),
         }
+    }
+
+    /// `x` as the delta sees it: masked and scaled under dropout, as it is otherwise.
+    fn dropped<'a>(&self, x: &'a [f32]) -> candle_core::Result<Cow<'a, [f32]>> {
+        Ok(match self.mask()? {
+            Some((mask, scale)) => Cow::Owned(
+                x.iter()
+                    .zip(mask)
+                    .map(|(&v, &m)| v * f32::from(m) * scale)
+                    .collect(),
+            ),
+            None => Cow::Borrowed(x),
+        })
     }
 
     /// `(A, B)` within the packed factors, for an input `k` wide.
@@ -239,7 +248,7 @@ impl CustomOp2 for LoraLinear {
                 slot.mask.get_or_init(|| d.mask(x.len()));
             }
             let mut low = vec![0f32; rows * slot.rank];
-            kernels::linear(&slot.dropped(x), rows, k, a, None, slot.rank, &mut low);
+            kernels::linear(&slot.dropped(x)?, rows, k, a, None, slot.rank, &mut low);
             kernels::add_linear_into(&low, rows, slot.rank, b, slot.scale, &mut out, slot.cols);
         }
         Ok((CpuStorage::F32(out), with_last(dims, n)))
@@ -284,16 +293,16 @@ impl CustomOp2 for LoraLinear {
             for (slot, d_low) in self.slots.iter().zip(&d_lows) {
                 crate::pressure::yield_point();
                 let (a, _) = slot.factors(packed, k)?;
-                match (&slot.dropout, slot.mask.get()) {
-                    (Some(d), Some(mask)) => {
+                match slot.mask()? {
+                    Some((mask, keep_scale)) => {
                         let mut through = vec![0f32; rows * k];
                         kernels::matmul(d_low, rows, slot.rank, a, k, &mut through);
-                        let scale = slot.scale * d.scale();
+                        let scale = slot.scale * keep_scale;
                         for ((dx, t), &m) in d_x.iter_mut().zip(&through).zip(mask) {
                             *dx += scale * f32::from(m) * t;
                         }
                     }
-                    _ => kernels::add_matmul(d_low, rows, slot.rank, a, k, slot.scale, &mut d_x),
+                    None => kernels::add_matmul(d_low, rows, slot.rank, a, k, slot.scale, &mut d_x),
                 }
             }
             Some(Tensor::from_vec(d_x, x.shape(), x.device())?)
@@ -305,7 +314,7 @@ impl CustomOp2 for LoraLinear {
         for (slot, d_low) in self.slots.iter().zip(&d_lows) {
             crate::pressure::yield_point();
             let (a, _) = slot.factors(packed, k)?;
-            let dropped = slot.dropped(x_values);
+            let dropped = slot.dropped(x_values)?;
             let d_a = &mut d_factors[slot.a_at..slot.a_at + slot.rank * k];
             kernels::transposed_product(
                 d_low,

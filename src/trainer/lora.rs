@@ -163,8 +163,10 @@ impl LoraTrainable {
     }
 
     /// Drops a share `p` of the factors' input values in every forward pass from now on (training only:
-    /// [`Self::to_adapter`] exports the factors, and serving never drops); `p = 0` drops nothing.
+    /// [`Self::to_adapter`] exports the factors, and serving never drops); `p = 0` drops nothing. Panics
+    /// unless `p` is in `[0, 1)` (job parameters are checked before they get here).
     pub fn with_dropout(mut self, p: f64, seed: u64) -> Self {
+        assert!((0.0..1.0).contains(&p), "LoRA dropout {p} is not in [0, 1)");
         self.dropout = (p > 0.0).then(|| Dropout {
             p,
             seed: seed ^ 0xD20F,
