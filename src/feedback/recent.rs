@@ -125,14 +125,14 @@ impl RecentRequests {
     /// those verdicts are the caller's to record, as [`Self::claim_judgement`] could not.
     pub fn attach_shadow(&self, id: &str, shadow: ShadowPrediction) -> Vec<bool> {
         self.update(id, |r| {
-            let late = r
+            let verdicts = r
                 .judged
                 .iter()
                 .zip(&shadow.predicted)
                 .filter_map(|(label, predicted)| label.as_ref().map(|l| l == predicted))
                 .collect();
             r.shadow = Some(shadow);
-            late
+            verdicts
         })
         .unwrap_or_default()
     }

@@ -89,9 +89,9 @@ pub enum FeedbackRequest {
 
 /// What one feedback item on a remembered request judges: the request id, the input index and the label
 /// given. The verdicts are settled when the judgement is claimed, after the row is stored.
-type Verdicts = Option<(String, usize, String)>;
+type Claim = Option<(String, usize, String)>;
 
-fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Verdicts), ApiError> {
+fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Claim), ApiError> {
     let services = state.services()?;
     let at = |m: String| ApiError::invalid(format!("items[{i}]: {m}"));
     let row = match (&item.request_id, &item.text) {
@@ -183,7 +183,7 @@ pub async fn post(
             "send 1 to {max} feedback items per request"
         )));
     }
-    let (rows, verdicts): (Vec<NewFeedback>, Vec<Verdicts>) = items
+    let (rows, claims): (Vec<NewFeedback>, Vec<Claim>) = items
         .into_iter()
         .enumerate()
         .map(|(i, item)| resolve(&state, i, item))
@@ -196,14 +196,14 @@ pub async fn post(
     let appended = web::block(move || store.append(&rows))
         .await
         .map_err(|_| ApiError::busy())??;
-    for (task, verdicts) in tasks.iter().zip(verdicts) {
+    for (task, claim) in tasks.iter().zip(claims) {
         state
             .metrics
             .feedback
             .with_label_values(&[task.as_str()])
             .inc();
         // Each served prediction is judged once, however often its feedback is posted.
-        if let Some((id, index, label)) = verdicts {
+        if let Some((id, index, label)) = claim {
             if let Some(judgement) = services.recent.claim_judgement(&id, index, &label) {
                 let (rollouts, rollout) = (&services.rollouts, judgement.rollout);
                 if let Some((generation, arm, correct)) = judgement.served {

@@ -280,7 +280,7 @@ fn run_shadow(
                 .iter()
                 .map(|p| labels[best(p).0].clone())
                 .collect();
-            let early = recent.attach_shadow(
+            let verdicts = recent.attach_shadow(
                 &id,
                 ShadowPrediction {
                     adapter: generation.id.clone(),
@@ -288,7 +288,7 @@ fn run_shadow(
                 },
             );
             // Feedback that arrived before the shadow answered judges it now.
-            for correct in early {
+            for correct in verdicts {
                 rollouts.judge(&task, &generation.id, "shadow", Some(&rollout), correct);
             }
         }

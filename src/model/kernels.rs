@@ -218,7 +218,7 @@ impl Columns {
 }
 
 /// `out[:, cols] += scale · x[rows × k] · wᵀ` for a `w` of shape `[cols.width × k]` row-major: a low-rank
-/// delta added onto its linear's columns of the output.
+/// delta added onto its linear's columns of the output ([`Columns::all`]: onto the whole output).
 pub fn add_linear_into(
     x: &[f32],
     rows: usize,
@@ -361,53 +361,14 @@ pub fn weight_gradient(
     out: &mut [f32],
     bias_out: &mut [f32],
 ) {
-    assert_eq!(g.len(), size(rows, n), "weight_gradient: g is not rows × n");
-    assert_eq!(x.len(), size(rows, k), "weight_gradient: x is not rows × k");
-    assert_eq!(out.len(), size(n, k), "weight_gradient: out is not n × k");
     assert_eq!(bias_out.len(), n, "weight_gradient: bias is not n");
-    // SAFETY: the strides address g as its transpose [n × rows] and x as [rows × k], both inside the slices
-    // whose lengths are asserted above; out is a separate [n × k] buffer.
-    unsafe {
-        strided_product(
-            (n, k, rows),
-            (out.as_mut_ptr(), k, false),
-            (g.as_ptr(), 1, n),
-            (x.as_ptr(), k, 1),
-            1.0,
-            parallelism(size(size(n, k), rows)),
-        );
-    }
+    transposed_product(g, Columns::all(n), x, rows, k, 1.0, out);
     bias_out.fill(0.0);
     for row in g.chunks_exact(n.max(1)) {
         for (b, v) in bias_out.iter_mut().zip(row) {
             *b += v;
         }
     }
-}
-
-/// `out[rows × n] += x[rows × k] · wᵀ · scale` for a `w` of shape `[n × k]`: the accumulate form used for
-/// low-rank deltas.
-pub fn linear_accumulate(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    product(
-        "linear_accumulate",
-        x,
-        rows,
-        k,
-        w,
-        Weight::Transposed,
-        n,
-        true,
-        scale,
-        out,
-    );
 }
 
 /// `e^x` for `x` in roughly [-87, 88], relative error below 2e-7, written to vectorise.

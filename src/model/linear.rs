@@ -48,12 +48,7 @@ impl Module for Linear {
         let frozen =
             !self.weight.is_variable() && self.bias.as_ref().is_none_or(|b| !b.is_variable());
         match (&self.bias, cpu, frozen) {
-            (_, true, true) => {
-                return x.contiguous()?.apply_op1(FrozenLinear {
-                    weight: self.weight.clone(),
-                    bias: self.bias.clone(),
-                })
-            }
+            (_, true, true) => return x.contiguous()?.apply_op1(FrozenLinear(self.clone())),
             (Some(bias), true, false) => {
                 return x
                     .contiguous()?
@@ -95,7 +90,8 @@ impl CustomOp3 for TrainableLinear {
         let (n, k) = l2.shape().dims2()?;
         let w = f32_slice(s2, l2, "trainable-linear weight")?;
         let b = f32_slice(s3, l3, "trainable-linear bias")?;
-        forward_rows((s1, l1), w, Some(b), (n, k), "trainable-linear input")
+        let (out, shape) = forward_rows((s1, l1), w, Some(b), (n, k), "trainable-linear input")?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -157,10 +153,7 @@ impl CustomOp2 for TrainableLinearGrads {
 ///
 /// Both directions run in blocks of [`CHUNK_ROWS`] rows with a [`crate::pressure::yield_point`] before
 /// each, so a trainer sharing the cores with serving steps aside within milliseconds.
-struct FrozenLinear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
+struct FrozenLinear(Linear);
 
 /// The input gradient `g·W` of a [`FrozenLinear`].
 struct FrozenLinearBackward {
@@ -184,7 +177,7 @@ pub(crate) fn cpu_f32<'a>(
 
 /// Runs `block(rows, input, output)` over blocks of [`CHUNK_ROWS`] rows of an `[rows × k]` input and an
 /// `[rows × n]` output, yielding to serving before each.
-pub(crate) fn by_blocks(
+fn by_blocks(
     x: &[f32],
     k: usize,
     n: usize,
@@ -203,7 +196,7 @@ pub(crate) fn by_blocks(
 }
 
 /// `dims` with its last entry replaced by `last`.
-pub(crate) fn with_last(dims: &[usize], last: usize) -> Shape {
+fn with_last(dims: &[usize], last: usize) -> Shape {
     let mut shape = dims.to_vec();
     if let Some(l) = shape.last_mut() {
         *l = last;
@@ -233,21 +226,46 @@ fn forward_rows(
     bias: Option<&[f32]>,
     (n, k): (usize, usize),
     what: &str,
-) -> candle_core::Result<(CpuStorage, Shape)> {
+) -> candle_core::Result<(Vec<f32>, Shape)> {
     let dims = ending_in(layout, k, what)?;
     let x = f32_slice(storage, layout, what)?;
     let out = by_blocks(x, k, n, |rows, x, out| {
         super::kernels::linear(x, rows, k, w, bias, n, out)
     });
-    Ok((CpuStorage::F32(out), with_last(dims, n)))
+    Ok((out, with_last(dims, n)))
+}
+
+/// `linear(x)` for a frozen CPU f32 `linear` and an input `x` (`storage`, `layout`), in blocks of rows: the
+/// forward pass of [`FrozenLinear`] and of the fused LoRA op ([`super::lora_linear`]).
+pub(crate) fn frozen_rows(
+    linear: &Linear,
+    (storage, layout): (&CpuStorage, &Layout),
+    what: &str,
+) -> candle_core::Result<(Vec<f32>, Shape)> {
+    let (n, k) = linear.weight.dims2()?;
+    let (w_storage, w_layout) = linear.weight.storage_and_layout();
+    let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
+    let bias_guard = linear.bias.as_ref().map(|b| b.storage_and_layout());
+    let bias = match &bias_guard {
+        Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
+        None => None,
+    };
+    forward_rows((storage, layout), w, bias, (n, k), what)
+}
+
+/// `g·W` for a gradient `g` of `rows × out` and a frozen CPU f32 `weight` `[out × in]`, in blocks of rows:
+/// the input gradient of [`FrozenLinear`] and of the fused LoRA op.
+pub(crate) fn frozen_input_gradient(weight: &Tensor, g: &[f32]) -> candle_core::Result<Vec<f32>> {
+    let (n, k) = weight.dims2()?;
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
+    Ok(by_blocks(g, n, k, |rows, g, out| {
+        super::kernels::matmul(g, rows, n, w, k, out)
+    }))
 }
 
 /// The dims of an op's input, checked to end in `width`.
-pub(crate) fn ending_in<'a>(
-    layout: &'a Layout,
-    width: usize,
-    what: &str,
-) -> candle_core::Result<&'a [usize]> {
+fn ending_in<'a>(layout: &'a Layout, width: usize, what: &str) -> candle_core::Result<&'a [usize]> {
     let dims = layout.shape().dims();
     if dims.last() != Some(&width) {
         return Err(candle_core::Error::Msg(format!(
@@ -267,15 +285,8 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.weight.dims2()?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
-        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &bias_guard {
-            Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
-            None => None,
-        };
-        forward_rows((storage, layout), w, bias, (n, k), "frozen-linear input")
+        let (out, shape) = frozen_rows(&self.0, (storage, layout), "frozen-linear input")?;
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -285,7 +296,7 @@ impl CustomOp1 for FrozenLinear {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let backward = FrozenLinearBackward {
-            weight: self.weight.clone(),
+            weight: self.0.weight.clone(),
         };
         Ok(Some(grad_res.contiguous()?.apply_op1(backward)?))
     }
@@ -304,11 +315,7 @@ impl CustomOp1 for FrozenLinearBackward {
         let (n, k) = self.weight.dims2()?;
         let dims = ending_in(layout, n, "frozen-linear gradient")?;
         let g = f32_slice(storage, layout, "frozen-linear gradient")?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
-        let out = by_blocks(g, n, k, |rows, g, out| {
-            super::kernels::matmul(g, rows, n, w, k, out)
-        });
+        let out = frozen_input_gradient(&self.weight, g)?;
         Ok((CpuStorage::F32(out), with_last(dims, k)))
     }
 }

@@ -129,14 +129,14 @@ impl LoraDelta {
     ) {
         let mut low = vec![0.0; rows * self.rank];
         kernels::linear(x, rows, in_features, &self.a, None, self.rank, &mut low);
-        kernels::linear_accumulate(
+        kernels::add_linear_into(
             &low,
             rows,
             self.rank,
             &self.b,
-            out_features,
             self.scale,
             out,
+            kernels::Columns::all(out_features),
         );
     }
 

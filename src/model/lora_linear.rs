@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 
 use super::error::{ModelError, Result};
 use super::kernels::{self, Columns};
-use super::linear::{by_blocks, cpu_f32, ending_in, f32_slice, with_last, Linear};
+use super::linear::{cpu_f32, f32_slice, frozen_input_gradient, frozen_rows, Linear};
 
 /// One draw of dropout on a delta's input: values are kept with probability `1 − p` and scaled by
 /// `1 / (1 − p)`; the mask follows from `seed` alone.
@@ -226,21 +226,11 @@ impl CustomOp2 for LoraLinear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.dims()?;
-        let dims = ending_in(l1, k, "lora-linear input")?;
+        let (_, k) = self.dims()?;
+        let (mut out, shape) = frozen_rows(&self.linear, (s1, l1), "lora-linear input")?;
         let x = f32_slice(s1, l1, "lora-linear input")?;
         let packed = f32_slice(s2, l2, "lora-linear factors")?;
-        let (w_storage, w_layout) = self.linear.weight.storage_and_layout();
-        let w = cpu_f32(&w_storage, w_layout, "lora-linear weight")?;
-        let bias_guard = self.linear.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &bias_guard {
-            Some((storage, layout)) => Some(cpu_f32(storage, layout, "lora-linear bias")?),
-            None => None,
-        };
         let rows = x.len() / k.max(1);
-        let mut out = by_blocks(x, k, n, |rows, x, out| {
-            kernels::linear(x, rows, k, w, bias, n, out)
-        });
         for slot in &self.slots {
             crate::pressure::yield_point();
             let (a, b) = slot.factors(packed, k)?;
@@ -251,7 +241,7 @@ impl CustomOp2 for LoraLinear {
             kernels::linear(&slot.dropped(x)?, rows, k, a, None, slot.rank, &mut low);
             kernels::add_linear_into(&low, rows, slot.rank, b, slot.scale, &mut out, slot.cols);
         }
-        Ok((CpuStorage::F32(out), with_last(dims, n)))
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -285,11 +275,7 @@ impl CustomOp2 for LoraLinear {
             .collect::<candle_core::Result<Vec<_>>>()?;
         // Only an input that depends on a variable needs its gradient (the first layer's does not).
         let d_x = if x.track_op() {
-            let (w_storage, w_layout) = self.linear.weight.storage_and_layout();
-            let w = cpu_f32(&w_storage, w_layout, "lora-linear weight")?;
-            let mut d_x = by_blocks(g, n, k, |rows, g, out| {
-                kernels::matmul(g, rows, n, w, k, out)
-            });
+            let mut d_x = frozen_input_gradient(&self.linear.weight, g)?;
             for (slot, d_low) in self.slots.iter().zip(&d_lows) {
                 crate::pressure::yield_point();
                 let (a, _) = slot.factors(packed, k)?;
