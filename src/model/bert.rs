@@ -7,6 +7,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::encoder_layer::{self, LayerParts};
 use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::linear::{LayerNorm, Linear};
@@ -313,6 +314,11 @@ impl Bert {
         deltas: &dyn Deltas,
         rows: Rows,
     ) -> Result<Tensor> {
+        if let (Padding::Lengths(lengths), Rows::All) = (padding, rows) {
+            if let Some(out) = self.fused_layer(index, layer, x, lengths, deltas)? {
+                return Ok(out);
+            }
+        }
         let dense = |linear: &Linear, target: Target, input: &Tensor| -> Result<Tensor> {
             if lora_linear::fusable(linear, input) {
                 if let Some(delta) = deltas.low_rank(index, target)? {
@@ -387,6 +393,58 @@ impl Bert {
         Ok(layer
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)
+    }
+
+    /// The whole layer as one op ([`encoder_layer::forward`]) where the CPU can fuse it and something in it
+    /// trains (a delta, or the input's gradient); `None` otherwise, or where `deltas` may have deltas that
+    /// are not low-rank.
+    fn fused_layer(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        lengths: &[usize],
+        deltas: &dyn Deltas,
+    ) -> Result<Option<Tensor>> {
+        let linears = [
+            &layer.query,
+            &layer.key,
+            &layer.value,
+            &layer.attention_out,
+            &layer.intermediate,
+            &layer.output,
+        ];
+        let norms = [&layer.attention_norm, &layer.output_norm];
+        if !(deltas.all_low_rank() && encoder_layer::fusable_layer(&linears, &norms, x)) {
+            return Ok(None);
+        }
+        // In the order the separate path asks, so each delta draws the same dropout mask either way.
+        let part = |linear, target| -> Result<encoder_layer::Part<'_>> {
+            Ok((linear, deltas.low_rank(index, target)?))
+        };
+        let parts = LayerParts {
+            qkv: [
+                part(&layer.query, Target::Query)?,
+                part(&layer.key, Target::Key)?,
+                part(&layer.value, Target::Value)?,
+            ],
+            attention_out: part(&layer.attention_out, Target::AttentionOutput)?,
+            attention_norm: &layer.attention_norm,
+            intermediate: part(&layer.intermediate, Target::Intermediate)?,
+            output: part(&layer.output, Target::Output)?,
+            output_norm: &layer.output_norm,
+        };
+        let has_delta = parts
+            .qkv
+            .iter()
+            .chain([&parts.attention_out, &parts.intermediate, &parts.output])
+            .any(|(_, delta)| delta.is_some());
+        // Nothing to train (the base model's own pass): the separate ops keep no activations.
+        if !(has_delta || x.track_op()) {
+            return Ok(None);
+        }
+        let heads = self.config.num_attention_heads;
+        Ok(Some(encoder_layer::forward(parts, x, lengths, heads)?))
     }
 
     /// Queries, keys and values side by side (`[batch, seq, 3·hidden]`) from one op where the CPU can fuse

@@ -577,6 +577,29 @@ pub fn layer_norm_backward(
     layer_norm_backward_rows(x, gamma, eps, grad, d_gamma, d_beta);
 }
 
+/// The input gradient alone of a row LayerNorm whose scale and shift are frozen: [`layer_norm_backward`]
+/// without the parameters' gradients, split over rayon's pool by whole rows.
+pub fn layer_norm_input_gradient(x: &[f32], gamma: &[f32], eps: f32, grad: &mut [f32]) {
+    let width = gamma.len();
+    assert!(
+        width > 0 && x.len() == grad.len() && x.len() % width == 0,
+        "layer_norm_input_gradient: shapes differ"
+    );
+    let run = |x: &[f32], grad: &mut [f32]| {
+        let mut discarded = vec![0f32; 2 * width];
+        let (d_gamma, d_beta) = discarded.split_at_mut(width);
+        layer_norm_backward_rows(x, gamma, eps, grad, d_gamma, d_beta);
+    };
+    if grad.len() >= PARALLEL_ELEMENTS {
+        let chunk = whole_rows(width);
+        grad.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(g, x)| run(x, g));
+    } else {
+        run(x, grad);
+    }
+}
+
 #[inline(always)]
 fn layer_norm_backward_body(
     x: &[f32],

@@ -196,7 +196,7 @@ fn by_blocks(
 }
 
 /// `dims` with its last entry replaced by `last`.
-fn with_last(dims: &[usize], last: usize) -> Shape {
+pub(crate) fn with_last(dims: &[usize], last: usize) -> Shape {
     let mut shape = dims.to_vec();
     if let Some(l) = shape.last_mut() {
         *l = last;
@@ -236,13 +236,29 @@ fn forward_rows(
 }
 
 /// `linear(x)` for a frozen CPU f32 `linear` and an input `x` (`storage`, `layout`), in blocks of rows: the
-/// forward pass of [`FrozenLinear`] and of the fused LoRA op ([`super::lora_linear`]).
+/// forward pass of [`FrozenLinear`].
 pub(crate) fn frozen_rows(
     linear: &Linear,
     (storage, layout): (&CpuStorage, &Layout),
     what: &str,
 ) -> candle_core::Result<(Vec<f32>, Shape)> {
     let (n, k) = linear.weight.dims2()?;
+    let dims = ending_in(layout, k, what)?;
+    let x = f32_slice(storage, layout, what)?;
+    Ok((frozen_product(linear, x)?, with_last(dims, n)))
+}
+
+/// `linear(x)` for a frozen CPU f32 `linear` and `x` of `rows × in` values, in blocks of rows: the frozen
+/// product of [`FrozenLinear`], of the fused LoRA op ([`super::lora_linear`]) and of the fused encoder
+/// layer ([`super::encoder_layer`]).
+pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+    let (n, k) = linear.weight.dims2()?;
+    if x.len() % k.max(1) != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "frozen-linear input of {} values is not rows of {k}",
+            x.len()
+        )));
+    }
     let (w_storage, w_layout) = linear.weight.storage_and_layout();
     let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
     let bias_guard = linear.bias.as_ref().map(|b| b.storage_and_layout());
@@ -250,13 +266,21 @@ pub(crate) fn frozen_rows(
         Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
         None => None,
     };
-    forward_rows((storage, layout), w, bias, (n, k), what)
+    Ok(by_blocks(x, k, n, |rows, x, out| {
+        super::kernels::linear(x, rows, k, w, bias, n, out)
+    }))
 }
 
 /// `g·W` for a gradient `g` of `rows × out` and a frozen CPU f32 `weight` `[out × in]`, in blocks of rows:
-/// the input gradient of [`FrozenLinear`] and of the fused LoRA op.
+/// the input gradient of [`FrozenLinear`], of the fused LoRA op and of the fused encoder layer.
 pub(crate) fn frozen_input_gradient(weight: &Tensor, g: &[f32]) -> candle_core::Result<Vec<f32>> {
     let (n, k) = weight.dims2()?;
+    if g.len() % n.max(1) != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "frozen-linear gradient of {} values is not rows of {n}",
+            g.len()
+        )));
+    }
     let (w_storage, w_layout) = weight.storage_and_layout();
     let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
     Ok(by_blocks(g, n, k, |rows, g, out| {
@@ -265,7 +289,11 @@ pub(crate) fn frozen_input_gradient(weight: &Tensor, g: &[f32]) -> candle_core::
 }
 
 /// The dims of an op's input, checked to end in `width`.
-fn ending_in<'a>(layout: &'a Layout, width: usize, what: &str) -> candle_core::Result<&'a [usize]> {
+pub(crate) fn ending_in<'a>(
+    layout: &'a Layout,
+    width: usize,
+    what: &str,
+) -> candle_core::Result<&'a [usize]> {
     let dims = layout.shape().dims();
     if dims.last() != Some(&width) {
         return Err(candle_core::Error::Msg(format!(

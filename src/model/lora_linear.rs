@@ -15,7 +15,9 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 
 use super::error::{ModelError, Result};
 use super::kernels::{self, Columns};
-use super::linear::{cpu_f32, f32_slice, frozen_input_gradient, frozen_rows, Linear};
+use super::linear::{
+    cpu_f32, ending_in, f32_slice, frozen_input_gradient, frozen_product, with_last, Linear,
+};
 
 /// One draw of dropout on a delta's input: values are kept with probability `1 − p` and scaled by
 /// `1 / (1 − p)`; the mask follows from `seed` alone.
@@ -81,72 +83,198 @@ pub fn forward(linear: &Linear, x: &Tensor, delta: LowRank) -> Result<Tensor> {
 /// one product and one buffer, where separate linears take one each and a sum. Every linear must be
 /// [`fusable`] with `x`, all with biases or none.
 pub fn forward_joined(parts: Vec<(&Linear, Option<LowRank>)>, x: &Tensor) -> Result<Tensor> {
-    let (weight, bias) = match parts.as_slice() {
-        [(linear, _)] => (linear.weight.clone(), linear.bias.clone()),
-        _ => {
-            let weights: Vec<&Tensor> = parts.iter().map(|(l, _)| &l.weight).collect();
-            let biases: Option<Vec<&Tensor>> = parts.iter().map(|(l, _)| l.bias.as_ref()).collect();
-            let bias = match biases {
-                Some(b) => Some(Tensor::cat(&b, 0)?),
-                None if parts.iter().all(|(l, _)| l.bias.is_none()) => None,
-                None => {
-                    return Err(ModelError::Unsupported(
-                        "joined linears must all have biases or none".to_owned(),
-                    ))
-                }
-            };
-            (Tensor::cat(&weights, 0)?, bias)
-        }
-    };
-    let stride = weight.dim(0)?;
-    let (mut slots, mut factors, mut start) = (Vec::new(), Vec::new(), 0);
-    for (linear, delta) in parts {
-        let width = linear.out_features();
-        if let Some(delta) = delta {
-            let rank = delta.a.dim(0)?;
-            let a_at = factors.iter().map(Tensor::elem_count).sum::<usize>();
-            let b_at = a_at + delta.a.elem_count();
-            for f in [&delta.a, &delta.b] {
-                if !f.device().is_cpu() || f.dtype() != DType::F32 {
-                    return Err(ModelError::Unsupported(
-                        "the fused LoRA op needs f32 factors on the CPU".to_owned(),
-                    ));
-                }
-            }
-            let (a_dims, b_dims) = (delta.a.dims2()?, delta.b.dims2()?);
-            if a_dims != (rank, linear.in_features()) || b_dims != (width, rank) {
-                return Err(ModelError::InvalidInput(format!(
-                    "LoRA factors {a_dims:?} and {b_dims:?} do not fit a {width} × {} linear",
-                    linear.in_features()
-                )));
-            }
-            factors.push(delta.a.flatten_all()?);
-            factors.push(delta.b.flatten_all()?);
-            slots.push(Slot {
-                cols: Columns {
-                    start,
-                    width,
-                    stride,
-                },
-                rank,
-                a_at,
-                b_at,
-                scale: delta.scale as f32,
-                dropout: delta.dropout,
-                mask: OnceLock::new(),
-            });
-        }
-        start += width;
+    let mut factors = Vec::new();
+    let group = LoraGroup::new(parts, &mut factors)?;
+    if !group.has_deltas() {
+        return Ok(group.linear.forward(x)?);
     }
-    let linear = Linear { weight, bias };
-    if slots.is_empty() {
-        return Ok(linear.forward(x)?);
-    }
-    let op = LoraLinear { linear, slots };
-    Ok(x.contiguous()?.apply_op2(&Tensor::cat(&factors, 0)?, op)?)
+    Ok(x.contiguous()?
+        .apply_op2(&Tensor::cat(&factors, 0)?, LoraLinear(group))?)
 }
 
-/// One linear's delta in a [`LoraLinear`]: its columns of the output, and where its factors lie in the
+/// Frozen linears side by side that share an input, with low-rank deltas on some of them: the computation
+/// of [`forward_joined`]'s op on plain slices, which the fused encoder layer ([`super::encoder_layer`]) runs
+/// too. The factors come packed in one flat input shared by every group of an op.
+pub(crate) struct LoraGroup {
+    linear: Linear,
+    slots: Vec<Slot>,
+}
+
+impl LoraGroup {
+    /// Joins `parts` (every linear [`fusable`], all with biases or none) and appends their deltas' factors,
+    /// flattened, to `factors`: the packed input is their concatenation, and each delta records where its
+    /// own lie in it.
+    pub(crate) fn new(
+        parts: Vec<(&Linear, Option<LowRank>)>,
+        factors: &mut Vec<Tensor>,
+    ) -> Result<Self> {
+        let (weight, bias) = match parts.as_slice() {
+            [(linear, _)] => (linear.weight.clone(), linear.bias.clone()),
+            _ => {
+                let weights: Vec<&Tensor> = parts.iter().map(|(l, _)| &l.weight).collect();
+                let biases: Option<Vec<&Tensor>> =
+                    parts.iter().map(|(l, _)| l.bias.as_ref()).collect();
+                let bias = match biases {
+                    Some(b) => Some(Tensor::cat(&b, 0)?),
+                    None if parts.iter().all(|(l, _)| l.bias.is_none()) => None,
+                    None => {
+                        return Err(ModelError::Unsupported(
+                            "joined linears must all have biases or none".to_owned(),
+                        ))
+                    }
+                };
+                (Tensor::cat(&weights, 0)?, bias)
+            }
+        };
+        let stride = weight.dim(0)?;
+        let (mut slots, mut start) = (Vec::new(), 0);
+        for (linear, delta) in parts {
+            let width = linear.out_features();
+            if let Some(delta) = delta {
+                let rank = delta.a.dim(0)?;
+                let a_at = factors.iter().map(Tensor::elem_count).sum::<usize>();
+                let b_at = a_at + delta.a.elem_count();
+                for f in [&delta.a, &delta.b] {
+                    if !f.device().is_cpu() || f.dtype() != DType::F32 {
+                        return Err(ModelError::Unsupported(
+                            "the fused LoRA op needs f32 factors on the CPU".to_owned(),
+                        ));
+                    }
+                }
+                let (a_dims, b_dims) = (delta.a.dims2()?, delta.b.dims2()?);
+                if a_dims != (rank, linear.in_features()) || b_dims != (width, rank) {
+                    return Err(ModelError::InvalidInput(format!(
+                        "LoRA factors {a_dims:?} and {b_dims:?} do not fit a {width} × {} linear",
+                        linear.in_features()
+                    )));
+                }
+                factors.push(delta.a.flatten_all()?);
+                factors.push(delta.b.flatten_all()?);
+                slots.push(Slot {
+                    cols: Columns {
+                        start,
+                        width,
+                        stride,
+                    },
+                    rank,
+                    a_at,
+                    b_at,
+                    scale: delta.scale as f32,
+                    dropout: delta.dropout,
+                    mask: OnceLock::new(),
+                });
+            }
+            start += width;
+        }
+        Ok(Self {
+            linear: Linear { weight, bias },
+            slots,
+        })
+    }
+
+    /// Whether any of the linears has a delta.
+    pub(crate) fn has_deltas(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// `(out, in)` of the joined weight.
+    pub(crate) fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        self.linear.weight.dims2()
+    }
+
+    /// The outputs side by side, `[rows × out]`, for an input `x` of `[rows × in]`; draws the dropout masks.
+    pub(crate) fn forward(&self, x: &[f32], packed: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (_, k) = self.dims()?;
+        let mut out = frozen_product(&self.linear, x)?;
+        let rows = x.len() / k.max(1);
+        for slot in &self.slots {
+            crate::pressure::yield_point();
+            let (a, b) = slot.factors(packed, k)?;
+            if let Some(d) = &slot.dropout {
+                slot.mask.get_or_init(|| d.mask(x.len()));
+            }
+            let mut low = vec![0f32; rows * slot.rank];
+            kernels::linear(&slot.dropped(x)?, rows, k, a, None, slot.rank, &mut low);
+            kernels::add_linear_into(&low, rows, slot.rank, b, slot.scale, &mut out, slot.cols);
+        }
+        Ok(out)
+    }
+
+    /// The backward pass from the output's gradient `g` (`[rows × out]`) for the input `x` the forward pass
+    /// saw: the factors' gradients go to their places in `d_factors` (laid out as the packed factors), and
+    /// the input's gradient is returned when `input_gradient` asks for it.
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        packed: &[f32],
+        input_gradient: bool,
+        d_factors: &mut [f32],
+    ) -> candle_core::Result<Option<Vec<f32>>> {
+        let (n, k) = self.dims()?;
+        let rows = g.len() / n.max(1);
+        if self.has_deltas() && x.len() != rows * k {
+            return Err(candle_core::Error::Msg(format!(
+                "lora-linear: input of {} values for a gradient of {rows} rows of {k}",
+                x.len()
+            )));
+        }
+        // Per delta, the gradient reaching its low-rank activations, before the scale s: g[:, cols]·B.
+        let d_lows = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let (_, b) = slot.factors(packed, k)?;
+                let mut d_low = vec![0f32; rows * slot.rank];
+                kernels::matmul_from(g, slot.cols, rows, b, slot.rank, &mut d_low);
+                Ok(d_low)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let d_x = if input_gradient {
+            let mut d_x = frozen_input_gradient(&self.linear.weight, g)?;
+            for (slot, d_low) in self.slots.iter().zip(&d_lows) {
+                crate::pressure::yield_point();
+                let (a, _) = slot.factors(packed, k)?;
+                match slot.mask()? {
+                    Some((mask, keep_scale)) => {
+                        let mut through = vec![0f32; rows * k];
+                        kernels::matmul(d_low, rows, slot.rank, a, k, &mut through);
+                        let scale = slot.scale * keep_scale;
+                        for ((dx, t), &m) in d_x.iter_mut().zip(&through).zip(mask) {
+                            *dx += scale * f32::from(m) * t;
+                        }
+                    }
+                    None => kernels::add_matmul(d_low, rows, slot.rank, a, k, slot.scale, &mut d_x),
+                }
+            }
+            Some(d_x)
+        } else {
+            None
+        };
+        // dA = s · d_lowᵀ·drop(x); dB = s · g[:, cols]ᵀ·(drop(x)·Aᵀ).
+        for (slot, d_low) in self.slots.iter().zip(&d_lows) {
+            crate::pressure::yield_point();
+            let (a, _) = slot.factors(packed, k)?;
+            let dropped = slot.dropped(x)?;
+            let (d_a, d_b) = slot.factors_mut(d_factors, k)?;
+            kernels::transposed_product(
+                d_low,
+                Columns::all(slot.rank),
+                &dropped,
+                rows,
+                k,
+                slot.scale,
+                d_a,
+            );
+            let mut low = vec![0f32; rows * slot.rank];
+            kernels::linear(&dropped, rows, k, a, None, slot.rank, &mut low);
+            kernels::transposed_product(g, slot.cols, &low, rows, slot.rank, slot.scale, d_b);
+        }
+        Ok(d_x)
+    }
+}
+
+/// One linear's delta in a [`LoraGroup`]: its columns of the output, and where its factors lie in the
 /// packed factor input (`A` `[rank × in]` at `a_at`, `B` `[width × rank]` at `b_at`).
 struct Slot {
     cols: Columns,
@@ -184,35 +312,49 @@ impl Slot {
         })
     }
 
+    /// Where `A` and `B` lie in the packed factors, for an input `k` wide.
+    fn ranges(&self, k: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        (
+            self.a_at..self.a_at + self.rank * k,
+            self.b_at..self.b_at + self.cols.width * self.rank,
+        )
+    }
+
     /// `(A, B)` within the packed factors, for an input `k` wide.
     fn factors<'a>(
         &self,
         packed: &'a [f32],
         k: usize,
     ) -> candle_core::Result<(&'a [f32], &'a [f32])> {
-        let a_end = self.a_at + self.rank * k;
-        let b_end = self.b_at + self.cols.width * self.rank;
-        match (packed.get(self.a_at..a_end), packed.get(self.b_at..b_end)) {
+        let (a, b) = self.ranges(k);
+        match (packed.get(a), packed.get(b)) {
             (Some(a), Some(b)) => Ok((a, b)),
-            _ => Err(candle_core::Error::Msg(
-                "lora-linear: the packed factors are too short".to_owned(),
-            )),
+            _ => Err(too_short()),
         }
     }
-}
 
-/// Frozen linears side by side, plus low-rank deltas on some of them.
-struct LoraLinear {
-    linear: Linear,
-    slots: Vec<Slot>,
-}
-
-impl LoraLinear {
-    /// `(out, in)` of the joined weight.
-    fn dims(&self) -> candle_core::Result<(usize, usize)> {
-        self.linear.weight.dims2()
+    /// `(A, B)`'s places in a buffer laid out as the packed factors (their gradients).
+    fn factors_mut<'a>(
+        &self,
+        buffer: &'a mut [f32],
+        k: usize,
+    ) -> candle_core::Result<(&'a mut [f32], &'a mut [f32])> {
+        let (a, b) = self.ranges(k);
+        // A precedes B in the packing, so splitting at B's start separates them.
+        if a.end > b.start || b.end > buffer.len() {
+            return Err(too_short());
+        }
+        let (head, tail) = buffer.split_at_mut(b.start);
+        Ok((&mut head[a], &mut tail[..b.len()]))
     }
 }
+
+fn too_short() -> candle_core::Error {
+    candle_core::Error::Msg("lora-linear: the packed factors are too short".to_owned())
+}
+
+/// [`forward_joined`]'s op: a [`LoraGroup`] whose second input is its packed factors.
+struct LoraLinear(LoraGroup);
 
 impl CustomOp2 for LoraLinear {
     fn name(&self) -> &'static str {
@@ -226,22 +368,12 @@ impl CustomOp2 for LoraLinear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, k) = self.dims()?;
-        let (mut out, shape) = frozen_rows(&self.linear, (s1, l1), "lora-linear input")?;
+        let (n, k) = self.0.dims()?;
+        let dims = ending_in(l1, k, "lora-linear input")?;
         let x = f32_slice(s1, l1, "lora-linear input")?;
         let packed = f32_slice(s2, l2, "lora-linear factors")?;
-        let rows = x.len() / k.max(1);
-        for slot in &self.slots {
-            crate::pressure::yield_point();
-            let (a, b) = slot.factors(packed, k)?;
-            if let Some(d) = &slot.dropout {
-                slot.mask.get_or_init(|| d.mask(x.len()));
-            }
-            let mut low = vec![0f32; rows * slot.rank];
-            kernels::linear(&slot.dropped(x)?, rows, k, a, None, slot.rank, &mut low);
-            kernels::add_linear_into(&low, rows, slot.rank, b, slot.scale, &mut out, slot.cols);
-        }
-        Ok((CpuStorage::F32(out), shape))
+        let out = self.0.forward(x, packed)?;
+        Ok((CpuStorage::F32(out), with_last(dims, n)))
     }
 
     fn bwd(
@@ -251,7 +383,6 @@ impl CustomOp2 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, k) = self.dims()?;
         let grad = grad.contiguous()?;
         let (g_storage, g_layout) = grad.storage_and_layout();
         let g = cpu_f32(&g_storage, g_layout, "lora-linear gradient")?;
@@ -261,61 +392,13 @@ impl CustomOp2 for LoraLinear {
         let packed = factors.contiguous()?;
         let (f_storage, f_layout) = packed.storage_and_layout();
         let packed = cpu_f32(&f_storage, f_layout, "lora-linear factors")?;
-        let rows = g.len() / n.max(1);
-        // Per delta, the gradient reaching its low-rank activations, before the scale s: g[:, cols]·B.
-        let d_lows = self
-            .slots
-            .iter()
-            .map(|slot| {
-                let (_, b) = slot.factors(packed, k)?;
-                let mut d_low = vec![0f32; rows * slot.rank];
-                kernels::matmul_from(g, slot.cols, rows, b, slot.rank, &mut d_low);
-                Ok(d_low)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        // Only an input that depends on a variable needs its gradient (the first layer's does not).
-        let d_x = if x.track_op() {
-            let mut d_x = frozen_input_gradient(&self.linear.weight, g)?;
-            for (slot, d_low) in self.slots.iter().zip(&d_lows) {
-                crate::pressure::yield_point();
-                let (a, _) = slot.factors(packed, k)?;
-                match slot.mask()? {
-                    Some((mask, keep_scale)) => {
-                        let mut through = vec![0f32; rows * k];
-                        kernels::matmul(d_low, rows, slot.rank, a, k, &mut through);
-                        let scale = slot.scale * keep_scale;
-                        for ((dx, t), &m) in d_x.iter_mut().zip(&through).zip(mask) {
-                            *dx += scale * f32::from(m) * t;
-                        }
-                    }
-                    None => kernels::add_matmul(d_low, rows, slot.rank, a, k, slot.scale, &mut d_x),
-                }
-            }
-            Some(Tensor::from_vec(d_x, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        // dA = s · d_lowᵀ·drop(x); dB = s · g[:, cols]ᵀ·(drop(x)·Aᵀ).
         let mut d_factors = vec![0f32; packed.len()];
-        for (slot, d_low) in self.slots.iter().zip(&d_lows) {
-            crate::pressure::yield_point();
-            let (a, _) = slot.factors(packed, k)?;
-            let dropped = slot.dropped(x_values)?;
-            let d_a = &mut d_factors[slot.a_at..slot.a_at + slot.rank * k];
-            kernels::transposed_product(
-                d_low,
-                Columns::all(slot.rank),
-                &dropped,
-                rows,
-                k,
-                slot.scale,
-                d_a,
-            );
-            let mut low = vec![0f32; rows * slot.rank];
-            kernels::linear(&dropped, rows, k, a, None, slot.rank, &mut low);
-            let d_b = &mut d_factors[slot.b_at..slot.b_at + slot.cols.width * slot.rank];
-            kernels::transposed_product(g, slot.cols, &low, rows, slot.rank, slot.scale, d_b);
-        }
+        // Only an input that depends on a variable needs its gradient (the first layer's does not).
+        let d_x = self
+            .0
+            .backward(x_values, g, packed, x.track_op(), &mut d_factors)?
+            .map(|d_x| Tensor::from_vec(d_x, x.shape(), x.device()))
+            .transpose()?;
         let d_factors = Tensor::from_vec(d_factors, factors.shape(), factors.device())?;
         Ok((d_x, Some(d_factors)))
     }

@@ -4,6 +4,7 @@
 //! This layer knows nothing of HTTP, queues or adapters' lifecycle.
 
 pub mod bert;
+pub mod encoder_layer;
 pub mod error;
 pub mod fast;
 pub mod hf_config;
