@@ -15,13 +15,25 @@ use flywheel::trainer::lora::{cross_entropy, LoraTrainable};
 use flywheel::trainer::optim::FusedAdamW;
 use flywheel::trainer::train::flush_denormals;
 
-/// Median milliseconds of steps 3 to 10 of optimizer `O` (AdamW) at `lr` on `vars`, the loss from `logits`.
+/// Medians over steps 3 to 10 of optimizer `O` (AdamW) at `lr` on `vars`, the loss from `logits`.
+struct Timing {
+    /// Milliseconds of a whole step.
+    step: f64,
+    /// Of its forward pass (logits and loss), backward pass and optimizer update.
+    parts: [f64; 3],
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn median_step<O: Optimizer<Config = ParamsAdamW>>(
     vars: Vec<Var>,
     lr: f64,
     targets: &Tensor,
     logits: impl Fn() -> Tensor,
-) -> f64 {
+) -> Timing {
     let mut opt = O::new(
         vars,
         ParamsAdamW {
@@ -31,17 +43,37 @@ fn median_step<O: Optimizer<Config = ParamsAdamW>>(
         },
     )
     .unwrap();
-    let mut times = Vec::new();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let (mut steps, mut parts) = (Vec::new(), [Vec::new(), Vec::new(), Vec::new()]);
     for i in 0..10 {
-        let t = Instant::now();
+        let start = Instant::now();
         let loss = cross_entropy(&logits(), targets, 0.1, None).unwrap();
-        opt.backward_step(&loss).unwrap();
+        let forward = ms(start);
+        let t = Instant::now();
+        let grads = loss.backward().unwrap();
+        let backward = ms(t);
+        let t = Instant::now();
+        opt.step(&grads).unwrap();
+        let update = ms(t);
         if i >= 2 {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            steps.push(ms(start));
+            for (all, one) in parts.iter_mut().zip([forward, backward, update]) {
+                all.push(one);
+            }
         }
     }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    Timing {
+        step: median(steps),
+        parts: parts.map(median),
+    }
+}
+
+fn report(what: &str, timing: &Timing) {
+    let [f, b, u] = timing.parts;
+    println!(
+        "{what}: median {:.0} ms over 8 steps (forward {f:.0}, backward {b:.0}, update {u:.0})",
+        timing.step
+    );
 }
 
 fn main() {
@@ -83,17 +115,20 @@ fn main() {
     )
     .unwrap()
     .with_dropout(0.1, 0);
-    let ms = median_step::<FusedAdamW>(lora.vars(), 2e-3, &targets, || {
+    let timing = median_step::<FusedAdamW>(lora.vars(), 2e-3, &targets, || {
         lora.logits(&model.bert, &ids, &mask).unwrap()
     });
-    println!("flywheel LoRA step {batch} x {len}: median {ms:.0} ms over 8 steps");
+    report(&format!("flywheel LoRA step {batch} x {len}"), &timing);
     let full = FullTrainable::new(&model.bert, 2, 0).unwrap();
-    let ms = median_step::<FusedAdamW>(full.vars(), 5e-5, &targets, || {
+    let timing = median_step::<FusedAdamW>(full.vars(), 5e-5, &targets, || {
         full.logits(&ids, &mask).unwrap()
     });
-    println!("flywheel full fine-tuning step {batch} x {len}: median {ms:.0} ms over 8 steps");
-    let ms = median_step::<AdamW>(full.vars(), 5e-5, &targets, || {
+    report(
+        &format!("flywheel full fine-tuning step {batch} x {len}"),
+        &timing,
+    );
+    let timing = median_step::<AdamW>(full.vars(), 5e-5, &targets, || {
         full.logits(&ids, &mask).unwrap()
     });
-    println!("  the same with candle's composed AdamW: median {ms:.0} ms over 8 steps");
+    report("  the same with candle's composed AdamW", &timing);
 }

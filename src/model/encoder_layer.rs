@@ -152,8 +152,8 @@ struct Saved {
     attention_sum: Vec<f32>,
     /// That LayerNorm's output, the intermediate linear's input.
     attended: Option<Vec<f32>>,
-    /// The intermediate linear's output, before GELU.
-    inner: Vec<f32>,
+    /// GELU's derivative at the intermediate linear's output.
+    gelu_derivative: Vec<f32>,
     /// After GELU, the output linear's input.
     activated: Option<Vec<f32>>,
     /// Output plus residual, before the last LayerNorm.
@@ -225,10 +225,10 @@ impl CustomOp2 for EncoderLayer {
         add_into(&mut attention_sum, x);
         yield_point();
         let attended = self.attention_norm.apply(&attention_sum);
-        let inner = self.intermediate.forward(&attended, packed)?;
-        let mut activated = inner.clone();
+        let mut activated = self.intermediate.forward(&attended, packed)?;
+        let mut gelu_derivative = vec![0f32; activated.len()];
         yield_point();
-        kernels::gelu_inplace(&mut activated);
+        kernels::gelu_with_derivative(&mut activated, &mut gelu_derivative);
         let mut output_sum = self.output.forward(&activated, packed)?;
         add_into(&mut output_sum, &attended);
         yield_point();
@@ -238,7 +238,7 @@ impl CustomOp2 for EncoderLayer {
             context: kept_for(&self.attention_out, context),
             attention_sum,
             attended: kept_for(&self.intermediate, attended),
-            inner,
+            gelu_derivative,
             activated: kept_for(&self.output, activated),
             output_sum,
         };
@@ -293,7 +293,7 @@ impl CustomOp2 for EncoderLayer {
             )?
             .ok_or_else(missing)?;
         yield_point();
-        kernels::gelu_backward(&saved.inner, &mut d_inner);
+        kernels::mul_inplace(&mut d_inner, &saved.gelu_derivative);
         let mut d_attended = self
             .intermediate
             .backward(

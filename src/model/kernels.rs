@@ -460,6 +460,57 @@ simd_dispatch!(
     (x: &[f32], grad: &mut [f32])
 );
 
+/// In-place GELU that also writes `derivative = GELU'(x)`, elementwise in one pass, for the exact (erf)
+/// GELU: the forward pass of a GELU whose backward pass is then [`mul_inplace`] (the erf and exp are
+/// evaluated once, not again in the backward pass).
+pub fn gelu_with_derivative(xs: &mut [f32], derivative: &mut [f32]) {
+    assert_eq!(
+        xs.len(),
+        derivative.len(),
+        "gelu_with_derivative: shapes differ"
+    );
+    if xs.len() >= PARALLEL_ELEMENTS {
+        xs.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(derivative.par_chunks_mut(ELEMENTS_PER_TASK))
+            .for_each(|(x, d)| gelu_with_derivative_chunk(x, d));
+    } else {
+        gelu_with_derivative_chunk(xs, derivative);
+    }
+}
+
+#[inline(always)]
+fn gelu_with_derivative_body(xs: &mut [f32], derivative: &mut [f32]) {
+    // 1/√(2π): the standard normal density's constant.
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for (v, d) in xs.iter_mut().zip(derivative.iter_mut()) {
+        let x = *v;
+        let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        *v = x * cdf;
+        *d = cdf + x * INV_SQRT_2PI * fast_exp(-0.5 * x * x);
+    }
+}
+
+simd_dispatch!(
+    gelu_with_derivative_chunk,
+    gelu_with_derivative_chunk_avx2,
+    gelu_with_derivative_body,
+    (xs: &mut [f32], derivative: &mut [f32])
+);
+
+/// `values *= by` elementwise.
+pub fn mul_inplace(values: &mut [f32], by: &[f32]) {
+    assert_eq!(values.len(), by.len(), "mul_inplace: shapes differ");
+    let run = |v: &mut [f32], b: &[f32]| v.iter_mut().zip(b).for_each(|(v, b)| *v *= b);
+    if values.len() >= PARALLEL_ELEMENTS {
+        values
+            .par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(by.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(v, b)| run(v, b));
+    } else {
+        run(values, by);
+    }
+}
+
 /// In-place `x = LayerNorm(x + residual)` over rows of width `gamma.len()`.
 pub fn add_layer_norm_inplace(
     x: &mut [f32],
@@ -1010,6 +1061,36 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_with_its_derivative_agrees_with_gelu_and_its_backward_pass() {
+        let n = 2 * PARALLEL_ELEMENTS + 5;
+        let x = crate::rng::Rng::new(3).uniform(n, 6.0);
+        let (mut out, mut derivative) = (x.clone(), vec![0f32; n]);
+        gelu_with_derivative(&mut out, &mut derivative);
+        let mut gelu = x.clone();
+        gelu_inplace(&mut gelu);
+        assert_eq!(out, gelu);
+        let mut ones = vec![1f32; n];
+        gelu_backward(&x, &mut ones);
+        let diff = ones
+            .iter()
+            .zip(&derivative)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-6, "derivatives differ by {diff}");
+        let g = crate::rng::Rng::new(4).uniform(n, 1.0);
+        let mut product = g.clone();
+        mul_inplace(&mut product, &derivative);
+        let mut backward = g;
+        gelu_backward(&x, &mut backward);
+        let diff = product
+            .iter()
+            .zip(&backward)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-6, "gradients differ by {diff}");
+    }
 
     #[test]
     fn row_and_elementwise_kernels_split_across_threads_agree_with_one_pass() {

@@ -266,9 +266,27 @@ pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<
         Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
         None => None,
     };
-    Ok(by_blocks(x, k, n, |rows, x, out| {
-        super::kernels::linear(x, rows, k, w, bias, n, out)
-    }))
+    if bias.is_some_and(|b| b.len() != n) {
+        return Err(candle_core::Error::Msg(format!(
+            "frozen-linear bias is not {n} values"
+        )));
+    }
+    // The output starts as the bias, so the products add onto it: one pass over it, not a zeroing and a
+    // copy of the bias.
+    let rows = x.len() / k.max(1);
+    let mut out = match bias {
+        Some(bias) => bias.repeat(rows),
+        None => vec![0f32; rows * n],
+    };
+    for (x, out) in x
+        .chunks(CHUNK_ROWS * k.max(1))
+        .zip(out.chunks_mut(CHUNK_ROWS * n.max(1)))
+    {
+        crate::pressure::yield_point();
+        let rows = x.len() / k.max(1);
+        super::kernels::add_linear_into(x, rows, k, w, 1.0, out, super::kernels::Columns::all(n));
+    }
+    Ok(out)
 }
 
 /// `g·W` for a gradient `g` of `rows × out` and a frozen CPU f32 `weight` `[out × in]`, in blocks of rows:
