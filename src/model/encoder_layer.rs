@@ -344,6 +344,7 @@ mod tests {
     use candle_core::{Device, Module, Tensor, Var};
 
     use super::{forward, LayerParts};
+    use crate::model::bert::Layer;
     use crate::model::lora::Target;
     use crate::model::lora_linear::{self, DropoutDraw, LowRank};
     use crate::model::tiny::{self, max_abs_diff};
@@ -355,9 +356,63 @@ mod tests {
         Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
     }
 
-    /// The layer op against the same layer composed of the separate ops (the joined query/key/value op, the
-    /// attention op, the single LoRA ops, LayerNorm and GELU), with deltas on all six linears and dropout on
-    /// some: outputs, and the gradients of the input (where it trains) and of every factor.
+    /// `layer`'s pieces with `delta(n)` on its linears, numbered query, key, value, attention output,
+    /// intermediate, output.
+    fn parts(layer: &Layer, delta: impl Fn(usize) -> Option<LowRank>) -> LayerParts<'_> {
+        LayerParts {
+            qkv: [
+                (&layer.query, delta(0)),
+                (&layer.key, delta(1)),
+                (&layer.value, delta(2)),
+            ],
+            attention_out: (&layer.attention_out, delta(3)),
+            attention_norm: &layer.attention_norm,
+            intermediate: (&layer.intermediate, delta(4)),
+            output: (&layer.output, delta(5)),
+            output_norm: &layer.output_norm,
+        }
+    }
+
+    /// The same layer composed of the separate ops: the joined query/key/value op, the attention op, one
+    /// LoRA op per other linear with a delta (a frozen linear without), LayerNorm and GELU.
+    fn separate(
+        layer: &Layer,
+        x: &Tensor,
+        lengths: &[usize],
+        heads: usize,
+        delta: impl Fn(usize) -> Option<LowRank>,
+    ) -> Tensor {
+        let [query, key, value] = parts(layer, &delta).qkv;
+        let qkv = lora_linear::forward_joined(vec![query, key, value], x).unwrap();
+        let dense = |linear: &crate::model::linear::Linear, n: usize, input: &Tensor| match delta(n)
+        {
+            Some(d) => lora_linear::forward(linear, input, d).unwrap(),
+            None => linear.forward(input).unwrap(),
+        };
+        let context = train_ops::attention(&qkv, lengths, heads).unwrap();
+        let attended = layer
+            .attention_norm
+            .forward(&(dense(&layer.attention_out, 3, &context) + x).unwrap())
+            .unwrap();
+        let inner = train_ops::gelu_erf(&dense(&layer.intermediate, 4, &attended)).unwrap();
+        layer
+            .output_norm
+            .forward(&(dense(&layer.output, 5, &inner) + attended).unwrap())
+            .unwrap()
+    }
+
+    /// The gradients of `Σ t ⊙ weights`: a loss whose gradient differs per position.
+    fn weighted_loss(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
+        (t * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
+    /// The layer op against the separate ops with deltas on all six linears and dropout on some: outputs,
+    /// and the gradients of the input (where it trains) and of every factor.
     fn check(input_trains: bool) {
         let bert = tiny::bert(9);
         let layer = &bert.layers[0];
@@ -384,14 +439,16 @@ mod tests {
             })
             .collect();
         // Dropout on every other linear; each pass draws the same masks from the same seeds.
-        let delta = |n: usize| LowRank {
-            a: factors[n].0.as_tensor().clone(),
-            b: factors[n].1.as_tensor().clone(),
-            scale: 2.0,
-            dropout: (n % 2 == 0).then_some(DropoutDraw {
-                p: 0.2,
-                seed: 7 + n as u64,
-            }),
+        let delta = |n: usize| {
+            Some(LowRank {
+                a: factors[n].0.as_tensor().clone(),
+                b: factors[n].1.as_tensor().clone(),
+                scale: 2.0,
+                dropout: (n % 2 == 0).then_some(DropoutDraw {
+                    p: 0.2,
+                    seed: 7 + n as u64,
+                }),
+            })
         };
         let lengths = [5usize, 3, 7];
         let x_var = var(&[3, 7, h], 1, 1.0);
@@ -400,58 +457,17 @@ mod tests {
         } else {
             x_var.as_tensor().detach()
         };
-        let parts = LayerParts {
-            qkv: [
-                (&layer.query, Some(delta(0))),
-                (&layer.key, Some(delta(1))),
-                (&layer.value, Some(delta(2))),
-            ],
-            attention_out: (&layer.attention_out, Some(delta(3))),
-            attention_norm: &layer.attention_norm,
-            intermediate: (&layer.intermediate, Some(delta(4))),
-            output: (&layer.output, Some(delta(5))),
-            output_norm: &layer.output_norm,
-        };
-        let fused = forward(parts, &x, &lengths, config.num_attention_heads).unwrap();
-
-        let qkv = lora_linear::forward_joined(
-            vec![
-                (&layer.query, Some(delta(0))),
-                (&layer.key, Some(delta(1))),
-                (&layer.value, Some(delta(2))),
-            ],
-            &x,
-        )
-        .unwrap();
-        let context = train_ops::attention(&qkv, &lengths, config.num_attention_heads).unwrap();
-        let attention_out = lora_linear::forward(&layer.attention_out, &context, delta(3)).unwrap();
-        let attended = layer
-            .attention_norm
-            .forward(&(attention_out + &x).unwrap())
-            .unwrap();
-        let inner = train_ops::gelu_erf(
-            &lora_linear::forward(&layer.intermediate, &attended, delta(4)).unwrap(),
-        )
-        .unwrap();
-        let output = lora_linear::forward(&layer.output, &inner, delta(5)).unwrap();
-        let separate = layer
-            .output_norm
-            .forward(&(output + attended).unwrap())
-            .unwrap();
-
+        let heads = config.num_attention_heads;
+        let fused = forward(parts(layer, delta), &x, &lengths, heads).unwrap();
+        let reference = separate(layer, &x, &lengths, heads, delta);
         assert_eq!(fused.dims(), &[3, 7, h]);
-        let diff = max_abs_diff(&fused, &separate);
+        let diff = max_abs_diff(&fused, &reference);
         assert!(diff < 1e-4, "outputs differ by {diff}");
         let weights = var(&[3, 7, h], 2, 1.0).as_tensor().detach();
-        let loss = |t: &Tensor| {
-            (t * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (got, want) = (loss(&fused), loss(&separate));
+        let (got, want) = (
+            weighted_loss(&fused, &weights),
+            weighted_loss(&reference, &weights),
+        );
         for (n, (a, b)) in factors.iter().enumerate() {
             for (which, v) in [("A", a), ("B", b)] {
                 let (g, w) = (
@@ -459,19 +475,16 @@ mod tests {
                     want.get(v.as_tensor()).unwrap(),
                 );
                 let diff = max_abs_diff(g, w);
+                let target = targets[n].0;
                 assert!(
                     diff < 1e-3,
-                    "{which} of {:?}: gradients differ by {diff}",
-                    targets[n].0
+                    "{which} of {target:?}: gradients differ by {diff}"
                 );
-                let norm = g
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(norm > 0.0, "{which} of {:?} gets no gradient", targets[n].0);
+                let norm = g.abs().unwrap().sum_all().unwrap();
+                assert!(
+                    norm.to_scalar::<f32>().unwrap() > 0.0,
+                    "{which} of {target:?} gets no gradient"
+                );
             }
         }
         if input_trains {
@@ -492,53 +505,16 @@ mod tests {
     fn without_deltas_the_layer_op_still_passes_the_input_gradient() {
         let bert = tiny::bert(9);
         let layer = &bert.layers[0];
-        let h = bert.config.hidden_size;
-        let x = var(&[2, 4, h], 3, 1.0);
-        let lengths = [4usize, 2];
-        let parts = || LayerParts {
-            qkv: [
-                (&layer.query, None),
-                (&layer.key, None),
-                (&layer.value, None),
-            ],
-            attention_out: (&layer.attention_out, None),
-            attention_norm: &layer.attention_norm,
-            intermediate: (&layer.intermediate, None),
-            output: (&layer.output, None),
-            output_norm: &layer.output_norm,
-        };
-        let heads = bert.config.num_attention_heads;
-        let fused = forward(parts(), x.as_tensor(), &lengths, heads).unwrap();
-        let qkv = Tensor::cat(
-            &[
-                layer.query.forward(x.as_tensor()).unwrap(),
-                layer.key.forward(x.as_tensor()).unwrap(),
-                layer.value.forward(x.as_tensor()).unwrap(),
-            ],
-            2,
-        )
-        .unwrap();
-        let context = train_ops::attention(&qkv, &lengths, heads).unwrap();
-        let attended = layer
-            .attention_norm
-            .forward(&(layer.attention_out.forward(&context).unwrap() + x.as_tensor()).unwrap())
-            .unwrap();
-        let inner = train_ops::gelu_erf(&layer.intermediate.forward(&attended).unwrap()).unwrap();
-        let separate = layer
-            .output_norm
-            .forward(&(layer.output.forward(&inner).unwrap() + attended).unwrap())
-            .unwrap();
-        assert!(max_abs_diff(&fused, &separate) < 1e-4, "outputs differ");
-        let weights = var(&[2, 4, h], 4, 1.0).as_tensor().detach();
-        let loss = |t: &Tensor| {
-            (t * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (got, want) = (loss(&fused), loss(&separate));
+        let x = var(&[2, 4, bert.config.hidden_size], 3, 1.0);
+        let (lengths, heads) = ([4usize, 2], bert.config.num_attention_heads);
+        let fused = forward(parts(layer, |_| None), x.as_tensor(), &lengths, heads).unwrap();
+        let reference = separate(layer, x.as_tensor(), &lengths, heads, |_| None);
+        assert!(max_abs_diff(&fused, &reference) < 1e-4, "outputs differ");
+        let weights = var(fused.dims(), 4, 1.0).as_tensor().detach();
+        let (got, want) = (
+            weighted_loss(&fused, &weights),
+            weighted_loss(&reference, &weights),
+        );
         let diff = max_abs_diff(
             got.get(x.as_tensor()).unwrap(),
             want.get(x.as_tensor()).unwrap(),
@@ -551,19 +527,8 @@ mod tests {
         let bert = tiny::bert(9);
         let layer = &bert.layers[0];
         let x = var(&[2, 4, bert.config.hidden_size], 3, 1.0);
-        let parts = LayerParts {
-            qkv: [
-                (&layer.query, None),
-                (&layer.key, None),
-                (&layer.value, None),
-            ],
-            attention_out: (&layer.attention_out, None),
-            attention_norm: &layer.attention_norm,
-            intermediate: (&layer.intermediate, None),
-            output: (&layer.output, None),
-            output_norm: &layer.output_norm,
-        };
         let heads = bert.config.num_attention_heads;
-        assert!(forward(parts, x.as_tensor(), &[4, 5], heads).is_err());
+        assert!(forward(parts(layer, |_| None), x.as_tensor(), &[4, 5], heads).is_err());
+        assert!(forward(parts(layer, |_| None), x.as_tensor(), &[4], heads).is_err());
     }
 }
