@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::error::{ModelError, Result};
 use super::kernels::{self, Padded};
-use super::linear::{cpu_f32, f32_slice, LayerNorm, Linear};
-use super::lora_linear::{fusable, LoraGroup, LowRank};
+use super::linear::{f32_slice, LayerNorm, Linear};
+use super::lora_linear::{backward_over_factors, fusable, LoraGroup, LowRank};
 use crate::pressure::yield_point;
 
 /// A linear of the layer and its delta, if it has one.
@@ -184,6 +184,73 @@ impl EncoderLayer {
             lengths: &self.lengths,
         })
     }
+
+    /// The layer's chain rule from the output's gradient `g`, with the activations the forward pass kept:
+    /// the factors' gradients into `d_factors`, and the input's gradient returned when `input_gradient`
+    /// asks for it.
+    fn backward_pass(
+        &self,
+        saved: &Saved,
+        g: &[f32],
+        x_values: &[f32],
+        packed: &[f32],
+        input_gradient: bool,
+        d_factors: &mut [f32],
+    ) -> candle_core::Result<Option<Vec<f32>>> {
+        let mut d = g.to_vec();
+        let missing = || candle_core::Error::Msg("encoder-layer: a linear gave no gradient".into());
+
+        // Output LayerNorm, then the output linear and GELU; the residual carries d_output_sum past
+        // them.
+        yield_point();
+        self.output_norm.backward(&saved.output_sum, &mut d);
+        let d_output_sum = d;
+        let mut d_inner = self
+            .output
+            .backward(
+                input_of(&saved.activated),
+                &d_output_sum,
+                packed,
+                true,
+                d_factors,
+            )?
+            .ok_or_else(missing)?;
+        yield_point();
+        kernels::mul_inplace(&mut d_inner, &saved.gelu_derivative);
+        let mut d_attended = self
+            .intermediate
+            .backward(input_of(&saved.attended), &d_inner, packed, true, d_factors)?
+            .ok_or_else(missing)?;
+        drop(d_inner);
+        add_into(&mut d_attended, &d_output_sum);
+        // Attention LayerNorm, the attention output linear and the attention.
+        yield_point();
+        self.attention_norm
+            .backward(&saved.attention_sum, &mut d_attended);
+        let d_attention_sum = d_attended;
+        let d_context = self
+            .attention_out
+            .backward(
+                input_of(&saved.context),
+                &d_attention_sum,
+                packed,
+                true,
+                d_factors,
+            )?
+            .ok_or_else(missing)?;
+        let mut d_qkv = vec![0f32; saved.qkv.len()];
+        yield_point();
+        kernels::attention_padded_backward(&self.padded()?, &saved.qkv, &d_context, &mut d_qkv);
+        drop(d_context);
+        let d_x = self
+            .qkv
+            .backward(x_values, &d_qkv, packed, input_gradient, d_factors)?
+            .map(|mut d_x| {
+                add_into(&mut d_x, &d_attention_sum);
+                d_x
+            });
+        Ok(d_x)
+    }
 }
 
 /// `into += from`, elementwise.
@@ -266,76 +333,14 @@ impl CustomOp2 for EncoderLayer {
                         .to_owned(),
                 )
             })?;
-        let grad = grad.contiguous()?;
-        let (g_storage, g_layout) = grad.storage_and_layout();
-        let mut d = cpu_f32(&g_storage, g_layout, "encoder-layer gradient")?.to_vec();
-        let input = x.contiguous()?;
-        let (x_storage, x_layout) = input.storage_and_layout();
-        let x_values = cpu_f32(&x_storage, x_layout, "encoder-layer input")?;
-        let packed = factors.contiguous()?;
-        let (f_storage, f_layout) = packed.storage_and_layout();
-        let packed = cpu_f32(&f_storage, f_layout, "encoder-layer factors")?;
-        let mut d_factors = vec![0f32; packed.len()];
-        let missing = || candle_core::Error::Msg("encoder-layer: a linear gave no gradient".into());
-
-        // Output LayerNorm, then the output linear and GELU; the residual carries d_output_sum past them.
-        yield_point();
-        self.output_norm.backward(&saved.output_sum, &mut d);
-        let d_output_sum = d;
-        let mut d_inner = self
-            .output
-            .backward(
-                input_of(&saved.activated),
-                &d_output_sum,
-                packed,
-                true,
-                &mut d_factors,
-            )?
-            .ok_or_else(missing)?;
-        yield_point();
-        kernels::mul_inplace(&mut d_inner, &saved.gelu_derivative);
-        let mut d_attended = self
-            .intermediate
-            .backward(
-                input_of(&saved.attended),
-                &d_inner,
-                packed,
-                true,
-                &mut d_factors,
-            )?
-            .ok_or_else(missing)?;
-        drop(d_inner);
-        add_into(&mut d_attended, &d_output_sum);
-        // Attention LayerNorm, the attention output linear and the attention.
-        yield_point();
-        self.attention_norm
-            .backward(&saved.attention_sum, &mut d_attended);
-        let d_attention_sum = d_attended;
-        let d_context = self
-            .attention_out
-            .backward(
-                input_of(&saved.context),
-                &d_attention_sum,
-                packed,
-                true,
-                &mut d_factors,
-            )?
-            .ok_or_else(missing)?;
-        let mut d_qkv = vec![0f32; saved.qkv.len()];
-        yield_point();
-        kernels::attention_padded_backward(&self.padded()?, &saved.qkv, &d_context, &mut d_qkv);
-        drop(d_context);
-        // Only an input that depends on a variable needs its gradient (the first layer's does not).
-        let d_x = self
-            .qkv
-            .backward(x_values, &d_qkv, packed, x.track_op(), &mut d_factors)?
-            .map(|mut d_x| {
-                add_into(&mut d_x, &d_attention_sum);
-                Tensor::from_vec(d_x, x.shape(), x.device())
-            })
-            .transpose()?;
-        let d_factors = Tensor::from_vec(d_factors, factors.shape(), factors.device())?;
-        Ok((d_x, Some(d_factors)))
+        backward_over_factors(
+            "encoder-layer",
+            (x, factors, grad),
+            |g, x_values, packed, d_factors| {
+                // Only an input that depends on a variable needs its gradient (the first layer's does not).
+                self.backward_pass(&saved, g, x_values, packed, x.track_op(), d_factors)
+            },
+        )
     }
 }
 

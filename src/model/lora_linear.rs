@@ -383,25 +383,42 @@ impl CustomOp2 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (g_storage, g_layout) = grad.storage_and_layout();
-        let g = cpu_f32(&g_storage, g_layout, "lora-linear gradient")?;
-        let input = x.contiguous()?;
-        let (x_storage, x_layout) = input.storage_and_layout();
-        let x_values = cpu_f32(&x_storage, x_layout, "lora-linear input")?;
-        let packed = factors.contiguous()?;
-        let (f_storage, f_layout) = packed.storage_and_layout();
-        let packed = cpu_f32(&f_storage, f_layout, "lora-linear factors")?;
-        let mut d_factors = vec![0f32; packed.len()];
-        // Only an input that depends on a variable needs its gradient (the first layer's does not).
-        let d_x = self
-            .0
-            .backward(x_values, g, packed, x.track_op(), &mut d_factors)?
-            .map(|d_x| Tensor::from_vec(d_x, x.shape(), x.device()))
-            .transpose()?;
-        let d_factors = Tensor::from_vec(d_factors, factors.shape(), factors.device())?;
-        Ok((d_x, Some(d_factors)))
+        backward_over_factors(
+            "lora-linear",
+            (x, factors, grad),
+            |g, x_values, packed, d_factors| {
+                // Only an input that depends on a variable needs its gradient (the first layer's does not).
+                self.0
+                    .backward(x_values, g, packed, x.track_op(), d_factors)
+            },
+        )
     }
+}
+
+/// The backward pass of an op whose inputs are an activation `x` and packed factors (the LoRA op's, the
+/// encoder layer's): hands `pass` the CPU f32 values of the output's gradient, of `x` and of the factors, and a
+/// zeroed buffer for the factors' gradient; `pass` returns `x`'s gradient when it computes one. `what`
+/// names the op in errors.
+pub(crate) fn backward_over_factors(
+    what: &str,
+    (x, factors, grad): (&Tensor, &Tensor, &Tensor),
+    pass: impl FnOnce(&[f32], &[f32], &[f32], &mut [f32]) -> candle_core::Result<Option<Vec<f32>>>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (g_storage, g_layout) = grad.storage_and_layout();
+    let g = cpu_f32(&g_storage, g_layout, &format!("{what} gradient"))?;
+    let input = x.contiguous()?;
+    let (x_storage, x_layout) = input.storage_and_layout();
+    let x_values = cpu_f32(&x_storage, x_layout, &format!("{what} input"))?;
+    let packed = factors.contiguous()?;
+    let (f_storage, f_layout) = packed.storage_and_layout();
+    let packed = cpu_f32(&f_storage, f_layout, &format!("{what} factors"))?;
+    let mut d_factors = vec![0f32; packed.len()];
+    let d_x = pass(g, x_values, packed, &mut d_factors)?
+        .map(|d_x| Tensor::from_vec(d_x, x.shape(), x.device()))
+        .transpose()?;
+    let d_factors = Tensor::from_vec(d_factors, factors.shape(), factors.device())?;
+    Ok((d_x, Some(d_factors)))
 }
 
 #[cfg(test)]
