@@ -2,7 +2,7 @@
 //! the attention over a right-padded batch, the attention output with its residual LayerNorm, the GELU
 //! feed-forward with its residual LayerNorm, and the low-rank deltas on any of the linears.
 //!
-//! Composed of one op per step, a layer is a dozen graph nodes, and candle's backward pass adds each node's
+//! Composed of one op per stage, a layer is a dozen graph nodes, and candle's backward pass adds each node's
 //! gradient into a freshly zeroed buffer: a memset and an addition per node and direction, on the calling
 //! thread while the pool waits. Here the forward pass keeps the activations the backward pass needs, and the
 //! backward pass runs the layer's chain rule on plain buffers, returning the input's gradient (none for the
@@ -175,6 +175,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// The attention kernels' view of the batch.
     fn padded(&self) -> candle_core::Result<Padded<'_>> {
         let hidden = self.attention_out.dims()?.0;
         Ok(Padded {
