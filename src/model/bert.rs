@@ -355,15 +355,9 @@ impl Bert {
         let ctx = match padding {
             Padding::Lengths(lengths) => {
                 debug_assert!(rows == Rows::All, "encode gives a first-row layer a mask");
-                let qkv = match self.joined_qkv(index, &projections, x, deltas)? {
-                    Some(qkv) => qkv,
-                    None => {
-                        let [q, k, v] =
-                            projections.map(|(linear, target)| dense(linear, target, x));
-                        Tensor::cat(&[&q?, &k?, &v?], 2)?
-                    }
-                };
-                train_ops::attention(&qkv, lengths, heads)?
+                // Where the CPU can fuse them with their deltas, `fused_layer` ran the whole layer.
+                let [q, k, v] = projections.map(|(linear, target)| dense(linear, target, x));
+                train_ops::attention(&Tensor::cat(&[&q?, &k?, &v?], 2)?, lengths, heads)?
             }
             Padding::Mask(mask) => {
                 let q = dense(&layer.query, Target::Query, &kept)?;
@@ -445,33 +439,6 @@ impl Bert {
         }
         let heads = self.config.num_attention_heads;
         Ok(Some(encoder_layer::forward(parts, x, lengths, heads)?))
-    }
-
-    /// Queries, keys and values side by side (`[batch, seq, 3·hidden]`) from one op where the CPU can fuse
-    /// them ([`lora_linear::forward_joined`]); `None` where it cannot, or where `deltas` may have deltas that
-    /// are not low-rank.
-    fn joined_qkv(
-        &self,
-        index: usize,
-        projections: &[(&Linear, Target); 3],
-        x: &Tensor,
-        deltas: &dyn Deltas,
-    ) -> Result<Option<Tensor>> {
-        let fusable = projections
-            .iter()
-            .all(|(linear, _)| lora_linear::fusable(linear, x));
-        if !(fusable && deltas.all_low_rank()) {
-            return Ok(None);
-        }
-        let parts = projections
-            .iter()
-            .map(|&(linear, target)| Ok((linear, deltas.low_rank(index, target)?)))
-            .collect::<Result<Vec<_>>>()?;
-        // Without a delta, three frozen linears cost what one joined does, without concatenating weights.
-        if parts.iter().all(|(_, delta)| delta.is_none()) {
-            return Ok(None);
-        }
-        Ok(Some(lora_linear::forward_joined(parts, x)?))
     }
 }
 

@@ -15,6 +15,24 @@ const ROWS_PER_TASK: usize = 16;
 pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 16;
 pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 14;
 
+/// Runs `kernel(values, other)` over matching chunks of `chunk` elements of two buffers of one length,
+/// across rayon's pool once they reach [`PARALLEL_ELEMENTS`], otherwise on the calling thread in one go.
+fn split_paired(
+    values: &mut [f32],
+    other: &[f32],
+    chunk: usize,
+    kernel: impl Fn(&mut [f32], &[f32]) + Sync + Send,
+) {
+    if values.len() >= PARALLEL_ELEMENTS {
+        values
+            .par_chunks_mut(chunk)
+            .zip(other.par_chunks(chunk))
+            .for_each(|(v, o)| kernel(v, o));
+    } else {
+        kernel(values, other);
+    }
+}
+
 /// A task's share of a row-wise kernel: whole rows of `width`, about [`ELEMENTS_PER_TASK`] elements.
 fn whole_rows(width: usize) -> usize {
     (ELEMENTS_PER_TASK / width.max(1)).max(1) * width.max(1)
@@ -433,13 +451,7 @@ simd_dispatch!(gelu_chunk, gelu_chunk_avx2, gelu_body, (chunk: &mut [f32]));
 /// `grad *= GELU'(x)` elementwise, for the exact (erf) GELU: the backward pass of [`gelu_inplace`].
 pub fn gelu_backward(x: &[f32], grad: &mut [f32]) {
     assert_eq!(x.len(), grad.len(), "gelu_backward: shapes differ");
-    if grad.len() >= PARALLEL_ELEMENTS {
-        grad.par_chunks_mut(ELEMENTS_PER_TASK)
-            .zip(x.par_chunks(ELEMENTS_PER_TASK))
-            .for_each(|(g, x)| gelu_backward_chunk(x, g));
-    } else {
-        gelu_backward_chunk(x, grad);
-    }
+    split_paired(grad, x, ELEMENTS_PER_TASK, |g, x| gelu_backward_chunk(x, g));
 }
 
 #[inline(always)]
@@ -500,15 +512,9 @@ simd_dispatch!(
 /// `values *= by` elementwise.
 pub fn mul_inplace(values: &mut [f32], by: &[f32]) {
     assert_eq!(values.len(), by.len(), "mul_inplace: shapes differ");
-    let run = |v: &mut [f32], b: &[f32]| v.iter_mut().zip(b).for_each(|(v, b)| *v *= b);
-    if values.len() >= PARALLEL_ELEMENTS {
-        values
-            .par_chunks_mut(ELEMENTS_PER_TASK)
-            .zip(by.par_chunks(ELEMENTS_PER_TASK))
-            .for_each(|(v, b)| run(v, b));
-    } else {
-        run(values, by);
-    }
+    split_paired(values, by, ELEMENTS_PER_TASK, |v, b| {
+        v.iter_mut().zip(b).for_each(|(v, b)| *v *= b)
+    });
 }
 
 /// In-place `x = LayerNorm(x + residual)` over rows of width `gamma.len()`.
@@ -636,19 +642,11 @@ pub fn layer_norm_input_gradient(x: &[f32], gamma: &[f32], eps: f32, grad: &mut 
         width > 0 && x.len() == grad.len() && x.len() % width == 0,
         "layer_norm_input_gradient: shapes differ"
     );
-    let run = |x: &[f32], grad: &mut [f32]| {
+    split_paired(grad, x, whole_rows(width), |grad, x| {
         let mut discarded = vec![0f32; 2 * width];
         let (d_gamma, d_beta) = discarded.split_at_mut(width);
         layer_norm_backward_rows(x, gamma, eps, grad, d_gamma, d_beta);
-    };
-    if grad.len() >= PARALLEL_ELEMENTS {
-        let chunk = whole_rows(width);
-        grad.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(g, x)| run(x, g));
-    } else {
-        run(x, grad);
-    }
+    });
 }
 
 #[inline(always)]
@@ -750,14 +748,9 @@ pub fn softmax_backward(p: &[f32], grad: &mut [f32], width: usize) {
         0,
         "softmax_backward: input is not whole rows"
     );
-    if grad.len() >= PARALLEL_ELEMENTS {
-        let chunk = whole_rows(width);
-        grad.par_chunks_mut(chunk)
-            .zip(p.par_chunks(chunk))
-            .for_each(|(g, p)| softmax_backward_rows(p, g, width));
-    } else {
-        softmax_backward_rows(p, grad, width);
-    }
+    split_paired(grad, p, whole_rows(width), |g, p| {
+        softmax_backward_rows(p, g, width)
+    });
 }
 
 #[inline(always)]

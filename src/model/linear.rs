@@ -229,50 +229,24 @@ fn forward_rows(
 ) -> candle_core::Result<(Vec<f32>, Shape)> {
     let dims = ending_in(layout, k, what)?;
     let x = f32_slice(storage, layout, what)?;
-    let out = by_blocks(x, k, n, |rows, x, out| {
-        super::kernels::linear(x, rows, k, w, bias, n, out)
-    });
-    Ok((out, with_last(dims, n)))
+    Ok((linear_by_blocks(x, w, bias, (n, k))?, with_last(dims, n)))
 }
 
-/// `linear(x)` for a frozen CPU f32 `linear` and an input `x` (`storage`, `layout`), in blocks of rows: the
-/// forward pass of [`FrozenLinear`].
-pub(crate) fn frozen_rows(
-    linear: &Linear,
-    (storage, layout): (&CpuStorage, &Layout),
-    what: &str,
-) -> candle_core::Result<(Vec<f32>, Shape)> {
-    let (n, k) = linear.weight.dims2()?;
-    let dims = ending_in(layout, k, what)?;
-    let x = f32_slice(storage, layout, what)?;
-    Ok((frozen_product(linear, x)?, with_last(dims, n)))
-}
-
-/// `linear(x)` for a frozen CPU f32 `linear` and `x` of `rows × in` values, in blocks of rows: the frozen
-/// product of [`FrozenLinear`], of the fused LoRA op ([`super::lora_linear`]) and of the fused encoder
-/// layer ([`super::encoder_layer`]).
-pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<Vec<f32>> {
-    let (n, k) = linear.weight.dims2()?;
-    if x.len() % k.max(1) != 0 {
+/// `x·Wᵀ + b` for `x` of `rows × k` values and a `w` of `[n × k]`, in blocks of [`CHUNK_ROWS`] rows with a
+/// yield point before each. The output starts as the bias and the products add onto it: one pass over it,
+/// not a zeroing and a copy of the bias.
+fn linear_by_blocks(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (n, k): (usize, usize),
+) -> candle_core::Result<Vec<f32>> {
+    if x.len() % k.max(1) != 0 || bias.is_some_and(|b| b.len() != n) {
         return Err(candle_core::Error::Msg(format!(
-            "frozen-linear input of {} values is not rows of {k}",
+            "linear: an input of {} values is not rows of {k}, or the bias is not {n} values",
             x.len()
         )));
     }
-    let (w_storage, w_layout) = linear.weight.storage_and_layout();
-    let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
-    let bias_guard = linear.bias.as_ref().map(|b| b.storage_and_layout());
-    let bias = match &bias_guard {
-        Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
-        None => None,
-    };
-    if bias.is_some_and(|b| b.len() != n) {
-        return Err(candle_core::Error::Msg(format!(
-            "frozen-linear bias is not {n} values"
-        )));
-    }
-    // The output starts as the bias, so the products add onto it: one pass over it, not a zeroing and a
-    // copy of the bias.
     let rows = x.len() / k.max(1);
     let mut out = match bias {
         Some(bias) => bias.repeat(rows),
@@ -287,6 +261,20 @@ pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<
         super::kernels::add_linear_into(x, rows, k, w, 1.0, out, super::kernels::Columns::all(n));
     }
     Ok(out)
+}
+
+/// `linear(x)` for a frozen CPU f32 `linear` and `x` of `rows × in` values, in blocks of rows: the frozen
+/// product of [`FrozenLinear`], of the fused LoRA op ([`super::lora_linear`]) and of the fused encoder
+/// layer ([`super::encoder_layer`]).
+pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+    let (w_storage, w_layout) = linear.weight.storage_and_layout();
+    let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
+    let bias_guard = linear.bias.as_ref().map(|b| b.storage_and_layout());
+    let bias = match &bias_guard {
+        Some((storage, layout)) => Some(cpu_f32(storage, layout, "frozen-linear bias")?),
+        None => None,
+    };
+    linear_by_blocks(x, w, bias, linear.weight.dims2()?)
 }
 
 /// `g·W` for a gradient `g` of `rows × out` and a frozen CPU f32 `weight` `[out × in]`, in blocks of rows:
@@ -331,8 +319,11 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (out, shape) = frozen_rows(&self.0, (storage, layout), "frozen-linear input")?;
-        Ok((CpuStorage::F32(out), shape))
+        let (n, k) = self.0.weight.dims2()?;
+        let what = "frozen-linear input";
+        let dims = ending_in(layout, k, what)?;
+        let out = frozen_product(&self.0, f32_slice(storage, layout, what)?)?;
+        Ok((CpuStorage::F32(out), with_last(dims, n)))
     }
 
     fn bwd(
