@@ -1054,6 +1054,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tiny::max_diff;
 
     #[test]
     fn gelu_with_its_derivative_agrees_with_gelu_and_its_backward_pass() {
@@ -1066,22 +1067,14 @@ mod tests {
         assert_eq!(out, gelu);
         let mut ones = vec![1f32; n];
         gelu_backward(&x, &mut ones);
-        let diff = ones
-            .iter()
-            .zip(&derivative)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(&ones, &derivative);
         assert!(diff < 1e-6, "derivatives differ by {diff}");
         let g = crate::rng::Rng::new(4).uniform(n, 1.0);
         let mut product = g.clone();
         mul_inplace(&mut product, &derivative);
         let mut backward = g;
         gelu_backward(&x, &mut backward);
-        let diff = product
-            .iter()
-            .zip(&backward)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_diff(&product, &backward);
         assert!(diff < 1e-6, "gradients differ by {diff}");
     }
 

@@ -3,15 +3,7 @@
 use super::fast::CpuEncoder;
 use super::hf_config::BertConfig;
 use super::lora::Target;
-use super::tiny;
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use super::tiny::{self, max_diff};
 
 const SEQS: [&[u32]; 4] = [
     &[1, 5, 9, 2],

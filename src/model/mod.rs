@@ -260,6 +260,7 @@ pub mod tiny;
 
 #[cfg(test)]
 mod tests {
+    use super::tiny::max_diff;
     use super::*;
 
     #[test]
@@ -274,14 +275,6 @@ mod tests {
                 assert!(e.contains("`cuda` cargo feature"), "{name}: {e}");
             }
         }
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     fn packed_reference(bert: &Bert, sequences: &[&[u32]]) -> Packed {
