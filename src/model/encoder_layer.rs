@@ -450,7 +450,7 @@ mod tests {
                 a: factors[n].0.as_tensor().clone(),
                 b: factors[n].1.as_tensor().clone(),
                 scale: 2.0,
-                dropout: (n % 2 == 0).then_some(DropoutDraw {
+                dropout: n.is_multiple_of(2).then_some(DropoutDraw {
                     p: 0.2,
                     seed: 7 + n as u64,
                 }),

@@ -58,7 +58,9 @@ impl BertConfig {
 
     /// Checks the combinations this encoder can run, naming the first unsupported one.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
