@@ -336,6 +336,47 @@ pub fn transposed_product(
     }
 }
 
+/// Whether [`transposed_weight`] pays for itself in a product of `rows` rows: on CPUs with AVX-512, whose
+/// kernel needs a weight's inner dimension along its rows, once the rows make the product at least a few
+/// times longer than moving the weight.
+pub fn transposing_pays(rows: usize) -> bool {
+    rows >= TRANSPOSE_MIN_ROWS && super::avx512::available()
+}
+
+/// Rows from which a product saves more by reading `Wᵀ` than transposing `W` costs (~120 here).
+const TRANSPOSE_MIN_ROWS: usize = 256;
+
+/// `wᵀ`, `[cols × rows]` row-major, of a row-major `w` `[rows × cols]`: a linear's weight laid out so that a
+/// product reads it along its rows. Bands of 16 output rows (16 input columns, one cache line of each input
+/// row) split across rayon's pool.
+pub fn transposed_weight(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(
+        w.len(),
+        size(rows, cols),
+        "transposed_weight: w is not rows × cols"
+    );
+    let mut out = vec![0f32; w.len()];
+    if w.is_empty() {
+        return out;
+    }
+    const BAND: usize = 16;
+    let band = |(b, out): (usize, &mut [f32])| {
+        let c0 = b * BAND;
+        let width = out.len() / rows;
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            for (c, &value) in row[c0..c0 + width].iter().enumerate() {
+                out[c * rows + r] = value;
+            }
+        }
+    };
+    if w.len() >= PARALLEL_ELEMENTS {
+        out.par_chunks_mut(BAND * rows).enumerate().for_each(band);
+    } else {
+        out.chunks_mut(BAND * rows).enumerate().for_each(band);
+    }
+    out
+}
+
 /// `out[rows × k] += scale · g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a low-rank delta's
 /// share of an input gradient.
 pub fn add_matmul(
@@ -627,7 +668,7 @@ pub fn layer_norm_backward(
 ) {
     let width = gamma.len();
     assert!(
-        width > 0 && x.len() == grad.len() && x.len() % width == 0,
+        width > 0 && x.len() == grad.len() && x.len().is_multiple_of(width),
         "layer_norm_backward: shapes differ"
     );
     assert!(d_gamma.len() == width && d_beta.len() == width);
@@ -639,7 +680,7 @@ pub fn layer_norm_backward(
 pub fn layer_norm_input_gradient(x: &[f32], gamma: &[f32], eps: f32, grad: &mut [f32]) {
     let width = gamma.len();
     assert!(
-        width > 0 && x.len() == grad.len() && x.len() % width == 0,
+        width > 0 && x.len() == grad.len() && x.len().is_multiple_of(width),
         "layer_norm_input_gradient: shapes differ"
     );
     split_paired(grad, x, whole_rows(width), |grad, x| {
@@ -867,7 +908,7 @@ unsafe fn head_probabilities(
 
 /// A strided product `dst = (accumulate ? dst : 0) + scale · a·b` (`[m × n]`, row stride `dst_rs`) of `a`
 /// `[m × k]` and `b` `[k × n]`, each given by its row and column strides. The one place the kernels call
-/// into gemm.
+/// into gemm, or into the AVX-512 kernel for the products it covers.
 ///
 /// # Safety
 /// Every index the strides and sizes reach must lie inside the pointed-to buffers, and `dst` must not
@@ -880,6 +921,36 @@ unsafe fn strided_product(
     scale: f32,
     parallelism: Parallelism,
 ) {
+    // Narrower products (a LoRA rank) fill too little of the AVX-512 kernel's 32-column tile.
+    if b_cs == 1 && n >= 16 && super::avx512::available() {
+        let threads = match parallelism {
+            Parallelism::Rayon(threads) => threads,
+            _ => 1,
+        };
+        // SAFETY: AVX-512 is available and `b` has unit column stride; the caller guarantees the rest.
+        return unsafe {
+            super::avx512::product(
+                (m, n, k),
+                super::avx512::Output {
+                    ptr: dst,
+                    row_stride: dst_rs,
+                    accumulate,
+                },
+                super::avx512::Operand {
+                    ptr: a,
+                    row_stride: a_rs,
+                    col_stride: a_cs,
+                },
+                super::avx512::Operand {
+                    ptr: b,
+                    row_stride: b_rs,
+                    col_stride: 1,
+                },
+                scale,
+                threads,
+            )
+        };
+    }
     gemm::gemm(
         m,
         n,
@@ -1198,5 +1269,24 @@ mod guard_tests {
     #[should_panic(expected = "overflows")]
     fn linear_refuses_sizes_that_overflow() {
         linear(&[], 1 << 62, 4, &[], None, 4, &mut []);
+    }
+
+    #[test]
+    fn a_transposed_weight_swaps_rows_and_columns_at_every_size() {
+        // Below and above the parallel threshold, with a last band narrower than 16 columns.
+        for (rows, cols) in [(0, 5), (3, 1), (7, 37), (300, 250)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transposed_weight(&w, rows, cols);
+            assert_eq!(t.len(), w.len());
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        w[r * cols + c],
+                        "{rows}×{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{
 use candle_nn::VarBuilder;
 
 use super::error::Result;
+use super::kernels;
 
 /// A dense layer `y = x·Wᵀ + b` with PyTorch's weight layout `[out, in]`.
 ///
@@ -142,7 +143,7 @@ impl CustomOp2 for TrainableLinearGrads {
         crate::pressure::yield_point();
         let mut out = vec![0f32; n * k + n];
         let (d_w, d_b) = out.split_at_mut(n * k);
-        super::kernels::weight_gradient(g, x, rows, n, k, d_w, d_b);
+        kernels::weight_gradient(g, x, rows, n, k, d_w, d_b);
         Ok((CpuStorage::F32(out), Shape::from(n * k + n)))
     }
 }
@@ -234,14 +235,15 @@ fn forward_rows(
 
 /// `x·Wᵀ + b` for `x` of `rows × k` values and a `w` of `[n × k]`, in blocks of [`CHUNK_ROWS`] rows with a
 /// yield point before each. The output starts as the bias and the products add onto it: one pass over it,
-/// not a zeroing and a copy of the bias.
+/// not a zeroing and a copy of the bias. Where [`kernels::transposing_pays`], the blocks read a transposed
+/// copy of `w`, made once per call: the weights of a training step are new or joined anew every call.
 fn linear_by_blocks(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
     (n, k): (usize, usize),
 ) -> candle_core::Result<Vec<f32>> {
-    if x.len() % k.max(1) != 0 || bias.is_some_and(|b| b.len() != n) {
+    if !x.len().is_multiple_of(k.max(1)) || bias.is_some_and(|b| b.len() != n) {
         return Err(candle_core::Error::Msg(format!(
             "linear: an input of {} values is not rows of {k}, or the bias is not {n} values",
             x.len()
@@ -252,13 +254,17 @@ fn linear_by_blocks(
         Some(bias) => bias.repeat(rows),
         None => vec![0f32; rows * n],
     };
+    let transposed = kernels::transposing_pays(rows).then(|| kernels::transposed_weight(w, n, k));
     for (x, out) in x
         .chunks(CHUNK_ROWS * k.max(1))
         .zip(out.chunks_mut(CHUNK_ROWS * n.max(1)))
     {
         crate::pressure::yield_point();
         let rows = x.len() / k.max(1);
-        super::kernels::add_linear_into(x, rows, k, w, 1.0, out, super::kernels::Columns::all(n));
+        match &transposed {
+            Some(wt) => kernels::add_matmul(x, rows, k, wt, n, 1.0, out),
+            None => kernels::add_linear_into(x, rows, k, w, 1.0, out, kernels::Columns::all(n)),
+        }
     }
     Ok(out)
 }
@@ -281,7 +287,7 @@ pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<
 /// the input gradient of [`FrozenLinear`], of the fused LoRA op and of the fused encoder layer.
 pub(crate) fn frozen_input_gradient(weight: &Tensor, g: &[f32]) -> candle_core::Result<Vec<f32>> {
     let (n, k) = weight.dims2()?;
-    if g.len() % n.max(1) != 0 {
+    if !g.len().is_multiple_of(n.max(1)) {
         return Err(candle_core::Error::Msg(format!(
             "frozen-linear gradient of {} values is not rows of {n}",
             g.len()
@@ -290,7 +296,7 @@ pub(crate) fn frozen_input_gradient(weight: &Tensor, g: &[f32]) -> candle_core::
     let (w_storage, w_layout) = weight.storage_and_layout();
     let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
     Ok(by_blocks(g, n, k, |rows, g, out| {
-        super::kernels::matmul(g, rows, n, w, k, out)
+        kernels::matmul(g, rows, n, w, k, out)
     }))
 }
 
@@ -398,12 +404,14 @@ mod tests {
     fn a_frozen_linear_computes_the_same_output_and_input_gradient_as_a_matmul() {
         let dev = Device::Cpu;
         let values = |n: usize, seed: u64| crate::rng::Rng::new(seed).uniform(n, 1.0);
-        let weight = Tensor::from_vec(values(5 * 3, 1), (5, 3), &dev).unwrap();
-        let bias = Tensor::from_vec(values(5, 2), 5, &dev).unwrap();
-        // More rows than one block, so the blocked paths are covered.
-        let x =
-            Var::from_tensor(&Tensor::from_vec(values(3 * 100 * 3, 3), (3, 100, 3), &dev).unwrap())
-                .unwrap();
+        // 40 outputs: a full and a masked AVX-512 tile where the CPU has it.
+        let weight = Tensor::from_vec(values(40 * 24, 1), (40, 24), &dev).unwrap();
+        let bias = Tensor::from_vec(values(40, 2), 40, &dev).unwrap();
+        // More rows than one block, so the blocked and transposed-weight paths are covered.
+        let x = Var::from_tensor(
+            &Tensor::from_vec(values(3 * 100 * 24, 3), (3, 100, 24), &dev).unwrap(),
+        )
+        .unwrap();
         let frozen = Linear {
             weight: weight.clone(),
             bias: Some(bias.clone()),
@@ -415,8 +423,8 @@ mod tests {
             .unwrap()
             .broadcast_add(&bias)
             .unwrap();
-        assert_eq!(y.dims(), &[3, 100, 5]);
-        assert!(max_abs_diff(&y, &reference) < 1e-5);
+        assert_eq!(y.dims(), &[3, 100, 40]);
+        assert!(max_abs_diff(&y, &reference) < 1e-4);
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = reference
             .sqr()

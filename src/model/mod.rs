@@ -3,6 +3,7 @@
 //!
 //! This layer knows nothing of HTTP, queues or adapters' lifecycle.
 
+mod avx512;
 pub mod bert;
 pub mod encoder_layer;
 pub mod error;
