@@ -28,12 +28,17 @@ const TASK_ROWS: usize = 48;
 /// (48 KiB) stays in L1/L2 while every row block of the task streams past it.
 const DEPTH: usize = 384;
 
-/// Whether this CPU runs the AVX-512 kernels (checked once).
+/// Whether this CPU runs the AVX-512 kernels (checked once): it has AVX-512F and the environment does not
+/// set `FLYWHEEL_AVX512=off`, which keeps every product on `gemm`'s AVX2 kernels (to compare the two, or on
+/// CPUs that lower their clock for AVX-512).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        *AVX512.get_or_init(|| {
+            std::env::var("FLYWHEEL_AVX512").map_or(true, |v| v != "off")
+                && std::arch::is_x86_feature_detected!("avx512f")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
