@@ -57,14 +57,21 @@ fn dense(linear: &Linear) -> Result<Dense> {
     })
 }
 
-/// A projection of an encoder layer with its weight stored transposed, `[in × out]`: products then read the
-/// weight along its rows, which the AVX-512 kernel needs; `gemm` runs as fast with either layout.
+/// A projection of an encoder layer: its weight packed for the AVX-512 kernel where the CPU has it, which
+/// then streams each panel in order (what a short request's few rows need), else as `gemm` reads it.
 #[derive(Debug, Clone)]
 struct Projection {
-    weight_t: Vec<f32>,
+    weight: ProjectionWeight,
     bias: Vec<f32>,
     in_features: usize,
     out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum ProjectionWeight {
+    /// `[out × in]` row-major.
+    Plain(Vec<f32>),
+    Packed(kernels::PackedWeight),
 }
 
 impl Projection {
@@ -75,8 +82,12 @@ impl Projection {
             in_features,
             out_features,
         } = dense(linear)?;
+        let weight = match kernels::PackedWeight::new(&weight, out_features, in_features) {
+            Some(packed) => ProjectionWeight::Packed(packed),
+            None => ProjectionWeight::Plain(weight),
+        };
         Ok(Self {
-            weight_t: kernels::transposed_weight(&weight, out_features, in_features),
+            weight,
             bias,
             in_features,
             out_features,
@@ -93,24 +104,26 @@ impl Projection {
         for row in out.chunks_exact_mut(self.out_features) {
             row.copy_from_slice(&self.bias);
         }
-        kernels::add_matmul(
-            x,
-            rows,
-            self.in_features,
-            &self.weight_t,
-            self.out_features,
-            1.0,
-            out,
-        );
+        match &self.weight {
+            ProjectionWeight::Plain(w) => kernels::add_linear_into(
+                x,
+                rows,
+                self.in_features,
+                w,
+                1.0,
+                out,
+                kernels::Columns::all(self.out_features),
+            ),
+            ProjectionWeight::Packed(w) => kernels::add_packed_linear(x, rows, w, out),
+        }
     }
 
     /// Adds `delta` (`[out × in]`, a merged LoRA update) to the weight.
     fn add(&mut self, delta: &[f32]) {
-        let delta_t = kernels::transposed_weight(delta, self.out_features, self.in_features);
-        self.weight_t
-            .iter_mut()
-            .zip(delta_t)
-            .for_each(|(w, d)| *w += d);
+        match &mut self.weight {
+            ProjectionWeight::Plain(w) => w.iter_mut().zip(delta).for_each(|(w, d)| *w += d),
+            ProjectionWeight::Packed(w) => w.add(delta),
+        }
     }
 }
 

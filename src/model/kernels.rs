@@ -5,6 +5,8 @@
 //! polynomial approximations accurate to ~1e-7, far below the 1e-4 parity budget against PyTorch.
 
 use gemm::Parallelism;
+
+pub use super::avx512::PackedWeight;
 use rayon::prelude::*;
 
 /// Work (multiply-adds) below which a GEMM runs on the calling thread: splitting it costs more than it saves.
@@ -336,45 +338,53 @@ pub fn transposed_product(
     }
 }
 
-/// Whether [`transposed_weight`] pays for itself in a product of `rows` rows: on CPUs with AVX-512, whose
-/// kernel needs a weight's inner dimension along its rows, once the rows make the product at least a few
-/// times longer than moving the weight.
-pub fn transposing_pays(rows: usize) -> bool {
-    rows >= TRANSPOSE_MIN_ROWS && super::avx512::available()
+/// Whether packing a linear's weight ([`PackedWeight::new`]) for one product of `rows` rows pays for itself:
+/// on CPUs with AVX-512 (elsewhere nothing packs), once the rows make the product at least a few times longer
+/// than the packing.
+pub fn packing_pays(rows: usize) -> bool {
+    rows >= PACK_MIN_ROWS && super::avx512::available()
 }
 
-/// Rows from which a product saves more by reading `Wᵀ` than transposing `W` costs (~120 here).
-const TRANSPOSE_MIN_ROWS: usize = 256;
+/// Rows from which a product saves more by reading packed panels than packing the weight costs (~120 here).
+const PACK_MIN_ROWS: usize = 256;
 
-/// `wᵀ`, `[cols × rows]` row-major, of a row-major `w` `[rows × cols]`: a linear's weight laid out so that a
-/// product reads it along its rows. Bands of 16 output rows (16 input columns, one cache line of each input
-/// row) split across rayon's pool.
-pub fn transposed_weight(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// `out[rows × n] += x[rows × k] · Wᵀ` for a linear's weight `W` packed as [`PackedWeight`].
+pub fn add_packed_linear(x: &[f32], rows: usize, w: &PackedWeight, out: &mut [f32]) {
+    let (n, k) = w.dims();
     assert_eq!(
-        w.len(),
-        size(rows, cols),
-        "transposed_weight: w is not rows × cols"
+        x.len(),
+        size(rows, k),
+        "add_packed_linear: x is not rows × k"
     );
-    let mut out = vec![0f32; w.len()];
-    if w.is_empty() {
-        return out;
-    }
-    const BAND: usize = 16;
-    let band = |(b, out): (usize, &mut [f32])| {
-        let c0 = b * BAND;
-        let width = out.len() / rows;
-        for (r, row) in w.chunks_exact(cols).enumerate() {
-            for (c, &value) in row[c0..c0 + width].iter().enumerate() {
-                out[c * rows + r] = value;
-            }
-        }
+    assert_eq!(
+        out.len(),
+        size(rows, n),
+        "add_packed_linear: out is not rows × n"
+    );
+    let threads = match parallelism(size(size(rows, n), k)) {
+        Parallelism::Rayon(threads) => threads,
+        _ => 1,
     };
-    if w.len() >= PARALLEL_ELEMENTS {
-        out.par_chunks_mut(BAND * rows).enumerate().for_each(band);
-    } else {
-        out.chunks_mut(BAND * rows).enumerate().for_each(band);
+    // SAFETY: a packed weight exists only where AVX-512 is available; its panels cover n × k, and x and out
+    // are row-major [rows × k] and [rows × n], as asserted above.
+    unsafe {
+        super::avx512::product(
+            (rows, n, k),
+            super::avx512::Output {
+                ptr: out.as_mut_ptr(),
+                row_stride: n,
+                accumulate: true,
+            },
+            super::avx512::Operand {
+                ptr: x.as_ptr(),
+                row_stride: k,
+                col_stride: 1,
+            },
+            w.panels(),
+            1.0,
+            threads,
+        );
     }
-    out
 }
 
 /// `out[rows × k] += scale · g[rows × n] · w` for a `w` of shape `[n × k]` row-major: a low-rank delta's
@@ -941,11 +951,7 @@ unsafe fn strided_product(
                     row_stride: a_rs,
                     col_stride: a_cs,
                 },
-                super::avx512::Operand {
-                    ptr: b,
-                    row_stride: b_rs,
-                    col_stride: 1,
-                },
+                super::avx512::Panels::row_major(b, b_rs),
                 scale,
                 threads,
             )
@@ -1269,24 +1275,5 @@ mod guard_tests {
     #[should_panic(expected = "overflows")]
     fn linear_refuses_sizes_that_overflow() {
         linear(&[], 1 << 62, 4, &[], None, 4, &mut []);
-    }
-
-    #[test]
-    fn a_transposed_weight_swaps_rows_and_columns_at_every_size() {
-        // Below and above the parallel threshold, with a last band narrower than 16 columns.
-        for (rows, cols) in [(0, 5), (3, 1), (7, 37), (300, 250)] {
-            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let t = transposed_weight(&w, rows, cols);
-            assert_eq!(t.len(), w.len());
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(
-                        t[c * rows + r],
-                        w[r * cols + c],
-                        "{rows}×{cols} at ({r}, {c})"
-                    );
-                }
-            }
-        }
     }
 }

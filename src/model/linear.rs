@@ -235,8 +235,8 @@ fn forward_rows(
 
 /// `x·Wᵀ + b` for `x` of `rows × k` values and a `w` of `[n × k]`, in blocks of [`CHUNK_ROWS`] rows with a
 /// yield point before each. The output starts as the bias and the products add onto it: one pass over it,
-/// not a zeroing and a copy of the bias. Where [`kernels::transposing_pays`], the blocks read a transposed
-/// copy of `w`, made once per call: the weights of a training step are new or joined anew every call.
+/// not a zeroing and a copy of the bias. Where [`kernels::packing_pays`], the blocks read `w` packed for the
+/// AVX-512 kernel, once per call: the weights of a training step are new or joined anew every call.
 fn linear_by_blocks(
     x: &[f32],
     w: &[f32],
@@ -254,15 +254,19 @@ fn linear_by_blocks(
         Some(bias) => bias.repeat(rows),
         None => vec![0f32; rows * n],
     };
-    let transposed = kernels::transposing_pays(rows).then(|| kernels::transposed_weight(w, n, k));
+    let packed = if kernels::packing_pays(rows) {
+        kernels::PackedWeight::new(w, n, k)
+    } else {
+        None
+    };
     for (x, out) in x
         .chunks(CHUNK_ROWS * k.max(1))
         .zip(out.chunks_mut(CHUNK_ROWS * n.max(1)))
     {
         crate::pressure::yield_point();
         let rows = x.len() / k.max(1);
-        match &transposed {
-            Some(wt) => kernels::add_matmul(x, rows, k, wt, n, 1.0, out),
+        match &packed {
+            Some(w) => kernels::add_packed_linear(x, rows, w, out),
             None => kernels::add_linear_into(x, rows, k, w, 1.0, out, kernels::Columns::all(n)),
         }
     }
@@ -407,7 +411,7 @@ mod tests {
         // 40 outputs: a full and a masked AVX-512 tile where the CPU has it.
         let weight = Tensor::from_vec(values(40 * 24, 1), (40, 24), &dev).unwrap();
         let bias = Tensor::from_vec(values(40, 2), 40, &dev).unwrap();
-        // More rows than one block, so the blocked and transposed-weight paths are covered.
+        // More rows than one block, so the blocked and packed-weight paths are covered.
         let x = Var::from_tensor(
             &Tensor::from_vec(values(3 * 100 * 24, 3), (3, 100, 24), &dev).unwrap(),
         )
