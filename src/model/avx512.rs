@@ -176,6 +176,15 @@ pub(crate) unsafe fn product(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        // An empty sum: the result is zero, or what the output held.
+        if !out.accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(out.ptr.add(i * out.row_stride), 0, n);
+            }
+        }
+        return;
+    }
     let row_tasks = m.div_ceil(TASK_ROWS);
     // Few rows (a [CLS]-only layer, one short sequence): split the columns too, so every thread has work.
     let col_tasks = if threads > 1 {
@@ -366,6 +375,7 @@ mod tests {
         // Sizes around the tile and task edges; inner sizes below, at and above one DEPTH pass.
         for &(m, n, k) in &[
             (1, 1, 1),
+            (3, 40, 0),
             (5, 17, 3),
             (12, 32, 384),
             (13, 33, 385),

@@ -5,9 +5,9 @@
 //! polynomial approximations accurate to ~1e-7, far below the 1e-4 parity budget against PyTorch.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 pub use super::avx512::PackedWeight;
-use rayon::prelude::*;
 
 /// Work (multiply-adds) below which a GEMM runs on the calling thread: splitting it costs more than it saves.
 const PARALLEL_GEMM_MIN_WORK: usize = 1 << 20;
@@ -361,28 +361,16 @@ pub fn add_packed_linear(x: &[f32], rows: usize, w: &PackedWeight, out: &mut [f3
         size(rows, n),
         "add_packed_linear: out is not rows × n"
     );
-    let threads = match parallelism(size(size(rows, n), k)) {
-        Parallelism::Rayon(threads) => threads,
-        _ => 1,
-    };
     // SAFETY: a packed weight exists only where AVX-512 is available; its panels cover n × k, and x and out
     // are row-major [rows × k] and [rows × n], as asserted above.
     unsafe {
-        super::avx512::product(
+        avx512_product(
             (rows, n, k),
-            super::avx512::Output {
-                ptr: out.as_mut_ptr(),
-                row_stride: n,
-                accumulate: true,
-            },
-            super::avx512::Operand {
-                ptr: x.as_ptr(),
-                row_stride: k,
-                col_stride: 1,
-            },
+            (out.as_mut_ptr(), n, true),
+            (x.as_ptr(), k, 1),
             w.panels(),
             1.0,
-            threads,
+            parallelism(size(size(rows, n), k)),
         );
     }
 }
@@ -933,27 +921,16 @@ unsafe fn strided_product(
 ) {
     // Narrower products (a LoRA rank) fill too little of the AVX-512 kernel's 32-column tile.
     if b_cs == 1 && n >= 16 && super::avx512::available() {
-        let threads = match parallelism {
-            Parallelism::Rayon(threads) => threads,
-            _ => 1,
-        };
-        // SAFETY: AVX-512 is available and `b` has unit column stride; the caller guarantees the rest.
+        // SAFETY: AVX-512 is available and `b`, with unit column stride, is panels side by side; the caller
+        // guarantees the rest.
         return unsafe {
-            super::avx512::product(
+            avx512_product(
                 (m, n, k),
-                super::avx512::Output {
-                    ptr: dst,
-                    row_stride: dst_rs,
-                    accumulate,
-                },
-                super::avx512::Operand {
-                    ptr: a,
-                    row_stride: a_rs,
-                    col_stride: a_cs,
-                },
+                (dst, dst_rs, accumulate),
+                (a, a_rs, a_cs),
                 super::avx512::Panels::row_major(b, b_rs),
                 scale,
-                threads,
+                parallelism,
             )
         };
     }
@@ -977,6 +954,40 @@ unsafe fn strided_product(
         false,
         false,
         parallelism,
+    );
+}
+
+/// [`super::avx512::product`] with [`strided_product`]'s arguments for the output and `a`.
+///
+/// # Safety
+/// AVX-512 must be available; otherwise as for [`strided_product`], with `b` in panels.
+unsafe fn avx512_product(
+    dims: (usize, usize, usize),
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    b: super::avx512::Panels,
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    let threads = match parallelism {
+        Parallelism::Rayon(threads) => threads,
+        _ => 1,
+    };
+    super::avx512::product(
+        dims,
+        super::avx512::Output {
+            ptr: dst,
+            row_stride: dst_rs,
+            accumulate,
+        },
+        super::avx512::Operand {
+            ptr: a,
+            row_stride: a_rs,
+            col_stride: a_cs,
+        },
+        b,
+        scale,
+        threads,
     );
 }
 
