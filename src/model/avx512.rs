@@ -436,54 +436,6 @@ mod tests {
     }
 
     #[test]
-    fn a_packed_weight_gives_the_product_with_its_transpose_and_takes_a_merged_delta() {
-        let Some(_) = PackedWeight::new(&[0.0], 1, 1) else {
-            eprintln!("skipped: this CPU has no AVX-512");
-            return;
-        };
-        // 70 outputs: two full panels and a zero-padded third; 40 rows: column tasks on two threads.
-        let (n, k, m) = (70, 50, 40);
-        let w = crate::rng::Rng::new(1).uniform(n * k, 1.0);
-        let x = crate::rng::Rng::new(2).uniform(m * k, 1.0);
-        let delta = crate::rng::Rng::new(3).uniform(n * k, 0.1);
-        let mut packed = PackedWeight::new(&w, n, k).unwrap();
-        packed.add(&delta);
-        assert_eq!(packed.dims(), (n, k));
-        let merged: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| w + d).collect();
-        let mut out = vec![1f32; m * n];
-        // SAFETY: AVX-512 is available (the weight packed); x is [m × k], out [m × n], the panels cover n × k.
-        unsafe {
-            product(
-                (m, n, k),
-                Output {
-                    ptr: out.as_mut_ptr(),
-                    row_stride: n,
-                    accumulate: true,
-                },
-                Operand {
-                    ptr: x.as_ptr(),
-                    row_stride: k,
-                    col_stride: 1,
-                },
-                packed.panels(),
-                1.0,
-                2,
-            );
-        }
-        for i in 0..m {
-            for j in 0..n {
-                let dot: f32 = (0..k).map(|p| x[i * k + p] * merged[j * k + p]).sum();
-                let got = out[i * n + j];
-                assert!(
-                    (got - 1.0 - dot).abs() < 1e-4,
-                    "({i}, {j}): {got} vs {}",
-                    1.0 + dot
-                );
-            }
-        }
-    }
-
-    #[test]
     fn the_masks_cover_exactly_the_tile_width() {
         assert_eq!(masks(0), (0, 0));
         assert_eq!(masks(1), (1, 0));

@@ -1269,6 +1269,36 @@ mod tests {
             assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3);
         }
     }
+
+    #[test]
+    fn a_packed_weight_gives_the_product_with_its_transpose_and_takes_a_merged_delta() {
+        // 200 outputs: six full panels and a zero-padded seventh; 40 rows of 150: enough work for two
+        // threads, which then split the columns into tasks of 64, the last 8 wide.
+        let (n, k, m) = (200, 150, 40);
+        let w = crate::rng::Rng::new(1).uniform(n * k, 1.0);
+        let Some(mut packed) = PackedWeight::new(&w, n, k) else {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        };
+        let x = crate::rng::Rng::new(2).uniform(m * k, 1.0);
+        let delta = crate::rng::Rng::new(3).uniform(n * k, 0.1);
+        packed.add(&delta);
+        assert_eq!(packed.dims(), (n, k));
+        let merged: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| w + d).collect();
+        let mut out = vec![1f32; m * n];
+        add_packed_linear(&x, m, &packed, &mut out);
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f32 = (0..k).map(|p| x[i * k + p] * merged[j * k + p]).sum();
+                let got = out[i * n + j];
+                assert!(
+                    (got - 1.0 - dot).abs() < 1e-3,
+                    "({i}, {j}): {got} vs {}",
+                    1.0 + dot
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
