@@ -158,8 +158,8 @@ impl PackedWeight {
 /// Values from which packing splits across rayon's pool.
 const PARALLEL_PACK: usize = 1 << 16;
 
-/// `out = (accumulate ? out : 0) + scale · a·b` for `a` `[m × k]` and `b` `[k × n]` in panels; on `threads`
-/// threads of rayon's pool when above 1.
+/// `out = (accumulate ? out : 0) + scale · a·b` for `a` `[m × k]` and `b` `[k × n]` in panels. With `threads`
+/// above 1 it cuts enough tasks for that many threads and runs them on rayon's current pool.
 ///
 /// # Safety
 /// [`available`] must be true; every element the sizes and strides reach must lie inside live buffers, and
@@ -195,6 +195,8 @@ pub(crate) unsafe fn product(
         1
     };
     let col_width = n.div_ceil(col_tasks).div_ceil(TILE_COLS) * TILE_COLS;
+    // Rounding the width up to whole panels may leave fewer tasks with columns.
+    let col_tasks = n.div_ceil(col_width);
     let task = |t: usize| {
         let (rows, cols) = (t / col_tasks, t % col_tasks);
         let (r0, c0) = (rows * TASK_ROWS, cols * col_width);
@@ -304,20 +306,22 @@ unsafe fn tile<const R: usize>(
     let (mut a_step, mut b_row) = (a.ptr, b.ptr);
     for _ in 0..depth {
         let b0 = _mm512_maskz_loadu_ps(low, b_row);
-        let b1 = _mm512_maskz_loadu_ps(high, b_row.add(16));
+        // `wrapping_add`: past a narrow tile's edge, or after the last step, the address may lie outside
+        // the buffer; the masks keep it from being read.
+        let b1 = _mm512_maskz_loadu_ps(high, b_row.wrapping_add(16));
         for (i, sum) in sums.iter_mut().enumerate() {
             let value = _mm512_set1_ps(*a_step.add(i * a.row_stride));
             sum[0] = _mm512_fmadd_ps(value, b0, sum[0]);
             sum[1] = _mm512_fmadd_ps(value, b1, sum[1]);
         }
-        a_step = a_step.add(a.col_stride);
-        b_row = b_row.add(b.row_stride);
+        a_step = a_step.wrapping_add(a.col_stride);
+        b_row = b_row.wrapping_add(b.row_stride);
     }
     let scale = _mm512_set1_ps(scale);
     for (i, sum) in sums.iter().enumerate() {
         let row = out.ptr.add(i * out.row_stride);
         for (half, mask) in [(0, low), (1, high)] {
-            let at = row.add(16 * half);
+            let at = row.wrapping_add(16 * half);
             let value = if out.accumulate {
                 _mm512_fmadd_ps(scale, sum[half], _mm512_maskz_loadu_ps(mask, at))
             } else {

@@ -338,15 +338,19 @@ pub fn transposed_product(
     }
 }
 
-/// Whether packing a linear's weight ([`PackedWeight::new`]) for one product of `rows` rows pays for itself:
-/// on CPUs with AVX-512 (elsewhere nothing packs), once the rows make the product at least a few times longer
-/// than the packing.
-pub fn packing_pays(rows: usize) -> bool {
-    rows >= PACK_MIN_ROWS && super::avx512::available()
+/// Whether packing a linear's weight ([`PackedWeight::new`]) for one product of `rows` rows and `outputs`
+/// columns pays for itself: on CPUs with AVX-512 (elsewhere nothing packs), for outputs wide enough to fill
+/// its tiles, once the rows make the product a few times longer than the packing.
+pub fn packing_pays(rows: usize, outputs: usize) -> bool {
+    rows >= PACK_MIN_ROWS && outputs >= AVX512_MIN_COLS && super::avx512::available()
 }
 
-/// Rows from which a product saves more by reading packed panels than packing the weight costs (~120 here).
+/// Rows from which packing a weight for one product pays: the break-even point measured ~120 rows at BERT-small
+/// widths, and twice that leaves a margin for slower memory.
 const PACK_MIN_ROWS: usize = 256;
+/// Columns from which a product goes to the AVX-512 kernel: narrower ones (a LoRA rank, a 2-label head) fill
+/// too little of its 32-column tile.
+const AVX512_MIN_COLS: usize = 16;
 
 /// `out[rows × n] += x[rows × k] · Wᵀ` for a linear's weight `W` packed as [`PackedWeight`].
 pub fn add_packed_linear(x: &[f32], rows: usize, w: &PackedWeight, out: &mut [f32]) {
@@ -919,8 +923,7 @@ unsafe fn strided_product(
     scale: f32,
     parallelism: Parallelism,
 ) {
-    // Narrower products (a LoRA rank) fill too little of the AVX-512 kernel's 32-column tile.
-    if b_cs == 1 && n >= 16 && super::avx512::available() {
+    if b_cs == 1 && n >= AVX512_MIN_COLS && super::avx512::available() {
         // SAFETY: AVX-512 is available and `b`, with unit column stride, is panels side by side; the caller
         // guarantees the rest.
         return unsafe {
@@ -1272,8 +1275,8 @@ mod tests {
 
     #[test]
     fn a_packed_weight_gives_the_product_with_its_transpose_and_takes_a_merged_delta() {
-        // 200 outputs: six full panels and a zero-padded seventh; 40 rows of 150: enough work for two
-        // threads, which then split the columns into tasks of 64, the last 8 wide.
+        // 200 outputs: six full panels and a zero-padded seventh; 40 rows of 150: enough work to split the
+        // columns across threads, the last task's masked.
         let (n, k, m) = (200, 150, 40);
         let w = crate::rng::Rng::new(1).uniform(n * k, 1.0);
         let Some(mut packed) = PackedWeight::new(&w, n, k) else {

@@ -254,7 +254,7 @@ fn linear_by_blocks(
         Some(bias) => bias.repeat(rows),
         None => vec![0f32; rows * n],
     };
-    let packed = if kernels::packing_pays(rows) {
+    let packed = if kernels::packing_pays(rows, n) {
         kernels::PackedWeight::new(w, n, k)
     } else {
         None
