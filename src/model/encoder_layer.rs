@@ -347,20 +347,14 @@ impl CustomOp2 for EncoderLayer {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Module, Tensor, Var};
+    use candle_core::{Module, Tensor, Var};
 
     use super::{forward, LayerParts};
     use crate::model::bert::Layer;
     use crate::model::lora::Target;
     use crate::model::lora_linear::{self, DropoutDraw, LowRank};
-    use crate::model::tiny::{self, max_abs_diff};
+    use crate::model::tiny::{self, max_abs_diff, var, weighted_loss};
     use crate::model::train_ops;
-
-    fn var(shape: &[usize], seed: u64, range: f32) -> Var {
-        let n = shape.iter().product();
-        let values = crate::rng::Rng::new(seed).uniform(n, range);
-        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
-    }
 
     /// `layer`'s pieces with `delta(n)` on its linears, numbered query, key, value, attention output,
     /// intermediate, output.
@@ -404,16 +398,6 @@ mod tests {
         layer
             .output_norm
             .forward(&(dense(&layer.output, 5, &inner) + attended).unwrap())
-            .unwrap()
-    }
-
-    /// The gradients of `Σ t ⊙ weights`: a loss whose gradient differs per position.
-    fn weighted_loss(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
-        (t * weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
             .unwrap()
     }
 

@@ -96,25 +96,13 @@ impl Projection {
 
     /// `out = x·Wᵀ + b` for `rows` rows, into a caller's buffer.
     fn run_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            rows * self.out_features,
-            "projection: output is not rows × out"
-        );
-        for row in out.chunks_exact_mut(self.out_features) {
-            row.copy_from_slice(&self.bias);
-        }
+        let bias = Some(self.bias.as_slice());
         match &self.weight {
-            ProjectionWeight::Plain(w) => kernels::add_linear_into(
-                x,
-                rows,
-                self.in_features,
-                w,
-                1.0,
-                out,
-                kernels::Columns::all(self.out_features),
-            ),
-            ProjectionWeight::Packed(w) => kernels::add_packed_linear(x, rows, w, out),
+            ProjectionWeight::Plain(w) => {
+                let (k, n) = (self.in_features, self.out_features);
+                kernels::linear(x, rows, k, w, bias, n, out)
+            }
+            ProjectionWeight::Packed(w) => kernels::packed_linear(x, rows, w, bias, out),
         }
     }
 

@@ -173,16 +173,7 @@ pub fn linear(
     out: &mut [f32],
 ) {
     assert_eq!(out.len(), size(rows, n), "linear: output is not rows × n");
-    let with_bias = match bias {
-        Some(b) => {
-            assert_eq!(b.len(), n, "linear: bias is not n");
-            for row in out.chunks_exact_mut(n) {
-                row.copy_from_slice(b);
-            }
-            true
-        }
-        None => false,
-    };
+    let with_bias = start_from_bias("linear", out, bias, n);
     product(
         "linear",
         x,
@@ -195,6 +186,19 @@ pub fn linear(
         1.0,
         out,
     );
+}
+
+/// Writes `bias` into every row of `out` (rows of `n`); whether there was one to write (without one, `out`
+/// is left for a product that overwrites it).
+fn start_from_bias(what: &str, out: &mut [f32], bias: Option<&[f32]>, n: usize) -> bool {
+    let Some(bias) = bias else {
+        return false;
+    };
+    assert_eq!(bias.len(), n, "{what}: bias is not n");
+    for row in out.chunks_exact_mut(n) {
+        row.copy_from_slice(bias);
+    }
+    true
 }
 
 /// Columns `[start, start + width)` of a row-major buffer whose rows are `stride` wide: one linear's share of
@@ -351,6 +355,27 @@ const PACK_MIN_ROWS: usize = 256;
 /// Columns from which a product goes to the AVX-512 kernel: narrower ones (a LoRA rank, a 2-label head) fill
 /// too little of its 32-column tile.
 const AVX512_MIN_COLS: usize = 16;
+
+/// `out[rows × n] = x[rows × k] · Wᵀ + bias` for a linear's weight `W` packed as [`PackedWeight`]: the packed
+/// form of [`linear`].
+pub fn packed_linear(
+    x: &[f32],
+    rows: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let n = w.dims().0;
+    assert_eq!(
+        out.len(),
+        size(rows, n),
+        "packed_linear: output is not rows × n"
+    );
+    if !start_from_bias("packed_linear", out, bias, n) {
+        out.fill(0.0);
+    }
+    add_packed_linear(x, rows, w, out);
+}
 
 /// `out[rows × n] += x[rows × k] · Wᵀ` for a linear's weight `W` packed as [`PackedWeight`].
 pub fn add_packed_linear(x: &[f32], rows: usize, w: &PackedWeight, out: &mut [f32]) {

@@ -428,26 +428,10 @@ mod tests {
 
     use super::{forward, DropoutDraw, LowRank};
     use crate::model::linear::Linear;
-    use crate::model::tiny::max_abs_diff;
+    use crate::model::tiny::{self, max_abs_diff, weighted_loss};
 
     fn var(shape: &[usize], seed: u64) -> Var {
-        let n = shape.iter().product();
-        let t = Tensor::from_vec(
-            crate::rng::Rng::new(seed).uniform(n, 1.0),
-            shape,
-            &Device::Cpu,
-        );
-        Var::from_tensor(&t.unwrap()).unwrap()
-    }
-
-    /// The gradients of `Σ t ⊙ weights`: a loss whose gradient differs per row and column.
-    fn weighted_loss(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
-        (t * weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
+        tiny::var(shape, seed, 1.0)
     }
 
     /// The op against the same delta composed from candle ops, with the op's own mask: outputs, and the

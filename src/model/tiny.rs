@@ -117,6 +117,22 @@ pub fn adapter(
     adapter
 }
 
+/// A variable of `shape` holding seeded values uniform in `[-range, range]`.
+pub fn var(shape: &[usize], seed: u64, range: f32) -> candle_core::Var {
+    let values = crate::rng::Rng::new(seed).uniform(shape.iter().product(), range);
+    candle_core::Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// The gradients of `Σ t ⊙ weights`: a loss whose gradient differs per element.
+pub fn weighted_loss(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
+    (t * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 /// The largest absolute elementwise difference of two slices of one length.
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
