@@ -1038,8 +1038,10 @@ impl Padded<'_> {
         size(self.heads, self.head_dim)
     }
 
-    /// Checks the buffers, then runs `task(b, h)` for every sequence and head, in parallel.
-    fn each_head(&self, qkv: &[f32], other: &[f32], task: impl Fn(usize, usize) + Sync) {
+    /// Checks the buffers (`qkv`, and the length of the `rows × hidden` one: a length, not a slice, because
+    /// the caller may be writing that buffer through a raw pointer while the tasks run), then runs
+    /// `task(b, h)` for every sequence and head, in parallel.
+    fn each_head(&self, qkv: &[f32], other_len: usize, task: impl Fn(usize, usize) + Sync) {
         let (rows, hidden) = (size(self.lengths.len(), self.seq), self.hidden());
         assert_eq!(
             qkv.len(),
@@ -1047,7 +1049,7 @@ impl Padded<'_> {
             "attention: qkv is not rows × 3·hidden"
         );
         assert_eq!(
-            other.len(),
+            other_len,
             size(rows, hidden),
             "attention: rows × hidden buffer differs"
         );
@@ -1077,7 +1079,7 @@ impl Padded<'_> {
 pub fn attention_padded(shape: &Padded, qkv: &[f32], out: &mut [f32]) {
     let hidden = shape.hidden();
     let out_ptr = SendPtr(out.as_mut_ptr());
-    shape.each_head(qkv, out, |b, h| {
+    shape.each_head(qkv, out.len(), |b, h| {
         let len = shape.lengths[b];
         // SAFETY: sizes checked by each_head; each (b, h) writes only its own rows' head columns of `out`.
         unsafe {
@@ -1115,7 +1117,7 @@ pub fn attention_padded_backward(shape: &Padded, qkv: &[f32], grad: &[f32], d_qk
     );
     let d_ptr = SendPtr(d_qkv.as_mut_ptr());
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
-    shape.each_head(qkv, grad, |b, h| {
+    shape.each_head(qkv, grad.len(), |b, h| {
         let len = shape.lengths[b];
         let row = b * shape.seq;
         let col = h * shape.head_dim;
