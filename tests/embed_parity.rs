@@ -117,3 +117,29 @@ fn a_directory_without_weights_is_a_clear_error_naming_the_file() {
     .unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
+
+#[tokio::test]
+async fn every_request_shares_the_models_one_tokenizer_short_or_long() {
+    let model = std::sync::Arc::new(load());
+    let infer = flywheel::infer::Infer::start(
+        model.clone(),
+        &flywheel::config::BatchingConfig::default(),
+        flywheel::metrics::Metrics::new(),
+        flywheel::pressure::ServingPressure::new(),
+    )
+    .expect("the model thread starts");
+    assert!(std::sync::Arc::ptr_eq(infer.tokenizer(), &model.tokenizer));
+    // A short request is tokenized inline, a long one on the blocking pool: both through the shared one.
+    let short =
+        vec!["A twelve word sentence about nothing in particular, sent by a user.".to_owned()];
+    let long = vec!["word ".repeat(2_000)];
+    for texts in [&short, &long, &short] {
+        let out = infer.embed(texts, true).await.expect("embeds");
+        assert_eq!(out.vectors.len(), 1);
+    }
+    assert_eq!(
+        std::sync::Arc::strong_count(&model.tokenizer),
+        2,
+        "only the model and the handle hold the tokenizer: no request kept or made a copy"
+    );
+}

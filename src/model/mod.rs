@@ -19,6 +19,7 @@ pub mod train_ops;
 pub mod yielding;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -82,8 +83,8 @@ pub struct Model {
     pub dir: PathBuf,
     /// The network's shape.
     pub config: BertConfig,
-    /// Tokenizer with Flywheel's truncation.
-    pub tokenizer: TextTokenizer,
+    /// Tokenizer with Flywheel's truncation, shared by every request (never copied).
+    pub tokenizer: Arc<TextTokenizer>,
     /// The candle network: the reference path, and the serving path off-CPU.
     pub bert: Bert,
     /// The fused CPU serving path (present when the device is the CPU).
@@ -155,7 +156,7 @@ impl Model {
             name,
             dir: dir.to_owned(),
             config,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             bert,
             cpu,
             device: options.device.clone(),
@@ -283,7 +284,7 @@ mod tests {
             name: "tiny".into(),
             dir: PathBuf::new(),
             config: bert.config.clone(),
-            tokenizer: TextTokenizer::for_tests(),
+            tokenizer: Arc::new(TextTokenizer::for_tests()),
             bert: bert.clone(),
             cpu: None,
             device: Device::Cpu,
