@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::backlog::Backlog;
+use super::cost::{CostFit, Work};
 use super::{Entry, EntryResult, InferError, Job};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::{pooling, Model};
 
-/// Starts the thread that owns `model`; it ends when every [`super::Infer`] handle is dropped.
+/// Starts the thread that owns `model`; it ends when every [`super::Infer`] handle is dropped. Returns once
+/// the thread has calibrated the batch cost model, so the first requests are judged on a warm estimate.
 pub(super) fn spawn(
     model: Arc<Model>,
     config: BatchingConfig,
@@ -19,9 +21,21 @@ pub(super) fn spawn(
     metrics: Metrics,
     backlog: Arc<Backlog>,
 ) -> std::io::Result<()> {
+    let (calibrated, done) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("flywheel-model".to_owned())
-        .spawn(move || batch_task(model, config, rx, metrics, backlog))?;
+        .spawn(move || {
+            let mut fit = CostFit::new();
+            if let Err(e) = super::calibrate::calibrate(&model, &config, &mut fit) {
+                // Admission then admits all until the first batch has been measured.
+                tracing::error!(error = %e, "batch cost calibration failed");
+            }
+            backlog.set_cost(fit.model());
+            let _ = calibrated.send(());
+            batch_task(model, config, rx, metrics, backlog, fit)
+        })?;
+    // A thread that died while calibrating shows as a closed channel; the requests then find it gone.
+    let _ = done.recv();
     Ok(())
 }
 
@@ -31,6 +45,7 @@ fn batch_task(
     rx: Receiver<Entry>,
     metrics: Metrics,
     backlog: Arc<Backlog>,
+    mut fit: CostFit,
 ) {
     let mut waiting: VecDeque<Entry> = VecDeque::new();
     loop {
@@ -56,7 +71,10 @@ fn batch_task(
         }
         let batch = take_batch(&mut waiting, &config, &metrics);
         if !batch.is_empty() {
-            run_batch(&model, batch, &metrics, &backlog);
+            if let Some((work, took)) = run_batch(&model, batch, &metrics) {
+                fit.record(work, took.as_nanos() as f64);
+                backlog.set_cost(fit.model());
+            }
         }
     }
 }
@@ -96,7 +114,9 @@ fn take_batch(
     batch
 }
 
-fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics, backlog: &Backlog) {
+/// Runs one batch and answers its entries; returns the batch's work and how long its forward pass took,
+/// unless the pass failed (a failure's time says nothing of the cost).
+fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) -> Option<(Work, Duration)> {
     let started = Instant::now();
     // Entries sharing an adapter sit together, so each adapter's delta runs once over one row range.
     batch.sort_by_key(|e| {
@@ -112,10 +132,10 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics, backlog: &
             adapters.push(entry.adapter.as_deref());
         }
     }
-    let tokens: usize = sequences.iter().map(|s| s.len()).sum();
+    let work = Work::of_lengths(sequences.iter().map(|s| s.len()));
     metrics.queue_depth.sub(sequences.len() as i64);
     metrics.batch_size.observe(sequences.len() as f64);
-    metrics.batch_tokens.observe(tokens as f64);
+    metrics.batch_tokens.observe(work.tokens as f64);
     let result = model
         .encode_adapted(&sequences, &adapters)
         .and_then(|packed| {
@@ -128,7 +148,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics, backlog: &
         });
     let inference = started.elapsed();
     metrics.inference_duration.observe(inference.as_secs_f64());
-    backlog.record(tokens, inference);
+    let ok = result.is_ok();
     match result {
         Ok((packed, logits)) => {
             let mut row = 0;
@@ -168,8 +188,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics, backlog: &
                             }),
                     })
                     .collect();
-                // The caller may have gone meanwhile; its answer is simply dropped.
-                let _ = entry.reply.send(vectors.map(|vectors| EntryResult {
+                entry.answer(vectors.map(|vectors| EntryResult {
                     vectors,
                     features,
                     queue,
@@ -181,10 +200,11 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics, backlog: &
             tracing::error!(error = %e, sequences = sequences.len(), "forward pass failed");
             let err = InferError::Model(e.to_string());
             for entry in batch {
-                let _ = entry.reply.send(Err(err.clone()));
+                entry.answer(Err(err.clone()));
             }
         }
     }
+    ok.then_some((work, inference))
 }
 
 #[cfg(test)]
@@ -208,8 +228,8 @@ mod tests {
             reply,
             _permits: permits.clone().try_acquire_owned().expect("a permit"),
             _pending: crate::pressure::ServingPressure::new().begin(),
-            _admitted: Arc::new(Backlog::new(None))
-                .admit(tokens)
+            _admitted: Arc::new(Backlog::new(None, 128, 16_384))
+                .admit(Work::of_lengths([tokens]))
                 .expect("no budget admits all"),
         };
         (entry, rx)

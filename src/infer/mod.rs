@@ -8,6 +8,8 @@
 
 mod backlog;
 mod batcher;
+mod calibrate;
+pub mod cost;
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -16,12 +18,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use backlog::{Admitted, Backlog};
+use cost::Work;
 
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::lora::Adapter;
 use crate::model::{Model, TextTokenizer};
 use crate::pressure::{Pending, ServingPressure};
+
+/// Requests with at most this many bytes of text are tokenized on the async worker that received them
+/// (see [`Infer::tokenize`]).
+const INLINE_TOKENIZE_BYTES: usize = 2_048;
 
 /// Why an inference request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -125,6 +132,22 @@ impl Entry {
     fn tokens(&self) -> usize {
         self.sequences.iter().map(Vec::len).sum()
     }
+
+    /// Sends the answer once the entry has left the backlog, the queue and the serving pressure: a caller
+    /// that sends its next request the moment this one is answered must not find its finished work still
+    /// counted ahead of it (which priced a sequential client's next request as waiting behind its last).
+    /// A caller that has gone simply never reads it.
+    fn answer(self, result: Result<EntryResult, InferError>) {
+        let Entry {
+            reply,
+            _permits,
+            _pending,
+            _admitted,
+            ..
+        } = self;
+        drop((_admitted, _permits, _pending));
+        let _ = reply.send(result);
+    }
 }
 
 /// The handle callers use to run the model; cheap to clone.
@@ -136,7 +159,7 @@ pub struct Infer {
     max_batch_tokens: usize,
     timeout: Option<Duration>,
     backlog: Arc<Backlog>,
-    tokenizer: TextTokenizer,
+    tokenizer: Arc<TextTokenizer>,
     model_name: String,
     dimensions: usize,
     adapters_supported: bool,
@@ -157,6 +180,8 @@ impl Infer {
         let backlog = Arc::new(Backlog::new(
             (config.max_expected_wait_ms > 0)
                 .then(|| Duration::from_millis(config.max_expected_wait_ms)),
+            config.max_batch_size,
+            config.max_batch_tokens,
         ));
         let handle = Self {
             tx,
@@ -180,6 +205,11 @@ impl Infer {
     /// Name of the served model.
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// The tokenizer requests use: the model's own, shared, never copied.
+    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.tokenizer
     }
 
     /// Width of the embeddings.
@@ -229,6 +259,29 @@ impl Infer {
         ))
     }
 
+    /// Token ids of `texts`. Short requests are tokenized right here: a few sentences take microseconds,
+    /// less than the hop to the blocking pool and back. Longer ones (up to a request body's worth of text)
+    /// go to the blocking pool, off the async workers.
+    async fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, InferError> {
+        let encode_all = |tokenizer: &TextTokenizer, texts: &[String]| {
+            texts
+                .iter()
+                .map(|t| {
+                    tokenizer
+                        .encode(t)
+                        .map_err(|e| InferError::Invalid(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        if texts.iter().map(String::len).sum::<usize>() <= INLINE_TOKENIZE_BYTES {
+            return encode_all(&self.tokenizer, texts);
+        }
+        let (tokenizer, owned) = (self.tokenizer.clone(), texts.to_vec());
+        tokio::task::spawn_blocking(move || encode_all(&tokenizer, &owned))
+            .await
+            .map_err(|_| InferError::Model("tokenization task failed".to_owned()))?
+    }
+
     async fn run(
         &self,
         texts: &[String],
@@ -240,20 +293,7 @@ impl Infer {
         if let Some(wait) = self.backlog.refuses_all() {
             return Err(self.over_budget(wait));
         }
-        // Tokenizing up to a request body's worth of text is CPU work: keep it off the async workers.
-        let (tokenizer, owned) = (self.tokenizer.clone(), texts.to_vec());
-        let sequences = tokio::task::spawn_blocking(move || {
-            owned
-                .iter()
-                .map(|t| {
-                    tokenizer
-                        .encode(t)
-                        .map_err(|e| InferError::Invalid(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|_| InferError::Model("tokenization task failed".to_owned()))??;
+        let sequences = self.tokenize(texts).await?;
         if let Some(i) = sequences.iter().position(Vec::is_empty) {
             return Err(InferError::Invalid(format!("inputs[{i}] yields no tokens")));
         }
@@ -284,7 +324,7 @@ impl Infer {
             })?;
         let admitted = self
             .backlog
-            .admit(tokens.iter().sum())
+            .admit(Work::of_lengths(tokens.iter().copied()))
             .map_err(|wait| self.over_budget(wait))?;
         let (reply, answer) = oneshot::channel();
         let entry = Entry {

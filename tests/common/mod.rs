@@ -81,9 +81,6 @@ impl Server {
             .arg(data_dir)
             .args(extra_args)
             .env("RUST_LOG", "info")
-            // Debug builds run the model several times slower than release, so the production budget would
-            // shed the deliberate bursts of functional tests; the admission tests set their own budget.
-            .env("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -181,6 +178,14 @@ impl Server {
         // SAFETY: signals only our own child process.
         let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(sent, 0, "SIGTERM not delivered");
+    }
+
+    /// The log lines the server has written since the last call (the first call: since its address).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .map(|rx| rx.try_iter().collect())
+            .unwrap_or_default()
     }
 
     /// Waits for the process to exit and returns its status and remaining log lines.
