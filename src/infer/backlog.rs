@@ -1,15 +1,35 @@
 //! Admission by expected wait: the work queued for (or running on) the model thread, cut into the batches
 //! the batcher will form and priced by the fitted [`CostModel`], gives the time a new request would wait
-//! for its answer. Refusing a request whose expected wait exceeds the budget keeps admitted requests'
-//! latency bounded under overload, where a queue-length cap alone would admit a queue minutes long. A
-//! request with nothing ahead of it is always admitted, however large: refusing it would not make anyone
-//! faster.
+//! for its answer. Under overload — more work offered per second than the model can do — refusing a
+//! request whose expected wait exceeds the budget keeps admitted requests' latency bounded, where a
+//! queue-length cap alone would admit a queue minutes long.
+//!
+//! Below capacity the queue cannot grow without bound: its length is set by the callers themselves (64
+//! clients that each wait for their answer never queue more than 64 requests), and refusing one of them
+//! makes nobody faster — a client that retries at once only adds refusals to the model's work. So the
+//! budget applies only while the offered load exceeds capacity, and below it only a wait several budgets
+//! long is refused. A request with nothing ahead of it is always admitted, however large.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use super::cost::{CostModel, Work};
+
+/// Offered load (work offered per second, refused requests included, over what the model serves per
+/// second) over which the server counts as overloaded and the budget applies: above 1 the queue grows;
+/// the margin keeps the jitter of callers that each wait for their answer (who offer exactly what the
+/// model serves) from counting as overload.
+const OVERLOAD: f64 = 1.2;
+
+/// Each served batch's weight in the model's throughput is multiplied by this when a newer one is served.
+const SERVED_DECAY: f64 = 0.98;
+
+/// Below overload, a request is still refused when its expected wait exceeds this many budgets.
+const HARD_CAP_BUDGETS: u32 = 4;
+
+/// Seconds over which the offered load is averaged (an exponential decay with this time constant).
+const DEMAND_SECONDS: f64 = 1.0;
 
 /// The model thread's outstanding work, what a batch costs, and the wait a request may be asked to accept.
 #[derive(Debug, Default)]
@@ -25,6 +45,85 @@ pub struct Backlog {
     squares: AtomicU64,
     /// The model thread's latest fit; unknown (admit all) until a batch has been measured.
     cost: RwLock<CostModel>,
+    /// The batch on the model now (part of the admitted work) and when it started: only what is left
+    /// of it counts towards a new request's wait.
+    running: Mutex<Option<(Instant, Work)>>,
+    /// When the oldest admitted request not yet on the model was admitted. The batcher packs everything
+    /// waiting into the next batch, later arrivals included, and answers the batch when it all has run:
+    /// a request admitted into that batch lengthens the wait of every request already in it.
+    waiting_since: Mutex<Option<Instant>>,
+    /// The offered load.
+    demand: Mutex<Demand>,
+}
+
+/// The offered load: work offered per second (refused requests included), priced at the fitted per-token
+/// and per-square costs, over the same price of what the model gets through per second of work. In model
+/// seconds the price would carry the fit's error (a fit 20 % high would make a server that is merely
+/// busy look overloaded); as a ratio of the same prices it is 1 when the model serves exactly what is
+/// offered, as it does for callers that each wait for their answer.
+#[derive(Debug)]
+struct Demand {
+    /// When `offered` was last decayed.
+    at: Option<Instant>,
+    /// Priced work offered per second, decaying over [`DEMAND_SECONDS`].
+    offered: f64,
+    /// Mean price of one request (to count a request refused before it was tokenized).
+    mean_request: f64,
+    /// Priced work and seconds of recent forward passes, each batch counting a little less than the
+    /// next: their ratio is what the model gets through per second, large batches weighing most.
+    served: (f64, f64),
+}
+
+impl Default for Demand {
+    fn default() -> Self {
+        Self {
+            at: None,
+            offered: 0.0,
+            mean_request: 0.0,
+            served: (0.0, 0.0),
+        }
+    }
+}
+
+impl Demand {
+    /// Adds a request priced `price` (`None`: the mean price) and returns the offered load.
+    fn offer(&mut self, price: Option<f64>) -> f64 {
+        let now = Instant::now();
+        let elapsed = self.at.map_or(0.0, |at| (now - at).as_secs_f64());
+        self.at = Some(now);
+        let price = match price {
+            Some(p) => {
+                self.mean_request = if self.mean_request == 0.0 {
+                    p
+                } else {
+                    0.95 * self.mean_request + 0.05 * p
+                };
+                p
+            }
+            None => self.mean_request,
+        };
+        self.offered = self.offered * (-elapsed / DEMAND_SECONDS).exp() + price / DEMAND_SECONDS;
+        self.load()
+    }
+
+    /// Offered work over the work the model serves in the same time; 0 until a batch has been served.
+    fn load(&self) -> f64 {
+        let decayed = self.at.map_or(0.0, |at| {
+            self.offered * (-at.elapsed().as_secs_f64() / DEMAND_SECONDS).exp()
+        });
+        let (price, seconds) = self.served;
+        if price > 0.0 && seconds > 0.0 {
+            decayed / (price / seconds)
+        } else {
+            0.0
+        }
+    }
+
+    /// Records a forward pass that served work priced `price` in `seconds`.
+    fn served(&mut self, price: f64, seconds: f64) {
+        let (p, s) = self.served;
+        self.served = (SERVED_DECAY * p + price, SERVED_DECAY * s + seconds);
+    }
 }
 
 /// An admitted request's work; it leaves the backlog when this is dropped (answered or abandoned).
@@ -58,8 +157,9 @@ impl Backlog {
     }
 
     /// Adds a request of `work` and returns its ticket, or the wait it would have had (the work ahead of
-    /// it and its own) when that exceeds the budget and something is ahead (then nothing is added). While
-    /// no batch has been measured the cost is unknown and all is admitted.
+    /// it and its own) when that is refused (then nothing is added): over the budget while the offered load
+    /// exceeds capacity, or over [`HARD_CAP_BUDGETS`] budgets, and something is ahead. While no batch has
+    /// been measured the cost is unknown and all is admitted.
     pub fn admit(self: &Arc<Self>, work: Work) -> Result<Admitted, Duration> {
         let ahead = Work {
             sequences: self.sequences.fetch_add(work.sequences, Ordering::Relaxed),
@@ -70,18 +170,71 @@ impl Backlog {
             backlog: self.clone(),
             work,
         };
+        let admitted_now = Instant::now();
+        let oldest = *self
+            .waiting_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(admitted_now);
         let wait = self.wait_for(ahead.plus(work));
-        match self.budget {
-            Some(budget) if ahead.sequences > 0 && wait > budget => Err(wait),
-            _ => Ok(ticket),
+        // The request's batch ends at `wait` from now for the oldest request in it too, which has waited
+        // since `oldest` already (when the queue is longer than one batch, the request's batch is a later
+        // one and the oldest waiting request is not in it).
+        let waiting = ahead.plus(work).minus(self.running_work());
+        let one_batch = waiting.batches(self.max_batch_size, self.max_batch_tokens) == 1;
+        let longest = wait
+            + if one_batch {
+                oldest.elapsed()
+            } else {
+                Duration::ZERO
+            };
+        let load = self.demand().offer(Some(self.price(work)));
+        match ahead.sequences > 0 && self.refuses(longest, load) {
+            true => Err(longest),
+            false => Ok(ticket),
         }
     }
 
-    /// The wait of the work already admitted, when it alone exceeds the budget: then any new request would
-    /// be refused by [`Backlog::admit`], and the caller can refuse it before paying for its tokenization.
+    /// Whether a request whose answer would come after `wait` is refused when the offered load is `load`.
+    fn refuses(&self, wait: Duration, load: f64) -> bool {
+        self.budget.is_some_and(|budget| {
+            wait > budget * HARD_CAP_BUDGETS || (wait > budget && load > OVERLOAD)
+        })
+    }
+
+    /// Records a forward pass over `work` that took `took`, for the offered load's denominator.
+    pub fn served(&self, work: Work, took: Duration) {
+        let price = self.price(work);
+        self.demand().served(price, took.as_secs_f64());
+    }
+
+    /// The price of `work` in the offered load: its share of a batch's cost (tokens and attention, not the
+    /// per-batch part, which depends on what else is in the batch).
+    fn price(&self, work: Work) -> f64 {
+        let cost = self.cost();
+        cost.per_token_ns * work.tokens as f64 + cost.per_square_ns * work.squares as f64
+    }
+
+    fn demand(&self) -> std::sync::MutexGuard<'_, Demand> {
+        self.demand.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that the batcher has taken what was waiting into a batch; `next` is when the oldest request
+    /// left waiting was enqueued (`None`: nothing is left).
+    pub fn taken(&self, next: Option<Instant>) {
+        *self.waiting_since.lock().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    /// The wait of the work already admitted, when it alone would have any new request refused by
+    /// [`Backlog::admit`]: the caller can refuse it before paying for its tokenization. Such a refusal
+    /// still counts in the offered load, at the mean cost of a request.
     pub fn refuses_all(&self) -> Option<Duration> {
         let wait = self.wait_for(self.outstanding());
-        self.budget.filter(|&b| wait > b).map(|_| wait)
+        if !self.refuses(wait, self.demand().load()) {
+            return None;
+        }
+        self.demand().offer(None);
+        Some(wait)
     }
 
     /// Publishes the model thread's latest fit.
@@ -94,14 +247,35 @@ impl Backlog {
         *self.cost.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How long `work` takes, cut into the batches the batcher forms, at the fitted cost (zero while the
-    /// cost is unknown).
+    /// Marks `work` as the batch now on the model (`None`: its forward pass has ended).
+    pub fn set_running(&self, work: Option<Work>) {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = work.map(|w| (Instant::now(), w));
+    }
+
+    /// How long admitted `work` takes at the fitted cost (zero while the cost is unknown): what is left of
+    /// the batch on the model now, then the rest cut into the batches the batcher will form.
     pub fn wait_for(&self, work: Work) -> Duration {
-        if work.sequences == 0 {
-            return Duration::ZERO;
+        let cost = self.cost();
+        let running = *self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let (left, rest) = match running {
+            Some((started, batch)) if batch.sequences <= work.sequences => {
+                let elapsed = started.elapsed().as_nanos() as f64;
+                ((cost.nanos(batch, 1) - elapsed).max(0.0), work.minus(batch))
+            }
+            _ => (0.0, work),
+        };
+        if rest.sequences == 0 {
+            return Duration::from_nanos(left as u64);
         }
-        let batches = work.batches(self.max_batch_size, self.max_batch_tokens);
-        Duration::from_nanos(self.cost().nanos(work, batches) as u64)
+        let batches = rest.batches(self.max_batch_size, self.max_batch_tokens);
+        Duration::from_nanos((left + cost.nanos(rest, batches)) as u64)
+    }
+
+    fn running_work(&self) -> Work {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(Work::default(), |(_, w)| w)
     }
 
     fn outstanding(&self) -> Work {
@@ -127,6 +301,13 @@ mod tests {
         Work::of_lengths(std::iter::repeat_n(len, n))
     }
 
+    /// Serves work at 1 ms of price per ms, then offers three seconds' worth at once: well over capacity
+    /// for the next second or so.
+    fn overload(backlog: &Backlog) {
+        backlog.demand().served(1e6, 1e-3);
+        backlog.demand().offer(Some(3e9));
+    }
+
     /// 2 ms per forward pass and 10 µs per token, no attention term.
     fn cost() -> CostModel {
         CostModel {
@@ -137,13 +318,15 @@ mod tests {
     }
 
     #[test]
-    fn admits_until_the_expected_wait_exceeds_the_budget_and_forgets_answered_work() {
+    fn under_overload_admits_until_the_expected_wait_exceeds_the_budget_and_forgets_answered_work()
+    {
         let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
         // Cost unknown: admitted whatever the size.
         let first = backlog.admit(requests(1, 10_000)).unwrap();
         backlog.set_cost(cost());
         drop(first);
         assert_eq!(backlog.outstanding(), Work::default());
+        overload(&backlog);
 
         // Nothing ahead: admitted however long its own work takes.
         let a = backlog.admit(requests(1, 50_000)).unwrap();
@@ -151,7 +334,8 @@ mod tests {
         let a = backlog.admit(requests(1, 5_000)).unwrap(); // 52 ms
         let b = backlog.admit(requests(1, 4_000)).unwrap(); // both: 2 + 90 ms, one batch
         let refused = backlog.admit(requests(1, 1_000)).unwrap_err(); // all three: 2 + 100 ms
-        assert_eq!(refused, Duration::from_millis(102));
+        assert!(refused >= Duration::from_millis(102), "{refused:?}");
+        assert!(refused < Duration::from_millis(150), "{refused:?}");
         assert_eq!(
             backlog.outstanding().tokens,
             9_000,
@@ -197,5 +381,61 @@ mod tests {
             Duration::from_micros(3 * 2_000 + 300 * 150)
         );
         drop((tickets, more));
+    }
+
+    #[test]
+    fn below_capacity_only_a_wait_of_several_budgets_is_refused() {
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
+        backlog.set_cost(cost());
+        // 64 callers that each wait for their answer: a queue over the budget, but one they bound
+        // themselves, offering no more than the model serves.
+        let callers: Vec<_> = (0..64)
+            .map(|_| backlog.admit(requests(1, 200)).expect("admitted"))
+            .collect();
+        assert!(backlog.wait_for(backlog.outstanding()) > Duration::from_millis(100));
+        backlog.served(requests(32, 200), Duration::from_millis(66));
+        assert!(backlog.demand().load() < OVERLOAD, "{:?}", backlog.demand());
+        // A queue over four budgets is refused all the same: 334 ms ahead, then 414 ms.
+        let long = backlog.admit(requests(1, 20_000)).expect("admitted");
+        let refused = backlog.admit(requests(1, 8_000)).unwrap_err();
+        assert!(refused > Duration::from_millis(400), "{refused:?}");
+        drop((callers, long));
+    }
+
+    #[test]
+    fn a_request_joining_a_batch_counts_against_the_wait_of_those_already_in_it() {
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
+        backlog.set_cost(cost());
+        overload(&backlog);
+        let _first = backlog.admit(requests(1, 4_000)).unwrap(); // 42 ms
+        std::thread::sleep(Duration::from_millis(40));
+        // Alone, the newcomer's batch would end within 2 + 90 ms; but the first request, waiting for 40 ms
+        // already, is in that batch too and would be answered after 130 ms.
+        let refused = backlog.admit(requests(1, 5_000)).unwrap_err();
+        assert!(refused >= Duration::from_millis(130), "{refused:?}");
+        // Once the batcher has taken the first request, the newcomer starts a batch of its own.
+        backlog.taken(None);
+        backlog.set_running(Some(requests(1, 4_000)));
+        let _second = backlog.admit(requests(1, 5_000)).unwrap();
+    }
+
+    #[test]
+    fn only_what_is_left_of_the_running_batch_counts() {
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(250)), 128, 16_384));
+        backlog.set_cost(cost());
+        let running = requests(10, 100); // 2 + 10 ms
+        let _on_the_model = backlog.admit(running).unwrap();
+        let _queued = backlog.admit(requests(5, 100)).unwrap();
+        let both = backlog.outstanding();
+        // Not started: one batch of everything, 2 + 15 ms.
+        assert_eq!(backlog.wait_for(both), Duration::from_millis(17));
+        backlog.set_running(Some(running));
+        std::thread::sleep(Duration::from_millis(5));
+        // Running for ≥ 5 ms: ≤ 7 ms of it left, then a batch of the queued five (2 + 5 ms).
+        let wait = backlog.wait_for(both);
+        assert!(wait <= Duration::from_millis(14), "{wait:?}");
+        assert!(wait >= Duration::from_millis(7), "{wait:?}");
+        backlog.set_running(None);
+        assert_eq!(backlog.wait_for(both), Duration::from_millis(17));
     }
 }

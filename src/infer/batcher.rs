@@ -26,11 +26,16 @@ pub(super) fn spawn(
         .name("flywheel-model".to_owned())
         .spawn(move || {
             let mut fit = CostFit::new();
-            if let Err(e) = super::calibrate::calibrate(&model, &config, &mut fit) {
+            match super::calibrate::calibrate(&model, &config, &mut fit) {
+                Ok(batches) => {
+                    backlog.set_cost(fit.model());
+                    for (work, took) in batches {
+                        backlog.served(work, took);
+                    }
+                }
                 // Admission then admits all until the first batch has been measured.
-                tracing::error!(error = %e, "batch cost calibration failed");
+                Err(e) => tracing::error!(error = %e, "batch cost calibration failed"),
             }
-            backlog.set_cost(fit.model());
             let _ = calibrated.send(());
             batch_task(model, config, rx, metrics, backlog, fit)
         })?;
@@ -70,10 +75,12 @@ fn batch_task(
             }
         }
         let batch = take_batch(&mut waiting, &config, &metrics);
+        backlog.taken(waiting.front().map(|e| e.enqueued));
         if !batch.is_empty() {
-            if let Some((work, took)) = run_batch(&model, batch, &metrics) {
+            if let Some((work, took)) = run_batch(&model, batch, &metrics, &backlog) {
                 fit.record(work, took.as_nanos() as f64);
                 backlog.set_cost(fit.model());
+                backlog.served(work, took);
             }
         }
     }
@@ -116,7 +123,12 @@ fn take_batch(
 
 /// Runs one batch and answers its entries; returns the batch's work and how long its forward pass took,
 /// unless the pass failed (a failure's time says nothing of the cost).
-fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) -> Option<(Work, Duration)> {
+fn run_batch(
+    model: &Model,
+    mut batch: Vec<Entry>,
+    metrics: &Metrics,
+    backlog: &Backlog,
+) -> Option<(Work, Duration)> {
     let started = Instant::now();
     // Entries sharing an adapter sit together, so each adapter's delta runs once over one row range.
     batch.sort_by_key(|e| {
@@ -136,6 +148,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) -> Option<
     metrics.queue_depth.sub(sequences.len() as i64);
     metrics.batch_size.observe(sequences.len() as f64);
     metrics.batch_tokens.observe(work.tokens as f64);
+    backlog.set_running(Some(work));
     let result = model
         .encode_adapted(&sequences, &adapters)
         .and_then(|packed| {
@@ -147,6 +160,7 @@ fn run_batch(model: &Model, mut batch: Vec<Entry>, metrics: &Metrics) -> Option<
             Ok((packed, logits))
         });
     let inference = started.elapsed();
+    backlog.set_running(None);
     metrics.inference_duration.observe(inference.as_secs_f64());
     let ok = result.is_ok();
     match result {

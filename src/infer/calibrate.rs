@@ -1,7 +1,7 @@
 //! Start-up calibration of the batch cost model: a few forward passes of realistic shapes on the loaded
 //! model, so that the first requests are judged on a warm estimate rather than on one cold batch.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::cost::{CostFit, Work};
 use crate::config::BatchingConfig;
@@ -20,16 +20,17 @@ const SHAPES: [(usize, usize); 7] = [
     (8, 128),
 ];
 
-/// Runs the calibration batches on `model` and adds their timings to `fit`. The first batch only warms
-/// caches and the allocator; it is not measured.
+/// Runs the calibration batches on `model`, adds their timings to `fit` and returns them. The first batch
+/// only warms caches and the allocator; it is not measured.
 pub(super) fn calibrate(
     model: &Model,
     config: &BatchingConfig,
     fit: &mut CostFit,
-) -> crate::model::Result<()> {
+) -> crate::model::Result<Vec<(Work, Duration)>> {
     let started = Instant::now();
     let max_length = model.tokenizer.max_length();
     let vocab = model.config.vocab_size as u32;
+    let mut measured = Vec::new();
     let shapes = SHAPES.iter().map(|&(n, len)| {
         let len = len.min(max_length);
         let n = n
@@ -46,11 +47,11 @@ pub(super) fn calibrate(
         let sequences: Vec<&[u32]> = vec![sequence.as_slice(); n];
         let took = Instant::now();
         model.encode(&sequences)?;
+        let took = took.elapsed();
         if i > 0 {
-            fit.calibrate(
-                Work::of_lengths(std::iter::repeat_n(len, n)),
-                took.elapsed().as_nanos() as f64,
-            );
+            let work = Work::of_lengths(std::iter::repeat_n(len, n));
+            fit.calibrate(work, took.as_nanos() as f64);
+            measured.push((work, took));
         }
     }
     let cost = fit.model();
@@ -61,5 +62,5 @@ pub(super) fn calibrate(
         seconds = started.elapsed().as_secs_f64(),
         "batch cost calibrated"
     );
-    Ok(())
+    Ok(measured)
 }

@@ -41,6 +41,15 @@ impl Work {
         }
     }
 
+    /// This work without `other`'s (which it holds).
+    pub fn minus(self, other: Self) -> Self {
+        Self {
+            sequences: self.sequences.saturating_sub(other.sequences),
+            tokens: self.tokens.saturating_sub(other.tokens),
+            squares: self.squares.saturating_sub(other.squares),
+        }
+    }
+
     /// The fewest batches the batcher can cut this work into under its limits (at least one).
     pub fn batches(&self, max_batch_size: usize, max_batch_tokens: usize) -> u64 {
         let by_size = self.sequences.div_ceil(max_batch_size.max(1) as u64);
