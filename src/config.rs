@@ -305,10 +305,13 @@ pub struct BatchingConfig {
     pub max_wait_us: u64,
     /// Most sequences waiting in the queue; beyond it requests get 429 with `Retry-After`.
     pub queue_capacity: usize,
-    /// Refuse a request (429 with `Retry-After`) when the model's outstanding work ahead of it plus its own
-    /// would take longer than this at the speed of recent batches: under overload, admitted requests keep a bounded
-    /// latency instead of joining a long queue. A request with nothing ahead is always admitted. 0: admit up
-    /// to `queue_capacity`.
+    /// Under overload (more work offered per second than the model serves), refuse a request (429 with
+    /// `Retry-After`) when its answer is expected later than this: the work ahead of it and its own, cut
+    /// into the batches the batcher forms and priced by the batch cost model fitted at start-up and after
+    /// every batch. Admitted requests then keep a bounded latency instead of joining a long queue. Below
+    /// overload only an expected wait of eight times this is refused (callers that wait for their answers
+    /// bound the queue themselves). A request with nothing ahead is always admitted. 0: admit up to
+    /// `queue_capacity`.
     pub max_expected_wait_ms: u64,
     /// Longest a request waits for the model, queued and running, before it is answered 503 with
     /// `Retry-After` (its queued work is then dropped unrun). 0: no limit.

@@ -217,17 +217,17 @@ fn a_cuda_trainer_in_a_build_without_cuda_stops_the_server_naming_the_feature() 
     assert!(stderr.contains("`cuda` cargo feature"), "{stderr}");
 }
 
-/// Sends 16 concurrent 256-token requests to a server started with `env`, expects some to be shed with
-/// 429 `overloaded` and `Retry-After`, none to fail otherwise, serving to go on, and the rejections counted
-/// under `reason`.
-fn shed_a_storm(env: &[(&str, &str)], reason: &str) {
+/// Sends `clients` concurrent 256-token requests to a server started with `env`, expects some to be shed
+/// with 429 `overloaded` and `Retry-After`, none to fail otherwise, serving to go on, and the rejections
+/// counted under `reason`.
+fn shed_a_storm(env: &[(&str, &str)], clients: usize, reason: &str) {
     let server = Server::start(&[], env);
     let long = "overload ".repeat(300);
     // A first request measures the model's speed, which admission by expected wait needs.
     let (status, _) = server.post("/v1/embed", &json!({ "inputs": [&long] }));
     assert_eq!(status, 200);
     let results: Vec<(u16, Option<String>, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..16)
+        let handles: Vec<_> = (0..clients)
             .map(|_| {
                 let (server, long) = (&server, &long);
                 s.spawn(move || {
@@ -270,16 +270,19 @@ fn a_full_queue_answers_429_with_retry_after_and_recovers() {
             ("FLYWHEEL_BATCHING__QUEUE_CAPACITY", "1"),
             ("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "0"),
         ],
+        16,
         "queue_full",
     );
 }
 
 #[test]
 fn a_request_expected_to_wait_over_the_budget_answers_429_with_retry_after() {
-    // One 256-token pass takes tens of milliseconds, so 16 queued at once are expected to take far longer
-    // than 20 ms; the queue itself has room for all of them.
+    // One 256-token pass takes tens of milliseconds, so 128 arriving at once are seconds of work: more
+    // than the model serves in the time the offered load is averaged over (overload), and far more than
+    // the 20 ms budget; the queue itself has room for all of them.
     shed_a_storm(
         &[("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "20")],
+        128,
         "expected_wait",
     );
 }

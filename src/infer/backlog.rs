@@ -7,8 +7,9 @@
 //! Below capacity the queue cannot grow without bound: its length is set by the callers themselves (64
 //! clients that each wait for their answer never queue more than 64 requests), and refusing one of them
 //! makes nobody faster — a client that retries at once only adds refusals to the model's work. So the
-//! budget applies only while the offered load exceeds capacity, and below it only a wait several budgets
-//! long is refused. A request with nothing ahead of it is always admitted, however large.
+//! budget applies only while the offered load exceeds capacity; below it, only a queue that outgrows one
+//! batch and several budgets is refused. A request with nothing ahead of it is always admitted, however
+//! large.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,11 +26,15 @@ const OVERLOAD: f64 = 1.2;
 /// Each served batch's weight in the model's throughput is multiplied by this when a newer one is served.
 const SERVED_DECAY: f64 = 0.98;
 
-/// Below overload, a request is still refused when its expected wait exceeds this many budgets.
-const HARD_CAP_BUDGETS: u32 = 4;
+/// Below overload, a request is still refused when its expected wait exceeds this many budgets and the
+/// work waiting for the model no longer fits in one batch. Callers that each wait for their answer never
+/// queue more than one batch takes (the batcher takes everything waiting, up to its limits, at every
+/// pass), so such a queue is one that outruns the model however slightly, which the offered load may not
+/// show yet.
+const HARD_CAP_BUDGETS: u32 = 8;
 
 /// Seconds over which the offered load is averaged (an exponential decay with this time constant).
-const DEMAND_SECONDS: f64 = 1.0;
+const DEMAND_SECONDS: f64 = 2.0;
 
 /// The model thread's outstanding work, what a batch costs, and the wait a request may be asked to accept.
 #[derive(Debug, Default)]
@@ -158,7 +163,8 @@ impl Backlog {
 
     /// Adds a request of `work` and returns its ticket, or the wait it would have had (the work ahead of
     /// it and its own) when that is refused (then nothing is added): over the budget while the offered load
-    /// exceeds capacity, or over [`HARD_CAP_BUDGETS`] budgets, and something is ahead. While no batch has
+    /// exceeds capacity, or over [`HARD_CAP_BUDGETS`] budgets behind more than a batch of waiting work,
+    /// and something is ahead. While no batch has
     /// been measured the cost is unknown and all is admitted.
     pub fn admit(self: &Arc<Self>, work: Work) -> Result<Admitted, Duration> {
         let ahead = Work {
@@ -189,16 +195,18 @@ impl Backlog {
                 Duration::ZERO
             };
         let load = self.demand().offer(Some(self.price(work)));
-        match ahead.sequences > 0 && self.refuses(longest, load) {
+        match ahead.sequences > 0 && self.refuses(longest, load, !one_batch) {
             true => Err(longest),
             false => Ok(ticket),
         }
     }
 
-    /// Whether a request whose answer would come after `wait` is refused when the offered load is `load`.
-    fn refuses(&self, wait: Duration, load: f64) -> bool {
+    /// Whether a request whose answer would come after `wait` is refused when the offered load is `load`
+    /// and the work waiting for the model does or does not fit in one batch (`beyond_one_batch`).
+    fn refuses(&self, wait: Duration, load: f64, beyond_one_batch: bool) -> bool {
         self.budget.is_some_and(|budget| {
-            wait > budget * HARD_CAP_BUDGETS || (wait > budget && load > OVERLOAD)
+            (wait > budget && load > OVERLOAD)
+                || (beyond_one_batch && wait > budget * HARD_CAP_BUDGETS)
         })
     }
 
@@ -229,8 +237,11 @@ impl Backlog {
     /// [`Backlog::admit`]: the caller can refuse it before paying for its tokenization. Such a refusal
     /// still counts in the offered load, at the mean cost of a request.
     pub fn refuses_all(&self) -> Option<Duration> {
-        let wait = self.wait_for(self.outstanding());
-        if !self.refuses(wait, self.demand().load()) {
+        let outstanding = self.outstanding();
+        let waiting = outstanding.minus(self.running_work());
+        let beyond_one_batch = waiting.batches(self.max_batch_size, self.max_batch_tokens) > 1;
+        let wait = self.wait_for(outstanding);
+        if !self.refuses(wait, self.demand().load(), beyond_one_batch) {
             return None;
         }
         self.demand().offer(None);
@@ -395,10 +406,11 @@ mod tests {
         assert!(backlog.wait_for(backlog.outstanding()) > Duration::from_millis(100));
         backlog.served(requests(32, 200), Duration::from_millis(66));
         assert!(backlog.demand().load() < OVERLOAD, "{:?}", backlog.demand());
-        // A queue over four budgets is refused all the same: 334 ms ahead, then 414 ms.
-        let long = backlog.admit(requests(1, 20_000)).expect("admitted");
+        // A queue over eight budgets that no longer fits in one batch is refused all the same: 738 ms
+        // ahead (five batches), then 818 ms.
+        let long = backlog.admit(requests(1, 60_000)).expect("admitted");
         let refused = backlog.admit(requests(1, 8_000)).unwrap_err();
-        assert!(refused > Duration::from_millis(400), "{refused:?}");
+        assert!(refused > Duration::from_millis(800), "{refused:?}");
         drop((callers, long));
     }
 
