@@ -325,7 +325,7 @@ impl Default for BatchingConfig {
             max_batch_size: 128,
             max_wait_us: 0,
             queue_capacity: 2_048,
-            max_expected_wait_ms: 250,
+            max_expected_wait_ms: 200,
             request_timeout_ms: 30_000,
         }
     }
