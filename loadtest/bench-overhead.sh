@@ -8,6 +8,7 @@
 # The client's and the server's CPU time are reported, so a client that starves the server shows.
 #
 #   loadtest/bench-overhead.sh [seconds-per-point]      (default 10)
+#   WORKLOADS="mixed" loadtest/bench-overhead.sh          (a subset of short, mixed, long)
 #
 # Workloads from real mail (SpamAssassin): short = 12-word sentences; mixed = 1–20 words, seeded, with one
 # whole mail in 50; long = whole mails (truncated at 256 tokens). Needs the venv of loadtest/bench-embed.sh.
@@ -53,14 +54,16 @@ tokenize_sum_count() {
 }
 server_cpu() { awk '{print ($14 + $15) / 100}' "/proc/$server/stat"; }
 
-for workload in short mixed long; do
+workloads="${WORKLOADS:-short mixed long}"
+for workload in $workloads; do
   texts="$out/texts-$workload.jsonl"
   for c in 1 32; do
     read -r s0 n0 < <(tokenize_sum_count)
     cpu0=$(server_cpu)
-    client_cpu=$( { /usr/bin/time -f '%U %S' target/release/flywheel-loadtest --url "$url" --texts "$texts" \
-      --concurrency "$c" --duration "$seconds" --warmup 2 --label "http-$workload" --csv "$csv" \
-      >"$out/overhead-last.json" 2>/dev/null; } 2>&1 | tail -n 1 | awk '{print $1 + $2}')
+    /usr/bin/time -f '%U %S' -o "$out/overhead-time.txt" target/release/flywheel-loadtest --url "$url" \
+      --texts "$texts" --concurrency "$c" --duration "$seconds" --warmup 2 --label "http-$workload" \
+      --csv "$csv" >"$out/overhead-last.json" 2>/dev/null
+    client_cpu=$(tail -n 1 "$out/overhead-time.txt" | awk '{print $1 + $2}')
     cpu1=$(server_cpu)
     read -r s1 n1 < <(tokenize_sum_count)
     python3 - "$out/overhead-last.json" "$workload" "$c" "$client_cpu" "$cpu0" "$cpu1" "$s0" "$n0" "$s1" "$n1" >>"$out/overhead.jsonl" <<'PY'
@@ -78,14 +81,14 @@ PY
     | sed "s/^{/{\"workload\":\"$workload\",/" >>"$out/overhead.jsonl"
 done
 
-python3 - "$out/overhead.jsonl" "$seconds" <<'PY'
+python3 - "$out/overhead.jsonl" "$seconds" "$workloads" <<'PY'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 def get(workload, label, key, value):
     return next(r for r in runs if r.get("workload") == workload and r["label"].startswith(label) and r[key] == value)
 print("| texts | HTTP c=1 P50 | in-process 1 text | overhead | tokenize (server) | HTTP c=32 texts/s | in-process ×32 texts/s | ratio | PyTorch ×32 sorted | ratio | 429s | CPU client / server |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for w in ("short", "mixed", "long"):
+for w in sys.argv[3].split():
     h1, h32 = get(w, "http", "concurrency", 1), get(w, "http", "concurrency", 32)
     i1, i32 = get(w, "flywheel-in-process", "batch", 1), get(w, "flywheel-in-process", "batch", 32)
     pt = get(w, "pytorch", "batch", 32)
