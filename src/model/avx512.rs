@@ -86,10 +86,15 @@ pub(crate) struct Output {
 // SAFETY: the pointers are only dereferenced inside `product`, whose contract makes the caller guarantee
 // that they are valid for its whole run; parallel tasks write disjoint tiles of the output.
 unsafe impl Send for Operand {}
+// SAFETY: as for `Operand: Send` above.
 unsafe impl Sync for Operand {}
+// SAFETY: as for `Operand: Send` above.
 unsafe impl Send for Panels {}
+// SAFETY: as for `Operand: Send` above.
 unsafe impl Sync for Panels {}
+// SAFETY: as for `Operand: Send` above.
 unsafe impl Send for Output {}
+// SAFETY: as for `Operand: Send` above.
 unsafe impl Sync for Output {}
 
 /// A linear's weight `W`, `[n × k]` (PyTorch's layout), as panels of `Wᵀ`: panel `p` holds, for each of the
@@ -181,7 +186,8 @@ pub(crate) unsafe fn product(
         // An empty sum: the result is zero, or what the output held.
         if !out.accumulate {
             for i in 0..m {
-                std::ptr::write_bytes(out.ptr.add(i * out.row_stride), 0, n);
+                // SAFETY: row `i` of the `m × n` output lies inside its buffer (this function's contract).
+                unsafe { std::ptr::write_bytes(out.ptr.add(i * out.row_stride), 0, n) };
             }
         }
         return;
@@ -231,23 +237,29 @@ unsafe fn block(
         for c in cols.clone().step_by(TILE_COLS) {
             let width = TILE_COLS.min(cols.end - c);
             // Tasks' column ranges start at multiples of TILE_COLS, so `c` starts a panel.
-            let b_panel = b
-                .ptr
-                .add((c / TILE_COLS) * b.panel_stride + k0 * b.row_stride);
+            // SAFETY: panel `c / TILE_COLS`, step `k0`, lies inside `b` (this function's contract).
+            let b_panel = unsafe {
+                b.ptr
+                    .add((c / TILE_COLS) * b.panel_stride + k0 * b.row_stride)
+            };
             let mut r = rows.start;
             while r < rows.end {
                 let height = TILE_ROWS.min(rows.end - r);
-                let a_rows = Operand {
-                    ptr: a.ptr.add(r * a.row_stride + k0 * a.col_stride),
-                    ..a
-                };
-                let tile_out = Output {
-                    ptr: out.ptr.add(r * out.row_stride + c),
-                    accumulate,
-                    ..out
-                };
-                let b_panel = Panels { ptr: b_panel, ..b };
-                tile_of(height, (depth, width), tile_out, a_rows, b_panel, scale);
+                // SAFETY: row `r`, step `k0` of `a` and element (r, c) of `out` lie inside their buffers,
+                // and the tile they start is inside this block's region (this function's contract).
+                unsafe {
+                    let a_rows = Operand {
+                        ptr: a.ptr.add(r * a.row_stride + k0 * a.col_stride),
+                        ..a
+                    };
+                    let tile_out = Output {
+                        ptr: out.ptr.add(r * out.row_stride + c),
+                        accumulate,
+                        ..out
+                    };
+                    let b_panel = Panels { ptr: b_panel, ..b };
+                    tile_of(height, (depth, width), tile_out, a_rows, b_panel, scale);
+                }
                 r += height;
             }
         }
@@ -275,7 +287,8 @@ unsafe fn tile_of(
             }
         };
     }
-    heights!(1 2 3 4 5 6 7 8 9 10 11 12);
+    // SAFETY: this function's contract is `tile`'s for this height.
+    unsafe { heights!(1 2 3 4 5 6 7 8 9 10 11 12) }
 }
 
 /// Lane masks of the two vectors covering the first `width` (≤ [`TILE_COLS`]) columns of a tile.
@@ -302,33 +315,37 @@ unsafe fn tile<const R: usize>(
     b: Panels,
     scale: f32,
 ) {
-    let (low, high) = masks(width);
-    let mut sums: [[__m512; 2]; R] = [[_mm512_setzero_ps(); 2]; R];
-    let (mut a_step, mut b_row) = (a.ptr, b.ptr);
-    for _ in 0..depth {
-        let b0 = _mm512_maskz_loadu_ps(low, b_row);
-        // `wrapping_add`: past a narrow tile's edge, or after the last step, the address may lie outside
-        // the buffer; the masks keep it from being read.
-        let b1 = _mm512_maskz_loadu_ps(high, b_row.wrapping_add(16));
-        for (i, sum) in sums.iter_mut().enumerate() {
-            let value = _mm512_set1_ps(*a_step.add(i * a.row_stride));
-            sum[0] = _mm512_fmadd_ps(value, b0, sum[0]);
-            sum[1] = _mm512_fmadd_ps(value, b1, sum[1]);
+    // SAFETY: AVX-512F is available and every address read or written unmasked is valid (this function's
+    // contract); masked lanes are never touched.
+    unsafe {
+        let (low, high) = masks(width);
+        let mut sums: [[__m512; 2]; R] = [[_mm512_setzero_ps(); 2]; R];
+        let (mut a_step, mut b_row) = (a.ptr, b.ptr);
+        for _ in 0..depth {
+            let b0 = _mm512_maskz_loadu_ps(low, b_row);
+            // `wrapping_add`: past a narrow tile's edge, or after the last step, the address may lie outside
+            // the buffer; the masks keep it from being read.
+            let b1 = _mm512_maskz_loadu_ps(high, b_row.wrapping_add(16));
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let value = _mm512_set1_ps(*a_step.add(i * a.row_stride));
+                sum[0] = _mm512_fmadd_ps(value, b0, sum[0]);
+                sum[1] = _mm512_fmadd_ps(value, b1, sum[1]);
+            }
+            a_step = a_step.wrapping_add(a.col_stride);
+            b_row = b_row.wrapping_add(b.row_stride);
         }
-        a_step = a_step.wrapping_add(a.col_stride);
-        b_row = b_row.wrapping_add(b.row_stride);
-    }
-    let scale = _mm512_set1_ps(scale);
-    for (i, sum) in sums.iter().enumerate() {
-        let row = out.ptr.add(i * out.row_stride);
-        for (half, mask) in [(0, low), (1, high)] {
-            let at = row.wrapping_add(16 * half);
-            let value = if out.accumulate {
-                _mm512_fmadd_ps(scale, sum[half], _mm512_maskz_loadu_ps(mask, at))
-            } else {
-                _mm512_mul_ps(scale, sum[half])
-            };
-            _mm512_mask_storeu_ps(at, mask, value);
+        let scale = _mm512_set1_ps(scale);
+        for (i, sum) in sums.iter().enumerate() {
+            let row = out.ptr.add(i * out.row_stride);
+            for (half, mask) in [(0, low), (1, high)] {
+                let at = row.wrapping_add(16 * half);
+                let value = if out.accumulate {
+                    _mm512_fmadd_ps(scale, sum[half], _mm512_maskz_loadu_ps(mask, at))
+                } else {
+                    _mm512_mul_ps(scale, sum[half])
+                };
+                _mm512_mask_storeu_ps(at, mask, value);
+            }
         }
     }
 }

@@ -46,6 +46,7 @@ macro_rules! simd_dispatch {
     ($name:ident, $avx2:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
+        // Safe to call only where the CPU has AVX2; `$body` itself is safe code.
         unsafe fn $avx2($($arg: $ty),*) {
             $body($($arg),*)
         }
@@ -72,6 +73,7 @@ fn has_avx2() -> bool {
 struct SendPtr(*mut f32);
 // SAFETY: only used to write disjoint regions from rayon tasks that all end before the owner is read.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send` above.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
@@ -921,14 +923,17 @@ unsafe fn head_probabilities(
     head_dim: usize,
 ) -> Vec<f32> {
     let mut p = vec![0f32; len * len];
-    strided_product(
-        (len, len, head_dim),
-        (p.as_mut_ptr(), len, false),
-        (q, stride, 1),
-        (k, 1, stride),
-        1.0 / (head_dim as f32).sqrt(),
-        Parallelism::None,
-    );
+    // SAFETY: `p` is `len × len`; the caller guarantees `len` rows of `head_dim` values from `q` and `k`.
+    unsafe {
+        strided_product(
+            (len, len, head_dim),
+            (p.as_mut_ptr(), len, false),
+            (q, stride, 1),
+            (k, 1, stride),
+            1.0 / (head_dim as f32).sqrt(),
+            Parallelism::None,
+        )
+    };
     softmax_rows(&mut p, len);
     p
 }
@@ -962,27 +967,31 @@ unsafe fn strided_product(
             )
         };
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        parallelism,
-    );
+    // SAFETY: the caller guarantees that the sizes and strides stay inside the buffers and that `dst`
+    // overlaps neither operand, which is all gemm asks.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
 }
 
 /// [`super::avx512::product`] with [`strided_product`]'s arguments for the output and `a`.
@@ -1001,22 +1010,25 @@ unsafe fn avx512_product(
         Parallelism::Rayon(threads) => threads,
         _ => 1,
     };
-    super::avx512::product(
-        dims,
-        super::avx512::Output {
-            ptr: dst,
-            row_stride: dst_rs,
-            accumulate,
-        },
-        super::avx512::Operand {
-            ptr: a,
-            row_stride: a_rs,
-            col_stride: a_cs,
-        },
-        b,
-        scale,
-        threads,
-    );
+    // SAFETY: this function's contract is `product`'s.
+    unsafe {
+        super::avx512::product(
+            dims,
+            super::avx512::Output {
+                ptr: dst,
+                row_stride: dst_rs,
+                accumulate,
+            },
+            super::avx512::Operand {
+                ptr: a,
+                row_stride: a_rs,
+                col_stride: a_cs,
+            },
+            b,
+            scale,
+            threads,
+        )
+    };
 }
 
 /// The shape of a padded self-attention over `qkv` `[batch × seq × 3·hidden]` (queries, keys and values side
@@ -1067,10 +1079,14 @@ impl Padded<'_> {
     /// `qkv` must hold `batch × seq × 3·hidden` values (checked by [`Self::each_head`]).
     unsafe fn probabilities(&self, qkv: &[f32], b: usize, h: usize) -> Vec<f32> {
         let hidden = self.hidden();
-        let q = qkv
-            .as_ptr()
-            .add(b * self.seq * 3 * hidden + h * self.head_dim);
-        head_probabilities(q, q.add(hidden), 3 * hidden, self.lengths[b], self.head_dim)
+        // SAFETY: sequence `b`'s rows lie inside `qkv` (this function's contract); its queries and keys are
+        // `hidden` apart in each row of `3·hidden`.
+        unsafe {
+            let q = qkv
+                .as_ptr()
+                .add(b * self.seq * 3 * hidden + h * self.head_dim);
+            head_probabilities(q, q.add(hidden), 3 * hidden, self.lengths[b], self.head_dim)
+        }
     }
 }
 
