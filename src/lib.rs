@@ -7,6 +7,9 @@
 //! - [`rng`]: a seeded generator shared by every layer.
 //! - [`pressure`]: inference work in flight, which training yields to.
 //! - [`heap`]: the C heap's policy while training (keep freed memory across steps, return it after).
+//! - [`durable`]: state files written atomically (temp file, fsync, rename), snapshots written off the lock.
+//! - [`faults`]: fault injection for the supervision and crash tests (`FLYWHEEL_FAULTS`; off unless set).
+//! - [`supervise`]: panics caught per batch and per job, and whether the model and trainer threads live.
 //! - [`metrics`]: every Prometheus metric name, help text and bucket; the sliding-window latency summary.
 //! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path), LoRA
 //!   deltas and heads, tokenization, pooling. Knows nothing above it.
@@ -24,12 +27,15 @@
 //!   and shutdown.
 //!
 //! Data flows one way, top of this list to bottom never the reverse: `http` → `rollout`/`trainer`/`infer` →
-//! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap` and `metrics` are shared by all.
+//! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise` and
+//! `metrics` are shared by all.
 
 pub mod adapters;
 pub mod autopilot;
 pub mod config;
 pub mod drift;
+pub mod durable;
+pub mod faults;
 pub mod feedback;
 pub mod heap;
 pub mod http;
@@ -39,6 +45,7 @@ pub mod model;
 pub mod pressure;
 pub mod rng;
 pub mod rollout;
+pub mod supervise;
 pub mod trainer;
 
 pub use config::Config;

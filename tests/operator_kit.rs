@@ -35,6 +35,7 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_training_loss",
     "flywheel_training_samples_per_second",
     "flywheel_training_duration_seconds",
+    "flywheel_thread_panics_total",
 ];
 
 /// The alerts docs/OPERATIONS.md explains; each must exist in config/alerts.yml.
@@ -46,6 +47,7 @@ const EXPECTED_ALERTS: &[&str] = &[
     "FlywheelOnlineAccuracyLow",
     "FlywheelNotReady",
     "FlywheelShedding",
+    "FlywheelThreadPanicked",
 ];
 
 fn config_path(relative: &str) -> PathBuf {

@@ -8,7 +8,6 @@
 //! adapter root.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -149,7 +148,7 @@ struct Index {
     aliases: BTreeMap<String, String>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Inner {
     tasks: BTreeMap<String, Task>,
     generations: BTreeMap<String, Arc<Generation>>,
@@ -164,7 +163,7 @@ pub struct Registry {
     model: BertConfig,
     base_has_pooler: bool,
     inner: RwLock<Inner>,
-    /// Serialises writers so index writes never interleave.
+    /// Serialises writers: each builds the next state from the current one, writes it, then swaps it in.
     write: std::sync::Mutex<()>,
 }
 
@@ -203,22 +202,31 @@ fn check_name(what: &str, name: &str) -> Result<(), RegistryError> {
 }
 
 impl Registry {
-    /// Takes the writer mutex, then the state lock (always in this order).
-    fn lock_for_write(
+    /// Applies `change` to a copy of the state and, when it succeeds, makes the copy durable and then current.
+    /// Writers are serialised; readers ([`Registry::resolve`] on every request) never wait for the disk,
+    /// only for the swap. A failed change or write leaves the state as it was.
+    fn mutate<T>(
         &self,
-    ) -> (
-        std::sync::MutexGuard<'_, ()>,
-        std::sync::RwLockWriteGuard<'_, Inner>,
-    ) {
-        let writer = self
+        change: impl FnOnce(&mut Inner) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let _writer = self
             .write
             .lock()
             .expect("registry writer lock poisoned; this is a bug");
-        let inner = self
+        let mut next = self.read().clone();
+        let out = change(&mut next)?;
+        self.persist(&next)?;
+        *self
             .inner
             .write()
-            .expect("registry lock poisoned; this is a bug");
-        (writer, inner)
+            .expect("registry lock poisoned; this is a bug") = next;
+        Ok(out)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner
+            .read()
+            .expect("registry lock poisoned; this is a bug")
     }
 
     /// Opens the registry in `data_dir` (creating `adapters/`), restoring tasks, generations and aliases.
@@ -299,7 +307,7 @@ impl Registry {
             aliases: inner.aliases.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&index).map_err(storage)?;
-        write_atomically(&self.index_path, &bytes)
+        crate::durable::write_atomically(&self.index_path, &bytes).map_err(storage)
     }
 
     /// Creates a task; its name becomes its stable alias once a generation exists.
@@ -319,39 +327,40 @@ impl Registry {
                 )));
             }
         }
-        let (_w, mut inner) = self.lock_for_write();
-        if !inner.tasks.contains_key(name) && inner.aliases.contains_key(name) {
-            return Err(RegistryError::Conflict(format!(
-                "{name:?} is already an alias of another task's generation"
-            )));
+        // Creating an existing task with the same labels changes nothing and writes nothing.
+        if let Some(existing) = self.read().tasks.get(name).filter(|t| t.labels == labels) {
+            return Ok(existing.clone());
         }
-        if let Some(existing) = inner.tasks.get(name) {
-            return if existing.labels == labels {
-                Ok(existing.clone())
-            } else {
-                Err(RegistryError::Conflict(format!(
-                    "task {name:?} exists with labels {:?}",
-                    existing.labels
-                )))
+        self.mutate(|inner| {
+            if !inner.tasks.contains_key(name) && inner.aliases.contains_key(name) {
+                return Err(RegistryError::Conflict(format!(
+                    "{name:?} is already an alias of another task's generation"
+                )));
+            }
+            if let Some(existing) = inner.tasks.get(name) {
+                return if existing.labels == labels {
+                    Ok(existing.clone())
+                } else {
+                    Err(RegistryError::Conflict(format!(
+                        "task {name:?} exists with labels {:?}",
+                        existing.labels
+                    )))
+                };
+            }
+            if inner.tasks.len() >= self.limits.max_tasks {
+                return Err(RegistryError::Conflict(format!(
+                    "the task limit ({}) is reached",
+                    self.limits.max_tasks
+                )));
+            }
+            let task = Task {
+                name: name.to_owned(),
+                labels,
+                created_at: now(),
             };
-        }
-        if inner.tasks.len() >= self.limits.max_tasks {
-            return Err(RegistryError::Conflict(format!(
-                "the task limit ({}) is reached",
-                self.limits.max_tasks
-            )));
-        }
-        let task = Task {
-            name: name.to_owned(),
-            labels,
-            created_at: now(),
-        };
-        inner.tasks.insert(name.to_owned(), task.clone());
-        if let Err(e) = self.persist(&inner) {
-            inner.tasks.remove(name);
-            return Err(e);
-        }
-        Ok(task)
+            inner.tasks.insert(name.to_owned(), task.clone());
+            Ok(task)
+        })
     }
 
     /// A task by name.
@@ -553,49 +562,38 @@ impl Registry {
             .tasks
             .clone();
         let generation = self.load_files(path, task, &tasks)?;
-        let (_w, mut inner) = self.lock_for_write();
-        if let Some(a) = alias {
-            self.check_alias(&inner, a, task)?;
-        }
-        let replaced = inner.generations.get(&generation.id).cloned();
-        let (generation, new) = match &replaced {
-            Some(existing) if existing.state == State::Ready => (existing.clone(), false),
-            _ => {
-                let live = inner
-                    .generations
-                    .values()
-                    .filter(|g| g.state == State::Ready)
-                    .count();
-                if live >= self.limits.max_adapters {
-                    return Err(RegistryError::Conflict(format!(
-                        "the adapter limit ({}) is reached; delete one first",
-                        self.limits.max_adapters
-                    )));
+        self.mutate(|inner| {
+            if let Some(a) = alias {
+                self.check_alias(inner, a, task)?;
+            }
+            let (generation, new) = match inner.generations.get(&generation.id) {
+                Some(existing) if existing.state == State::Ready => (existing.clone(), false),
+                _ => {
+                    let live = inner
+                        .generations
+                        .values()
+                        .filter(|g| g.state == State::Ready)
+                        .count();
+                    if live >= self.limits.max_adapters {
+                        return Err(RegistryError::Conflict(format!(
+                            "the adapter limit ({}) is reached; delete one first",
+                            self.limits.max_adapters
+                        )));
+                    }
+                    let g = Arc::new(generation);
+                    inner.generations.insert(g.id.clone(), g.clone());
+                    (g, true)
                 }
-                let g = Arc::new(generation);
-                inner.generations.insert(g.id.clone(), g.clone());
-                (g, true)
+            };
+            inner
+                .aliases
+                .entry(task.to_owned())
+                .or_insert_with(|| generation.id.clone());
+            if let Some(a) = alias {
+                inner.aliases.insert(a.to_owned(), generation.id.clone());
             }
-        };
-        let before = inner.aliases.clone();
-        inner
-            .aliases
-            .entry(task.to_owned())
-            .or_insert_with(|| generation.id.clone());
-        if let Some(a) = alias {
-            inner.aliases.insert(a.to_owned(), generation.id.clone());
-        }
-        if let Err(e) = self.persist(&inner) {
-            inner.aliases = before;
-            if new {
-                match replaced {
-                    Some(old) => inner.generations.insert(generation.id.clone(), old),
-                    None => inner.generations.remove(&generation.id),
-                };
-            }
-            return Err(e);
-        }
-        Ok((generation, new))
+            Ok((generation, new))
+        })
     }
 
     fn check_alias(&self, inner: &Inner, alias: &str, task: &str) -> Result<(), RegistryError> {
@@ -622,54 +620,43 @@ impl Registry {
     /// Points `alias` at generation `id` (same task only), atomically.
     pub fn set_alias(&self, alias: &str, id: &str) -> Result<Arc<Generation>, RegistryError> {
         check_name("alias", alias)?;
-        let (_w, mut inner) = self.lock_for_write();
-        let generation = inner
-            .generations
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RegistryError::NotFound(format!("no adapter {id:?}")))?;
-        if generation.state != State::Ready {
-            return Err(RegistryError::Conflict(format!(
-                "adapter {id:?} is not ready"
-            )));
-        }
-        self.check_alias(&inner, alias, &generation.task)?;
-        let previous = inner.aliases.insert(alias.to_owned(), id.to_owned());
-        if let Err(e) = self.persist(&inner) {
-            match previous {
-                Some(p) => inner.aliases.insert(alias.to_owned(), p),
-                None => inner.aliases.remove(alias),
-            };
-            return Err(e);
-        }
-        Ok(generation)
+        self.mutate(|inner| {
+            let generation = inner
+                .generations
+                .get(id)
+                .cloned()
+                .ok_or_else(|| RegistryError::NotFound(format!("no adapter {id:?}")))?;
+            if generation.state != State::Ready {
+                return Err(RegistryError::Conflict(format!(
+                    "adapter {id:?} is not ready"
+                )));
+            }
+            self.check_alias(inner, alias, &generation.task)?;
+            inner.aliases.insert(alias.to_owned(), id.to_owned());
+            Ok(generation)
+        })
     }
 
     /// Removes generation `id` unless an alias points at it. In-flight requests keep their lease.
     pub fn delete(&self, id: &str) -> Result<(), RegistryError> {
-        let (_w, mut inner) = self.lock_for_write();
-        if !inner.generations.contains_key(id) {
-            return Err(RegistryError::NotFound(format!("no adapter {id:?}")));
-        }
-        let users: Vec<&String> = inner
-            .aliases
-            .iter()
-            .filter(|(_, g)| g.as_str() == id)
-            .map(|(a, _)| a)
-            .collect();
-        if !users.is_empty() {
-            return Err(RegistryError::Conflict(format!(
-                "adapter {id:?} is used by alias(es) {users:?}"
-            )));
-        }
-        let removed = inner.generations.remove(id);
-        if let Err(e) = self.persist(&inner) {
-            if let Some(g) = removed {
-                inner.generations.insert(id.to_owned(), g);
+        self.mutate(|inner| {
+            if !inner.generations.contains_key(id) {
+                return Err(RegistryError::NotFound(format!("no adapter {id:?}")));
             }
-            return Err(e);
-        }
-        Ok(())
+            let users: Vec<&String> = inner
+                .aliases
+                .iter()
+                .filter(|(_, g)| g.as_str() == id)
+                .map(|(a, _)| a)
+                .collect();
+            if !users.is_empty() {
+                return Err(RegistryError::Conflict(format!(
+                    "adapter {id:?} is used by alias(es) {users:?}"
+                )));
+            }
+            inner.generations.remove(id);
+            Ok(())
+        })
     }
 
     /// A generation by id or alias: the lease a request holds while it runs.
@@ -733,37 +720,4 @@ fn failed(entry: &IndexEntry, reason: String) -> Generation {
         state: State::Failed(reason),
         adapter: None,
     }
-}
-
-/// Writes `bytes` to `path` via a fsynced temporary file and a rename, then fsyncs the directory, so a crash
-/// leaves either the old file or the new one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    // A name of its own per call: two threads writing the same file must not rename each other's file.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id(),
-        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        // Names are unique per call, so a failed write must not leave its file behind.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(storage(e));
-    }
-    // The rename is the commit: a failed directory fsync after it must not make callers roll back state
-    // that is already on disk.
-    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-        tracing::warn!(error = %e, path = %path.display(), "directory fsync after rename failed");
-    }
-    Ok(())
 }

@@ -72,6 +72,11 @@ impl ApiError {
         )
     }
 
+    /// 503: a part the server needs has stopped working.
+    pub fn unhealthy(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unhealthy", message)
+    }
+
     /// 503: the model is still loading.
     pub fn not_ready() -> Self {
         Self::new(

@@ -35,13 +35,25 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// `GET /ready`: 200 once the model is loaded, 503 before.
+/// `GET /ready`: 200 once the model is loaded and while its threads run, 503 before or once one has ended.
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses(
-        (status = 200, description = "The model is loaded", body = Ready),
-        (status = 503, description = "The model is still loading (`not_ready`)", body = ErrorBody)))]
+        (status = 200, description = "The model is loaded and its threads run", body = Ready),
+        (status = 503, description = "The model is still loading (`not_ready`), or the model or trainer \
+            thread has ended (`unhealthy`)", body = ErrorBody)))]
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let infer = state.infer().ok_or_else(ApiError::not_ready)?;
+    let services = state.services().map_err(|_| ApiError::not_ready())?;
+    let infer = &services.infer;
+    for (alive, what) in [
+        (infer.is_alive(), "the model thread"),
+        (services.jobs.is_alive(), "the trainer thread"),
+    ] {
+        if !alive {
+            return Err(ApiError::unhealthy(format!(
+                "{what} has ended; restart the server (see the log for why)"
+            )));
+        }
+    }
     Ok(HttpResponse::Ok().json(Ready {
         status: "ready",
         model: infer.model_name().to_owned(),

@@ -32,10 +32,10 @@ pub async fn start(
     body: web::Json<StartRequest>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    let rollout = state
-        .services()?
-        .rollouts
-        .start(body.into_inner(), "manual", false)?;
+    let rollouts = state.services()?.rollouts.clone();
+    let rollout = web::block(move || rollouts.start(body.into_inner(), "manual", false))
+        .await
+        .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Created().json(rollout))
 }
 
@@ -91,10 +91,10 @@ pub async fn traffic(
     body: web::Json<Traffic>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    let rollout = state
-        .services()?
-        .rollouts
-        .set_traffic(&task, body.traffic, "manual")?;
+    let rollouts = state.services()?.rollouts.clone();
+    let rollout = web::block(move || rollouts.set_traffic(&task, body.traffic, "manual"))
+        .await
+        .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Ok().json(rollout))
 }
 
@@ -112,11 +112,11 @@ pub async fn promote(
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    let rollout = state.services()?.rollouts.promote(
-        &task,
-        "manual",
-        "promoted by an operator".to_owned(),
-    )?;
+    let rollouts = state.services()?.rollouts.clone();
+    let rollout =
+        web::block(move || rollouts.promote(&task, "manual", "promoted by an operator".to_owned()))
+            .await
+            .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Ok().json(rollout))
 }
 
@@ -134,10 +134,11 @@ pub async fn rollback(
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    let rollout = state.services()?.rollouts.rollback(
-        &task,
-        "manual",
-        "rolled back by an operator".to_owned(),
-    )?;
+    let rollouts = state.services()?.rollouts.clone();
+    let rollout = web::block(move || {
+        rollouts.rollback(&task, "manual", "rolled back by an operator".to_owned())
+    })
+    .await
+    .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Ok().json(rollout))
 }

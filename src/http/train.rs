@@ -50,7 +50,10 @@ pub async fn submit(
         .labels
         .len();
     config.class_weights.check_labels(labels)?;
-    let status = services.jobs.submit(&task, config)?;
+    let jobs = services.jobs.clone();
+    let status = web::block(move || jobs.submit(&task, config))
+        .await
+        .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Accepted().json(JobSubmitted {
         job_id: status.id.clone(),
         job: status,
@@ -169,7 +172,15 @@ pub async fn cancel(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    job_answer(&req, &state, &id, |jobs, id| jobs.cancel(id))
+    super::auth::admin(&req, &state.config.auth)?;
+    // Cancelling writes the job list: off the async workers.
+    let jobs = state.services()?.jobs.clone();
+    let id = id.into_inner();
+    let job = web::block(move || jobs.cancel(&id).ok_or(id))
+        .await
+        .map_err(|_| ApiError::busy())?
+        .map_err(|id| ApiError::not_found(format!("no job {id:?}")))?;
+    Ok(HttpResponse::Ok().json(job))
 }
 
 /// Admin check, then `act` on job `id`: its status, or 404.

@@ -11,6 +11,7 @@ use super::{Entry, EntryResult, InferError, Job};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::{pooling, Model};
+use crate::supervise::{self, AliveGuard};
 
 /// Starts the thread that owns `model`; it ends when every [`super::Infer`] handle is dropped. Returns once
 /// the thread has calibrated the batch cost model, so the first requests are judged on a warm estimate.
@@ -20,11 +21,18 @@ pub(super) fn spawn(
     rx: Receiver<Entry>,
     metrics: Metrics,
     backlog: Arc<Backlog>,
+    alive: AliveGuard,
 ) -> std::io::Result<()> {
     let (calibrated, done) = std::sync::mpsc::sync_channel(1);
+    // A batch holding this input panics (fault injection for the supervision test; none in production).
+    let poison = crate::faults::get()
+        .panic_on_text
+        .as_ref()
+        .and_then(|text| model.tokenizer.encode(text).ok());
     std::thread::Builder::new()
         .name("flywheel-model".to_owned())
         .spawn(move || {
+            let _alive = alive;
             let mut fit = CostFit::new();
             match super::calibrate::calibrate(&model, &config, &mut fit) {
                 Ok(batches) => {
@@ -37,7 +45,7 @@ pub(super) fn spawn(
                 Err(e) => tracing::error!(error = %e, "batch cost calibration failed"),
             }
             let _ = calibrated.send(());
-            batch_task(model, config, rx, metrics, backlog, fit)
+            batch_task(model, config, rx, metrics, backlog, fit, poison)
         })?;
     // A thread that died while calibrating shows as a closed channel; the requests then find it gone.
     let _ = done.recv();
@@ -51,6 +59,7 @@ fn batch_task(
     metrics: Metrics,
     backlog: Arc<Backlog>,
     mut fit: CostFit,
+    poison: Option<Vec<u32>>,
 ) {
     let mut waiting: VecDeque<Entry> = VecDeque::new();
     loop {
@@ -77,7 +86,9 @@ fn batch_task(
         let batch = take_batch(&mut waiting, &config, &metrics);
         backlog.taken(waiting.front().map(|e| e.enqueued));
         if !batch.is_empty() {
-            if let Some((work, took)) = run_batch(&model, batch, &metrics, &backlog) {
+            if let Some((work, took)) =
+                run_batch(&model, batch, &metrics, &backlog, poison.as_deref())
+            {
                 fit.record(work, took.as_nanos() as f64);
                 backlog.set_cost(fit.model());
                 backlog.served(work, took);
@@ -128,6 +139,7 @@ fn run_batch(
     mut batch: Vec<Entry>,
     metrics: &Metrics,
     backlog: &Backlog,
+    poison: Option<&[u32]>,
 ) -> Option<(Work, Duration)> {
     let started = Instant::now();
     // Entries sharing an adapter sit together, so each adapter's delta runs once over one row range.
@@ -149,16 +161,25 @@ fn run_batch(
     metrics.batch_size.observe(sequences.len() as f64);
     metrics.batch_tokens.observe(work.tokens as f64);
     backlog.set_running(Some(work));
-    let result = model
-        .encode_adapted(&sequences, &adapters)
-        .and_then(|packed| {
-            let logits = if batch.iter().any(|e| matches!(e.job, Job::Classify { .. })) {
-                model.classify(&packed, &adapters)?
-            } else {
-                Vec::new()
-            };
-            Ok((packed, logits))
-        });
+    let classify = batch.iter().any(|e| matches!(e.job, Job::Classify { .. }));
+    // A panic in the forward pass fails this batch's requests, not the thread.
+    let result = supervise::catch(metrics, "model", || {
+        if poison.is_some_and(|p| sequences.contains(&p)) {
+            panic!("injected fault: a batch holding FLYWHEEL_FAULTS' panic_on_text");
+        }
+        model
+            .encode_adapted(&sequences, &adapters)
+            .and_then(|packed| {
+                let logits = if classify {
+                    model.classify(&packed, &adapters)?
+                } else {
+                    Vec::new()
+                };
+                Ok((packed, logits))
+            })
+            .map_err(|e| e.to_string())
+    })
+    .and_then(|r| r);
     let inference = started.elapsed();
     backlog.set_running(None);
     metrics.inference_duration.observe(inference.as_secs_f64());
@@ -212,7 +233,7 @@ fn run_batch(
         }
         Err(e) => {
             tracing::error!(error = %e, sequences = sequences.len(), "forward pass failed");
-            let err = InferError::Model(e.to_string());
+            let err = InferError::Model(e);
             for entry in batch {
                 entry.answer(Err(err.clone()));
             }

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::model::lora::Adapter;
 use crate::model::{Model, TextTokenizer};
 use crate::pressure::{Pending, ServingPressure};
+use crate::supervise::Alive;
 
 /// Requests with at most this many bytes of text are tokenized on the async worker that received them
 /// (see [`Infer::tokenize`]).
@@ -165,6 +166,7 @@ pub struct Infer {
     adapters_supported: bool,
     metrics: Metrics,
     pressure: Arc<ServingPressure>,
+    alive: Alive,
 }
 
 impl Infer {
@@ -183,7 +185,9 @@ impl Infer {
             config.max_batch_size,
             config.max_batch_tokens,
         ));
+        let (alive, guard) = Alive::new();
         let handle = Self {
+            alive,
             tx,
             permits: Arc::new(Semaphore::new(config.queue_capacity)),
             capacity: config.queue_capacity,
@@ -198,8 +202,14 @@ impl Infer {
             metrics: metrics.clone(),
             pressure,
         };
-        batcher::spawn(model, config.clone(), rx, metrics, backlog)?;
+        batcher::spawn(model, config.clone(), rx, metrics, backlog, guard)?;
         Ok(handle)
+    }
+
+    /// Whether the model thread still runs (a panic in a batch is caught; this turns false only if the
+    /// thread itself has ended).
+    pub fn is_alive(&self) -> bool {
+        self.alive.get()
     }
 
     /// Name of the served model.

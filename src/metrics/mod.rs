@@ -67,6 +67,9 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// `flywheel_model_ready`: 1 once the model is loaded.
     pub model_ready: IntGauge,
+    /// `flywheel_thread_panics_total{thread}`: panics caught on the model thread (per batch) and the
+    /// trainer thread (per job); the thread goes on with the next batch or job.
+    pub thread_panics: IntCounterVec,
     /// `flywheel_adapters_loaded`: generations ready to serve.
     pub adapters_loaded: IntGauge,
     /// `flywheel_adapter_load_duration_seconds`: reading, checking and registering one adapter.
@@ -133,6 +136,14 @@ impl Metrics {
                 "Requests refused before reaching the model, by reason",
             ),
             &["reason"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let thread_panics = IntCounterVec::new(
+            Opts::new(
+                name("thread_panics_total"),
+                "Panics caught on the model thread (per batch) and the trainer thread (per job)",
+            ),
+            &["thread"],
         )
         .expect("static metric definition is valid; this is a bug");
         let in_flight = IntGauge::new(name("requests_in_flight"), "HTTP requests being served")
@@ -240,6 +251,7 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(requests.clone()),
             Box::new(rejected.clone()),
+            Box::new(thread_panics.clone()),
             Box::new(in_flight.clone()),
             Box::new(queue_depth.clone()),
             Box::new(model_ready.clone()),
@@ -305,6 +317,7 @@ impl Metrics {
             in_flight,
             queue_depth,
             model_ready,
+            thread_panics,
         }
     }
 

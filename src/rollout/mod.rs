@@ -7,14 +7,15 @@ pub mod analysis;
 pub mod router;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::registry::{write_atomically, Registry, State};
+use crate::adapters::registry::{Registry, State};
 use crate::config::RolloutConfig;
+use crate::durable::SnapshotFile;
 use crate::metrics::Metrics;
 use analysis::{analyse, ArmStats, Verdict};
 
@@ -278,8 +279,12 @@ struct Inner {
 
 /// The rollout manager; share it behind an `Arc`.
 pub struct Rollouts {
+    /// The state every request reads (routing) and writes (evidence); held briefly, never across I/O.
     inner: Mutex<Inner>,
-    path: PathBuf,
+    /// Serialises the changes that decide (start, traffic, promote, rollback, the analysis's actions), so
+    /// a promotion's two writes — the alias, then the rollout — are never interleaved with another change.
+    decisions: Mutex<()>,
+    file: SnapshotFile,
     registry: Arc<Registry>,
     metrics: Metrics,
     policy: RolloutConfig,
@@ -332,8 +337,30 @@ impl Rollouts {
             })
             .unwrap_or_default();
         let mut by_task = persisted.rollouts;
+        let mut reconciled = false;
         for list in by_task.values_mut() {
             if let Some(r) = list.last_mut().filter(|r| r.phase == Phase::Active) {
+                // A promotion moves the alias first and records the rollout second: a crash between the
+                // two leaves the alias on the candidate, and the promotion is completed here.
+                if registry
+                    .resolve(&r.task)
+                    .is_some_and(|g| g.id == r.candidate)
+                {
+                    metrics
+                        .rollout_events
+                        .with_label_values(&[r.task.as_str(), "promote"])
+                        .inc();
+                    r.finish(
+                        Phase::Promoted,
+                        "promote",
+                        "restart",
+                        "the stable alias had moved to the candidate when the server stopped; the \
+                         promotion is completed"
+                            .to_owned(),
+                    );
+                    reconciled = true;
+                    continue;
+                }
                 let ready = |id: &str| {
                     registry
                         .resolve(id)
@@ -350,6 +377,7 @@ impl Rollouts {
                         "restart",
                         "a generation of the rollout is no longer loaded".to_owned(),
                     );
+                    reconciled = true;
                 }
             }
         }
@@ -358,34 +386,50 @@ impl Rollouts {
                 by_task,
                 accuracy: HashMap::new(),
             }),
-            path,
+            decisions: Mutex::new(()),
+            file: SnapshotFile::new(path),
             registry,
             metrics,
             policy,
         };
-        let inner = rollouts.lock();
-        for list in inner.by_task.values() {
-            if let Some(r) = list.last() {
-                rollouts.export_traffic(r);
+        {
+            let inner = rollouts.lock();
+            for list in inner.by_task.values() {
+                if let Some(r) = list.last() {
+                    rollouts.export_traffic(r);
+                }
+            }
+            if reconciled {
+                rollouts.persist(inner);
             }
         }
-        drop(inner);
         rollouts
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner
             .lock()
             .expect("rollouts lock poisoned; this is a bug")
     }
 
-    fn persist(&self, inner: &Inner) {
-        let persisted = Persisted {
+    /// Held by every change that decides (see the field).
+    fn deciding(&self) -> MutexGuard<'_, ()> {
+        self.decisions
+            .lock()
+            .expect("rollout decisions lock poisoned; this is a bug")
+    }
+
+    /// Snapshots the state under `inner`, releases it, then writes the snapshot: requests routed meanwhile
+    /// never wait for the disk. A failed write is logged; the next change writes the whole state again.
+    fn persist(&self, inner: MutexGuard<'_, Inner>) {
+        let version = self.file.next_version();
+        let bytes = serde_json::to_vec_pretty(&Persisted {
             rollouts: inner.by_task.clone(),
-        };
-        match serde_json::to_vec_pretty(&persisted) {
+        });
+        drop(inner);
+        match bytes {
             Ok(bytes) => {
-                if let Err(e) = write_atomically(&self.path, &bytes) {
+                if let Err(e) = self.file.write(version, &bytes) {
                     tracing::warn!(error = %e, "could not persist rollouts");
                 }
             }
@@ -498,6 +542,7 @@ impl Rollouts {
             summary: None,
             decisions: Vec::new(),
         };
+        let _deciding = self.deciding();
         let mut inner = self.lock();
         let list = inner.by_task.entry(task.clone()).or_default();
         if let Some(active) = list.last_mut().filter(|r| r.phase == Phase::Active) {
@@ -529,7 +574,7 @@ impl Rollouts {
         }
         self.export_traffic(&rollout);
         self.event(&task, "start");
-        self.persist(&inner);
+        self.persist(inner);
         tracing::info!(task, rollout = %rollout.id, candidate = %rollout.candidate, "rollout started");
         Ok(rollout)
     }
@@ -561,6 +606,7 @@ impl Rollouts {
         })
     }
 
+    /// Applies `f` to the task's active rollout and persists the result; the caller holds [`Self::deciding`].
     fn with_active<T>(
         &self,
         task: &str,
@@ -577,7 +623,7 @@ impl Rollouts {
             })?;
         let out = f(r)?;
         self.export_traffic(r);
-        self.persist(&inner);
+        self.persist(inner);
         Ok(out)
     }
 
@@ -585,6 +631,7 @@ impl Rollouts {
     /// grows).
     pub fn set_traffic(&self, task: &str, share: f64, by: &str) -> Result<Rollout, RolloutError> {
         let share = check_share(share)?;
+        let _deciding = self.deciding();
         self.with_active(task, |r| {
             r.traffic = share;
             r.log("traffic", by, format!("candidate share set to {share}"));
@@ -594,10 +641,18 @@ impl Rollouts {
 
     /// Makes the candidate the stable generation (the task's alias moves atomically).
     pub fn promote(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
+        let _deciding = self.deciding();
+        let candidate = self.with_active_unchanged(task, |r| r.candidate.clone())?;
+        // The alias first, durably and without the rollouts lock (requests keep being routed); then the
+        // rollout. A crash between the two writes leaves the alias on the candidate, and the next start
+        // completes the promotion (see `open`), so the two always agree.
+        self.registry
+            .set_alias(task, &candidate)
+            .map_err(|e| RolloutError::Conflict(format!("cannot move the alias: {e}")))?;
+        if let Some(pause) = crate::faults::get().pause_after_alias {
+            std::thread::sleep(pause);
+        }
         let out = self.with_active(task, |r| {
-            self.registry
-                .set_alias(&r.task, &r.candidate)
-                .map_err(|e| RolloutError::Conflict(format!("cannot move the alias: {e}")))?;
             r.finish(Phase::Promoted, "promote", by, reason);
             Ok(r.clone())
         })?;
@@ -606,8 +661,24 @@ impl Rollouts {
         Ok(out)
     }
 
+    /// Reads the task's active rollout without changing or persisting it.
+    fn with_active_unchanged<T>(
+        &self,
+        task: &str,
+        f: impl FnOnce(&Rollout) -> T,
+    ) -> Result<T, RolloutError> {
+        self.lock()
+            .by_task
+            .get(task)
+            .and_then(|l| l.last())
+            .filter(|r| r.phase == Phase::Active)
+            .map(f)
+            .ok_or_else(|| RolloutError::NotFound(format!("task {task:?} has no active rollout")))
+    }
+
     /// Sends all traffic back to stable.
     pub fn rollback(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
+        let _deciding = self.deciding();
         let out = self.with_active(task, |r| {
             r.finish(Phase::RolledBack, "rollback", by, reason);
             Ok(r.clone())
@@ -710,6 +781,7 @@ impl Rollouts {
         let mut acted = Vec::new();
         let mut promote = Vec::new();
         {
+            let _deciding = self.deciding();
             let mut inner = self.lock();
             let active = inner
                 .by_task
@@ -745,7 +817,7 @@ impl Rollouts {
                     Verdict::Pass(reason) => promote.push((r.task.clone(), reason)),
                 }
             }
-            self.persist(&inner);
+            self.persist(inner);
         }
         for (task, action) in &acted {
             self.event(task, action);

@@ -18,11 +18,13 @@ use super::train::{
     predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError, TrainReport,
 };
 use crate::adapters::peft;
-use crate::adapters::registry::{write_atomically, Registry, Sidecar, SIDECAR_FILE};
+use crate::adapters::registry::{Registry, Sidecar, SIDECAR_FILE};
 use crate::config::TrainerConfig;
+use crate::durable::write_atomically;
 use crate::feedback::FeedbackStore;
 use crate::model::{Bert, Model};
 use crate::pressure::ServingPressure;
+use crate::supervise::Alive;
 
 /// Most feedback rows one job reads: the newest, so a long-lived task keeps learning from what arrives.
 const MAX_ROWS: usize = 200_000;
@@ -253,6 +255,7 @@ pub struct Jobs {
     shared: Arc<Shared>,
     tx: Mutex<mpsc::Sender<String>>,
     max_queued: usize,
+    alive: Alive,
 }
 
 fn now() -> u64 {
@@ -363,9 +366,11 @@ impl Jobs {
         shared.persist();
         let (tx, rx) = mpsc::channel::<String>();
         let worker = shared.clone();
+        let (alive, guard) = Alive::new();
         std::thread::Builder::new()
             .name("flywheel-trainer".to_owned())
             .spawn(move || {
+                let _alive = guard;
                 lower_priority(deps.nice);
                 let nice = deps.nice;
                 let yield_to = deps.yield_to.clone();
@@ -391,7 +396,14 @@ impl Jobs {
             shared,
             tx: Mutex::new(tx),
             max_queued: limits.max_queued_jobs,
+            alive,
         })
+    }
+
+    /// Whether the trainer thread still runs (a panic in a job is caught; this turns false only if the
+    /// thread itself has ended).
+    pub fn is_alive(&self) -> bool {
+        self.alive.get()
     }
 
     /// Queues again, oldest first, each job a shutdown or crash interrupted that was not re-run yet (called
@@ -656,7 +668,14 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
     shared.update(id, |j| j.state = JobState::Running);
     shared.persist();
     let clock = JobClock::start(&deps.yield_to.0);
-    let result = train_and_publish(shared, deps, &job, &cancel, &clock);
+    // A panic fails this job, not the trainer: the job reads `failed` with the panic's message.
+    let result = crate::supervise::catch(&deps.metrics, "trainer", || {
+        if crate::faults::job_should_panic(&job.task) {
+            panic!("injected fault: the first job of FLYWHEEL_FAULTS' panic_in_job task");
+        }
+        train_and_publish(shared, deps, &job, &cancel, &clock)
+    })
+    .unwrap_or_else(|message| Err(TrainError::Panicked(message)));
     let (wall, yielded) = clock.read();
     deps.metrics
         .training_yield_seconds

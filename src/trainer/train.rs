@@ -310,6 +310,9 @@ pub enum TrainError {
     /// The tensor library failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The job panicked; the trainer caught it and goes on with the next job.
+    #[error("{0}")]
+    Panicked(String),
 }
 
 impl From<candle_core::Error> for TrainError {
