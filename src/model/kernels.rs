@@ -14,7 +14,11 @@ const PARALLEL_GEMM_MIN_WORK: usize = 1 << 20;
 /// Rows per rayon task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
 /// Elements from which the elementwise kernels split across rayon's pool, and the size of each task.
+#[cfg(not(miri))]
 pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 16;
+// Under Miri (a thousand times slower) the tests still reach the parallel paths with small inputs.
+#[cfg(miri)]
+pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 9;
 pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 /// Runs `kernel(values, other)` over matching chunks of `chunk` elements of two buffers of one length,
@@ -1293,6 +1297,52 @@ mod tests {
                 assert!((out[r * n + j] - want).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn padded_attention_equals_packed_attention_and_its_backward_leaves_padding_alone() {
+        let (heads, head_dim, seq, lengths) = (2, 2, 3, [3usize, 2]);
+        let hidden = heads * head_dim;
+        let qkv = crate::rng::Rng::new(5).uniform(lengths.len() * seq * 3 * hidden, 1.0);
+        let shape = Padded {
+            seq,
+            heads,
+            head_dim,
+            lengths: &lengths,
+        };
+        let mut padded = vec![0.0; lengths.len() * seq * hidden];
+        attention_padded(&shape, &qkv, &mut padded);
+        let (mut q, mut k, mut v, mut rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (b, &len) in lengths.iter().enumerate() {
+            for pos in 0..len {
+                let row = &qkv[(b * seq + pos) * 3 * hidden..][..3 * hidden];
+                q.extend_from_slice(&row[..hidden]);
+                k.extend_from_slice(&row[hidden..2 * hidden]);
+                v.extend_from_slice(&row[2 * hidden..]);
+                rows.push(b * seq + pos);
+            }
+        }
+        let mut packed = vec![0.0; q.len()];
+        attention(&q, &k, &v, &[0, 3, 5], heads, head_dim, &mut packed);
+        for (t, &row) in rows.iter().enumerate() {
+            let diff = max_diff(
+                &padded[row * hidden..][..hidden],
+                &packed[t * hidden..][..hidden],
+            );
+            assert!(diff < 1e-6, "row {row} differs by {diff}");
+        }
+        assert!(
+            padded[5 * hidden..].iter().all(|&x| x == 0.0),
+            "padding stays zero"
+        );
+        let grad = vec![1.0; padded.len()];
+        let mut d_qkv = vec![0.0; qkv.len()];
+        attention_padded_backward(&shape, &qkv, &grad, &mut d_qkv);
+        assert!(d_qkv.iter().all(|g| g.is_finite()));
+        assert!(
+            d_qkv[5 * 3 * hidden..].iter().all(|&g| g == 0.0),
+            "padding gets no gradient"
+        );
     }
 
     #[test]
