@@ -252,6 +252,9 @@ pub struct ServerConfig {
     /// Record per-request metrics (request counts, duration histograms, the P99 window). Turn off only to
     /// measure what they cost (docs/BENCHMARKS.md).
     pub request_metrics: bool,
+    /// The task (or alias, or generation) TEI's `POST /predict` classifies with, since TEI clients cannot
+    /// name one; empty means the only task when there is exactly one.
+    pub tei_predict_model: String,
 }
 
 impl Default for ServerConfig {
@@ -262,6 +265,7 @@ impl Default for ServerConfig {
             workers: 2,
             shutdown_timeout_secs: 10,
             request_metrics: true,
+            tei_predict_model: String::new(),
         }
     }
 }

@@ -23,10 +23,12 @@
 //!   online accuracy.
 //! - [`drift`]: per-task drift of predictions, confidence and embeddings against a warm-up reference.
 //! - [`autopilot`]: the policy thread: rollout analysis, automatic training on feedback growth or drift.
+//! - [`serving`]: the service the HTTP dialects share: what a `model` name selects, classification through a
+//!   task's rollout with its evidence, drift and recent-request memory.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, auth, the OpenAPI document, server start
 //!   and shutdown.
 //!
-//! Data flows one way, top of this list to bottom never the reverse: `http` → `rollout`/`trainer`/`infer` →
+//! Data flows one way, top of this list to bottom never the reverse: `http` → `serving` → `rollout`/`trainer`/`infer` →
 //! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise` and
 //! `metrics` are shared by all.
 
@@ -45,6 +47,7 @@ pub mod model;
 pub mod pressure;
 pub mod rng;
 pub mod rollout;
+pub mod serving;
 pub mod supervise;
 pub mod trainer;
 

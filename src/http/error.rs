@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::adapters::RegistryError;
 use crate::feedback::FeedbackError;
 use crate::infer::InferError;
+use crate::serving::ClassifyError;
 
 /// Seconds a client is asked to wait after a 429.
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -123,6 +124,20 @@ impl From<InferError> for ApiError {
             InferError::Model(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", message)
             }
+        }
+    }
+}
+
+impl From<ClassifyError> for ApiError {
+    fn from(e: ClassifyError) -> Self {
+        let message = e.to_string();
+        match e {
+            ClassifyError::UnknownTask(_) | ClassifyError::UnknownAdapter(_) => {
+                Self::not_found(message)
+            }
+            ClassifyError::NoGeneration(_) | ClassifyError::NotReady(_) => Self::conflict(message),
+            ClassifyError::WrongTask { .. } => Self::invalid(message),
+            ClassifyError::Infer(e) => e.into(),
         }
     }
 }

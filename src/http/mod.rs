@@ -7,11 +7,13 @@ mod drift;
 pub mod embed;
 pub mod error;
 pub mod feedback;
+pub mod openai;
 pub mod openapi;
 mod ops;
 pub mod predict;
 pub mod rollouts;
 pub mod tasks;
+pub mod tei;
 pub mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError};
 use crate::pressure::ServingPressure;
 use crate::rollout::{Rollouts, StartRequest};
+pub use crate::serving::Services;
 use crate::trainer::jobs::{Jobs, TrainerDeps};
 use crate::trainer::train::TrainConfig;
 use error::{json_error, ApiError};
@@ -47,24 +50,6 @@ pub struct AppState {
     /// The process's metrics.
     pub metrics: Metrics,
     services: Arc<OnceLock<Services>>,
-}
-
-/// What exists once the model has loaded.
-pub struct Services {
-    /// The model thread's handle.
-    pub infer: Infer,
-    /// Tasks, adapter generations and aliases.
-    pub registry: Arc<Registry>,
-    /// Durable feedback.
-    pub feedback: Arc<dyn FeedbackStore>,
-    /// What recent predictions served, for feedback that names a request id.
-    pub recent: Arc<RecentRequests>,
-    /// Training jobs.
-    pub jobs: Arc<Jobs>,
-    /// A/B rollouts and online accuracy.
-    pub rollouts: Arc<Rollouts>,
-    /// Drift of each task's traffic.
-    pub drift: Arc<DriftMonitor>,
 }
 
 impl AppState {
@@ -106,14 +91,24 @@ pub enum ServeError {
     Config(String),
 }
 
-/// Registers every route on `cfg`.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Registers every route on `cfg`; bodies of the OpenAI-style routes are limited to `max_body` bytes and
+/// their errors answered in OpenAI's shape.
+pub fn routes(cfg: &mut web::ServiceConfig, max_body: usize) {
+    let openai = |path| resource(path).app_data(openai::json_config(max_body));
     cfg.service(resource("/health").route(web::get().to(ops::health)))
         .service(resource("/ready").route(web::get().to(ops::ready)))
         .service(resource("/metrics").route(web::get().to(ops::metrics)))
         .service(resource("/openapi.json").route(web::get().to(ops::openapi)))
         .service(resource("/v1/embed").route(web::post().to(embed::embed)))
         .service(resource("/v1/predict").route(web::post().to(predict::predict)))
+        .service(openai("/v1/embeddings").route(web::post().to(openai::embeddings)))
+        .service(openai("/v1/classify").route(web::post().to(openai::classify)))
+        .service(resource("/v1/models").route(web::get().to(openai::models)))
+        .service(resource("/v1/models/{model}").route(web::get().to(openai::model)))
+        .service(resource("/embed").route(web::post().to(tei::embed)))
+        .service(resource("/predict").route(web::post().to(tei::predict)))
+        .service(resource("/tokenize").route(web::post().to(tei::tokenize)))
+        .service(resource("/info").route(web::get().to(tei::info)))
         .service(
             resource("/v1/tasks")
                 .route(web::post().to(tasks::create))
@@ -279,7 +274,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 ApiError::invalid(format!("invalid query string: {e}")).into()
             }))
             .wrap(middleware::from_fn(observe))
-            .configure(routes)
+            .configure(|cfg| routes(cfg, max_body))
             .default_service(web::to(not_found))
     })
     .workers(config.server.workers)
@@ -427,5 +422,9 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         jobs,
         rollouts,
         drift,
+        watch_drift: config.drift.enabled,
+        loaded_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     })
 }

@@ -10,7 +10,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
 use utoipa::{Modify, OpenApi};
 
-use super::{adapters, drift, embed, feedback, ops, predict, rollouts, tasks, train};
+use super::{adapters, drift, embed, feedback, openai, ops, predict, rollouts, tasks, tei, train};
 
 /// The document; `ApiDoc::openapi()` builds it.
 #[derive(OpenApi)]
@@ -48,8 +48,16 @@ use super::{adapters, drift, embed, feedback, ops, predict, rollouts, tasks, tra
         rollouts::promote,
         rollouts::rollback,
         drift::get,
+        openai::embeddings,
+        openai::models,
+        openai::model,
+        openai::classify,
+        tei::embed,
+        tei::predict,
+        tei::tokenize,
+        tei::info,
     ),
-    components(schemas(super::error::ErrorBody)),
+    components(schemas(super::error::ErrorBody, openai::OpenAiErrorBody)),
     modifiers(&Conventions),
     tags(
         (name = "inference", description = "Embeddings and classification"),
@@ -60,6 +68,9 @@ use super::{adapters, drift, embed, feedback, ops, predict, rollouts, tasks, tra
         (name = "rollouts", description = "A/B rollouts of candidate generations (admin)"),
         (name = "drift", description = "Drift of a task's traffic"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "openai", description = "OpenAI-style embeddings, models and (vLLM's) classification; \
+            errors in OpenAI's shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`"),
+        (name = "tei", description = "Text Embeddings Inference's routes and shapes"),
     )
 )]
 pub struct ApiDoc;
@@ -139,6 +150,21 @@ const WITH_BODY: [(&str, &str); 4] = [
         "The JSON has the wrong shape or a value out of range (`invalid_request`)",
     ),
 ];
+const OPENAI_WITH_BODY: [(&str, &str); 3] = [
+    (
+        "400",
+        "The body is not JSON (`malformed_request`), or it has the wrong shape or a value out of range \
+         (`invalid_request`)",
+    ),
+    (
+        "413",
+        "The body exceeds `[limits] max_body_bytes` (`payload_too_large`)",
+    ),
+    (
+        "415",
+        "The body is not sent as `application/json` (`unsupported_media_type`)",
+    ),
+];
 const INFERENCE: (&str, &str) = (
     "429",
     "Overloaded: the queue is full, or the model's work ahead of the request plus its own is expected to \
@@ -185,11 +211,20 @@ impl Modify for Conventions {
                 ) {
                     *id = format!("{tag}_{id}");
                 }
-                if path.starts_with("/v1/") {
-                    add_errors(operation, &EVERY_V1);
+                let tags = operation.tags.clone().unwrap_or_default();
+                let tagged = |name: &str| tags.iter().any(|t| t == name);
+                let (openai, tei) = (tagged("openai"), tagged("tei"));
+                // OpenAI's shape on its routes, with 400 where Flywheel's own routes answer 422.
+                let (body, schema) = if openai {
+                    (&OPENAI_WITH_BODY[..], "OpenAiErrorBody")
+                } else {
+                    (&WITH_BODY[..], "ErrorBody")
+                };
+                if path.starts_with("/v1/") || tei {
+                    add_errors(operation, &EVERY_V1, schema);
                 }
                 if operation.request_body.is_some() {
-                    add_errors(operation, &WITH_BODY);
+                    add_errors(operation, body, schema);
                 }
                 let has_query = operation
                     .parameters
@@ -197,15 +232,13 @@ impl Modify for Conventions {
                     .flatten()
                     .any(|p| p.parameter_in == ParameterIn::Query);
                 if has_query {
-                    add_errors(operation, &[WITH_QUERY]);
+                    add_errors(operation, &[WITH_QUERY], schema);
                 }
-                if operation
-                    .tags
-                    .iter()
-                    .flatten()
-                    .any(|tag| tag == "inference")
-                {
-                    add_errors(operation, &[INFERENCE]);
+                let infers = tagged("inference")
+                    || tei && operation.request_body.is_some()
+                    || openai && operation.request_body.is_some();
+                if infers {
+                    add_errors(operation, &[INFERENCE], schema);
                 }
                 retry_after_on_429_and_503(operation);
             }
@@ -213,8 +246,8 @@ impl Modify for Conventions {
     }
 }
 
-/// Adds each `(status, when)` answer the operation does not document itself.
-fn add_errors(operation: &mut Operation, errors: &[(&str, &str)]) {
+/// Adds each `(status, when)` answer the operation does not document itself, with the body `schema`.
+fn add_errors(operation: &mut Operation, errors: &[(&str, &str)], schema: &str) {
     for &(status, when) in errors {
         let responses = &mut operation.responses.responses;
         if responses.contains_key(status) {
@@ -223,7 +256,7 @@ fn add_errors(operation: &mut Operation, errors: &[(&str, &str)]) {
         let response = ResponseBuilder::new().description(when).content(
             "application/json",
             ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .schema(Some(Ref::from_schema_name(schema)))
                 .build(),
         );
         responses.insert(status.to_owned(), RefOr::T(response.build()));
@@ -274,7 +307,10 @@ mod tests {
                         );
                     }
                 }
-                if op.tags.iter().flatten().any(|t| t == "inference") {
+                let inference = ["inference", "openai", "tei"]
+                    .iter()
+                    .any(|tag| op.tags.iter().flatten().any(|t| t == tag));
+                if inference && op.request_body.is_some() {
                     assert!(
                         op.responses.responses.contains_key("429"),
                         "{path} lacks 429"
@@ -288,8 +324,14 @@ mod tests {
                         );
                     }
                 }
+                let openai = op.tags.iter().flatten().any(|t| t == "openai");
                 if op.request_body.is_some() {
-                    for status in ["400", "413", "415", "422"] {
+                    let statuses: &[&str] = if openai {
+                        &["400", "413", "415"]
+                    } else {
+                        &["400", "413", "415", "422"]
+                    };
+                    for &status in statuses {
                         assert!(
                             op.responses.responses.contains_key(status),
                             "{path} lacks {status}"
@@ -298,7 +340,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 26, "every route, /openapi.json included");
+        assert_eq!(operations, 34, "every route, /openapi.json included");
         let mut ids: Vec<_> = doc
             .paths
             .paths

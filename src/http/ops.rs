@@ -66,6 +66,9 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
     responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String,
         content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Ok(services) = state.services() {
+        router_info(&state, services);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
@@ -84,4 +87,26 @@ pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(body.as_str())
+}
+
+/// Sets `flywheel_lora_requests_info`, which LoRA-aware routers read: every adapter model name (tasks,
+/// aliases, generations) is resident and ready, none waits to load.
+fn router_info(state: &AppState, services: &crate::serving::Services) {
+    let names: Vec<String> = services
+        .model_cards()
+        .into_iter()
+        .filter(|c| c.kind != "base")
+        .map(|c| c.id)
+        .collect();
+    let info = &state.metrics.lora_requests_info;
+    info.reset();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    info.with_label_values(&[
+        state.config.adapters.max_adapters.to_string().as_str(),
+        names.join(",").as_str(),
+        "",
+    ])
+    .set(now);
 }

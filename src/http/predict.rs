@@ -1,8 +1,5 @@
 //! `POST /v1/predict`: classification with a task's adapter generation.
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -10,10 +7,8 @@ use utoipa::ToSchema;
 use super::embed::{validate_texts, Inputs};
 use super::error::{ApiError, ErrorBody};
 use super::{timing_headers, AppState, RouteLabels};
-use crate::adapters::registry::{Generation, State};
-use crate::feedback::recent::{RecentRequest, ShadowPrediction};
-use crate::infer::InferError;
-use crate::model::lora::Adapter;
+use crate::serving::classify::best;
+use crate::serving::{Classified, ClassifyRequest};
 
 /// Longest accepted `routing_key`.
 const MAX_ROUTING_KEY_BYTES: usize = 256;
@@ -61,25 +56,6 @@ pub struct PredictResponse {
     pub predictions: Vec<Prediction>,
 }
 
-/// The label index with the highest probability, and that probability.
-fn best(probs: &[f32]) -> (usize, f32) {
-    probs.iter().enumerate().fold(
-        (0, f32::NEG_INFINITY),
-        |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
-    )
-}
-
-/// The ready weights of `generation`, or 409.
-fn weights(generation: &Generation) -> Result<Arc<Adapter>, ApiError> {
-    match (&generation.state, &generation.adapter) {
-        (State::Ready, Some(w)) => Ok(w.clone()),
-        _ => Err(ApiError::conflict(format!(
-            "adapter {} is not ready",
-            generation.id
-        ))),
-    }
-}
-
 /// Classifies the inputs with the generation the task's rollout picks (stable when none is active), or
 /// with the pinned one.
 #[utoipa::path(post, path = "/v1/predict", tag = "inference", request_body = PredictRequest,
@@ -102,195 +78,62 @@ pub async fn predict(
         routing_key,
         adapter,
     } = body.into_inner();
-    if routing_key
-        .as_ref()
-        .is_some_and(|k| k.len() > MAX_ROUTING_KEY_BYTES)
-    {
-        return Err(ApiError::invalid(format!(
-            "routing_key is over {MAX_ROUTING_KEY_BYTES} bytes"
-        )));
-    }
+    check_routing_key(routing_key.as_deref())?;
     let texts = inputs.into_vec();
     validate_texts(&texts, &state)?;
-    let task_def = services
-        .registry
-        .task(&task)
-        .ok_or_else(|| ApiError::not_found(format!("no task {task:?}")))?;
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let route = match &adapter {
-        Some(_) => None,
-        None => services
-            .rollouts
-            .route(&task, routing_key.as_deref(), &request_id),
-    };
-    let (reference, arm) = match (&adapter, &route) {
-        (Some(a), _) => (a.clone(), "pinned"),
-        (None, Some(r)) => (r.generation.clone(), r.arm.as_str()),
-        (None, None) => (task.clone(), "stable"),
-    };
-    // The lease: this Arc keeps the generation's weights alive until the response is built.
-    let generation = services
-        .registry
-        .resolve(&reference)
-        .ok_or_else(|| match &adapter {
-            Some(a) => ApiError::not_found(format!("no adapter or alias {a:?}")),
-            None => ApiError::conflict(format!(
-                "task {task:?} has no adapter generation yet; load or train one"
-            )),
-        })?;
-    if generation.task != task {
-        return Err(ApiError::invalid(format!(
-            "adapter {} belongs to task {:?}, not {task:?}",
-            generation.id, generation.task
-        )));
-    }
-    let started = Instant::now();
-    // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
-    let watched = adapter.is_none() && arm == "stable" && state.config.drift.enabled;
-    let result = services
-        .infer
-        .classify(&texts, weights(&generation)?, watched)
-        .await;
-    if let Some(rollout) = route.as_ref().and_then(|r| r.rollout.as_deref()) {
-        if !result.as_ref().is_err_and(InferError::is_not_the_models) {
-            services.rollouts.observe(
-                &task,
-                rollout,
-                &generation.id,
-                started.elapsed().as_secs_f64(),
-                result.is_ok(),
-            );
-        }
-    }
-    let out = result?;
-    if watched {
-        for (probs, features) in out.vectors.iter().zip(&out.features) {
-            services
-                .drift
-                .observe(&task, &generation.id, probs, features);
-        }
-    }
-    let mut predicted = Vec::with_capacity(out.vectors.len());
-    let predictions = out
-        .vectors
-        .iter()
-        .map(|probs| {
-            let (best, score) = best(probs);
-            predicted.push(task_def.labels[best].clone());
-            let scores = task_def
-                .labels
-                .iter()
-                .zip(probs)
-                .map(|(l, &p)| (l.clone(), serde_json::json!(p)))
-                .collect();
-            Prediction {
-                label: task_def.labels[best].clone(),
-                score,
-                scores,
-            }
-        })
-        .collect();
-    if let Some((shadow, rollout)) = route
-        .as_ref()
-        .and_then(|r| Some((r.shadow.clone()?, r.rollout.clone()?)))
-    {
-        run_shadow(
-            services,
-            &task_def.labels,
-            &task,
-            &rollout,
-            &shadow,
-            &request_id,
-            texts.clone(),
-        );
-    }
-    services.recent.insert(
-        request_id.clone(),
-        RecentRequest {
-            task: task.clone(),
-            judged: vec![None; texts.len()],
+    let answer = services
+        .classify(ClassifyRequest {
+            task,
+            pinned: adapter,
+            routing_key,
             texts,
-            adapter: generation.id.clone(),
-            arm: arm.to_owned(),
-            rollout: route.as_ref().and_then(|r| r.rollout.clone()),
-            predicted,
-            shadow: None,
-        },
-    );
+        })
+        .await?;
+    let predictions = predictions(&answer);
     let mut response = HttpResponse::Ok();
-    timing_headers(&mut response, &out.timings);
-    response.insert_header(("x-request-id", request_id.clone()));
+    timing_headers(&mut response, &answer.out.timings);
+    response.insert_header(("x-request-id", answer.request_id.clone()));
     response.extensions_mut().insert(RouteLabels {
-        task: task.clone(),
-        arm: arm.to_owned(),
+        task: answer.task.name.clone(),
+        arm: answer.arm.clone(),
     });
     Ok(response.json(PredictResponse {
-        request_id,
-        task,
-        adapter: generation.id.clone(),
-        arm: arm.to_owned(),
+        request_id: answer.request_id,
+        task: answer.task.name,
+        adapter: answer.generation.id.clone(),
+        arm: answer.arm,
         predictions,
     }))
 }
 
-/// Runs the shadow candidate on the same inputs after the answer has gone, and records its latency and
-/// predictions (feedback on the request then judges both arms).
-fn run_shadow(
-    services: &super::Services,
-    labels: &[String],
-    task: &str,
-    rollout: &str,
-    shadow: &str,
-    request_id: &str,
-    texts: Vec<String>,
-) {
-    let Some(generation) = services.registry.resolve(shadow) else {
-        return;
-    };
-    let Ok(w) = weights(&generation) else {
-        return;
-    };
-    let (infer, rollouts, recent) = (
-        services.infer.clone(),
-        services.rollouts.clone(),
-        services.recent.clone(),
-    );
-    let (labels, task, rollout, id) = (
-        labels.to_vec(),
-        task.to_owned(),
-        rollout.to_owned(),
-        request_id.to_owned(),
-    );
-    actix_web::rt::spawn(async move {
-        let started = Instant::now();
-        let result = infer.classify(&texts, w, false).await;
-        if result.as_ref().is_err_and(InferError::is_not_the_models) {
-            return;
-        }
-        rollouts.observe(
-            &task,
-            &rollout,
-            &generation.id,
-            started.elapsed().as_secs_f64(),
-            result.is_ok(),
-        );
-        if let Ok(out) = result {
-            let predicted = out
-                .vectors
-                .iter()
-                .map(|p| labels[best(p).0].clone())
-                .collect();
-            let verdicts = recent.attach_shadow(
-                &id,
-                ShadowPrediction {
-                    adapter: generation.id.clone(),
-                    predicted,
-                },
-            );
-            // Feedback that arrived before the shadow answered judges it now.
-            for correct in verdicts {
-                rollouts.judge(&task, &generation.id, "shadow", Some(&rollout), correct);
+/// Refuses a routing key over [`MAX_ROUTING_KEY_BYTES`].
+pub(super) fn check_routing_key(key: Option<&str>) -> Result<(), ApiError> {
+    match key {
+        Some(k) if k.len() > MAX_ROUTING_KEY_BYTES => Err(ApiError::invalid(format!(
+            "routing_key is over {MAX_ROUTING_KEY_BYTES} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Each input's best label and every label's probability.
+pub(super) fn predictions(answer: &Classified) -> Vec<Prediction> {
+    let labels = &answer.task.labels;
+    answer
+        .out
+        .vectors
+        .iter()
+        .map(|probs| {
+            let (best, score) = best(probs);
+            Prediction {
+                label: labels[best].clone(),
+                score,
+                scores: labels
+                    .iter()
+                    .zip(probs)
+                    .map(|(l, &p)| (l.clone(), serde_json::json!(p)))
+                    .collect(),
             }
-        }
-    });
+        })
+        .collect()
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::backlog::Backlog;
 use super::cost::{CostFit, Work};
-use super::{Entry, EntryResult, InferError, Job};
+use super::{Entry, EntryResult, InferError, Job, Stage};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::{pooling, Model};
@@ -124,7 +124,8 @@ fn take_batch(
         if !fits && !batch.is_empty() {
             break;
         }
-        let entry = waiting.pop_front().expect("front exists; this is a bug");
+        let mut entry = waiting.pop_front().expect("front exists; this is a bug");
+        entry.stage = Stage::enter(&metrics.requests_running);
         sequences += entry.sequences.len();
         tokens += entry.tokens();
         batch.push(entry);
@@ -212,15 +213,13 @@ fn run_batch(
                             }
                             Ok(v)
                         }
-                        Job::Classify { .. } => logits
-                            .get(i)
-                            .and_then(|l| l.as_deref())
-                            .map(pooling::softmax)
-                            .ok_or_else(|| {
+                        Job::Classify { .. } => {
+                            logits.get(i).and_then(|l| l.clone()).ok_or_else(|| {
                                 InferError::Model(
                                     "no logits for a classification row; this is a bug".into(),
                                 )
-                            }),
+                            })
+                        }
                     })
                     .collect();
                 entry.answer(vectors.map(|vectors| EntryResult {
@@ -266,6 +265,7 @@ mod tests {
             _admitted: Arc::new(Backlog::new(None, 128, 16_384))
                 .admit(Work::of_lengths([tokens]))
                 .expect("no budget admits all"),
+            stage: Stage::enter(&prometheus::IntGauge::new("waiting", "test").unwrap()),
         };
         (entry, rx)
     }

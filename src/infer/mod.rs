@@ -23,6 +23,7 @@ use cost::Work;
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::lora::Adapter;
+use crate::model::pooling;
 use crate::model::{Model, TextTokenizer};
 use crate::pressure::{Pending, ServingPressure};
 use crate::supervise::Alive;
@@ -84,6 +85,8 @@ pub struct Timings {
 pub struct Outputs {
     /// One vector per input, in order: an embedding, or a probability per label.
     pub vectors: Vec<Vec<f32>>,
+    /// For classification, each input's logits (the head's raw scores) behind `vectors`. Empty otherwise.
+    pub logits: Vec<Vec<f32>>,
     /// For classification asked with `features`, each input's L2-normalised mean-pooled hidden state under
     /// the serving generation (the forward pass computed it); drift monitoring compares these. Empty otherwise.
     pub features: Vec<Vec<f32>>,
@@ -106,7 +109,7 @@ struct EntryResult {
 enum Job {
     /// Mean-pooled sentence embeddings.
     Embed { normalize: bool },
-    /// Softmax probabilities of the adapter's head, and the pooled features when asked for.
+    /// The adapter head's logits (softmaxed by the caller), and the pooled features when asked for.
     Classify {
         /// Also return each input's pooled hidden state (drift monitoring wants it).
         features: bool,
@@ -127,6 +130,25 @@ struct Entry {
     _pending: Pending,
     /// The entry's tokens in the backlog, until it is answered or dropped.
     _admitted: Admitted,
+    /// Counts the entry as waiting, then (once in a batch) as running.
+    stage: Stage,
+}
+
+/// Counts an entry in one gauge while it is in one stage; leaving the stage (or being dropped) takes it
+/// off again.
+struct Stage(prometheus::IntGauge);
+
+impl Stage {
+    fn enter(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Entry {
@@ -144,9 +166,10 @@ impl Entry {
             _permits,
             _pending,
             _admitted,
+            stage,
             ..
         } = self;
-        drop((_admitted, _permits, _pending));
+        drop((_admitted, _permits, _pending, stage));
         let _ = reply.send(result);
     }
 }
@@ -163,6 +186,7 @@ pub struct Infer {
     tokenizer: Arc<TextTokenizer>,
     model_name: String,
     dimensions: usize,
+    vocab_size: usize,
     adapters_supported: bool,
     metrics: Metrics,
     pressure: Arc<ServingPressure>,
@@ -199,6 +223,7 @@ impl Infer {
             model_name: model.name.clone(),
             adapters_supported: model.cpu().is_some(),
             dimensions: model.config.hidden_size,
+            vocab_size: model.config.vocab_size,
             metrics: metrics.clone(),
             pressure,
         };
@@ -229,7 +254,38 @@ impl Infer {
 
     /// Sentence embeddings of `texts` (mean pooling; L2-normalised when `normalize`).
     pub async fn embed(&self, texts: &[String], normalize: bool) -> Result<Outputs, InferError> {
-        self.run(texts, Job::Embed { normalize }, None).await
+        let started = Instant::now();
+        // Under overload most requests are refused: refuse them before spending CPU on their tokens.
+        if let Some(wait) = self.backlog.refuses_all() {
+            return Err(self.over_budget(wait));
+        }
+        let sequences = self.tokenize(texts).await?;
+        self.run(sequences, started, Job::Embed { normalize }, None)
+            .await
+    }
+
+    /// Sentence embeddings of sequences given as token ids of the model's vocabulary, taken as they are
+    /// (special tokens included when the caller put them in) and cut at the model's maximum length.
+    pub async fn embed_tokens(
+        &self,
+        mut sequences: Vec<Vec<u32>>,
+        normalize: bool,
+    ) -> Result<Outputs, InferError> {
+        let started = Instant::now();
+        if let Some(wait) = self.backlog.refuses_all() {
+            return Err(self.over_budget(wait));
+        }
+        for (i, ids) in sequences.iter_mut().enumerate() {
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+                return Err(InferError::Invalid(format!(
+                    "inputs[{i}] holds token id {id}; the model's vocabulary has {} ids",
+                    self.vocab_size
+                )));
+            }
+            ids.truncate(self.tokenizer.max_length());
+        }
+        self.run(sequences, started, Job::Embed { normalize }, None)
+            .await
     }
 
     /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`), with each
@@ -251,8 +307,23 @@ impl Infer {
                 "the adapter has no classification head".to_owned(),
             ));
         }
-        self.run(texts, Job::Classify { features }, Some(adapter))
-            .await
+        let started = Instant::now();
+        if let Some(wait) = self.backlog.refuses_all() {
+            return Err(self.over_budget(wait));
+        }
+        let sequences = self.tokenize(texts).await?;
+        let mut out = self
+            .run(
+                sequences,
+                started,
+                Job::Classify { features },
+                Some(adapter),
+            )
+            .await?;
+        // The model thread answers logits; the probabilities are a few exponentials per input.
+        out.logits = std::mem::take(&mut out.vectors);
+        out.vectors = out.logits.iter().map(|l| pooling::softmax(l)).collect();
+        Ok(out)
     }
 
     /// Counts and describes a refusal for an expected wait over the budget.
@@ -292,18 +363,14 @@ impl Infer {
             .map_err(|_| InferError::Model("tokenization task failed".to_owned()))?
     }
 
+    /// Queues `sequences` (tokenized since `started`) for the model thread and waits for the answer.
     async fn run(
         &self,
-        texts: &[String],
+        sequences: Vec<Vec<u32>>,
+        started: Instant,
         job: Job,
         adapter: Option<Arc<Adapter>>,
     ) -> Result<Outputs, InferError> {
-        let started = Instant::now();
-        // Under overload most requests are refused: refuse them before spending CPU on their tokens.
-        if let Some(wait) = self.backlog.refuses_all() {
-            return Err(self.over_budget(wait));
-        }
-        let sequences = self.tokenize(texts).await?;
         if let Some(i) = sequences.iter().position(Vec::is_empty) {
             return Err(InferError::Invalid(format!("inputs[{i}] yields no tokens")));
         }
@@ -346,8 +413,9 @@ impl Infer {
             _permits: permits,
             _pending: self.pressure.begin(),
             _admitted: admitted,
+            stage: Stage::enter(&self.metrics.requests_waiting),
         };
-        self.metrics.queue_depth.add(texts.len() as i64);
+        self.metrics.queue_depth.add(tokens.len() as i64);
         self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;
         let answered = match self.timeout {
             None => answer.await,
@@ -363,6 +431,7 @@ impl Infer {
         let result = answered.map_err(|_| InferError::ShuttingDown)??;
         Ok(Outputs {
             vectors: result.vectors,
+            logits: Vec::new(),
             features: result.features,
             tokens,
             timings: Timings {

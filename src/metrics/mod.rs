@@ -65,6 +65,17 @@ pub struct Metrics {
     pub batch_tokens: Histogram,
     /// `flywheel_queue_depth`: sequences waiting for the model.
     pub queue_depth: IntGauge,
+    /// `flywheel_num_requests_waiting`: requests queued for the model, not yet in a forward pass (the
+    /// Gateway API Inference Extension's TotalQueuedRequests).
+    pub requests_waiting: IntGauge,
+    /// `flywheel_num_requests_running`: requests in the forward pass now (its TotalRunningRequests).
+    pub requests_running: IntGauge,
+    /// `flywheel_kv_cache_usage_perc`: always 0, an encoder keeps no KV cache (its KVCacheUtilization).
+    pub kv_cache_usage: prometheus::Gauge,
+    /// `flywheel_lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}`: one series
+    /// whose value is the Unix time it was set, naming every adapter model name ready to serve (its LoRA
+    /// info metric); refreshed at each scrape.
+    pub lora_requests_info: prometheus::GaugeVec,
     /// `flywheel_model_ready`: 1 once the model is loaded.
     pub model_ready: IntGauge,
     /// `flywheel_thread_panics_total{thread}`: panics caught on the model thread (per batch) and the
@@ -150,6 +161,30 @@ impl Metrics {
             .expect("static metric definition is valid; this is a bug");
         let queue_depth = IntGauge::new(name("queue_depth"), "Sequences waiting for the model")
             .expect("static metric definition is valid; this is a bug");
+        let requests_waiting = IntGauge::new(
+            name("num_requests_waiting"),
+            "Requests queued for the model, not yet in a forward pass",
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let requests_running = IntGauge::new(
+            name("num_requests_running"),
+            "Requests in the forward pass now",
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let kv_cache_usage = prometheus::Gauge::new(
+            name("kv_cache_usage_perc"),
+            "Always 0: an encoder keeps no KV cache (for routers that read one)",
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let lora_requests_info = prometheus::GaugeVec::new(
+            Opts::new(
+                name("lora_requests_info"),
+                "Unix time of the last update; labels: adapter model names ready to serve (all stay \
+                 resident, none ever waits to load) and the most that may be loaded",
+            ),
+            &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         let feedback = IntCounterVec::new(
             Opts::new(
                 name("feedback_total"),
@@ -254,6 +289,10 @@ impl Metrics {
             Box::new(thread_panics.clone()),
             Box::new(in_flight.clone()),
             Box::new(queue_depth.clone()),
+            Box::new(requests_waiting.clone()),
+            Box::new(requests_running.clone()),
+            Box::new(kv_cache_usage.clone()),
+            Box::new(lora_requests_info.clone()),
             Box::new(model_ready.clone()),
             Box::new(adapters_loaded.clone()),
             Box::new(feedback.clone()),
@@ -316,6 +355,10 @@ impl Metrics {
             rejected,
             in_flight,
             queue_depth,
+            requests_waiting,
+            requests_running,
+            kv_cache_usage,
+            lora_requests_info,
             model_ready,
             thread_panics,
         }

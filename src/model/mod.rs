@@ -28,7 +28,7 @@ pub use bert::Bert;
 pub use error::{ModelError, Result};
 pub use fast::{CpuEncoder, Packed};
 pub use hf_config::BertConfig;
-pub use tokenize::TextTokenizer;
+pub use tokenize::{TextTokenizer, Token};
 
 /// Files a model directory must hold.
 pub const CONFIG_FILE: &str = "config.json";

@@ -56,6 +56,55 @@ impl TextTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
+
+    /// Whether `text` holds more tokens than `max_length` (truncation would cut it).
+    pub fn overflows(&self, text: &str) -> Result<bool> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(!encoding.get_overflowing().is_empty())
+    }
+
+    /// The tokens of `text` with their vocabulary entries and the byte ranges of `text` they cover (none
+    /// for special tokens), with or without `[CLS]`/`[SEP]`, truncated like [`Self::encode`].
+    pub fn tokens(&self, text: &str, add_special_tokens: bool) -> Result<Vec<Token>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_offsets())
+            .zip(encoding.get_special_tokens_mask())
+            .map(|(((&id, token), &(start, stop)), &special)| {
+                let span = (special == 0)
+                    .then(|| text.get(start..stop).map(|t| (start, stop, t)))
+                    .flatten();
+                Token {
+                    id,
+                    text: span.map_or_else(|| token.clone(), |(_, _, t)| t.to_owned()),
+                    special: special != 0,
+                    span: span.map(|(start, stop, _)| (start, stop)),
+                }
+            })
+            .collect())
+    }
+}
+
+/// One token of a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// Its id in the vocabulary.
+    pub id: u32,
+    /// The text it covers, or its vocabulary entry for a special token.
+    pub text: String,
+    /// Whether the tokenizer added it (`[CLS]`, `[SEP]`).
+    pub special: bool,
+    /// The byte range of the input it covers (start, stop); none for special tokens.
+    pub span: Option<(usize, usize)>,
 }
 
 #[cfg(test)]
