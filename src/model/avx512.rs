@@ -11,7 +11,7 @@
 //! for each step along the inner dimension multiplies one broadcast value of each left-hand row by two
 //! vectors of the panel's row. The last columns of a product narrower than a tile are masked.
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(miri)))]
 use std::arch::x86_64::{
     __m512, _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps,
     _mm512_set1_ps, _mm512_setzero_ps,
@@ -34,7 +34,11 @@ const DEPTH: usize = 384;
 /// set `FLYWHEEL_AVX512=off`, which keeps every product on `gemm`'s AVX2 kernels (to compare the two, or on
 /// CPUs that lower their clock for AVX-512).
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
+    // Miri runs the scalar stand-in for the kernel below, so the packing, tiling and threading around it
+    // are checked for undefined behaviour.
+    #[cfg(miri)]
+    return true;
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
         static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVX512.get_or_init(|| {
@@ -306,7 +310,7 @@ fn masks(width: usize) -> (u16, u16) {
 /// # Safety
 /// AVX-512F must be available; `R` rows of `depth` values of `a`, `depth` rows of `width` values of `b`
 /// and `R` rows of `width` values of `out` must be valid.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(miri)))]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const R: usize>(
     (depth, width): (usize, usize),
@@ -350,7 +354,48 @@ unsafe fn tile<const R: usize>(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+/// The kernel's stand-in under Miri (which runs few AVX-512 intrinsics): the same results, reading and
+/// writing exactly the addresses the vector kernel touches unmasked.
+///
+/// # Safety
+/// As for the AVX-512 kernel, without the CPU requirement.
+#[cfg(miri)]
+unsafe fn tile<const R: usize>(
+    (depth, width): (usize, usize),
+    out: Output,
+    a: Operand,
+    b: Panels,
+    scale: f32,
+) {
+    // SAFETY: the addresses are those the vector kernel reads or writes unmasked (its contract).
+    unsafe {
+        let mut sums = [[0f32; TILE_COLS]; R];
+        let (mut a_step, mut b_row) = (a.ptr, b.ptr);
+        for _ in 0..depth {
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let value = *a_step.add(i * a.row_stride);
+                for (j, s) in sum[..width].iter_mut().enumerate() {
+                    *s = value.mul_add(*b_row.add(j), *s);
+                }
+            }
+            a_step = a_step.wrapping_add(a.col_stride);
+            b_row = b_row.wrapping_add(b.row_stride);
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            let row = out.ptr.add(i * out.row_stride);
+            for (j, &s) in sum[..width].iter().enumerate() {
+                let at = row.add(j);
+                *at = if out.accumulate {
+                    scale.mul_add(s, *at)
+                } else {
+                    scale * s
+                };
+            }
+        }
+    }
+}
+
+#[cfg(all(not(target_arch = "x86_64"), not(miri)))]
 unsafe fn tile<const R: usize>(_: (usize, usize), _: Output, _: Operand, _: Panels, _: f32) {
     unreachable!("AVX-512 kernels run only on x86-64")
 }
