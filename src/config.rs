@@ -91,7 +91,7 @@ impl Default for DriftConfig {
             enabled: true,
             reference_size: 500,
             window_size: 500,
-            min_window: 200,
+            min_window: 100,
             psi_threshold: 0.2,
             p_value: 0.001,
             min_distance: 0.0,

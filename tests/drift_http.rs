@@ -1,14 +1,17 @@
-//! Real drift over real HTTP: a spam adapter trained on SpamAssassin spam-1 + easy-ham-1 sees more mail from
-//! the same groups without drift, then mail from the later corpus (spam-2 + easy-ham-2) and reports drift,
-//! in `GET /v1/drift/{task}` and in the metrics, whose exposition (P99, drift, online accuracy) passes
-//! `promtool check metrics`.
+//! Drift over real HTTP on real mail. A spam adapter trained on SpamAssassin spam-1 + easy-ham-1 is published
+//! with its training reference: the drift gauges exist from its first prediction (NaN scores, a window of
+//! one), and held-out mail of the same groups shows no drift against that reference. An adapter made
+//! elsewhere (the PEFT fixture) is compared with its own first predictions instead, and same-group mail shows
+//! no drift there either; the metrics exposition passes `promtool check metrics` throughout. (The later
+//! corpus, spam-2 + easy-ham-2, does not stand out in a trained adapter's hidden states with either
+//! reference; it does in the base model's: docs/DRIFT.md, "Window size and power".)
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::Server;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// `n` mails of `group` spread evenly over the whole corpus, starting at line `offset` (the first 80 words
 /// each). Neighbouring mails share threads and topics, so a window of consecutive lines is not a sample of
@@ -27,32 +30,25 @@ fn interleave(ham: Vec<String>, spam: Vec<String>) -> Vec<String> {
 }
 
 fn predict_all(server: &Server, texts: &[String]) {
+    predict_task(server, "spam", texts);
+}
+
+fn predict_task(server: &Server, task: &str, texts: &[String]) {
     for chunk in texts.chunks(10) {
-        let (status, body) = server.post("/v1/predict", &json!({"task": "spam", "inputs": chunk}));
+        let (status, body) = server.post("/v1/predict", &json!({"task": task, "inputs": chunk}));
         assert_eq!(status, 200, "{body}");
     }
 }
 
-fn signal<'a>(report: &'a Value, method: &str) -> &'a Value {
-    report["signals"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["method"] == method)
-        .unwrap()
-}
-
 #[test]
-fn later_mail_drifts_and_mail_from_the_training_groups_does_not() {
+fn a_trained_generation_is_watched_against_its_training_data_and_an_outside_adapter_against_its_first_predictions(
+) {
+    // The shipped drift settings, but a live reference and a window of exactly 200 predictions each.
     let server = Server::start(
         &[],
         &[
-            ("FLYWHEEL_DRIFT__REFERENCE_SIZE", "250"),
-            ("FLYWHEEL_DRIFT__WINDOW_SIZE", "250"),
-            ("FLYWHEEL_DRIFT__MIN_WINDOW", "250"),
-            ("FLYWHEEL_DRIFT__MMD_SAMPLE", "250"),
-            ("FLYWHEEL_DRIFT__PERMUTATIONS", "499"),
-            ("FLYWHEEL_DRIFT__P_VALUE", "0.01"),
+            ("FLYWHEEL_DRIFT__REFERENCE_SIZE", "200"),
+            ("FLYWHEEL_DRIFT__WINDOW_SIZE", "200"),
         ],
     );
     let (status, body) = server.post(
@@ -60,10 +56,10 @@ fn later_mail_drifts_and_mail_from_the_training_groups_does_not() {
         &json!({"name": "spam", "labels": ["ham", "spam"]}),
     );
     assert_eq!(status, 201, "{body}");
-    // Train on the first mails of spam-1 and easy-ham-1.
+    // Train on mail of spam-1 and easy-ham-1.
     let mut items = Vec::new();
     for (group, label) in [("easy-ham-1", "ham"), ("spam-1", "spam")] {
-        for text in mails(group, 0, 20) {
+        for text in mails(group, 0, 100) {
             items.push(json!({"task": "spam", "text": text, "label": label}));
         }
     }
@@ -91,39 +87,36 @@ fn later_mail_drifts_and_mail_from_the_training_groups_does_not() {
 
     let (status, body) = server.get_json("/v1/drift/spam");
     assert_eq!(status, 202, "no predictions yet: {body}");
-    // The reference: later mail of the training groups.
-    predict_all(
-        &server,
-        &interleave(mails("easy-ham-1", 1, 125), mails("spam-1", 1, 125)),
+    // From the first prediction the gauges exist: NaN scores, a window of one.
+    predict_all(&server, &mails("easy-ham-1", 1, 1));
+    let (_, metrics) = server.get_text("/metrics");
+    common::promtool_check(&metrics);
+    for series in [
+        "flywheel_drift_score{method=\"mmd\",signal=\"embedding\",task=\"spam\"} NaN",
+        "flywheel_drift_score{method=\"psi\",signal=\"prediction\",task=\"spam\"} NaN",
+        "flywheel_drift_window_size{task=\"spam\"} 1",
+    ] {
+        assert!(metrics.contains(series), "missing {series}");
+    }
+    let (status, warming) = server.get_json("/v1/drift/spam");
+    assert_eq!(status, 202, "{warming}");
+    assert_eq!(warming["reference"], "training", "{warming}");
+    assert!(
+        warming["reference_size"].as_u64().unwrap() >= 100,
+        "{warming}"
     );
-    let (status, body) = server.get_json("/v1/drift/spam");
-    assert_eq!(status, 202, "the window is still empty: {body}");
 
-    // More mail from the same groups: no drift.
+    // 200 held-out mails of the training groups: no drift.
     predict_all(
         &server,
-        &interleave(mails("easy-ham-1", 3, 125), mails("spam-1", 3, 125)),
+        &interleave(mails("easy-ham-1", 2, 100), mails("spam-1", 2, 100)),
     );
     let (status, same) = server.get_json("/v1/drift/spam");
     assert_eq!(status, 200, "{same}");
     eprintln!("same groups: {same:#}");
+    assert_eq!(same["reference"], "training", "{same}");
+    assert_eq!(same["window_size"], 200, "{same}");
     assert_eq!(same["detected"], false, "{same}");
-
-    // Mail from the later corpus: drift on the inputs.
-    predict_all(
-        &server,
-        &interleave(mails("easy-ham-2", 0, 125), mails("spam-2", 0, 125)),
-    );
-    let (status, later) = server.get_json("/v1/drift/spam");
-    assert_eq!(status, 200, "{later}");
-    eprintln!("later corpus: {later:#}");
-    assert_eq!(later["detected"], true, "{later}");
-    assert_eq!(signal(&later, "mmd")["detected"], true, "{later}");
-    assert!(
-        signal(&later, "mean_distance")["score"].as_f64().unwrap()
-            > signal(&same, "mean_distance")["score"].as_f64().unwrap(),
-        "the mean embedding moved more for the later corpus"
-    );
 
     // One judged prediction, so the exposition also carries online accuracy.
     let (_, served) = server.post(
@@ -140,10 +133,45 @@ fn later_mail_drifts_and_mail_from_the_training_groups_does_not() {
     for series in [
         "flywheel_request_latency_seconds{route=\"/v1/predict\",quantile=\"0.99\"}",
         "flywheel_online_accuracy{arm=\"stable\",task=\"spam\"}",
-        "flywheel_drift_detected{signal=\"embedding\",task=\"spam\"} 1",
-        "flywheel_drift_score{method=\"mmd\",signal=\"embedding\",task=\"spam\"}",
-        "flywheel_drift_score{method=\"psi\",signal=\"prediction\",task=\"spam\"}",
+        "flywheel_drift_window_size{task=\"spam\"} 200",
     ] {
         assert!(metrics.contains(series), "missing {series}");
     }
+
+    // An adapter made elsewhere (PEFT, no reference) is compared with its own first 200 predictions.
+    let (status, _) = server.post(
+        "/v1/tasks",
+        &json!({"name": "sentiment", "labels": ["negative", "neutral", "positive"]}),
+    );
+    assert_eq!(status, 201);
+    common::copy_peft_fixture(&server, "fixture");
+    let (status, body) = server.post(
+        "/v1/adapters",
+        &json!({"path": "fixture", "task": "sentiment"}),
+    );
+    assert_eq!(status, 201, "{body}");
+    predict_task(
+        &server,
+        "sentiment",
+        &interleave(mails("easy-ham-1", 4, 100), mails("spam-1", 4, 100)),
+    );
+    let (status, warming) = server.get_json("/v1/drift/sentiment");
+    assert_eq!(status, 202, "{warming}");
+    assert_eq!(warming["reference"], "live", "{warming}");
+    assert_eq!(warming["reference_size"], 200, "{warming}");
+    assert_eq!(warming["window_size"], 0, "{warming}");
+    predict_task(
+        &server,
+        "sentiment",
+        &interleave(mails("easy-ham-1", 2, 100), mails("spam-1", 2, 100)),
+    );
+    let (status, same) = server.get_json("/v1/drift/sentiment");
+    assert_eq!(status, 200, "{same}");
+    eprintln!("live reference, same groups: {same:#}");
+    assert_eq!(same["reference"], "live", "{same}");
+    assert_eq!(same["detected"], false, "{same}");
+    let (_, metrics) = server.get_text("/metrics");
+    common::promtool_check(&metrics);
+    let series = "flywheel_drift_window_size{task=\"sentiment\"} 200";
+    assert!(metrics.contains(series), "missing {series}");
 }

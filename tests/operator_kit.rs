@@ -38,6 +38,7 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_thread_panics_total",
     "flywheel_num_requests_waiting",
     "flywheel_num_requests_running",
+    "flywheel_drift_window_size",
 ];
 
 /// Metrics exported for LoRA-aware routers (docs/OPERATIONS.md, "Behind an inference gateway"), not for

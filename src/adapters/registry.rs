@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::peft::{self, AdapterConfig, PeftError};
+use super::reference::{DriftReference, REFERENCE_FILE};
 use crate::config::AdaptersConfig;
 use crate::model::lora::{Adapter, Pooling, Target};
 use crate::model::BertConfig;
@@ -112,6 +113,9 @@ pub struct Generation {
     pub state: State,
     /// The weights, shared with in-flight batches.
     pub adapter: Option<Arc<Adapter>>,
+    /// What it was trained and validated on, for drift monitoring (generations Flywheel trained; none for
+    /// adapters made elsewhere).
+    pub reference: Option<Arc<DriftReference>>,
 }
 
 impl Generation {
@@ -531,6 +535,14 @@ impl Registry {
         hasher.update(sidecar_bytes.as_deref().unwrap_or_default());
         let hash = hasher.finalize();
         let id: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        // The reference does not change what the generation serves, so the id leaves it out.
+        let reference = match self.read_limited(&dir, REFERENCE_FILE)? {
+            Some(bytes) => Some(Arc::new(
+                DriftReference::from_bytes(&bytes, self.model.hidden_size, task.labels.len())
+                    .map_err(|e| RegistryError::Invalid(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(Generation {
             id: format!("g-{id}"),
             task: task.name.clone(),
@@ -541,6 +553,7 @@ impl Registry {
             bytes: weights.len() as u64,
             state: State::Ready,
             adapter: Some(Arc::new(adapter)),
+            reference,
         })
     }
 
@@ -719,5 +732,6 @@ fn failed(entry: &IndexEntry, reason: String) -> Generation {
         bytes: 0,
         state: State::Failed(reason),
         adapter: None,
+        reference: None,
     }
 }

@@ -1,10 +1,14 @@
-//! Drift monitoring per task. The first `reference_size` predictions a stable generation serves form its
-//! reference (a warm-up window, taken again whenever the stable generation changes); the latest
-//! `window_size` predictions are compared with it on three signals:
+//! Drift monitoring per task. Each stable generation is compared with its reference: the data it was
+//! trained and validated on when Flywheel trained it (published beside the adapter, so the comparison starts
+//! with the first `min_window` predictions), or else — for adapters made elsewhere — the first
+//! `reference_size` predictions it served (a warm-up window, taken again whenever the stable generation
+//! changes). The latest `window_size` predictions are compared with it on three signals:
 //! - `prediction`: PSI of the predicted-label distribution;
 //! - `confidence`: PSI of the top-probability distribution over the reference's deciles;
-//! - `embedding`: the cosine distance between mean embeddings and MMD² (RBF), each with a seeded permutation
-//!   p-value, so the threshold is calibrated on the reference itself rather than fixed.
+//! - `embedding`: the cosine distance between mean embeddings and MMD² (RBF).
+//!
+//! Every statistic has a seeded permutation p-value (the pooled samples re-split at random), so what counts
+//! as drift accounts for the window's size: a small window must move further to be detected.
 //!
 //! Embeddings are the serving generation's mean-pooled hidden states, which the forward pass that answers
 //! the prediction computes anyway.
@@ -12,13 +16,22 @@
 pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::adapters::reference::DriftReference;
 use crate::config::DriftConfig;
 use crate::metrics::Metrics;
+
+/// Every (signal, method) pair a report scores.
+const SCORES: [(&str, &str); 4] = [
+    ("prediction", "psi"),
+    ("confidence", "psi"),
+    ("embedding", "mean_distance"),
+    ("embedding", "mmd"),
+];
 
 /// One served prediction, as the monitor keeps it.
 #[derive(Clone)]
@@ -31,7 +44,12 @@ struct Sample {
 struct TaskDrift {
     generation: String,
     labels: usize,
-    reference: Vec<Sample>,
+    /// `training` (published with the generation) or `live` (its first predictions).
+    kind: &'static str,
+    /// The reference once complete.
+    reference: Option<Arc<DriftReference>>,
+    /// A live reference while it fills.
+    filling: Vec<Sample>,
     window: VecDeque<Sample>,
     /// Samples added since the last report, so a report is recomputed only when something changed.
     fresh: usize,
@@ -41,16 +59,28 @@ struct TaskDrift {
 }
 
 impl TaskDrift {
-    fn new(generation: &str, labels: usize) -> Self {
+    fn new(generation: &str, labels: usize, training: Option<Arc<DriftReference>>) -> Self {
         Self {
             generation: generation.to_owned(),
             labels,
-            reference: Vec::new(),
+            kind: if training.is_some() {
+                "training"
+            } else {
+                "live"
+            },
+            reference: training,
+            filling: Vec::new(),
             window: VecDeque::new(),
             fresh: 0,
             computed: None,
             report: None,
         }
+    }
+
+    fn reference_len(&self) -> usize {
+        self.reference.as_ref().map_or(self.filling.len(), |r| {
+            r.embeddings.len().max(r.labels.len())
+        })
     }
 }
 
@@ -58,7 +88,8 @@ impl TaskDrift {
 struct Snapshot {
     generation: String,
     labels: usize,
-    reference: Vec<Sample>,
+    kind: &'static str,
+    reference: Arc<DriftReference>,
     window: Vec<Sample>,
 }
 
@@ -73,7 +104,8 @@ pub struct SignalReport {
     pub score: f64,
     /// The threshold on the score (PSI), or the minimum effect size (embedding tests).
     pub threshold: f64,
-    /// The permutation p-value (embedding tests).
+    /// The permutation p-value: the share of random re-splits of the pooled samples scoring at least as
+    /// high.
     pub p_value: Option<f64>,
     /// Whether this signal counts as drifted.
     pub detected: bool,
@@ -86,7 +118,10 @@ pub struct DriftReport {
     pub task: String,
     /// The stable generation the reference belongs to.
     pub generation: String,
-    /// Predictions in the reference.
+    /// `training` (the generation's training and validation data) or `live` (its first predictions).
+    pub reference: &'static str,
+    /// Samples in the reference (embeddings; a training reference's labels come from its validation
+    /// split).
     pub reference_size: usize,
     /// Predictions in the live window.
     pub window_size: usize,
@@ -103,7 +138,9 @@ pub struct Warming {
     pub task: String,
     /// The stable generation being watched; `null` until a prediction of it was seen.
     pub generation: Option<String>,
-    /// Predictions in the reference so far.
+    /// `training` or `live`; `null` until a prediction was seen.
+    pub reference: Option<&'static str>,
+    /// Samples in the reference so far.
     pub reference_size: usize,
     /// Predictions in the window so far.
     pub window_size: usize,
@@ -135,8 +172,15 @@ impl DriftMonitor {
     }
 
     /// Records what the stable `generation` of `task` predicted: class probabilities and the input's
-    /// embedding. A new generation starts a new reference.
-    pub fn observe(&self, task: &str, generation: &str, probs: &[f32], embedding: &[f32]) {
+    /// embedding. A new generation starts over with its `training` reference, or a live one without.
+    pub fn observe(
+        &self,
+        task: &str,
+        generation: &str,
+        training: Option<&Arc<DriftReference>>,
+        probs: &[f32],
+        embedding: &[f32],
+    ) {
         if !self.config.enabled || probs.is_empty() {
             return;
         }
@@ -157,21 +201,29 @@ impl DriftMonitor {
             embedding: embedding.to_vec(),
         };
         let mut tasks = self.lock();
-        let entry = tasks
-            .entry(task.to_owned())
-            .or_insert_with(|| TaskDrift::new(generation, probs.len()));
-        if entry.generation != generation || entry.labels != probs.len() {
-            *entry = TaskDrift::new(generation, probs.len());
-            // The old generation's verdicts no longer hold; the new one has none until its window fills.
-            for signal in ["prediction", "confidence", "embedding"] {
-                self.metrics
-                    .drift_detected
-                    .with_label_values(&[task, signal])
-                    .set(0);
+        let entry = match tasks.get_mut(task) {
+            Some(e) if e.generation == generation && e.labels == probs.len() => e,
+            _ => {
+                // A new stable generation: the old one's verdicts no longer hold, and the gauges say so
+                // (NaN scores) until its window fills.
+                self.clear_gauges(task);
+                tasks.insert(
+                    task.to_owned(),
+                    TaskDrift::new(generation, probs.len(), training.cloned()),
+                );
+                tasks.get_mut(task).expect("just inserted; this is a bug")
             }
-        }
-        if entry.reference.len() < self.config.reference_size {
-            entry.reference.push(sample);
+        };
+        if entry.reference.is_none() {
+            entry.filling.push(sample);
+            if entry.filling.len() >= self.config.reference_size {
+                let samples = std::mem::take(&mut entry.filling);
+                entry.reference = Some(Arc::new(DriftReference {
+                    labels: samples.iter().map(|s| s.label).collect(),
+                    confidences: samples.iter().map(|s| s.confidence).collect(),
+                    embeddings: samples.into_iter().map(|s| s.embedding).collect(),
+                }));
+            }
             return;
         }
         if entry.window.len() >= self.config.window_size {
@@ -179,6 +231,28 @@ impl DriftMonitor {
         }
         entry.window.push_back(sample);
         entry.fresh += 1;
+        self.metrics
+            .drift_window_size
+            .with_label_values(&[task])
+            .set(entry.window.len() as i64);
+    }
+
+    /// Scores NaN, nothing detected, an empty window: a task whose generation has no report yet.
+    fn clear_gauges(&self, task: &str) {
+        for (signal, method) in SCORES {
+            self.metrics
+                .drift_score
+                .with_label_values(&[task, signal, method])
+                .set(f64::NAN);
+            self.metrics
+                .drift_detected
+                .with_label_values(&[task, signal])
+                .set(0);
+        }
+        self.metrics
+            .drift_window_size
+            .with_label_values(&[task])
+            .set(0);
     }
 
     /// The task's report, recomputed when new predictions arrived and the last one is older than
@@ -187,18 +261,28 @@ impl DriftMonitor {
         let snapshot = {
             let mut tasks = self.lock();
             let entry = tasks.get_mut(task)?;
-            if entry.window.len() < self.config.min_window {
-                return Some(Err(Warming {
-                    task: task.to_owned(),
-                    generation: Some(entry.generation.clone()),
-                    reference_size: entry.reference.len(),
-                    window_size: entry.window.len(),
-                    status: format!(
-                        "warming up: the reference needs {} predictions and the window {}",
-                        self.config.reference_size, self.config.min_window
-                    ),
-                }));
-            }
+            let reference = match &entry.reference {
+                Some(r) if entry.window.len() >= self.config.min_window => r.clone(),
+                _ => {
+                    return Some(Err(Warming {
+                        task: task.to_owned(),
+                        generation: Some(entry.generation.clone()),
+                        reference: Some(entry.kind),
+                        reference_size: entry.reference_len(),
+                        window_size: entry.window.len(),
+                        status: match entry.kind {
+                            "training" => format!(
+                                "warming up: the window needs {} predictions",
+                                self.config.min_window
+                            ),
+                            _ => format!(
+                            "warming up: the live reference needs {} predictions and the window {}",
+                            self.config.reference_size, self.config.min_window
+                        ),
+                        },
+                    }))
+                }
+            };
             let stale = entry.computed.is_none_or(|t| t.elapsed() >= max_age);
             if entry.report.is_some() && (entry.fresh == 0 || !stale) {
                 return entry.report.clone().map(Ok);
@@ -208,7 +292,8 @@ impl DriftMonitor {
             Snapshot {
                 generation: entry.generation.clone(),
                 labels: entry.labels,
-                reference: entry.reference.clone(),
+                kind: entry.kind,
+                reference,
                 window: entry.window.iter().cloned().collect(),
             }
         };
@@ -248,74 +333,64 @@ impl DriftMonitor {
 
     fn compute(&self, task: &str, entry: &Snapshot) -> DriftReport {
         let c = &self.config;
-        let count_labels = |samples: &mut dyn Iterator<Item = &Sample>| {
-            let mut counts = vec![0u64; entry.labels];
-            for s in samples {
-                counts[s.label] += 1;
-            }
-            counts
+        let reference = &entry.reference;
+        let window_labels: Vec<usize> = entry.window.iter().map(|s| s.label).collect();
+        let prediction = stats::psi_test(
+            &reference.labels,
+            &window_labels,
+            entry.labels,
+            c.permutations,
+            0x9E3,
+        );
+        let edges = stats::decile_edges(&reference.confidences);
+        let bins = |values: &mut dyn Iterator<Item = f32>| -> Vec<usize> {
+            values.map(|v| stats::bin_of(v, &edges)).collect()
         };
-        let prediction = stats::psi(
-            &count_labels(&mut entry.reference.iter()),
-            &count_labels(&mut entry.window.iter()),
+        let confidence = stats::psi_test(
+            &bins(&mut reference.confidences.iter().copied()),
+            &bins(&mut entry.window.iter().map(|s| s.confidence)),
+            edges.len() + 1,
+            c.permutations,
+            0xC0F,
         );
-        let reference_conf: Vec<f32> = entry.reference.iter().map(|s| s.confidence).collect();
-        let window_conf: Vec<f32> = entry.window.iter().map(|s| s.confidence).collect();
-        let edges = stats::decile_edges(&reference_conf);
-        let confidence = stats::psi(
-            &stats::bin_counts(&reference_conf, &edges),
-            &stats::bin_counts(&window_conf, &edges),
-        );
-        let reference: Vec<&[f32]> = entry
-            .reference
-            .iter()
-            .map(|s| s.embedding.as_slice())
-            .collect();
         let window: Vec<&[f32]> = entry
             .window
             .iter()
             .map(|s| s.embedding.as_slice())
             .collect();
+        let reference_rows: Vec<&[f32]> = reference.embeddings.iter().map(Vec::as_slice).collect();
         // Both embedding tests run on seeded subsamples, which bounds their cost.
-        let subsample = |rows: &[&[f32]], seed: u64| -> Vec<usize> {
+        fn subsample<'a>(rows: &[&'a [f32]], seed: u64, n: usize) -> Vec<&'a [f32]> {
             let mut idx: Vec<usize> = (0..rows.len()).collect();
             crate::rng::Rng::new(seed).shuffle(&mut idx);
-            idx.truncate(c.mmd_sample);
-            idx
-        };
-        let ra: Vec<&[f32]> = subsample(&reference, 1)
-            .iter()
-            .map(|&i| reference[i])
-            .collect();
-        let wa: Vec<&[f32]> = subsample(&window, 2).iter().map(|&i| window[i]).collect();
+            idx.truncate(n);
+            idx.iter().map(|&i| rows[i]).collect()
+        }
+        let ra = subsample(&reference_rows, 1, c.mmd_sample);
+        let wa = subsample(&window, 2, c.mmd_sample);
         let distance = stats::mean_distance(&ra, &wa, c.permutations, 0xD81F7);
         let mmd = stats::mmd(&ra, &wa, c.permutations, 0x33D);
-        let psi_signal = |signal, score: f64| SignalReport {
+        // The smallest p-value a test can give is 1 / (1 + permutations): `<=` lets the default
+        // `p_value` (0.001 with 999 permutations) be reached.
+        let tested = |signal, method, t: stats::Tested, floor: f64| SignalReport {
             signal,
-            method: "psi",
-            score,
-            threshold: c.psi_threshold,
-            p_value: None,
-            detected: score > c.psi_threshold,
-        };
-        let tested = |method, t: stats::Tested, floor: f64| SignalReport {
-            signal: "embedding",
             method,
             score: t.score,
             threshold: floor,
             p_value: Some(t.p_value),
-            detected: t.p_value < c.p_value && t.score > floor,
+            detected: t.p_value <= c.p_value && t.score > floor,
         };
         let signals = vec![
-            psi_signal("prediction", prediction),
-            psi_signal("confidence", confidence),
-            tested("mean_distance", distance, c.min_distance),
-            tested("mmd", mmd, c.min_mmd),
+            tested("prediction", "psi", prediction, c.psi_threshold),
+            tested("confidence", "psi", confidence, c.psi_threshold),
+            tested("embedding", "mean_distance", distance, c.min_distance),
+            tested("embedding", "mmd", mmd, c.min_mmd),
         ];
         DriftReport {
             task: task.to_owned(),
             generation: entry.generation.clone(),
-            reference_size: entry.reference.len(),
+            reference: entry.kind,
+            reference_size: reference.embeddings.len(),
             window_size: entry.window.len(),
             detected: signals.iter().any(|s| s.detected),
             signals,
@@ -351,11 +426,24 @@ mod tests {
             min_window: 40,
             permutations: 199,
             mmd_sample: 60,
+            p_value: 0.01,
             ..DriftConfig::default()
         }
     }
 
     fn feed(m: &DriftMonitor, generation: &str, n: usize, spam_share: f32, shift: f32, seed: u64) {
+        feed_with(m, generation, None, n, spam_share, shift, seed);
+    }
+
+    fn feed_with(
+        m: &DriftMonitor,
+        generation: &str,
+        reference: Option<&Arc<DriftReference>>,
+        n: usize,
+        spam_share: f32,
+        shift: f32,
+        seed: u64,
+    ) {
         let mut rng = crate::rng::Rng::new(seed);
         for i in 0..n {
             let spam = (i as f32 / n as f32) < spam_share;
@@ -366,7 +454,7 @@ mod tests {
                 .enumerate()
                 .map(|(d, x)| 1.0 + x + if d == 1 { shift } else { 0.0 })
                 .collect();
-            m.observe("spam", generation, &probs, &embedding);
+            m.observe("spam", generation, reference, &probs, &embedding);
         }
     }
 
@@ -390,5 +478,87 @@ mod tests {
         // A new stable generation takes a new reference.
         feed(&m, "g2", 10, 0.5, 0.0, 4);
         assert!(matches!(m.report("spam"), Some(Err(_))));
+    }
+
+    /// A reference as a trainer would publish it: `n` samples like `feed`'s undrifted traffic.
+    fn training_reference(n: usize) -> Arc<DriftReference> {
+        let m = DriftMonitor::new(
+            DriftConfig {
+                reference_size: n,
+                ..config()
+            },
+            Metrics::new(),
+        );
+        feed(&m, "trainer", n, 0.5, 0.0, 9);
+        let tasks = m.lock();
+        tasks["spam"]
+            .reference
+            .clone()
+            .expect("the live reference filled")
+    }
+
+    fn gauge(metrics: &Metrics, name: &str) -> Option<String> {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn a_training_reference_reports_from_the_first_window_and_the_gauges_exist_from_the_first_prediction(
+    ) {
+        let metrics = Metrics::new();
+        let m = DriftMonitor::new(config(), metrics.clone());
+        let reference = training_reference(60);
+        m.observe("spam", "g1", Some(&reference), &[0.8, 0.2], &[1.0; 8]);
+        let score = gauge(
+            &metrics,
+            r#"flywheel_drift_score{method="mmd",signal="embedding",task="spam"}"#,
+        );
+        assert!(
+            score.is_some_and(|l| l.ends_with(" NaN")),
+            "a NaN score from the first prediction"
+        );
+        assert_eq!(
+            gauge(&metrics, r#"flywheel_drift_window_size{task="spam"}"#).as_deref(),
+            Some(r#"flywheel_drift_window_size{task="spam"} 1"#)
+        );
+        let Some(Err(warming)) = m.report("spam") else {
+            panic!("warming up until min_window");
+        };
+        assert_eq!(
+            (warming.reference, warming.reference_size),
+            (Some("training"), 60)
+        );
+        feed_with(&m, "g1", Some(&reference), 39, 0.5, 0.0, 2);
+        let quiet = m.report("spam").unwrap().unwrap();
+        assert_eq!((quiet.reference, quiet.window_size), ("training", 40));
+        assert!(!quiet.detected, "{quiet:?}");
+        feed_with(&m, "g1", Some(&reference), 60, 0.9, 0.3, 3);
+        let moved = m.report("spam").unwrap().unwrap();
+        assert!(moved.detected, "{moved:?}");
+        // A generation without a reference of its own falls back to a live one.
+        feed(&m, "g2", 10, 0.5, 0.0, 4);
+        let Some(Err(warming)) = m.report("spam") else {
+            panic!("a live reference fills first");
+        };
+        assert_eq!(
+            (warming.reference, warming.reference_size),
+            (Some("live"), 10)
+        );
+    }
+
+    #[test]
+    fn psi_needs_a_low_p_value_so_a_small_window_is_not_a_drift_by_chance() {
+        // 20 predictions drawn like the reference's 40/60 split still score a PSI of several hundredths;
+        // a clear shift scores far more and a p-value at the floor.
+        let reference: Vec<usize> = (0..500).map(|i| usize::from(i % 5 < 3)).collect();
+        let same: Vec<usize> = (0..20).map(|i| usize::from(i % 5 < 3)).collect();
+        let quiet = stats::psi_test(&reference, &same, 2, 199, 1);
+        assert!(quiet.p_value > 0.5, "{quiet:?}");
+        let shifted: Vec<usize> = (0..100).map(|i| usize::from(i % 10 != 0)).collect();
+        let moved = stats::psi_test(&reference, &shifted, 2, 199, 1);
+        assert!(moved.score > 0.2 && moved.p_value <= 0.005, "{moved:?}");
     }
 }

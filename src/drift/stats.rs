@@ -1,6 +1,6 @@
 //! The drift statistics: PSI of a categorical or binned distribution, the cosine distance between mean
 //! embeddings, MMD² with an RBF kernel (median-heuristic bandwidth), and permutation p-values that calibrate
-//! the embedding statistics against the reference itself.
+//! each statistic against the reference itself and the window's size.
 
 use crate::rng::Rng;
 
@@ -43,6 +43,45 @@ pub fn bin_counts(values: &[f32], edges: &[f32]) -> Vec<u64> {
         counts[edges.partition_point(|e| e <= v)] += 1;
     }
     counts
+}
+
+/// The bin of `value` among the inner `edges` (as [`bin_counts`] counts it).
+pub fn bin_of(value: f32, edges: &[f32]) -> usize {
+    edges.partition_point(|e| *e <= value)
+}
+
+/// PSI of the `live` bins against the `reference` bins (each value a bin index below `bins`), with a
+/// permutation p-value over `permutations` seeded re-splits of the pooled values: a small window scores a
+/// high PSI by chance alone, and the p-value says how often.
+pub fn psi_test(
+    reference: &[usize],
+    live: &[usize],
+    bins: usize,
+    permutations: usize,
+    seed: u64,
+) -> Tested {
+    let counts = |values: &[usize]| {
+        let mut c = vec![0u64; bins];
+        for &v in values {
+            c[v.min(bins.saturating_sub(1))] += 1;
+        }
+        c
+    };
+    let score = psi(&counts(reference), &counts(live));
+    let mut pooled: Vec<usize> = reference.iter().chain(live).copied().collect();
+    let mut rng = Rng::new(seed);
+    let mut at_least = 0;
+    for _ in 0..permutations {
+        rng.shuffle(&mut pooled);
+        let (a, b) = pooled.split_at(reference.len());
+        if psi(&counts(a), &counts(b)) >= score {
+            at_least += 1;
+        }
+    }
+    Tested {
+        score,
+        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
+    }
 }
 
 fn mean(rows: &[&[f32]]) -> Vec<f64> {

@@ -35,6 +35,7 @@ pub async fn get(
         None => HttpResponse::Accepted().json(Warming {
             task: task.into_inner(),
             generation: None,
+            reference: None,
             reference_size: 0,
             window_size: 0,
             status: "no prediction of the stable generation seen yet".to_owned(),

@@ -385,6 +385,11 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         model_dir: config.model.dir.clone(),
         models_dir: config.data.dir.join("models"),
         metrics: metrics.clone(),
+        reference_size: if config.drift.enabled {
+            config.drift.reference_size
+        } else {
+            0
+        },
     };
     let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer)?);
     let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));

@@ -109,6 +109,9 @@ pub struct Metrics {
     pub drift_score: GaugeVec,
     /// `flywheel_drift_detected{task, signal}`: 1 while the score is over its threshold.
     pub drift_detected: IntGaugeVec,
+    /// `flywheel_drift_window_size{task}`: predictions in the task's live window (0 while a live reference
+    /// fills).
+    pub drift_window_size: IntGaugeVec,
 }
 
 impl Metrics {
@@ -265,6 +268,14 @@ impl Metrics {
             "Latest drift score of the live window against the reference",
             &["task", "signal", "method"],
         );
+        let drift_window_size = IntGaugeVec::new(
+            Opts::new(
+                name("drift_window_size"),
+                "Predictions in the task's live drift window (0 while a live reference fills)",
+            ),
+            &["task"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         let drift_detected = IntGaugeVec::new(
             Opts::new(
                 name("drift_detected"),
@@ -283,6 +294,7 @@ impl Metrics {
             Box::new(rollout_events.clone()),
             Box::new(drift_score.clone()),
             Box::new(drift_detected.clone()),
+            Box::new(drift_window_size.clone()),
             Box::new(request_duration.clone()),
             Box::new(requests.clone()),
             Box::new(rejected.clone()),
@@ -347,6 +359,7 @@ impl Metrics {
             rollout_events,
             drift_score,
             drift_detected,
+            drift_window_size,
             adapters_loaded,
             feedback,
             latency_window,

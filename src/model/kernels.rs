@@ -1371,7 +1371,11 @@ mod tests {
     fn a_packed_weight_gives_the_product_with_its_transpose_and_takes_a_merged_delta() {
         // 200 outputs: six full panels and a zero-padded seventh; 40 rows of 150: enough work to split the
         // columns across threads, the last task's masked. Under Miri, 70 outputs (a padded third panel).
-        let (n, k, m) = if cfg!(miri) { (70, 5, 3) } else { (200, 150, 40) };
+        let (n, k, m) = if cfg!(miri) {
+            (70, 5, 3)
+        } else {
+            (200, 150, 40)
+        };
         let w = crate::rng::Rng::new(1).uniform(n * k, 1.0);
         let Some(mut packed) = PackedWeight::new(&w, n, k) else {
             eprintln!("skipped: this CPU has no AVX-512");

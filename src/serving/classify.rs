@@ -147,7 +147,13 @@ impl Services {
         let out = result?;
         if watched {
             for (probs, features) in out.vectors.iter().zip(&out.features) {
-                self.drift.observe(&task, &generation.id, probs, features);
+                self.drift.observe(
+                    &task,
+                    &generation.id,
+                    generation.reference.as_ref(),
+                    probs,
+                    features,
+                );
             }
         }
         let predicted = out

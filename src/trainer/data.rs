@@ -22,10 +22,22 @@ pub fn stratified_split(
     val_fraction: f64,
     seed: u64,
 ) -> (Vec<Example>, Vec<Example>) {
-    let mut by_label: Vec<Vec<Example>> = vec![Vec::new(); labels];
-    for e in examples {
-        if e.label < labels {
-            by_label[e.label].push(e);
+    stratified_split_by(examples, |e| e.label, labels, val_fraction, seed)
+}
+
+/// [`stratified_split`] of anything with a label: items whose `label_of` is `labels` or more are left out.
+pub fn stratified_split_by<T>(
+    items: Vec<T>,
+    label_of: impl Fn(&T) -> usize,
+    labels: usize,
+    val_fraction: f64,
+    seed: u64,
+) -> (Vec<T>, Vec<T>) {
+    let mut by_label: Vec<Vec<T>> = (0..labels).map(|_| Vec::new()).collect();
+    for e in items {
+        let label = label_of(&e);
+        if label < labels {
+            by_label[label].push(e);
         }
     }
     let mut rng = Rng::new(seed);

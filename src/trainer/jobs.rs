@@ -11,13 +11,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::data::{stratified_split, truncate, Example};
+use super::data::{stratified_split_by, truncate, Example};
 use super::eval::{evaluate, Evaluation};
 use super::full::write_checkpoint;
+use super::reference::drift_reference;
 use super::train::{
     predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError, TrainReport,
 };
 use crate::adapters::peft;
+use crate::adapters::reference::REFERENCE_FILE;
 use crate::adapters::registry::{Registry, Sidecar, SIDECAR_FILE};
 use crate::config::TrainerConfig;
 use crate::durable::write_atomically;
@@ -197,6 +199,9 @@ pub struct TrainerDeps {
     pub models_dir: std::path::PathBuf,
     /// Training metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Embeddings a published generation's drift reference holds at most (`[drift] reference_size`; 0:
+    /// publish none).
+    pub reference_size: usize,
 }
 
 /// A job's wall time and the part of it spent yielding to serving, from one starting point.
@@ -762,6 +767,8 @@ fn warm_startable(adapter: &crate::model::lora::Adapter, labels: usize) -> bool 
 /// The examples a job trains and validates on, and where they came from.
 struct Dataset {
     examples: Vec<Example>,
+    /// Each example's token ids as serving makes them (not cut at the job's `max_length`).
+    serving_ids: Vec<Vec<u32>>,
     snapshot_id: i64,
     new_rows: usize,
     replayed_rows: usize,
@@ -803,6 +810,7 @@ fn select_data(
     };
     chosen.sort_by_key(|r| r.id);
     let mut examples = Vec::with_capacity(chosen.len());
+    let mut serving_ids = Vec::with_capacity(chosen.len());
     for row in &chosen {
         let Some(label) = task.labels.iter().position(|l| *l == row.label) else {
             continue;
@@ -813,9 +821,10 @@ fn select_data(
             .encode(&row.text)
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
         examples.push(Example {
-            ids: truncate(ids, config.max_length),
+            ids: truncate(ids.clone(), config.max_length),
             label,
         });
+        serving_ids.push(ids);
     }
     for (i, label) in task.labels.iter().enumerate() {
         let n = examples.iter().filter(|e| e.label == i).count();
@@ -827,6 +836,7 @@ fn select_data(
     }
     Ok(Dataset {
         examples,
+        serving_ids,
         snapshot_id,
         new_rows,
         replayed_rows,
@@ -892,7 +902,17 @@ fn train_and_publish(
         .and_then(|g| g.sidecar.metrics.get("feedback_snapshot_id"))
         .and_then(serde_json::Value::as_i64);
     let data = select_data(deps, &task, config, parent_snapshot)?;
-    let (train, val) = stratified_split(data.examples, labels, config.val_fraction, config.seed);
+    let paired: Vec<(Example, Vec<u32>)> =
+        data.examples.into_iter().zip(data.serving_ids).collect();
+    let (train, val) = stratified_split_by(
+        paired,
+        |(e, _)| e.label,
+        labels,
+        config.val_fraction,
+        config.seed,
+    );
+    let (train, train_serving): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
+    let (val, val_serving): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cpu = model.cpu().ok_or_else(|| {
         TrainError::Invalid("training runs on the CPU path only for now".to_owned())
     })?;
@@ -994,6 +1014,21 @@ fn train_and_publish(
             .split();
             let name = format!("trained/{}-{}", task.name, job.id);
             let meta = record(&run);
+            let reference = match deps.reference_size {
+                0 => None,
+                size => Some(
+                    drift_reference(
+                        cpu,
+                        &adapter,
+                        &train_serving,
+                        &val_serving,
+                        size,
+                        config.seed,
+                    )?
+                    .to_bytes()
+                    .map_err(|e| invalid(&e))?,
+                ),
+            };
             let sidecar = Sidecar {
                 task: Some(task.name.clone()),
                 labels: Some(task.labels.clone()),
@@ -1008,6 +1043,9 @@ fn train_and_publish(
                 .map_or(config.alpha, |(_, _, d)| d.scale as f64 * d.rank as f64);
             publish_dir(&deps.registry.root().join(&name), &job.id, |tmp| {
                 peft::write_dir(tmp, &adapter, alpha, &model.name).map_err(|e| invalid(&e))?;
+                if let Some(bytes) = &reference {
+                    write_atomically(&tmp.join(REFERENCE_FILE), bytes).map_err(|e| invalid(&e))?;
+                }
                 let bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| invalid(&e))?;
                 write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
             })?;

@@ -1,0 +1,249 @@
+//! How often drift is detected, and falsely alarmed, by window size, on real mail: a LoRA generation trained
+//! on SpamAssassin easy-ham-1 + spam-1 (100 + 100 mails, as the HTTP drift test), then 20 seeded windows of
+//! each size drawn from held-out mail of the same groups (any detection is a false alarm) and from the later
+//! corpus, easy-ham-2 + spam-2 (a detection is a hit). Half ham, half spam in every window; the first 80
+//! words of each mail; the shipped drift settings otherwise.
+//!
+//! `cargo bench --bench drift_power` (needs models/fetch.sh and datasets/fetch-spamassassin.sh) measures what
+//! Flywheel does: the training reference, embeddings from the serving generation's hidden states. Switches
+//! for the comparisons in docs/DRIFT.md: `DRIFT_REFERENCE=live` (the reference is 200 served predictions of
+//! other held-out mail instead), `DRIFT_FEATURES=base` (embeddings from the base model, without the adapter,
+//! on both sides), `TRAIN_PER_CLASS=N` (mails per class to train on).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::Device;
+use flywheel::config::DriftConfig;
+use flywheel::drift::DriftMonitor;
+use flywheel::metrics::Metrics;
+use flywheel::model::lora::Adapter;
+use flywheel::model::{pooling, CpuEncoder, LoadOptions, Model};
+use flywheel::rng::Rng;
+use flywheel::trainer::data::{stratified_split_by, truncate, Example};
+use flywheel::trainer::reference::drift_reference;
+use flywheel::trainer::train::{train_lora, TrainConfig};
+
+const WINDOWS: usize = 20;
+const SIZES: [usize; 4] = [50, 100, 200, 300];
+
+fn mails(group: &str, skip: usize, step: usize, n: usize) -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("datasets/spamassassin/{group}.jsonl"));
+    let text = std::fs::read_to_string(&path).expect("run datasets/fetch-spamassassin.sh");
+    text.lines()
+        .skip(skip)
+        .step_by(step)
+        .take(n)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            let words: Vec<&str> = v["text"]
+                .as_str()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            words[..words.len().min(80)].join(" ")
+        })
+        .collect()
+}
+
+/// Probabilities and pooled features of `texts` under `adapter`, as serving computes them.
+fn served(
+    model: &Model,
+    cpu: &CpuEncoder,
+    adapter: &Adapter,
+    texts: &[String],
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| model.tokenizer.encode(t).unwrap())
+        .collect();
+    let mut out = Vec::new();
+    for chunk in ids.chunks(32) {
+        let seqs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let choice = vec![Some(adapter); seqs.len()];
+        let packed = cpu.forward_adapted(&seqs, &choice).unwrap();
+        let logits = cpu.classify(&packed, &choice).unwrap();
+        let base = std::env::var("BASE_FEATURES")
+            .is_ok()
+            .then(|| cpu.forward(&seqs).unwrap());
+        for (i, l) in logits.into_iter().enumerate() {
+            let source = base.as_ref().unwrap_or(&packed);
+            let mut f = pooling::mean_of_rows(source.sequence(i), source.width);
+            pooling::l2_normalize(&mut f);
+            out.push((pooling::softmax(&l.unwrap()), f));
+        }
+    }
+    out
+}
+
+fn main() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            max_length: 256,
+            device: Device::Cpu,
+        },
+    )
+    .expect("run models/fetch.sh");
+    let cpu = model.cpu().expect("the CPU encoder");
+    let config = TrainConfig {
+        epochs: 2,
+        max_length: 48,
+        learning_rate: Some(3e-3),
+        ..TrainConfig::default()
+    };
+    // 100 + 100 mails to train on, as the HTTP drift test does; held-out pools of 150 + 150 of each corpus.
+    let per_class: usize = std::env::var("TRAIN_PER_CLASS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let (ham, spam) = (
+        mails("easy-ham-1", 0, 10, per_class),
+        mails("spam-1", 0, 5, per_class),
+    );
+    let rows: Vec<(Example, Vec<u32>)> = ham
+        .iter()
+        .map(|t| (t, 0))
+        .chain(spam.iter().map(|t| (t, 1)))
+        .map(|(t, label)| {
+            let ids = model.tokenizer.encode(t).unwrap();
+            (
+                Example {
+                    ids: truncate(ids.clone(), config.max_length),
+                    label,
+                },
+                ids,
+            )
+        })
+        .collect();
+    let (train, val) =
+        stratified_split_by(rows, |(e, _)| e.label, 2, config.val_fraction, config.seed);
+    let (train, train_ids): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
+    let (val, val_ids): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
+    let report = train_lora(
+        &model.bert,
+        cpu,
+        2,
+        &train,
+        &val,
+        &config,
+        None,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect("trains");
+    let adapter = report.result;
+    let started = std::time::Instant::now();
+    let mut reference =
+        drift_reference(cpu, &adapter, &train_ids, &val_ids, 500, config.seed).unwrap();
+    if std::env::var("DRIFT_FEATURES").is_ok_and(|v| v == "base") {
+        reference.embeddings = val_ids
+            .iter()
+            .chain(&train_ids)
+            .map(|ids| {
+                let packed = cpu.forward(&[ids.as_slice()]).unwrap();
+                let mut f = pooling::mean_of_rows(packed.sequence(0), packed.width);
+                pooling::l2_normalize(&mut f);
+                f
+            })
+            .collect();
+    }
+    let reference = Arc::new(reference);
+    eprintln!(
+        "trained in {:.1} s (val macro-F1 {:.3}); reference of {} embeddings and {} validation predictions in {:.1} s",
+        report.wall_seconds,
+        report.val.macro_f1,
+        reference.embeddings.len(),
+        reference.labels.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let pool = |ham_group: &str, spam_group: &str, skip: usize| {
+        let ham = served(&model, cpu, &adapter, &mails(ham_group, skip, 7, 150));
+        let spam = served(&model, cpu, &adapter, &mails(spam_group, skip, 3, 150));
+        (ham, spam)
+    };
+    let same = pool("easy-ham-1", "spam-1", 2);
+    let reference = if std::env::var("DRIFT_REFERENCE").is_ok_and(|v| v == "live") {
+        let (h, sp) = pool("easy-ham-1", "spam-1", 4);
+        let all: Vec<_> = h
+            .into_iter()
+            .take(100)
+            .chain(sp.into_iter().take(100))
+            .collect();
+        Arc::new(flywheel::adapters::reference::DriftReference {
+            labels: all.iter().map(|(p, _)| usize::from(p[1] > p[0])).collect(),
+            confidences: all.iter().map(|(p, _)| p[0].max(p[1])).collect(),
+            embeddings: all.into_iter().map(|(_, f)| f).collect(),
+        })
+    } else {
+        reference
+    };
+    let later = pool("easy-ham-2", "spam-2", 0);
+
+    println!("| window | false alarms (same groups) | detected (later corpus) | by signal, later: prediction / confidence / embedding |");
+    println!("| --- | --- | --- | --- |");
+    for size in SIZES {
+        let drift = DriftConfig {
+            window_size: size,
+            min_window: size,
+            ..DriftConfig::default()
+        };
+        let mut counts = [0usize; 5];
+        for (which, (ham, spam)) in [&same, &later].into_iter().enumerate() {
+            for w in 0..WINDOWS {
+                let mut rng = Rng::new(1000 * size as u64 + 10 * w as u64 + which as u64);
+                let mut pick = |v: &Vec<(Vec<f32>, Vec<f32>)>| {
+                    let mut idx: Vec<usize> = (0..v.len()).collect();
+                    rng.shuffle(&mut idx);
+                    idx.truncate(size / 2);
+                    idx.into_iter().map(|i| v[i].clone()).collect::<Vec<_>>()
+                };
+                let mut window = pick(ham);
+                window.extend(pick(spam));
+                rng.shuffle(&mut window);
+                let monitor = DriftMonitor::new(drift.clone(), Metrics::new());
+                for (probs, features) in &window {
+                    monitor.observe("spam", "g", Some(&reference), probs, features);
+                }
+                let r = monitor
+                    .report("spam")
+                    .expect("a task")
+                    .expect("a full window");
+                counts[which] += usize::from(r.detected);
+                if w == 0 {
+                    let p: Vec<String> = r
+                        .signals
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{}:{:.4}(p {:.3})",
+                                s.method,
+                                s.score,
+                                s.p_value.unwrap_or(f64::NAN)
+                            )
+                        })
+                        .collect();
+                    eprintln!(
+                        "size {size} {} window 0: {}",
+                        ["same", "later"][which],
+                        p.join(" ")
+                    );
+                }
+                if which == 1 {
+                    for (k, signal) in ["prediction", "confidence", "embedding"].iter().enumerate()
+                    {
+                        counts[2 + k] += usize::from(
+                            r.signals.iter().any(|s| s.signal == *signal && s.detected),
+                        );
+                    }
+                }
+            }
+        }
+        println!(
+            "| {size} | {}/{WINDOWS} | {}/{WINDOWS} | {} / {} / {} |",
+            counts[0], counts[1], counts[2], counts[3], counts[4]
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The drift reference a trained generation is published with: its validation split's predictions and the
+//! embeddings of a seeded sample of its inputs, computed by the serving path exactly as live predictions
+//! will be (same tokenization length, same pooled hidden states), so that live traffic like the training
+//! data compares as undrifted from the first window.
+
+use crate::adapters::reference::DriftReference;
+use crate::model::lora::Adapter;
+use crate::model::{pooling, CpuEncoder};
+use crate::rng::Rng;
+
+use super::train::TrainError;
+
+/// Sequences per forward pass while computing the reference.
+const CHUNK: usize = 32;
+
+/// Vectors, one per sequence.
+type Rows = Vec<Vec<f32>>;
+
+/// Each sequence's L2-normalised mean-pooled hidden state under `adapter`, and its class probabilities
+/// when `classify` is set.
+fn run(
+    cpu: &CpuEncoder,
+    adapter: &Adapter,
+    sequences: &[&[u32]],
+    classify: bool,
+) -> Result<(Rows, Rows), TrainError> {
+    let (mut features, mut probs) = (Vec::new(), Vec::new());
+    for chunk in sequences.chunks(CHUNK) {
+        let choice = vec![Some(adapter); chunk.len()];
+        let packed = cpu.forward_adapted(chunk, &choice)?;
+        for i in 0..chunk.len() {
+            let mut v = pooling::mean_of_rows(packed.sequence(i), packed.width);
+            pooling::l2_normalize(&mut v);
+            features.push(v);
+        }
+        if classify {
+            for logits in cpu.classify(&packed, &choice)? {
+                let logits = logits
+                    .ok_or_else(|| TrainError::Invalid("the adapter lost its head".to_owned()))?;
+                probs.push(pooling::softmax(&logits));
+            }
+        }
+    }
+    Ok((features, probs))
+}
+
+/// The reference of `adapter`: the predicted label and confidence of every validation input (the training
+/// inputs' when there is no validation split), and the embeddings of up to `size` inputs — the validation
+/// inputs first, then a seeded sample of the training inputs. Inputs are token ids as serving makes them.
+pub fn drift_reference(
+    cpu: &CpuEncoder,
+    adapter: &Adapter,
+    train: &[Vec<u32>],
+    val: &[Vec<u32>],
+    size: usize,
+    seed: u64,
+) -> Result<DriftReference, TrainError> {
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    Rng::new(seed ^ 0xD21F7).shuffle(&mut order);
+    let judged: Vec<&[u32]> = if val.is_empty() {
+        order
+            .iter()
+            .take(size)
+            .map(|&i| train[i].as_slice())
+            .collect()
+    } else {
+        val.iter().map(Vec::as_slice).collect()
+    };
+    let (mut embeddings, probs) = run(cpu, adapter, &judged, true)?;
+    embeddings.truncate(size);
+    if !val.is_empty() {
+        let more: Vec<&[u32]> = order
+            .iter()
+            .take(size.saturating_sub(embeddings.len()))
+            .map(|&i| train[i].as_slice())
+            .collect();
+        embeddings.extend(run(cpu, adapter, &more, false)?.0);
+    }
+    let (labels, confidences) = probs
+        .iter()
+        .map(|p| {
+            p.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+        })
+        .unzip();
+    Ok(DriftReference {
+        embeddings,
+        labels,
+        confidences,
+    })
+}
