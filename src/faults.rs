@@ -67,7 +67,7 @@ pub fn job_should_panic(task: &str) -> bool {
 /// Called before a durable state-file write.
 pub fn before_durable_write(path: &Path) {
     if let Some(delay) = get().slow_write {
-        tracing::debug!(path = %path.display(), ?delay, "injected slow write");
+        tracing::info!(path = %path.display(), ?delay, "injected slow write");
         std::thread::sleep(delay);
     }
 }
