@@ -21,16 +21,7 @@ seconds="${1:-10}"
 prepare
 out=target/bench
 mkdir -p "$out"
-python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-rows = [json.loads(l) for l in open("datasets/spamassassin/easy-ham-1.jsonl")][:500]
-with open(f"{out}/texts-sentences.jsonl", "w") as f:
-    for r in rows:
-        words = r["text"].split()
-        if len(words) >= 12:
-            f.write(json.dumps({"text": " ".join(words[:12])}) + "\n")
-PY
+sentences "$out/texts-sentences.jsonl"
 csv="$out/admission.csv"
 rm -f "$csv"
 texts="$out/texts-sentences.jsonl"

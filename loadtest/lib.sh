@@ -32,3 +32,17 @@ start_server() {
   trap 'kill $server 2>/dev/null && wait $server; rm -rf "$data"' EXIT
   wait_for_url "$log"
 }
+
+# sentences FILE: writes the first 12 words of the first 500 easy-ham-1 mails (those with 12 or more) as
+# JSONL texts, the short sentences the admission and slow-write benchmarks send.
+sentences() {
+  python3 - "$1" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open("datasets/spamassassin/easy-ham-1.jsonl")][:500]
+with open(sys.argv[1], "w") as f:
+    for r in rows:
+        words = r["text"].split()
+        if len(words) >= 12:
+            f.write(json.dumps({"text": " ".join(words[:12])}) + "\n")
+PY
+}
