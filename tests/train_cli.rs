@@ -83,9 +83,25 @@ fn offline_training_writes_a_peft_adapter_and_a_report() {
         "adapter_config.json",
         "adapter_model.safetensors",
         "flywheel.json",
+        "drift_reference.safetensors",
     ] {
         assert!(out.join(file).is_file(), "missing {file}");
     }
+    // The drift reference a server will watch the adapter's traffic against: one embedding per example
+    // (up to 500), a prediction per validation example.
+    let reference = flywheel::adapters::reference::DriftReference::from_bytes(
+        &std::fs::read(out.join("drift_reference.safetensors")).unwrap(),
+        384,
+        2,
+    )
+    .unwrap();
+    let total =
+        report["train_examples"].as_u64().unwrap() + report["val_examples"].as_u64().unwrap();
+    assert_eq!(reference.embeddings.len() as u64, total.min(500));
+    assert_eq!(
+        reference.labels.len() as u64,
+        report["val_examples"].as_u64().unwrap()
+    );
     let sidecar: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("flywheel.json")).unwrap()).unwrap();
     assert_eq!(sidecar["task"], "spam");

@@ -7,11 +7,13 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
-use super::data::{stratified_split, truncate, Example};
+use super::data::{stratified_split_by, truncate, Example};
 use super::eval::{evaluate, Evaluation};
 use super::full::{write_checkpoint, FullTrainable};
+use super::reference::drift_reference;
 use super::train::{predict, train_full, train_lora, Method, Progress, TrainConfig, TrainError};
 use crate::adapters::peft;
+use crate::adapters::reference::REFERENCE_FILE;
 use crate::adapters::registry::{Sidecar, SIDECAR_FILE};
 use crate::model::lora::Pooling;
 use crate::model::Model;
@@ -90,12 +92,13 @@ fn read_lines(files: &[PathBuf]) -> Result<Vec<Line>, TrainError> {
     Ok(out)
 }
 
+/// Each line as an example cut at `max_length`, with its token ids as serving makes them.
 fn examples(
     model: &Model,
     lines: &[Line],
     labels: &[String],
     max_length: usize,
-) -> Result<Vec<Example>, TrainError> {
+) -> Result<Vec<(Example, Vec<u32>)>, TrainError> {
     lines
         .iter()
         .map(|l| {
@@ -106,10 +109,13 @@ fn examples(
                 .tokenizer
                 .encode(&l.text)
                 .map_err(|e| TrainError::Invalid(e.to_string()))?;
-            Ok(Example {
-                ids: truncate(ids, max_length),
-                label,
-            })
+            Ok((
+                Example {
+                    ids: truncate(ids.clone(), max_length),
+                    label,
+                },
+                ids,
+            ))
         })
         .collect()
 }
@@ -143,12 +149,23 @@ pub fn run(
         )));
     }
     let all = examples(model, &lines, &labels, config.max_length)?;
-    let (train, val) = stratified_split(all, labels.len(), config.val_fraction, config.seed);
+    let (train, val) = stratified_split_by(
+        all,
+        |(e, _)| e.label,
+        labels.len(),
+        config.val_fraction,
+        config.seed,
+    );
+    let (train, train_ids): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
+    let (val, val_ids): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cancel = AtomicBool::new(false);
     let cpu = model.cpu().ok_or_else(|| {
         TrainError::Invalid("training runs on the CPU path only for now".to_owned())
     })?;
-    let test = examples(model, &read_lines(&job.test)?, &labels, config.max_length)?;
+    let test: Vec<Example> = examples(model, &read_lines(&job.test)?, &labels, config.max_length)?
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
     let truth: Vec<usize> = test.iter().map(|e| e.label).collect();
     let base_params = model
         .bert
@@ -175,6 +192,12 @@ pub fn run(
             )?
             .split();
             peft::write_dir(&job.out, &adapter, config.alpha, &model.name).map_err(|e| io(&e))?;
+            // The drift reference a server compares this generation's traffic with.
+            let size = crate::config::DriftConfig::default().reference_size;
+            let reference =
+                drift_reference(cpu, &adapter, &train_ids, &val_ids, size, config.seed)?;
+            let bytes = reference.to_bytes().map_err(|e| io(&e))?;
+            std::fs::write(job.out.join(REFERENCE_FILE), bytes).map_err(|e| io(&e))?;
             let probs = (!test.is_empty())
                 .then(|| predict(cpu, &adapter, &test))
                 .transpose()?;
