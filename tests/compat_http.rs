@@ -241,6 +241,9 @@ fn models_list_the_base_tasks_aliases_and_generations_and_model_selects_each() {
     let (status, one) = server.get_json(&format!("/v1/models/{generation}"));
     assert_eq!(status, 200);
     assert_eq!(&one, gen);
+    let (status, hub) = server.get_json("/v1/models/sentence-transformers%2Fall-MiniLM-L6-v2");
+    assert_eq!(status, 200, "{hub}");
+    assert_eq!(hub["kind"], "base", "{hub}");
     let (status, missing) = server.get_json("/v1/models/nope");
     assert_eq!(status, 404);
     assert_eq!(missing["error"]["code"], "model_not_found");

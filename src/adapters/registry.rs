@@ -535,13 +535,20 @@ impl Registry {
         hasher.update(sidecar_bytes.as_deref().unwrap_or_default());
         let hash = hasher.finalize();
         let id: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        // The reference does not change what the generation serves, so the id leaves it out.
-        let reference = match self.read_limited(&dir, REFERENCE_FILE)? {
-            Some(bytes) => Some(Arc::new(
+        // The reference does not change what the generation serves, so the id leaves it out, and one that
+        // cannot be read only costs the generation its training reference (drift falls back to a live one).
+        let reference = match self.read_limited(&dir, REFERENCE_FILE) {
+            Ok(Some(bytes)) => {
                 DriftReference::from_bytes(&bytes, self.model.hidden_size, task.labels.len())
-                    .map_err(|e| RegistryError::Invalid(e.to_string()))?,
-            )),
-            None => None,
+                    .map_err(|e| tracing::warn!(path, error = %e, "drift reference ignored"))
+                    .ok()
+                    .map(Arc::new)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(path, error = %e, "drift reference ignored");
+                None
+            }
         };
         Ok(Generation {
             id: format!("g-{id}"),

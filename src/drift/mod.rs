@@ -77,10 +77,11 @@ impl TaskDrift {
         }
     }
 
+    /// Embeddings in the reference (as the report counts them).
     fn reference_len(&self) -> usize {
-        self.reference.as_ref().map_or(self.filling.len(), |r| {
-            r.embeddings.len().max(r.labels.len())
-        })
+        self.reference
+            .as_ref()
+            .map_or(self.filling.len(), |r| r.embeddings.len())
     }
 }
 
@@ -298,12 +299,13 @@ impl DriftMonitor {
             }
         };
         let report = self.compute(task, &snapshot);
-        self.export(&report);
         let mut tasks = self.lock();
+        // A generation that replaced this one meanwhile keeps its cleared gauges.
         if let Some(entry) = tasks
             .get_mut(task)
             .filter(|e| e.generation == snapshot.generation)
         {
+            self.export(&report);
             entry.report = Some(report.clone());
         }
         Some(Ok(report))

@@ -475,10 +475,11 @@ pub async fn model(
 ) -> Result<HttpResponse, OpenAiError> {
     super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
+    let base = services.is_base_model(&name);
     let card = services
         .model_cards()
         .into_iter()
-        .find(|c| c.id == *name)
+        .find(|c| c.id == *name || base && c.kind == "base")
         .ok_or_else(|| OpenAiError::unknown_model(&name))?;
     Ok(HttpResponse::Ok().json(ModelObject::from(card)))
 }

@@ -89,13 +89,19 @@ pub async fn openapi() -> HttpResponse {
         .body(body.as_str())
 }
 
-/// Sets `flywheel_lora_requests_info`, which LoRA-aware routers read: every adapter model name (tasks,
-/// aliases, generations) is resident and ready, none waits to load.
+/// Sets `flywheel_lora_requests_info`, which LoRA-aware routers read: every adapter model name (task,
+/// alias, generation) that resolves to a generation ready to serve; all are resident, none waits to load.
 fn router_info(state: &AppState, services: &crate::serving::Services) {
+    let ready = |name: &str| {
+        services
+            .registry
+            .resolve(name)
+            .is_some_and(|g| g.state == crate::adapters::registry::State::Ready)
+    };
     let names: Vec<String> = services
         .model_cards()
         .into_iter()
-        .filter(|c| c.kind != "base")
+        .filter(|c| c.kind != "base" && ready(&c.id))
         .map(|c| c.id)
         .collect();
     let info = &state.metrics.lora_requests_info;

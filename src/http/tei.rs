@@ -29,8 +29,10 @@ pub enum TruncationDirection {
     Left,
 }
 
-/// Truncation options every TEI body shares.
-fn check_truncation(
+/// Truncation options every TEI body shares. Flywheel cuts long inputs by default (TEI's
+/// `--auto-truncate`); `truncate: false` asks for a refusal instead, found by an extra tokenization on the
+/// blocking pool.
+async fn check_truncation(
     state: &AppState,
     texts: &[String],
     truncate: Option<bool>,
@@ -47,26 +49,29 @@ fn check_truncation(
             "prompt_name {name:?}: this model has no prompts"
         )));
     }
-    // Flywheel truncates by default (TEI's `--auto-truncate`); `truncate: false` asks for a refusal instead.
-    if truncate == Some(false) {
-        let tokenizer = state.services()?.infer.tokenizer();
-        for (i, text) in texts.iter().enumerate() {
-            let long = tokenizer
-                .overflows(text)
-                .map_err(|e| ApiError::invalid(e.to_string()))?;
-            if long {
-                return Err(ApiError::new(
-                    actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
-                    "input_too_long",
-                    format!(
-                        "inputs[{i}] holds more than {} tokens and truncate is false",
-                        tokenizer.max_length()
-                    ),
-                ));
-            }
-        }
+    if truncate != Some(false) {
+        return Ok(());
     }
-    Ok(())
+    let tokenizer = state.services()?.infer.tokenizer().clone();
+    let owned = texts.to_vec();
+    let max = tokenizer.max_length();
+    let long = web::block(move || {
+        owned
+            .iter()
+            .map(|t| tokenizer.overflows(t))
+            .collect::<Result<Vec<bool>, _>>()
+    })
+    .await
+    .map_err(|_| ApiError::busy())?
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
+    match long.iter().position(|&l| l) {
+        Some(i) => Err(ApiError::new(
+            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "input_too_long",
+            format!("inputs[{i}] holds more than {max} tokens and truncate is false"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Body of TEI's `POST /embed`.
@@ -115,7 +120,8 @@ pub async fn embed(
         body.truncate,
         body.truncation_direction,
         body.prompt_name.as_deref(),
-    )?;
+    )
+    .await?;
     let width = services.infer.dimensions();
     if let Some(d) = body.dimensions {
         if d == 0 || d > width {
@@ -294,7 +300,8 @@ pub async fn predict(
         body.truncate,
         body.truncation_direction,
         None,
-    )?;
+    )
+    .await?;
     let model = match body.model {
         Some(m) => m,
         None => default_classifier(&state, services)?,
@@ -384,7 +391,7 @@ pub async fn tokenize(
     let body = body.into_inner();
     let texts = body.inputs.into_vec();
     validate_texts(&texts, &state)?;
-    check_truncation(&state, &texts, None, None, body.prompt_name.as_deref())?;
+    check_truncation(&state, &texts, None, None, body.prompt_name.as_deref()).await?;
     let special = body.add_special_tokens.unwrap_or(true);
     let lists = web::block(move || {
         texts

@@ -415,8 +415,13 @@ impl Infer {
             _admitted: admitted,
             stage: Stage::enter(&self.metrics.requests_waiting),
         };
+        // Counted before the send, so the model thread never takes it off first (the gauge would dip below
+        // zero); taken off again if the thread has gone.
         self.metrics.queue_depth.add(tokens.len() as i64);
-        self.tx.send(entry).map_err(|_| InferError::ShuttingDown)?;
+        if self.tx.send(entry).is_err() {
+            self.metrics.queue_depth.sub(tokens.len() as i64);
+            return Err(InferError::ShuttingDown);
+        }
         let answered = match self.timeout {
             None => answer.await,
             Some(limit) => match tokio::time::timeout(limit, answer).await {

@@ -641,8 +641,27 @@ impl Rollouts {
 
     /// Makes the candidate the stable generation (the task's alias moves atomically).
     pub fn promote(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
+        self.promote_rollout(task, None, by, reason)
+    }
+
+    /// Promotes the task's active rollout, only if it is still `expected` when one is given: the analysis
+    /// decides under the decisions lock, then promotes after releasing it, and a new rollout may have
+    /// superseded the analysed one in between.
+    fn promote_rollout(
+        &self,
+        task: &str,
+        expected: Option<&str>,
+        by: &str,
+        reason: String,
+    ) -> Result<Rollout, RolloutError> {
         let _deciding = self.deciding();
-        let candidate = self.with_active_unchanged(task, |r| r.candidate.clone())?;
+        let (id, candidate) =
+            self.with_active_unchanged(task, |r| (r.id.clone(), r.candidate.clone()))?;
+        if expected.is_some_and(|e| e != id) {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} replaced the analysed one before its promotion"
+            )));
+        }
         // The alias first, durably and without the rollouts lock (requests keep being routed); then the
         // rollout. A crash between the two writes leaves the alias on the candidate, and the next start
         // completes the promotion (see `open`), so the two always agree.
@@ -814,7 +833,7 @@ impl Rollouts {
                         self.export_traffic(r);
                         acted.push((r.task.clone(), "advance".to_owned()));
                     }
-                    Verdict::Pass(reason) => promote.push((r.task.clone(), reason)),
+                    Verdict::Pass(reason) => promote.push((r.task.clone(), r.id.clone(), reason)),
                 }
             }
             self.persist(inner);
@@ -822,8 +841,8 @@ impl Rollouts {
         for (task, action) in &acted {
             self.event(task, action);
         }
-        for (task, reason) in promote {
-            match self.promote(&task, "analysis", reason) {
+        for (task, id, reason) in promote {
+            match self.promote_rollout(&task, Some(&id), "analysis", reason) {
                 Ok(_) => acted.push((task, "promote".to_owned())),
                 Err(e) => tracing::warn!(task, error = %e, "automatic promotion failed"),
             }

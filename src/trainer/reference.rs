@@ -3,7 +3,7 @@
 //! will be (same tokenization length, same pooled hidden states), so that live traffic like the training
 //! data compares as undrifted from the first window.
 
-use crate::adapters::reference::DriftReference;
+use crate::adapters::reference::{DriftReference, MAX_SAMPLES};
 use crate::model::lora::Adapter;
 use crate::model::{pooling, CpuEncoder};
 use crate::rng::Rng;
@@ -44,9 +44,10 @@ fn run(
     Ok((features, probs))
 }
 
-/// The reference of `adapter`: the predicted label and confidence of every validation input (the training
-/// inputs' when there is no validation split), and the embeddings of up to `size` inputs — the validation
-/// inputs first, then a seeded sample of the training inputs. Inputs are token ids as serving makes them.
+/// The reference of `adapter`: the predicted label and confidence of every validation input (a seeded sample
+/// of [`MAX_SAMPLES`] of a larger split; the training inputs' when there is no validation split), and the
+/// embeddings of up to `size` (at most [`MAX_SAMPLES`]) inputs — the validation inputs first, then a seeded
+/// sample of the training inputs. Inputs are token ids as serving makes them.
 pub fn drift_reference(
     cpu: &CpuEncoder,
     adapter: &Adapter,
@@ -55,8 +56,13 @@ pub fn drift_reference(
     size: usize,
     seed: u64,
 ) -> Result<DriftReference, TrainError> {
+    // The file holds at most MAX_SAMPLES of either kind: a seeded sample of a larger validation split.
+    let size = size.min(MAX_SAMPLES);
     let mut order: Vec<usize> = (0..train.len()).collect();
     Rng::new(seed ^ 0xD21F7).shuffle(&mut order);
+    let mut val_order: Vec<usize> = (0..val.len()).collect();
+    Rng::new(seed ^ 0x7A1).shuffle(&mut val_order);
+    val_order.truncate(MAX_SAMPLES);
     let judged: Vec<&[u32]> = if val.is_empty() {
         order
             .iter()
@@ -64,7 +70,7 @@ pub fn drift_reference(
             .map(|&i| train[i].as_slice())
             .collect()
     } else {
-        val.iter().map(Vec::as_slice).collect()
+        val_order.iter().map(|&i| val[i].as_slice()).collect()
     };
     let (mut embeddings, probs) = run(cpu, adapter, &judged, true)?;
     embeddings.truncate(size);
