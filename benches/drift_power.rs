@@ -21,7 +21,7 @@ use flywheel::model::lora::Adapter;
 use flywheel::model::{pooling, CpuEncoder, LoadOptions, Model};
 use flywheel::rng::Rng;
 use flywheel::trainer::data::{stratified_split_by, truncate, Example};
-use flywheel::trainer::reference::drift_reference;
+use flywheel::trainer::reference::{drift_reference, pooled_outputs};
 use flywheel::trainer::train::{train_lora, TrainConfig};
 
 const WINDOWS: usize = 20;
@@ -47,7 +47,30 @@ fn mails(group: &str, skip: usize, step: usize, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Probabilities and pooled features of `texts` under `adapter`, as serving computes them.
+/// Whether the bench compares base-model embeddings (`DRIFT_FEATURES=base`) instead of the generation's.
+fn base_features() -> bool {
+    std::env::var("DRIFT_FEATURES").is_ok_and(|v| v == "base")
+}
+
+/// L2-normalised mean-pooled hidden states of the base model, without any adapter.
+fn base_embeddings(cpu: &CpuEncoder, sequences: &[&[u32]]) -> Vec<Vec<f32>> {
+    sequences
+        .chunks(32)
+        .flat_map(|chunk| {
+            let packed = cpu.forward(chunk).unwrap();
+            (0..chunk.len())
+                .map(|i| {
+                    let mut f = pooling::mean_of_rows(packed.sequence(i), packed.width);
+                    pooling::l2_normalize(&mut f);
+                    f
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Probabilities and watched features of `texts` under `adapter`, as serving computes them (the features
+/// from the base model with `DRIFT_FEATURES=base`).
 fn served(
     model: &Model,
     cpu: &CpuEncoder,
@@ -58,23 +81,14 @@ fn served(
         .iter()
         .map(|t| model.tokenizer.encode(t).unwrap())
         .collect();
-    let mut out = Vec::new();
-    for chunk in ids.chunks(32) {
-        let seqs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let choice = vec![Some(adapter); seqs.len()];
-        let packed = cpu.forward_adapted(&seqs, &choice).unwrap();
-        let logits = cpu.classify(&packed, &choice).unwrap();
-        let base = std::env::var("BASE_FEATURES")
-            .is_ok()
-            .then(|| cpu.forward(&seqs).unwrap());
-        for (i, l) in logits.into_iter().enumerate() {
-            let source = base.as_ref().unwrap_or(&packed);
-            let mut f = pooling::mean_of_rows(source.sequence(i), source.width);
-            pooling::l2_normalize(&mut f);
-            out.push((pooling::softmax(&l.unwrap()), f));
-        }
-    }
-    out
+    let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let (features, probs) = pooled_outputs(cpu, adapter, &seqs, true).unwrap();
+    let features = if base_features() {
+        base_embeddings(cpu, &seqs)
+    } else {
+        features
+    };
+    probs.into_iter().zip(features).collect()
 }
 
 fn main() {
@@ -138,17 +152,13 @@ fn main() {
     let started = std::time::Instant::now();
     let mut reference =
         drift_reference(cpu, &adapter, &train_ids, &val_ids, 500, config.seed).unwrap();
-    if std::env::var("DRIFT_FEATURES").is_ok_and(|v| v == "base") {
-        reference.embeddings = val_ids
+    if base_features() {
+        let seqs: Vec<&[u32]> = val_ids
             .iter()
             .chain(&train_ids)
-            .map(|ids| {
-                let packed = cpu.forward(&[ids.as_slice()]).unwrap();
-                let mut f = pooling::mean_of_rows(packed.sequence(0), packed.width);
-                pooling::l2_normalize(&mut f);
-                f
-            })
+            .map(Vec::as_slice)
             .collect();
+        reference.embeddings = base_embeddings(cpu, &seqs);
     }
     let reference = Arc::new(reference);
     eprintln!(

@@ -84,6 +84,32 @@ pub struct EmbedResponse {
     pub usage: Usage,
 }
 
+/// Checks a requested `dimensions` (Matryoshka-style truncation) against the model's `width`.
+pub(super) fn check_dimensions(dimensions: Option<usize>, width: usize) -> Result<(), ApiError> {
+    match dimensions {
+        Some(d) if d == 0 || d > width => Err(ApiError::invalid(format!(
+            "dimensions must be between 1 and the model's {width}; it is {d}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The first `dimensions` values of `vector` (all of them without), made unit length again when
+/// `normalize`.
+pub(super) fn shorten(
+    mut vector: Vec<f32>,
+    dimensions: Option<usize>,
+    normalize: bool,
+) -> Vec<f32> {
+    if let Some(d) = dimensions.filter(|&d| d < vector.len()) {
+        vector.truncate(d);
+        if normalize {
+            crate::model::pooling::l2_normalize(&mut vector);
+        }
+    }
+    vector
+}
+
 /// Checks a request's texts against the configured limits.
 pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), ApiError> {
     let limits = &state.config.limits;

@@ -12,10 +12,9 @@ use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema,
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
-use super::embed::{validate_texts, Inputs};
+use super::embed::{check_dimensions, shorten, validate_texts, Inputs};
 use super::error::{json_error, ApiError, RETRY_AFTER_SECS};
 use super::{timing_headers, AppState, RouteLabels};
-use crate::model::pooling;
 use crate::serving::{ClassifyRequest, ModelCard, Selected, Services};
 
 /// An [`ApiError`] answered in OpenAI's shape; 422 becomes 400, as OpenAI answers invalid parameters.
@@ -257,13 +256,6 @@ pub struct EmbeddingsResponse {
     pub usage: OpenAiUsage,
 }
 
-/// The first `dimensions` values of a unit vector, made unit length again.
-fn shorten(mut vector: Vec<f32>, dimensions: usize) -> Vec<f32> {
-    vector.truncate(dimensions);
-    pooling::l2_normalize(&mut vector);
-    vector
-}
-
 /// Base64 of the little-endian bytes of `vector`.
 fn to_base64(vector: &[f32]) -> String {
     let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -308,15 +300,8 @@ pub async fn embeddings(
         user: _,
     } = body.into_inner();
     base_model(services, model.as_deref())?;
-    let width = services.infer.dimensions();
-    if let Some(d) = dimensions {
-        if d == 0 || d > width {
-            return Err(OpenAiError::invalid(
-                "dimensions",
-                format!("dimensions must be between 1 and the model's {width}; it is {d}"),
-            ));
-        }
-    }
+    check_dimensions(dimensions, services.infer.dimensions())
+        .map_err(|e| OpenAiError::new(e, "dimensions"))?;
     let out = match input {
         EmbeddingInput::Text(t) => embed_texts(&state, vec![t]).await?,
         EmbeddingInput::Texts(t) => embed_texts(&state, t).await?,
@@ -329,10 +314,7 @@ pub async fn embeddings(
         .into_iter()
         .enumerate()
         .map(|(index, v)| {
-            let v = match dimensions {
-                Some(d) if d < width => shorten(v, d),
-                _ => v,
-            };
+            let v = shorten(v, dimensions, true);
             EmbeddingObject {
                 object: "embedding",
                 index,
@@ -649,7 +631,7 @@ mod tests {
 
     #[test]
     fn shortened_vectors_are_unit_length_and_keep_their_direction() {
-        let v = shorten(vec![3.0, 4.0, 12.0], 2);
+        let v = shorten(vec![3.0, 4.0, 12.0], Some(2), true);
         assert_eq!(v, vec![0.6, 0.8]);
     }
 

@@ -9,11 +9,10 @@ use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
-use super::embed::{validate_texts, Inputs};
+use super::embed::{check_dimensions, shorten, validate_texts, Inputs};
 use super::error::{ApiError, ErrorBody};
 use super::openai::classifier;
 use super::{timing_headers, AppState, RouteLabels};
-use crate::model::pooling;
 use crate::serving::{ClassifyRequest, Services};
 
 /// TEI's version whose API these routes follow.
@@ -122,28 +121,13 @@ pub async fn embed(
         body.prompt_name.as_deref(),
     )
     .await?;
-    let width = services.infer.dimensions();
-    if let Some(d) = body.dimensions {
-        if d == 0 || d > width {
-            return Err(ApiError::invalid(format!(
-                "dimensions must be between 1 and the model's {width}; it is {d}"
-            )));
-        }
-    }
+    check_dimensions(body.dimensions, services.infer.dimensions())?;
     let normalize = body.normalize.unwrap_or(true);
     let out = services.infer.embed(&texts, normalize).await?;
     let vectors: Vec<Vec<f32>> = out
         .vectors
         .into_iter()
-        .map(|mut v| {
-            if let Some(d) = body.dimensions.filter(|&d| d < width) {
-                v.truncate(d);
-                if normalize {
-                    pooling::l2_normalize(&mut v);
-                }
-            }
-            v
-        })
+        .map(|v| shorten(v, body.dimensions, normalize))
         .collect();
     let mut response = HttpResponse::Ok();
     timing_headers(&mut response, &out.timings);

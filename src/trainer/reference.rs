@@ -14,11 +14,11 @@ use super::train::TrainError;
 const CHUNK: usize = 32;
 
 /// Vectors, one per sequence.
-type Rows = Vec<Vec<f32>>;
+pub type Rows = Vec<Vec<f32>>;
 
-/// Each sequence's L2-normalised mean-pooled hidden state under `adapter`, and its class probabilities
-/// when `classify` is set.
-fn run(
+/// Each sequence's L2-normalised mean-pooled hidden state under `adapter` (what serving watches for drift),
+/// and its class probabilities when `classify` is set.
+pub fn pooled_outputs(
     cpu: &CpuEncoder,
     adapter: &Adapter,
     sequences: &[&[u32]],
@@ -72,7 +72,7 @@ pub fn drift_reference(
     } else {
         val_order.iter().map(|&i| val[i].as_slice()).collect()
     };
-    let (mut embeddings, probs) = run(cpu, adapter, &judged, true)?;
+    let (mut embeddings, probs) = pooled_outputs(cpu, adapter, &judged, true)?;
     embeddings.truncate(size);
     if !val.is_empty() {
         let more: Vec<&[u32]> = order
@@ -80,7 +80,7 @@ pub fn drift_reference(
             .take(size.saturating_sub(embeddings.len()))
             .map(|&i| train[i].as_slice())
             .collect();
-        embeddings.extend(run(cpu, adapter, &more, false)?.0);
+        embeddings.extend(pooled_outputs(cpu, adapter, &more, false)?.0);
     }
     let (labels, confidences) = probs
         .iter()
