@@ -5,10 +5,10 @@
 //! words of each mail; the shipped drift settings otherwise.
 //!
 //! `cargo bench --bench drift_power` (needs models/fetch.sh and datasets/fetch-spamassassin.sh) measures what
-//! Flywheel does: the training reference, embeddings from the serving generation's hidden states. Switches
-//! for the comparisons in docs/DRIFT.md: `DRIFT_REFERENCE=live` (the reference is 200 served predictions of
-//! other held-out mail instead), `DRIFT_FEATURES=base` (embeddings from the base model, without the adapter,
-//! on both sides), `TRAIN_PER_CLASS=N` (mails per class to train on).
+//! Flywheel does: the training reference, inputs compared by the base model's embeddings. Switches for the
+//! comparisons in docs/DRIFT.md: `DRIFT_REFERENCE=live` (the reference is 200 served predictions of other
+//! held-out mail instead), `DRIFT_FEATURES=adapted` (embeddings from the serving generation's hidden states
+//! on both sides, as before), `TRAIN_PER_CLASS=N` (mails per class to train on).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -21,20 +21,21 @@ use flywheel::model::lora::Adapter;
 use flywheel::model::{pooling, CpuEncoder, LoadOptions, Model};
 use flywheel::rng::Rng;
 use flywheel::trainer::data::{stratified_split_by, truncate, Example};
-use flywheel::trainer::reference::{drift_reference, pooled_outputs};
+use flywheel::trainer::reference::{base_embeddings, drift_reference, probabilities};
 use flywheel::trainer::train::{train_lora, TrainConfig};
 
 const WINDOWS: usize = 20;
 const SIZES: [usize; 4] = [50, 100, 200, 300];
 
-fn mails(group: &str, skip: usize, step: usize, n: usize) -> Vec<String> {
+/// Every mail of `group` (its first 80 words) in a seeded random order: training, held-out and later
+/// samples are drawn from the whole corpus, as the HTTP drift test's are, not from neighbouring lines
+/// (which share threads and topics).
+fn shuffled(group: &str) -> Vec<String> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(format!("datasets/spamassassin/{group}.jsonl"));
     let text = std::fs::read_to_string(&path).expect("run datasets/fetch-spamassassin.sh");
-    text.lines()
-        .skip(skip)
-        .step_by(step)
-        .take(n)
+    let mut mails: Vec<String> = text
+        .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
             let words: Vec<&str> = v["text"]
@@ -44,33 +45,35 @@ fn mails(group: &str, skip: usize, step: usize, n: usize) -> Vec<String> {
                 .collect();
             words[..words.len().min(80)].join(" ")
         })
-        .collect()
+        .collect();
+    Rng::new(group.bytes().fold(7, |h, b| h * 31 + u64::from(b))).shuffle(&mut mails);
+    mails
 }
 
-/// Whether the bench compares base-model embeddings (`DRIFT_FEATURES=base`) instead of the generation's.
-fn base_features() -> bool {
-    std::env::var("DRIFT_FEATURES").is_ok_and(|v| v == "base")
+/// Mails `from..from + n` of a shuffled corpus (fewer where it ends).
+fn slice(mails: &[String], from: usize, n: usize) -> Vec<String> {
+    mails.iter().skip(from).take(n).cloned().collect()
 }
 
-/// L2-normalised mean-pooled hidden states of the base model, without any adapter.
-fn base_embeddings(cpu: &CpuEncoder, sequences: &[&[u32]]) -> Vec<Vec<f32>> {
+/// Whether the bench compares the generation's own hidden states (`DRIFT_FEATURES=adapted`), as Flywheel
+/// did before, instead of the base model's embeddings that serving watches.
+fn adapted_features() -> bool {
+    std::env::var("DRIFT_FEATURES").is_ok_and(|v| v == "adapted")
+}
+
+/// L2-normalised mean-pooled hidden states under `adapter`.
+fn adapted_embeddings(cpu: &CpuEncoder, adapter: &Adapter, sequences: &[&[u32]]) -> Vec<Vec<f32>> {
     sequences
         .chunks(32)
         .flat_map(|chunk| {
-            let packed = cpu.forward(chunk).unwrap();
-            (0..chunk.len())
-                .map(|i| {
-                    let mut f = pooling::mean_of_rows(packed.sequence(i), packed.width);
-                    pooling::l2_normalize(&mut f);
-                    f
-                })
-                .collect::<Vec<_>>()
+            let choice = vec![Some(adapter); chunk.len()];
+            pooling::mean_pool(&cpu.forward_adapted(chunk, &choice).unwrap(), true)
         })
         .collect()
 }
 
-/// Probabilities and watched features of `texts` under `adapter`, as serving computes them (the features
-/// from the base model with `DRIFT_FEATURES=base`).
+/// Probabilities and watched embeddings of `texts` under `adapter`, as serving computes them (the
+/// embeddings from the generation itself with `DRIFT_FEATURES=adapted`).
 fn served(
     model: &Model,
     cpu: &CpuEncoder,
@@ -82,11 +85,11 @@ fn served(
         .map(|t| model.tokenizer.encode(t).unwrap())
         .collect();
     let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let (features, probs) = pooled_outputs(cpu, adapter, &seqs, true).unwrap();
-    let features = if base_features() {
-        base_embeddings(cpu, &seqs)
+    let probs = probabilities(cpu, adapter, &seqs).unwrap();
+    let features = if adapted_features() {
+        adapted_embeddings(cpu, adapter, &seqs)
     } else {
-        features
+        base_embeddings(cpu, &seqs).unwrap()
     };
     probs.into_iter().zip(features).collect()
 }
@@ -108,15 +111,13 @@ fn main() {
         learning_rate: Some(3e-3),
         ..TrainConfig::default()
     };
-    // 100 + 100 mails to train on, as the HTTP drift test does; held-out pools of 150 + 150 of each corpus.
+    // 100 + 100 mails to train on; held-out pools of 150 + 150 of each corpus.
     let per_class: usize = std::env::var("TRAIN_PER_CLASS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let (ham, spam) = (
-        mails("easy-ham-1", 0, 10, per_class),
-        mails("spam-1", 0, 5, per_class),
-    );
+    let (ham_1, spam_1) = (shuffled("easy-ham-1"), shuffled("spam-1"));
+    let (ham, spam) = (slice(&ham_1, 0, per_class), slice(&spam_1, 0, per_class));
     let rows: Vec<(Example, Vec<u32>)> = ham
         .iter()
         .map(|t| (t, 0))
@@ -152,13 +153,14 @@ fn main() {
     let started = std::time::Instant::now();
     let mut reference =
         drift_reference(cpu, &adapter, &train_ids, &val_ids, 500, config.seed).unwrap();
-    if base_features() {
+    if adapted_features() {
         let seqs: Vec<&[u32]> = val_ids
             .iter()
             .chain(&train_ids)
             .map(Vec::as_slice)
+            .take(reference.embeddings.len())
             .collect();
-        reference.embeddings = base_embeddings(cpu, &seqs);
+        reference.embeddings = adapted_embeddings(cpu, &adapter, &seqs);
     }
     let reference = Arc::new(reference);
     eprintln!(
@@ -169,14 +171,14 @@ fn main() {
         reference.labels.len(),
         started.elapsed().as_secs_f64()
     );
-    let pool = |ham_group: &str, spam_group: &str, skip: usize| {
-        let ham = served(&model, cpu, &adapter, &mails(ham_group, skip, 7, 150));
-        let spam = served(&model, cpu, &adapter, &mails(spam_group, skip, 3, 150));
+    let pool = |ham: &[String], spam: &[String], from: usize| {
+        let ham = served(&model, cpu, &adapter, &slice(ham, from, 150));
+        let spam = served(&model, cpu, &adapter, &slice(spam, from, 150));
         (ham, spam)
     };
-    let same = pool("easy-ham-1", "spam-1", 2);
+    let same = pool(&ham_1, &spam_1, per_class);
     let reference = if std::env::var("DRIFT_REFERENCE").is_ok_and(|v| v == "live") {
-        let (h, sp) = pool("easy-ham-1", "spam-1", 4);
+        let (h, sp) = pool(&ham_1, &spam_1, per_class + 150);
         let all: Vec<_> = h
             .into_iter()
             .take(100)
@@ -190,16 +192,22 @@ fn main() {
     } else {
         reference
     };
-    let later = pool("easy-ham-2", "spam-2", 0);
+    let later = pool(&shuffled("easy-ham-2"), &shuffled("spam-2"), 0);
 
     println!("| window | false alarms (same groups) | detected (later corpus) | by signal, later: prediction / confidence / embedding |");
     println!("| --- | --- | --- | --- |");
     for size in SIZES {
-        let drift = DriftConfig {
+        let mut drift = DriftConfig {
             window_size: size,
             min_window: size,
             ..DriftConfig::default()
         };
+        if let Some(n) = std::env::var("DRIFT_MMD_SAMPLE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            drift.mmd_sample = n;
+        }
         let mut counts = [0usize; 5];
         for (which, (ham, spam)) in [&same, &later].into_iter().enumerate() {
             for w in 0..WINDOWS {
@@ -215,7 +223,8 @@ fn main() {
                 rng.shuffle(&mut window);
                 let monitor = DriftMonitor::new(drift.clone(), Metrics::new());
                 for (probs, features) in &window {
-                    monitor.observe("spam", "g", Some(&reference), probs, features);
+                    monitor.observe_prediction("spam", "g", Some(&reference), probs);
+                    monitor.observe_embedding("spam", "g", features.clone());
                 }
                 let r = monitor
                     .report("spam")

@@ -58,8 +58,13 @@ impl ServingPressure {
         *self.lock()
     }
 
-    /// Blocks while work is pending, at most `max`; returns how long it waited.
+    /// Blocks while work is pending, at most `max`; returns how long it waited, which counts in
+    /// [`Self::yielded`].
     pub fn wait_until_idle(&self, max: Duration) -> Duration {
+        self.wait(max, true)
+    }
+
+    fn wait(&self, max: Duration, counted: bool) -> Duration {
         let started = Instant::now();
         let guard = self.lock();
         if *guard == 0 || max.is_zero() {
@@ -70,10 +75,12 @@ impl ServingPressure {
             .wait_timeout_while(guard, max, |pending| *pending > 0)
             .unwrap_or_else(|e| e.into_inner());
         let waited = started.elapsed();
-        self.yielded_nanos.fetch_add(
-            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        if counted {
+            self.yielded_nanos.fetch_add(
+                u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+        }
         waited
     }
 
@@ -83,14 +90,25 @@ impl ServingPressure {
     }
 }
 
+/// Where a thread's yield points wait: the pressure, the longest wait per point, and whether the waits
+/// count as training's ([`ServingPressure::yielded`]).
+type YieldTo = (Arc<ServingPressure>, Duration, bool);
+
 thread_local! {
-    static YIELD_TO: RefCell<Option<(Arc<ServingPressure>, Duration)>> = const { RefCell::new(None) };
+    static YIELD_TO: RefCell<Option<YieldTo>> = const { RefCell::new(None) };
 }
 
-/// Makes [`yield_point`] on the calling thread wait for `pressure` (at most `max` per call); `None` turns it
-/// off. Set on the trainer's threads only: inference itself must never wait on itself.
+/// Makes [`yield_point`] on the calling thread wait for `pressure` (at most `max` per call), counting the
+/// waits as training's; `None` turns it off. Set on the trainer's threads only: inference itself must never
+/// wait on itself.
 pub fn yield_on_this_thread(to: Option<(Arc<ServingPressure>, Duration)>) {
-    YIELD_TO.with(|cell| *cell.borrow_mut() = to);
+    YIELD_TO.with(|cell| *cell.borrow_mut() = to.map(|(p, max)| (p, max, true)));
+}
+
+/// Like [`yield_on_this_thread`] for background work that is not training (drift embeddings): its waits are
+/// not counted as training's.
+pub fn yield_quietly_on_this_thread(to: (Arc<ServingPressure>, Duration)) {
+    YIELD_TO.with(|cell| *cell.borrow_mut() = Some((to.0, to.1, false)));
 }
 
 /// Whether [`yield_point`] on the calling thread may wait.
@@ -102,8 +120,8 @@ pub fn yields_on_this_thread() -> bool {
 /// to; free otherwise.
 pub fn yield_point() {
     YIELD_TO.with(|cell| {
-        if let Some((pressure, max)) = &*cell.borrow() {
-            pressure.wait_until_idle(*max);
+        if let Some((pressure, max, counted)) = &*cell.borrow() {
+            pressure.wait(*max, *counted);
         }
     });
 }

@@ -1,6 +1,7 @@
 //! A generation's drift reference: what it was trained and validated on, stored beside its adapter as
 //! `drift_reference.safetensors` so the drift monitor can compare live traffic with it from the first
-//! predictions. Embeddings are kept in f16 (the drift tests need their direction, not their last bits).
+//! predictions. Embeddings (the base model's, see `drift::embedder`) are kept in f16: the drift tests need
+//! their direction, not their last bits.
 
 use std::collections::HashMap;
 
@@ -12,11 +13,17 @@ pub const REFERENCE_FILE: &str = "drift_reference.safetensors";
 /// Most samples of either kind a reference may hold.
 pub const MAX_SAMPLES: usize = 10_000;
 
+/// The metadata that says which space the embeddings are in. Only the base model's is current: files of
+/// Flywheel 0.x before it held the generation's own hidden states, which watched inputs are no longer
+/// compared with, so those files are refused (the generation then falls back to a live reference).
+const EMBEDDINGS_KEY: &str = "embeddings";
+const EMBEDDINGS_SPACE: &str = "base-model-mean-pooled";
+
 /// What a generation was trained and validated on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DriftReference {
-    /// L2-normalised mean-pooled hidden states under the generation of a seeded sample of its training and
-    /// validation inputs, as serving computes them.
+    /// The base model's L2-normalised mean-pooled hidden states of a seeded sample of the generation's
+    /// training and validation inputs, as serving computes them for watched inputs.
     pub embeddings: Vec<Vec<f32>>,
     /// The label the generation predicts for each validation input.
     pub labels: Vec<usize>,
@@ -80,8 +87,10 @@ impl DriftReference {
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad)?;
-        let metadata =
-            HashMap::from([("format".to_owned(), "flywheel-drift-reference".to_owned())]);
+        let metadata = HashMap::from([
+            ("format".to_owned(), "flywheel-drift-reference".to_owned()),
+            (EMBEDDINGS_KEY.to_owned(), EMBEDDINGS_SPACE.to_owned()),
+        ]);
         safetensors::serialize(views, Some(metadata)).map_err(bad)
     }
 
@@ -91,6 +100,17 @@ impl DriftReference {
         width: usize,
         labels: usize,
     ) -> Result<DriftReference, ReferenceError> {
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(bad)?;
+        let space = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(EMBEDDINGS_KEY));
+        if space.map(String::as_str) != Some(EMBEDDINGS_SPACE) {
+            return Err(bad(format!(
+                "embeddings in space {space:?}, not the base model's ({EMBEDDINGS_SPACE}); \
+                 retrain the generation to publish a current reference"
+            )));
+        }
         let file = SafeTensors::deserialize(bytes).map_err(bad)?;
         let tensor = |name: &str, dtype: Dtype, rank: usize| {
             let view = file.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
@@ -186,5 +206,22 @@ mod tests {
         let fewer = DriftReference::from_bytes(&bytes, 3, 1).unwrap_err();
         assert!(fewer.to_string().contains("label 1"), "{fewer}");
         assert!(DriftReference::from_bytes(b"not safetensors", 3, 2).is_err());
+    }
+
+    #[test]
+    fn a_reference_of_the_generations_own_hidden_states_is_refused() {
+        // What the first release wrote: no `embeddings` space in the metadata.
+        let data = [0u8; 4];
+        let view = TensorView::new(Dtype::F32, vec![1], &data).unwrap();
+        let old = safetensors::serialize(
+            [("confidences".to_owned(), view)],
+            Some(HashMap::from([(
+                "format".to_owned(),
+                "flywheel-drift-reference".to_owned(),
+            )])),
+        )
+        .unwrap();
+        let refused = DriftReference::from_bytes(&old, 3, 2).unwrap_err();
+        assert!(refused.to_string().contains("retrain"), "{refused}");
     }
 }

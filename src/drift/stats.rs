@@ -1,6 +1,7 @@
 //! The drift statistics: PSI of a categorical or binned distribution, the cosine distance between mean
-//! embeddings, MMD² with an RBF kernel (median-heuristic bandwidth), and permutation p-values that calibrate
-//! each statistic against the reference itself and the window's size.
+//! embeddings, the Mahalanobis distance between them under a shrunk pooled covariance, MMD² with an RBF
+//! kernel (median-heuristic bandwidth), and permutation p-values that calibrate each statistic against the
+//! reference itself and the window's size.
 
 use crate::rng::Rng;
 
@@ -142,6 +143,123 @@ pub fn mean_distance(
     }
 }
 
+/// Squared Mahalanobis distance between the mean of `reference` and the mean of `live` under the pooled
+/// samples' covariance shrunk towards its average variance (`S + shrinkage · tr(S)/d · I`), with a
+/// permutation p-value over `permutations` seeded re-splits.
+///
+/// Sentence embeddings vary a lot along a few directions and little along the rest; a shift along a quiet
+/// direction barely moves the cosine between means but stands out once each direction is scaled by its
+/// spread. The pooled covariance is the same for every re-split, so the rows are whitened once and each
+/// permutation only re-averages them.
+pub fn mahalanobis(
+    reference: &[&[f32]],
+    live: &[&[f32]],
+    permutations: usize,
+    seed: u64,
+    shrinkage: f64,
+) -> Tested {
+    let quiet = Tested {
+        score: 0.0,
+        p_value: 1.0,
+    };
+    let width = reference.first().or(live.first()).map_or(0, |r| r.len());
+    let n = reference.len() + live.len();
+    if reference.is_empty() || live.is_empty() || width == 0 {
+        return quiet;
+    }
+    let mut center = vec![0.0f64; width];
+    for row in reference.iter().chain(live) {
+        center
+            .iter_mut()
+            .zip(*row)
+            .for_each(|(c, &v)| *c += f64::from(v));
+    }
+    center.iter_mut().for_each(|c| *c /= n as f64);
+    let mut rows: Vec<f64> = reference
+        .iter()
+        .chain(live)
+        .flat_map(|row| row.iter().zip(&center).map(|(&v, c)| f64::from(v) - c))
+        .collect();
+    // The lower triangle of the covariance.
+    let mut cov = vec![0.0f64; width * width];
+    for row in rows.chunks_exact(width) {
+        for i in 0..width {
+            let (ri, line) = (row[i], &mut cov[i * width..i * width + i + 1]);
+            line.iter_mut().zip(row).for_each(|(c, &rj)| *c += ri * rj);
+        }
+    }
+    cov.iter_mut().for_each(|c| *c /= n as f64);
+    let trace: f64 = (0..width).map(|i| cov[i * width + i]).sum();
+    if trace <= 0.0 {
+        return quiet;
+    }
+    let ridge = shrinkage.max(1e-6) * trace / width as f64;
+    (0..width).for_each(|i| cov[i * width + i] += ridge);
+    let Some(lower) = cholesky(cov, width) else {
+        return quiet;
+    };
+    // Whiten: y = L⁻¹ z, so that ‖mean_a(y) − mean_b(y)‖² is the Mahalanobis distance of the means.
+    for row in rows.chunks_exact_mut(width) {
+        for i in 0..width {
+            let line = &lower[i * width..i * width + i];
+            let dot: f64 = line.iter().zip(&row[..i]).map(|(l, y)| l * y).sum();
+            row[i] = (row[i] - dot) / lower[i * width + i];
+        }
+    }
+    let mut total = vec![0.0f64; width];
+    for row in rows.chunks_exact(width) {
+        total.iter_mut().zip(row).for_each(|(t, v)| *t += v);
+    }
+    let (m, rest) = (reference.len() as f64, live.len() as f64);
+    let mut sum = vec![0.0f64; width];
+    let mut stat = |first: &[usize]| -> f64 {
+        sum.iter_mut().for_each(|s| *s = 0.0);
+        for &i in first {
+            let row = &rows[i * width..(i + 1) * width];
+            sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        }
+        sum.iter()
+            .zip(&total)
+            .map(|(a, t)| (a / m - (t - a) / rest).powi(2))
+            .sum()
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    let score = stat(&order[..reference.len()]);
+    let mut rng = Rng::new(seed);
+    let mut at_least = 0;
+    for _ in 0..permutations {
+        rng.shuffle(&mut order);
+        if stat(&order[..reference.len()]) >= score {
+            at_least += 1;
+        }
+    }
+    Tested {
+        score,
+        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
+    }
+}
+
+/// The lower Cholesky factor of the symmetric positive-definite matrix whose lower triangle `a` holds
+/// (`n × n`, row-major); `None` if it is not positive definite.
+fn cholesky(mut a: Vec<f64>, n: usize) -> Option<Vec<f64>> {
+    for j in 0..n {
+        let (above, rest) = a.split_at_mut((j + 1) * n);
+        let row_j = &mut above[j * n..];
+        let diagonal = row_j[j] - row_j[..j].iter().map(|v| v * v).sum::<f64>();
+        if diagonal <= 0.0 || !diagonal.is_finite() {
+            return None;
+        }
+        let pivot = diagonal.sqrt();
+        row_j[j] = pivot;
+        let row_j = &row_j[..j];
+        for row_i in rest.chunks_exact_mut(n) {
+            let dot: f64 = row_i[..j].iter().zip(row_j).map(|(x, y)| x * y).sum();
+            row_i[j] = (row_i[j] - dot) / pivot;
+        }
+    }
+    Some(a)
+}
+
 /// Unbiased MMD² between `reference` and `live` under an RBF kernel whose bandwidth is the median pairwise
 /// distance of the pooled samples, with a permutation p-value over `permutations` seeded re-splits.
 pub fn mmd(reference: &[&[f32]], live: &[&[f32]], permutations: usize, seed: u64) -> Tested {
@@ -259,6 +377,61 @@ mod tests {
         assert!(
             same.p_value > 0.05 && moved.p_value < 0.01,
             "{same:?} {moved:?}"
+        );
+        let same = mahalanobis(&refs(&a), &refs(&b), 200, 9, 1.0);
+        let moved = mahalanobis(&refs(&a), &refs(&shifted), 200, 9, 1.0);
+        assert!(
+            same.p_value > 0.05 && moved.p_value < 0.01,
+            "{same:?} {moved:?}"
+        );
+    }
+
+    #[test]
+    fn a_shift_along_a_quiet_direction_stands_out_once_directions_are_scaled_by_their_spread() {
+        // Direction 0 spreads widely, direction 1 barely; the window moves along direction 1 by a tenth
+        // of direction 0's spread.
+        let cloud = |n: usize, shift: f32, seed: u64| -> Vec<Vec<f32>> {
+            let mut rng = Rng::new(seed);
+            (0..n)
+                .map(|_| {
+                    let u = rng.uniform(4, 1.0);
+                    vec![
+                        3.0 + 2.0 * u[0],
+                        0.05 * u[1] + shift,
+                        1.0 + 0.02 * u[2],
+                        0.01 * u[3],
+                    ]
+                })
+                .collect()
+        };
+        let (a, b, shifted) = (cloud(100, 0.0, 1), cloud(100, 0.0, 2), cloud(100, 0.2, 3));
+        let quiet = mahalanobis(&refs(&a), &refs(&b), 300, 9, 1.0);
+        let moved = mahalanobis(&refs(&a), &refs(&shifted), 300, 9, 1.0);
+        assert!(quiet.p_value > 0.05, "{quiet:?}");
+        assert!(
+            moved.p_value < 0.01 && moved.score > 10.0 * quiet.score,
+            "{moved:?}"
+        );
+        let cosine = mean_distance(&refs(&a), &refs(&shifted), 300, 9);
+        assert!(cosine.score < 0.01, "the cosine barely moves: {cosine:?}");
+        // Degenerate inputs test as undrifted, never NaN.
+        let flat = vec![vec![1.0f32; 4]; 10];
+        assert_eq!(
+            mahalanobis(&refs(&flat), &refs(&flat), 50, 1, 1.0).p_value,
+            1.0
+        );
+        assert_eq!(mahalanobis(&[], &refs(&a), 50, 1, 1.0).p_value, 1.0);
+    }
+
+    #[test]
+    fn cholesky_factors_a_known_matrix() {
+        // [[4, 2], [2, 3]] = L Lᵀ with L = [[2, 0], [1, √2]]; only the lower triangle is read.
+        let l = cholesky(vec![4.0, 0.0, 2.0, 3.0], 2).unwrap();
+        assert!((l[0] - 2.0).abs() < 1e-12 && (l[2] - 1.0).abs() < 1e-12);
+        assert!((l[3] - 2f64.sqrt()).abs() < 1e-12);
+        assert!(
+            cholesky(vec![1.0, 0.0, 2.0, 1.0], 2).is_none(),
+            "not positive definite"
         );
     }
 }

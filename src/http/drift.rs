@@ -38,6 +38,7 @@ pub async fn get(
             reference: None,
             reference_size: 0,
             window_size: 0,
+            embedding_window_size: 0,
             status: "no prediction of the stable generation seen yet".to_owned(),
         }),
     })

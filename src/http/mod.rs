@@ -373,13 +373,13 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
     let registry = Arc::new(registry);
     let deps = TrainerDeps {
         bert: Arc::new(model.bert.to_device(&train_device)?),
-        model,
+        model: model.clone(),
         registry: registry.clone(),
         feedback: feedback.clone(),
         threads: config.trainer.threads,
         nice: config.trainer.nice,
         yield_to: (
-            pressure,
+            pressure.clone(),
             Duration::from_millis(config.trainer.yield_to_serving_ms),
         ),
         model_dir: config.model.dir.clone(),
@@ -393,6 +393,7 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
     };
     let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer)?);
     let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
+    drift.start_embedder(model, pressure)?;
     let rollouts = Arc::new(Rollouts::open(
         &config.data.dir,
         registry.clone(),

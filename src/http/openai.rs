@@ -581,7 +581,7 @@ pub async fn classify(
         .enumerate()
         .map(|(index, probs)| ClassifyData {
             index,
-            label: answer.task.labels[crate::serving::classify::best(probs).0].clone(),
+            label: answer.task.labels[crate::model::pooling::best(probs).0].clone(),
             probs: probs.clone(),
             num_classes,
         })

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 use super::embed::{validate_texts, Inputs};
 use super::error::{ApiError, ErrorBody};
 use super::{timing_headers, AppState, RouteLabels};
-use crate::serving::classify::best;
+use crate::model::pooling::best;
 use crate::serving::{Classified, ClassifyRequest};
 
 /// Longest accepted `routing_key`.

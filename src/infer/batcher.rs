@@ -162,7 +162,7 @@ fn run_batch(
     metrics.batch_size.observe(sequences.len() as f64);
     metrics.batch_tokens.observe(work.tokens as f64);
     backlog.set_running(Some(work));
-    let classify = batch.iter().any(|e| matches!(e.job, Job::Classify { .. }));
+    let classify = batch.iter().any(|e| e.job == Job::Classify);
     // A panic in the forward pass fails this batch's requests, not the thread.
     let result = supervise::catch(metrics, "model", || {
         if poison.is_some_and(|p| sequences.contains(&p)) {
@@ -193,17 +193,6 @@ fn run_batch(
                 metrics.queue_duration.observe(queue.as_secs_f64());
                 let rows = row..row + entry.sequences.len();
                 row = rows.end;
-                let features = if entry.job == (Job::Classify { features: true }) {
-                    rows.clone()
-                        .map(|i| {
-                            let mut v = pooling::mean_of_rows(packed.sequence(i), packed.width);
-                            pooling::l2_normalize(&mut v);
-                            v
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
                 let vectors: Result<Vec<Vec<f32>>, InferError> = rows
                     .map(|i| match entry.job {
                         Job::Embed { normalize } => {
@@ -213,18 +202,15 @@ fn run_batch(
                             }
                             Ok(v)
                         }
-                        Job::Classify { .. } => {
-                            logits.get(i).and_then(|l| l.clone()).ok_or_else(|| {
-                                InferError::Model(
-                                    "no logits for a classification row; this is a bug".into(),
-                                )
-                            })
-                        }
+                        Job::Classify => logits.get(i).and_then(|l| l.clone()).ok_or_else(|| {
+                            InferError::Model(
+                                "no logits for a classification row; this is a bug".into(),
+                            )
+                        }),
                     })
                     .collect();
                 entry.answer(vectors.map(|vectors| EntryResult {
                     vectors,
-                    features,
                     queue,
                     inference,
                 }));

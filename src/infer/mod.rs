@@ -87,9 +87,6 @@ pub struct Outputs {
     pub vectors: Vec<Vec<f32>>,
     /// For classification, each input's logits (the head's raw scores) behind `vectors`. Empty otherwise.
     pub logits: Vec<Vec<f32>>,
-    /// For classification asked with `features`, each input's L2-normalised mean-pooled hidden state under
-    /// the serving generation (the forward pass computed it); drift monitoring compares these. Empty otherwise.
-    pub features: Vec<Vec<f32>>,
     /// Tokens per input after truncation, special tokens included.
     pub tokens: Vec<usize>,
     /// Where the time went.
@@ -99,7 +96,6 @@ pub struct Outputs {
 /// What the model thread returns for one entry.
 struct EntryResult {
     vectors: Vec<Vec<f32>>,
-    features: Vec<Vec<f32>>,
     queue: Duration,
     inference: Duration,
 }
@@ -109,11 +105,8 @@ struct EntryResult {
 enum Job {
     /// Mean-pooled sentence embeddings.
     Embed { normalize: bool },
-    /// The adapter head's logits (softmaxed by the caller), and the pooled features when asked for.
-    Classify {
-        /// Also return each input's pooled hidden state (drift monitoring wants it).
-        features: bool,
-    },
+    /// The adapter head's logits (softmaxed by the caller).
+    Classify,
 }
 
 /// One request's work waiting for the model thread.
@@ -288,13 +281,11 @@ impl Infer {
             .await
     }
 
-    /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`), with each
-    /// input's pooled hidden state in [`Outputs::features`] when `features` is set.
+    /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`).
     pub async fn classify(
         &self,
         texts: &[String],
         adapter: Arc<Adapter>,
-        features: bool,
     ) -> Result<Outputs, InferError> {
         if !self.adapters_supported {
             return Err(InferError::Invalid(
@@ -313,12 +304,7 @@ impl Infer {
         }
         let sequences = self.tokenize(texts).await?;
         let mut out = self
-            .run(
-                sequences,
-                started,
-                Job::Classify { features },
-                Some(adapter),
-            )
+            .run(sequences, started, Job::Classify, Some(adapter))
             .await?;
         // The model thread answers logits; the probabilities are a few exponentials per input.
         out.logits = std::mem::take(&mut out.vectors);
@@ -437,7 +423,6 @@ impl Infer {
         Ok(Outputs {
             vectors: result.vectors,
             logits: Vec::new(),
-            features: result.features,
             tokens,
             timings: Timings {
                 tokenize,

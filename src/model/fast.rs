@@ -266,6 +266,8 @@ impl CpuEncoder {
         self.embed(sequences, &mut buf.x)?;
         let groups = Groups::new(adapters, &offsets);
         for (index, layer) in self.layers.iter().enumerate() {
+            // Background callers (drift embeddings) step aside for serving here; free on the model thread.
+            crate::pressure::yield_point();
             self.layer(index, layer, &groups, &mut buf);
         }
         Ok(Packed {

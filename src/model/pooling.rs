@@ -37,6 +37,15 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exps.iter().map(|e| (e / sum) as f32).collect()
 }
 
+/// The index of the highest value (the first of equals) and that value: the predicted label and its
+/// probability.
+pub fn best(probs: &[f32]) -> (usize, f32) {
+    probs.iter().enumerate().fold(
+        (0, f32::NEG_INFINITY),
+        |a, (i, &p)| if p > a.1 { (i, p) } else { a },
+    )
+}
+
 /// Scales `v` to unit L2 norm (sentence-transformers' `Normalize`, which clamps the norm at 1e-12).
 pub fn l2_normalize(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);

@@ -10,6 +10,7 @@ use crate::adapters::registry::{Generation, State, Task};
 use crate::feedback::recent::{RecentRequest, ShadowPrediction};
 use crate::infer::{InferError, Outputs};
 use crate::model::lora::Adapter;
+use crate::model::pooling::best;
 
 /// What to classify, and with what.
 #[derive(Debug, Clone)]
@@ -69,14 +70,6 @@ pub enum ClassifyError {
     Infer(#[from] InferError),
 }
 
-/// The label index with the highest probability, and that probability.
-pub fn best(probs: &[f32]) -> (usize, f32) {
-    probs.iter().enumerate().fold(
-        (0, f32::NEG_INFINITY),
-        |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
-    )
-}
-
 /// The ready weights of `generation`.
 fn weights(generation: &Generation) -> Result<Arc<Adapter>, ClassifyError> {
     match (&generation.state, &generation.adapter) {
@@ -129,10 +122,7 @@ impl Services {
         let started = Instant::now();
         // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
         let watched = pinned.is_none() && arm == "stable" && self.watch_drift;
-        let result = self
-            .infer
-            .classify(&texts, weights(&generation)?, watched)
-            .await;
+        let result = self.infer.classify(&texts, weights(&generation)?).await;
         if let Some(rollout) = route.as_ref().and_then(|r| r.rollout.as_deref()) {
             if !result.as_ref().is_err_and(InferError::is_not_the_models) {
                 self.rollouts.observe(
@@ -146,13 +136,13 @@ impl Services {
         }
         let out = result?;
         if watched {
-            for (probs, features) in out.vectors.iter().zip(&out.features) {
+            for (probs, text) in out.vectors.iter().zip(&texts) {
                 self.drift.observe(
                     &task,
                     &generation.id,
                     generation.reference.as_ref(),
                     probs,
-                    features,
+                    text,
                 );
             }
         }
@@ -218,7 +208,7 @@ impl Services {
         );
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = infer.classify(&texts, w, false).await;
+            let result = infer.classify(&texts, w).await;
             if result.as_ref().is_err_and(InferError::is_not_the_models) {
                 return;
             }

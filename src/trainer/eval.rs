@@ -89,16 +89,7 @@ pub fn evaluate(probs: &[Vec<f32>], truth: &[usize], labels: usize) -> Evaluatio
 }
 
 fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
+    crate::model::pooling::best(p).0
 }
 
 /// The probability that a random positive scores above a random negative (ties count half): the

@@ -1,7 +1,7 @@
-//! The drift reference a trained generation is published with: its validation split's predictions and the
-//! embeddings of a seeded sample of its inputs, computed by the serving path exactly as live predictions
-//! will be (same tokenization length, same pooled hidden states), so that live traffic like the training
-//! data compares as undrifted from the first window.
+//! The drift reference a trained generation is published with: its validation split's predictions, and the
+//! base model's embeddings of a seeded sample of its inputs, computed as serving computes them for watched
+//! inputs (same tokenization length, same pooling; see `drift::embedder`), so that live traffic like the
+//! training data compares as undrifted from the first window.
 
 use crate::adapters::reference::{DriftReference, MAX_SAMPLES};
 use crate::model::lora::Adapter;
@@ -16,37 +16,38 @@ const CHUNK: usize = 32;
 /// Vectors, one per sequence.
 pub type Rows = Vec<Vec<f32>>;
 
-/// Each sequence's L2-normalised mean-pooled hidden state under `adapter` (what serving watches for drift),
-/// and its class probabilities when `classify` is set.
-pub fn pooled_outputs(
+/// Each sequence's L2-normalised mean-pooled hidden state under the base model (no adapter): what the
+/// drift monitor compares inputs by.
+pub fn base_embeddings(cpu: &CpuEncoder, sequences: &[&[u32]]) -> Result<Rows, TrainError> {
+    let mut rows = Vec::with_capacity(sequences.len());
+    for chunk in sequences.chunks(CHUNK) {
+        rows.extend(pooling::mean_pool(&cpu.forward(chunk)?, true));
+    }
+    Ok(rows)
+}
+
+/// Each sequence's class probabilities under `adapter`, as serving computes them.
+pub fn probabilities(
     cpu: &CpuEncoder,
     adapter: &Adapter,
     sequences: &[&[u32]],
-    classify: bool,
-) -> Result<(Rows, Rows), TrainError> {
-    let (mut features, mut probs) = (Vec::new(), Vec::new());
+) -> Result<Rows, TrainError> {
+    let mut probs = Vec::with_capacity(sequences.len());
     for chunk in sequences.chunks(CHUNK) {
         let choice = vec![Some(adapter); chunk.len()];
         let packed = cpu.forward_adapted(chunk, &choice)?;
-        for i in 0..chunk.len() {
-            let mut v = pooling::mean_of_rows(packed.sequence(i), packed.width);
-            pooling::l2_normalize(&mut v);
-            features.push(v);
-        }
-        if classify {
-            for logits in cpu.classify(&packed, &choice)? {
-                let logits = logits
-                    .ok_or_else(|| TrainError::Invalid("the adapter lost its head".to_owned()))?;
-                probs.push(pooling::softmax(&logits));
-            }
+        for logits in cpu.classify(&packed, &choice)? {
+            let logits = logits
+                .ok_or_else(|| TrainError::Invalid("the adapter lost its head".to_owned()))?;
+            probs.push(pooling::softmax(&logits));
         }
     }
-    Ok((features, probs))
+    Ok(probs)
 }
 
 /// The reference of `adapter`: the predicted label and confidence of every validation input (a seeded sample
 /// of [`MAX_SAMPLES`] of a larger split; the training inputs' when there is no validation split), and the
-/// embeddings of up to `size` (at most [`MAX_SAMPLES`]) inputs — the validation inputs first, then a seeded
+/// base model's embeddings of up to `size` (at most [`MAX_SAMPLES`]) inputs — the validation inputs first, then a seeded
 /// sample of the training inputs. Inputs are token ids as serving makes them.
 pub fn drift_reference(
     cpu: &CpuEncoder,
@@ -72,24 +73,18 @@ pub fn drift_reference(
     } else {
         val_order.iter().map(|&i| val[i].as_slice()).collect()
     };
-    let (mut embeddings, probs) = pooled_outputs(cpu, adapter, &judged, true)?;
-    embeddings.truncate(size);
+    let probs = probabilities(cpu, adapter, &judged)?;
+    let mut embedded: Vec<&[u32]> = judged.into_iter().take(size).collect();
     if !val.is_empty() {
-        let more: Vec<&[u32]> = order
-            .iter()
-            .take(size.saturating_sub(embeddings.len()))
-            .map(|&i| train[i].as_slice())
-            .collect();
-        embeddings.extend(pooled_outputs(cpu, adapter, &more, false)?.0);
+        embedded.extend(
+            order
+                .iter()
+                .take(size.saturating_sub(embedded.len()))
+                .map(|&i| train[i].as_slice()),
+        );
     }
-    let (labels, confidences) = probs
-        .iter()
-        .map(|p| {
-            p.iter()
-                .enumerate()
-                .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
-        })
-        .unzip();
+    let embeddings = base_embeddings(cpu, &embedded)?;
+    let (labels, confidences) = probs.iter().map(|p| pooling::best(p)).unzip();
     Ok(DriftReference {
         embeddings,
         labels,
