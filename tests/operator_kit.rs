@@ -39,6 +39,7 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_num_requests_waiting",
     "flywheel_num_requests_running",
     "flywheel_drift_window_size",
+    "flywheel_drift_inputs_total",
 ];
 
 /// Metrics exported for LoRA-aware routers (docs/OPERATIONS.md, "Behind an inference gateway"), not for

@@ -186,6 +186,8 @@ pub struct DriftMonitor {
     metrics: Metrics,
     /// Where watched inputs go to be embedded, once [`DriftMonitor::start_embedder`] ran.
     embedder: OnceLock<Embedder>,
+    /// What background refreshes step aside for, once [`DriftMonitor::start_embedder`] ran.
+    serving: OnceLock<Arc<ServingPressure>>,
 }
 
 impl DriftMonitor {
@@ -196,11 +198,13 @@ impl DriftMonitor {
             config,
             metrics,
             embedder: OnceLock::new(),
+            serving: OnceLock::new(),
         }
     }
 
     /// Starts the thread that embeds watched inputs with `model`'s base network while serving leaves it
-    /// time (see [`embedder`]). Without it only the prediction signals are tested.
+    /// time (see [`embedder`]), and makes [`Self::refresh`] step aside for serving too. Without it only the
+    /// prediction signals are tested.
     pub fn start_embedder(
         self: &Arc<Self>,
         model: Arc<Model>,
@@ -209,7 +213,8 @@ impl DriftMonitor {
         if !self.config.enabled || self.embedder.get().is_some() {
             return Ok(());
         }
-        let embedder = Embedder::start(model, Arc::downgrade(self), pressure)?;
+        let _ = self.serving.set(pressure.clone());
+        let embedder = Embedder::start(model, Arc::downgrade(self), pressure, &self.metrics)?;
         let _ = self.embedder.set(embedder);
         Ok(())
     }
@@ -389,12 +394,17 @@ impl DriftMonitor {
     }
 
     /// Refreshes every task's report at most every `max_age` (the autopilot's tick) so the metrics stay
-    /// current.
+    /// current. The statistics take a few hundred milliseconds of one core; here, in the background, they
+    /// step aside for serving between permutations ([`crate::pressure`]).
     pub fn refresh(&self, max_age: Duration) {
+        if let Some(pressure) = self.serving.get() {
+            crate::pressure::yield_quietly_on_this_thread((pressure.clone(), embedder::MAX_WAIT));
+        }
         let names: Vec<String> = self.lock().keys().cloned().collect();
         for task in names {
             let _ = self.report_within(&task, max_age);
         }
+        crate::pressure::yield_on_this_thread(None);
     }
 
     /// Whether the task's latest report found drift.

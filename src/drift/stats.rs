@@ -1,8 +1,10 @@
 //! The drift statistics: PSI of a categorical or binned distribution, the cosine distance between mean
 //! embeddings, the Mahalanobis distance between them under a shrunk pooled covariance, MMD² with an RBF
 //! kernel (median-heuristic bandwidth), and permutation p-values that calibrate each statistic against the
-//! reference itself and the window's size.
+//! reference itself and the window's size. The permutation loops are yield points: a background caller that
+//! asked to (`crate::pressure`) steps aside for serving between rounds.
 
+use crate::pressure::yield_point;
 use crate::rng::Rng;
 
 /// Floor for empty bins, so PSI stays finite (the usual 1e-4 smoothing).
@@ -72,7 +74,10 @@ pub fn psi_test(
     let mut pooled: Vec<usize> = reference.iter().chain(live).copied().collect();
     let mut rng = Rng::new(seed);
     let mut at_least = 0;
-    for _ in 0..permutations {
+    for round in 0..permutations {
+        if round % 16 == 0 {
+            yield_point();
+        }
         rng.shuffle(&mut pooled);
         let (a, b) = pooled.split_at(reference.len());
         if psi(&counts(a), &counts(b)) >= score {
@@ -130,7 +135,10 @@ pub fn mean_distance(
     let mut pooled: Vec<&[f32]> = reference.iter().chain(live).copied().collect();
     let mut rng = Rng::new(seed);
     let mut at_least = 0;
-    for _ in 0..permutations {
+    for round in 0..permutations {
+        if round % 16 == 0 {
+            yield_point();
+        }
         rng.shuffle(&mut pooled);
         let (a, b) = pooled.split_at(reference.len());
         if stat(a, b) >= score {
@@ -182,7 +190,10 @@ pub fn mahalanobis(
         .collect();
     // The lower triangle of the covariance.
     let mut cov = vec![0.0f64; width * width];
-    for row in rows.chunks_exact(width) {
+    for (r, row) in rows.chunks_exact(width).enumerate() {
+        if r % 64 == 0 {
+            yield_point();
+        }
         for i in 0..width {
             let (ri, line) = (row[i], &mut cov[i * width..i * width + i + 1]);
             line.iter_mut().zip(row).for_each(|(c, &rj)| *c += ri * rj);
@@ -227,7 +238,10 @@ pub fn mahalanobis(
     let score = stat(&order[..reference.len()]);
     let mut rng = Rng::new(seed);
     let mut at_least = 0;
-    for _ in 0..permutations {
+    for round in 0..permutations {
+        if round % 16 == 0 {
+            yield_point();
+        }
         rng.shuffle(&mut order);
         if stat(&order[..reference.len()]) >= score {
             at_least += 1;
@@ -267,6 +281,9 @@ pub fn mmd(reference: &[&[f32]], live: &[&[f32]], permutations: usize, seed: u64
     let n = pooled.len();
     let mut d2 = vec![0.0f64; n * n];
     for i in 0..n {
+        if i % 64 == 0 {
+            yield_point();
+        }
         for j in i + 1..n {
             let d: f64 = pooled[i]
                 .iter()
@@ -313,7 +330,10 @@ pub fn mmd(reference: &[&[f32]], live: &[&[f32]], permutations: usize, seed: u64
     let score = stat(&order);
     let mut rng = Rng::new(seed);
     let mut at_least = 0;
-    for _ in 0..permutations {
+    for round in 0..permutations {
+        if round % 16 == 0 {
+            yield_point();
+        }
         rng.shuffle(&mut order);
         if stat(&order) >= score {
             at_least += 1;

@@ -112,6 +112,9 @@ pub struct Metrics {
     /// `flywheel_drift_window_size{task}`: predictions in the task's live window (0 while a live reference
     /// fills).
     pub drift_window_size: IntGaugeVec,
+    /// `flywheel_drift_inputs_total{outcome}`: watched inputs `embedded` for the drift monitor, or `dropped`
+    /// because serving left no time for them and the queue was full.
+    pub drift_inputs: IntCounterVec,
 }
 
 impl Metrics {
@@ -276,6 +279,14 @@ impl Metrics {
             &["task"],
         )
         .expect("static metric definition is valid; this is a bug");
+        let drift_inputs = IntCounterVec::new(
+            Opts::new(
+                name("drift_inputs_total"),
+                "Watched inputs embedded for drift monitoring, or dropped for want of idle time",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         let drift_detected = IntGaugeVec::new(
             Opts::new(
                 name("drift_detected"),
@@ -295,6 +306,7 @@ impl Metrics {
             Box::new(drift_score.clone()),
             Box::new(drift_detected.clone()),
             Box::new(drift_window_size.clone()),
+            Box::new(drift_inputs.clone()),
             Box::new(request_duration.clone()),
             Box::new(requests.clone()),
             Box::new(rejected.clone()),
@@ -360,6 +372,7 @@ impl Metrics {
             drift_score,
             drift_detected,
             drift_window_size,
+            drift_inputs,
             adapters_loaded,
             feedback,
             latency_window,

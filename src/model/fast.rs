@@ -266,8 +266,6 @@ impl CpuEncoder {
         self.embed(sequences, &mut buf.x)?;
         let groups = Groups::new(adapters, &offsets);
         for (index, layer) in self.layers.iter().enumerate() {
-            // Background callers (drift embeddings) step aside for serving here; free on the model thread.
-            crate::pressure::yield_point();
             self.layer(index, layer, &groups, &mut buf);
         }
         Ok(Packed {
@@ -319,16 +317,24 @@ impl CpuEncoder {
         Ok(())
     }
 
+    /// One encoder layer. Between its products a background caller (the drift embedder) steps aside for
+    /// serving ([`crate::pressure::yield_point`]), so a request that arrives meanwhile waits for at most one
+    /// product of one background input; on the model thread the points cost a thread-local read.
     fn layer(&self, index: usize, l: &LayerWeights, groups: &Groups, b: &mut Buffers) {
+        use crate::pressure::yield_point;
         let rows = groups.rows();
         let h = self.config.hidden_size;
         let inner = self.config.intermediate_size;
+        yield_point();
         l.query.run_into(&b.x, rows, &mut b.q);
         groups.apply(index, Target::Query, &b.x, h, &mut b.q, h);
+        yield_point();
         l.key.run_into(&b.x, rows, &mut b.k);
         groups.apply(index, Target::Key, &b.x, h, &mut b.k, h);
+        yield_point();
         l.value.run_into(&b.x, rows, &mut b.v);
         groups.apply(index, Target::Value, &b.x, h, &mut b.v, h);
+        yield_point();
         let heads = self.config.num_attention_heads;
         kernels::attention(
             &b.q,
@@ -339,13 +345,16 @@ impl CpuEncoder {
             self.config.head_dim(),
             &mut b.ctx,
         );
+        yield_point();
         l.attention_out.run_into(&b.ctx, rows, &mut b.tmp);
         groups.apply(index, Target::AttentionOutput, &b.ctx, h, &mut b.tmp, h);
         l.attention_norm.run(&mut b.tmp, Some(&b.x));
         std::mem::swap(&mut b.x, &mut b.tmp);
+        yield_point();
         l.intermediate.run_into(&b.x, rows, &mut b.inner);
         groups.apply(index, Target::Intermediate, &b.x, h, &mut b.inner, inner);
         kernels::gelu_inplace(&mut b.inner);
+        yield_point();
         l.output.run_into(&b.inner, rows, &mut b.tmp);
         groups.apply(index, Target::Output, &b.inner, inner, &mut b.tmp, h);
         l.output_norm.run(&mut b.tmp, Some(&b.x));
