@@ -111,6 +111,20 @@ pub fn yield_quietly_on_this_thread(to: (Arc<ServingPressure>, Duration)) {
     YIELD_TO.with(|cell| *cell.borrow_mut() = Some((to.0, to.1, false)));
 }
 
+/// Runs `work` with the calling thread's yield points waiting quietly for `to` (as
+/// [`yield_quietly_on_this_thread`]), then puts back whatever the thread had before.
+pub fn yielding_quietly<R>(to: (Arc<ServingPressure>, Duration), work: impl FnOnce() -> R) -> R {
+    struct Restore(Option<YieldTo>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            YIELD_TO.with(|cell| *cell.borrow_mut() = before);
+        }
+    }
+    let _restore = Restore(YIELD_TO.with(|cell| cell.borrow_mut().replace((to.0, to.1, false))));
+    work()
+}
+
 /// Whether [`yield_point`] on the calling thread may wait.
 pub fn yields_on_this_thread() -> bool {
     YIELD_TO.with(|cell| cell.borrow().is_some())
@@ -129,6 +143,33 @@ pub fn yield_point() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quiet_yield_is_restored_to_what_the_thread_had_before() {
+        let pressure = ServingPressure::new();
+        yield_on_this_thread(Some((pressure.clone(), Duration::from_millis(7))));
+        let inside = yielding_quietly((pressure.clone(), Duration::from_millis(1)), || {
+            YIELD_TO.with(|c| {
+                c.borrow()
+                    .as_ref()
+                    .map(|(_, max, counted)| (*max, *counted))
+            })
+        });
+        assert_eq!(inside, Some((Duration::from_millis(1), false)));
+        let after = YIELD_TO.with(|c| {
+            c.borrow()
+                .as_ref()
+                .map(|(_, max, counted)| (*max, *counted))
+        });
+        assert_eq!(
+            after,
+            Some((Duration::from_millis(7), true)),
+            "the trainer's state is back"
+        );
+        yield_on_this_thread(None);
+        yielding_quietly((pressure, Duration::from_millis(1)), || {});
+        assert!(!yields_on_this_thread());
+    }
 
     #[test]
     fn waits_while_pending_and_wakes_when_idle() {

@@ -1,16 +1,17 @@
 //! The base model's embeddings of watched inputs, computed off the request path.
 //!
-//! Input drift is measured in the base model's space, not the serving generation's: fine-tuning for the
-//! task folds inputs the head no longer tells apart together (a trained spam adapter maps the later
-//! SpamAssassin corpus onto its training data; the base model keeps them apart, docs/DRIFT.md), and the
-//! base space is the same for every generation. That costs a forward pass per input, so it runs on a
-//! thread of its own that steps aside for serving between the encoder's products ([`crate::pressure`]):
-//! inputs are embedded while the model thread has nothing to do, queued (up to [`QUEUE`]) while it is
-//! busy, and dropped beyond that, so a saturated server tests its prediction signals on every request and
-//! the embedding signal on the share it had time for.
+//! Input drift is measured in the base model's space, not the serving generation's: it is the same for
+//! every generation (a promoted generation's reference and its predecessor's describe the same inputs),
+//! and fine-tuning folds together inputs the head need not tell apart (a trained spam adapter hid the later
+//! SpamAssassin corpus from the cosine and MMD tests; docs/DRIFT.md). That costs a forward pass per input,
+//! so it runs on a thread of its own that steps aside for serving between the encoder's products
+//! ([`crate::pressure`]): inputs are embedded while the model thread has nothing to do and queued (up to
+//! [`QUEUE`], the oldest dropped beyond that) while it is busy, so a saturated server tests its prediction
+//! signals on every request and the embedding signal on the recent share it had time for. On the candle
+//! path (an accelerator) the products do not step aside; the forward pass runs there, not on the cores.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use super::DriftMonitor;
@@ -18,7 +19,8 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::pressure::ServingPressure;
 
-/// Inputs waiting to be embedded, at most.
+/// Inputs waiting to be embedded, at most; a newer input evicts the oldest, so the embedding window follows
+/// the traffic rather than a backlog.
 pub const QUEUE: usize = 1024;
 
 /// Tokens embedded together at most (a batch closes once it reaches them): about one long input.
@@ -30,7 +32,7 @@ const KEEP_BYTES: usize = 16 * 1024;
 
 /// The longest the thread waits for serving at one yield point before running one product anyway, so a
 /// saturated server still embeds an input every ten seconds or so, at under 1 % of its model time.
-pub(super) const MAX_WAIT: Duration = Duration::from_millis(250);
+const MAX_WAIT: Duration = Duration::from_millis(250);
 
 /// An input a stable generation answered, to embed.
 struct Watched {
@@ -39,32 +41,80 @@ struct Watched {
     text: String,
 }
 
-/// The handle that queues inputs for the embedding thread.
+/// The inputs waiting, and whether the handle is gone.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<(VecDeque<Watched>, bool)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Watched>, bool)> {
+        // Plain pushes and pops: the queue stays consistent even if a holder panicked.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The oldest input, waiting for one; `None` once closed.
+    fn pop(&self) -> Option<Watched> {
+        let mut state = self.lock();
+        loop {
+            if let Some(w) = state.0.pop_front() {
+                return Some(w);
+            }
+            if state.1 {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The oldest input if one waits.
+    fn try_pop(&self) -> Option<Watched> {
+        self.lock().0.pop_front()
+    }
+}
+
+/// The handle that queues inputs for the embedding thread; dropping it ends the thread.
 pub(super) struct Embedder {
-    tx: SyncSender<Watched>,
+    queue: Arc<Queue>,
+    dropped: prometheus::IntCounter,
+}
+
+impl Drop for Embedder {
+    fn drop(&mut self) {
+        self.queue.lock().1 = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+/// What the thread counts.
+struct Counters {
+    embedded: prometheus::IntCounter,
     dropped: prometheus::IntCounter,
 }
 
 impl Embedder {
-    /// Starts the thread; it ends when the monitor is dropped.
+    /// Starts the thread.
     pub(super) fn start(
         model: Arc<Model>,
         monitor: Weak<DriftMonitor>,
         pressure: Arc<ServingPressure>,
         metrics: &Metrics,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel(QUEUE);
-        let (dropped, embedded) = (
-            metrics.drift_inputs.with_label_values(&["dropped"]),
-            metrics.drift_inputs.with_label_values(&["embedded"]),
-        );
+        let queue = Arc::new(Queue::default());
+        let dropped = metrics.drift_inputs.with_label_values(&["dropped"]);
+        let counters = Counters {
+            embedded: metrics.drift_inputs.with_label_values(&["embedded"]),
+            dropped: dropped.clone(),
+        };
+        let (metrics, waiting) = (metrics.clone(), queue.clone());
         std::thread::Builder::new()
             .name("drift-embedder".to_owned())
-            .spawn(move || run(&rx, &model, &monitor, pressure, &embedded))?;
-        Ok(Self { tx, dropped })
+            .spawn(move || run(&waiting, &model, &monitor, pressure, &counters, &metrics))?;
+        Ok(Self { queue, dropped })
     }
 
-    /// Queues `text`, unless the queue is full (then this input goes unembedded).
+    /// Queues `text`; when the queue is full, the oldest waiting input is dropped for it.
     pub(super) fn submit(&self, task: &str, generation: &str, text: &str) {
         let mut end = KEEP_BYTES.min(text.len());
         while !text.is_char_boundary(end) {
@@ -75,28 +125,30 @@ impl Embedder {
             generation: generation.to_owned(),
             text: text[..end].to_owned(),
         };
-        match self.tx.try_send(watched) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.dropped.inc(),
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::warn!("the drift embedder has stopped; embedding drift is not measured")
-            }
+        let mut state = self.queue.lock();
+        if state.0.len() >= QUEUE {
+            state.0.pop_front();
+            self.dropped.inc();
         }
+        state.0.push_back(watched);
+        drop(state);
+        self.queue.ready.notify_one();
     }
 }
 
 fn run(
-    rx: &Receiver<Watched>,
+    queue: &Queue,
     model: &Model,
     monitor: &Weak<DriftMonitor>,
     pressure: Arc<ServingPressure>,
-    counted: &prometheus::IntCounter,
+    counters: &Counters,
+    metrics: &Metrics,
 ) {
     crate::pressure::yield_quietly_on_this_thread((pressure, MAX_WAIT));
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = queue.pop() {
         crate::pressure::yield_point();
-        // Short inputs go together, up to about one long input's tokens, so a product takes no longer
-        // than a long input's would while a batch of them shares its fixed costs.
+        // Short inputs go together, up to about one long input's tokens, so a product takes about as long
+        // as a long input's would while a batch of them shares its fixed costs.
         let mut batch = Vec::new();
         let mut tokens = 0;
         let mut next = Some(first);
@@ -107,20 +159,27 @@ fn run(
                     batch.push((watched, ids));
                 }
                 Err(e) => {
-                    tracing::warn!(task = %watched.task, error = %e, "could not tokenize a watched input")
+                    counters.dropped.inc();
+                    tracing::warn!(task = %watched.task, error = %e, "could not tokenize a watched input");
                 }
             }
             if tokens < BATCH_TOKENS {
-                next = rx.try_recv().ok();
+                next = queue.try_pop();
             }
         }
         if batch.is_empty() {
             continue;
         }
         let sequences: Vec<&[u32]> = batch.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let embeddings = match model.embed(&sequences, true) {
+        // A panic here costs this batch its embeddings, not the thread.
+        let embedded = crate::supervise::catch(metrics, "drift-embedder", || {
+            model.embed(&sequences, true).map_err(|e| e.to_string())
+        })
+        .and_then(|r| r);
+        let embeddings = match embedded {
             Ok(rows) => rows,
             Err(e) => {
+                counters.dropped.inc_by(batch.len() as u64);
                 tracing::warn!(error = %e, inputs = batch.len(), "could not embed watched inputs");
                 continue;
             }
@@ -129,8 +188,40 @@ fn run(
             return;
         };
         for ((watched, _), embedding) in batch.into_iter().zip(embeddings) {
-            counted.inc();
+            counters.embedded.inc();
             monitor.observe_embedding(&watched.task, &watched.generation, embedding);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_input_and_a_dropped_handle_ends_the_wait() {
+        let metrics = Metrics::new();
+        let embedder = Embedder {
+            queue: Arc::new(Queue::default()),
+            dropped: metrics.drift_inputs.with_label_values(&["dropped"]),
+        };
+        for i in 0..QUEUE + 2 {
+            embedder.submit("spam", "g1", &format!("mail {i}"));
+        }
+        assert_eq!(embedder.dropped.get(), 2);
+        assert_eq!(
+            embedder.queue.try_pop().map(|w| w.text).as_deref(),
+            Some("mail 2")
+        );
+        // A long input keeps a prefix that ends on a character boundary.
+        while embedder.queue.try_pop().is_some() {}
+        embedder.submit("spam", "g1", &"é".repeat(KEEP_BYTES));
+        let kept = embedder.queue.try_pop().expect("queued").text;
+        assert!(kept.len() <= KEEP_BYTES && kept.len() >= KEEP_BYTES - 1);
+        let queue = embedder.queue.clone();
+        embedder.submit("spam", "g1", "last");
+        drop(embedder);
+        assert_eq!(queue.pop().map(|w| w.text).as_deref(), Some("last"));
+        assert!(queue.pop().is_none(), "closed and empty: the thread ends");
     }
 }

@@ -46,6 +46,14 @@ const SCORES: [(&str, &str); 5] = [
 /// (docs/DRIFT.md).
 const SHRINKAGE: f64 = 1.0;
 
+/// The longest a background refresh waits for serving at one of its few hundred yield points: a report
+/// then takes at most a couple of seconds under saturation.
+const REFRESH_WAIT: Duration = Duration::from_millis(5);
+
+/// Embeddings per side the Mahalanobis test takes at most (a seeded subsample beyond), which bounds its
+/// cost whatever `reference_size` and `window_size` are.
+const MAHALANOBIS_SAMPLE: usize = 1000;
+
 /// One served prediction, as the monitor keeps it.
 #[derive(Clone, Copy)]
 struct Prediction {
@@ -118,6 +126,8 @@ struct Snapshot {
     window: Vec<Prediction>,
     /// The window's embeddings, when there are enough of them (and a complete reference) to test.
     embedded: Option<Vec<Vec<f32>>>,
+    /// Embeddings in the window.
+    embedding_window_size: usize,
 }
 
 /// One signal's outcome.
@@ -125,7 +135,7 @@ struct Snapshot {
 pub struct SignalReport {
     /// `prediction`, `confidence` or `embedding`.
     pub signal: &'static str,
-    /// `psi`, `mean_distance` or `mmd`.
+    /// `psi`, `mean_distance`, `mahalanobis` or `mmd`.
     pub method: &'static str,
     /// The statistic.
     pub score: f64,
@@ -368,14 +378,10 @@ impl DriftMonitor {
                 reference: entry.reference.clone(),
                 window: entry.window.iter().copied().collect(),
                 embedded,
+                embedding_window_size: entry.embedded.len(),
             }
         };
-        let embedding_window_size = self
-            .lock()
-            .get(task)
-            .filter(|e| e.generation == snapshot.generation)
-            .map_or(0, |e| e.embedded.len());
-        let report = self.compute(task, &snapshot, embedding_window_size);
+        let report = self.compute(task, &snapshot);
         let mut tasks = self.lock();
         // A generation that replaced this one meanwhile keeps its cleared gauges.
         if let Some(entry) = tasks
@@ -395,16 +401,21 @@ impl DriftMonitor {
 
     /// Refreshes every task's report at most every `max_age` (the autopilot's tick) so the metrics stay
     /// current. The statistics take a few hundred milliseconds of one core; here, in the background, they
-    /// step aside for serving between permutations ([`crate::pressure`]).
+    /// step aside for serving between permutation rounds ([`crate::pressure`]), briefly each time
+    /// ([`REFRESH_WAIT`]) so a saturated server's autopilot still gets round to its rollouts.
     pub fn refresh(&self, max_age: Duration) {
-        if let Some(pressure) = self.serving.get() {
-            crate::pressure::yield_quietly_on_this_thread((pressure.clone(), embedder::MAX_WAIT));
+        let refresh = || {
+            let names: Vec<String> = self.lock().keys().cloned().collect();
+            for task in names {
+                let _ = self.report_within(&task, max_age);
+            }
+        };
+        match self.serving.get() {
+            Some(pressure) => {
+                crate::pressure::yielding_quietly((pressure.clone(), REFRESH_WAIT), refresh)
+            }
+            None => refresh(),
         }
-        let names: Vec<String> = self.lock().keys().cloned().collect();
-        for task in names {
-            let _ = self.report_within(&task, max_age);
-        }
-        crate::pressure::yield_on_this_thread(None);
     }
 
     /// Whether the task's latest report found drift.
@@ -415,7 +426,7 @@ impl DriftMonitor {
             .is_some_and(|r| r.detected)
     }
 
-    fn compute(&self, task: &str, entry: &Snapshot, embedding_window_size: usize) -> DriftReport {
+    fn compute(&self, task: &str, entry: &Snapshot) -> DriftReport {
         let c = &self.config;
         let reference = &entry.reference;
         let window_labels: Vec<usize> = entry.window.iter().map(|s| s.label).collect();
@@ -465,9 +476,22 @@ impl DriftMonitor {
             let ra = subsample(&reference_rows, 1, c.mmd_sample);
             let wa = subsample(&window, 2, c.mmd_sample);
             let distance = stats::mean_distance(&ra, &wa, c.permutations, 0xD81F7);
-            // Whitening once makes each permutation as cheap as the cosine test's: it takes every sample.
-            let whitened =
-                stats::mahalanobis(&reference_rows, &window, c.permutations, 0x3A4A, SHRINKAGE);
+            // Whitening once makes each permutation as cheap as the cosine test's, so it takes every
+            // sample up to MAHALANOBIS_SAMPLE per side.
+            fn capped<'a>(rows: &[&'a [f32]], seed: u64) -> Vec<&'a [f32]> {
+                if rows.len() > MAHALANOBIS_SAMPLE {
+                    subsample(rows, seed, MAHALANOBIS_SAMPLE)
+                } else {
+                    rows.to_vec()
+                }
+            }
+            let whitened = stats::mahalanobis(
+                &capped(&reference_rows, 3),
+                &capped(&window, 4),
+                c.permutations,
+                0x3A4A,
+                SHRINKAGE,
+            );
             let mmd = stats::mmd(&ra, &wa, c.permutations, 0x33D);
             signals.push(tested(
                 "embedding",
@@ -484,7 +508,7 @@ impl DriftMonitor {
             reference: entry.kind,
             reference_size: reference.embeddings.len(),
             window_size: entry.window.len(),
-            embedding_window_size,
+            embedding_window_size: entry.embedding_window_size,
             detected: signals.iter().any(|s| s.detected),
             signals,
         }

@@ -72,22 +72,14 @@ pub fn psi_test(
     };
     let score = psi(&counts(reference), &counts(live));
     let mut pooled: Vec<usize> = reference.iter().chain(live).copied().collect();
-    let mut rng = Rng::new(seed);
-    let mut at_least = 0;
-    for round in 0..permutations {
-        if round % 16 == 0 {
-            yield_point();
-        }
-        rng.shuffle(&mut pooled);
-        let (a, b) = pooled.split_at(reference.len());
-        if psi(&counts(a), &counts(b)) >= score {
-            at_least += 1;
-        }
-    }
-    Tested {
+    permuted(
+        &mut pooled,
+        reference.len(),
         score,
-        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
-    }
+        permutations,
+        seed,
+        |a, b| psi(&counts(a), &counts(b)),
+    )
 }
 
 fn mean(rows: &[&[f32]]) -> Vec<f64> {
@@ -122,6 +114,35 @@ pub struct Tested {
     pub p_value: f64,
 }
 
+/// `score` with its permutation p-value: the share (add-one) of `permutations` seeded re-splits of `pooled`
+/// into its first `split` items and the rest on which `stat` scores at least as high. A yield point every
+/// 16 rounds lets a background caller step aside for serving.
+fn permuted<T>(
+    pooled: &mut [T],
+    split: usize,
+    score: f64,
+    permutations: usize,
+    seed: u64,
+    mut stat: impl FnMut(&[T], &[T]) -> f64,
+) -> Tested {
+    let mut rng = Rng::new(seed);
+    let mut at_least = 0;
+    for round in 0..permutations {
+        if round % 16 == 0 {
+            yield_point();
+        }
+        rng.shuffle(pooled);
+        let (a, b) = pooled.split_at(split);
+        if stat(a, b) >= score {
+            at_least += 1;
+        }
+    }
+    Tested {
+        score,
+        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
+    }
+}
+
 /// Cosine distance between the mean of `reference` and the mean of `live`, with a permutation p-value
 /// over `permutations` seeded re-splits.
 pub fn mean_distance(
@@ -133,22 +154,14 @@ pub fn mean_distance(
     let stat = |a: &[&[f32]], b: &[&[f32]]| cosine_distance(&mean(a), &mean(b));
     let score = stat(reference, live);
     let mut pooled: Vec<&[f32]> = reference.iter().chain(live).copied().collect();
-    let mut rng = Rng::new(seed);
-    let mut at_least = 0;
-    for round in 0..permutations {
-        if round % 16 == 0 {
-            yield_point();
-        }
-        rng.shuffle(&mut pooled);
-        let (a, b) = pooled.split_at(reference.len());
-        if stat(a, b) >= score {
-            at_least += 1;
-        }
-    }
-    Tested {
+    permuted(
+        &mut pooled,
+        reference.len(),
         score,
-        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
-    }
+        permutations,
+        seed,
+        stat,
+    )
 }
 
 /// Squared Mahalanobis distance between the mean of `reference` and the mean of `live` under the pooled
@@ -236,21 +249,14 @@ pub fn mahalanobis(
     };
     let mut order: Vec<usize> = (0..n).collect();
     let score = stat(&order[..reference.len()]);
-    let mut rng = Rng::new(seed);
-    let mut at_least = 0;
-    for round in 0..permutations {
-        if round % 16 == 0 {
-            yield_point();
-        }
-        rng.shuffle(&mut order);
-        if stat(&order[..reference.len()]) >= score {
-            at_least += 1;
-        }
-    }
-    Tested {
+    permuted(
+        &mut order,
+        reference.len(),
         score,
-        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
-    }
+        permutations,
+        seed,
+        |a, _| stat(a),
+    )
 }
 
 /// The lower Cholesky factor of the symmetric positive-definite matrix whose lower triangle `a` holds
@@ -307,8 +313,7 @@ pub fn mmd(reference: &[&[f32]], live: &[&[f32]], permutations: usize, seed: u64
     let gamma = 1.0 / median.max(1e-12);
     let k: Vec<f64> = d2.iter().map(|d| (-gamma * d).exp()).collect();
     let m = reference.len();
-    let stat = |order: &[usize]| -> f64 {
-        let (a, b) = order.split_at(m);
+    let stat = |a: &[usize], b: &[usize]| -> f64 {
         let within = |s: &[usize]| -> f64 {
             let mut sum = 0.0;
             for (x, &i) in s.iter().enumerate() {
@@ -327,22 +332,8 @@ pub fn mmd(reference: &[&[f32]], live: &[&[f32]], permutations: usize, seed: u64
         within(a) + within(b) - 2.0 * cross / (a.len() * b.len()).max(1) as f64
     };
     let mut order: Vec<usize> = (0..n).collect();
-    let score = stat(&order);
-    let mut rng = Rng::new(seed);
-    let mut at_least = 0;
-    for round in 0..permutations {
-        if round % 16 == 0 {
-            yield_point();
-        }
-        rng.shuffle(&mut order);
-        if stat(&order) >= score {
-            at_least += 1;
-        }
-    }
-    Tested {
-        score,
-        p_value: (at_least + 1) as f64 / (permutations + 1) as f64,
-    }
+    let score = stat(&order[..m], &order[m..]);
+    permuted(&mut order, m, score, permutations, seed, stat)
 }
 
 #[cfg(test)]
