@@ -11,9 +11,8 @@
 //! Every statistic has a seeded permutation p-value (the pooled samples re-split at random), so what counts
 //! as drift accounts for the window's size: a small window must move further to be detected.
 //!
-//! The embeddings are the base model's, not the serving generation's: a fine-tuned generation folds inputs
-//! its head does not need to tell apart together, which hid the later SpamAssassin corpus entirely. They
-//! are computed after the answer, in serving's idle time, so they may trail the predictions.
+//! The embeddings are the base model's, not the serving generation's (see [`embedder`] for why). They are
+//! computed after the answer, in serving's idle time, so they may trail the predictions.
 
 mod embedder;
 pub mod stats;
