@@ -34,6 +34,7 @@
 
 pub mod adapters;
 pub mod autopilot;
+pub mod clock;
 pub mod config;
 pub mod drift;
 pub mod durable;

@@ -10,13 +10,13 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::peft::{self, AdapterConfig, PeftError};
 use super::reference::{DriftReference, REFERENCE_FILE};
+use crate::clock::unix_seconds;
 use crate::config::AdaptersConfig;
 use crate::model::lora::{Adapter, Pooling, Target};
 use crate::model::BertConfig;
@@ -182,12 +182,6 @@ fn plain_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn storage(e: impl std::fmt::Display) -> RegistryError {
@@ -360,7 +354,7 @@ impl Registry {
             let task = Task {
                 name: name.to_owned(),
                 labels,
-                created_at: now(),
+                created_at: unix_seconds(),
             };
             inner.tasks.insert(name.to_owned(), task.clone());
             Ok(task)
@@ -556,7 +550,7 @@ impl Registry {
             path: path.to_owned(),
             config,
             sidecar,
-            created_at: now(),
+            created_at: unix_seconds(),
             bytes: weights.len() as u64,
             state: State::Ready,
             adapter: Some(Arc::new(adapter)),

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
@@ -55,9 +54,7 @@ impl SqliteStore {
 
 impl FeedbackStore for SqliteStore {
     fn append(&self, rows: &[NewFeedback]) -> Result<Vec<Appended>, FeedbackError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = i64::try_from(crate::clock::unix_seconds()).unwrap_or(i64::MAX);
         let mut conn = self
             .conn
             .lock()

@@ -429,8 +429,6 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         rollouts,
         drift,
         watch_drift: config.drift.enabled,
-        loaded_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        loaded_at: crate::clock::unix_seconds(),
     })
 }

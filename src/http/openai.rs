@@ -597,9 +597,7 @@ pub async fn classify(
     Ok(response.json(ClassifyResponse {
         id: answer.request_id,
         object: "list",
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: crate::clock::unix_seconds(),
         model,
         data,
         labels: answer.task.labels,

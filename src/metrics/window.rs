@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use prometheus::core::{Collector, Desc};
@@ -53,10 +52,7 @@ impl LatencyWindow {
     }
 
     fn now_slot(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            / self.slot_secs
+        crate::clock::unix_seconds() / self.slot_secs
     }
 
     /// Records one request of `route` that took `seconds`.

@@ -9,11 +9,11 @@ pub mod router;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::registry::{Registry, State};
+use crate::clock::unix_seconds;
 use crate::config::RolloutConfig;
 use crate::durable::SnapshotFile;
 use crate::metrics::Metrics;
@@ -202,7 +202,7 @@ pub struct Rollout {
 impl Rollout {
     fn log(&mut self, action: &str, by: &str, reason: String) {
         self.decisions.push(Decision {
-            at: now(),
+            at: unix_seconds(),
             action: action.to_owned(),
             by: by.to_owned(),
             reason,
@@ -225,7 +225,7 @@ impl Rollout {
     fn finish(&mut self, phase: Phase, action: &str, by: &str, reason: String) {
         self.phase = phase;
         self.traffic = if phase == Phase::Promoted { 1.0 } else { 0.0 };
-        self.ended_at = Some(now());
+        self.ended_at = Some(unix_seconds());
         self.log(action, by, reason);
     }
 }
@@ -288,12 +288,6 @@ pub struct Rollouts {
     registry: Arc<Registry>,
     metrics: Metrics,
     policy: RolloutConfig,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn with_summary(r: &Rollout) -> Rollout {
@@ -534,7 +528,7 @@ impl Rollouts {
             step: 0,
             phase: Phase::Active,
             automatic: request.automatic.unwrap_or(true),
-            started_at: now(),
+            started_at: unix_seconds(),
             ended_at: None,
             arms: Arms::default(),
             totals: Arms::default(),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,7 @@ use super::train::{
 use crate::adapters::peft;
 use crate::adapters::reference::REFERENCE_FILE;
 use crate::adapters::registry::{Registry, Sidecar, SIDECAR_FILE};
+use crate::clock::unix_seconds;
 use crate::config::TrainerConfig;
 use crate::durable::write_atomically;
 use crate::feedback::FeedbackStore;
@@ -136,7 +137,7 @@ impl JobStatus {
             train_examples: None,
             replayed_examples: None,
             error: None,
-            created_at: now(),
+            created_at: unix_seconds(),
             config,
             interrupted: false,
             crashed: false,
@@ -263,12 +264,6 @@ pub struct Jobs {
     alive: Alive,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Shared {
     fn update(&self, id: &str, f: impl FnOnce(&mut JobStatus)) {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
@@ -308,7 +303,7 @@ fn read_job_list(path: &Path) -> Vec<JobStatus> {
     match serde_json::from_slice(&bytes) {
         Ok(list) => list,
         Err(e) => {
-            let aside = path.with_extension(format!("json.unreadable-{}", now()));
+            let aside = path.with_extension(format!("json.unreadable-{}", unix_seconds()));
             match std::fs::rename(path, &aside) {
                 Ok(()) => {
                     tracing::error!(error = %e, kept = %aside.display(), "could not read the job list; starting a new one")

@@ -261,9 +261,7 @@ pub fn parse_params(json: &str, method: Method) -> Result<TrainConfig, TrainErro
 
 /// Default output directory for a run: `out/<method>-<unix seconds>`.
 pub fn default_out(method: Method) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = crate::clock::unix_seconds();
     Path::new("out").join(format!(
         "{}-{secs}",
         serde_json::to_value(method)
