@@ -77,7 +77,7 @@ impl Queue {
 /// The handle that queues inputs for the embedding thread; dropping it ends the thread.
 pub(super) struct Embedder {
     queue: Arc<Queue>,
-    dropped: prometheus::IntCounter,
+    counters: Arc<Counters>,
 }
 
 impl Drop for Embedder {
@@ -87,10 +87,19 @@ impl Drop for Embedder {
     }
 }
 
-/// What the thread counts.
+/// Watched inputs embedded, and dropped (evicted from a full queue, or failed).
 struct Counters {
     embedded: prometheus::IntCounter,
     dropped: prometheus::IntCounter,
+}
+
+impl Counters {
+    fn of(metrics: &Metrics) -> Self {
+        Self {
+            embedded: metrics.drift_inputs.with_label_values(&["embedded"]),
+            dropped: metrics.drift_inputs.with_label_values(&["dropped"]),
+        }
+    }
 }
 
 impl Embedder {
@@ -101,17 +110,19 @@ impl Embedder {
         pressure: Arc<ServingPressure>,
         metrics: &Metrics,
     ) -> std::io::Result<Self> {
-        let queue = Arc::new(Queue::default());
-        let dropped = metrics.drift_inputs.with_label_values(&["dropped"]);
-        let counters = Counters {
-            embedded: metrics.drift_inputs.with_label_values(&["embedded"]),
-            dropped: dropped.clone(),
+        let embedder = Self {
+            queue: Arc::new(Queue::default()),
+            counters: Arc::new(Counters::of(metrics)),
         };
-        let (metrics, waiting) = (metrics.clone(), queue.clone());
+        let (queue, counters, metrics) = (
+            embedder.queue.clone(),
+            embedder.counters.clone(),
+            metrics.clone(),
+        );
         std::thread::Builder::new()
             .name("drift-embedder".to_owned())
-            .spawn(move || run(&waiting, &model, &monitor, pressure, &counters, &metrics))?;
-        Ok(Self { queue, dropped })
+            .spawn(move || run(&queue, &model, &monitor, pressure, &counters, &metrics))?;
+        Ok(embedder)
     }
 
     /// Queues `text`; when the queue is full, the oldest waiting input is dropped for it.
@@ -128,7 +139,7 @@ impl Embedder {
         let mut state = self.queue.lock();
         if state.0.len() >= QUEUE {
             state.0.pop_front();
-            self.dropped.inc();
+            self.counters.dropped.inc();
         }
         state.0.push_back(watched);
         drop(state);
@@ -203,12 +214,12 @@ mod tests {
         let metrics = Metrics::new();
         let embedder = Embedder {
             queue: Arc::new(Queue::default()),
-            dropped: metrics.drift_inputs.with_label_values(&["dropped"]),
+            counters: Arc::new(Counters::of(&metrics)),
         };
         for i in 0..QUEUE + 2 {
             embedder.submit("spam", "g1", &format!("mail {i}"));
         }
-        assert_eq!(embedder.dropped.get(), 2);
+        assert_eq!(embedder.counters.dropped.get(), 2);
         assert_eq!(
             embedder.queue.try_pop().map(|w| w.text).as_deref(),
             Some("mail 2")
