@@ -25,5 +25,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The OpenAI SDK and LangChain that tests/compat_http.rs points at the server (PyPI, into .venv).
 scripts/python-clients.sh
 cargo test --workspace --locked
+# The GPU check run on the CPU at small sizes: the parity checks and timings a GPU machine runs, through the
+# same script (the PyTorch columns only where .venv has torch).
+scripts/gpu-check.sh --device cpu --binary target/debug/flywheel --out target/gpu-check-cpu
 # Property-based API tests against /openapi.json (Schemathesis from PyPI, into the git-ignored .venv).
 scripts/schemathesis.sh

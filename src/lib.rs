@@ -19,6 +19,8 @@
 //!   wait). Knows no HTTP.
 //! - [`trainer`]: LoRA and full fine-tuning on the candle path, evaluation, the job queue that publishes
 //!   generations, and offline training (`flywheel train`).
+//! - [`device_check`]: `flywheel device-check`: the encoder and a LoRA step on a GPU (or the CPU) against the
+//!   CPU's f32 answers, and their timings, on random weights with the default model's shapes.
 //! - [`rollout`]: A/B rollouts: sticky routing, per-arm evidence, guardrail analysis, promote and rollback;
 //!   online accuracy.
 //! - [`drift`]: per-task drift of predictions, confidence and embeddings against a warm-up reference.
@@ -36,6 +38,7 @@ pub mod adapters;
 pub mod autopilot;
 pub mod clock;
 pub mod config;
+pub mod device_check;
 pub mod drift;
 pub mod durable;
 pub mod faults;

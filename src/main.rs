@@ -23,6 +23,86 @@ enum Command {
     Train(TrainArgs),
     /// Print the OpenAPI 3.1 document the server answers at `/openapi.json`.
     Openapi,
+    /// Check the encoder and a LoRA step on a device against the CPU (f32 and bf16) and time them, on random
+    /// weights with the default model's shapes; `scripts/gpu-check.sh` runs it beside PyTorch.
+    DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(clap::Args)]
+struct DeviceCheckArgs {
+    /// The device to check: cpu, cuda or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Inference timing shape, BATCHxTOKENS.
+    #[arg(long, default_value = "32x128", value_parser = batch_shape)]
+    infer: (usize, usize),
+    /// LoRA training step timing shape, BATCHxTOKENS.
+    #[arg(long, default_value = "64x128", value_parser = batch_shape)]
+    train: (usize, usize),
+    /// Parity shape, BATCHxTOKENS (the CPU computes it too).
+    #[arg(long, default_value = "4x64", value_parser = batch_shape)]
+    parity: (usize, usize),
+    /// Least seconds of repeats per inference timing.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Timed training steps (after two warm-up steps).
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Parses `BATCHxTOKENS`, e.g. `32x128`.
+fn batch_shape(text: &str) -> Result<(usize, usize), String> {
+    let parse = |part: Option<&str>| {
+        part.and_then(|p| p.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    let mut parts = text.split(['x', '×']);
+    match (parse(parts.next()), parse(parts.next()), parts.next()) {
+        (Some(batch), Some(tokens), None) if tokens <= 512 => Ok((batch, tokens)),
+        _ => Err(format!(
+            "{text:?} is not BATCHxTOKENS with 1 to 512 tokens, e.g. 32x128"
+        )),
+    }
+}
+
+impl DeviceCheckArgs {
+    fn run(self) -> anyhow::Result<()> {
+        use flywheel::device_check::{self, CheckOptions};
+        let report = device_check::run(&CheckOptions {
+            device: self.device.clone(),
+            infer: self.infer,
+            train: self.train,
+            parity: self.parity,
+            seconds: self.seconds,
+            steps: self.steps.max(1),
+        })
+        .with_context(|| format!("checking device {}", self.device))?;
+        for p in &report.parity {
+            println!(
+                "{} {:<4} {:<70} {:.2e} (≤ {:.0e})",
+                if p.pass { "ok  " } else { "FAIL" },
+                p.precision,
+                p.check,
+                p.relative_error,
+                p.tolerance
+            );
+        }
+        for t in &report.timings {
+            println!(
+                "time {:<4} {:<10} {:<9} {:>3} × {:<4} {:>9.2} ms (median of {})",
+                t.precision, t.what, t.path, t.batch, t.length, t.median_ms, t.repeats
+            );
+        }
+        if let Some(path) = &self.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        anyhow::ensure!(report.passed(), "a parity check failed");
+        Ok(())
+    }
 }
 
 #[derive(clap::Args)]
@@ -208,6 +288,7 @@ fn main() -> anyhow::Result<()> {
                 .context("flywheel serve")?;
         }
         Command::Train(args) => args.run()?,
+        Command::DeviceCheck(args) => args.run()?,
         Command::Openapi => {
             use flywheel::http::openapi::ApiDoc;
             use utoipa::OpenApi;

@@ -14,6 +14,7 @@ pub mod linear;
 pub mod lora;
 pub mod lora_linear;
 pub mod pooling;
+pub mod random;
 pub mod tokenize;
 pub mod train_ops;
 pub mod yielding;
