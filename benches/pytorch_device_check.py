@@ -12,6 +12,7 @@ peft is not installed, the same LoRA is written out with plain torch modules, an
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -137,19 +138,32 @@ def main():
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "timings": [],
     }
+    report["errors"] = []
+    # Each timing runs on its own: one that fails is recorded and the others still run.
     encoder = BertModel(BertConfig(**SHAPES), add_pooling_layer=False).to(device).eval()
     for precision in ["f32", "bf16"]:
-        ms, n = time_inference(encoder, device, precision, *args.infer, args.seconds)
+        try:
+            ms, n = time_inference(encoder, device, precision, *args.infer, args.seconds)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            report["errors"].append(f"{precision} inference: {e!r}")
+            continue
         report["timings"].append(dict(what="inference", path="torch", precision=precision, batch=args.infer[0],
                                       length=args.infer[1], median_ms=ms, repeats=n))
         print(f"time {precision:<4} inference  torch     {args.infer[0]:>3} x {args.infer[1]:<4} {ms:9.2f} ms")
     for precision in ["f32", "bf16"]:
-        ms, n, path = time_lora_step(device, precision, *args.train, args.steps)
+        try:
+            ms, n, path = time_lora_step(device, precision, *args.train, args.steps)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            report["errors"].append(f"{precision} LoRA step: {e!r}")
+            continue
         report["timings"].append(dict(what="lora_step", path=path, precision=precision, batch=args.train[0],
                                       length=args.train[1], median_ms=ms, repeats=n))
         print(f"time {precision:<4} lora_step  {path.split()[0]:<9} {args.train[0]:>3} x {args.train[1]:<4} {ms:9.2f} ms")
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
+    for error in report["errors"]:
+        print(f"FAIL {error}")
+    sys.exit(1 if report["errors"] else 0)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CARGO_TARGET_DIR=target/cuda
 
 symbols="$env_dir/libcuda-symbols.txt"
 touch "$symbols"
+# Every driver function cudarc declares, so one link usually suffices (the loop below adds any it missed).
+cargo fetch --locked -q
+find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*/cudarc-*/src/driver/sys/mod.rs' \
+  -exec grep -ohE '^pub unsafe fn cu[A-Za-z0-9_]+' {} + | awk '{print $NF}' >>"$symbols"
+sort -u "$symbols" -o "$symbols"
 # A libcuda.so.1 whose functions are the driver symbols the link has asked for so far (each returns an
 # error code; it is never loaded at run time).
 make_stub() {
@@ -50,7 +55,7 @@ for round in 1 2 3 4 5 6 7 8; do
     built=yes
     break
   fi
-  missing=$(grep -oE 'undefined (symbol|reference to `)cu[A-Za-z0-9_]+' "$log" | grep -oE 'cu[A-Za-z0-9_]+$' | sort -u || true)
+  missing=$(grep -oE 'undefined (symbol: |reference to .)cu[A-Za-z0-9_]+' "$log" | grep -oE 'cu[A-Za-z0-9_]+$' | sort -u || true)
   if [ -z "$missing" ]; then
     tail -40 "$log"
     echo "error: the cuda build failed (not for a missing driver symbol)" >&2
@@ -76,8 +81,12 @@ nm -D --undefined-only target/cuda/flywheel | awk '{print $NF}' | grep '^curand'
       *) echo "int $s(void){return 0;}" ;;
     esac
   done >"$stub_src"
-gcc -shared -fPIC -o target/cuda/curand-stub/libcurand.so.10 "$stub_src" -Wl,-soname,libcurand.so.10
-rm -f "$stub_src"
+# The binary asks for the symbols under the real library's version node, which the stub must define too.
+stub_versions=$(mktemp)
+echo 'libcurand.so.10 { global: *; };' >"$stub_versions"
+gcc -shared -fPIC -o target/cuda/curand-stub/libcurand.so.10 "$stub_src" -Wl,-soname,libcurand.so.10 \
+  -Wl,--version-script="$stub_versions"
+rm -f "$stub_src" "$stub_versions"
 bytes=$(stat -c %s target/cuda/flywheel)
 echo "built target/cuda/flywheel (cuda, compute capability $CUDA_COMPUTE_CAP): $((bytes / 1024 / 1024)) MiB stripped"
 if [ "$bytes" -gt $((64 * 1024 * 1024)) ]; then

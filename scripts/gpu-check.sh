@@ -103,10 +103,16 @@ for t in ours["timings"]:
                  None)
     ratio = match["median_ms"] / t["median_ms"] if match else None
     what = t["what"].replace("_", " ") + ("" if t["path"] == "candle" else f" ({t['path']})")
-    lines.append(f"| {what} | {t['precision']} | {t['batch']} × {t['length']} | {t['median_ms']:.2f} ms | "
-                 + (f"{match['median_ms']:.2f} ms ({match['path']}) | {ratio:.2f}× |" if match else "– | – |"))
+    def cell(ms, path=""):  # inference also as sequences per second
+        rate = f", {t['batch'] * 1e3 / ms:,.0f} seq/s" if t["what"] == "inference" else ""
+        return f"{ms:.2f} ms{rate}" + (f" ({path})" if path else "")
+    lines.append(f"| {what} | {t['precision']} | {t['batch']} × {t['length']} | {cell(t['median_ms'])} | "
+                 + (f"{cell(match['median_ms'], match['path'])} | {ratio:.2f}× |" if match else "– | – |"))
     rows.append(dict(t, pytorch_ms=match["median_ms"] if match else None,
                      pytorch_path=match["path"] if match else None, pytorch_over_flywheel=ratio))
+errors = [f"Flywheel: {e}" for e in ours.get("errors", [])] + [f"PyTorch: {e}" for e in (theirs or {}).get("errors", [])]
+if errors:
+    lines += ["", "Did not run:", ""] + [f"- {e}" for e in errors]
 lines += ["", "Ratios above 1 mean Flywheel is faster. Timings are medians; inference includes copying the "
           "embeddings to the host."]
 json.dump(dict(flywheel=ours, pytorch=theirs, timings=rows, seconds=seconds),

@@ -67,12 +67,14 @@ pub struct Report {
     pub parity: Vec<Parity>,
     /// The timings.
     pub timings: Vec<Timing>,
+    /// Checks and timings that failed to run, with the reason.
+    pub errors: Vec<String>,
 }
 
 impl Report {
-    /// Whether every parity check is within its tolerance.
+    /// Whether every check ran and is within its tolerance.
     pub fn passed(&self) -> bool {
-        self.parity.iter().all(|p| p.pass)
+        self.errors.is_empty() && self.parity.iter().all(|p| p.pass)
     }
 }
 
@@ -124,41 +126,69 @@ pub fn minilm_shapes() -> BertConfig {
     }
 }
 
-/// Runs every check and timing.
+/// Runs every check and timing. Each one runs on its own: one that fails (an op missing on the device,
+/// say) is recorded in [`Report::errors`] and the others still run, so one run on a borrowed GPU tells
+/// everything it can.
 pub fn run(options: &CheckOptions) -> anyhow::Result<Report> {
     let device = crate::model::parse_device(&options.device)?;
     crate::trainer::train::flush_denormals();
     let config = minilm_shapes();
     let cpu_bert = random::bert(&config, SEED, WEIGHT_SCALE, &Device::Cpu)?;
     let bert = cpu_bert.to_device(&device)?;
+    let reference = Reference::new(&cpu_bert, options.parity)?;
     let mut report = Report {
         device: options.device.clone(),
         cuda_build: cfg!(feature = "cuda"),
         model: "all-MiniLM-L6-v2 shapes (6 × 384, 12 heads), seeded random weights".to_owned(),
         parity: Vec::new(),
         timings: Vec::new(),
+        errors: Vec::new(),
     };
-    parity(&cpu_bert, &bert, options.parity, &mut report.parity)?;
+    let errors = &mut report.errors;
+    let mut attempt = |what: String, result: anyhow::Result<()>| {
+        if let Err(e) = result {
+            errors.push(format!("{what}: {e:#}"));
+        }
+    };
+    // On the CPU itself the f32 comparison would be the same code twice: the fused serving path is
+    // compared with the candle path instead.
+    if device.is_cpu() {
+        let result = reference.fused(&cpu_bert).map(|p| report.parity.push(p));
+        attempt("parity of the fused path".into(), result);
+    }
     for precision in [DType::F32, DType::BF16] {
-        let compute = bert.to_dtype(precision)?;
-        report
-            .timings
-            .push(time_inference(&compute, options.infer, options.seconds)?);
+        if device.is_cpu() && precision == DType::F32 {
+            continue;
+        }
+        let name = precision_name(precision);
+        let result = reference
+            .embeddings(&bert, precision)
+            .map(|p| report.parity.push(p));
+        attempt(format!("{name} embedding parity"), result);
+        let result = reference
+            .lora_step(&bert, precision)
+            .map(|p| report.parity.extend(p));
+        attempt(format!("{name} LoRA step parity"), result);
+    }
+    for precision in [DType::F32, DType::BF16] {
+        let name = precision_name(precision);
+        let result = bert
+            .to_dtype(precision)
+            .map_err(anyhow::Error::from)
+            .and_then(|compute| time_inference(&compute, options.infer, options.seconds))
+            .map(|t| report.timings.push(t));
+        attempt(format!("{name} inference timing"), result);
     }
     if device.is_cpu() {
-        report.timings.push(time_fused_inference(
-            &cpu_bert,
-            options.infer,
-            options.seconds,
-        )?);
+        let result = time_fused_inference(&cpu_bert, options.infer, options.seconds)
+            .map(|t| report.timings.push(t));
+        attempt("fused inference timing".into(), result);
     }
     for precision in [DType::F32, DType::BF16] {
-        report.timings.push(time_lora_step(
-            &bert,
-            precision,
-            options.train,
-            options.steps,
-        )?);
+        let name = precision_name(precision);
+        let result = time_lora_step(&bert, precision, options.train, options.steps)
+            .map(|t| report.timings.push(t));
+        attempt(format!("{name} LoRA step timing"), result);
     }
     Ok(report)
 }
@@ -342,37 +372,58 @@ fn all_nonzero(grads: &[Tensor]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// The agreement checks: the device against the CPU in f32, and its bf16 autocast against the CPU's f32.
-/// On the CPU itself the f32 comparison would be the same code twice, so it compares the fused serving path
-/// with the candle path instead.
-fn parity(
-    cpu_bert: &Bert,
-    bert: &Bert,
-    (batch, len): (usize, usize),
-    out: &mut Vec<Parity>,
-) -> anyhow::Result<()> {
-    let on_cpu = bert.device().is_cpu();
-    // Gradients get their own bf16 bound; `ok` carries a check beyond the error (every gradient non-zero).
-    let mut push = |check: String, precision: DType, value: f64, gradients: bool, ok: bool| {
-        let tolerance = match precision {
-            DType::F32 => F32_TOLERANCE,
-            _ if gradients => BF16_GRADIENT_TOLERANCE,
-            _ => BF16_TOLERANCE,
-        };
-        out.push(Parity {
-            check,
-            precision: precision_name(precision),
-            relative_error: value,
-            tolerance,
-            pass: ok && value <= tolerance,
-        });
-    };
-    let (ids, mask) = inputs(batch, len, true, &Device::Cpu)?;
-    let reference = embeddings(cpu_bert, &ids, &mask)?;
-    if on_cpu {
+fn tolerance(precision: DType, gradients: bool) -> f64 {
+    match precision {
+        DType::F32 => F32_TOLERANCE,
+        _ if gradients => BF16_GRADIENT_TOLERANCE,
+        _ => BF16_TOLERANCE,
+    }
+}
+
+/// A check of `value` against its bound; `ok` carries a condition beyond the error (every gradient
+/// non-zero).
+fn parity_row(check: String, precision: DType, value: f64, gradients: bool, ok: bool) -> Parity {
+    let tolerance = tolerance(precision, gradients);
+    Parity {
+        check,
+        precision: precision_name(precision),
+        relative_error: value,
+        tolerance,
+        pass: ok && value <= tolerance,
+    }
+}
+
+/// The CPU's f32 answers the device is compared with, on a padded batch of ragged sequences.
+struct Reference {
+    ids: Tensor,
+    mask: Tensor,
+    embeddings: Tensor,
+    adapter: Adapter,
+    step: StepResult,
+    shape: (usize, usize),
+}
+
+impl Reference {
+    fn new(cpu_bert: &Bert, shape: (usize, usize)) -> anyhow::Result<Self> {
+        let (ids, mask) = inputs(shape.0, shape.1, true, &Device::Cpu)?;
+        let embeddings = embeddings(cpu_bert, &ids, &mask)?;
+        let adapter = random_adapter(&cpu_bert.config)?;
+        let step = lora_step(cpu_bert, DType::F32, &adapter, shape)?;
+        Ok(Self {
+            ids,
+            mask,
+            embeddings,
+            adapter,
+            step,
+            shape,
+        })
+    }
+
+    /// The fused CPU serving path (unpadded sequences) against the candle path.
+    fn fused(&self, cpu_bert: &Bert) -> anyhow::Result<Parity> {
         let fused = CpuEncoder::from_bert(cpu_bert)?;
-        let rows = ids.to_vec2::<u32>()?;
-        let kept = mask.to_vec2::<u8>()?;
+        let rows = self.ids.to_vec2::<u32>()?;
+        let kept = self.mask.to_vec2::<u8>()?;
         let sequences: Vec<Vec<u32>> = rows
             .iter()
             .zip(&kept)
@@ -386,77 +437,75 @@ fn parity(
             .collect();
         let refs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
         let pooled = crate::model::pooling::mean_pool(&fused.forward(&refs)?, false);
-        let pooled = Tensor::from_vec(pooled.concat(), reference.shape(), &Device::Cpu)?;
-        push(
+        let pooled = Tensor::from_vec(pooled.concat(), self.embeddings.shape(), &Device::Cpu)?;
+        Ok(parity_row(
             "embeddings: fused CPU serving path vs candle path".into(),
             DType::F32,
-            relative_error(&pooled, &reference)?,
+            relative_error(&pooled, &self.embeddings)?,
             false,
             true,
-        );
+        ))
     }
-    let (dev_ids, dev_mask) = (
-        ids.to_device(bert.device())?,
-        mask.to_device(bert.device())?,
-    );
-    for precision in [DType::F32, DType::BF16] {
-        if on_cpu && precision == DType::F32 {
-            continue;
-        }
-        let ours = embeddings(&bert.to_dtype(precision)?, &dev_ids, &dev_mask)?;
-        push(
+
+    /// Mean-pooled embeddings on the device in `precision`.
+    fn embeddings(&self, bert: &Bert, precision: DType) -> anyhow::Result<Parity> {
+        let device = bert.device();
+        let (ids, mask) = (self.ids.to_device(device)?, self.mask.to_device(device)?);
+        let ours = embeddings(&bert.to_dtype(precision)?, &ids, &mask)?;
+        let (batch, len) = self.shape;
+        Ok(parity_row(
             format!("embeddings {batch}×{len}"),
             precision,
-            relative_error(&ours, &reference)?,
+            relative_error(&ours, &self.embeddings)?,
             false,
             true,
-        );
+        ))
     }
-    let adapter = random_adapter(&cpu_bert.config)?;
-    let want = lora_step(cpu_bert, DType::F32, &adapter, (batch, len))?;
-    for precision in [DType::F32, DType::BF16] {
-        if on_cpu && precision == DType::F32 {
-            continue;
-        }
-        let got = lora_step(bert, precision, &adapter, (batch, len))?;
+
+    /// One LoRA step on the device in `precision`: logits, loss, every gradient, the loss after AdamW.
+    fn lora_step(&self, bert: &Bert, precision: DType) -> anyhow::Result<Vec<Parity>> {
+        let got = lora_step(bert, precision, &self.adapter, self.shape)?;
+        let want = &self.step;
+        let (batch, len) = self.shape;
         let what = format!("LoRA step {batch}×{len}");
-        push(
-            format!("{what}: logits"),
-            precision,
-            relative_error(&got.logits, &want.logits)?,
-            false,
-            true,
-        );
-        push(
-            format!("{what}: loss"),
-            precision,
-            relative_error(&got.loss, &want.loss)?,
-            false,
-            true,
-        );
         let mut worst: f64 = 0.0;
         for (g, w) in got.grads.iter().zip(&want.grads) {
             worst = worst.max(relative_error(g, w)?);
         }
-        push(
-            format!(
-                "{what}: gradients of all {} trainable tensors (each non-zero)",
-                got.grads.len()
+        Ok(vec![
+            parity_row(
+                format!("{what}: logits"),
+                precision,
+                relative_error(&got.logits, &want.logits)?,
+                false,
+                true,
             ),
-            precision,
-            worst,
-            true,
-            all_nonzero(&got.grads)?,
-        );
-        push(
-            format!("{what}: loss after the AdamW update"),
-            precision,
-            relative_error(&got.loss_after, &want.loss_after)?,
-            false,
-            true,
-        );
+            parity_row(
+                format!("{what}: loss"),
+                precision,
+                relative_error(&got.loss, &want.loss)?,
+                false,
+                true,
+            ),
+            parity_row(
+                format!(
+                    "{what}: gradients of all {} trainable tensors (each non-zero)",
+                    got.grads.len()
+                ),
+                precision,
+                worst,
+                true,
+                all_nonzero(&got.grads)?,
+            ),
+            parity_row(
+                format!("{what}: loss after the AdamW update"),
+                precision,
+                relative_error(&got.loss_after, &want.loss_after)?,
+                false,
+                true,
+            ),
+        ])
     }
-    Ok(())
 }
 
 /// Median of `values` (not empty).

@@ -96,11 +96,14 @@ impl DeviceCheckArgs {
                 t.precision, t.what, t.path, t.batch, t.length, t.median_ms, t.repeats
             );
         }
+        for e in &report.errors {
+            println!("FAIL {e}");
+        }
         if let Some(path) = &self.json {
             std::fs::write(path, serde_json::to_vec_pretty(&report)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        anyhow::ensure!(report.passed(), "a parity check failed");
+        anyhow::ensure!(report.passed(), "a check failed or did not run");
         Ok(())
     }
 }
