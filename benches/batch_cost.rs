@@ -16,6 +16,7 @@ fn main() {
         &LoadOptions {
             max_length: 256,
             device: Device::Cpu,
+            ..Default::default()
         },
     )
     .expect("run models/fetch.sh");

@@ -1,6 +1,8 @@
 //! Encoder forward-pass timings on the real model, in-process (no HTTP): the fused CPU path at the
 //! shapes the project's findings quote (1 × 32 and 32 × 32 tokens, 32 × 128), and the candle reference
-//! path for comparison. `cargo bench --bench encode`.
+//! path for comparison, and the fused path in int8 where the CPU has VNNI (`model.precision = "int8"`: the
+//! default projections, then all six). `cargo bench --bench encode [-- fused]`; ONNX Runtime's f32 and
+//! int8 at the same shapes: benches/onnx_int8_encode.py.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,7 @@ fn main() {
         &LoadOptions {
             max_length: 512,
             device: Device::Cpu,
+            ..Default::default()
         },
     )
     .expect("run models/fetch.sh");
@@ -36,6 +39,23 @@ fn main() {
     // `cargo bench --bench encode -- fused` skips the candle path (for profiling the fused one).
     let fused_only = std::env::args().any(|a| a == "fused");
     println!("threads: {}", rayon::current_num_threads());
+    // int8 on the default projections (`model.precision = "int8"`) and on all six.
+    let cpu = model.cpu().expect("the model runs on the CPU");
+    let int8: Vec<(&str, flywheel::model::CpuEncoder)> = if flywheel::model::int8::available() {
+        vec![
+            (
+                "int8",
+                cpu.clone()
+                    .quantized(&flywheel::model::DEFAULT_INT8_PROJECTIONS),
+            ),
+            (
+                "int8 all six",
+                cpu.clone().quantized(&flywheel::model::lora::Target::ALL),
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
     for (batch, len) in [
         (1usize, 32usize),
         (1, 128),
@@ -48,11 +68,18 @@ fn main() {
         let seq: Vec<u32> = (0..len).map(|i| 1000 + (i as u32 * 37) % 20000).collect();
         let seqs: Vec<&[u32]> = (0..batch).map(|_| seq.as_slice()).collect();
         let fast = median_ms(|| drop(model.encode(&seqs).unwrap()), budget);
+        let int8: String = int8
+            .iter()
+            .map(|(name, e)| {
+                let ms = median_ms(|| drop(e.forward(&seqs).unwrap()), budget);
+                format!("   {name} {ms:8.2} ms ({:.2}×)", fast / ms)
+            })
+            .collect();
         if fused_only {
-            println!("{batch:>3} x {len:<4} fused {fast:8.2} ms");
+            println!("{batch:>3} x {len:<4} fused {fast:8.2} ms{int8}");
             continue;
         }
         let reference = median_ms(|| drop(model.encode_reference(&seqs).unwrap()), budget);
-        println!("{batch:>3} x {len:<4} fused {fast:8.2} ms   candle {reference:8.2} ms");
+        println!("{batch:>3} x {len:<4} fused {fast:8.2} ms   candle {reference:8.2} ms{int8}");
     }
 }

@@ -283,6 +283,12 @@ pub struct ModelConfig {
     pub device: String,
     /// Threads for the model's kernels (0 = all cores).
     pub threads: usize,
+    /// The CPU serving path's number format: `f32`, `int8` (the `int8_projections` on AVX512-VNNI; f32
+    /// where the CPU lacks it) or `auto` (int8 where the CPU has VNNI). Training always runs in f32.
+    pub precision: crate::model::Precision,
+    /// The projections quantised at `int8`: `query`, `key`, `value`, `attention_output`, `intermediate`,
+    /// `output`. The default leaves out the two that lose the most (docs/BENCHMARKS.md, "int8 serving").
+    pub int8_projections: Vec<crate::model::lora::Target>,
 }
 
 impl Default for ModelConfig {
@@ -292,6 +298,8 @@ impl Default for ModelConfig {
             max_length: 256,
             device: "cpu".to_owned(),
             threads: 0,
+            precision: crate::model::Precision::F32,
+            int8_projections: crate::model::DEFAULT_INT8_PROJECTIONS.to_vec(),
         }
     }
 }

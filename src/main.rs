@@ -167,6 +167,7 @@ impl TrainArgs {
             &flywheel::model::LoadOptions {
                 max_length: config.max_length,
                 device: flywheel::model::parse_device("cpu")?,
+                ..Default::default()
             },
         )
         .with_context(|| format!("loading {}", self.model.display()))?;

@@ -95,6 +95,7 @@ fn truncation_is_256_tokens_not_the_tokenizer_files_128() {
         &LoadOptions {
             max_length: 512,
             device: Device::Cpu,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -112,6 +113,7 @@ fn a_directory_without_weights_is_a_clear_error_naming_the_file() {
         &LoadOptions {
             max_length: 256,
             device: Device::Cpu,
+            ..Default::default()
         },
     )
     .unwrap_err();

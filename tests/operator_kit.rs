@@ -20,6 +20,7 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_feedback_total",
     "flywheel_adapters_loaded",
     "flywheel_model_ready",
+    "flywheel_model_info",
     "flywheel_queue_duration_seconds",
     "flywheel_tokenize_duration_seconds",
     "flywheel_inference_duration_seconds",

@@ -346,9 +346,21 @@ fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError>
         &LoadOptions {
             max_length: config.model.max_length,
             device,
+            precision: config.model.precision,
+            int8_projections: config.model.int8_projections.clone(),
         },
     )?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), name = %model.name, "model loaded");
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        name = %model.name,
+        dtype = model.serving_dtype(),
+        kernel = model.serving_kernel(),
+        "model loaded"
+    );
+    metrics
+        .model_info
+        .with_label_values(&[model.serving_dtype(), model.serving_kernel()])
+        .set(1);
     let registry = Registry::open(
         &config.data.dir,
         config.adapters.clone(),

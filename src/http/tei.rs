@@ -425,7 +425,8 @@ pub struct TeiInfo {
     pub model_id: String,
     /// Not tracked: null.
     pub model_sha: Option<String>,
-    /// `float32`.
+    /// The serving path's number format: `float32`, or `int8` where `model.precision` quantised
+    /// projections.
     pub model_dtype: &'static str,
     /// What the model does.
     pub model_type: TeiModelType,
@@ -458,7 +459,7 @@ pub async fn info(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
     Ok(HttpResponse::Ok().json(TeiInfo {
         model_id: services.infer.model_name().to_owned(),
         model_sha: None,
-        model_dtype: "float32",
+        model_dtype: services.infer.dtype(),
         model_type: TeiModelType {
             embedding: TeiPooling { pooling: "mean" },
         },

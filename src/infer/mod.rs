@@ -178,6 +178,7 @@ pub struct Infer {
     backlog: Arc<Backlog>,
     tokenizer: Arc<TextTokenizer>,
     model_name: String,
+    dtype: &'static str,
     dimensions: usize,
     vocab_size: usize,
     adapters_supported: bool,
@@ -214,6 +215,7 @@ impl Infer {
             backlog: backlog.clone(),
             tokenizer: model.tokenizer.clone(),
             model_name: model.name.clone(),
+            dtype: model.serving_dtype(),
             adapters_supported: model.cpu().is_some(),
             dimensions: model.config.hidden_size,
             vocab_size: model.config.vocab_size,
@@ -233,6 +235,11 @@ impl Infer {
     /// Name of the served model.
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+
+    /// The serving path's number format, `float32` or `int8` (see [`Model::serving_dtype`]).
+    pub fn dtype(&self) -> &'static str {
+        self.dtype
     }
 
     /// The tokenizer requests use: the model's own, shared, never copied.

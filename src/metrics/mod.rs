@@ -78,6 +78,9 @@ pub struct Metrics {
     pub lora_requests_info: prometheus::GaugeVec,
     /// `flywheel_model_ready`: 1 once the model is loaded.
     pub model_ready: IntGauge,
+    /// `flywheel_model_info{dtype, kernel}`: 1, labelled with the serving path's number format (`float32`,
+    /// `int8`) and kernels (`vnni`, `avx512`, `avx2`, `candle`).
+    pub model_info: IntGaugeVec,
     /// `flywheel_thread_panics_total{thread}`: panics caught on the model thread (per batch) and the
     /// trainer thread (per job); the thread goes on with the next batch or job.
     pub thread_panics: IntCounterVec,
@@ -189,6 +192,14 @@ impl Metrics {
                  resident, none ever waits to load) and the most that may be loaded",
             ),
             &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        .expect("static metric definition is valid; this is a bug");
+        let model_info = IntGaugeVec::new(
+            Opts::new(
+                name("model_info"),
+                "1; labels: the serving path's number format and kernels",
+            ),
+            &["dtype", "kernel"],
         )
         .expect("static metric definition is valid; this is a bug");
         let feedback = IntCounterVec::new(
@@ -318,6 +329,7 @@ impl Metrics {
             Box::new(kv_cache_usage.clone()),
             Box::new(lora_requests_info.clone()),
             Box::new(model_ready.clone()),
+            Box::new(model_info.clone()),
             Box::new(adapters_loaded.clone()),
             Box::new(feedback.clone()),
         ] {
@@ -386,6 +398,7 @@ impl Metrics {
             kv_cache_usage,
             lora_requests_info,
             model_ready,
+            model_info,
             thread_panics,
         }
     }

@@ -145,6 +145,19 @@ impl PackedWeight {
         (self.n, self.k)
     }
 
+    /// The weight as it was given to [`PackedWeight::new`], `[n × k]`.
+    pub fn unpacked(&self) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (o, row) in w.chunks_exact_mut(k.max(1)).take(n).enumerate() {
+            let panel = &self.data[(o / TILE_COLS) * TILE_COLS * k..];
+            for (i, value) in row.iter_mut().enumerate() {
+                *value = panel[i * TILE_COLS + o % TILE_COLS];
+            }
+        }
+        w
+    }
+
     /// Adds `delta` (`[n × k]`, laid out as [`PackedWeight::new`]'s `w`): a merged LoRA update.
     pub fn add(&mut self, delta: &[f32]) {
         let packed =
@@ -508,6 +521,16 @@ mod tests {
                     worst < 1e-4,
                     "{m}×{n}×{k} (a transposed {a_transposed}, accumulate {accumulate}): off by {worst}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn unpacking_gives_back_the_weight() {
+        for (n, k) in [(1, 1), (33, 7), (64, 5)] {
+            let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+            if let Some(packed) = PackedWeight::new(&w, n, k) {
+                assert_eq!(packed.unpacked(), w, "{n} × {k}");
             }
         }
     }

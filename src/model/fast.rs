@@ -72,6 +72,8 @@ enum ProjectionWeight {
     /// `[out × in]` row-major.
     Plain(Vec<f32>),
     Packed(kernels::PackedWeight),
+    /// Quantised per output channel, run on the VNNI kernel (`model.precision = "int8"`).
+    Int8(super::int8::QuantWeight),
 }
 
 impl Projection {
@@ -103,7 +105,23 @@ impl Projection {
                 kernels::linear(x, rows, k, w, bias, n, out)
             }
             ProjectionWeight::Packed(w) => kernels::packed_linear(x, rows, w, bias, out),
+            ProjectionWeight::Int8(w) => super::int8::linear(x, rows, w, bias, out),
         }
+    }
+
+    /// The weight quantised to int8 (a no-op if it is already), smoothed against `input_range` where the
+    /// input's channels differ in range (see [`super::int8::QuantWeight::smoothed`]).
+    fn quantize(&mut self, input_range: Option<&[f32]>) {
+        let weight = match &self.weight {
+            ProjectionWeight::Plain(w) => w.clone(),
+            ProjectionWeight::Packed(w) => w.unpacked(),
+            ProjectionWeight::Int8(_) => return,
+        };
+        let (n, k) = (self.out_features, self.in_features);
+        self.weight = ProjectionWeight::Int8(match input_range {
+            Some(range) => super::int8::QuantWeight::smoothed(&weight, n, k, range),
+            None => super::int8::QuantWeight::new(&weight, n, k),
+        });
     }
 
     /// Adds `delta` (`[out × in]`, a merged LoRA update) to the weight.
@@ -111,9 +129,19 @@ impl Projection {
         match &mut self.weight {
             ProjectionWeight::Plain(w) => w.iter_mut().zip(delta).for_each(|(w, d)| *w += d),
             ProjectionWeight::Packed(w) => w.add(delta),
+            // Merged onto the weight the int8 one stands for, then quantised again.
+            ProjectionWeight::Int8(w) => {
+                let mut weight = w.dequantized();
+                weight.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+                *w = super::int8::QuantWeight::new(&weight, self.out_features, self.in_features);
+            }
         }
     }
 }
+
+/// The extent of LayerNorm's normalised values assumed when estimating its outputs' ranges for int8
+/// smoothing.
+const NORMALISED_RANGE: f32 = 3.0;
 
 #[derive(Debug, Clone)]
 struct NormWeights {
@@ -134,6 +162,16 @@ impl NormWeights {
     fn run(&self, x: &mut [f32], residual: Option<&[f32]>) {
         kernels::add_layer_norm_inplace(x, residual, &self.gamma, &self.beta, self.eps);
     }
+
+    /// How large each output channel gets: `γ·z + β` with the normalised `z` taken as
+    /// [`NORMALISED_RANGE`] standard deviations.
+    fn output_range(&self) -> Vec<f32> {
+        self.gamma
+            .iter()
+            .zip(&self.beta)
+            .map(|(g, b)| NORMALISED_RANGE * g.abs() + b.abs())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +187,17 @@ struct LayerWeights {
 }
 
 impl LayerWeights {
+    fn projection_mut(&mut self, target: Target) -> &mut Projection {
+        match target {
+            Target::Query => &mut self.query,
+            Target::Key => &mut self.key,
+            Target::Value => &mut self.value,
+            Target::AttentionOutput => &mut self.attention_out,
+            Target::Intermediate => &mut self.intermediate,
+            Target::Output => &mut self.output,
+        }
+    }
+
     fn from(l: &Layer) -> Result<Self> {
         Ok(Self {
             query: Projection::from(&l.query)?,
@@ -173,6 +222,8 @@ pub struct CpuEncoder {
     embedding_norm: NormWeights,
     layers: Vec<LayerWeights>,
     pooler: Option<Dense>,
+    /// The projections quantised to int8 (see [`CpuEncoder::quantized`]).
+    int8: Vec<Target>,
 }
 
 /// Scratch buffers of one forward pass, sized for its token count.
@@ -202,6 +253,7 @@ impl CpuEncoder {
                 .map(LayerWeights::from)
                 .collect::<Result<_>>()?,
             pooler: bert.pooler.as_ref().map(dense).transpose()?,
+            int8: Vec::new(),
         })
     }
 
@@ -397,18 +449,39 @@ impl CpuEncoder {
         adapter.validate(&self.config)?;
         let mut merged = self.clone();
         for (index, target, delta) in adapter.deltas() {
-            let layer = &mut merged.layers[index];
-            let projection = match target {
-                Target::Query => &mut layer.query,
-                Target::Key => &mut layer.key,
-                Target::Value => &mut layer.value,
-                Target::AttentionOutput => &mut layer.attention_out,
-                Target::Intermediate => &mut layer.intermediate,
-                Target::Output => &mut layer.output,
-            };
+            let projection = merged.layers[index].projection_mut(target);
             projection.add(&delta.dense(projection.in_features, projection.out_features));
         }
         Ok(merged)
+    }
+
+    /// This encoder with the weights of `targets` in every layer quantised to int8, run on the VNNI kernel
+    /// (see [`super::int8`]); the other projections, the embeddings, LayerNorm, softmax, GELU and the
+    /// residuals stay f32, and LoRA deltas are still added in f32 onto the int8 product's output.
+    pub fn quantized(mut self, targets: &[Target]) -> Self {
+        // Query, key and value read the previous LayerNorm's output, the intermediate projection this
+        // layer's attention LayerNorm's: their inputs' channel ranges follow from those norms' weights. The
+        // attention output and the output projection read attention and GELU values, left unsmoothed.
+        let mut previous_norm = self.embedding_norm.output_range();
+        for layer in &mut self.layers {
+            let attention_norm = layer.attention_norm.output_range();
+            for &target in targets {
+                let range = match target {
+                    Target::Query | Target::Key | Target::Value => Some(previous_norm.as_slice()),
+                    Target::Intermediate => Some(attention_norm.as_slice()),
+                    Target::AttentionOutput | Target::Output => None,
+                };
+                layer.projection_mut(target).quantize(range);
+            }
+            previous_norm = layer.output_norm.output_range();
+        }
+        self.int8 = targets.to_vec();
+        self
+    }
+
+    /// The projections quantised to int8 (none at f32).
+    pub fn int8_targets(&self) -> &[Target] {
+        &self.int8
     }
 }
 

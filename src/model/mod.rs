@@ -9,6 +9,7 @@ pub mod encoder_layer;
 pub mod error;
 pub mod fast;
 pub mod hf_config;
+pub mod int8;
 pub mod kernels;
 pub mod linear;
 pub mod lora;
@@ -45,7 +46,47 @@ pub struct LoadOptions {
     pub max_length: usize,
     /// Where the network runs.
     pub device: Device,
+    /// The number format the CPU serving path runs its products in.
+    pub precision: Precision,
+    /// The projections quantised when serving in int8.
+    pub int8_projections: Vec<lora::Target>,
 }
+
+impl Default for LoadOptions {
+    /// all-MiniLM-L6-v2's sentence-transformers length, the CPU, f32.
+    fn default() -> Self {
+        Self {
+            max_length: 256,
+            device: Device::Cpu,
+            precision: Precision::F32,
+            int8_projections: DEFAULT_INT8_PROJECTIONS.to_vec(),
+        }
+    }
+}
+
+/// The number format of the CPU serving path's products (`model.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// The projections named by `int8_projections` in int8 on the CPU's VNNI units ([`int8`]); f32 where
+    /// the CPU has no AVX512-VNNI (or `FLYWHEEL_INT8_KERNEL=off`).
+    Int8,
+    /// int8 where the CPU has AVX512-VNNI, f32 elsewhere.
+    Auto,
+}
+
+/// The projections `int8` quantises unless configured otherwise: those whose int8 answers stay within
+/// cosine 0.999 (mean) and 0.995 (least) of f32 on the parity texts and real mail; the intermediate and
+/// output projections, which lose the most, stay f32 (docs/BENCHMARKS.md, "int8 serving").
+pub const DEFAULT_INT8_PROJECTIONS: [lora::Target; 4] = [
+    lora::Target::Query,
+    lora::Target::Key,
+    lora::Target::Value,
+    lora::Target::AttentionOutput,
+];
 
 /// Parses a device name: `cpu`, `cuda` or `cuda:N` (both need a build with the `cuda` cargo feature), or
 /// `auto`: the first GPU when the build has CUDA and the machine has one, else the CPU.
@@ -145,7 +186,20 @@ impl Model {
         .map_err(|e| bad(&weights_path, e.to_string()))?;
         let bert = Bert::load(vb, &config)?;
         let cpu = if options.device.is_cpu() {
-            Some(CpuEncoder::from_bert(&bert)?)
+            let cpu = CpuEncoder::from_bert(&bert)?;
+            match options.precision {
+                Precision::Int8 | Precision::Auto if int8::available() => {
+                    Some(cpu.quantized(&options.int8_projections))
+                }
+                Precision::Int8 => {
+                    tracing::warn!(
+                        "model.precision = \"int8\" needs AVX512-VNNI, which this CPU lacks (or \
+                         FLYWHEEL_INT8_KERNEL=off): serving in f32"
+                    );
+                    Some(cpu)
+                }
+                Precision::F32 | Precision::Auto => Some(cpu),
+            }
         } else {
             None
         };
@@ -167,6 +221,25 @@ impl Model {
     /// The fused CPU encoder, when the model runs on the CPU.
     pub fn cpu(&self) -> Option<&CpuEncoder> {
         self.cpu.as_ref()
+    }
+
+    /// The number format serving runs in: `int8` where projections were quantised, else `float32`.
+    pub fn serving_dtype(&self) -> &'static str {
+        match &self.cpu {
+            Some(cpu) if !cpu.int8_targets().is_empty() => "int8",
+            _ => "float32",
+        }
+    }
+
+    /// The kernels the serving products run on: `vnni` (int8 with f32 for the rest), `avx512`, `avx2`
+    /// (the `gemm` crate), or `candle` off the CPU.
+    pub fn serving_kernel(&self) -> &'static str {
+        match &self.cpu {
+            None => "candle",
+            Some(cpu) if !cpu.int8_targets().is_empty() => "vnni",
+            Some(_) if avx512::available() => "avx512",
+            Some(_) => "avx2",
+        }
     }
 
     /// Sentence embeddings (mean pooling, optionally L2-normalised) of token sequences.

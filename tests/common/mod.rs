@@ -23,6 +23,7 @@ pub fn load_model() -> flywheel::model::Model {
     let options = flywheel::model::LoadOptions {
         max_length: 256,
         device: candle_core::Device::Cpu,
+        ..Default::default()
     };
     flywheel::model::Model::load(&model_dir(), &options).expect("the real model loads")
 }
