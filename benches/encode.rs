@@ -1,8 +1,8 @@
 //! Encoder forward-pass timings on the real model, in-process (no HTTP): the fused CPU path at the
 //! shapes the project's findings quote (1 × 32 and 32 × 32 tokens, 32 × 128), and the candle reference
-//! path for comparison, and the fused path in int8 where the CPU has VNNI (`model.precision = "int8"`: the
-//! default projections, then all six). `cargo bench --bench encode [-- fused]`; ONNX Runtime's f32 and
-//! int8 at the same shapes: benches/onnx_int8_encode.py.
+//! path for comparison, and the fused path in int8 where the CPU has VNNI (`model.precision = "int8"`).
+//! `cargo bench --bench encode [-- fused] [-- short]` (`short`: 1 × 32 only, for profiling); ONNX
+//! Runtime's f32 and int8 at the same shapes: benches/onnx_int8_encode.py.
 
 use std::time::{Duration, Instant};
 
@@ -38,21 +38,17 @@ fn main() {
     let budget = Duration::from_secs(3);
     // `cargo bench --bench encode -- fused` skips the candle path (for profiling the fused one).
     let fused_only = std::env::args().any(|a| a == "fused");
+    let short_only = std::env::args().any(|a| a == "short");
     println!("threads: {}", rayon::current_num_threads());
-    // int8 on the default projections (`model.precision = "int8"`) and on all six.
-    let cpu = model.cpu().expect("the model runs on the CPU");
+    // int8 on the default projections (`model.precision = "int8"`).
     let int8: Vec<(&str, flywheel::model::CpuEncoder)> = if flywheel::model::int8::available() {
-        vec![
-            (
-                "int8",
-                cpu.clone()
-                    .quantized(&flywheel::model::DEFAULT_INT8_PROJECTIONS),
-            ),
-            (
-                "int8 all six",
-                cpu.clone().quantized(&flywheel::model::lora::Target::ALL),
-            ),
-        ]
+        vec![(
+            "int8",
+            model
+                .int8_encoder(&flywheel::model::DEFAULT_INT8_PROJECTIONS)
+                .unwrap()
+                .unwrap(),
+        )]
     } else {
         Vec::new()
     };
@@ -65,6 +61,9 @@ fn main() {
         (32, 128),
         (8, 256),
     ] {
+        if short_only && (batch, len) != (1, 32) {
+            continue;
+        }
         let seq: Vec<u32> = (0..len).map(|i| 1000 + (i as u32 * 37) % 20000).collect();
         let seqs: Vec<&[u32]> = (0..batch).map(|_| seq.as_slice()).collect();
         let fast = median_ms(|| drop(model.encode(&seqs).unwrap()), budget);

@@ -287,7 +287,7 @@ pub struct ModelConfig {
     /// where the CPU lacks it) or `auto` (int8 where the CPU has VNNI). Training always runs in f32.
     pub precision: crate::model::Precision,
     /// The projections quantised at `int8`: `query`, `key`, `value`, `attention_output`, `intermediate`,
-    /// `output`. The default leaves out the two that lose the most (docs/BENCHMARKS.md, "int8 serving").
+    /// `output` (the default: all six; `output` loses the most, docs/BENCHMARKS.md, "int8 serving").
     pub int8_projections: Vec<crate::model::lora::Target>,
 }
 

@@ -393,6 +393,7 @@ fn tei_routes_answer_in_teis_shapes() {
     let (status, info) = server.get_json("/info");
     assert_eq!(status, 200);
     assert_eq!(info["model_id"], "all-MiniLM-L6-v2");
+    assert_eq!(info["model_dtype"], "float32");
     assert_eq!(
         info["model_type"],
         json!({"embedding": {"pooling": "mean"}})

@@ -13,6 +13,7 @@ use flywheel::model::{int8, pooling, CpuEncoder, Model, DEFAULT_INT8_PROJECTIONS
 use flywheel::trainer::data::{stratified_split, truncate, Example};
 use flywheel::trainer::eval::evaluate;
 use flywheel::trainer::train::{predict, train_lora, TrainConfig};
+use serde_json::json;
 
 /// Tokens per mail: the first 128, as a classifier of short mail would see them.
 const MAX_LENGTH: usize = 128;
@@ -62,8 +63,29 @@ fn parity_texts() -> Vec<String> {
 fn int8_serving_agrees_with_f32_on_real_text_and_a_real_classifier() {
     let model = common::load_model();
     let f32_path = model.cpu().unwrap();
+    // What `model.precision = "int8"` loads: the kernel it names and the dtype /info reports.
+    let served = Model::load(
+        &common::model_dir(),
+        &flywheel::model::LoadOptions {
+            precision: flywheel::model::Precision::Int8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    if int8::available() {
+        assert_eq!(
+            (served.serving_dtype(), served.serving_kernel()),
+            ("int8", "vnni")
+        );
+    } else {
+        assert_eq!(served.serving_dtype(), "float32");
+    }
+    drop(served);
     // The projections `model.precision = "int8"` quantises by default.
-    let int8_path = f32_path.clone().quantized(&DEFAULT_INT8_PROJECTIONS);
+    let int8_path = model
+        .int8_encoder(&DEFAULT_INT8_PROJECTIONS)
+        .unwrap()
+        .unwrap();
     let per_class = if int8::available() { 500 } else { 30 };
     // Ham and spam from both corpora, the earlier and the later one.
     let (ham, spam) = (
@@ -167,4 +189,50 @@ fn int8_serving_agrees_with_f32_on_real_text_and_a_real_classifier() {
         (f1_f32 - f1_int8).abs() <= 0.005,
         "macro-F1 {f1_f32} vs {f1_int8}"
     );
+}
+
+/// A server started with `FLYWHEEL_MODEL__PRECISION=int8` says so in `/info` and `flywheel_model_info`,
+/// and its embeddings over HTTP match an f32 server's.
+#[test]
+fn an_int8_server_reports_its_precision_and_embeds_like_f32() {
+    let texts = json!({"inputs": ["The delivery was late and the box was damaged.", "how do I reset my password"]});
+    let embed = |server: &common::Server| -> Vec<Vec<f64>> {
+        let (status, body) = server.post("/v1/embed", &texts);
+        assert_eq!(status, 200, "{body}");
+        body["embeddings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                e.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let f32_server = common::Server::start(&[], &[]);
+    let want = embed(&f32_server);
+    drop(f32_server);
+    let server = common::Server::start(&[], &[("FLYWHEEL_MODEL__PRECISION", "int8")]);
+    let (dtype, kernel) = if int8::available() {
+        ("int8", "vnni")
+    } else {
+        ("float32", "avx512")
+    };
+    let (status, info) = server.get_json("/info");
+    assert_eq!(status, 200);
+    assert_eq!(info["model_dtype"], dtype);
+    let (_, metrics) = server.get_text("/metrics");
+    if int8::available() {
+        let series = format!("flywheel_model_info{{dtype=\"{dtype}\",kernel=\"{kernel}\"}} 1");
+        assert!(metrics.contains(&series), "no {series} in the metrics");
+    }
+    for (w, g) in want.iter().zip(embed(&server)) {
+        let dot: f64 = w.iter().zip(&g).map(|(a, b)| a * b).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let cosine = dot / (norm(w) * norm(&g));
+        assert!(cosine > 0.999, "int8 embedding at cosine {cosine} to f32");
+    }
 }

@@ -130,18 +130,10 @@ impl Projection {
             ProjectionWeight::Plain(w) => w.iter_mut().zip(delta).for_each(|(w, d)| *w += d),
             ProjectionWeight::Packed(w) => w.add(delta),
             // Merged onto the weight the int8 one stands for, then quantised again.
-            ProjectionWeight::Int8(w) => {
-                let mut weight = w.dequantized();
-                weight.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
-                *w = super::int8::QuantWeight::new(&weight, self.out_features, self.in_features);
-            }
+            ProjectionWeight::Int8(w) => *w = w.plus(delta),
         }
     }
 }
-
-/// The extent of LayerNorm's normalised values assumed when estimating its outputs' ranges for int8
-/// smoothing.
-const NORMALISED_RANGE: f32 = 3.0;
 
 #[derive(Debug, Clone)]
 struct NormWeights {
@@ -161,16 +153,6 @@ impl NormWeights {
 
     fn run(&self, x: &mut [f32], residual: Option<&[f32]>) {
         kernels::add_layer_norm_inplace(x, residual, &self.gamma, &self.beta, self.eps);
-    }
-
-    /// How large each output channel gets: `γ·z + β` with the normalised `z` taken as
-    /// [`NORMALISED_RANGE`] standard deviations.
-    fn output_range(&self) -> Vec<f32> {
-        self.gamma
-            .iter()
-            .zip(&self.beta)
-            .map(|(g, b)| NORMALISED_RANGE * g.abs() + b.abs())
-            .collect()
     }
 }
 
@@ -226,6 +208,40 @@ pub struct CpuEncoder {
     int8: Vec<Target>,
 }
 
+/// The largest magnitude seen in each input channel of one layer's projections.
+#[derive(Debug, Clone)]
+pub struct InputRanges {
+    /// Query, key and value's input (the layer's input).
+    pub attention: Vec<f32>,
+    /// The attention output projection's input (the heads' context).
+    pub context: Vec<f32>,
+    /// The intermediate projection's input (after the attention LayerNorm).
+    pub intermediate: Vec<f32>,
+    /// The output projection's input (after GELU).
+    pub output: Vec<f32>,
+}
+
+impl InputRanges {
+    fn new(hidden: usize, inner: usize) -> Self {
+        Self {
+            attention: vec![0.0; hidden],
+            context: vec![0.0; hidden],
+            intermediate: vec![0.0; hidden],
+            output: vec![0.0; inner],
+        }
+    }
+}
+
+/// Raises each channel of `range` to the magnitude of `rows`' values in it (`rows` is row-major, each row
+/// `range.len()` wide).
+fn widen(range: &mut [f32], rows: &[f32]) {
+    for row in rows.chunks_exact(range.len()) {
+        for (r, v) in range.iter_mut().zip(row) {
+            *r = r.max(v.abs());
+        }
+    }
+}
+
 /// Scratch buffers of one forward pass, sized for its token count.
 struct Buffers {
     x: Vec<f32>,
@@ -275,6 +291,16 @@ impl CpuEncoder {
         sequences: &[&[u32]],
         adapters: &[Option<&Adapter>],
     ) -> Result<Packed> {
+        self.run(sequences, adapters, None)
+    }
+
+    /// The forward pass, recording each layer's input ranges into `observe` when given.
+    fn run(
+        &self,
+        sequences: &[&[u32]],
+        adapters: &[Option<&Adapter>],
+        mut observe: Option<&mut Vec<InputRanges>>,
+    ) -> Result<Packed> {
         if adapters.len() != sequences.len() {
             return Err(ModelError::InvalidInput(format!(
                 "{} adapter choices for {} sequences",
@@ -318,13 +344,25 @@ impl CpuEncoder {
         self.embed(sequences, &mut buf.x)?;
         let groups = Groups::new(adapters, &offsets);
         for (index, layer) in self.layers.iter().enumerate() {
-            self.layer(index, layer, &groups, &mut buf);
+            let observe = observe.as_deref_mut().map(|ranges| &mut ranges[index]);
+            self.layer(index, layer, &groups, &mut buf, observe);
         }
         Ok(Packed {
             hidden: buf.x,
             offsets,
             width: h,
         })
+    }
+
+    /// How large each input channel of each layer's projections gets over `sequences`: the calibration of
+    /// int8 smoothing (see [`Self::quantized`]).
+    pub fn input_ranges(&self, sequences: &[&[u32]]) -> Result<Vec<InputRanges>> {
+        let (h, inner) = (self.config.hidden_size, self.config.intermediate_size);
+        let mut ranges = vec![InputRanges::new(h, inner); self.layers.len()];
+        if !sequences.is_empty() {
+            self.run(sequences, &vec![None; sequences.len()], Some(&mut ranges))?;
+        }
+        Ok(ranges)
     }
 
     /// `tanh(dense(h_[CLS]))` for each sequence: the pooled output `BertForSequenceClassification` feeds
@@ -372,11 +410,24 @@ impl CpuEncoder {
     /// One encoder layer. Between its products a background caller (the drift embedder) steps aside for
     /// serving ([`crate::pressure::yield_point`]), so a request that arrives meanwhile waits for at most one
     /// product of one background input; on the model thread the points cost a thread-local read.
-    fn layer(&self, index: usize, l: &LayerWeights, groups: &Groups, b: &mut Buffers) {
+    fn layer(
+        &self,
+        index: usize,
+        l: &LayerWeights,
+        groups: &Groups,
+        b: &mut Buffers,
+        mut observe: Option<&mut InputRanges>,
+    ) {
         use crate::pressure::yield_point;
         let rows = groups.rows();
         let h = self.config.hidden_size;
         let inner = self.config.intermediate_size;
+        let mut record = |which: fn(&mut InputRanges) -> &mut Vec<f32>, values: &[f32]| {
+            if let Some(ranges) = observe.as_deref_mut() {
+                widen(which(ranges), values);
+            }
+        };
+        record(|r| &mut r.attention, &b.x);
         yield_point();
         l.query.run_into(&b.x, rows, &mut b.q);
         groups.apply(index, Target::Query, &b.x, h, &mut b.q, h);
@@ -397,15 +448,18 @@ impl CpuEncoder {
             self.config.head_dim(),
             &mut b.ctx,
         );
+        record(|r| &mut r.context, &b.ctx);
         yield_point();
         l.attention_out.run_into(&b.ctx, rows, &mut b.tmp);
         groups.apply(index, Target::AttentionOutput, &b.ctx, h, &mut b.tmp, h);
         l.attention_norm.run(&mut b.tmp, Some(&b.x));
         std::mem::swap(&mut b.x, &mut b.tmp);
+        record(|r| &mut r.intermediate, &b.x);
         yield_point();
         l.intermediate.run_into(&b.x, rows, &mut b.inner);
         groups.apply(index, Target::Intermediate, &b.x, h, &mut b.inner, inner);
         kernels::gelu_inplace(&mut b.inner);
+        record(|r| &mut r.output, &b.inner);
         yield_point();
         l.output.run_into(&b.inner, rows, &mut b.tmp);
         groups.apply(index, Target::Output, &b.inner, inner, &mut b.tmp, h);
@@ -457,26 +511,25 @@ impl CpuEncoder {
 
     /// This encoder with the weights of `targets` in every layer quantised to int8, run on the VNNI kernel
     /// (see [`super::int8`]); the other projections, the embeddings, LayerNorm, softmax, GELU and the
-    /// residuals stay f32, and LoRA deltas are still added in f32 onto the int8 product's output.
-    pub fn quantized(mut self, targets: &[Target]) -> Self {
-        // Query, key and value read the previous LayerNorm's output, the intermediate projection this
-        // layer's attention LayerNorm's: their inputs' channel ranges follow from those norms' weights. The
-        // attention output and the output projection read attention and GELU values, left unsmoothed.
-        let mut previous_norm = self.embedding_norm.output_range();
-        for layer in &mut self.layers {
-            let attention_norm = layer.attention_norm.output_range();
+    /// residuals stay f32, and LoRA deltas are still added in f32 onto the int8 product's output. Each
+    /// quantised weight is smoothed against its input's channel ranges measured on `calibration`
+    /// ([`super::int8::QuantWeight::smoothed`]); without calibration sequences nothing is smoothed.
+    pub fn quantized(mut self, targets: &[Target], calibration: &[&[u32]]) -> Result<Self> {
+        let ranges = self.input_ranges(calibration)?;
+        for (layer, ranges) in self.layers.iter_mut().zip(&ranges) {
             for &target in targets {
                 let range = match target {
-                    Target::Query | Target::Key | Target::Value => Some(previous_norm.as_slice()),
-                    Target::Intermediate => Some(attention_norm.as_slice()),
-                    Target::AttentionOutput | Target::Output => None,
+                    Target::Query | Target::Key | Target::Value => &ranges.attention,
+                    Target::AttentionOutput => &ranges.context,
+                    Target::Intermediate => &ranges.intermediate,
+                    Target::Output => &ranges.output,
                 };
+                let range = (!calibration.is_empty()).then_some(range.as_slice());
                 layer.projection_mut(target).quantize(range);
             }
-            previous_norm = layer.output_norm.output_range();
         }
         self.int8 = targets.to_vec();
-        self
+        Ok(self)
     }
 
     /// The projections quantised to int8 (none at f32).

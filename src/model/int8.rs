@@ -2,11 +2,15 @@
 //! `model.precision = "int8"`.
 //!
 //! A linear's weight is quantised once, per output channel and symmetrically: `w[n][k] ≈ s_w[n] · q[n][k]`
-//! with `q` in [-127, 127]. Its input is quantised per row at each product: `x[m][k] ≈ s_x[m] · p[m][k]`.
-//! `vpdpbusd` multiplies unsigned bytes by signed ones, so `p` is stored offset by 128 as `u = p + 128`, and
-//! the offset's share `128 · Σ_k q[n][k]` is taken off each sum once:
+//! with `q` in [-127, 127]. Its input is quantised per row at each product, asymmetrically, to the unsigned
+//! bytes `vpdpbusd` takes: `x[m][k] ≈ s_x[m] · (u[m][k] − z[m])` with `u` in [0, 255] spanning the row's
+//! range (zero included, so it stays exact) and the zero point `z[m]`, whose share is taken off each sum
+//! once:
 //!
-//! `y[m][n] = s_x[m] · s_w[n] · (Σ_k u[m][k] · q[n][k] − 128 · Σ_k q[n][k]) + b[n]`
+//! `y[m][n] = s_x[m] · s_w[n] · (Σ_k u[m][k] · q[n][k] − z[m] · Σ_k q[n][k]) + b[n]`
+//!
+//! Asymmetric inputs matter after GELU, whose outputs are almost all ≥ 0: a symmetric scale would leave
+//! half of the 256 steps unused.
 //!
 //! The sums are exact in i32 (|u·q| ≤ 255 · 127, so up to 66,000 inputs). Weights are laid out as panels of
 //! [`PANEL`] outputs; within a panel, each group of four inputs holds the 64 outputs' four bytes side by side,
@@ -16,7 +20,7 @@
 use std::arch::x86_64::{
     __m512i, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_loadu_si512,
     _mm512_mask_storeu_ps, _mm512_maskz_loadu_epi32, _mm512_maskz_loadu_ps, _mm512_mul_ps,
-    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512, _mm512_sub_epi32,
+    _mm512_mullo_epi32, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512, _mm512_sub_epi32,
 };
 
 use rayon::prelude::*;
@@ -59,8 +63,8 @@ pub struct QuantWeight {
     packed: Vec<i8>,
     /// `s_w` per output.
     scales: Vec<f32>,
-    /// `128 · Σ_k q[n][k]` per output.
-    offsets: Vec<i32>,
+    /// `Σ_k q[n][k]` per output.
+    sums: Vec<i32>,
     /// `1 / s[k]` per input where the weight was smoothed (see [`QuantWeight::smoothed`]): the factor each
     /// input is multiplied by before it is quantised.
     unsmooth: Option<Vec<f32>>,
@@ -126,7 +130,7 @@ impl QuantWeight {
         let panel_len = groups * PANEL * GROUP;
         let mut packed = vec![0i8; n.div_ceil(PANEL) * panel_len];
         let mut scales = vec![0f32; n];
-        let mut offsets = vec![0i32; n];
+        let mut sums = vec![0i32; n];
         for (o, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
             let (scale, inverse) = scale_of(row);
             scales[o] = scale;
@@ -137,15 +141,32 @@ impl QuantWeight {
                 sum += i32::from(q);
                 packed[panel * panel_len + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] = q;
             }
-            offsets[o] = 128 * sum;
+            sums[o] = sum;
         }
         Self {
             packed,
             scales,
-            offsets,
+            sums,
             unsmooth,
             n,
             k,
+        }
+    }
+
+    /// This weight plus `delta` (`[n × k]`, a merged LoRA update), quantised again with the same smoothing.
+    pub fn plus(&self, delta: &[f32]) -> Self {
+        let (n, k) = (self.n, self.k);
+        let mut w = self.dequantized();
+        w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+        match &self.unsmooth {
+            Some(unsmooth) => {
+                let scaled: Vec<f32> = w
+                    .chunks_exact(k.max(1))
+                    .flat_map(|row| row.iter().zip(unsmooth).map(|(v, u)| v / u))
+                    .collect();
+                Self::build(&scaled, n, k, Some(unsmooth.clone()))
+            }
+            None => Self::new(&w, n, k),
         }
     }
 
@@ -188,10 +209,13 @@ fn quantize(v: f32, inverse: f32) -> i8 {
     ((v * inverse).round_ties_even() as i32).clamp(-127, 127) as i8
 }
 
-/// Rows quantised for a product: `u = p + 128` per input, each row padded with 128s (zero) to whole groups.
+/// Rows quantised for a product: `u` per input, each row padded to whole groups (the padding meets zero
+/// weights).
 struct QuantRows {
     data: Vec<u8>,
     scales: Vec<f32>,
+    /// `z` per row.
+    zeros: Vec<i32>,
     /// Bytes per row: `k` rounded up to [`GROUP`].
     stride: usize,
 }
@@ -201,32 +225,34 @@ const PARALLEL_ROWS: usize = 64;
 
 fn quantize_rows(x: &[f32], rows: usize, k: usize, unsmooth: Option<&[f32]>) -> QuantRows {
     let stride = k.div_ceil(GROUP) * GROUP;
-    let mut data = vec![128u8; rows * stride];
-    let mut scales = vec![0f32; rows];
-    let one = |(row, (out, scale)): (&[f32], (&mut [u8], &mut f32))| {
-        *scale = quantize_row(row, out, unsmooth)
-    };
+    let mut data = vec![0u8; rows * stride];
+    let mut params = vec![(0f32, 0i32); rows];
+    // One row: its input, its bytes, its (scale, zero point).
+    type Row<'a> = (&'a [f32], (&'a mut [u8], &'a mut (f32, i32)));
+    let one = |(row, (out, params)): Row| *params = quantize_row(row, out, unsmooth);
     let (inputs, outputs) = (
         x.chunks_exact(k.max(1)),
         data.chunks_exact_mut(stride.max(1)),
     );
     if rows >= PARALLEL_ROWS && k > 0 {
         x.par_chunks_exact(k)
-            .zip(data.par_chunks_exact_mut(stride).zip(scales.par_iter_mut()))
+            .zip(data.par_chunks_exact_mut(stride).zip(params.par_iter_mut()))
             .for_each(one);
     } else {
-        inputs.zip(outputs.zip(scales.iter_mut())).for_each(one);
+        inputs.zip(outputs.zip(params.iter_mut())).for_each(one);
     }
+    let (scales, zeros) = params.into_iter().unzip();
     QuantRows {
         data,
         scales,
+        zeros,
         stride,
     }
 }
 
-/// Quantises `row` (each value times `unsmooth`'s, where given) into the first `row.len()` bytes of `out`
-/// as `p + 128`; returns the row's scale.
-fn quantize_row(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> f32 {
+/// Quantises `row` (each value times `unsmooth`'s, where given) into the first `row.len()` bytes of `out`;
+/// returns the row's scale and zero point.
+fn quantize_row(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> (f32, i32) {
     debug_assert!(out.len() >= row.len() && unsmooth.is_none_or(|u| u.len() == row.len()));
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if available() {
@@ -236,7 +262,23 @@ fn quantize_row(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> f32 {
     quantize_row_scalar(row, out, unsmooth)
 }
 
-fn quantize_row_scalar(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> f32 {
+/// The scale and zero point of a row whose values lie in `[min, max]` (zero included), and the scale's
+/// inverse; all zero for an all-zero or non-finite row.
+fn row_params(min: f32, max: f32) -> (f32, i32, f32) {
+    let (min, max) = (min.min(0.0), max.max(0.0));
+    let scale = (max - min) / 255.0;
+    if !(scale > 0.0 && scale.is_finite()) {
+        return (0.0, 0, 0.0);
+    }
+    let inverse = 1.0 / scale;
+    (
+        scale,
+        ((-min * inverse).round_ties_even() as i32).clamp(0, 255),
+        inverse,
+    )
+}
+
+fn quantize_row_scalar(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> (f32, i32) {
     let smoothed: Vec<f32>;
     let row = match unsmooth {
         Some(u) => {
@@ -245,24 +287,28 @@ fn quantize_row_scalar(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) ->
         }
         None => row,
     };
-    let (scale, inverse) = scale_of(row);
+    let min = row.iter().fold(0f32, |m, &v| m.min(v));
+    let max = row.iter().fold(0f32, |m, &v| m.max(v));
+    let (scale, zero, inverse) = row_params(min, max);
     for (u, &v) in out.iter_mut().zip(row) {
-        *u = (i32::from(quantize(v, inverse)) + 128) as u8;
+        // `as` saturates and maps NaN to 0.
+        *u = ((v * inverse).round_ties_even() as i32 + zero).clamp(0, 255) as u8;
     }
-    scale
+    (scale, zero)
 }
 
 /// [`quantize_row_scalar`] sixteen values at a time (`vcvtps2dq` rounds to nearest, ties to even, as
-/// [`quantize`] does). A row with a non-finite value quantises to zero.
+/// the scalar code does).
 ///
 /// # Safety
 /// AVX-512F and BW must be available, and `out` and `unsmooth` must hold at least `row.len()` values.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> f32 {
+unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8], unsmooth: Option<&[f32]>) -> (f32, i32) {
     use std::arch::x86_64::{
-        _mm512_abs_ps, _mm512_add_epi32, _mm512_cvtps_epi32, _mm512_mask_cvtepi32_storeu_epi8,
-        _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32, _mm512_reduce_max_ps, _mm512_setzero_ps,
+        _mm512_add_epi32, _mm512_cvtps_epi32, _mm512_mask_cvtepi32_storeu_epi8, _mm512_max_epi32,
+        _mm512_max_ps, _mm512_min_epi32, _mm512_min_ps, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
+        _mm512_setzero_ps,
     };
     let n = row.len();
     let lanes = |from: usize| -> u16 {
@@ -281,29 +327,32 @@ unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8], unsmooth: Option<&[f3
                 None => v,
             }
         };
-        let mut max = _mm512_setzero_ps();
+        // Masked lanes load as zero, which the range includes anyway.
+        let (mut min, mut max) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for c in (0..n).step_by(16) {
-            max = _mm512_max_ps(max, _mm512_abs_ps(load(c, lanes(c))));
+            let v = load(c, lanes(c));
+            min = _mm512_min_ps(min, v);
+            max = _mm512_max_ps(max, v);
         }
-        let max = _mm512_reduce_max_ps(max);
-        if !(max > 0.0 && max.is_finite()) {
-            out[..n].fill(128);
-            return 0.0;
+        let (scale, zero, inverse) =
+            row_params(_mm512_reduce_min_ps(min), _mm512_reduce_max_ps(max));
+        if scale == 0.0 {
+            out[..n].fill(0);
+            return (0.0, 0);
         }
-        let inverse = _mm512_set1_ps(127.0 / max);
+        let inverse = _mm512_set1_ps(inverse);
         let (low, high, offset) = (
-            _mm512_set1_epi32(-127),
-            _mm512_set1_epi32(127),
-            _mm512_set1_epi32(128),
+            _mm512_set1_epi32(0),
+            _mm512_set1_epi32(255),
+            _mm512_set1_epi32(zero),
         );
         for c in (0..n).step_by(16) {
             let mask = lanes(c);
             let q = _mm512_cvtps_epi32(_mm512_mul_ps(load(c, mask), inverse));
-            let q = _mm512_min_epi32(_mm512_max_epi32(q, low), high);
-            let u = _mm512_add_epi32(q, offset);
+            let u = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, offset), low), high);
             _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(c).cast(), mask, u);
         }
-        max / 127.0
+        (scale, zero)
     }
 }
 
@@ -390,7 +439,7 @@ unsafe fn block(
         let tile = Tile {
             panel: &w.packed[p * panel_len..(p + 1) * panel_len],
             scales: &w.scales[c0..c0 + width],
-            offsets: &w.offsets[c0..c0 + width],
+            sums: &w.sums[c0..c0 + width],
             bias: bias.map(|b| &b[c0..c0 + width]),
             groups,
         };
@@ -399,11 +448,12 @@ unsafe fn block(
             let height = TILE_ROWS.min(rows.end - r);
             let a_rows = &a.data[r * a.stride..(r + height) * a.stride];
             let x_scales = &a.scales[r..r + height];
+            let x_zeros = &a.zeros[r..r + height];
             // SAFETY: rows `r .. r + height`, columns `c0 .. c0 + width` lie inside `out` (this function's
             // contract), rows `n` apart.
             let out_tile = unsafe { out.0.add(r * n + c0) };
             // SAFETY: as above; the tile's operands are sized for `height` rows and `width` columns.
-            unsafe { tile.run(height, a_rows, a.stride, x_scales, out_tile, n) };
+            unsafe { tile.run(height, a_rows, a.stride, (x_scales, x_zeros), out_tile, n) };
             r += height;
         }
     }
@@ -413,7 +463,7 @@ unsafe fn block(
 struct Tile<'a> {
     panel: &'a [i8],
     scales: &'a [f32],
-    offsets: &'a [i32],
+    sums: &'a [i32],
     bias: Option<&'a [f32]>,
     groups: usize,
 }
@@ -429,7 +479,7 @@ impl Tile<'_> {
         height: usize,
         a: &[u8],
         a_stride: usize,
-        x_scales: &[f32],
+        (x_scales, x_zeros): (&[f32], &[i32]),
         out: *mut f32,
         out_stride: usize,
     ) {
@@ -440,7 +490,9 @@ impl Tile<'_> {
                     match height {
                         // SAFETY: VNNI is available, and the operands are sized as `vnni` needs (checked
                         // above and by this function's contract).
-                        $($h => unsafe { self.vnni::<$h>(a, a_stride, x_scales, out, out_stride) },)*
+                        $($h => unsafe {
+                            self.vnni::<$h>(a, a_stride, (x_scales, x_zeros), out, out_stride)
+                        },)*
                         _ => unreachable!("tile height {height} is outside 1..={TILE_ROWS}"),
                     }
                 };
@@ -448,7 +500,7 @@ impl Tile<'_> {
             heights!(1 2 3 4 5 6)
         } else {
             // SAFETY: this function's contract.
-            unsafe { self.scalar(height, a, a_stride, x_scales, out, out_stride) }
+            unsafe { self.scalar(height, a, a_stride, (x_scales, x_zeros), out, out_stride) }
         }
     }
 
@@ -461,7 +513,7 @@ impl Tile<'_> {
         height: usize,
         a: &[u8],
         a_stride: usize,
-        x_scales: &[f32],
+        (x_scales, x_zeros): (&[f32], &[i32]),
         out: *mut f32,
         out_stride: usize,
     ) {
@@ -475,8 +527,9 @@ impl Tile<'_> {
                         sum += u * q;
                     }
                 }
-                let value = (sum - self.offsets[c]) as f32 * self.scales[c] * x_scales[row]
-                    + self.bias.map_or(0.0, |b| b[c]);
+                let value =
+                    (sum - x_zeros[row] * self.sums[c]) as f32 * self.scales[c] * x_scales[row]
+                        + self.bias.map_or(0.0, |b| b[c]);
                 // SAFETY: (row, c) is inside the tile (this function's contract).
                 unsafe { *out.add(row * out_stride + c) = value };
             }
@@ -492,7 +545,7 @@ impl Tile<'_> {
         &self,
         a: &[u8],
         a_stride: usize,
-        x_scales: &[f32],
+        (x_scales, x_zeros): (&[f32], &[i32]),
         out: *mut f32,
         out_stride: usize,
     ) {
@@ -531,12 +584,13 @@ impl Tile<'_> {
                     (1u16 << (width - c)) - 1
                 };
                 let scale = _mm512_maskz_loadu_ps(mask, self.scales.as_ptr().add(c));
-                let offset = _mm512_maskz_loadu_epi32(mask, self.offsets.as_ptr().add(c));
+                let weight_sums = _mm512_maskz_loadu_epi32(mask, self.sums.as_ptr().add(c));
                 let bias = match self.bias {
                     Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(c)),
                     None => _mm512_set1_ps(0.0),
                 };
                 for (row, sum) in sums.iter().enumerate() {
+                    let offset = _mm512_mullo_epi32(_mm512_set1_epi32(x_zeros[row]), weight_sums);
                     let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[quarter], offset));
                     let row_scale = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales[row]));
                     let value = _mm512_fmadd_ps(exact, row_scale, bias);
@@ -548,7 +602,14 @@ impl Tile<'_> {
 
     /// Never called: [`available`] is false off x86-64 and under Miri.
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
-    unsafe fn vnni<const R: usize>(&self, _: &[u8], _: usize, _: &[f32], _: *mut f32, _: usize) {
+    unsafe fn vnni<const R: usize>(
+        &self,
+        _: &[u8],
+        _: usize,
+        _: (&[f32], &[i32]),
+        _: *mut f32,
+        _: usize,
+    ) {
         unreachable!("the VNNI kernel runs only on x86-64")
     }
 }
@@ -575,7 +636,7 @@ mod tests {
             for m in 0..rows {
                 let mut sum = 0i64;
                 for (i, &v) in row.iter().enumerate() {
-                    let p = i64::from(a.data[m * a.stride + i]) - 128;
+                    let p = i64::from(a.data[m * a.stride + i]) - i64::from(a.zeros[m]);
                     sum += p * i64::from(quantize(v, inverse));
                 }
                 out[m * n + o] = sum as f64 * f64::from(w_scale) * f64::from(a.scales[m])
@@ -714,6 +775,24 @@ mod tests {
             worst < 5e-3,
             "dequantised smoothed weight off by {worst} (weights up to 0.1)"
         );
+    }
+
+    /// A merged delta lands on the weight the int8 one stands for, and the smoothing stays.
+    #[test]
+    fn adding_a_delta_keeps_the_smoothing() {
+        let (n, k) = (20, 36);
+        let mut rng = Rng::new(5);
+        let (w, delta) = (rng.uniform(n * k, 0.1), rng.uniform(n * k, 0.02));
+        let range: Vec<f32> = (0..k)
+            .map(|j| if j % 7 == 0 { 40.0 } else { 1.0 })
+            .collect();
+        let smooth = QuantWeight::smoothed(&w, n, k, &range);
+        let added = smooth.plus(&delta);
+        assert_eq!(added.unsmooth, smooth.unsmooth);
+        let back = added.dequantized();
+        for ((w, d), b) in w.iter().zip(&delta).zip(&back) {
+            assert!((w + d - b).abs() < 5e-3, "{w} + {d} came back as {b}");
+        }
     }
 
     /// The quantisation itself: per-channel weights and per-row inputs come back within half a step, and a

@@ -113,3 +113,28 @@ fn a_mean_pooling_head_classifies_the_token_mean() {
         assert!(max_diff(l.as_ref().unwrap(), &head.run(&mean, 1)) < 1e-6);
     }
 }
+
+/// `‖a − b‖ / ‖b‖`.
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    (diff / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+}
+
+/// int8 serving keeps the LoRA deltas in f32 on top of the int8 products: adapted outputs stay close to the
+/// f32 path's, and an adapter merged into the int8 weights (requantised) gives what the unmerged one does.
+#[test]
+fn int8_serving_applies_and_merges_adapters_like_f32() {
+    let config = BertConfig::tiny();
+    let cpu = CpuEncoder::from_bert(&tiny::bert(3)).unwrap();
+    let int8 = cpu.clone().quantized(&Target::ALL, &SEQS).unwrap();
+    assert_eq!(int8.int8_targets(), Target::ALL);
+    let adapter = tiny::adapter(&config, 12, &Target::ALL, 4, false);
+    let want = cpu.forward_adapted(&SEQS, &[Some(&adapter); 4]).unwrap();
+    let got = int8.forward_adapted(&SEQS, &[Some(&adapter); 4]).unwrap();
+    let error = relative_error(&got.hidden, &want.hidden);
+    assert!(error < 0.05, "int8 adapted output {error} from f32");
+    assert!(error > 0.0, "the int8 path ran");
+    let merged = int8.merged(&adapter).unwrap().forward(&SEQS).unwrap();
+    let error = relative_error(&merged.hidden, &got.hidden);
+    assert!(error < 0.05, "merged int8 output {error} from unmerged");
+}

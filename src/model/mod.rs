@@ -5,6 +5,7 @@
 
 mod avx512;
 pub mod bert;
+pub mod calibration;
 pub mod encoder_layer;
 pub mod error;
 pub mod fast;
@@ -78,15 +79,21 @@ pub enum Precision {
     Auto,
 }
 
-/// The projections `int8` quantises unless configured otherwise: those whose int8 answers stay within
-/// cosine 0.999 (mean) and 0.995 (least) of f32 on the parity texts and real mail; the intermediate and
-/// output projections, which lose the most, stay f32 (docs/BENCHMARKS.md, "int8 serving").
-pub const DEFAULT_INT8_PROJECTIONS: [lora::Target; 4] = [
-    lora::Target::Query,
-    lora::Target::Key,
-    lora::Target::Value,
-    lora::Target::AttentionOutput,
-];
+/// The projections `int8` quantises unless configured otherwise: all six, which stay within cosine 0.999
+/// (mean) and 0.995 (least) of f32 on the parity texts and real mail (docs/BENCHMARKS.md, "int8 serving").
+/// `output` (after GELU) loses the most; leaving it out trades speed for closer answers.
+pub const DEFAULT_INT8_PROJECTIONS: [lora::Target; 6] = lora::Target::ALL;
+
+/// `cpu` with `targets` quantised to int8, smoothed against ranges measured on the calibration texts.
+fn quantize(
+    cpu: CpuEncoder,
+    tokenizer: &TextTokenizer,
+    targets: &[lora::Target],
+) -> Result<CpuEncoder> {
+    let texts = calibration::sequences(|t| tokenizer.encode(t))?;
+    let texts: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+    cpu.quantized(targets, &texts)
+}
 
 /// Parses a device name: `cpu`, `cuda` or `cuda:N` (both need a build with the `cuda` cargo feature), or
 /// `auto`: the first GPU when the build has CUDA and the machine has one, else the CPU.
@@ -189,7 +196,7 @@ impl Model {
             let cpu = CpuEncoder::from_bert(&bert)?;
             match options.precision {
                 Precision::Int8 | Precision::Auto if int8::available() => {
-                    Some(cpu.quantized(&options.int8_projections))
+                    Some(quantize(cpu, &tokenizer, &options.int8_projections)?)
                 }
                 Precision::Int8 => {
                     tracing::warn!(
@@ -221,6 +228,20 @@ impl Model {
     /// The fused CPU encoder, when the model runs on the CPU.
     pub fn cpu(&self) -> Option<&CpuEncoder> {
         self.cpu.as_ref()
+    }
+
+    /// A copy of the fused CPU encoder (f32 if the model serves in int8) with `targets` quantised to int8,
+    /// calibrated as loading does; `None` off the CPU.
+    pub fn int8_encoder(&self, targets: &[lora::Target]) -> Result<Option<CpuEncoder>> {
+        let Some(cpu) = &self.cpu else {
+            return Ok(None);
+        };
+        let f32_copy = if cpu.int8_targets().is_empty() {
+            cpu.clone()
+        } else {
+            CpuEncoder::from_bert(&self.bert)?
+        };
+        quantize(f32_copy, &self.tokenizer, targets).map(Some)
     }
 
     /// The number format serving runs in: `int8` where projections were quantised, else `float32`.
