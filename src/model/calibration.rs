@@ -1,5 +1,6 @@
-//! Texts the int8 serving path is calibrated on at load: how large each input channel of each projection
-//! gets, which sets how much of that range is moved into the weights before they are quantised
+//! Calibration of the int8 serving path at load: the texts it runs, and how large each input channel of
+//! each projection gets on them, which sets how much of that range is moved into the weights before they
+//! are quantised
 //! ([`super::int8::QuantWeight::smoothed`]). Varied on purpose (mail, queries, reviews, numbers, code, other
 //! languages and scripts, emoji), written for this file and unrelated to the tests' texts.
 
@@ -37,4 +38,38 @@ pub const TEXTS: &[&str] = &[
 /// The texts tokenized by `encode` (special tokens included, cut at the model's length).
 pub fn sequences(encode: impl Fn(&str) -> super::Result<Vec<u32>>) -> super::Result<Vec<Vec<u32>>> {
     TEXTS.iter().map(|t| encode(t)).collect()
+}
+
+/// The largest magnitude seen in each input channel of one layer's projections.
+#[derive(Debug, Clone)]
+pub struct InputRanges {
+    /// Query, key and value's input (the layer's input).
+    pub attention: Vec<f32>,
+    /// The attention output projection's input (the heads' context).
+    pub context: Vec<f32>,
+    /// The intermediate projection's input (after the attention LayerNorm).
+    pub intermediate: Vec<f32>,
+    /// The output projection's input (after GELU).
+    pub output: Vec<f32>,
+}
+
+impl InputRanges {
+    pub(super) fn new(hidden: usize, inner: usize) -> Self {
+        Self {
+            attention: vec![0.0; hidden],
+            context: vec![0.0; hidden],
+            intermediate: vec![0.0; hidden],
+            output: vec![0.0; inner],
+        }
+    }
+}
+
+/// Raises each channel of `range` to the magnitude of `rows`' values in it (`rows` is row-major, each row
+/// `range.len()` wide).
+pub(super) fn widen(range: &mut [f32], rows: &[f32]) {
+    for row in rows.chunks_exact(range.len()) {
+        for (r, v) in range.iter_mut().zip(row) {
+            *r = r.max(v.abs());
+        }
+    }
 }

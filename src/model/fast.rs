@@ -3,11 +3,16 @@
 //! Sequences of a batch are concatenated row after row (no padding), so every dense layer is one GEMM
 //! over exactly the real tokens, and attention runs per sequence and head. The bias is fused into the
 //! GEMM, the residual into LayerNorm, and buffers are reused across layers. The candle path in
-//! [`super::bert`] is the oracle this path is tested against.
+//! [`super::bert`] is the oracle this path is tested against. Its projections run in f32 or, quantised by
+//! [`CpuEncoder::quantized`], in int8 ([`super::int8`]).
+//!
+//! Past 500 lines as one concern: the packed weights, the forward pass and the adapter groups share private
+//! layouts.
 
 use candle_core::Tensor;
 
 use super::bert::{Bert, Layer};
+use super::calibration::{widen, InputRanges};
 use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::kernels;
@@ -206,40 +211,6 @@ pub struct CpuEncoder {
     pooler: Option<Dense>,
     /// The projections quantised to int8 (see [`CpuEncoder::quantized`]).
     int8: Vec<Target>,
-}
-
-/// The largest magnitude seen in each input channel of one layer's projections.
-#[derive(Debug, Clone)]
-pub struct InputRanges {
-    /// Query, key and value's input (the layer's input).
-    pub attention: Vec<f32>,
-    /// The attention output projection's input (the heads' context).
-    pub context: Vec<f32>,
-    /// The intermediate projection's input (after the attention LayerNorm).
-    pub intermediate: Vec<f32>,
-    /// The output projection's input (after GELU).
-    pub output: Vec<f32>,
-}
-
-impl InputRanges {
-    fn new(hidden: usize, inner: usize) -> Self {
-        Self {
-            attention: vec![0.0; hidden],
-            context: vec![0.0; hidden],
-            intermediate: vec![0.0; hidden],
-            output: vec![0.0; inner],
-        }
-    }
-}
-
-/// Raises each channel of `range` to the magnitude of `rows`' values in it (`rows` is row-major, each row
-/// `range.len()` wide).
-fn widen(range: &mut [f32], rows: &[f32]) {
-    for row in rows.chunks_exact(range.len()) {
-        for (r, v) in range.iter_mut().zip(row) {
-            *r = r.max(v.abs());
-        }
-    }
 }
 
 /// Scratch buffers of one forward pass, sized for its token count.

@@ -15,6 +15,9 @@
 //! The sums are exact in i32 (|u·q| ≤ 255 · 127, so up to 66,000 inputs). Weights are laid out as panels of
 //! [`PANEL`] outputs; within a panel, each group of four inputs holds the 64 outputs' four bytes side by side,
 //! which is the operand `vpdpbusd` takes, so one 64-byte load feeds 16 outputs four inputs deep.
+//!
+//! One file past 500 lines on purpose: the quantisation, the packed layout, the kernel and its scalar
+//! reference each depend on the others' layouts.
 
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 use std::arch::x86_64::{
