@@ -231,6 +231,12 @@ fn inputs(
     ))
 }
 
+/// Alternating labels 0, 1, 0, … for `batch` examples.
+fn targets(batch: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 2).collect();
+    Ok(Tensor::from_vec(labels, batch, device)?)
+}
+
 /// Mean-pooled f32 embeddings `[batch, hidden]` on the host.
 fn embeddings(bert: &Bert, ids: &Tensor, mask: &Tensor) -> anyhow::Result<Tensor> {
     let hidden = bert.forward(ids, mask)?.to_dtype(DType::F32)?;

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 
 use super::{
-    adamw, embeddings, inputs, precision_name, Parity, ALPHA, BF16_GRADIENT_TOLERANCE,
+    adamw, embeddings, inputs, precision_name, targets, Parity, ALPHA, BF16_GRADIENT_TOLERANCE,
     BF16_TOLERANCE, F32_TOLERANCE, RANK, SEED, SMOOTHING, TARGETS,
 };
 use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling};
@@ -86,11 +86,7 @@ fn lora_step(
     let lora = LoraTrainable::from_adapter(adapter, &device)?;
     let compute = bert.to_dtype(precision)?;
     let (ids, mask) = inputs(batch, len, true, &device)?;
-    let targets = Tensor::from_vec(
-        (0..batch as u32).map(|i| i % 2).collect::<Vec<_>>(),
-        batch,
-        &device,
-    )?;
+    let targets = targets(batch, &device)?;
     let logits = lora.logits(&compute, &ids, &mask)?;
     let loss = cross_entropy(&logits, &targets, SMOOTHING, None)?;
     let store = loss.backward()?;

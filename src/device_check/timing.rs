@@ -2,12 +2,12 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::Optimizer;
 
 use super::{
-    adamw, embeddings, inputs, precision_name, Timing, ALPHA, DROPOUT, RANK, SEED, SMOOTHING,
-    TARGETS,
+    adamw, embeddings, inputs, precision_name, targets, Timing, ALPHA, DROPOUT, RANK, SEED,
+    SMOOTHING, TARGETS,
 };
 use crate::model::{Bert, CpuEncoder};
 use crate::trainer::lora::{cross_entropy, LoraTrainable};
@@ -92,11 +92,7 @@ pub(super) fn time_lora_step(
         .with_dropout(DROPOUT, SEED);
     let compute = bert.to_dtype(precision)?;
     let (ids, mask) = inputs(batch, len, false, &device)?;
-    let targets = Tensor::from_vec(
-        (0..batch as u32).map(|i| i % 2).collect::<Vec<_>>(),
-        batch,
-        &device,
-    )?;
+    let targets = targets(batch, &device)?;
     let mut optimizer = FusedAdamW::new(lora.vars(), adamw())?;
     let mut times = Vec::new();
     for step in 0..steps + 2 {
