@@ -191,7 +191,8 @@ fn int8_serving_agrees_with_f32_on_real_text_and_a_real_classifier() {
     );
 }
 
-/// A server started with `FLYWHEEL_MODEL__PRECISION=int8` says so in `/info` and `flywheel_model_info`,
+/// A server started with `FLYWHEEL_MODEL__PRECISION=int8` says so in `/info`, `/ready` and
+/// `flywheel_model_info`,
 /// and its embeddings over HTTP match an f32 server's.
 #[test]
 fn an_int8_server_reports_its_precision_and_embeds_like_f32() {
@@ -224,6 +225,9 @@ fn an_int8_server_reports_its_precision_and_embeds_like_f32() {
     let (status, info) = server.get_json("/info");
     assert_eq!(status, 200);
     assert_eq!(info["model_dtype"], dtype);
+    let (status, ready) = server.get_json("/ready");
+    assert_eq!(status, 200);
+    assert_eq!(ready["dtype"], dtype);
     let (_, metrics) = server.get_text("/metrics");
     if int8::available() {
         let series = format!("flywheel_model_info{{dtype=\"{dtype}\",kernel=\"{kernel}\"}} 1");

@@ -26,6 +26,8 @@ pub struct Ready {
     pub model: String,
     /// Embedding dimensions.
     pub dimensions: usize,
+    /// The serving path's number format: `float32`, or `int8` where `model.precision` quantised it.
+    pub dtype: &'static str,
 }
 
 /// `GET /health`: 200 while the process lives.
@@ -58,6 +60,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         status: "ready",
         model: infer.model_name().to_owned(),
         dimensions: infer.dimensions(),
+        dtype: infer.dtype(),
     }))
 }
 
