@@ -27,9 +27,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 case $device in
-  cpu) sizes=(--infer 4x32 --train 4x32 --parity 2x32 --seconds 0.5 --steps 2)
+  cpu) timed=(--infer 4x32 --train 4x32 --seconds 0.5 --steps 2) parity=2x32
     binary=${binary:-target/debug/flywheel} ;;
-  cuda | cuda:*) sizes=(--infer 32x128 --train 64x128 --parity 4x64 --seconds 2 --steps 8)
+  cuda | cuda:*) timed=(--infer 32x128 --train 64x128 --seconds 2 --steps 8) parity=4x64
     binary=${binary:-target/cuda/flywheel} ;;
   *) echo "error: --device is cpu, cuda or cuda:N, not '$device'" >&2; exit 2 ;;
 esac
@@ -62,15 +62,11 @@ if [ "$device" != cpu ]; then
 fi
 
 status=0
-"$binary" device-check --device "$device" "${sizes[@]}" --json "$out/flywheel.json" || status=$?
+# Both sides take the same timing flags; only Flywheel checks parity.
+"$binary" device-check --device "$device" "${timed[@]}" --parity "$parity" --json "$out/flywheel.json" || status=$?
 if "$python" -c 'import torch, transformers' 2>/dev/null; then
-  args=(--device "$device" --json "$out/pytorch.json")
-  for flag in --infer --train --seconds --steps; do
-    for ((i = 0; i < ${#sizes[@]}; i += 2)); do
-      [ "${sizes[i]}" = "$flag" ] && args+=("$flag" "${sizes[i + 1]}")
-    done
-  done
-  "$python" benches/pytorch_device_check.py "${args[@]}" 2> >(grep -v -e FutureWarning -e 'warnings.warn' >&2) || status=$?
+  "$python" benches/pytorch_device_check.py --device "$device" "${timed[@]}" --json "$out/pytorch.json" \
+    2> >(grep -v -e FutureWarning -e 'warnings.warn' >&2) || status=$?
 elif [ "$device" != cpu ]; then
   echo "error: $python has no torch + transformers; the comparison needs them" >&2
   status=1

@@ -174,6 +174,18 @@ struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// The six projections in [`Target::ALL`]'s order.
+    fn projections(&self) -> [&Projection; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_out,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
     fn projection_mut(&mut self, target: Target) -> &mut Projection {
         match target {
             Target::Query => &mut self.query,
@@ -209,8 +221,6 @@ pub struct CpuEncoder {
     embedding_norm: NormWeights,
     layers: Vec<LayerWeights>,
     pooler: Option<Dense>,
-    /// The projections quantised to int8 (see [`CpuEncoder::quantized`]).
-    int8: Vec<Target>,
 }
 
 /// Scratch buffers of one forward pass, sized for its token count.
@@ -240,7 +250,6 @@ impl CpuEncoder {
                 .map(LayerWeights::from)
                 .collect::<Result<_>>()?,
             pooler: bert.pooler.as_ref().map(dense).transpose()?,
-            int8: Vec::new(),
         })
     }
 
@@ -499,13 +508,20 @@ impl CpuEncoder {
                 layer.projection_mut(target).quantize(range);
             }
         }
-        self.int8 = targets.to_vec();
         Ok(self)
     }
 
-    /// The projections quantised to int8 (none at f32).
-    pub fn int8_targets(&self) -> &[Target] {
-        &self.int8
+    /// The projections quantised to int8 (none at f32), in [`Target::ALL`]'s order.
+    pub fn int8_targets(&self) -> Vec<Target> {
+        let Some(first) = self.layers.first() else {
+            return Vec::new();
+        };
+        Target::ALL
+            .into_iter()
+            .zip(first.projections())
+            .filter(|(_, p)| matches!(p.weight, ProjectionWeight::Int8(_)))
+            .map(|(t, _)| t)
+            .collect()
     }
 }
 

@@ -112,18 +112,10 @@ impl QuantWeight {
                 }
             })
             .collect();
-        let scaled: Vec<f32> = w
-            .chunks_exact(k.max(1))
-            .flat_map(|row| row.iter().zip(&smooth).map(|(v, s)| v * s))
-            .collect();
-        Self::build(
-            &scaled,
-            n,
-            k,
-            Some(smooth.iter().map(|s| 1.0 / s).collect()),
-        )
+        Self::build(w, n, k, Some(smooth.iter().map(|s| 1.0 / s).collect()))
     }
 
+    /// Quantises `w`, its column `j` first divided by `unsmooth[j]` where given.
     fn build(w: &[f32], n: usize, k: usize, unsmooth: Option<Vec<f32>>) -> Self {
         assert_eq!(
             Some(w.len()),
@@ -136,14 +128,21 @@ impl QuantWeight {
         let mut scales = vec![0f32; n];
         let mut sums = vec![0i32; n];
         for (o, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
+            let smoothed: Vec<f32>;
+            let row = match &unsmooth {
+                Some(u) => {
+                    smoothed = row.iter().zip(u).map(|(v, u)| v / u).collect();
+                    &smoothed
+                }
+                None => row,
+            };
             let (scale, inverse) = scale_of(row);
             scales[o] = scale;
-            let (panel, c) = (o / PANEL, o % PANEL);
             let mut sum = 0i32;
             for (i, &v) in row.iter().enumerate() {
                 let q = quantize(v, inverse);
                 sum += i32::from(q);
-                packed[panel * panel_len + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP] = q;
+                packed[packed_index(panel_len, o, i)] = q;
             }
             sums[o] = sum;
         }
@@ -162,16 +161,7 @@ impl QuantWeight {
         let (n, k) = (self.n, self.k);
         let mut w = self.dequantized();
         w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
-        match &self.unsmooth {
-            Some(unsmooth) => {
-                let scaled: Vec<f32> = w
-                    .chunks_exact(k.max(1))
-                    .flat_map(|row| row.iter().zip(unsmooth).map(|(v, u)| v / u))
-                    .collect();
-                Self::build(&scaled, n, k, Some(unsmooth.clone()))
-            }
-            None => Self::new(&w, n, k),
-        }
+        Self::build(&w, n, k, self.unsmooth.clone())
     }
 
     /// Outputs (`n`) and inputs (`k`).
@@ -185,16 +175,19 @@ impl QuantWeight {
         let panel_len = k.div_ceil(GROUP) * PANEL * GROUP;
         let mut w = vec![0f32; n * k];
         for (o, row) in w.chunks_exact_mut(k.max(1)).take(n).enumerate() {
-            let (panel, c) = (o / PANEL, o % PANEL);
             for (i, v) in row.iter_mut().enumerate() {
-                let q = self.packed
-                    [panel * panel_len + (i / GROUP) * PANEL * GROUP + c * GROUP + i % GROUP];
+                let q = self.packed[packed_index(panel_len, o, i)];
                 let unsmooth = self.unsmooth.as_ref().map_or(1.0, |u| u[i]);
                 *v = self.scales[o] * f32::from(q) * unsmooth;
             }
         }
         w
     }
+}
+
+/// Where weight `(o, i)` lies in the packed panels, each `panel_len` long.
+fn packed_index(panel_len: usize, o: usize, i: usize) -> usize {
+    (o / PANEL) * panel_len + (i / GROUP) * PANEL * GROUP + (o % PANEL) * GROUP + i % GROUP
 }
 
 /// The scale `max |v| / 127` of `values` and its inverse (both zero for an all-zero or non-finite row).
