@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::{timing_headers, AppState};
+use crate::infer::Infer;
 
 /// One text or a list of texts.
 #[derive(Debug, Deserialize)]
@@ -60,6 +61,10 @@ pub struct EmbedRequest {
     /// L2-normalise each vector (sentence-transformers' default for this model).
     #[serde(default = "default_normalize")]
     pub normalize: bool,
+    /// One of the model's prompts (`config_sentence_transformers.json`: multilingual-e5-small's `query` and
+    /// `passage`), put before every input; the model's default prompt, if it names one, when absent.
+    #[serde(default)]
+    pub prompt_name: Option<String>,
 }
 
 fn default_normalize() -> bool {
@@ -110,6 +115,18 @@ pub(super) fn shorten(
     vector
 }
 
+/// `texts` with the model's prompt `name` (or its default prompt) put before each; an unknown name is a 400.
+pub(super) fn prompted(
+    infer: &Infer,
+    name: Option<&str>,
+    texts: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
+    infer
+        .prompts()
+        .apply(name, texts)
+        .map_err(ApiError::invalid)
+}
+
 /// Checks a request's texts against the configured limits.
 pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), ApiError> {
     let limits = &state.config.limits;
@@ -151,9 +168,14 @@ pub async fn embed(
 ) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
     let infer = state.infer().ok_or_else(ApiError::not_ready)?;
-    let EmbedRequest { inputs, normalize } = body.into_inner();
+    let EmbedRequest {
+        inputs,
+        normalize,
+        prompt_name,
+    } = body.into_inner();
     let texts = inputs.into_vec();
     validate_texts(&texts, &state)?;
+    let texts = prompted(infer, prompt_name.as_deref(), texts)?;
     let out = infer.embed(&texts, normalize).await?;
     let mut response = HttpResponse::Ok();
     timing_headers(&mut response, &out.timings);

@@ -12,7 +12,7 @@ use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema,
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
-use super::embed::{check_dimensions, shorten, validate_texts, Inputs};
+use super::embed::{check_dimensions, prompted, shorten, validate_texts, Inputs};
 use super::error::{json_error, ApiError, RETRY_AFTER_SECS};
 use super::{timing_headers, AppState, RouteLabels};
 use crate::serving::{ClassifyRequest, ModelCard, Selected, Services};
@@ -345,6 +345,8 @@ async fn embed_texts(
 ) -> Result<crate::infer::Outputs, OpenAiError> {
     validate_texts(&texts, state).map_err(|e| OpenAiError::about("input", e))?;
     let infer = &state.services()?.infer;
+    // OpenAI's body names no prompt: the model's default one, if it has one, applies.
+    let texts = prompted(infer, None, texts).map_err(|e| OpenAiError::about("input", e))?;
     infer
         .embed(&texts, true)
         .await

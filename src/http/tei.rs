@@ -9,7 +9,7 @@ use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
-use super::embed::{check_dimensions, shorten, validate_texts, Inputs};
+use super::embed::{check_dimensions, prompted, shorten, validate_texts, Inputs};
 use super::error::{ApiError, ErrorBody};
 use super::openai::classifier;
 use super::{timing_headers, AppState, RouteLabels};
@@ -36,17 +36,11 @@ async fn check_truncation(
     texts: &[String],
     truncate: Option<bool>,
     direction: Option<TruncationDirection>,
-    prompt_name: Option<&str>,
 ) -> Result<(), ApiError> {
     if direction == Some(TruncationDirection::Left) {
         return Err(ApiError::invalid(
             "truncation_direction Left is not supported: Flywheel keeps the start of a long text",
         ));
-    }
-    if let Some(name) = prompt_name {
-        return Err(ApiError::invalid(format!(
-            "prompt_name {name:?}: this model has no prompts"
-        )));
     }
     if truncate != Some(false) {
         return Ok(());
@@ -87,7 +81,8 @@ pub struct TeiEmbedRequest {
     /// `Right` only.
     #[serde(default)]
     pub truncation_direction: Option<TruncationDirection>,
-    /// Not supported: this model has no prompts.
+    /// One of the model's prompts (`config_sentence_transformers.json`, e.g. e5's `query` or `passage`),
+    /// put before every input; the model's default prompt when absent.
     #[serde(default)]
     pub prompt_name: Option<String>,
     /// Keep the first `dimensions` values of each vector (re-normalised when `normalize`).
@@ -113,14 +108,8 @@ pub async fn embed(
     let body = body.into_inner();
     let texts = body.inputs.into_vec();
     validate_texts(&texts, &state)?;
-    check_truncation(
-        &state,
-        &texts,
-        body.truncate,
-        body.truncation_direction,
-        body.prompt_name.as_deref(),
-    )
-    .await?;
+    let texts = prompted(&services.infer, body.prompt_name.as_deref(), texts)?;
+    check_truncation(&state, &texts, body.truncate, body.truncation_direction).await?;
     check_dimensions(body.dimensions, services.infer.dimensions())?;
     let normalize = body.normalize.unwrap_or(true);
     let out = services.infer.embed(&texts, normalize).await?;
@@ -278,14 +267,7 @@ pub async fn predict(
     let body = body.into_inner();
     let (texts, batch) = body.inputs.into_texts()?;
     validate_texts(&texts, &state)?;
-    check_truncation(
-        &state,
-        &texts,
-        body.truncate,
-        body.truncation_direction,
-        None,
-    )
-    .await?;
+    check_truncation(&state, &texts, body.truncate, body.truncation_direction).await?;
     let model = match body.model {
         Some(m) => m,
         None => default_classifier(&state, services)?,
@@ -341,7 +323,7 @@ pub struct TeiTokenizeRequest {
     /// Add `[CLS]` and `[SEP]` (default true).
     #[serde(default)]
     pub add_special_tokens: Option<bool>,
-    /// Not supported: this model has no prompts.
+    /// One of the model's prompts, put before every input (as `/embed` does).
     #[serde(default)]
     pub prompt_name: Option<String>,
 }
@@ -371,11 +353,12 @@ pub async fn tokenize(
     body: web::Json<TeiTokenizeRequest>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::caller(&req, &state.config.auth)?;
-    let tokenizer = state.services()?.infer.tokenizer().clone();
+    let infer = &state.services()?.infer;
+    let tokenizer = infer.tokenizer().clone();
     let body = body.into_inner();
     let texts = body.inputs.into_vec();
     validate_texts(&texts, &state)?;
-    check_truncation(&state, &texts, None, None, body.prompt_name.as_deref()).await?;
+    let texts = prompted(infer, body.prompt_name.as_deref(), texts)?;
     let special = body.add_special_tokens.unwrap_or(true);
     let lists = web::block(move || {
         texts

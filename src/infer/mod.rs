@@ -24,7 +24,7 @@ use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::lora::Adapter;
 use crate::model::pooling;
-use crate::model::{Model, TextTokenizer};
+use crate::model::{Model, Prompts, TextTokenizer};
 use crate::pressure::{Pending, ServingPressure};
 use crate::supervise::Alive;
 
@@ -177,6 +177,7 @@ pub struct Infer {
     timeout: Option<Duration>,
     backlog: Arc<Backlog>,
     tokenizer: Arc<TextTokenizer>,
+    prompts: Arc<Prompts>,
     model_name: String,
     dtype: &'static str,
     dimensions: usize,
@@ -214,6 +215,7 @@ impl Infer {
                 .then(|| Duration::from_millis(config.request_timeout_ms)),
             backlog: backlog.clone(),
             tokenizer: model.tokenizer.clone(),
+            prompts: model.prompts.clone(),
             model_name: model.name.clone(),
             dtype: model.serving_dtype(),
             adapters_supported: model.cpu().is_some(),
@@ -245,6 +247,11 @@ impl Infer {
     /// The tokenizer requests use: the model's own, shared, never copied.
     pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
         &self.tokenizer
+    }
+
+    /// The model's named prompts (e5's `query`, `passage`).
+    pub fn prompts(&self) -> &Prompts {
+        &self.prompts
     }
 
     /// Width of the embeddings.

@@ -16,6 +16,7 @@ pub mod linear;
 pub mod lora;
 pub mod lora_linear;
 pub mod pooling;
+pub mod prompts;
 pub mod random;
 pub mod tokenize;
 pub mod train_ops;
@@ -31,6 +32,7 @@ pub use bert::Bert;
 pub use error::{ModelError, Result};
 pub use fast::{CpuEncoder, Packed};
 pub use hf_config::BertConfig;
+pub use prompts::Prompts;
 pub use tokenize::{TextTokenizer, Token};
 
 /// Files a model directory must hold.
@@ -134,6 +136,8 @@ pub struct Model {
     pub config: BertConfig,
     /// Tokenizer with Flywheel's truncation, shared by every request (never copied).
     pub tokenizer: Arc<TextTokenizer>,
+    /// Named prompts from `config_sentence_transformers.json` (none when the directory has no such file).
+    pub prompts: Arc<Prompts>,
     /// The candle network: the reference path, and the serving path off-CPU.
     pub bert: Bert,
     /// The fused CPU serving path (present when the device is the CPU).
@@ -184,6 +188,7 @@ impl Model {
             )));
         }
         let tokenizer = TextTokenizer::from_file(&tokenizer_path, options.max_length)?;
+        let prompts = Prompts::load(dir)?;
 
         // SAFETY: the weights file is mapped read-only and must not be modified while the server loads it;
         // tensors are copied out of the mapping before it is dropped.
@@ -219,6 +224,7 @@ impl Model {
             dir: dir.to_owned(),
             config,
             tokenizer: Arc::new(tokenizer),
+            prompts: Arc::new(prompts),
             bert,
             cpu,
             device: options.device.clone(),
@@ -380,6 +386,7 @@ mod tests {
             dir: PathBuf::new(),
             config: bert.config.clone(),
             tokenizer: Arc::new(TextTokenizer::for_tests()),
+            prompts: Arc::default(),
             bert: bert.clone(),
             cpu: None,
             device: Device::Cpu,
