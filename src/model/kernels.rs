@@ -482,8 +482,9 @@ pub fn fast_exp(x: f32) -> f32 {
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2ⁿ built from bits: n + 127 + ROUND holds the biased exponent n + 127 (1..=254 after the clamp) in
-    // its low mantissa bits. A float-to-int cast would keep the loops that call this from vectorising.
-    let scale = f32::from_bits(((n + 127.0 + ROUND).to_bits() - ROUND.to_bits()) << 23);
+    // its low mantissa bits. A float-to-int cast would keep the loops that call this from vectorising, and
+    // so would an overflow check on the subtraction (debug and test builds): it cannot overflow, so wrapping.
+    let scale = f32::from_bits((n + 127.0 + ROUND).to_bits().wrapping_sub(ROUND.to_bits()) << 23);
     p * scale
 }
 
