@@ -81,7 +81,11 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(48);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    // FLYWHEEL_MODEL picks another model directory (e.g. models/multilingual-e5-small).
+    let dir = std::env::var_os("FLYWHEEL_MODEL").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"),
+        std::path::PathBuf::from,
+    );
     let model = Model::load(
         &dir,
         &LoadOptions {
@@ -116,6 +120,12 @@ fn main() {
     )
     .unwrap()
     .with_dropout(0.1, 0);
+    let lora = match model.bert.pooler {
+        Some(_) => lora,
+        None => lora
+            .with_own_pooler(model.config.hidden_size, 0, &Device::Cpu)
+            .unwrap(),
+    };
     let timing = median_step::<FusedAdamW>(lora.vars(), 2e-3, &targets, || {
         lora.logits(&model.bert, &ids, &mask).unwrap()
     });

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::data::{pad, Example};
 use crate::model::bert::{Bert, NoDelta};
+use crate::model::linear::Linear;
 use crate::model::{ModelError, Result};
 
 /// A copy of the encoder whose weights are trainable variables, plus a classification head.
@@ -31,20 +32,24 @@ impl FullTrainable {
                 "a classifier needs at least 2 labels".to_owned(),
             ));
         }
-        if base.pooler.is_none() {
-            return Err(ModelError::Unsupported(
-                "the base model has no pooler for a [CLS] head".to_owned(),
-            ));
-        }
         let mut bert = base.clone();
+        let h = bert.config.hidden_size;
+        let device = base.device().clone();
+        if bert.pooler.is_none() {
+            // A checkpoint without a pooler (multilingual-e5-small's): a fresh one, initialised as
+            // `BertForSequenceClassification` does (std 0.02, bias zero), trains with the rest.
+            let weight = crate::rng::Rng::new(seed ^ 0x9001).uniform(h * h, 0.02 * 3f32.sqrt());
+            bert.pooler = Some(Linear {
+                weight: Tensor::from_vec(weight, (h, h), &device)?,
+                bias: Some(Tensor::zeros(h, DType::F32, &device)?),
+            });
+        }
         let mut named = Vec::new();
         for (name, tensor) in bert.tensors_mut() {
             let var = Var::from_tensor(&tensor.copy()?)?;
             *tensor = var.as_tensor().clone();
             named.push((name, var));
         }
-        let h = bert.config.hidden_size;
-        let device = base.device().clone();
         let weight = crate::rng::Rng::new(seed ^ 0xC1A5).uniform(labels * h, 0.02 * 3f32.sqrt());
         Ok(Self {
             bert,
@@ -63,6 +68,13 @@ impl FullTrainable {
                 .ok_or_else(|| ModelError::Weights(format!("the checkpoint has no {name}")))
         };
         let mut bert = base.clone();
+        if bert.pooler.is_none() {
+            // The pooler a fine-tuning of a pooler-less base added (see `new`); its values come below.
+            bert.pooler = Some(Linear {
+                weight: get("bert.pooler.dense.weight")?.clone(),
+                bias: Some(get("bert.pooler.dense.bias")?.clone()),
+            });
+        }
         let mut named = Vec::new();
         for (name, tensor) in bert.tensors_mut() {
             let var = Var::from_tensor(&get(&format!("bert.{name}"))?.copy()?)?;
@@ -106,6 +118,7 @@ impl FullTrainable {
         super::lora::cls_head(
             bert,
             &hidden,
+            None,
             &self.classifier_weight,
             &self.classifier_bias,
         )
@@ -273,6 +286,38 @@ mod tests {
         assert_eq!(snap.len(), full.vars().len());
         let rebuilt = FullTrainable::from_weights(&full.bert, &snap).unwrap();
         let (ids, mask, _) = batch();
+        assert_eq!(
+            rebuilt
+                .logits(&ids, &mask)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            full.logits(&ids, &mask).unwrap().to_vec2::<f32>().unwrap()
+        );
+    }
+
+    /// A base checkpoint without a pooler (multilingual-e5-small's): full fine-tuning adds one, trains it
+    /// with the rest and saves it, and a snapshot rebuilds on the pooler-less base.
+    #[test]
+    fn a_base_without_a_pooler_gets_a_fresh_one_that_trains_and_is_saved() {
+        let mut base = tiny::bert(5);
+        base.pooler = None;
+        let full = FullTrainable::new(&base, 2, 1).unwrap();
+        let (ids, mask, targets) = batch();
+        let grads = cross_entropy(&full.logits(&ids, &mask).unwrap(), &targets, 0.1, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let vars = full.vars();
+        assert_eq!(
+            vars.len(),
+            5 + 2 * 16 + 2 + 2,
+            "the pooler is among the variables"
+        );
+        crate::trainer::lora_tests::assert_every_var_has_a_gradient(&vars, &grads);
+        let snap = full.snapshot().unwrap();
+        assert!(snap.contains_key("bert.pooler.dense.weight"));
+        let rebuilt = FullTrainable::from_weights(&base, &snap).unwrap();
         assert_eq!(
             rebuilt
                 .logits(&ids, &mask)

@@ -750,13 +750,18 @@ fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .remove(id);
 }
 
-/// Whether training can continue from `adapter`: a `[CLS]` head without its own pooler, of the task's width.
-fn warm_startable(adapter: &crate::model::lora::Adapter, labels: usize) -> bool {
-    adapter.head.as_ref().is_some_and(|h| {
-        h.pooling == crate::model::lora::Pooling::Cls
-            && h.pooler.is_none()
-            && h.classifier.out_features == labels
-    }) && adapter.deltas().next().is_some()
+/// Whether training can continue from `adapter`: a head pooling as the job asks (a pooler of its own, if
+/// any, trains on) of the task's width.
+fn warm_startable(
+    adapter: &crate::model::lora::Adapter,
+    labels: usize,
+    pooling: crate::model::lora::Pooling,
+) -> bool {
+    adapter
+        .head
+        .as_ref()
+        .is_some_and(|h| h.pooling == pooling && h.classifier.out_features == labels)
+        && adapter.deltas().next().is_some()
 }
 
 /// The examples a job trains and validates on, and where they came from.
@@ -889,7 +894,9 @@ fn train_and_publish(
         .resolve(&task.name)
         .filter(|g| g.task == task.name);
     let warm = stable.as_ref().and_then(|g| g.adapter.clone()).filter(|a| {
-        config.method == Method::Lora && config.warm_start && warm_startable(a, labels)
+        config.method == Method::Lora
+            && config.warm_start
+            && warm_startable(a, labels, config.pooling.pooling())
     });
     let parent_snapshot = warm
         .as_ref()
@@ -1027,7 +1034,7 @@ fn train_and_publish(
             let sidecar = Sidecar {
                 task: Some(task.name.clone()),
                 labels: Some(task.labels.clone()),
-                head: Some(crate::model::lora::Pooling::Cls),
+                head: adapter.head.as_ref().map(|h| h.pooling),
                 parent: stable.map(|g| g.id.clone()),
                 metrics: meta.as_object().cloned().unwrap_or_default(),
             };

@@ -34,6 +34,11 @@ pub struct LoraTrainable {
     factors: BTreeMap<(usize, Target), (Var, Var)>,
     classifier_weight: Var,
     classifier_bias: Var,
+    /// A pooler (weight, bias) of the head's own, trained, for base models whose checkpoint has none
+    /// (multilingual-e5-small's); `None` uses the base model's, frozen.
+    pooler: Option<(Var, Var)>,
+    /// How the head pools: `[CLS]` through a pooler, or the mean of the tokens.
+    pooling: Pooling,
     rank: usize,
     scale: f64,
     dropout: Option<Dropout>,
@@ -115,23 +120,55 @@ impl LoraTrainable {
             factors,
             classifier_weight,
             classifier_bias,
+            pooler: None,
+            pooling: Pooling::Cls,
             rank,
             scale: alpha / rank as f64,
             dropout: None,
         })
     }
 
-    /// Starts from an existing adapter (warm start); its head must pool `[CLS]` and have no own pooler.
+    /// Gives the head a pooler of its own to train, initialised as `BertForSequenceClassification`
+    /// initialises a pooler its checkpoint lacks (weights std 0.02, bias zero), seeded. For base models
+    /// without a pooler; exported with the adapter (PEFT `modules_to_save`).
+    pub fn with_own_pooler(mut self, hidden: usize, seed: u64, device: &Device) -> Result<Self> {
+        let weight = var(
+            uniform(seed ^ 0x9001, hidden * hidden, 0.02 * 3f32.sqrt()),
+            (hidden, hidden),
+            device,
+        )?;
+        let bias = Var::from_tensor(&Tensor::zeros(hidden, DType::F32, device)?)?;
+        self.pooler = Some((weight, bias));
+        Ok(self)
+    }
+
+    /// Makes the head pool the mean of the tokens (padding excluded) instead of `[CLS]`, as the serving
+    /// path's [`Pooling::Mean`] heads do. For encoders trained for mean pooling (multilingual-e5-small);
+    /// `BertForSequenceClassification` cannot express such a head, so PEFT loads its weights but pools `[CLS]`.
+    pub fn with_mean_pooling(mut self) -> Self {
+        self.pooling = Pooling::Mean;
+        self.pooler = None;
+        self
+    }
+
+    /// How the head pools.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Starts from an existing adapter (warm start), keeping its head's pooling; a pooler of the head's own
+    /// goes on training with it.
     pub fn from_adapter(adapter: &Adapter, device: &Device) -> Result<Self> {
         let head = adapter
             .head
             .as_ref()
             .ok_or_else(|| ModelError::InvalidInput("the adapter has no head".to_owned()))?;
-        if head.pooling != Pooling::Cls || head.pooler.is_some() {
-            return Err(ModelError::Unsupported(
-                "warm starts need a [CLS] head without its own pooler".to_owned(),
-            ));
-        }
+        let dense = |d: &Dense| -> Result<(Var, Var)> {
+            Ok((
+                var(d.weight.clone(), (d.out_features, d.in_features), device)?,
+                Var::from_tensor(&Tensor::from_vec(d.bias.clone(), d.out_features, device)?)?,
+            ))
+        };
         let mut factors = BTreeMap::new();
         let (mut rank, mut scale) = (0, 1.0);
         for (layer, target, d) in adapter.deltas() {
@@ -147,15 +184,13 @@ impl LoraTrainable {
             rank = d.rank;
             scale = d.scale as f64;
         }
-        let c = &head.classifier;
+        let (classifier_weight, classifier_bias) = dense(&head.classifier)?;
         Ok(Self {
             factors,
-            classifier_weight: var(c.weight.clone(), (c.out_features, c.in_features), device)?,
-            classifier_bias: Var::from_tensor(&Tensor::from_vec(
-                c.bias.clone(),
-                c.out_features,
-                device,
-            )?)?,
+            classifier_weight,
+            classifier_bias,
+            pooler: head.pooler.as_ref().map(dense).transpose()?,
+            pooling: head.pooling,
             rank,
             scale,
             dropout: None,
@@ -184,6 +219,9 @@ impl LoraTrainable {
             .collect();
         vars.push(self.classifier_weight.clone());
         vars.push(self.classifier_bias.clone());
+        if let Some((w, b)) = &self.pooler {
+            vars.extend([w.clone(), b.clone()]);
+        }
         vars
     }
 
@@ -192,21 +230,30 @@ impl LoraTrainable {
         self.vars().iter().map(|v| v.elem_count()).sum()
     }
 
-    /// Class logits `[batch, labels]`: the encoder with the deltas, `[CLS]` through the frozen pooler and
-    /// tanh, then the trainable classifier.
+    /// Class logits `[batch, labels]`: the encoder with the deltas, pooled (`[CLS]` through the pooler — the
+    /// head's own when it has one, else the base's, frozen — and tanh; or the token mean), then the
+    /// trainable classifier.
     pub fn logits(
         &self,
         bert: &Bert,
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
-        let hidden = bert.forward_first_with(input_ids, attention_mask, self)?;
-        cls_head(
-            bert,
-            &hidden,
-            &self.classifier_weight,
-            &self.classifier_bias,
-        )
+        match self.pooling {
+            Pooling::Cls => cls_head(
+                bert,
+                &bert.forward_first_with(input_ids, attention_mask, self)?,
+                self.pooler.as_ref(),
+                &self.classifier_weight,
+                &self.classifier_bias,
+            ),
+            Pooling::Mean => mean_head(
+                &bert.forward_with(input_ids, attention_mask, self)?,
+                attention_mask,
+                &self.classifier_weight,
+                &self.classifier_bias,
+            ),
+        }
     }
 
     /// The trained state as an [`Adapter`] the serving path runs.
@@ -221,29 +268,69 @@ impl LoraTrainable {
             };
             adapter.set(layer, target, delta)?;
         }
-        let (labels, hidden) = self.classifier_weight.as_tensor().dims2()?;
+        let dense = |weight: &Var, bias: &Var| -> Result<Dense> {
+            let (out_features, in_features) = weight.as_tensor().dims2()?;
+            Ok(Dense {
+                weight: to_vec(weight.as_tensor())?,
+                bias: to_vec(bias.as_tensor())?,
+                in_features,
+                out_features,
+            })
+        };
         adapter.head = Some(Head {
-            pooling: Pooling::Cls,
-            pooler: None,
-            classifier: Dense {
-                weight: to_vec(self.classifier_weight.as_tensor())?,
-                bias: to_vec(self.classifier_bias.as_tensor())?,
-                in_features: hidden,
-                out_features: labels,
-            },
+            pooling: self.pooling,
+            pooler: self.pooler.as_ref().map(|(w, b)| dense(w, b)).transpose()?,
+            classifier: dense(&self.classifier_weight, &self.classifier_bias)?,
         });
         Ok(adapter)
     }
 }
 
-/// The `BertForSequenceClassification` head on `hidden` `[batch, seq, h]`: `[CLS]` through `bert`'s pooler
-/// and tanh, then the classifier, in the classifier's format (f32 under bf16 autocast).
-pub fn cls_head(bert: &Bert, hidden: &Tensor, weight: &Var, bias: &Var) -> Result<Tensor> {
+/// The `BertForSequenceClassification` head on `hidden` `[batch, seq, h]`: `[CLS]` through a pooler (`own`,
+/// trainable, else `bert`'s) and tanh, then the classifier, in the classifier's format (f32 under bf16
+/// autocast).
+pub fn cls_head(
+    bert: &Bert,
+    hidden: &Tensor,
+    own: Option<&(Var, Var)>,
+    weight: &Var,
+    bias: &Var,
+) -> Result<Tensor> {
     let cls = hidden.i((.., 0, ..))?;
-    let pooler = bert.pooler.as_ref().ok_or_else(|| {
-        ModelError::Unsupported("the base model has no pooler for a [CLS] head".to_owned())
-    })?;
-    let pooled = pooler.forward(&cls)?.tanh()?.to_dtype(weight.dtype())?;
+    let pooled = match own {
+        Some((w, b)) => cls
+            .to_dtype(w.dtype())?
+            .matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?,
+        None => bert
+            .pooler
+            .as_ref()
+            .ok_or_else(|| {
+                ModelError::Unsupported(
+                    "the base model has no pooler for a [CLS] head, and the head has none of its own"
+                        .to_owned(),
+                )
+            })?
+            .forward(&cls)?
+            .to_dtype(weight.dtype())?,
+    };
+    let pooled = pooled.tanh()?;
+    Ok(pooled
+        .matmul(&weight.as_tensor().t()?)?
+        .broadcast_add(bias.as_tensor())?)
+}
+
+/// A mean-pooling head on `hidden` `[batch, seq, h]`: the mean of each sequence's unpadded tokens
+/// (`attention_mask` 1), then the classifier, in the classifier's format.
+pub fn mean_head(
+    hidden: &Tensor,
+    attention_mask: &Tensor,
+    weight: &Var,
+    bias: &Var,
+) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let pooled = sum.broadcast_div(&mask.sum(1)?)?.to_dtype(weight.dtype())?;
     Ok(pooled
         .matmul(&weight.as_tensor().t()?)?
         .broadcast_add(bias.as_tensor())?)

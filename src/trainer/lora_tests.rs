@@ -155,7 +155,7 @@ fn computing_only_the_first_row_of_the_last_layer_changes_no_loss_and_no_gradien
     let vars = lora.vars();
     let (weight, bias) = (&vars[vars.len() - 2], &vars[vars.len() - 1]);
     let run = |hidden: Tensor| {
-        let logits = super::lora::cls_head(&bert, &hidden, weight, bias).unwrap();
+        let logits = super::lora::cls_head(&bert, &hidden, None, weight, bias).unwrap();
         let loss = cross_entropy(&logits, &targets, 0.1, None).unwrap();
         (logits, loss.backward().unwrap())
     };
@@ -494,4 +494,100 @@ fn class_weights_weigh_each_example_by_its_label() {
     assert_eq!(parsed, ClassWeights::Preset(WeightPreset::Balanced));
     let parsed: ClassWeights = serde_json::from_str("[1, 2.5]").unwrap();
     assert_eq!(parsed, ClassWeights::Explicit(vec![1.0, 2.5]));
+}
+
+/// A base checkpoint without a pooler (multilingual-e5-small's): the head trains a pooler of its own, every
+/// variable gets a gradient, the exported adapter carries the pooler and serves what training computed, and
+/// a warm start resumes it.
+#[test]
+fn a_base_without_a_pooler_trains_a_pooler_of_the_heads_own() {
+    let mut bert = tiny::bert(3);
+    bert.pooler = None;
+    let h = bert.config.hidden_size;
+    let lora = trainable(&bert.config)
+        .with_own_pooler(h, 5, &Device::Cpu)
+        .unwrap();
+    perturb(&lora);
+    let (seqs, ids, mask, targets) = batch();
+    let logits = lora.logits(&bert, &ids, &mask).unwrap();
+    let grads = cross_entropy(&logits, &targets, 0.1, None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let vars = lora.vars();
+    assert_eq!(vars.len(), 2 * 3 * 2 + 2 + 2, "factors, classifier, pooler");
+    assert_every_var_has_a_gradient(&vars, &grads);
+
+    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let pooler = adapter.head.as_ref().unwrap().pooler.as_ref().unwrap();
+    assert_eq!((pooler.in_features, pooler.out_features), (h, h));
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let choice = vec![Some(&adapter); refs.len()];
+    let served = cpu
+        .classify(&cpu.forward_adapted(&refs, &choice).unwrap(), &choice)
+        .unwrap();
+    for (t, s) in logits.to_vec2::<f32>().unwrap().iter().zip(served) {
+        let s = s.unwrap();
+        let diff = t
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-4, "training path {t:?} vs serving path {s:?}");
+    }
+    let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
+    assert_eq!(again.vars().len(), vars.len());
+    assert_eq!(
+        again.to_adapter(bert.config.num_hidden_layers).unwrap(),
+        adapter
+    );
+}
+
+/// A mean-pooling head: every variable gets a gradient, padding does not count in the mean (the logits
+/// equal the serving path's, which sees each sequence unpadded), the export says `Mean`, and a warm start
+/// keeps it.
+#[test]
+fn a_mean_pooling_head_trains_and_serves_what_it_trained() {
+    use crate::model::lora::Pooling;
+    let bert = tiny::bert(3);
+    let lora = trainable(&bert.config).with_mean_pooling();
+    perturb(&lora);
+    let (seqs, ids, mask, targets) = batch();
+    let logits = lora.logits(&bert, &ids, &mask).unwrap();
+    let grads = cross_entropy(&logits, &targets, 0.1, None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let vars = lora.vars();
+    assert_eq!(
+        vars.len(),
+        2 * 3 * 2 + 2,
+        "factors and classifier, no pooler"
+    );
+    assert_every_var_has_a_gradient(&vars, &grads);
+
+    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
+    assert_eq!(adapter.head.as_ref().unwrap().pooling, Pooling::Mean);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let choice = vec![Some(&adapter); refs.len()];
+    let served = cpu
+        .classify(&cpu.forward_adapted(&refs, &choice).unwrap(), &choice)
+        .unwrap();
+    for (t, s) in logits.to_vec2::<f32>().unwrap().iter().zip(served) {
+        let s = s.unwrap();
+        let diff = t
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-4, "training path {t:?} vs serving path {s:?}");
+    }
+    let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
+    assert_eq!(again.pooling(), Pooling::Mean);
+    assert_eq!(
+        again.to_adapter(bert.config.num_hidden_layers).unwrap(),
+        adapter
+    );
 }

@@ -177,6 +177,7 @@ pub fn run(
     let bert = model.bert.to_device(&job.device)?;
     let io = |e: &dyn std::fmt::Display| TrainError::Invalid(format!("writing the result: {e}"));
     std::fs::create_dir_all(&job.out).map_err(|e| io(&e))?;
+    let mut pooling = Pooling::Cls;
     let (run, probs) = match config.method {
         Method::Lora => {
             let (adapter, run) = train_lora(
@@ -191,6 +192,7 @@ pub fn run(
                 &cancel,
             )?
             .split();
+            pooling = adapter.head.as_ref().map_or(pooling, |h| h.pooling);
             peft::write_dir(&job.out, &adapter, config.alpha, &model.name).map_err(|e| io(&e))?;
             // The drift reference a server compares this generation's traffic with.
             let size = crate::config::DriftConfig::default().reference_size;
@@ -230,7 +232,7 @@ pub fn run(
     let sidecar = Sidecar {
         task: Some(job.task.clone()),
         labels: Some(labels),
-        head: Some(Pooling::Cls),
+        head: Some(pooling),
         parent: None,
         metrics: serde_json::json!({"offline": report, "hyperparameters": config})
             .as_object()

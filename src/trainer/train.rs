@@ -17,7 +17,7 @@ use super::eval::{evaluate, Evaluation};
 use super::full::FullTrainable;
 use super::lora::{cross_entropy, LoraTrainable};
 use crate::heap::TrainingHeap;
-use crate::model::lora::{Adapter, Target};
+use crate::model::lora::{Adapter, Pooling, Target};
 use crate::model::{Bert, CpuEncoder, ModelError};
 
 /// What trains.
@@ -186,8 +186,8 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     /// Seed of initialisation, split and shuffles.
     pub seed: u64,
-    /// Start from the task's stable generation when it is a LoRA `[CLS]` adapter (its rank and targets then
-    /// replace `rank` and `targets`); otherwise from fresh factors. LoRA only.
+    /// Start from the task's stable generation when it is a LoRA adapter whose head pools as this job's does
+    /// (its rank and targets then replace `rank` and `targets`); otherwise from fresh factors. LoRA only.
     pub warm_start: bool,
     /// When warm-starting, train on the feedback that arrived since the parent generation's data snapshot
     /// plus this many older examples per new one, sampled evenly (replay, against forgetting); `null` trains
@@ -197,6 +197,31 @@ pub struct TrainConfig {
     /// The number format of the forward and backward passes: `auto` (bf16 on a GPU, f32 on the CPU), `f32`
     /// or `bf16` (autocast: see docs/TRAINING.md).
     pub precision: Precision,
+    /// How a LoRA head pools: `cls` (`BertForSequenceClassification`'s `[CLS]` through the pooler; a base
+    /// without one gets a pooler of the head's own) or `mean` (the token mean; Flywheel serves it, PEFT cannot
+    /// express it). Full fine-tuning always pools `[CLS]`.
+    pub pooling: HeadPooling,
+}
+
+/// The pooling a job asks of its head (see [`TrainConfig::pooling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadPooling {
+    /// `[CLS]` through the pooler (the base's, or one the head trains when the base has none).
+    #[default]
+    Cls,
+    /// The mean of the tokens.
+    Mean,
+}
+
+impl HeadPooling {
+    /// The serving path's pooling for this choice.
+    pub fn pooling(self) -> Pooling {
+        match self {
+            HeadPooling::Cls => Pooling::Cls,
+            HeadPooling::Mean => Pooling::Mean,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -222,6 +247,7 @@ impl Default for TrainConfig {
             warm_start: true,
             replay: Some(2.0),
             precision: Precision::Auto,
+            pooling: HeadPooling::Cls,
         }
     }
 }
@@ -247,6 +273,9 @@ impl TrainConfig {
         }
         if self.targets.is_empty() {
             return bad("targets must name at least one linear");
+        }
+        if self.method == Method::Full && self.pooling == HeadPooling::Mean {
+            return bad("full fine-tuning trains a BertForSequenceClassification, which pools [CLS]: pooling must be cls");
         }
         if !(self.lr() > 0.0 && self.lr() < 1.0) {
             return bad("learning_rate must be in (0, 1)");
@@ -524,7 +553,17 @@ pub fn train_lora(
             labels,
             config.seed,
             &device,
-        )?,
+        )
+        .and_then(|fresh| {
+            match (config.pooling.pooling(), &bert.pooler) {
+                (Pooling::Mean, _) => Ok(fresh.with_mean_pooling()),
+                // A checkpoint without a pooler (multilingual-e5-small's): a [CLS] head brings its own.
+                (Pooling::Cls, None) => {
+                    fresh.with_own_pooler(bert.config.hidden_size, config.seed, &device)
+                }
+                (Pooling::Cls, Some(_)) => Ok(fresh),
+            }
+        })?,
     }
     .with_dropout(config.lora_dropout, config.seed);
     let compute = bert.to_dtype(config.precision.dtype(&device))?;
@@ -731,7 +770,7 @@ fn fit<T: Trainable>(
 
 #[cfg(test)]
 mod tests {
-    use super::TrainConfig;
+    use super::{HeadPooling, Pooling, TrainConfig};
 
     #[test]
     fn automatic_job_parameters_come_from_a_toml_table_and_are_checked() {
@@ -749,5 +788,20 @@ mod tests {
             TrainConfig::from_table(&toml::Table::new()).expect("defaults"),
             TrainConfig::default()
         );
+    }
+
+    #[test]
+    fn a_mean_pooling_head_is_asked_for_and_full_fine_tuning_refuses_it() {
+        assert_eq!(TrainConfig::default().pooling.pooling(), Pooling::Cls);
+        let table: toml::Table = "pooling = \"mean\"".parse().expect("valid TOML");
+        assert_eq!(
+            TrainConfig::from_table(&table).expect("valid").pooling,
+            HeadPooling::Mean
+        );
+        let full: toml::Table = "pooling = \"mean\"\nmethod = \"full\""
+            .parse()
+            .expect("valid TOML");
+        let err = TrainConfig::from_table(&full).unwrap_err().to_string();
+        assert!(err.contains("pools [CLS]"), "{err}");
     }
 }
