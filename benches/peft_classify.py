@@ -8,7 +8,8 @@ a stratified 15 % validation split, keeping the best epoch by validation macro-F
 PyTorch runs on 2 threads with denormals flushed.
 
 With SAVE_DIR, the trained adapter is saved there (`save_pretrained`) and OUT.json also holds the test
-probabilities, so a server can load the adapter and be compared with PyTorch.
+probabilities at the server's truncation (256 tokens), so a server can load the adapter and be compared with
+PyTorch.
 
 Usage: peft_classify.py MODEL_DIR TRAIN.jsonl TEST.jsonl LABEL,LABEL,... OUT.json [SAVE_DIR]"""
 
@@ -24,6 +25,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerFast
 
 EPOCHS, BATCH, MAX_LEN, LR, WD, WARMUP, SMOOTH, VAL, PATIENCE, SEED = 5, 16, 128, 2e-3, 0.01, 0.1, 0.1, 0.15, 3, 0
+# The server cuts inputs at `model.max_length` (256), not at the job's 128: the probabilities compared with a
+# server are computed at its length, or long reviews differ by truncation alone.
+SERVE_MAX_LEN = 256
 
 
 def rows(path, labels):
@@ -46,13 +50,13 @@ def split(data, share, seed):
     return train, val
 
 
-def scores(model, tokenizer, data):
+def scores(model, tokenizer, data, max_len=MAX_LEN):
     model.eval()
     probs = []
     with torch.no_grad():
         for i in range(0, len(data), 64):
             texts = [t for t, _ in data[i : i + 64]]
-            enc = tokenizer(texts, truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
+            enc = tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
             probs.append(torch.softmax(model(**enc).logits, -1))
     return torch.cat(probs)
 
@@ -131,7 +135,7 @@ def main():
               "train_rows": len(train), "val_rows": len(val)}
     if save_dir:
         model.save_pretrained(save_dir)
-        result["test_probs"] = probs.tolist()
+        result["test_probs"] = scores(model, tokenizer, test, SERVE_MAX_LEN).tolist()
     json.dump(result, open(out_path, "w"), indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "test_probs"}))
 

@@ -212,8 +212,10 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+    use std::collections::HashMap;
+
     use super::FullTrainable;
-    use crate::model::tiny;
+    use crate::model::{tiny, Bert};
     use crate::trainer::lora::cross_entropy;
 
     fn batch() -> (Tensor, Tensor, Tensor) {
@@ -284,16 +286,15 @@ mod tests {
             &[3, full.bert.config.hidden_size]
         );
         assert_eq!(snap.len(), full.vars().len());
-        let rebuilt = FullTrainable::from_weights(&full.bert, &snap).unwrap();
+        assert_rebuilds(&full, &full.bert, &snap);
+    }
+
+    /// A network rebuilt on `base` from `snap` computes `full`'s logits.
+    fn assert_rebuilds(full: &FullTrainable, base: &Bert, snap: &HashMap<String, Tensor>) {
+        let rebuilt = FullTrainable::from_weights(base, snap).unwrap();
         let (ids, mask, _) = batch();
-        assert_eq!(
-            rebuilt
-                .logits(&ids, &mask)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-            full.logits(&ids, &mask).unwrap().to_vec2::<f32>().unwrap()
-        );
+        let logits = |f: &FullTrainable| f.logits(&ids, &mask).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(logits(&rebuilt), logits(full));
     }
 
     /// A base checkpoint without a pooler (multilingual-e5-small's): full fine-tuning adds one, trains it
@@ -317,14 +318,6 @@ mod tests {
         crate::trainer::lora_tests::assert_every_var_has_a_gradient(&vars, &grads);
         let snap = full.snapshot().unwrap();
         assert!(snap.contains_key("bert.pooler.dense.weight"));
-        let rebuilt = FullTrainable::from_weights(&base, &snap).unwrap();
-        assert_eq!(
-            rebuilt
-                .logits(&ids, &mask)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-            full.logits(&ids, &mask).unwrap().to_vec2::<f32>().unwrap()
-        );
+        assert_rebuilds(&full, &base, &snap);
     }
 }

@@ -60,18 +60,26 @@ fn the_training_path_computes_what_the_serving_path_serves() {
     let lora = trainable(&bert.config);
     perturb(&lora);
     let (seqs, ids, mask, _) = batch();
-    let trained = lora
-        .logits(&bert, &ids, &mask)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
-    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let trained = lora.logits(&bert, &ids, &mask).unwrap();
+    assert_serves_what_it_trained(&bert, &lora, &seqs, &trained);
+}
+
+/// Exports `lora` and checks that the fused serving path's logits for `seqs` (each unpadded) equal `trained`,
+/// the training path's on the padded batch, and that a warm start from the export reproduces it; returns it.
+fn assert_serves_what_it_trained(
+    bert: &crate::model::Bert,
+    lora: &LoraTrainable,
+    seqs: &[Vec<u32>],
+    trained: &Tensor,
+) -> crate::model::lora::Adapter {
+    let layers = bert.config.num_hidden_layers;
+    let adapter = lora.to_adapter(layers).unwrap();
+    let cpu = CpuEncoder::from_bert(bert).unwrap();
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let choice = vec![Some(&adapter); refs.len()];
     let packed = cpu.forward_adapted(&refs, &choice).unwrap();
     let served = cpu.classify(&packed, &choice).unwrap();
-    for (t, s) in trained.iter().zip(served) {
+    for (t, s) in trained.to_vec2::<f32>().unwrap().iter().zip(served) {
         let s = s.unwrap();
         let diff = t
             .iter()
@@ -80,6 +88,9 @@ fn the_training_path_computes_what_the_serving_path_serves() {
             .fold(0.0, f32::max);
         assert!(diff < 1e-4, "training path {t:?} vs serving path {s:?}");
     }
+    let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
+    assert_eq!(again.to_adapter(layers).unwrap(), adapter);
+    adapter
 }
 
 #[test]
@@ -518,30 +529,9 @@ fn a_base_without_a_pooler_trains_a_pooler_of_the_heads_own() {
     assert_eq!(vars.len(), 2 * 3 * 2 + 2 + 2, "factors, classifier, pooler");
     assert_every_var_has_a_gradient(&vars, &grads);
 
-    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let adapter = assert_serves_what_it_trained(&bert, &lora, &seqs, &logits);
     let pooler = adapter.head.as_ref().unwrap().pooler.as_ref().unwrap();
     assert_eq!((pooler.in_features, pooler.out_features), (h, h));
-    let cpu = CpuEncoder::from_bert(&bert).unwrap();
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let choice = vec![Some(&adapter); refs.len()];
-    let served = cpu
-        .classify(&cpu.forward_adapted(&refs, &choice).unwrap(), &choice)
-        .unwrap();
-    for (t, s) in logits.to_vec2::<f32>().unwrap().iter().zip(served) {
-        let s = s.unwrap();
-        let diff = t
-            .iter()
-            .zip(&s)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(diff < 1e-4, "training path {t:?} vs serving path {s:?}");
-    }
-    let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
-    assert_eq!(again.vars().len(), vars.len());
-    assert_eq!(
-        again.to_adapter(bert.config.num_hidden_layers).unwrap(),
-        adapter
-    );
 }
 
 /// A mean-pooling head: every variable gets a gradient, padding does not count in the mean (the logits
@@ -567,27 +557,8 @@ fn a_mean_pooling_head_trains_and_serves_what_it_trained() {
     );
     assert_every_var_has_a_gradient(&vars, &grads);
 
-    let adapter = lora.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let adapter = assert_serves_what_it_trained(&bert, &lora, &seqs, &logits);
     assert_eq!(adapter.head.as_ref().unwrap().pooling, Pooling::Mean);
-    let cpu = CpuEncoder::from_bert(&bert).unwrap();
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let choice = vec![Some(&adapter); refs.len()];
-    let served = cpu
-        .classify(&cpu.forward_adapted(&refs, &choice).unwrap(), &choice)
-        .unwrap();
-    for (t, s) in logits.to_vec2::<f32>().unwrap().iter().zip(served) {
-        let s = s.unwrap();
-        let diff = t
-            .iter()
-            .zip(&s)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(diff < 1e-4, "training path {t:?} vs serving path {s:?}");
-    }
     let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
     assert_eq!(again.pooling(), Pooling::Mean);
-    assert_eq!(
-        again.to_adapter(bert.config.num_hidden_layers).unwrap(),
-        adapter
-    );
 }
