@@ -159,10 +159,11 @@ impl LoraDelta {
 }
 
 /// How a classification head pools the encoder's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// `BertForSequenceClassification`: `[CLS]` → pooler dense + tanh → classifier.
+    #[default]
     Cls,
     /// Mean over tokens → classifier.
     Mean,

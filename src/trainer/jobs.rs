@@ -896,7 +896,7 @@ fn train_and_publish(
     let warm = stable.as_ref().and_then(|g| g.adapter.clone()).filter(|a| {
         config.method == Method::Lora
             && config.warm_start
-            && warm_startable(a, labels, config.pooling.pooling())
+            && warm_startable(a, labels, config.pooling)
     });
     let parent_snapshot = warm
         .as_ref()

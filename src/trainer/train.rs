@@ -200,28 +200,7 @@ pub struct TrainConfig {
     /// How a LoRA head pools: `cls` (`BertForSequenceClassification`'s `[CLS]` through the pooler; a base
     /// without one gets a pooler of the head's own) or `mean` (the token mean; Flywheel serves it, PEFT cannot
     /// express it). Full fine-tuning always pools `[CLS]`.
-    pub pooling: HeadPooling,
-}
-
-/// The pooling a job asks of its head (see [`TrainConfig::pooling`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum HeadPooling {
-    /// `[CLS]` through the pooler (the base's, or one the head trains when the base has none).
-    #[default]
-    Cls,
-    /// The mean of the tokens.
-    Mean,
-}
-
-impl HeadPooling {
-    /// The serving path's pooling for this choice.
-    pub fn pooling(self) -> Pooling {
-        match self {
-            HeadPooling::Cls => Pooling::Cls,
-            HeadPooling::Mean => Pooling::Mean,
-        }
-    }
+    pub pooling: Pooling,
 }
 
 impl Default for TrainConfig {
@@ -247,7 +226,7 @@ impl Default for TrainConfig {
             warm_start: true,
             replay: Some(2.0),
             precision: Precision::Auto,
-            pooling: HeadPooling::Cls,
+            pooling: Pooling::Cls,
         }
     }
 }
@@ -274,7 +253,7 @@ impl TrainConfig {
         if self.targets.is_empty() {
             return bad("targets must name at least one linear");
         }
-        if self.method == Method::Full && self.pooling == HeadPooling::Mean {
+        if self.method == Method::Full && self.pooling == Pooling::Mean {
             return bad("full fine-tuning trains a BertForSequenceClassification, which pools [CLS]: pooling must be cls");
         }
         if !(self.lr() > 0.0 && self.lr() < 1.0) {
@@ -555,7 +534,7 @@ pub fn train_lora(
             &device,
         )
         .and_then(|fresh| {
-            match (config.pooling.pooling(), &bert.pooler) {
+            match (config.pooling, &bert.pooler) {
                 (Pooling::Mean, _) => Ok(fresh.with_mean_pooling()),
                 // A checkpoint without a pooler (multilingual-e5-small's): a [CLS] head brings its own.
                 (Pooling::Cls, None) => {
@@ -770,7 +749,7 @@ fn fit<T: Trainable>(
 
 #[cfg(test)]
 mod tests {
-    use super::{HeadPooling, Pooling, TrainConfig};
+    use super::{Pooling, TrainConfig};
 
     #[test]
     fn automatic_job_parameters_come_from_a_toml_table_and_are_checked() {
@@ -792,11 +771,11 @@ mod tests {
 
     #[test]
     fn a_mean_pooling_head_is_asked_for_and_full_fine_tuning_refuses_it() {
-        assert_eq!(TrainConfig::default().pooling.pooling(), Pooling::Cls);
+        assert_eq!(TrainConfig::default().pooling, Pooling::Cls);
         let table: toml::Table = "pooling = \"mean\"".parse().expect("valid TOML");
         assert_eq!(
             TrainConfig::from_table(&table).expect("valid").pooling,
-            HeadPooling::Mean
+            Pooling::Mean
         );
         let full: toml::Table = "pooling = \"mean\"\nmethod = \"full\""
             .parse()
