@@ -507,6 +507,25 @@ fn class_weights_weigh_each_example_by_its_label() {
     assert_eq!(parsed, ClassWeights::Explicit(vec![1.0, 2.5]));
 }
 
+/// Perturbs `lora`, checks it has `vars` variables and that one backward pass over [`batch`] gives each a
+/// non-zero gradient; returns the batch's sequences and the logits.
+fn logits_with_every_gradient(
+    bert: &crate::model::Bert,
+    lora: &LoraTrainable,
+    vars: usize,
+) -> (Vec<Vec<u32>>, Tensor) {
+    perturb(lora);
+    let (seqs, ids, mask, targets) = batch();
+    let logits = lora.logits(bert, &ids, &mask).unwrap();
+    let grads = cross_entropy(&logits, &targets, 0.1, None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(lora.vars().len(), vars);
+    assert_every_var_has_a_gradient(&lora.vars(), &grads);
+    (seqs, logits)
+}
+
 /// A base checkpoint without a pooler (multilingual-e5-small's): the head trains a pooler of its own, every
 /// variable gets a gradient, the exported adapter carries the pooler and serves what training computed, and
 /// a warm start resumes it.
@@ -518,16 +537,7 @@ fn a_base_without_a_pooler_trains_a_pooler_of_the_heads_own() {
     let lora = trainable(&bert.config)
         .with_own_pooler(h, 5, &Device::Cpu)
         .unwrap();
-    perturb(&lora);
-    let (seqs, ids, mask, targets) = batch();
-    let logits = lora.logits(&bert, &ids, &mask).unwrap();
-    let grads = cross_entropy(&logits, &targets, 0.1, None)
-        .unwrap()
-        .backward()
-        .unwrap();
-    let vars = lora.vars();
-    assert_eq!(vars.len(), 2 * 3 * 2 + 2 + 2, "factors, classifier, pooler");
-    assert_every_var_has_a_gradient(&vars, &grads);
+    let (seqs, logits) = logits_with_every_gradient(&bert, &lora, 2 * 3 * 2 + 2 + 2);
 
     let adapter = assert_serves_what_it_trained(&bert, &lora, &seqs, &logits);
     let pooler = adapter.head.as_ref().unwrap().pooler.as_ref().unwrap();
@@ -542,20 +552,7 @@ fn a_mean_pooling_head_trains_and_serves_what_it_trained() {
     use crate::model::lora::Pooling;
     let bert = tiny::bert(3);
     let lora = trainable(&bert.config).with_mean_pooling();
-    perturb(&lora);
-    let (seqs, ids, mask, targets) = batch();
-    let logits = lora.logits(&bert, &ids, &mask).unwrap();
-    let grads = cross_entropy(&logits, &targets, 0.1, None)
-        .unwrap()
-        .backward()
-        .unwrap();
-    let vars = lora.vars();
-    assert_eq!(
-        vars.len(),
-        2 * 3 * 2 + 2,
-        "factors and classifier, no pooler"
-    );
-    assert_every_var_has_a_gradient(&vars, &grads);
+    let (seqs, logits) = logits_with_every_gradient(&bert, &lora, 2 * 3 * 2 + 2);
 
     let adapter = assert_serves_what_it_trained(&bert, &lora, &seqs, &logits);
     assert_eq!(adapter.head.as_ref().unwrap().pooling, Pooling::Mean);
