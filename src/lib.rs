@@ -11,8 +11,9 @@
 //! - [`faults`]: fault injection for the supervision and crash tests (`FLYWHEEL_FAULTS`; off unless set).
 //! - [`supervise`]: panics caught per batch and per job, and whether the model and trainer threads live.
 //! - [`metrics`]: every Prometheus metric name, help text and bucket; the sliding-window latency summary.
-//! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path), LoRA
-//!   deltas and heads, tokenization, pooling. Knows nothing above it.
+//! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path, both
+//!   behind the [`model::Encoder`] trait serving takes), LoRA deltas and heads, tokenization, pooling.
+//!   Knows nothing above it.
 //! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases.
 //! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure (admission by expected
@@ -27,14 +28,16 @@
 //! - [`autopilot`]: the policy thread: rollout analysis, automatic training on feedback growth or drift.
 //! - [`serving`]: the service the HTTP dialects share: what a `model` name selects, classification through a
 //!   task's rollout with its evidence, drift and recent-request memory.
+//! - [`app`]: the application built from the `Config`: the model loaded, stores opened, threads started.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, auth, the OpenAPI document, server start
 //!   and shutdown.
 //!
-//! Data flows one way, top of this list to bottom never the reverse: `http` → `serving` → `rollout`/`trainer`/`infer` →
-//! `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise` and
+//! Data flows one way, top of this list to bottom never the reverse: `http` → `app` → `serving` →
+//! `rollout`/`trainer`/`infer` → `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise` and
 //! `metrics` are shared by all.
 
 pub mod adapters;
+pub mod app;
 pub mod autopilot;
 pub mod clock;
 pub mod config;

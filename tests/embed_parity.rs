@@ -122,9 +122,9 @@ fn a_directory_without_weights_is_a_clear_error_naming_the_file() {
 
 #[tokio::test]
 async fn every_request_shares_the_models_one_tokenizer_short_or_long() {
-    let model = std::sync::Arc::new(load());
+    let model = load();
     let infer = flywheel::infer::Infer::start(
-        model.clone(),
+        model.serving(),
         &flywheel::config::BatchingConfig::default(),
         flywheel::metrics::Metrics::new(),
         flywheel::pressure::ServingPressure::new(),

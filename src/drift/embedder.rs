@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::DriftMonitor;
 use crate::metrics::Metrics;
-use crate::model::Model;
+use crate::model::ServingModel;
 use crate::pressure::ServingPressure;
 
 /// Inputs waiting to be embedded, at most; a newer input evicts the oldest, so the embedding window follows
@@ -105,7 +105,7 @@ impl Counters {
 impl Embedder {
     /// Starts the thread.
     pub(super) fn start(
-        model: Arc<Model>,
+        model: ServingModel,
         monitor: Weak<DriftMonitor>,
         pressure: Arc<ServingPressure>,
         metrics: &Metrics,
@@ -149,7 +149,7 @@ impl Embedder {
 
 fn run(
     queue: &Queue,
-    model: &Model,
+    model: &ServingModel,
     monitor: &Weak<DriftMonitor>,
     pressure: Arc<ServingPressure>,
     counters: &Counters,

@@ -27,7 +27,7 @@ use crate::adapters::reference::DriftReference;
 use crate::config::DriftConfig;
 use crate::metrics::Metrics;
 use crate::model::pooling::best;
-use crate::model::Model;
+use crate::model::ServingModel;
 use crate::pressure::ServingPressure;
 use embedder::Embedder;
 
@@ -216,7 +216,7 @@ impl DriftMonitor {
     /// prediction signals are tested.
     pub fn start_embedder(
         self: &Arc<Self>,
-        model: Arc<Model>,
+        model: ServingModel,
         pressure: Arc<ServingPressure>,
     ) -> std::io::Result<()> {
         if !self.config.enabled || self.embedder.get().is_some() {

@@ -1,5 +1,5 @@
-//! The HTTP layer: actix-web routes, request/response types and error mapping. Handlers validate input
-//! and call the [`Infer`] handle; they never touch tensors.
+//! The HTTP layer: actix-web routes, request/response types and error mapping. Handlers parse, authorise
+//! and format, and call the [`Services`]; they never touch tensors.
 
 pub mod adapters;
 mod auth;
@@ -26,21 +26,10 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{middleware, web, App, HttpResponseBuilder, HttpServer};
 
-use crate::adapters::Registry;
-use crate::autopilot::Autopilot;
 use crate::config::Config;
-use crate::drift::DriftMonitor;
-use crate::feedback::recent::RecentRequests;
-use crate::feedback::sqlite::SqliteStore;
-use crate::feedback::FeedbackStore;
 use crate::infer::{Infer, Timings};
 use crate::metrics::Metrics;
-use crate::model::{LoadOptions, Model, ModelError};
-use crate::pressure::ServingPressure;
-use crate::rollout::{Rollouts, StartRequest};
 pub use crate::serving::Services;
-use crate::trainer::jobs::{Jobs, TrainerDeps};
-use crate::trainer::train::TrainConfig;
 use error::{json_error, ApiError};
 
 /// State shared by every handler.
@@ -53,6 +42,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state of a server whose services are already loaded.
+    pub fn loaded(config: Config, metrics: Metrics, services: Services) -> Self {
+        Self {
+            config,
+            metrics,
+            services: Arc::new(OnceLock::from(services)),
+        }
+    }
+
     /// The inference handle, once the model has loaded.
     pub fn infer(&self) -> Option<&Infer> {
         self.services.get().map(|s| &s.infer)
@@ -71,25 +69,7 @@ pub(crate) struct RouteLabels {
     pub arm: String,
 }
 
-/// Why the server could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The listener could not be bound or the server failed.
-    #[error("http server: {0}")]
-    Io(#[from] std::io::Error),
-    /// The model could not be loaded.
-    #[error("model: {0}")]
-    Model(#[from] ModelError),
-    /// The feedback store could not be opened.
-    #[error("{0}")]
-    Feedback(#[from] crate::feedback::FeedbackError),
-    /// The adapter registry could not be opened.
-    #[error("registry: {0}")]
-    Registry(#[from] crate::adapters::RegistryError),
-    /// A setting is invalid in a way the configuration layer cannot check.
-    #[error("config: {0}")]
-    Config(String),
-}
+pub use crate::app::ServeError;
 
 /// Registers every route on `cfg`; bodies of the OpenAI-style routes are limited to `max_body` bytes and
 /// their errors answered in OpenAI's shape.
@@ -234,24 +214,40 @@ pub(crate) fn timing_headers(response: &mut HttpResponseBuilder, t: &Timings) {
         .insert_header(("x-inference-time-ms", ms(t.inference)));
 }
 
+/// The application: shared state, body limits and error shapes, the request observer and every route.
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let max_body = state.config.limits.max_body_bytes;
+    App::new()
+        .app_data(state)
+        .app_data(
+            web::JsonConfig::default()
+                .limit(max_body)
+                .error_handler(|e, _| json_error(e).into()),
+        )
+        .app_data(
+            web::QueryConfig::default().error_handler(|e, _| {
+                ApiError::invalid(format!("invalid query string: {e}")).into()
+            }),
+        )
+        .wrap(middleware::from_fn(observe))
+        .configure(|cfg| routes(cfg, max_body))
+        .default_service(web::to(not_found))
+}
+
 /// Binds the listener, loads the model in the background (`/ready` answers 503 until it is loaded), and
 /// serves until SIGINT/SIGTERM, draining in-flight requests.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
-    for file in [
-        crate::model::CONFIG_FILE,
-        crate::model::TOKENIZER_FILE,
-        crate::model::WEIGHTS_FILE,
-    ] {
-        if !config.model.dir.join(file).is_file() {
-            return Err(ModelError::MissingFile {
-                dir: config.model.dir.clone(),
-                file,
-            }
-            .into());
-        }
-    }
-    let auto_job = TrainConfig::from_table(&config.trainer.auto_params)
-        .map_err(|e| ServeError::Config(format!("[trainer] auto_params: {e}")))?;
+    let auto_job = crate::app::preflight(&config)?;
     let metrics = Metrics::new();
     let services = Arc::new(OnceLock::new());
     let state = web::Data::new(AppState {
@@ -261,25 +257,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     });
     let stopping = services.clone();
     let shutdown_deadline = Duration::from_secs(config.server.shutdown_timeout_secs);
-    let max_body = config.limits.max_body_bytes;
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(max_body)
-                    .error_handler(|e, _| json_error(e).into()),
-            )
-            .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                ApiError::invalid(format!("invalid query string: {e}")).into()
-            }))
-            .wrap(middleware::from_fn(observe))
-            .configure(|cfg| routes(cfg, max_body))
-            .default_service(web::to(not_found))
-    })
-    .workers(config.server.workers)
-    .shutdown_timeout(config.server.shutdown_timeout_secs)
-    .bind((config.server.host.as_str(), config.server.port))?;
+    let server = HttpServer::new(move || app(state.clone()))
+        .workers(config.server.workers)
+        .shutdown_timeout(config.server.shutdown_timeout_secs)
+        .bind((config.server.host.as_str(), config.server.port))?;
     for addr in server.addrs() {
         tracing::info!("listening on http://{addr}");
     }
@@ -292,19 +273,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     std::thread::Builder::new()
         .name("flywheel-load".to_owned())
         .spawn(move || {
-            match load_model(&config, metrics.clone()) {
+            match crate::app::load(&config, metrics.clone()) {
                 Ok(loaded) => {
-                    let autopilot = Autopilot {
-                        registry: loaded.registry.clone(),
-                        feedback: loaded.feedback.clone(),
-                        jobs: loaded.jobs.clone(),
-                        rollouts: loaded.rollouts.clone(),
-                        drift: loaded.drift.clone(),
-                        policy: config.trainer.clone(),
-                        job: auto_job,
-                        every: Duration::from_millis(config.rollouts.evaluate_every_ms),
-                    };
-                    if let Err(e) = autopilot.spawn(stop_autopilot) {
+                    if let Err(e) =
+                        crate::app::start_autopilot(&config, &loaded, auto_job, stop_autopilot)
+                    {
                         tracing::error!(error = %e, "cannot start the autopilot thread");
                     }
                     let _ = services.set(loaded);
@@ -337,110 +310,5 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
 }
 
-fn load_model(config: &Config, metrics: Metrics) -> Result<Services, ServeError> {
-    let started = Instant::now();
-    let device = crate::model::parse_device(&config.model.device)?;
-    let train_device = crate::model::parse_device(&config.trainer.device)?;
-    let model = Model::load(
-        &config.model.dir,
-        &LoadOptions {
-            max_length: config.model.max_length,
-            device,
-            precision: config.model.precision,
-            int8_projections: config.model.int8_projections.clone(),
-        },
-    )?;
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        name = %model.name,
-        dtype = model.serving_dtype(),
-        kernel = model.serving_kernel(),
-        "model loaded"
-    );
-    metrics
-        .model_info
-        .with_label_values(&[model.serving_dtype(), model.serving_kernel()])
-        .set(1);
-    let registry = Registry::open(
-        &config.data.dir,
-        config.adapters.clone(),
-        model.config.clone(),
-        model.bert.pooler.is_some(),
-    )?;
-    metrics.adapters_loaded.set(registry.ready_count() as i64);
-    let model = Arc::new(model);
-    let pressure = ServingPressure::new();
-    let infer = Infer::start(
-        model.clone(),
-        &config.batching,
-        metrics.clone(),
-        pressure.clone(),
-    )?;
-    let feedback: Arc<dyn FeedbackStore> =
-        Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?);
-    let recent = RecentRequests::new(
-        config.feedback.recent_requests,
-        config.feedback.recent_bytes,
-    );
-    let registry = Arc::new(registry);
-    let deps = TrainerDeps {
-        bert: Arc::new(model.bert.to_device(&train_device)?),
-        model: model.clone(),
-        registry: registry.clone(),
-        feedback: feedback.clone(),
-        threads: config.trainer.threads,
-        nice: config.trainer.nice,
-        yield_to: (
-            pressure.clone(),
-            Duration::from_millis(config.trainer.yield_to_serving_ms),
-        ),
-        model_dir: config.model.dir.clone(),
-        models_dir: config.data.dir.join("models"),
-        metrics: metrics.clone(),
-        reference_size: if config.drift.enabled {
-            config.drift.reference_size
-        } else {
-            0
-        },
-    };
-    let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer)?);
-    let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
-    drift.start_embedder(model, pressure)?;
-    let rollouts = Arc::new(Rollouts::open(
-        &config.data.dir,
-        registry.clone(),
-        metrics,
-        config.rollouts.clone(),
-    ));
-    if config.rollouts.auto_canary {
-        let canaries = rollouts.clone();
-        jobs.on_published(Arc::new(move |task, generation| {
-            let request = StartRequest {
-                task: task.to_owned(),
-                candidate: generation.to_owned(),
-                ..StartRequest::default()
-            };
-            match canaries.start(request, "trainer", true) {
-                Ok(r) => {
-                    tracing::info!(task, rollout = %r.id, "canary started for the new generation")
-                }
-                // The task's first generation is its stable one already: nothing to compare.
-                Err(e) => tracing::info!(task, generation, reason = %e, "no canary started"),
-            }
-        }));
-    }
-    if config.trainer.rerun_interrupted {
-        jobs.rerun_interrupted();
-    }
-    Ok(Services {
-        infer,
-        registry,
-        feedback,
-        recent: Arc::new(recent),
-        jobs,
-        rollouts,
-        drift,
-        watch_drift: config.drift.enabled,
-        loaded_at: crate::clock::unix_seconds(),
-    })
-}
+#[cfg(test)]
+mod tests;

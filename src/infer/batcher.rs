@@ -10,13 +10,13 @@ use super::cost::{CostFit, Work};
 use super::{Entry, EntryResult, InferError, Job, Stage};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
-use crate::model::{pooling, Model};
+use crate::model::{pooling, ServingModel};
 use crate::supervise::{self, AliveGuard};
 
 /// Starts the thread that owns `model`; it ends when every [`super::Infer`] handle is dropped. Returns once
 /// the thread has calibrated the batch cost model, so the first requests are judged on a warm estimate.
 pub(super) fn spawn(
-    model: Arc<Model>,
+    model: ServingModel,
     config: BatchingConfig,
     rx: Receiver<Entry>,
     metrics: Metrics,
@@ -53,7 +53,7 @@ pub(super) fn spawn(
 }
 
 fn batch_task(
-    model: Arc<Model>,
+    model: ServingModel,
     config: BatchingConfig,
     rx: Receiver<Entry>,
     metrics: Metrics,
@@ -136,7 +136,7 @@ fn take_batch(
 /// Runs one batch and answers its entries; returns the batch's work and how long its forward pass took,
 /// unless the pass failed (a failure's time says nothing of the cost).
 fn run_batch(
-    model: &Model,
+    model: &ServingModel,
     mut batch: Vec<Entry>,
     metrics: &Metrics,
     backlog: &Backlog,
@@ -169,10 +169,11 @@ fn run_batch(
             panic!("injected fault: a batch holding FLYWHEEL_FAULTS' panic_on_text");
         }
         model
-            .encode_adapted(&sequences, &adapters)
+            .encoder
+            .encode(&sequences, &adapters)
             .and_then(|packed| {
                 let logits = if classify {
-                    model.classify(&packed, &adapters)?
+                    model.encoder.classify(&packed, &adapters)?
                 } else {
                     Vec::new()
                 };

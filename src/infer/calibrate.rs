@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::cost::{CostFit, Work};
 use crate::config::BatchingConfig;
-use crate::model::Model;
+use crate::model::ServingModel;
 
 /// Batch shapes (sequences × tokens) measured at start: single requests from a short sentence to a long
 /// text, and the batches concurrent short and medium requests form. Lengths are capped at the model's
@@ -23,13 +23,13 @@ const SHAPES: [(usize, usize); 7] = [
 /// Runs the calibration batches on `model`, adds their timings to `fit` and returns them. The first batch
 /// only warms caches and the allocator; it is not measured.
 pub(super) fn calibrate(
-    model: &Model,
+    model: &ServingModel,
     config: &BatchingConfig,
     fit: &mut CostFit,
 ) -> crate::model::Result<Vec<(Work, Duration)>> {
     let started = Instant::now();
     let max_length = model.tokenizer.max_length();
-    let vocab = model.config.vocab_size as u32;
+    let vocab = model.vocab_size as u32;
     let mut measured = Vec::new();
     let shapes = SHAPES.iter().map(|&(n, len)| {
         let len = len.min(max_length);

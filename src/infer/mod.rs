@@ -24,7 +24,7 @@ use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
 use crate::model::lora::Adapter;
 use crate::model::pooling;
-use crate::model::{Model, Prompts, TextTokenizer};
+use crate::model::{Prompts, ServingModel, TextTokenizer};
 use crate::pressure::{Pending, ServingPressure};
 use crate::supervise::Alive;
 
@@ -192,7 +192,7 @@ impl Infer {
     /// Moves `model` onto its own OS thread and returns the handle that feeds it; every queued request counts
     /// in `pressure` until it is answered.
     pub fn start(
-        model: Arc<Model>,
+        model: ServingModel,
         config: &BatchingConfig,
         metrics: Metrics,
         pressure: Arc<ServingPressure>,
@@ -217,10 +217,10 @@ impl Infer {
             tokenizer: model.tokenizer.clone(),
             prompts: model.prompts.clone(),
             model_name: model.name.clone(),
-            dtype: model.serving_dtype(),
-            adapters_supported: model.cpu().is_some(),
-            dimensions: model.config.hidden_size,
-            vocab_size: model.config.vocab_size,
+            dtype: model.encoder.dtype(),
+            adapters_supported: model.encoder.serves_adapters(),
+            dimensions: model.hidden_size,
+            vocab_size: model.vocab_size,
             metrics: metrics.clone(),
             pressure,
         };
@@ -239,7 +239,7 @@ impl Infer {
         &self.model_name
     }
 
-    /// The serving path's number format, `float32` or `int8` (see [`Model::serving_dtype`]).
+    /// The serving path's number format, `float32` or `int8` (see [`crate::model::Encoder::dtype`]).
     pub fn dtype(&self) -> &'static str {
         self.dtype
     }

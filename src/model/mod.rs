@@ -6,6 +6,7 @@
 mod avx512;
 pub mod bert;
 pub mod calibration;
+pub mod encoder;
 pub mod encoder_layer;
 pub mod error;
 pub mod fast;
@@ -25,10 +26,11 @@ pub mod yielding;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 pub use bert::Bert;
+pub use encoder::{CandleEncoder, Encoder, ServingModel};
 pub use error::{ModelError, Result};
 pub use fast::{CpuEncoder, Packed};
 pub use hf_config::BertConfig;
@@ -138,11 +140,12 @@ pub struct Model {
     pub tokenizer: Arc<TextTokenizer>,
     /// Named prompts from `config_sentence_transformers.json` (none when the directory has no such file).
     pub prompts: Arc<Prompts>,
-    /// The candle network: the reference path, and the serving path off-CPU.
+    /// The candle network, on the model's device: what training starts from.
     pub bert: Bert,
+    /// The candle path: the reference, and the serving path off the CPU.
+    candle: Arc<CandleEncoder>,
     /// The fused CPU serving path (present when the device is the CPU).
-    cpu: Option<CpuEncoder>,
-    device: Device,
+    cpu: Option<Arc<CpuEncoder>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -212,6 +215,7 @@ impl Model {
                 }
                 Precision::F32 | Precision::Auto => Some(cpu),
             }
+            .map(Arc::new)
         } else {
             None
         };
@@ -225,15 +229,35 @@ impl Model {
             config,
             tokenizer: Arc::new(tokenizer),
             prompts: Arc::new(prompts),
+            candle: Arc::new(CandleEncoder::new(bert.clone(), options.device.clone())),
             bert,
             cpu,
-            device: options.device.clone(),
         })
     }
 
     /// The fused CPU encoder, when the model runs on the CPU.
     pub fn cpu(&self) -> Option<&CpuEncoder> {
-        self.cpu.as_ref()
+        self.cpu.as_deref()
+    }
+
+    /// The path serving runs: the fused CPU encoder on the CPU, the candle network elsewhere.
+    pub fn encoder(&self) -> Arc<dyn Encoder> {
+        match &self.cpu {
+            Some(cpu) => cpu.clone(),
+            None => self.candle.clone(),
+        }
+    }
+
+    /// The model as the serving layers see it.
+    pub fn serving(&self) -> ServingModel {
+        ServingModel {
+            name: self.name.clone(),
+            tokenizer: self.tokenizer.clone(),
+            prompts: self.prompts.clone(),
+            hidden_size: self.config.hidden_size,
+            vocab_size: self.config.vocab_size,
+            encoder: self.encoder(),
+        }
     }
 
     /// A copy of the fused CPU encoder (f32 if the model serves in int8) with `targets` quantised to int8,
@@ -243,7 +267,7 @@ impl Model {
             return Ok(None);
         };
         let f32_copy = if cpu.int8_targets().is_empty() {
-            cpu.clone()
+            CpuEncoder::clone(cpu)
         } else {
             CpuEncoder::from_bert(&self.bert)?
         };
@@ -252,21 +276,12 @@ impl Model {
 
     /// The number format serving runs in: `int8` where projections were quantised, else `float32`.
     pub fn serving_dtype(&self) -> &'static str {
-        match &self.cpu {
-            Some(cpu) if !cpu.int8_targets().is_empty() => "int8",
-            _ => "float32",
-        }
+        self.encoder().dtype()
     }
 
-    /// The kernels the serving products run on: `vnni` (int8 with f32 for the rest), `avx512`, `avx2`
-    /// (the `gemm` crate), or `candle` off the CPU.
+    /// The kernels the serving products run on (see [`Encoder::kernel`]).
     pub fn serving_kernel(&self) -> &'static str {
-        match &self.cpu {
-            None => "candle",
-            Some(cpu) if !cpu.int8_targets().is_empty() => "vnni",
-            Some(_) if avx512::available() => "avx512",
-            Some(_) => "avx2",
-        }
+        self.encoder().kernel()
     }
 
     /// Sentence embeddings (mean pooling, optionally L2-normalised) of token sequences.
@@ -277,10 +292,7 @@ impl Model {
 
     /// Final hidden states of every token, packed: the fused CPU path on the CPU, the candle path elsewhere.
     pub fn encode(&self, sequences: &[&[u32]]) -> Result<Packed> {
-        match &self.cpu {
-            Some(cpu) => cpu.forward(sequences),
-            None => self.encode_reference(sequences),
-        }
+        self.encode_adapted(sequences, &vec![None; sequences.len()])
     }
 
     /// Hidden states with `adapters[i]` applied to sequence `i`.
@@ -289,73 +301,38 @@ impl Model {
         sequences: &[&[u32]],
         adapters: &[Option<&lora::Adapter>],
     ) -> Result<Packed> {
-        match &self.cpu {
-            Some(cpu) => cpu.forward_adapted(sequences, adapters),
-            None if adapters.iter().all(Option::is_none) => self.encode_reference(sequences),
-            None => Err(ModelError::Unsupported(
-                "adapters are served on the CPU path only for now".to_owned(),
-            )),
-        }
-    }
-
-    /// Class logits of each sequence whose adapter has a head (see [`CpuEncoder::classify`]).
-    pub fn classify(
-        &self,
-        packed: &Packed,
-        adapters: &[Option<&lora::Adapter>],
-    ) -> Result<Vec<Option<Vec<f32>>>> {
-        match &self.cpu {
-            Some(cpu) => cpu.classify(packed, adapters),
-            None => Err(ModelError::Unsupported(
-                "classification heads run on the CPU path only for now".to_owned(),
-            )),
-        }
+        self.encoder().encode(sequences, adapters)
     }
 
     /// Final hidden states computed by the candle path on a padded batch, repacked. The oracle the fused
     /// path is tested against, and the serving path on accelerators.
     pub fn encode_reference(&self, sequences: &[&[u32]]) -> Result<Packed> {
-        let width = self.config.hidden_size;
-        let longest = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
-        if sequences.is_empty() || longest == 0 {
-            return Ok(Packed {
-                hidden: Vec::new(),
-                offsets: vec![0],
-                width,
-            });
-        }
-        let mut ids = vec![self.config.pad_token_id; sequences.len() * longest];
-        let mut mask = vec![0u8; sequences.len() * longest];
-        for (i, s) in sequences.iter().enumerate() {
-            ids[i * longest..i * longest + s.len()].copy_from_slice(s);
-            mask[i * longest..i * longest + s.len()]
-                .iter_mut()
-                .for_each(|m| *m = 1);
-        }
-        let ids = Tensor::from_vec(ids, (sequences.len(), longest), &self.device)?;
-        let mask = Tensor::from_vec(mask, (sequences.len(), longest), &self.device)?;
-        let hidden = self
-            .bert
-            .forward(&ids, &mask)?
-            .to_device(&Device::Cpu)?
-            .to_vec3::<f32>()?;
-        let mut packed = Packed {
-            hidden: Vec::new(),
-            offsets: vec![0],
-            width,
-        };
-        for (s, rows) in sequences.iter().zip(hidden) {
-            for row in rows.into_iter().take(s.len()) {
-                packed.hidden.extend_from_slice(&row);
-            }
-            packed
-                .offsets
-                .push(packed.offsets.last().copied().unwrap_or(0) + s.len());
-        }
-        Ok(packed)
+        self.candle.forward(sequences)
     }
 }
 
+#[cfg(test)]
+impl Model {
+    /// The tiny random BERT of [`tiny::bert`] as a loaded model on the CPU, with a tokenizer that knows
+    /// `words` (ids from 4, see [`TextTokenizer::for_words`]).
+    pub(crate) fn tiny(seed: u64, words: &[&str]) -> Self {
+        let bert = tiny::bert(seed);
+        let cpu = CpuEncoder::from_bert(&bert).expect("the tiny BERT packs");
+        Self {
+            name: "tiny".to_owned(),
+            dir: PathBuf::from("tiny"),
+            config: bert.config.clone(),
+            tokenizer: Arc::new(TextTokenizer::for_words(words, 64)),
+            prompts: Arc::default(),
+            candle: Arc::new(CandleEncoder::new(bert.clone(), Device::Cpu)),
+            bert,
+            cpu: Some(Arc::new(cpu)),
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod fake;
 #[cfg(test)]
 mod lora_tests;
 #[cfg(test)]
@@ -381,17 +358,9 @@ mod tests {
     }
 
     fn packed_reference(bert: &Bert, sequences: &[&[u32]]) -> Packed {
-        let tokenizer_free = Model {
-            name: "tiny".into(),
-            dir: PathBuf::new(),
-            config: bert.config.clone(),
-            tokenizer: Arc::new(TextTokenizer::for_tests()),
-            prompts: Arc::default(),
-            bert: bert.clone(),
-            cpu: None,
-            device: Device::Cpu,
-        };
-        tokenizer_free.encode_reference(sequences).unwrap()
+        CandleEncoder::new(bert.clone(), Device::Cpu)
+            .forward(sequences)
+            .unwrap()
     }
 
     #[test]
@@ -482,7 +451,9 @@ mod tests {
         let pooled = cpu.pool_cls(&packed).unwrap();
         let pooler = bert.pooler.as_ref().unwrap();
         for (i, chunk) in pooled.chunks(32).enumerate() {
-            let cls = Tensor::from_slice(&packed.sequence(i)[..32], (1, 32), &Device::Cpu).unwrap();
+            let cls =
+                candle_core::Tensor::from_slice(&packed.sequence(i)[..32], (1, 32), &Device::Cpu)
+                    .unwrap();
             let want = candle_core::Module::forward(pooler, &cls)
                 .unwrap()
                 .tanh()

@@ -27,10 +27,14 @@ impl TextTokenizer {
     /// Loads `tokenizer.json`, overriding its truncation (all-MiniLM-L6-v2's file says 128 where
     /// sentence-transformers uses 256) and removing its padding.
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self> {
-        let mut inner = Tokenizer::from_file(path).map_err(|e| ModelError::BadFile {
+        let inner = Tokenizer::from_file(path).map_err(|e| ModelError::BadFile {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
+        Self::new(inner, max_length)
+    }
+
+    fn new(mut inner: Tokenizer, max_length: usize) -> Result<Self> {
         inner
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -116,6 +120,47 @@ impl TextTokenizer {
             max_length: 64,
         }
     }
+
+    /// A lower-casing, whitespace-splitting tokenizer whose vocabulary is `[PAD]`, `[UNK]`, `[CLS]`,
+    /// `[SEP]` (ids 0–3), then `words` from id 4, with BERT's `[CLS] … [SEP]` around every text.
+    pub(crate) fn for_words(words: &[&str], max_length: usize) -> Self {
+        let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"];
+        let vocab: serde_json::Map<String, serde_json::Value> = specials
+            .iter()
+            .chain(words)
+            .enumerate()
+            .map(|(id, w)| (w.to_string(), serde_json::json!(id)))
+            .collect();
+        let added: Vec<_> = specials
+            .iter()
+            .enumerate()
+            .map(|(id, w)| {
+                serde_json::json!({"id": id, "content": w, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let special =
+            |name: &str, id: u32| serde_json::json!({"id": name, "ids": [id], "tokens": [name]});
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "Lowercase"},
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"[CLS]": special("[CLS]", 2), "[SEP]": special("[SEP]", 3)}
+            },
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        let inner: Tokenizer = json.to_string().parse().expect("a valid tokenizer.json");
+        Self::new(inner, max_length).expect("truncation applies")
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +174,14 @@ mod tests {
     }
     impl<T: ?Sized> AmbiguousIfClone<()> for T {}
     impl<T: Clone> AmbiguousIfClone<u8> for T {}
+
+    #[test]
+    fn the_word_tokenizer_for_tests_wraps_known_words_and_truncates() {
+        let t = TextTokenizer::for_words(&["win", "cash"], 4);
+        assert_eq!(t.encode("Win CASH").unwrap(), vec![2, 4, 5, 3]);
+        assert_eq!(t.encode("win cash win cash").unwrap(), vec![2, 4, 5, 3]);
+        assert_eq!(t.encode("hello").unwrap(), vec![2, 1, 3]);
+    }
 
     #[test]
     fn the_tokenizer_cannot_be_deep_copied_only_shared() {

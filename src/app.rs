@@ -1,0 +1,204 @@
+//! The application built from one [`Config`]: the model loaded, the stores opened, and the model, trainer,
+//! drift and autopilot threads started. [`crate::http::serve`] runs [`load`] on a loader thread while its
+//! listener answers 503; in-process tests run [`assemble`] with an encoder of their own.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::adapters::Registry;
+use crate::autopilot::Autopilot;
+use crate::config::Config;
+use crate::drift::DriftMonitor;
+use crate::feedback::recent::RecentRequests;
+use crate::feedback::sqlite::SqliteStore;
+use crate::feedback::FeedbackStore;
+use crate::infer::Infer;
+use crate::metrics::Metrics;
+use crate::model::{LoadOptions, Model, ModelError, ServingModel};
+use crate::pressure::ServingPressure;
+use crate::rollout::{Rollouts, StartRequest};
+use crate::serving::Services;
+use crate::trainer::jobs::{Jobs, TrainerDeps};
+use crate::trainer::train::TrainConfig;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listener could not be bound, a thread could not start, or the server failed.
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+    /// The model could not be loaded.
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    /// The feedback store could not be opened.
+    #[error("{0}")]
+    Feedback(#[from] crate::feedback::FeedbackError),
+    /// The adapter registry could not be opened.
+    #[error("registry: {0}")]
+    Registry(#[from] crate::adapters::RegistryError),
+    /// A setting is invalid in a way the configuration layer cannot check.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// What can be checked before the listener binds: the model directory holds its files, and the
+/// automatic jobs' hyperparameters parse. Returns those hyperparameters.
+pub fn preflight(config: &Config) -> Result<TrainConfig, ServeError> {
+    for file in [
+        crate::model::CONFIG_FILE,
+        crate::model::TOKENIZER_FILE,
+        crate::model::WEIGHTS_FILE,
+    ] {
+        if !config.model.dir.join(file).is_file() {
+            return Err(ModelError::MissingFile {
+                dir: config.model.dir.clone(),
+                file,
+            }
+            .into());
+        }
+    }
+    TrainConfig::from_table(&config.trainer.auto_params)
+        .map_err(|e| ServeError::Config(format!("[trainer] auto_params: {e}")))
+}
+
+/// Loads the model `config` names and assembles the services around it.
+pub fn load(config: &Config, metrics: Metrics) -> Result<Services, ServeError> {
+    let started = Instant::now();
+    let model = Model::load(
+        &config.model.dir,
+        &LoadOptions {
+            max_length: config.model.max_length,
+            device: crate::model::parse_device(&config.model.device)?,
+            precision: config.model.precision,
+            int8_projections: config.model.int8_projections.clone(),
+        },
+    )?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        name = %model.name,
+        dtype = model.serving_dtype(),
+        kernel = model.serving_kernel(),
+        "model loaded"
+    );
+    let serving = model.serving();
+    assemble(config, metrics, Arc::new(model), serving)
+}
+
+/// The services around `model`: requests run on `serving` (the model's own encoder in production), the
+/// trainer on `model`.
+pub fn assemble(
+    config: &Config,
+    metrics: Metrics,
+    model: Arc<Model>,
+    serving: ServingModel,
+) -> Result<Services, ServeError> {
+    let train_device = crate::model::parse_device(&config.trainer.device)?;
+    metrics
+        .model_info
+        .with_label_values(&[serving.encoder.dtype(), serving.encoder.kernel()])
+        .set(1);
+    let registry = Registry::open(
+        &config.data.dir,
+        config.adapters.clone(),
+        model.config.clone(),
+        model.bert.pooler.is_some(),
+    )?;
+    metrics.adapters_loaded.set(registry.ready_count() as i64);
+    let pressure = ServingPressure::new();
+    let infer = Infer::start(
+        serving.clone(),
+        &config.batching,
+        metrics.clone(),
+        pressure.clone(),
+    )?;
+    let feedback: Arc<dyn FeedbackStore> =
+        Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?);
+    let recent = RecentRequests::new(
+        config.feedback.recent_requests,
+        config.feedback.recent_bytes,
+    );
+    let registry = Arc::new(registry);
+    let deps = TrainerDeps {
+        bert: Arc::new(model.bert.to_device(&train_device)?),
+        model,
+        registry: registry.clone(),
+        feedback: feedback.clone(),
+        threads: config.trainer.threads,
+        nice: config.trainer.nice,
+        yield_to: (
+            pressure.clone(),
+            Duration::from_millis(config.trainer.yield_to_serving_ms),
+        ),
+        model_dir: config.model.dir.clone(),
+        models_dir: config.data.dir.join("models"),
+        metrics: metrics.clone(),
+        reference_size: if config.drift.enabled {
+            config.drift.reference_size
+        } else {
+            0
+        },
+    };
+    let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer)?);
+    let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
+    drift.start_embedder(serving, pressure)?;
+    let rollouts = Arc::new(Rollouts::open(
+        &config.data.dir,
+        registry.clone(),
+        metrics,
+        config.rollouts.clone(),
+    ));
+    if config.rollouts.auto_canary {
+        let canaries = rollouts.clone();
+        jobs.on_published(Arc::new(move |task, generation| {
+            let request = StartRequest {
+                task: task.to_owned(),
+                candidate: generation.to_owned(),
+                ..StartRequest::default()
+            };
+            match canaries.start(request, "trainer", true) {
+                Ok(r) => {
+                    tracing::info!(task, rollout = %r.id, "canary started for the new generation")
+                }
+                // The task's first generation is its stable one already: nothing to compare.
+                Err(e) => tracing::info!(task, generation, reason = %e, "no canary started"),
+            }
+        }));
+    }
+    if config.trainer.rerun_interrupted {
+        jobs.rerun_interrupted();
+    }
+    Ok(Services {
+        infer,
+        registry,
+        feedback,
+        recent: Arc::new(recent),
+        jobs,
+        rollouts,
+        drift,
+        watch_drift: config.drift.enabled,
+        loaded_at: crate::clock::unix_seconds(),
+    })
+}
+
+/// Starts the autopilot over `services` with `job` as its jobs' hyperparameters; it stops when `stop` is
+/// set.
+pub fn start_autopilot(
+    config: &Config,
+    services: &Services,
+    job: TrainConfig,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    Autopilot {
+        registry: services.registry.clone(),
+        feedback: services.feedback.clone(),
+        jobs: services.jobs.clone(),
+        rollouts: services.rollouts.clone(),
+        drift: services.drift.clone(),
+        policy: config.trainer.clone(),
+        job,
+        every: Duration::from_millis(config.rollouts.evaluate_every_ms),
+    }
+    .spawn(stop)
+    .map(drop)
+}
