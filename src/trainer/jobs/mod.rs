@@ -1,0 +1,408 @@
+//! Training jobs: a queue served by one trainer thread (so one job runs at a time, and serving keeps the
+//! cores its thread share leaves), job status for the API, cancellation, persistence of finished jobs, and
+//! publishing the result as a new adapter generation.
+//!
+//! The record of a job is [`status`], one job's run [`run`], and the rows it learns from [`select`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::train::{TrainConfig, TrainError};
+use crate::adapters::registry::Registry;
+use crate::config::TrainerConfig;
+use crate::durable::write_atomically;
+use crate::feedback::FeedbackStore;
+use crate::model::{Bert, Model};
+use crate::pressure::ServingPressure;
+use crate::supervise::Alive;
+
+mod run;
+mod select;
+mod status;
+
+use run::{lower_priority, run_job};
+use status::{forget_oldest_finished, read_job_list, Interruption};
+pub use status::{JobState, JobStatus};
+
+/// What the trainer needs from the rest of the server.
+pub struct TrainerDeps {
+    /// The base model (shared with the serving thread).
+    pub model: Arc<Model>,
+    /// The base encoder on the training device (`trainer.device`): the model's own where that is its
+    /// device, a copy otherwise.
+    pub bert: Arc<Bert>,
+    /// Tasks and generations.
+    pub registry: Arc<Registry>,
+    /// The feedback to learn from.
+    pub feedback: Arc<dyn FeedbackStore>,
+    /// Threads the trainer may use.
+    pub threads: usize,
+    /// Niceness of the trainer's threads (0 to 19).
+    pub nice: i32,
+    /// Inference in flight, which training yields to, and the longest wait per yield point (zero: never).
+    pub yield_to: (Arc<ServingPressure>, Duration),
+    /// The base model's directory (full fine-tuning copies its config and tokenizer).
+    pub model_dir: std::path::PathBuf,
+    /// Where full fine-tuning writes checkpoints (`<data-dir>/models`).
+    pub models_dir: std::path::PathBuf,
+    /// Training metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// Embeddings a published generation's drift reference holds at most (`[drift] reference_size`; 0:
+    /// publish none).
+    pub reference_size: usize,
+}
+
+/// Called on the trainer thread with the task and generation id after a LoRA job published.
+pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+struct Shared {
+    jobs: Mutex<BTreeMap<String, JobStatus>>,
+    /// Set once the server stops: a job that ends now was interrupted, not cancelled.
+    shutting_down: AtomicBool,
+    metrics: crate::metrics::Metrics,
+    hook: Mutex<Option<PublishHook>>,
+    cancel: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
+    path: std::path::PathBuf,
+    /// Most finished jobs remembered; older ones are forgotten, oldest first.
+    keep_finished: usize,
+    /// Held across a snapshot and its write, so the last write holds the latest snapshot.
+    persisting: Mutex<()>,
+}
+
+/// The job queue handle.
+pub struct Jobs {
+    shared: Arc<Shared>,
+    tx: Mutex<mpsc::Sender<String>>,
+    max_queued: usize,
+    alive: Alive,
+}
+
+impl Shared {
+    fn update(&self, id: &str, f: impl FnOnce(&mut JobStatus)) {
+        let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
+        if let Some(job) = jobs.get_mut(id) {
+            f(job);
+        }
+    }
+
+    /// Forgets the oldest finished jobs beyond the retention limit, then writes the list.
+    fn persist(&self) {
+        let _writing = self
+            .persisting
+            .lock()
+            .expect("persist lock poisoned; this is a bug");
+        let jobs = {
+            let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
+            forget_oldest_finished(&mut jobs, self.keep_finished);
+            jobs.values().cloned().collect::<Vec<_>>()
+        };
+        match serde_json::to_vec_pretty(&jobs) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomically(&self.path, &bytes) {
+                    tracing::warn!(error = %e, "could not persist the job list");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not serialise the job list"),
+        }
+    }
+}
+
+impl Jobs {
+    /// Restores the job list from `data_dir/jobs.json` (jobs a restart interrupted are marked failed) and
+    /// starts the trainer thread.
+    /// `limits` gives the queue's length and how many finished jobs are remembered.
+    pub fn start(
+        data_dir: &Path,
+        deps: TrainerDeps,
+        limits: &TrainerConfig,
+    ) -> std::io::Result<Self> {
+        let path = data_dir.join("jobs.json");
+        let mut jobs: BTreeMap<String, JobStatus> = read_job_list(&path)
+            .into_iter()
+            .map(|j| (j.id.clone(), j))
+            .collect();
+        for job in jobs.values_mut() {
+            if matches!(job.state, JobState::Queued | JobState::Running) {
+                job.interrupt(Interruption::Crash);
+            }
+        }
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new(jobs),
+            shutting_down: AtomicBool::new(false),
+            metrics: deps.metrics.clone(),
+            hook: Mutex::new(None),
+            cancel: Mutex::new(BTreeMap::new()),
+            path,
+            keep_finished: limits.keep_finished_jobs,
+            persisting: Mutex::new(()),
+        });
+        shared.persist();
+        let (tx, rx) = mpsc::channel::<String>();
+        let worker = shared.clone();
+        let (alive, guard) = Alive::new();
+        std::thread::Builder::new()
+            .name("flywheel-trainer".to_owned())
+            .spawn(move || {
+                let _alive = guard;
+                lower_priority(deps.nice);
+                let nice = deps.nice;
+                let yield_to = deps.yield_to.clone();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(deps.threads.max(1))
+                    .start_handler(move |_| {
+                        lower_priority(nice);
+                        crate::pressure::yield_on_this_thread(Some(yield_to.clone()));
+                    })
+                    .build();
+                let pool = match pool {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the trainer's thread pool");
+                        return;
+                    }
+                };
+                for id in rx {
+                    pool.install(|| run_job(&worker, &deps, &id));
+                }
+            })?;
+        Ok(Self {
+            shared,
+            tx: Mutex::new(tx),
+            max_queued: limits.max_queued_jobs,
+            alive,
+        })
+    }
+
+    /// Whether the trainer thread still runs (a panic in a job is caught; this turns false only if the
+    /// thread itself has ended).
+    pub fn is_alive(&self) -> bool {
+        self.alive.get()
+    }
+
+    /// Queues again, oldest first, each job a shutdown or crash interrupted that was not re-run yet (called
+    /// at start-up once the publish hook is in place, when `[trainer] rerun_interrupted`).
+    pub fn rerun_interrupted(&self) {
+        let mut waiting: Vec<JobStatus> = self
+            .shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .values()
+            .filter(|j| j.wants_rerun())
+            .cloned()
+            .collect();
+        waiting.sort_by_key(|j| j.created_at);
+        for old in waiting {
+            match self.queue(&old.task, old.config.clone(), Some(old.id.clone())) {
+                Ok(new) => {
+                    tracing::info!(job = %old.id, rerun = %new.id, task = %old.task, "re-running an interrupted job");
+                }
+                // Left as it is: the next start tries again.
+                Err(e) => {
+                    tracing::warn!(job = %old.id, error = %e, "could not re-run an interrupted job now");
+                }
+            }
+        }
+    }
+
+    /// Sets the function called after each LoRA job publishes a generation (the rollout layer starts
+    /// canaries from it).
+    pub fn on_published(&self, hook: PublishHook) {
+        *self
+            .shared
+            .hook
+            .lock()
+            .expect("hook lock poisoned; this is a bug") = Some(hook);
+    }
+
+    /// Whether `task` has a job queued or running.
+    pub fn busy(&self, task: &str) -> bool {
+        self.shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .values()
+            .any(|j| j.task == task && matches!(j.state, JobState::Queued | JobState::Running))
+    }
+
+    /// Queues a job for `task`.
+    pub fn submit(&self, task: &str, config: TrainConfig) -> Result<JobStatus, TrainError> {
+        self.queue(task, config, None)
+    }
+
+    /// Queues a job for `task`, a re-run of `rerun_of` when given.
+    fn queue(
+        &self,
+        task: &str,
+        config: TrainConfig,
+        rerun_of: Option<String>,
+    ) -> Result<JobStatus, TrainError> {
+        config.validate()?;
+        let queued = {
+            let jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            jobs.values()
+                .filter(|j| matches!(j.state, JobState::Queued | JobState::Running))
+                .count()
+        };
+        if self.shared.shutting_down.load(Ordering::Relaxed) {
+            return Err(TrainError::ShuttingDown);
+        }
+        if queued >= self.max_queued {
+            return Err(TrainError::QueueFull(format!(
+                "{queued} jobs are waiting; at most {} may",
+                self.max_queued
+            )));
+        }
+        let status = JobStatus {
+            rerun_of: rerun_of.clone(),
+            ..JobStatus::queued(task, config)
+        };
+        {
+            // A re-run and its link from the job it repeats land in one write, so a crash between them
+            // cannot make the next start re-run the job again.
+            let mut jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            if let Some(old) = rerun_of.and_then(|id| jobs.get_mut(&id)) {
+                old.error = Some(format!(
+                    "{}; re-run as {}",
+                    old.error.as_deref().unwrap_or("interrupted"),
+                    status.id
+                ));
+                old.rerun_as = Some(status.id.clone());
+            }
+            jobs.insert(status.id.clone(), status.clone());
+        }
+        self.shared
+            .cancel
+            .lock()
+            .expect("cancel lock poisoned; this is a bug")
+            .insert(status.id.clone(), Arc::new(AtomicBool::new(false)));
+        self.shared.persist();
+        self.tx
+            .lock()
+            .expect("job sender lock poisoned; this is a bug")
+            .send(status.id.clone())
+            .map_err(|_| TrainError::Invalid("the trainer has stopped".to_owned()))?;
+        Ok(status)
+    }
+
+    /// A job's status.
+    pub fn get(&self, id: &str) -> Option<JobStatus> {
+        self.shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .get(id)
+            .cloned()
+    }
+
+    /// Every job, optionally of one task, newest first.
+    pub fn list(&self, task: Option<&str>) -> Vec<JobStatus> {
+        let jobs = self
+            .shared
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug");
+        let mut out: Vec<JobStatus> = jobs
+            .values()
+            .filter(|j| task.is_none_or(|t| j.task == t))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        out
+    }
+
+    /// Stops the trainer for a shutdown: queued jobs and the running one are marked failed ("interrupted by a
+    /// shutdown"), the running one stops at its next micro-batch, and the list is persisted. Waits at most
+    /// `deadline` for the running job to stop; returns whether it did.
+    pub fn shutdown(&self, deadline: Duration) -> bool {
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        for flag in self
+            .shared
+            .cancel
+            .lock()
+            .expect("cancel lock poisoned; this is a bug")
+            .values()
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+        {
+            let mut jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            for job in jobs.values_mut().filter(|j| j.state == JobState::Queued) {
+                job.interrupt(Interruption::Shutdown);
+            }
+        }
+        self.shared.persist();
+        let until = Instant::now() + deadline;
+        loop {
+            let running = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug")
+                .values()
+                .any(|j| j.state == JobState::Running);
+            if !running {
+                // The trainer thread may still be writing the stopped job's state; this write waits for it
+                // and leaves the latest state on disk before the process exits.
+                self.shared.persist();
+                return true;
+            }
+            if Instant::now() >= until {
+                // The restart will mark it interrupted instead.
+                tracing::warn!(
+                    "the running training job did not stop before the shutdown deadline"
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks a queued or running job to stop; returns its status, or `None` if unknown.
+    pub fn cancel(&self, id: &str) -> Option<JobStatus> {
+        if let Some(flag) = self
+            .shared
+            .cancel
+            .lock()
+            .expect("cancel lock poisoned; this is a bug")
+            .get(id)
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+        let mut task = None;
+        self.shared.update(id, |j| {
+            if matches!(j.state, JobState::Queued | JobState::Running) {
+                j.cancel_requested = true;
+            }
+            if j.state == JobState::Queued {
+                j.state = JobState::Cancelled;
+                task = Some(j.task.clone());
+            }
+        });
+        if let Some(task) = task {
+            self.shared
+                .metrics
+                .training_jobs
+                .with_label_values(&[task.as_str(), "cancelled"])
+                .inc();
+        }
+        self.shared.persist();
+        self.get(id)
+    }
+}

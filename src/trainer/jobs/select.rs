@@ -1,0 +1,93 @@
+//! Which feedback a job learns from: the newest rows, or on a warm start the rows newer than the parent's
+//! snapshot with a replayed sample of older ones.
+
+use crate::trainer::data::{truncate, Example};
+use crate::trainer::train::{TrainConfig, TrainError};
+
+use super::TrainerDeps;
+
+/// Most feedback rows one job reads: the newest, so a long-lived task keeps learning from what arrives.
+pub(super) const MAX_ROWS: usize = 200_000;
+
+/// The examples a job trains and validates on, and where they came from.
+pub(super) struct Dataset {
+    /// What trains and validates, cut at the job's `max_length`.
+    pub(super) examples: Vec<Example>,
+    /// Each example's token ids as serving makes them (not cut at the job's `max_length`).
+    pub(super) serving_ids: Vec<Vec<u32>>,
+    /// The newest feedback row read: the next warm start's snapshot.
+    pub(super) snapshot_id: i64,
+    /// Rows newer than the parent's snapshot (all rows without one).
+    pub(super) new_rows: usize,
+    /// Older rows replayed beside them.
+    pub(super) replayed_rows: usize,
+}
+
+/// Reads the task's feedback. With a parent snapshot and a replay ratio, takes the rows newer than the
+/// snapshot and an even sample of `replay` older rows per new one; otherwise every row.
+pub(super) fn select_data(
+    deps: &TrainerDeps,
+    task: &crate::adapters::registry::Task,
+    config: &TrainConfig,
+    parent_snapshot: Option<i64>,
+) -> Result<Dataset, TrainError> {
+    let rows = deps
+        .feedback
+        .latest(&task.name, MAX_ROWS)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let snapshot_id = rows.last().map_or(0, |r| r.id);
+    let (mut chosen, new_rows, replayed_rows) = match (parent_snapshot, config.replay) {
+        (Some(cut), Some(ratio)) => {
+            let (old, new): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.id <= cut);
+            if new.is_empty() {
+                return Err(TrainError::Invalid(format!(
+                    "no feedback arrived since the stable generation's data (row {cut}); \
+                     set \"replay\": null to retrain on all of it"
+                )));
+            }
+            let want = ((new.len() as f64 * ratio).ceil() as usize).min(old.len());
+            let mut old = old;
+            crate::rng::Rng::new(config.seed ^ 0x2E91A7).shuffle(&mut old);
+            old.truncate(want);
+            let (n, r) = (new.len(), old.len());
+            (new.into_iter().chain(old).collect::<Vec<_>>(), n, r)
+        }
+        _ => {
+            let n = rows.len();
+            (rows, n, 0)
+        }
+    };
+    chosen.sort_by_key(|r| r.id);
+    let mut examples = Vec::with_capacity(chosen.len());
+    let mut serving_ids = Vec::with_capacity(chosen.len());
+    for row in &chosen {
+        let Some(label) = task.labels.iter().position(|l| *l == row.label) else {
+            continue;
+        };
+        let ids = deps
+            .model
+            .tokenizer
+            .encode(&row.text)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        examples.push(Example {
+            ids: truncate(ids.clone(), config.max_length),
+            label,
+        });
+        serving_ids.push(ids);
+    }
+    for (i, label) in task.labels.iter().enumerate() {
+        let n = examples.iter().filter(|e| e.label == i).count();
+        if n < 2 {
+            return Err(TrainError::Invalid(format!(
+                "label {label:?} has {n} feedback examples in this job's data; training needs at least 2"
+            )));
+        }
+    }
+    Ok(Dataset {
+        examples,
+        serving_ids,
+        snapshot_id,
+        new_rows,
+        replayed_rows,
+    })
+}
