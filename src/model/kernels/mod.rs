@@ -1,6 +1,6 @@
-//! Plain-slice f32 kernels for the CPU paths: products with a fused bias ([`matmul`]), GELU, LayerNorm with
-//! a fused residual and softmax with their backward passes ([`elementwise`]), and attention over packed
-//! (unpadded) sequences for serving and over padded batches for training ([`attention`]). This file holds
+//! Plain-slice f32 kernels for the CPU paths: products with a fused bias (`matmul.rs`), GELU, LayerNorm with
+//! a fused residual and softmax with their backward passes (`elementwise.rs`), and attention over packed
+//! (unpadded) sequences for serving and over padded batches for training (`attention.rs`). This file holds
 //! what they share: when to split work across rayon's pool and the AVX2 dispatch of the elementwise loops.
 //!
 //! The loops are written so that the compiler vectorises them (no libm calls inside): `exp` and `erf` are

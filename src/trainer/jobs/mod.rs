@@ -2,7 +2,7 @@
 //! cores its thread share leaves), job status for the API, cancellation, persistence of finished jobs, and
 //! publishing the result as a new adapter generation.
 //!
-//! The record of a job is [`status`], one job's run [`run`], and the rows it learns from [`select`].
+//! The record of a job is `status.rs`, one job's run `run.rs`, and the rows it learns from `select.rs`.
 
 use std::collections::BTreeMap;
 use std::path::Path;

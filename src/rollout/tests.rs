@@ -1,0 +1,275 @@
+//! The rollout state machine on a registry of tiny adapters: starting, sticky routing, evidence, the
+//! analysis acting, promotion and its recovery after a crash, and restoring from `rollouts.json`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::adapters::peft;
+use crate::config::AdaptersConfig;
+use crate::model::lora::Target;
+use crate::model::{tiny, BertConfig};
+
+/// A registry with task `t` whose stable generation is `one`, and a second generation `two`; returns
+/// the two ids.
+fn registry(data: &Path) -> (Arc<Registry>, String, String) {
+    let registry = Registry::open(data, AdaptersConfig::default(), BertConfig::tiny(), true)
+        .expect("the registry opens");
+    registry
+        .create_task("t", vec!["a".into(), "b".into(), "c".into()])
+        .unwrap();
+    let mut ids = Vec::new();
+    for (name, seed) in [("one", 1), ("two", 2)] {
+        let adapter = tiny::adapter(
+            &BertConfig::tiny(),
+            seed,
+            &[Target::Query, Target::Value],
+            2,
+            false,
+        );
+        peft::write_dir(&registry.root().join(name), &adapter, 4.0, "tiny").unwrap();
+        ids.push(registry.load(name, "t", None).unwrap().0.id.clone());
+    }
+    (Arc::new(registry), ids.remove(0), ids.remove(0))
+}
+
+fn policy() -> RolloutConfig {
+    RolloutConfig {
+        min_feedback: 20,
+        min_requests: 20,
+        ..RolloutConfig::default()
+    }
+}
+
+fn start(rollouts: &Rollouts, candidate: &str, steps: &[f64]) -> Rollout {
+    rollouts
+        .start(
+            StartRequest {
+                task: "t".into(),
+                candidate: candidate.into(),
+                steps: Some(steps.to_vec()),
+                ..StartRequest::default()
+            },
+            "test",
+            false,
+        )
+        .expect("the rollout starts")
+}
+
+/// Routes `n` requests with keys `k0…`, records each as served in 1 ms, and judges each prediction right
+/// where `right(arm)` says so.
+fn traffic(rollouts: &Rollouts, n: usize, right: impl Fn(Arm) -> bool) {
+    for i in 0..n {
+        let route = rollouts.route("t", Some(&format!("k{i}")), "req").unwrap();
+        let rollout = route.rollout.as_deref().unwrap();
+        rollouts.observe("t", rollout, &route.generation, 0.001, true);
+        rollouts.judge(
+            "t",
+            &route.generation,
+            route.arm.as_str(),
+            Some(rollout),
+            right(route.arm),
+        );
+    }
+}
+
+#[test]
+fn a_start_is_checked_against_the_registry_and_the_active_rollout() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let request = |task: &str, candidate: &str| StartRequest {
+        task: task.into(),
+        candidate: candidate.into(),
+        ..StartRequest::default()
+    };
+    let refused = |r| rollouts.start(r, "test", false).unwrap_err();
+    assert!(matches!(
+        refused(request("nope", &two)),
+        RolloutError::NotFound(_)
+    ));
+    assert!(matches!(
+        refused(request("t", "g-nope")),
+        RolloutError::NotFound(_)
+    ));
+    assert!(matches!(
+        refused(request("t", &one)),
+        RolloutError::Conflict(_)
+    ));
+    let bad_share = StartRequest {
+        traffic: Some(1.5),
+        ..request("t", &two)
+    };
+    assert!(matches!(refused(bad_share), RolloutError::Invalid(_)));
+
+    let first = start(&rollouts, &two, &[0.1, 0.5]);
+    assert_eq!((first.stable.as_str(), first.traffic), (one.as_str(), 0.1));
+    assert!(rollouts.uses(&one) && rollouts.uses(&two));
+    assert!(matches!(
+        refused(request("t", &two)),
+        RolloutError::Conflict(_)
+    ));
+    // The trainer's canaries supersede an active rollout instead.
+    let second = rollouts.start(request("t", &two), "trainer", true).unwrap();
+    assert_ne!(second.id, first.id);
+    let list = rollouts.list();
+    assert_eq!(list.len(), 1, "one entry per task: its latest rollout");
+    assert_eq!(list[0].id, second.id);
+}
+
+#[test]
+fn routing_is_sticky_per_key_splits_at_the_share_and_only_grows_the_candidate() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    assert!(rollouts.route("t", Some("k"), "r").is_none(), "no rollout");
+    start(&rollouts, &two, &[0.2, 0.6]);
+    let arms = |rollouts: &Rollouts| -> Vec<Arm> {
+        (0..2000)
+            .map(|i| {
+                rollouts
+                    .route("t", Some(&format!("user-{i}")), "r")
+                    .unwrap()
+                    .arm
+            })
+            .collect()
+    };
+    let at_20 = arms(&rollouts);
+    assert_eq!(at_20, arms(&rollouts), "the same key, the same arm");
+    let share = |a: &[Arm]| a.iter().filter(|&&a| a == Arm::Candidate).count() as f64 / 2000.0;
+    assert!((share(&at_20) - 0.2).abs() < 0.03, "{}", share(&at_20));
+    let route = rollouts.route("t", Some("user-1"), "r").unwrap();
+    let expected = if route.arm == Arm::Candidate {
+        &two
+    } else {
+        &one
+    };
+    assert_eq!(&route.generation, expected);
+
+    rollouts.set_traffic("t", 0.6, "test").unwrap();
+    let at_60 = arms(&rollouts);
+    assert!((share(&at_60) - 0.6).abs() < 0.03, "{}", share(&at_60));
+    assert!(
+        at_20
+            .iter()
+            .zip(&at_60)
+            .all(|(before, after)| *before == Arm::Stable || *after == Arm::Candidate),
+        "no key moves from the candidate back to stable when its share grows"
+    );
+}
+
+#[test]
+fn evidence_counts_only_the_active_rollouts_own_requests() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let r = start(&rollouts, &two, &[0.5]);
+    rollouts.observe("t", &r.id, &one, 0.002, true);
+    rollouts.observe("t", &r.id, &two, 0.004, false);
+    rollouts.observe("t", "r-other", &two, 0.004, true);
+    rollouts.judge("t", &two, "candidate", Some(&r.id), true);
+    rollouts.judge("t", &two, "pinned", None, false);
+    let arms = rollouts.get("t").unwrap().arms;
+    assert_eq!((arms.stable.requests, arms.stable.errors), (1, 0));
+    assert_eq!((arms.candidate.requests, arms.candidate.errors), (1, 1));
+    assert_eq!((arms.candidate.judged, arms.candidate.correct), (1, 1));
+}
+
+#[test]
+fn the_analysis_advances_then_promotes_a_candidate_as_good_as_stable() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _one, two) = registry(data.path());
+    let rollouts = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+    start(&rollouts, &two, &[0.5, 0.9]);
+    // Automatic rollouts act; this one was started with the default (automatic).
+    assert!(rollouts.evaluate().is_empty(), "no evidence yet: hold");
+    // Equal accuracy passes once the interval of the difference is within the 0.02 margin.
+    traffic(&rollouts, 600, |_| true);
+    assert_eq!(
+        rollouts.evaluate(),
+        [("t".to_owned(), "advance".to_owned())]
+    );
+    let r = rollouts.get("t").unwrap();
+    assert_eq!((r.step, r.traffic), (1, 0.9));
+    assert_eq!(
+        r.arms.candidate.requests, 0,
+        "a new step gathers new evidence"
+    );
+    traffic(&rollouts, 3000, |_| true);
+    assert_eq!(
+        rollouts.evaluate(),
+        [("t".to_owned(), "promote".to_owned())]
+    );
+    assert_eq!(rollouts.get("t").unwrap().phase, Phase::Promoted);
+    assert_eq!(registry.resolve("t").unwrap().id, two, "the alias moved");
+    assert!(rollouts.route("t", Some("k1"), "r").is_none());
+    let actions: Vec<String> = rollouts
+        .get("t")
+        .unwrap()
+        .decisions
+        .iter()
+        .map(|d| d.action.clone())
+        .collect();
+    assert_eq!(actions, ["start", "advance", "promote"]);
+}
+
+#[test]
+fn a_manual_rollout_is_analysed_but_not_acted_on() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+    rollouts
+        .start(
+            StartRequest {
+                task: "t".into(),
+                candidate: two.clone(),
+                steps: Some(vec![0.5]),
+                automatic: Some(false),
+                ..StartRequest::default()
+            },
+            "test",
+            false,
+        )
+        .unwrap();
+    traffic(&rollouts, 200, |arm| arm == Arm::Stable);
+    assert!(rollouts.evaluate().is_empty());
+    let r = rollouts.get("t").unwrap();
+    assert_eq!(r.phase, Phase::Active);
+    assert!(
+        matches!(r.analysis, Some(Verdict::Rollback(_))),
+        "{:?}",
+        r.analysis
+    );
+    let done = rollouts.rollback("t", "test", "by hand".into()).unwrap();
+    assert_eq!((done.phase, done.traffic), (Phase::RolledBack, 0.0));
+    assert_eq!(registry.resolve("t").unwrap().id, one);
+    assert!(matches!(
+        rollouts.promote("t", "test", "late".into()),
+        Err(RolloutError::NotFound(_))
+    ));
+}
+
+#[test]
+fn a_restart_restores_rollouts_and_completes_a_promotion_a_crash_cut_short() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _one, two) = registry(data.path());
+    let id = {
+        let rollouts = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+        let r = start(&rollouts, &two, &[0.3]);
+        r.id
+    };
+    let restored = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+    let r = restored.get("t").unwrap();
+    assert_eq!(
+        (r.id.as_str(), r.phase, r.traffic),
+        (id.as_str(), Phase::Active, 0.3)
+    );
+
+    // A promotion moves the alias, then records the rollout: a crash between the two leaves the alias on
+    // the candidate, and the next start finishes the promotion.
+    registry.set_alias("t", &two).unwrap();
+    let restored = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let r = restored.get("t").unwrap();
+    assert_eq!(r.phase, Phase::Promoted);
+    assert_eq!(r.decisions.last().unwrap().by, "restart");
+}
