@@ -81,8 +81,8 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(48);
-    // FLYWHEEL_MODEL picks another model directory (e.g. models/multilingual-e5-small).
-    let dir = std::env::var_os("FLYWHEEL_MODEL").map_or_else(
+    // FLYWHEEL_MODEL__DIR picks another model directory (e.g. models/multilingual-e5-small).
+    let dir = std::env::var_os("FLYWHEEL_MODEL__DIR").map_or_else(
         || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"),
         std::path::PathBuf::from,
     );

@@ -7,6 +7,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Variables of an earlier scheme that Flywheel no longer reads, and what replaced each: a start with one
+/// of them set fails rather than quietly ignoring it.
+const RETIRED_ENV: [(&str, &str); 6] = [
+    ("FLYWHEEL_HOST", "FLYWHEEL_SERVER__HOST"),
+    ("FLYWHEEL_PORT", "FLYWHEEL_SERVER__PORT"),
+    ("FLYWHEEL_WORKERS", "FLYWHEEL_SERVER__WORKERS"),
+    ("FLYWHEEL_MODEL", "FLYWHEEL_MODEL__DIR"),
+    ("FLYWHEEL_MAX_LENGTH", "FLYWHEEL_MODEL__MAX_LENGTH"),
+    ("FLYWHEEL_DATA_DIR", "FLYWHEEL_DATA__DIR"),
+];
+
 /// Prefix of every environment variable Flywheel reads.
 pub const ENV_PREFIX: &str = "FLYWHEEL_";
 
@@ -431,6 +442,11 @@ impl Config {
         };
         let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
         for (key, value) in env {
+            if let Some((_, now)) = RETIRED_ENV.iter().find(|(old, _)| *old == key) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} is no longer read; set {now} instead"
+                )));
+            }
             if key == "FLYWHEEL_ADMIN_KEYS" || key == "FLYWHEEL_API_KEYS" {
                 let list = value
                     .split(',')
@@ -577,6 +593,13 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flywheel.toml");
         let config = Config::load(Some(&path), Vec::new()).expect("config/flywheel.toml loads");
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn a_variable_of_the_retired_scheme_names_its_replacement() {
+        let env = vec![("FLYWHEEL_PORT".to_owned(), "9000".to_owned())];
+        let err = Config::load(None, env).unwrap_err().to_string();
+        assert!(err.contains("set FLYWHEEL_SERVER__PORT instead"), "{err}");
     }
 
     #[test]

@@ -108,6 +108,15 @@ impl DeviceCheckArgs {
     }
 }
 
+/// `flywheel train --method`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    /// LoRA; writes a PEFT adapter directory.
+    Lora,
+    /// Full fine-tuning; writes a BertForSequenceClassification checkpoint.
+    Full,
+}
+
 #[derive(clap::Args)]
 struct TrainArgs {
     /// Task name (recorded in the output's metadata).
@@ -119,9 +128,9 @@ struct TrainArgs {
     /// Held-out labelled JSONL scored after training; repeat for several files.
     #[arg(long)]
     test: Vec<PathBuf>,
-    /// `lora` (a PEFT adapter directory) or `full` (a BertForSequenceClassification checkpoint).
-    #[arg(long, default_value = "lora")]
-    method: String,
+    /// What trains and what is written.
+    #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
+    method: MethodArg,
     /// Output directory (must not exist); defaults to out/<method>-<unix time>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -134,7 +143,7 @@ struct TrainArgs {
     /// Hugging Face model directory.
     #[arg(
         long,
-        env = "FLYWHEEL_MODEL",
+        env = "FLYWHEEL_MODEL__DIR",
         default_value = "models/all-MiniLM-L6-v2"
     )]
     model: PathBuf,
@@ -150,8 +159,10 @@ impl TrainArgs {
     fn run(self) -> anyhow::Result<()> {
         use flywheel::trainer::offline;
         use flywheel::trainer::train::Method;
-        let method: Method = serde_json::from_value(serde_json::json!(self.method))
-            .with_context(|| format!("--method {:?} is not lora or full", self.method))?;
+        let method = match self.method {
+            MethodArg::Lora => Method::Lora,
+            MethodArg::Full => Method::Full,
+        };
         let config = offline::parse_params(&self.params, method)?;
         let device = flywheel::model::parse_device(&self.device)
             .with_context(|| format!("--device {}", self.device))?;
@@ -216,23 +227,23 @@ struct ServeArgs {
     /// Configuration file (TOML). Defaults to config/flywheel.toml when it exists.
     #[arg(long, env = "FLYWHEEL_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to bind.
-    #[arg(long, env = "FLYWHEEL_HOST")]
+    /// Address to bind (`[server] host`, `FLYWHEEL_SERVER__HOST`).
+    #[arg(long)]
     host: Option<String>,
-    /// Port to bind; 0 picks a free port and logs it.
-    #[arg(long, env = "FLYWHEEL_PORT")]
+    /// Port to bind; 0 picks a free port and logs it (`[server] port`, `FLYWHEEL_SERVER__PORT`).
+    #[arg(long)]
     port: Option<u16>,
-    /// Hugging Face model directory.
-    #[arg(long, env = "FLYWHEEL_MODEL")]
+    /// Hugging Face model directory (`[model] dir`, `FLYWHEEL_MODEL__DIR`).
+    #[arg(long)]
     model: Option<PathBuf>,
-    /// Data directory (store, adapters).
-    #[arg(long, env = "FLYWHEEL_DATA_DIR")]
+    /// Data directory: store, adapters (`[data] dir`, `FLYWHEEL_DATA__DIR`).
+    #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Truncation length in tokens (at most 512).
-    #[arg(long, env = "FLYWHEEL_MAX_LENGTH")]
+    /// Truncation length in tokens, at most 512 (`[model] max_length`, `FLYWHEEL_MODEL__MAX_LENGTH`).
+    #[arg(long)]
     max_length: Option<usize>,
-    /// HTTP worker threads.
-    #[arg(long, env = "FLYWHEEL_WORKERS")]
+    /// HTTP worker threads (`[server] workers`, `FLYWHEEL_SERVER__WORKERS`).
+    #[arg(long)]
     workers: Option<usize>,
 }
 

@@ -1,4 +1,6 @@
-//! A seeded generator for shuffles and choices, the same on every run.
+//! A seeded generator for shuffles and choices, the same on every run. The server has the same
+//! generator (`flywheel::rng`); the load generator keeps its own few lines so that it stays a client that
+//! builds without the server crate and measures it only from outside.
 
 /// SplitMix64.
 pub struct Rng(pub u64);
