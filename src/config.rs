@@ -2,6 +2,9 @@
 //! `FLYWHEEL_<SECTION>__<FIELD>` environment variables, then command-line flags (each later source wins).
 //!
 //! One `Config` is built at start and passed down; modules read their own section.
+//!
+//! Past 500 lines as one concern: every section with its defaults and the checks across them, in one
+//! place.
 
 use std::path::{Path, PathBuf};
 

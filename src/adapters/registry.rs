@@ -6,6 +6,9 @@
 //! index (tasks, generations, aliases) is persisted to `registry.json` in the data directory — written to a
 //! temporary file, fsynced and renamed — and restored at start. Adapter files are read only from under the
 //! adapter root.
+//!
+//! Past 500 lines as one concern: tasks, generations and aliases change under one lock and persist as one
+//! index.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};

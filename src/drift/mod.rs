@@ -13,6 +13,8 @@
 //!
 //! The embeddings are the base model's, not the serving generation's (see [`embedder`] for why). They are
 //! computed after the answer, in serving's idle time, so they may trail the predictions.
+//!
+//! Past 500 lines as one concern: the per-task windows, their reports and the three signals share one state.
 
 mod embedder;
 pub mod stats;

@@ -3,6 +3,8 @@
 //! answers (see [`crate::serving::Selected`]); errors come in OpenAI's shape,
 //! `{"error": {"message", "type", "param", "code"}}`. Unknown fields are ignored, as client libraries add
 //! their own.
+//!
+//! Past 500 lines as one concern: OpenAI's request and response shapes, its error shape and its routes.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};

@@ -3,6 +3,8 @@
 //! Tensor names mirror Hugging Face's `BertModel` exactly (`encoder.layer.N.attention.self.query`…), so a
 //! checkpoint loads with or without the `bert.` prefix. Query, key and value are separate `Linear`s so
 //! adapters can target each one.
+//!
+//! Past 500 lines as one concern: BERT's layers on candle tensors, each with its checkpoint names.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;

@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod lora;
 pub mod offline;
 pub mod optim;
+pub mod params;
 pub mod reference;
 pub mod train;
 

@@ -1,0 +1,289 @@
+//! A job's hyperparameters (`TrainConfig`): what trains, the schedule, the loss, the data, the number
+//! format, with their defaults and the checks that refuse a bad value before a job is queued.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::data::Example;
+use super::train::TrainError;
+use crate::model::lora::{Pooling, Target};
+
+/// What trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Low-rank factors on the chosen linears plus the head; the result is a PEFT adapter.
+    #[default]
+    Lora,
+    /// Every weight plus the head; the result is a whole checkpoint (the comparison).
+    Full,
+}
+
+/// The number format of the training passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// bf16 where training runs on a GPU; f32 on the CPU, which has no fast bf16 arithmetic.
+    #[default]
+    Auto,
+    /// f32 throughout.
+    F32,
+    /// bf16 autocast: the encoder's weights and activations in bf16 for the matrix products; LayerNorm,
+    /// softmax, the LoRA factors, the head, the loss and the optimizer (its f32 master weights) in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The encoder's compute format on `device`. `Auto` takes bf16 only on a GPU that multiplies bf16
+    /// matrices (a probe: older GPUs lack bf16 kernels), f32 otherwise.
+    pub fn dtype(self, device: &Device) -> DType {
+        match self {
+            Precision::Auto if device.is_cuda() && multiplies_bf16(device) => DType::BF16,
+            Precision::Auto | Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Whether a small bf16 matrix product runs on `device`.
+fn multiplies_bf16(device: &Device) -> bool {
+    Tensor::ones((2, 2), DType::BF16, device)
+        .and_then(|t| t.matmul(&t))
+        .and_then(|p| p.to_dtype(DType::F32)?.to_vec2::<f32>())
+        .is_ok()
+}
+
+/// How examples of each label weigh in the loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ClassWeights {
+    /// `"none"` (all 1) or `"balanced"` (`n / (labels · n_label)` from the training split, as
+    /// scikit-learn's `class_weight="balanced"`).
+    Preset(WeightPreset),
+    /// One weight per label, in the task's label order.
+    Explicit(Vec<f64>),
+}
+
+/// The named class-weight schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightPreset {
+    /// Every label weighs 1.
+    None,
+    /// Rare labels weigh more, inversely to their frequency.
+    Balanced,
+}
+
+impl Default for ClassWeights {
+    fn default() -> Self {
+        ClassWeights::Preset(WeightPreset::None)
+    }
+}
+
+impl ClassWeights {
+    /// The per-label weights for a training split of `train` examples, or `None` when all are 1.
+    pub fn resolve(
+        &self,
+        train: &[Example],
+        labels: usize,
+    ) -> Result<Option<Vec<f32>>, TrainError> {
+        match self {
+            ClassWeights::Preset(WeightPreset::None) => Ok(None),
+            ClassWeights::Preset(WeightPreset::Balanced) => {
+                let mut counts = vec![0usize; labels];
+                for e in train {
+                    counts[e.label] += 1;
+                }
+                Ok(Some(
+                    counts
+                        .iter()
+                        .map(|&c| train.len() as f32 / (labels * c.max(1)) as f32)
+                        .collect(),
+                ))
+            }
+            ClassWeights::Explicit(w) => {
+                self.check_labels(labels)?;
+                Ok(Some(w.iter().map(|&x| x as f32).collect()))
+            }
+        }
+    }
+
+    /// Refuses explicit weights that are not one per label (their range is checked by
+    /// [`TrainConfig::validate`]).
+    pub fn check_labels(&self, labels: usize) -> Result<(), TrainError> {
+        match self {
+            ClassWeights::Explicit(w) if w.len() != labels => Err(TrainError::Invalid(format!(
+                "class_weights has {} entries but the task has {labels} labels",
+                w.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Hyperparameters of a job; every field has the project's default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// LoRA or full fine-tuning.
+    pub method: Method,
+    /// LoRA rank.
+    #[schema(minimum = 1, maximum = 256)]
+    pub rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[schema(exclusive_minimum = 0.0, maximum = 4096.0)]
+    pub alpha: f64,
+    /// Linears to adapt.
+    #[schema(min_items = 1)]
+    pub targets: Vec<Target>,
+    /// LoRA dropout: the share of each factor input's values zeroed (the rest scaled up to keep the
+    /// expectation) while training, as PEFT's `lora_dropout`; the base path and serving never drop.
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
+    pub lora_dropout: f64,
+    /// Peak learning rate; unset means the method's default (LoRA 2e-3, full 5e-5: LoRA wants ~10–50× full
+    /// fine-tuning's, see docs/TRAINING.md).
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
+    pub learning_rate: Option<f64>,
+    /// Passes over the training split.
+    #[schema(minimum = 1, maximum = 100)]
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    #[schema(minimum = 1, maximum = 512)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[schema(minimum = 1, maximum = 64)]
+    pub grad_accumulation: usize,
+    /// Fraction of steps spent warming the learning rate up linearly; it then decays linearly to 0.
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
+    pub warmup_ratio: f64,
+    /// AdamW weight decay.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub weight_decay: f64,
+    /// Label smoothing of the cross-entropy.
+    #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
+    pub label_smoothing: f64,
+    /// Loss weight per label, against imbalance.
+    pub class_weights: ClassWeights,
+    /// Tokens per example, special tokens included.
+    #[schema(minimum = 8, maximum = 512)]
+    pub max_length: usize,
+    /// Epochs without a better validation macro-F1 before stopping.
+    pub patience: usize,
+    /// Fraction of each label held out for validation.
+    #[schema(minimum = 0.05, maximum = 0.5)]
+    pub val_fraction: f64,
+    /// Seed of initialisation, split and shuffles.
+    pub seed: u64,
+    /// Start from the task's stable generation when it is a LoRA adapter whose head pools as this job's does
+    /// (its rank and targets then replace `rank` and `targets`); otherwise from fresh factors. LoRA only.
+    pub warm_start: bool,
+    /// When warm-starting, train on the feedback that arrived since the parent generation's data snapshot
+    /// plus this many older examples per new one, sampled evenly (replay, against forgetting); `null` trains
+    /// on all of the task's feedback.
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub replay: Option<f64>,
+    /// The number format of the forward and backward passes: `auto` (bf16 on a GPU, f32 on the CPU), `f32`
+    /// or `bf16` (autocast: see docs/TRAINING.md).
+    pub precision: Precision,
+    /// How a LoRA head pools: `cls` (`BertForSequenceClassification`'s `[CLS]` through the pooler; a base
+    /// without one gets a pooler of the head's own) or `mean` (the token mean; Flywheel serves it, PEFT cannot
+    /// express it). Full fine-tuning always pools `[CLS]`.
+    pub pooling: Pooling,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Lora,
+            rank: 8,
+            alpha: 16.0,
+            targets: vec![Target::Query, Target::Value],
+            lora_dropout: 0.1,
+            learning_rate: None,
+            epochs: 5,
+            batch_size: 16,
+            grad_accumulation: 1,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            label_smoothing: 0.1,
+            class_weights: ClassWeights::default(),
+            max_length: 128,
+            patience: 3,
+            val_fraction: 0.15,
+            seed: 0,
+            warm_start: true,
+            replay: Some(2.0),
+            precision: Precision::Auto,
+            pooling: Pooling::Cls,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The hyperparameters a TOML table sets (the rest at their defaults), checked.
+    pub fn from_table(table: &toml::Table) -> Result<Self, TrainError> {
+        let config: Self = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: &str| Err(TrainError::Invalid(m.to_owned()));
+        if self.rank == 0 || self.rank > 256 {
+            return bad("rank must be 1 to 256");
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha <= 4096.0) {
+            return bad("alpha must be in (0, 4096]");
+        }
+        if self.targets.is_empty() {
+            return bad("targets must name at least one linear");
+        }
+        if self.method == Method::Full && self.pooling == Pooling::Mean {
+            return bad("full fine-tuning trains a BertForSequenceClassification, which pools [CLS]: pooling must be cls");
+        }
+        if !(self.lr() > 0.0 && self.lr() < 1.0) {
+            return bad("learning_rate must be in (0, 1)");
+        }
+        if self.epochs == 0 || self.epochs > 100 || self.batch_size == 0 || self.batch_size > 512 {
+            return bad("epochs must be 1 to 100 and batch_size 1 to 512");
+        }
+        if self.grad_accumulation == 0 || self.grad_accumulation > 64 {
+            return bad("grad_accumulation must be 1 to 64");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio)
+            || !(0.0..1.0).contains(&self.label_smoothing)
+            || !(0.0..1.0).contains(&self.lora_dropout)
+        {
+            return bad("warmup_ratio, label_smoothing and lora_dropout must be in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) || !(0.05..=0.5).contains(&self.val_fraction) {
+            return bad("weight_decay must be in [0, 1] and val_fraction in [0.05, 0.5]");
+        }
+        if !(8..=512).contains(&self.max_length) {
+            return bad("max_length must be 8 to 512");
+        }
+        if self
+            .replay
+            .is_some_and(|r| !(r.is_finite() && (0.0..=100.0).contains(&r)))
+        {
+            return bad("replay must be 0 to 100 older examples per new one");
+        }
+        if let ClassWeights::Explicit(w) = &self.class_weights {
+            if w.iter().any(|x| !(x.is_finite() && *x > 0.0 && *x <= 1e3)) {
+                return bad("class_weights must be positive and at most 1000");
+            }
+        }
+        Ok(())
+    }
+
+    /// The peak learning rate: the override, or the method's default.
+    pub fn lr(&self) -> f64 {
+        self.learning_rate.unwrap_or(match self.method {
+            Method::Lora => 2e-3,
+            Method::Full => 5e-5,
+        })
+    }
+}
