@@ -17,7 +17,7 @@ use candle_core::Device;
 use flywheel::config::DriftConfig;
 use flywheel::drift::DriftMonitor;
 use flywheel::metrics::Metrics;
-use flywheel::model::lora::Adapter;
+use flywheel::model::adapter::Adapter;
 use flywheel::model::{pooling, CpuEncoder, LoadOptions, Model};
 use flywheel::rng::Rng;
 use flywheel::trainer::data::{stratified_split_by, truncate, Example};

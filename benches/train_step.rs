@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use flywheel::model::lora::Target;
+use flywheel::model::adapter::Target;
 use flywheel::model::{LoadOptions, Model};
 use flywheel::trainer::full::FullTrainable;
 use flywheel::trainer::lora::{cross_entropy, LoraTrainable};

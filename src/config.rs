@@ -302,7 +302,7 @@ pub struct ModelConfig {
     pub precision: crate::model::Precision,
     /// The projections quantised at `int8`: `query`, `key`, `value`, `attention_output`, `intermediate`,
     /// `output` (the default: all six; `output` loses the most, docs/BENCHMARKS.md, "int8 serving").
-    pub int8_projections: Vec<crate::model::lora::Target>,
+    pub int8_projections: Vec<crate::model::adapter::Target>,
 }
 
 impl Default for ModelConfig {

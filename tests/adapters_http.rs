@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::Server;
 use flywheel::adapters::peft;
-use flywheel::model::lora::Pooling;
+use flywheel::model::adapter::Pooling;
 use flywheel::model::BertConfig;
 use serde_json::{json, Value};
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use flywheel::adapters::peft;
-use flywheel::model::lora::{Adapter, Pooling};
+use flywheel::model::adapter::{Adapter, Pooling};
 use flywheel::model::Model;
 
 /// Text, PyTorch logits, PyTorch probabilities.
@@ -104,7 +104,7 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 /// to load in Python PEFT and compare.
 #[test]
 fn flywheel_exports_an_adapter_for_python_peft() {
-    use flywheel::model::lora::{Dense, Head, LoraDelta, Target};
+    use flywheel::model::adapter::{Dense, Head, LoraDelta, Target};
     let model = common::load_model();
     let mut adapter = Adapter::empty(model.config.num_hidden_layers);
     for layer in 0..model.config.num_hidden_layers {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::Server;
 use flywheel::adapters::peft;
-use flywheel::model::lora::Pooling;
+use flywheel::model::adapter::Pooling;
 use flywheel::model::BertConfig;
 use serde_json::{json, Value};
 

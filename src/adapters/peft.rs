@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
+use crate::model::adapter::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
 use crate::model::BertConfig;
 
 /// The adapter's configuration file.

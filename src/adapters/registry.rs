@@ -21,7 +21,7 @@ use super::peft::{self, AdapterConfig, PeftError};
 use super::reference::{DriftReference, REFERENCE_FILE};
 use crate::clock::unix_seconds;
 use crate::config::AdaptersConfig;
-use crate::model::lora::{Adapter, Pooling, Target};
+use crate::model::adapter::{Adapter, Pooling, Target};
 use crate::model::BertConfig;
 
 /// Flywheel's sidecar file beside a PEFT adapter (task, labels, head kind, lineage, metrics).

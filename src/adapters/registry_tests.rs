@@ -5,7 +5,7 @@ use std::path::Path;
 use super::peft;
 use super::registry::{Registry, RegistryError, State};
 use crate::config::AdaptersConfig;
-use crate::model::lora::Target;
+use crate::model::adapter::Target;
 use crate::model::{tiny, BertConfig};
 
 fn write_adapter(root: &Path, name: &str, seed: u64) {

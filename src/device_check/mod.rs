@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
 use serde::Serialize;
 
-use crate::model::lora::Target;
+use crate::model::adapter::Target;
 use crate::model::{bert, random, Bert, BertConfig};
 use parity::Reference;
 use timing::{time_fused_inference, time_inference, time_lora_step};

@@ -8,7 +8,7 @@ use super::{
     adamw, embeddings, inputs, precision_name, targets, Parity, ALPHA, BF16_GRADIENT_TOLERANCE,
     BF16_TOLERANCE, F32_TOLERANCE, RANK, SEED, SMOOTHING, TARGETS,
 };
-use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling};
+use crate::model::adapter::{Adapter, Dense, Head, LoraDelta, Pooling};
 use crate::model::{Bert, BertConfig, CpuEncoder};
 use crate::trainer::lora::{cross_entropy, LoraTrainable};
 use crate::trainer::optim::FusedAdamW;

@@ -22,7 +22,7 @@ use cost::Work;
 
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
-use crate::model::lora::Adapter;
+use crate::model::adapter::Adapter;
 use crate::model::pooling;
 use crate::model::{Prompts, ServingModel, TextTokenizer};
 use crate::pressure::{Pending, ServingPressure};

@@ -9,14 +9,14 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::encoder_layer::{self, LayerParts};
+use super::adapter::Target;
 use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::linear::{LayerNorm, Linear};
-use super::lora::Target;
-use super::lora_linear::{self, LowRank};
-use super::train_ops;
-use super::yielding::yield_here;
+use super::train::encoder_layer::{self, LayerParts};
+use super::train::lora_linear::{self, LowRank};
+use super::train::ops;
+use super::train::yielding::yield_here;
 
 /// Word, position and token-type embeddings followed by LayerNorm.
 #[derive(Debug, Clone)]
@@ -258,7 +258,7 @@ impl Bert {
             )));
         }
         let e = &self.embeddings;
-        let words = super::train_ops::embedding(&e.word, &input_ids.flatten_all()?)?.reshape((
+        let words = super::train::ops::embedding(&e.word, &input_ids.flatten_all()?)?.reshape((
             batch,
             seq,
             (),
@@ -359,7 +359,7 @@ impl Bert {
                 debug_assert!(rows == Rows::All, "encode gives a first-row layer a mask");
                 // Where the CPU can fuse them with their deltas, `fused_layer` ran the whole layer.
                 let [q, k, v] = projections.map(|(linear, target)| dense(linear, target, x));
-                train_ops::attention(&Tensor::cat(&[&q?, &k?, &v?], 2)?, lengths, heads)?
+                ops::attention(&Tensor::cat(&[&q?, &k?, &v?], 2)?, lengths, heads)?
             }
             Padding::Mask(mask) => {
                 let q = dense(&layer.query, Target::Query, &kept)?;
@@ -370,7 +370,7 @@ impl Bert {
                 let scores = yield_here(
                     &(q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?,
                 )?;
-                let probs = train_ops::softmax_last(&scores)?;
+                let probs = ops::softmax_last(&scores)?;
                 yield_here(
                     &probs
                         .matmul(&v)?
@@ -385,7 +385,7 @@ impl Bert {
                 .attention_norm
                 .forward(&(dense(&layer.attention_out, Target::AttentionOutput, &ctx)? + x)?)?,
         )?;
-        let inner = train_ops::gelu_erf(&dense(&layer.intermediate, Target::Intermediate, &x)?)?;
+        let inner = ops::gelu_erf(&dense(&layer.intermediate, Target::Intermediate, &x)?)?;
         Ok(layer
             .output_norm
             .forward(&(dense(&layer.output, Target::Output, &inner)? + x)?)?)

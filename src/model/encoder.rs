@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use super::adapter::Adapter;
 use super::bert::Bert;
+use super::cpu_encoder::{CpuEncoder, Packed};
 use super::error::{ModelError, Result};
-use super::fast::{CpuEncoder, Packed};
-use super::lora::Adapter;
 use super::prompts::Prompts;
 use super::tokenize::TextTokenizer;
 use super::{avx512, pooling};

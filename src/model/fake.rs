@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use super::adapter::{Adapter, Dense, Head, Pooling, Target};
+use super::cpu_encoder::Packed;
 use super::encoder::Encoder;
 use super::error::{ModelError, Result};
-use super::fast::Packed;
 use super::hf_config::BertConfig;
-use super::lora::{Adapter, Dense, Head, Pooling, Target};
 
 /// Token `t`'s hidden state is the unit vector along dimension `t mod width`; a head's logits are its
 /// classifier applied to the mean of a sequence's states, so a classifier row that weighs a word's

@@ -274,8 +274,8 @@ fn linear_by_blocks(
 }
 
 /// `linear(x)` for a frozen CPU f32 `linear` and `x` of `rows × in` values, in blocks of rows: the frozen
-/// product of [`FrozenLinear`], of the fused LoRA op ([`super::lora_linear`]) and of the fused encoder
-/// layer ([`super::encoder_layer`]).
+/// product of [`FrozenLinear`], of the fused LoRA op ([`super::train::lora_linear`]) and of the fused encoder
+/// layer ([`super::train::encoder_layer`]).
 pub(crate) fn frozen_product(linear: &Linear, x: &[f32]) -> candle_core::Result<Vec<f32>> {
     let (w_storage, w_layout) = linear.weight.storage_and_layout();
     let w = cpu_f32(&w_storage, w_layout, "frozen-linear weight")?;
@@ -392,7 +392,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        super::train::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

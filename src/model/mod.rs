@@ -1,27 +1,29 @@
 //! The pretrained encoder: Hugging Face directory loading, the BERT network (a differentiable candle
 //! path and a fused CPU serving path), tokenization and pooling.
 //!
+//! Serving runs the [`Encoder`] trait: [`cpu_encoder`] (fused, packed, f32 or [`int8`]) on the CPU, the
+//! candle network of [`bert`] elsewhere. [`adapter`] is LoRA deltas and heads as serving runs them.
+//! [`train`] holds the CPU ops the trainable candle path is built from. [`kernels`] and [`avx512`] serve
+//! both.
+//!
 //! This layer knows nothing of HTTP, queues or adapters' lifecycle.
 
+pub mod adapter;
 mod avx512;
 pub mod bert;
 pub mod calibration;
+pub mod cpu_encoder;
 pub mod encoder;
-pub mod encoder_layer;
 pub mod error;
-pub mod fast;
 pub mod hf_config;
 pub mod int8;
 pub mod kernels;
 pub mod linear;
-pub mod lora;
-pub mod lora_linear;
 pub mod pooling;
 pub mod prompts;
 pub mod random;
 pub mod tokenize;
-pub mod train_ops;
-pub mod yielding;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,9 +32,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 pub use bert::Bert;
+pub use cpu_encoder::{CpuEncoder, Packed};
 pub use encoder::{CandleEncoder, Encoder, ServingModel};
 pub use error::{ModelError, Result};
-pub use fast::{CpuEncoder, Packed};
 pub use hf_config::BertConfig;
 pub use prompts::Prompts;
 pub use tokenize::{TextTokenizer, Token};
@@ -54,7 +56,7 @@ pub struct LoadOptions {
     /// The number format the CPU serving path runs its products in.
     pub precision: Precision,
     /// The projections quantised when serving in int8.
-    pub int8_projections: Vec<lora::Target>,
+    pub int8_projections: Vec<adapter::Target>,
 }
 
 impl Default for LoadOptions {
@@ -86,13 +88,13 @@ pub enum Precision {
 /// The projections `int8` quantises unless configured otherwise: all six, which stay within cosine 0.999
 /// (mean) and 0.995 (least) of f32 on the parity texts and real mail (docs/BENCHMARKS.md, "int8 serving").
 /// `output` (after GELU) loses the most; leaving it out trades speed for closer answers.
-pub const DEFAULT_INT8_PROJECTIONS: [lora::Target; 6] = lora::Target::ALL;
+pub const DEFAULT_INT8_PROJECTIONS: [adapter::Target; 6] = adapter::Target::ALL;
 
 /// `cpu` with `targets` quantised to int8, smoothed against ranges measured on the calibration texts.
 fn quantize(
     cpu: CpuEncoder,
     tokenizer: &TextTokenizer,
-    targets: &[lora::Target],
+    targets: &[adapter::Target],
 ) -> Result<CpuEncoder> {
     let texts = calibration::sequences(|t| tokenizer.encode(t))?;
     let texts: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
@@ -262,7 +264,7 @@ impl Model {
 
     /// A copy of the fused CPU encoder (f32 if the model serves in int8) with `targets` quantised to int8,
     /// calibrated as loading does; `None` off the CPU.
-    pub fn int8_encoder(&self, targets: &[lora::Target]) -> Result<Option<CpuEncoder>> {
+    pub fn int8_encoder(&self, targets: &[adapter::Target]) -> Result<Option<CpuEncoder>> {
         let Some(cpu) = &self.cpu else {
             return Ok(None);
         };
@@ -299,7 +301,7 @@ impl Model {
     pub fn encode_adapted(
         &self,
         sequences: &[&[u32]],
-        adapters: &[Option<&lora::Adapter>],
+        adapters: &[Option<&adapter::Adapter>],
     ) -> Result<Packed> {
         self.encoder().encode(sequences, adapters)
     }
@@ -332,9 +334,9 @@ impl Model {
 }
 
 #[cfg(test)]
-pub mod fake;
+mod adapter_tests;
 #[cfg(test)]
-mod lora_tests;
+pub mod fake;
 #[cfg(test)]
 pub mod tiny;
 

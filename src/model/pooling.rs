@@ -1,6 +1,6 @@
 //! Sentence pooling over packed hidden states.
 
-use super::fast::Packed;
+use super::cpu_encoder::Packed;
 
 /// Mean of each sequence's token states (sentence-transformers' mean pooling: padding never exists in a
 /// packed batch, so every row counts), L2-normalised when `normalize`.

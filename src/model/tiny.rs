@@ -25,11 +25,11 @@ pub fn bert(seed: u64) -> Bert {
 pub fn adapter(
     config: &BertConfig,
     seed: u64,
-    targets: &[super::lora::Target],
+    targets: &[super::adapter::Target],
     rank: usize,
     zero_b: bool,
-) -> super::lora::Adapter {
-    use super::lora::{Adapter, Dense, Head, LoraDelta, Pooling};
+) -> super::adapter::Adapter {
+    use super::adapter::{Adapter, Dense, Head, LoraDelta, Pooling};
     let mut adapter = Adapter::empty(config.num_hidden_layers);
     for layer in 0..config.num_hidden_layers {
         for (k, &target) in targets.iter().enumerate() {

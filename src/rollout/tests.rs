@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::*;
 use crate::adapters::peft;
 use crate::config::AdaptersConfig;
-use crate::model::lora::Target;
+use crate::model::adapter::Target;
 use crate::model::{tiny, BertConfig};
 
 /// A registry with task `t` whose stable generation is `one`, and a second generation `two`; returns

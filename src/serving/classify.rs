@@ -9,7 +9,7 @@ use super::Services;
 use crate::adapters::registry::{Generation, State, Task};
 use crate::feedback::recent::{RecentRequest, ShadowPrediction};
 use crate::infer::{InferError, Outputs};
-use crate::model::lora::Adapter;
+use crate::model::adapter::Adapter;
 use crate::model::pooling::best;
 
 /// What to classify, and with what.

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, Var, D};
 
+use crate::model::adapter::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
 use crate::model::bert::{Bert, Deltas};
-use crate::model::lora::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
-use crate::model::lora_linear::{DropoutDraw, LowRank};
+use crate::model::train::lora_linear::{DropoutDraw, LowRank};
 use crate::model::{BertConfig, ModelError, Result};
 
 fn uniform(seed: u64, n: usize, bound: f32) -> Vec<f32> {

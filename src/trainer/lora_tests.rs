@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::lora::{cross_entropy, LoraTrainable};
+use crate::model::adapter::Target;
 use crate::model::bert::Deltas;
-use crate::model::lora::Target;
 use crate::model::{tiny, BertConfig, CpuEncoder};
 
 fn batch() -> (Vec<Vec<u32>>, Tensor, Tensor, Tensor) {
@@ -71,7 +71,7 @@ fn assert_serves_what_it_trained(
     lora: &LoraTrainable,
     seqs: &[Vec<u32>],
     trained: &Tensor,
-) -> crate::model::lora::Adapter {
+) -> crate::model::adapter::Adapter {
     let layers = bert.config.num_hidden_layers;
     let adapter = lora.to_adapter(layers).unwrap();
     let cpu = CpuEncoder::from_bert(bert).unwrap();
@@ -437,7 +437,7 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
     };
     let continued = run(Some(&warm));
     let fresh = run(None);
-    let head = |a: &crate::model::lora::Adapter| a.head.clone().unwrap().classifier.weight;
+    let head = |a: &crate::model::adapter::Adapter| a.head.clone().unwrap().classifier.weight;
     let diff = |x: &[f32], y: &[f32]| {
         x.iter()
             .zip(y)
@@ -549,7 +549,7 @@ fn a_base_without_a_pooler_trains_a_pooler_of_the_heads_own() {
 /// keeps it.
 #[test]
 fn a_mean_pooling_head_trains_and_serves_what_it_trained() {
-    use crate::model::lora::Pooling;
+    use crate::model::adapter::Pooling;
     let bert = tiny::bert(3);
     let lora = trainable(&bert.config).with_mean_pooling();
     let (seqs, logits) = logits_with_every_gradient(&bert, &lora, 2 * 3 * 2 + 2);

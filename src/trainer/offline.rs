@@ -15,7 +15,7 @@ use super::train::{predict, train_full, train_lora, Method, Progress, TrainConfi
 use crate::adapters::peft;
 use crate::adapters::reference::REFERENCE_FILE;
 use crate::adapters::registry::{Sidecar, SIDECAR_FILE};
-use crate::model::lora::Pooling;
+use crate::model::adapter::Pooling;
 use crate::model::Model;
 
 /// One labelled line of the input files: `{"text": "…", "label": "…"}` (other fields are ignored).

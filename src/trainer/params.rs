@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::Example;
 use super::train::TrainError;
-use crate::model::lora::{Pooling, Target};
+use crate::model::adapter::{Pooling, Target};
 
 /// What trains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

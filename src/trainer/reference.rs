@@ -4,7 +4,7 @@
 //! training data compares as undrifted from the first window.
 
 use crate::adapters::reference::{DriftReference, MAX_SAMPLES};
-use crate::model::lora::Adapter;
+use crate::model::adapter::Adapter;
 use crate::model::{pooling, CpuEncoder};
 use crate::rng::Rng;
 

@@ -17,7 +17,7 @@ use super::eval::{evaluate, Evaluation};
 use super::full::FullTrainable;
 use super::lora::{cross_entropy, LoraTrainable};
 use crate::heap::TrainingHeap;
-use crate::model::lora::{Adapter, Pooling};
+use crate::model::adapter::{Adapter, Pooling};
 use crate::model::{Bert, CpuEncoder, ModelError};
 
 pub use super::params::{ClassWeights, Method, Precision, TrainConfig, WeightPreset};

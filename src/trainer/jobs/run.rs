@@ -170,9 +170,9 @@ pub(super) fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
 /// Whether training can continue from `adapter`: a head pooling as the job asks (a pooler of its own, if
 /// any, trains on) of the task's width.
 pub(super) fn warm_startable(
-    adapter: &crate::model::lora::Adapter,
+    adapter: &crate::model::adapter::Adapter,
     labels: usize,
-    pooling: crate::model::lora::Pooling,
+    pooling: crate::model::adapter::Pooling,
 ) -> bool {
     adapter
         .head

@@ -7,8 +7,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-use super::kernels;
-use super::linear::f32_slice;
+use crate::model::kernels;
+use crate::model::linear::f32_slice;
 use crate::pressure::yield_point;
 
 /// Elements per block between yield points: well under a millisecond of work.

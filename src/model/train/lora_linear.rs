@@ -13,9 +13,9 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 
-use super::error::{ModelError, Result};
-use super::kernels::{self, Columns};
-use super::linear::{
+use crate::model::error::{ModelError, Result};
+use crate::model::kernels::{self, Columns};
+use crate::model::linear::{
     cpu_f32, ending_in, f32_slice, frozen_input_gradient, frozen_product, with_last, Linear,
 };
 

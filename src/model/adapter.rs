@@ -2,7 +2,7 @@
 //!
 //! An [`Adapter`] holds, per layer, optional low-rank deltas `ΔW = scale · B·A` for any of the six linears
 //! of a BERT layer, and optionally a classification head. Adapters are chosen per sequence at forward time
-//! (see [`super::fast::CpuEncoder::forward_adapted`]): the base GEMM runs once over the whole batch and each
+//! (see [`super::cpu_encoder::CpuEncoder::forward_adapted`]): the base GEMM runs once over the whole batch and each
 //! run of consecutive sequences sharing an adapter adds its delta; sequences without an adapter pay nothing.
 //! This module knows nothing of files or lifecycles.
 

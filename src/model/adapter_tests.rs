@@ -1,8 +1,8 @@
 //! LoRA on the fused CPU path, checked on a tiny random BERT.
 
-use super::fast::CpuEncoder;
+use super::adapter::Target;
+use super::cpu_encoder::CpuEncoder;
 use super::hf_config::BertConfig;
-use super::lora::Target;
 use super::tiny::{self, max_diff};
 
 const SEQS: [&[u32]; 4] = [
@@ -91,7 +91,7 @@ fn adapters_of_the_wrong_shape_are_refused() {
     wrong.a.pop();
     bad.set(0, Target::Query, wrong).unwrap();
     assert!(bad.validate(&config).is_err());
-    let deeper = super::lora::Adapter::empty(config.num_hidden_layers + 1);
+    let deeper = super::adapter::Adapter::empty(config.num_hidden_layers + 1);
     assert!(deeper.validate(&config).is_err());
     let cpu = CpuEncoder::from_bert(&tiny::bert(1)).unwrap();
     assert!(cpu.forward_adapted(&SEQS[..1], &[Some(&deeper)]).is_err());
@@ -102,7 +102,7 @@ fn a_mean_pooling_head_classifies_the_token_mean() {
     let config = BertConfig::tiny();
     let cpu = CpuEncoder::from_bert(&tiny::bert(6)).unwrap();
     let mut adapter = tiny::adapter(&config, 1, &[Target::Value], 4, false);
-    adapter.head.as_mut().unwrap().pooling = super::lora::Pooling::Mean;
+    adapter.head.as_mut().unwrap().pooling = super::adapter::Pooling::Mean;
     let packed = cpu
         .forward_adapted(&SEQS[..2], &[Some(&adapter); 2])
         .unwrap();

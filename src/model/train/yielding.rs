@@ -18,7 +18,7 @@ impl CustomOp1 for YieldPoint {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         pressure::yield_point();
-        let copy = super::linear::f32_slice(storage, layout, "yield-point input")?.to_vec();
+        let copy = crate::model::linear::f32_slice(storage, layout, "yield-point input")?.to_vec();
         Ok((CpuStorage::F32(copy), layout.shape().clone()))
     }
 

@@ -7,22 +7,22 @@
 //! thread while the pool waits. Here the forward pass keeps the activations the backward pass needs, and the
 //! backward pass runs the layer's chain rule on plain buffers, returning the input's gradient (none for the
 //! first layer) and the factors' gradients. The arithmetic is that of the separate ops
-//! ([`super::lora_linear`], [`super::train_ops`]), on the same kernels.
+//! ([`super::lora_linear`], [`super::ops`]), on the same kernels.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::error::{ModelError, Result};
-use super::kernels::{self, Padded};
-use super::linear::{f32_slice, LayerNorm, Linear};
-use super::lora_linear::{backward_over_factors, fusable, LoraGroup, LowRank};
+use crate::model::error::{ModelError, Result};
+use crate::model::kernels::{self, Padded};
+use crate::model::linear::{f32_slice, LayerNorm, Linear};
+use crate::model::train::lora_linear::{backward_over_factors, fusable, LoraGroup, LowRank};
 use crate::pressure::yield_point;
 
 /// A linear of the layer and its delta, if it has one.
 pub type Part<'a> = (&'a Linear, Option<LowRank>);
 
-/// The pieces of one encoder layer, as [`super::bert::Layer`] holds them, with the deltas of this pass.
+/// The pieces of one encoder layer, as [`crate::model::bert::Layer`] holds them, with the deltas of this pass.
 pub struct LayerParts<'a> {
     /// Query, key and value, in that order.
     pub qkv: [Part<'a>; 3],
@@ -350,11 +350,11 @@ mod tests {
     use candle_core::{Module, Tensor, Var};
 
     use super::{forward, LayerParts};
+    use crate::model::adapter::Target;
     use crate::model::bert::Layer;
-    use crate::model::lora::Target;
-    use crate::model::lora_linear::{self, DropoutDraw, LowRank};
     use crate::model::tiny::{self, max_abs_diff, var, weighted_loss};
-    use crate::model::train_ops;
+    use crate::model::train::lora_linear::{self, DropoutDraw, LowRank};
+    use crate::model::train::ops;
 
     /// `layer`'s pieces with `delta(n)` on its linears, numbered query, key, value, attention output,
     /// intermediate, output.
@@ -389,12 +389,12 @@ mod tests {
             Some(d) => lora_linear::forward(linear, input, d).unwrap(),
             None => linear.forward(input).unwrap(),
         };
-        let context = train_ops::attention(&qkv, lengths, heads).unwrap();
+        let context = ops::attention(&qkv, lengths, heads).unwrap();
         let attended = layer
             .attention_norm
             .forward(&(dense(&layer.attention_out, 3, &context) + x).unwrap())
             .unwrap();
-        let inner = train_ops::gelu_erf(&dense(&layer.intermediate, 4, &attended)).unwrap();
+        let inner = ops::gelu_erf(&dense(&layer.intermediate, 4, &attended)).unwrap();
         layer
             .output_norm
             .forward(&(dense(&layer.output, 5, &inner) + attended).unwrap())

@@ -11,13 +11,13 @@
 
 use candle_core::Tensor;
 
+use super::adapter::{Adapter, Dense, Pooling, Target};
 use super::bert::{Bert, Layer};
 use super::calibration::{widen, InputRanges};
 use super::error::{ModelError, Result};
 use super::hf_config::BertConfig;
 use super::kernels;
 use super::linear::{LayerNorm, Linear};
-use super::lora::{Adapter, Dense, Pooling, Target};
 use super::pooling;
 
 /// Hidden states of a packed batch: sequence `i` is rows `offsets[i]..offsets[i + 1]` of `hidden`.
