@@ -4,22 +4,12 @@
 //!
 //! `cargo bench --bench batch_cost > src/infer/batch_timings.json`
 
+mod common;
+
 use std::time::Instant;
 
-use candle_core::Device;
-use flywheel::model::{LoadOptions, Model};
-
 fn main() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-            ..Default::default()
-        },
-    )
-    .expect("run models/fetch.sh");
+    let model = common::load_model(256);
     let shapes = [
         (1usize, 8usize),
         (1, 16),

@@ -10,15 +10,16 @@
 //! held-out mail instead), `DRIFT_FEATURES=adapted` (embeddings from the serving generation's hidden states
 //! on both sides, as before), `TRAIN_PER_CLASS=N` (mails per class to train on).
 
+mod common;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::Device;
 use flywheel::config::DriftConfig;
 use flywheel::drift::DriftMonitor;
 use flywheel::metrics::Metrics;
 use flywheel::model::adapter::Adapter;
-use flywheel::model::{pooling, CpuEncoder, LoadOptions, Model};
+use flywheel::model::{pooling, CpuEncoder, Model};
 use flywheel::rng::Rng;
 use flywheel::trainer::data::{stratified_split_by, truncate, Example};
 use flywheel::trainer::reference::{base_embeddings, drift_reference, probabilities};
@@ -95,16 +96,7 @@ fn served(
 }
 
 fn main() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-            ..Default::default()
-        },
-    )
-    .expect("run models/fetch.sh");
+    let model = common::load_model(256);
     let cpu = model.cpu().expect("the CPU encoder");
     let config = TrainConfig {
         epochs: 2,

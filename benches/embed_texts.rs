@@ -6,10 +6,11 @@
 //!
 //! `cargo bench --bench embed_texts -- --texts FILE [--batches 1,32] [--duration 10]`
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use flywheel::model::{pooling, LoadOptions, Model};
+use flywheel::model::{pooling, Model};
 
 fn read_texts(path: &str) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -53,16 +54,7 @@ fn main() {
         .split(',')
         .map(|b| b.parse().expect("--batches as numbers"))
         .collect();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-            ..Default::default()
-        },
-    )
-    .expect("run models/fetch.sh");
+    let model = common::load_model(256);
     for batch in batches {
         let chunk = |i: usize| -> Vec<String> {
             (0..batch)

@@ -4,10 +4,9 @@
 //! `cargo bench --bench encode [-- fused] [-- short]` (`short`: 1 × 32 only, for profiling); ONNX
 //! Runtime's f32 and int8 at the same shapes: benches/onnx_int8_encode.py.
 
-use std::time::{Duration, Instant};
+mod common;
 
-use candle_core::Device;
-use flywheel::model::{LoadOptions, Model};
+use std::time::{Duration, Instant};
 
 fn median_ms(mut f: impl FnMut(), budget: Duration) -> f64 {
     for _ in 0..3 {
@@ -25,16 +24,7 @@ fn median_ms(mut f: impl FnMut(), budget: Duration) -> f64 {
 }
 
 fn main() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            max_length: 512,
-            device: Device::Cpu,
-            ..Default::default()
-        },
-    )
-    .expect("run models/fetch.sh");
+    let model = common::load_model(512);
     let budget = Duration::from_secs(3);
     // `cargo bench --bench encode -- fused` skips the candle path (for profiling the fused one).
     let fused_only = std::env::args().any(|a| a == "fused");

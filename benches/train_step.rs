@@ -4,12 +4,13 @@
 //! compare with PEFT and PyTorch (benches/pytorch_train_step.py, same shapes).
 //! `cargo bench --bench train_step [-- L]`.
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use flywheel::model::adapter::Target;
-use flywheel::model::{LoadOptions, Model};
 use flywheel::trainer::full::FullTrainable;
 use flywheel::trainer::lora::{cross_entropy, LoraTrainable};
 use flywheel::trainer::optim::FusedAdamW;
@@ -81,20 +82,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(48);
-    // FLYWHEEL_MODEL__DIR picks another model directory (e.g. models/multilingual-e5-small).
-    let dir = std::env::var_os("FLYWHEEL_MODEL__DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"),
-        std::path::PathBuf::from,
-    );
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            max_length: 256,
-            device: Device::Cpu,
-            ..Default::default()
-        },
-    )
-    .expect("run models/fetch.sh");
+    let model = common::load_model(256);
     flush_denormals();
     let _heap = flywheel::heap::TrainingHeap::enter();
     let batch = 16usize;
