@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::rollout::{Rollout, RolloutError, StartRequest};
+use crate::rollout::{Rollout, RolloutError, Rollouts, StartRequest};
 
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
@@ -31,11 +31,10 @@ pub async fn start(
     state: web::Data<AppState>,
     body: web::Json<StartRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    let rollouts = state.services()?.rollouts.clone();
-    let rollout = web::block(move || rollouts.start(body.into_inner(), "manual", false))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let rollout = decide(&req, &state, move |r| {
+        r.start(body.into_inner(), "manual", false)
+    })
+    .await?;
     Ok(HttpResponse::Created().json(rollout))
 }
 
@@ -90,11 +89,10 @@ pub async fn traffic(
     task: web::Path<String>,
     body: web::Json<Traffic>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    let rollouts = state.services()?.rollouts.clone();
-    let rollout = web::block(move || rollouts.set_traffic(&task, body.traffic, "manual"))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let rollout = decide(&req, &state, move |r| {
+        r.set_traffic(&task, body.traffic, "manual")
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(rollout))
 }
 
@@ -111,12 +109,10 @@ pub async fn promote(
     state: web::Data<AppState>,
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    let rollouts = state.services()?.rollouts.clone();
-    let rollout =
-        web::block(move || rollouts.promote(&task, "manual", "promoted by an operator".to_owned()))
-            .await
-            .map_err(|_| ApiError::busy())??;
+    let rollout = decide(&req, &state, move |r| {
+        r.promote(&task, "manual", "promoted by an operator".to_owned())
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(rollout))
 }
 
@@ -133,12 +129,23 @@ pub async fn rollback(
     state: web::Data<AppState>,
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    let rollouts = state.services()?.rollouts.clone();
-    let rollout = web::block(move || {
-        rollouts.rollback(&task, "manual", "rolled back by an operator".to_owned())
+    let rollout = decide(&req, &state, move |r| {
+        r.rollback(&task, "manual", "rolled back by an operator".to_owned())
     })
-    .await
-    .map_err(|_| ApiError::busy())??;
+    .await?;
     Ok(HttpResponse::Ok().json(rollout))
+}
+
+/// Runs an operator's decision on a rollout (admin only) off the async workers: it writes the rollout, and
+/// a promotion the alias, durably.
+async fn decide(
+    req: &HttpRequest,
+    state: &AppState,
+    decision: impl FnOnce(&Rollouts) -> Result<Rollout, RolloutError> + Send + 'static,
+) -> Result<Rollout, ApiError> {
+    super::auth::admin(req, &state.config.auth)?;
+    let rollouts = state.services()?.rollouts.clone();
+    Ok(web::block(move || decision(&rollouts))
+        .await
+        .map_err(|_| ApiError::busy())??)
 }
