@@ -1,5 +1,5 @@
 """Plain-Python classification metrics (no numpy or torch), shared by benches/peft_classify.py and
-scripts/chinese-sentiment.sh so that both sides of a comparison are scored by the same code."""
+benches/chinese-sentiment.sh so that both sides of a comparison are scored by the same code."""
 
 
 def macro_f1(truth, pred, classes):

@@ -42,6 +42,6 @@ for workload in short mail; do
     target/release/flywheel-loadtest --url "$url" --texts "$out/texts-$workload.jsonl" --concurrency "$c" \
       --duration "$seconds" --warmup 2 --label "flywheel-http-$workload" --csv "$csv"
   done
-  .venv/bin/python loadtest/pytorch_embed.py --texts "$out/texts-$workload.jsonl" --duration "$seconds" --csv "$csv"
+  .venv/bin/python benches/pytorch_embed.py --texts "$out/texts-$workload.jsonl" --duration "$seconds" --csv "$csv"
 done
 echo "results: $out/embed-short.csv $out/embed-mail.csv"

@@ -77,7 +77,7 @@ PY
   done
   cargo bench --quiet --bench embed_texts -- --texts "$texts" --batches 1,32 --duration "$seconds" \
     | sed "s/^{/{\"workload\":\"$workload\",/" >>"$out/overhead.jsonl"
-  .venv/bin/python loadtest/pytorch_embed.py --texts "$texts" --duration "$seconds" --batches 32 --length-sorted \
+  .venv/bin/python benches/pytorch_embed.py --texts "$texts" --duration "$seconds" --batches 32 --length-sorted \
     | sed "s/^{/{\"workload\":\"$workload\",/" >>"$out/overhead.jsonl"
 done
 

@@ -169,7 +169,7 @@ fn tokens_and_embeddings_equal_the_references_on_mixed_language_texts() {
     );
 }
 
-/// A small version of the Chinese sentiment benchmark (scripts/chinese-sentiment.sh): 300 reviews posted as
+/// A small version of the Chinese sentiment benchmark (benches/chinese-sentiment.sh): 300 reviews posted as
 /// feedback under Chinese labels, one LoRA job, then held-out reviews through /v1/predict.
 #[test]
 fn a_lora_task_with_chinese_labels_learns_from_real_reviews() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LoRA against full fine-tuning on real mail (SpamAssassin spam-1 vs easy-ham-1), same data, same epochs,
 # same thread count: macro-F1 on a held-out test set, trainable parameters and wall time of each.
-# Usage: scripts/lora-vs-full.sh [THREADS] [BINARY]   (needs models/fetch.sh and datasets/fetch-spamassassin.sh)
+# Usage: benches/lora-vs-full.sh [THREADS] [BINARY]   (needs models/fetch.sh and datasets/fetch-spamassassin.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-1}"

@@ -6,7 +6,7 @@ Measures batch 1 (latency percentiles) and batch 32 (throughput, padded to the l
 as a plain transformers loop does; with --length-sorted the texts are ordered by length first, so a batch
 pads little). 2 threads and flush-denormal, as the project's benchmarks require.
 
-    .venv/bin/python loadtest/pytorch_embed.py --texts FILE --duration 10 [--csv out.csv]
+    .venv/bin/python benches/pytorch_embed.py --texts FILE --duration 10 [--csv out.csv]
 """
 import argparse
 import csv

@@ -6,7 +6,7 @@
 # the same recipe on the same rows (PyTorch, 2 threads). Prints accuracy, macro-F1, AUC, wall time and
 # trainable parameters of each, and loads the PEFT adapter into the server to compare its answers with
 # PyTorch's; writes target/chinese-sentiment.json.
-# Usage: scripts/chinese-sentiment.sh [BINARY]   (needs torch, transformers and peft in .venv for the PEFT column)
+# Usage: benches/chinese-sentiment.sh [BINARY]   (needs torch, transformers and peft in .venv for the PEFT column)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${1:-target/release/flywheel}"
