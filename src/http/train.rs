@@ -9,8 +9,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::trainer::jobs::{JobStatus, Jobs};
-use crate::trainer::train::{TrainConfig, TrainError};
+use crate::trainer::eval::Evaluation;
+use crate::trainer::jobs::{JobRecord, JobState, Jobs};
+use crate::trainer::train::{Method, TrainConfig, TrainError};
 
 impl From<TrainError> for ApiError {
     fn from(e: TrainError) -> Self {
@@ -56,7 +57,7 @@ pub async fn submit(
         .map_err(|_| ApiError::busy())??;
     Ok(HttpResponse::Accepted().json(JobSubmitted {
         job_id: status.id.clone(),
-        job: status,
+        job: JobStatus::from(&status),
     }))
 }
 
@@ -144,7 +145,8 @@ pub async fn list(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    Ok(HttpResponse::Ok().json(state.services()?.jobs.list(query.task.as_deref())))
+    let jobs = state.services()?.jobs.list(query.task.as_deref());
+    Ok(HttpResponse::Ok().json(jobs.iter().map(JobStatus::from).collect::<Vec<_>>()))
 }
 
 /// `GET /v1/jobs/{id}`.
@@ -180,7 +182,7 @@ pub async fn cancel(
         .await
         .map_err(|_| ApiError::busy())?
         .map_err(|id| ApiError::not_found(format!("no job {id:?}")))?;
-    Ok(HttpResponse::Ok().json(job))
+    Ok(HttpResponse::Ok().json(JobStatus::from(&job)))
 }
 
 /// Admin check, then `act` on job `id`: its status, or 404.
@@ -188,12 +190,103 @@ fn job_answer(
     req: &HttpRequest,
     state: &AppState,
     id: &str,
-    act: impl FnOnce(&Jobs, &str) -> Option<JobStatus>,
+    act: impl FnOnce(&Jobs, &str) -> Option<JobRecord>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(req, &state.config.auth)?;
     let job = act(&state.services()?.jobs, id)
         .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
-    Ok(HttpResponse::Ok().json(job))
+    Ok(HttpResponse::Ok().json(JobStatus::from(&job)))
+}
+
+/// A job as `GET /v1/jobs/{id}` shows it: the trainer's [`JobRecord`], which `jobs.json` stores, in the
+/// API's shape (the two may change apart).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobStatus {
+    /// Job id.
+    pub id: String,
+    /// The task trained.
+    pub task: String,
+    /// `lora` or `full`.
+    pub method: Method,
+    /// Lifecycle state.
+    pub state: JobState,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Optimizer steps planned.
+    pub total_steps: usize,
+    /// Current epoch.
+    pub epoch: usize,
+    /// Mean training loss of the current epoch.
+    pub train_loss: Option<f64>,
+    /// Latest (or, when done, best) validation scores.
+    pub val: Option<Evaluation>,
+    /// The stable generation's scores on the same validation split, when the task had one.
+    pub stable_val: Option<Evaluation>,
+    /// Estimated seconds left.
+    pub eta_seconds: Option<f64>,
+    /// Trainable values.
+    pub trainable_params: Option<usize>,
+    /// Seconds spent so far.
+    pub wall_seconds: f64,
+    /// Of those, seconds spent waiting for inference to finish.
+    pub yielded_seconds: f64,
+    /// The published generation (LoRA).
+    pub adapter: Option<String>,
+    /// The written checkpoint, relative to the data directory (full fine-tuning).
+    pub output: Option<String>,
+    /// Examples in the training split.
+    pub train_examples: Option<usize>,
+    /// How many of the job's examples were replayed from before the parent generation.
+    pub replayed_examples: Option<usize>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Hyperparameters.
+    pub config: TrainConfig,
+    /// Whether a shutdown or a crash stopped it (it then failed, and the next start re-runs it).
+    pub interrupted: bool,
+    /// Whether that was a crash: a re-run a crash stops is not re-run again.
+    pub crashed: bool,
+    /// Whether a caller asked to cancel it (it then ends `cancelled` and is never re-run).
+    pub cancel_requested: bool,
+    /// The job the next start queued to repeat this interrupted one.
+    pub rerun_as: Option<String>,
+    /// The interrupted job this one repeats.
+    pub rerun_of: Option<String>,
+}
+
+impl From<&JobRecord> for JobStatus {
+    fn from(j: &JobRecord) -> Self {
+        Self {
+            id: j.id.clone(),
+            task: j.task.clone(),
+            method: j.method,
+            state: j.state,
+            step: j.step,
+            total_steps: j.total_steps,
+            epoch: j.epoch,
+            train_loss: j.train_loss,
+            val: j.val.clone(),
+            stable_val: j.stable_val.clone(),
+            eta_seconds: j.eta_seconds,
+            trainable_params: j.trainable_params,
+            wall_seconds: j.wall_seconds,
+            yielded_seconds: j.yielded_seconds,
+            adapter: j.adapter.clone(),
+            output: j.output.clone(),
+            train_examples: j.train_examples,
+            replayed_examples: j.replayed_examples,
+            error: j.error.clone(),
+            created_at: j.created_at,
+            config: j.config.clone(),
+            interrupted: j.interrupted,
+            crashed: j.crashed,
+            cancel_requested: j.cancel_requested,
+            rerun_as: j.rerun_as.clone(),
+            rerun_of: j.rerun_of.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

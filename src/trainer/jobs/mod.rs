@@ -26,7 +26,7 @@ mod status;
 
 use run::{lower_priority, run_job};
 use status::{forget_oldest_finished, read_job_list, Interruption};
-pub use status::{JobState, JobStatus};
+pub use status::{JobRecord, JobState};
 
 /// What the trainer needs from the rest of the server.
 pub struct TrainerDeps {
@@ -60,7 +60,7 @@ pub struct TrainerDeps {
 pub type PublishHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 struct Shared {
-    jobs: Mutex<BTreeMap<String, JobStatus>>,
+    jobs: Mutex<BTreeMap<String, JobRecord>>,
     /// Set once the server stops: a job that ends now was interrupted, not cancelled.
     shutting_down: AtomicBool,
     metrics: crate::metrics::Metrics,
@@ -82,7 +82,7 @@ pub struct Jobs {
 }
 
 impl Shared {
-    fn update(&self, id: &str, f: impl FnOnce(&mut JobStatus)) {
+    fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
         if let Some(job) = jobs.get_mut(id) {
             f(job);
@@ -121,7 +121,7 @@ impl Jobs {
         limits: &TrainerConfig,
     ) -> std::io::Result<Self> {
         let path = data_dir.join("jobs.json");
-        let mut jobs: BTreeMap<String, JobStatus> = read_job_list(&path)
+        let mut jobs: BTreeMap<String, JobRecord> = read_job_list(&path)
             .into_iter()
             .map(|j| (j.id.clone(), j))
             .collect();
@@ -186,7 +186,7 @@ impl Jobs {
     /// Queues again, oldest first, each job a shutdown or crash interrupted that was not re-run yet (called
     /// at start-up once the publish hook is in place, when `[trainer] rerun_interrupted`).
     pub fn rerun_interrupted(&self) {
-        let mut waiting: Vec<JobStatus> = self
+        let mut waiting: Vec<JobRecord> = self
             .shared
             .jobs
             .lock()
@@ -230,7 +230,7 @@ impl Jobs {
     }
 
     /// Queues a job for `task`.
-    pub fn submit(&self, task: &str, config: TrainConfig) -> Result<JobStatus, TrainError> {
+    pub fn submit(&self, task: &str, config: TrainConfig) -> Result<JobRecord, TrainError> {
         self.queue(task, config, None)
     }
 
@@ -240,7 +240,7 @@ impl Jobs {
         task: &str,
         config: TrainConfig,
         rerun_of: Option<String>,
-    ) -> Result<JobStatus, TrainError> {
+    ) -> Result<JobRecord, TrainError> {
         config.validate()?;
         let queued = {
             let jobs = self
@@ -261,9 +261,9 @@ impl Jobs {
                 self.max_queued
             )));
         }
-        let status = JobStatus {
+        let status = JobRecord {
             rerun_of: rerun_of.clone(),
-            ..JobStatus::queued(task, config)
+            ..JobRecord::queued(task, config)
         };
         {
             // A re-run and its link from the job it repeats land in one write, so a crash between them
@@ -298,7 +298,7 @@ impl Jobs {
     }
 
     /// A job's status.
-    pub fn get(&self, id: &str) -> Option<JobStatus> {
+    pub fn get(&self, id: &str) -> Option<JobRecord> {
         self.shared
             .jobs
             .lock()
@@ -308,13 +308,13 @@ impl Jobs {
     }
 
     /// Every job, optionally of one task, newest first.
-    pub fn list(&self, task: Option<&str>) -> Vec<JobStatus> {
+    pub fn list(&self, task: Option<&str>) -> Vec<JobRecord> {
         let jobs = self
             .shared
             .jobs
             .lock()
             .expect("jobs lock poisoned; this is a bug");
-        let mut out: Vec<JobStatus> = jobs
+        let mut out: Vec<JobRecord> = jobs
             .values()
             .filter(|j| task.is_none_or(|t| j.task == t))
             .cloned()
@@ -375,7 +375,7 @@ impl Jobs {
     }
 
     /// Asks a queued or running job to stop; returns its status, or `None` if unknown.
-    pub fn cancel(&self, id: &str) -> Option<JobStatus> {
+    pub fn cancel(&self, id: &str) -> Option<JobRecord> {
         if let Some(flag) = self
             .shared
             .cancel

@@ -19,7 +19,7 @@ use crate::trainer::train::{
 };
 
 use super::select::select_data;
-use super::status::{Interruption, JobState, JobStatus};
+use super::status::{Interruption, JobRecord, JobState};
 use super::{Shared, TrainerDeps};
 
 /// A job's wall time and the part of it spent yielding to serving, from one starting point.
@@ -216,7 +216,7 @@ pub(super) enum Output {
 pub(super) fn train_and_publish(
     shared: &Shared,
     deps: &TrainerDeps,
-    job: &JobStatus,
+    job: &JobRecord,
     cancel: &AtomicBool,
     clock: &JobClock<'_>,
 ) -> Result<Output, TrainError> {

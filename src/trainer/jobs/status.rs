@@ -1,5 +1,6 @@
-//! A job's record: its lifecycle, progress and result as the API shows it and as `jobs.json` stores it,
-//! what a restart does to it, and the stored list's reading and retention.
+//! A job's record: its lifecycle, progress and result as the trainer keeps it and `jobs.json` stores it
+//! (the HTTP layer shows it in a body of its own), what a restart does to it, and the stored list's
+//! reading and retention.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,9 +27,9 @@ pub enum JobState {
     Cancelled,
 }
 
-/// A job as `GET /v1/jobs/{id}` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobStatus {
+/// A job, in memory and in `jobs.json`. Fields added later carry `#[serde(default)]` so older lists read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
     /// Job id.
     pub id: String,
     /// The task trained.
@@ -92,7 +93,7 @@ pub struct JobStatus {
     pub rerun_of: Option<String>,
 }
 
-impl JobStatus {
+impl JobRecord {
     /// A new job of `task`, queued now under a fresh id.
     pub(super) fn queued(task: &str, config: TrainConfig) -> Self {
         Self {
@@ -166,7 +167,7 @@ pub(super) enum Interruption {
 
 /// The saved job list; empty when there is none. A list this build cannot read (another version's, or
 /// damaged) is moved aside, not overwritten, and the move logged.
-pub(super) fn read_job_list(path: &Path) -> Vec<JobStatus> {
+pub(super) fn read_job_list(path: &Path) -> Vec<JobRecord> {
     let Ok(bytes) = std::fs::read(path) else {
         return Vec::new();
     };
@@ -189,7 +190,7 @@ pub(super) fn read_job_list(path: &Path) -> Vec<JobStatus> {
 
 /// Removes the oldest finished (succeeded, failed or cancelled) jobs until at most `keep` remain; jobs still
 /// waiting to be re-run stay.
-pub(super) fn forget_oldest_finished(jobs: &mut BTreeMap<String, JobStatus>, keep: usize) {
+pub(super) fn forget_oldest_finished(jobs: &mut BTreeMap<String, JobRecord>, keep: usize) {
     let mut finished: Vec<(u64, String)> = jobs
         .values()
         .filter(|j| !matches!(j.state, JobState::Queued | JobState::Running) && !j.wants_rerun())
@@ -208,12 +209,12 @@ pub(super) fn forget_oldest_finished(jobs: &mut BTreeMap<String, JobStatus>, kee
 mod tests {
     use super::*;
 
-    fn job(id: &str, created_at: u64, state: JobState) -> JobStatus {
-        JobStatus {
+    fn job(id: &str, created_at: u64, state: JobState) -> JobRecord {
+        JobRecord {
             id: id.to_owned(),
             state,
             created_at,
-            ..JobStatus::queued("spam", TrainConfig::default())
+            ..JobRecord::queued("spam", TrainConfig::default())
         }
     }
 
@@ -253,7 +254,7 @@ mod tests {
             !rerun.wants_rerun(),
             "a re-run a crash stopped is not re-run again"
         );
-        let mut jobs: BTreeMap<String, JobStatus> = [stopped, job("c", 2, JobState::Succeeded)]
+        let mut jobs: BTreeMap<String, JobRecord> = [stopped, job("c", 2, JobState::Succeeded)]
             .into_iter()
             .map(|j| (j.id.clone(), j))
             .collect();
@@ -267,7 +268,7 @@ mod tests {
 
     #[test]
     fn retention_forgets_the_oldest_finished_jobs_and_never_a_live_one() {
-        let mut jobs: BTreeMap<String, JobStatus> = [
+        let mut jobs: BTreeMap<String, JobRecord> = [
             job("a", 1, JobState::Succeeded),
             job("b", 2, JobState::Running),
             job("c", 3, JobState::Failed),
