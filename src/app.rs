@@ -42,9 +42,11 @@ pub enum ServeError {
     Config(String),
 }
 
-/// What can be checked before the listener binds: the model directory holds its files, and the
-/// automatic jobs' hyperparameters parse. Returns those hyperparameters.
+/// What can be checked before the listener binds: the model directory holds its files, both devices exist
+/// in this build, and the automatic jobs' hyperparameters parse. Returns those hyperparameters.
 pub fn preflight(config: &Config) -> Result<TrainConfig, ServeError> {
+    crate::model::parse_device(&config.model.device)?;
+    crate::model::parse_device(&config.trainer.device)?;
     for file in [
         crate::model::CONFIG_FILE,
         crate::model::TOKENIZER_FILE,

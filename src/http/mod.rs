@@ -266,7 +266,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     let server = server.run();
     let handle = server.handle();
-    let load_error = Arc::new(OnceLock::new());
+    let load_error = Arc::new(std::sync::Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let stop_autopilot = stop.clone();
     let loader_error = load_error.clone();
@@ -286,7 +286,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "model failed to load; stopping");
-                    let _ = loader_error.set(e);
+                    *loader_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     // Sends the stop command now; nothing needs to wait for it here.
                     drop(handle.stop(false));
                 }
@@ -301,10 +301,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     served?;
-    match Arc::try_unwrap(load_error)
-        .ok()
-        .and_then(|cell| cell.into_inner())
-    {
+    // Set before the loader asked the server to stop, so present whenever that is why it stopped (the
+    // loader thread may still hold its handle on it).
+    let failed = load_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match failed {
         Some(e) => Err(e),
         None => Ok(()),
     }

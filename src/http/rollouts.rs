@@ -2,12 +2,15 @@
 //! `PUT /v1/rollouts/{task}/traffic`, `POST /v1/rollouts/{task}/promote`, `POST /v1/rollouts/{task}/rollback`.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::rollout::{Rollout, RolloutError, Rollouts, StartRequest};
+use crate::rollout::analysis::Verdict;
+use crate::rollout::{
+    Arms, Decision, Mode, Phase, Rollout, RolloutError, Rollouts, StartRequest, Summary,
+};
 
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
@@ -23,7 +26,7 @@ impl From<RolloutError> for ApiError {
 #[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts", request_body = StartRequest,
     security((), ("admin_key" = [])),
     responses(
-        (status = 201, description = "Started", body = Rollout),
+        (status = 201, description = "Started", body = RolloutView),
         (status = 404, description = "No such task or candidate (`not_found`)", body = ErrorBody),
         (status = 409, description = "The candidate cannot be canaried now (`conflict`)", body = ErrorBody)))]
 pub async fn start(
@@ -40,17 +43,18 @@ pub async fn start(
 
 /// Every task's latest rollout.
 #[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", security((), ("admin_key" = [])),
-    responses((status = 200, description = "Each task's latest rollout", body = Vec<Rollout>)))]
+    responses((status = 200, description = "Each task's latest rollout", body = Vec<RolloutView>)))]
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    Ok(HttpResponse::Ok().json(state.services()?.rollouts.list()))
+    let rollouts = state.services()?.rollouts.list();
+    Ok(HttpResponse::Ok().json(rollouts.iter().map(RolloutView::from).collect::<Vec<_>>()))
 }
 
 /// The task's active (or latest) rollout: arms, shares, counts, accuracies, P99, decision log.
 #[utoipa::path(get, path = "/v1/rollouts/{task}", tag = "rollouts", security((), ("admin_key" = [])),
     params(("task" = String, Path, description = "Task name")),
     responses(
-        (status = 200, description = "The rollout", body = Rollout),
+        (status = 200, description = "The rollout", body = RolloutView),
         (status = 404, description = "The task has had no rollout (`not_found`)", body = ErrorBody)))]
 pub async fn get(
     req: HttpRequest,
@@ -63,7 +67,7 @@ pub async fn get(
         .rollouts
         .get(&task)
         .ok_or_else(|| ApiError::not_found(format!("task {task:?} has had no rollout")))?;
-    Ok(HttpResponse::Ok().json(rollout))
+    Ok(HttpResponse::Ok().json(RolloutView::from(&rollout)))
 }
 
 /// Body of `PUT /v1/rollouts/{task}/traffic`.
@@ -80,7 +84,7 @@ pub struct Traffic {
     security((), ("admin_key" = [])),
     params(("task" = String, Path, description = "Task name")),
     responses(
-        (status = 200, description = "The rollout with its new share", body = Rollout),
+        (status = 200, description = "The rollout with its new share", body = RolloutView),
         (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
         (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
 pub async fn traffic(
@@ -101,7 +105,7 @@ pub async fn traffic(
     security((), ("admin_key" = [])),
     params(("task" = String, Path, description = "Task name")),
     responses(
-        (status = 200, description = "Promoted", body = Rollout),
+        (status = 200, description = "Promoted", body = RolloutView),
         (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
         (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
 pub async fn promote(
@@ -121,7 +125,7 @@ pub async fn promote(
     security((), ("admin_key" = [])),
     params(("task" = String, Path, description = "Task name")),
     responses(
-        (status = 200, description = "Rolled back", body = Rollout),
+        (status = 200, description = "Rolled back", body = RolloutView),
         (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
         (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
 pub async fn rollback(
@@ -142,10 +146,75 @@ async fn decide(
     req: &HttpRequest,
     state: &AppState,
     decision: impl FnOnce(&Rollouts) -> Result<Rollout, RolloutError> + Send + 'static,
-) -> Result<Rollout, ApiError> {
+) -> Result<RolloutView, ApiError> {
     super::auth::admin(req, &state.config.auth)?;
     let rollouts = state.services()?.rollouts.clone();
-    Ok(web::block(move || decision(&rollouts))
+    let rollout = web::block(move || decision(&rollouts))
         .await
-        .map_err(|_| ApiError::busy())??)
+        .map_err(|_| ApiError::busy())??;
+    Ok(RolloutView::from(&rollout))
+}
+
+/// A rollout as the API shows it: the record `rollouts.json` stores, and each arm's figures now.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Rollout)]
+pub struct RolloutView {
+    /// Rollout id (also the routing salt).
+    pub id: String,
+    /// The task.
+    pub task: String,
+    /// The stable generation when the rollout started.
+    pub stable: String,
+    /// The candidate generation.
+    pub candidate: String,
+    /// Split or shadow.
+    pub mode: Mode,
+    /// Candidate shares, in order.
+    pub steps: Vec<f64>,
+    /// Index of the current step.
+    pub step: usize,
+    /// The candidate's current share.
+    pub traffic: f64,
+    /// Lifecycle.
+    pub phase: Phase,
+    /// Whether the analysis acts on its own (advance, promote, rollback).
+    pub automatic: bool,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Unix seconds, once finished.
+    pub ended_at: Option<u64>,
+    /// Evidence of the current step.
+    pub arms: Arms,
+    /// Evidence over the whole rollout.
+    pub totals: Arms,
+    /// The latest analysis.
+    pub analysis: Option<Verdict>,
+    /// Each arm's figures now (accuracy, P99), this step and overall.
+    pub summary: Summary,
+    /// Every decision, oldest first.
+    pub decisions: Vec<Decision>,
+}
+
+impl From<&Rollout> for RolloutView {
+    fn from(r: &Rollout) -> Self {
+        Self {
+            id: r.id.clone(),
+            task: r.task.clone(),
+            stable: r.stable.clone(),
+            candidate: r.candidate.clone(),
+            mode: r.mode,
+            steps: r.steps.clone(),
+            step: r.step,
+            traffic: r.traffic,
+            phase: r.phase,
+            automatic: r.automatic,
+            started_at: r.started_at,
+            ended_at: r.ended_at,
+            arms: r.arms.clone(),
+            totals: r.totals.clone(),
+            analysis: r.analysis.clone(),
+            summary: Summary::of(r),
+            decisions: r.decisions.clone(),
+        }
+    }
 }

@@ -70,17 +70,6 @@ pub struct Rollouts {
     policy: RolloutConfig,
 }
 
-fn with_summary(r: &Rollout) -> Rollout {
-    let mut out = r.clone();
-    out.summary = Some(Summary {
-        stable: (&r.arms.stable).into(),
-        candidate: (&r.arms.candidate).into(),
-        stable_total: (&r.totals.stable).into(),
-        candidate_total: (&r.totals.candidate).into(),
-    });
-    out
-}
-
 fn check_share(share: f64) -> Result<f64, RolloutError> {
     if share > 0.0 && share <= 1.0 {
         Ok(share)
@@ -313,7 +302,6 @@ impl Rollouts {
             arms: Arms::default(),
             totals: Arms::default(),
             analysis: None,
-            summary: None,
             decisions: Vec::new(),
         };
         let _deciding = self.deciding();
@@ -353,13 +341,13 @@ impl Rollouts {
         Ok(rollout)
     }
 
-    /// The task's active rollout, or else its latest, with each arm's current figures.
+    /// The task's active rollout, or else its latest.
     pub fn get(&self, task: &str) -> Option<Rollout> {
         self.lock()
             .by_task
             .get(task)
             .and_then(|l| l.last())
-            .map(with_summary)
+            .cloned()
     }
 
     /// Every task's latest rollout.
@@ -368,7 +356,7 @@ impl Rollouts {
             .by_task
             .values()
             .filter_map(|l| l.last())
-            .map(with_summary)
+            .cloned()
             .collect()
     }
 

@@ -108,6 +108,18 @@ pub struct Summary {
     pub candidate_total: ArmSummary,
 }
 
+impl Summary {
+    /// `rollout`'s figures now.
+    pub fn of(rollout: &Rollout) -> Self {
+        Self {
+            stable: (&rollout.arms.stable).into(),
+            candidate: (&rollout.arms.candidate).into(),
+            stable_total: (&rollout.totals.stable).into(),
+            candidate_total: (&rollout.totals.candidate).into(),
+        }
+    }
+}
+
 /// One entry of the decision log.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Decision {
@@ -127,8 +139,9 @@ pub struct Decision {
     pub candidate: ArmSummary,
 }
 
-/// A rollout as `GET /v1/rollouts/{task}` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+/// A rollout, in memory and in `rollouts.json` (the HTTP layer shows it in a body of its own, with each
+/// arm's figures computed when shown).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rollout {
     /// Rollout id (also the routing salt).
     pub id: String,
@@ -160,9 +173,6 @@ pub struct Rollout {
     pub totals: Arms,
     /// The latest analysis.
     pub analysis: Option<Verdict>,
-    /// Each arm's figures now (accuracy, P99), this step and overall; computed when shown.
-    #[serde(default, skip_deserializing)]
-    pub summary: Option<Summary>,
     /// Every decision, oldest first.
     pub decisions: Vec<Decision>,
 }
