@@ -126,5 +126,5 @@ fn offline_training_writes_a_peft_adapter_and_a_report() {
         "half",
     ]);
     assert!(!run.status.success());
-    assert!(String::from_utf8_lossy(&run.stderr).contains("lora or full"));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("possible values: lora, full"));
 }
