@@ -1,6 +1,8 @@
 //! Full fine-tuning, the comparison LoRA is measured against: every weight of the encoder (embeddings,
 //! LayerNorms, pooler) and a fresh classification head train, and the result is a whole
-//! `BertForSequenceClassification` checkpoint rather than an adapter.
+//! `BertForSequenceClassification` checkpoint rather than an adapter. Partial fine-tuning freezes the
+//! embeddings and the bottom layers; layer-wise learning-rate decay gives each layer a smaller step than the
+//! one above it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,7 +17,10 @@ use crate::model::{ModelError, Result};
 /// A copy of the encoder whose weights are trainable variables, plus a classification head.
 pub struct FullTrainable {
     bert: Bert,
+    /// The weights that train, under their `BertModel` names.
     named: Vec<(String, Var)>,
+    /// The weights partial fine-tuning keeps as the base has them (plain tensors: no gradient is computed).
+    frozen: Vec<(String, Tensor)>,
     classifier_weight: Var,
     classifier_bias: Var,
     /// The format of the passes: the variables stay f32 (the master weights) and, under bf16 autocast, a
@@ -27,6 +32,18 @@ impl FullTrainable {
     /// Copies `base` into fresh variables (the base stays untouched) and adds a `labels`-way head
     /// initialised like [`super::lora::LoraTrainable::new`]'s, seeded.
     pub fn new(base: &Bert, labels: usize, seed: u64) -> Result<Self> {
+        Self::partial(base, labels, seed, 0)
+    }
+
+    /// Like [`Self::new`], with the embeddings and the bottom `freeze_layers` encoder layers frozen (0:
+    /// nothing frozen).
+    pub fn partial(base: &Bert, labels: usize, seed: u64, freeze_layers: usize) -> Result<Self> {
+        if freeze_layers > base.config.num_hidden_layers {
+            return Err(ModelError::InvalidInput(format!(
+                "freeze_layers {freeze_layers} is more than the model's {} layers",
+                base.config.num_hidden_layers
+            )));
+        }
         if labels < 2 {
             return Err(ModelError::InvalidInput(
                 "a classifier needs at least 2 labels".to_owned(),
@@ -44,8 +61,13 @@ impl FullTrainable {
                 bias: Some(Tensor::zeros(h, DType::F32, &device)?),
             });
         }
-        let mut named = Vec::new();
+        let (mut named, mut frozen) = (Vec::new(), Vec::new());
+        let layers = bert.config.num_hidden_layers;
         for (name, tensor) in bert.tensors_mut() {
+            if freeze_layers > 0 && depth(&name, layers) <= freeze_layers {
+                frozen.push((name, tensor.clone()));
+                continue;
+            }
             let var = Var::from_tensor(&tensor.copy()?)?;
             *tensor = var.as_tensor().clone();
             named.push((name, var));
@@ -54,6 +76,7 @@ impl FullTrainable {
         Ok(Self {
             bert,
             named,
+            frozen,
             classifier_weight: Var::from_tensor(&Tensor::from_vec(weight, (labels, h), &device)?)?,
             classifier_bias: Var::from_tensor(&Tensor::zeros(labels, DType::F32, &device)?)?,
             compute: DType::F32,
@@ -84,6 +107,7 @@ impl FullTrainable {
         Ok(Self {
             bert,
             named,
+            frozen: Vec::new(),
             classifier_weight: Var::from_tensor(&get("classifier.weight")?.copy()?)?,
             classifier_bias: Var::from_tensor(&get("classifier.bias")?.copy()?)?,
             compute: DType::F32,
@@ -102,6 +126,19 @@ impl FullTrainable {
         vars.push(self.classifier_weight.clone());
         vars.push(self.classifier_bias.clone());
         vars
+    }
+
+    /// Each variable's share of the learning rate, in [`Self::vars`]' order, under layer-wise decay
+    /// `decay`: 1 for the head and the pooler, `decay` for the top encoder layer, `decay²` for the one
+    /// below, and so on down to the embeddings (`decay^(layers + 1)`).
+    pub fn lr_scales(&self, decay: f64) -> Vec<f64> {
+        let layers = self.bert.config.num_hidden_layers;
+        let top = layers + 1;
+        self.named
+            .iter()
+            .map(|(name, _)| decay.powi((top - depth(name, layers)) as i32))
+            .chain([1.0, 1.0])
+            .collect()
     }
 
     /// Class logits `[batch, labels]`: `[CLS]` through the pooler and tanh, then the classifier.
@@ -149,6 +186,9 @@ impl FullTrainable {
         for (name, var) in &self.named {
             out.insert(format!("bert.{name}"), var.as_tensor().copy()?.detach());
         }
+        for (name, tensor) in &self.frozen {
+            out.insert(format!("bert.{name}"), tensor.clone());
+        }
         out.insert(
             "classifier.weight".to_owned(),
             self.classifier_weight.as_tensor().copy()?.detach(),
@@ -159,6 +199,18 @@ impl FullTrainable {
         );
         Ok(out)
     }
+}
+
+/// Where a weight named as in `BertModel` sits in a network of `layers` layers: 0 for the embeddings,
+/// `i + 1` for encoder layer `i`, `layers + 1` for the pooler.
+fn depth(name: &str, layers: usize) -> usize {
+    if name.starts_with("embeddings.") {
+        return 0;
+    }
+    name.strip_prefix("encoder.layer.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .map_or(layers + 1, |i| i + 1)
 }
 
 /// Writes a `BertForSequenceClassification` checkpoint into `dir` (which must exist): `model.safetensors`
@@ -287,6 +339,57 @@ mod tests {
         );
         assert_eq!(snap.len(), full.vars().len());
         assert_rebuilds(&full, &full.bert, &snap);
+    }
+
+    #[test]
+    fn partial_fine_tuning_leaves_the_frozen_layers_as_they_were_and_trains_the_rest() {
+        let bert = tiny::bert(5);
+        let full = FullTrainable::partial(&bert, 2, 1, 1).unwrap();
+        let vars = full.vars();
+        // Layer 1 (16), the pooler (2) and the head (2): the embeddings and layer 0 are frozen.
+        assert_eq!(vars.len(), 16 + 2 + 2);
+        let (ids, mask, targets) = batch();
+        let mut opt = AdamW::new(vars.clone(), ParamsAdamW::default()).unwrap();
+        for _ in 0..3 {
+            let loss =
+                cross_entropy(&full.logits(&ids, &mask).unwrap(), &targets, 0.1, None).unwrap();
+            let grads = loss.backward().unwrap();
+            crate::trainer::lora_tests::assert_every_var_has_a_gradient(&vars, &grads);
+            opt.step(&grads).unwrap();
+        }
+        let snap = full.snapshot().unwrap();
+        let base = FullTrainable::new(&bert, 2, 1).unwrap().snapshot().unwrap();
+        assert_eq!(snap.len(), base.len(), "frozen weights are saved too");
+        let same = |name: &str| tiny::max_abs_diff(&snap[name], &base[name]) == 0.0;
+        assert!(same("bert.embeddings.word_embeddings.weight"));
+        assert!(same("bert.encoder.layer.0.attention.self.query.weight"));
+        assert!(same("bert.encoder.layer.0.output.LayerNorm.weight"));
+        assert!(!same("bert.encoder.layer.1.attention.self.query.weight"));
+        assert!(!same("bert.pooler.dense.weight"));
+        assert_rebuilds(&full, &bert, &snap);
+        assert!(
+            FullTrainable::partial(&bert, 2, 1, 3).is_err(),
+            "the tiny BERT has 2 layers"
+        );
+    }
+
+    #[test]
+    fn layer_wise_decay_gives_each_layer_its_share_of_the_learning_rate() {
+        let full = FullTrainable::new(&tiny::bert(5), 2, 1).unwrap();
+        let scales = full.lr_scales(0.5);
+        assert_eq!(scales.len(), full.vars().len());
+        let by_name: HashMap<&str, f64> = full
+            .named
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .zip(scales.iter().copied())
+            .collect();
+        assert_eq!(by_name["embeddings.word_embeddings.weight"], 0.125);
+        assert_eq!(by_name["encoder.layer.0.attention.self.query.weight"], 0.25);
+        assert_eq!(by_name["encoder.layer.1.output.dense.bias"], 0.5);
+        assert_eq!(by_name["pooler.dense.weight"], 1.0);
+        assert_eq!(scales[scales.len() - 2..], [1.0, 1.0], "the head");
+        assert!(full.lr_scales(1.0).iter().all(|&s| s == 1.0));
     }
 
     /// A network rebuilt on `base` from `snap` computes `full`'s logits.

@@ -456,6 +456,58 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
 }
 
 #[test]
+fn a_parent_pull_keeps_a_warm_start_closer_to_its_parent() {
+    use super::data::Example;
+    use super::train::{train_lora, TrainConfig};
+    let bert = tiny::bert(11);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let start = trainable(&bert.config);
+    perturb(&start);
+    let parent = start.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let train: Vec<Example> = (0..32)
+        .map(|i| Example {
+            ids: vec![1, 5 + (i % 2) as u32, 20 + (i % 7) as u32, 2],
+            label: i % 2,
+        })
+        .collect();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let distance = |parent_pull: f64| {
+        let config = TrainConfig {
+            epochs: 3,
+            batch_size: 8,
+            learning_rate: Some(1e-2),
+            max_length: 16,
+            lora_dropout: 0.0,
+            parent_pull,
+            ..TrainConfig::default()
+        };
+        let child = train_lora(
+            &bert,
+            &cpu,
+            3,
+            &train,
+            &train,
+            &config,
+            Some(&parent),
+            &mut |_| {},
+            &cancel,
+        )
+        .unwrap()
+        .result;
+        let head = |a: &crate::model::adapter::Adapter| a.head.clone().unwrap().classifier.weight;
+        let (c, p) = (head(&child), head(&parent));
+        c.iter()
+            .zip(&p)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let (free, pulled) = (distance(0.0), distance(50.0));
+    assert!(free > 0.0, "training moved the head");
+    assert!(pulled < 0.5 * free, "pulled {pulled} vs free {free}");
+}
+
+#[test]
 fn class_weights_weigh_each_example_by_its_label() {
     use super::data::Example;
     use super::train::{ClassWeights, WeightPreset};

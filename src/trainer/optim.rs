@@ -5,7 +5,9 @@
 //! memory; for full fine-tuning's 22.7 M weights that is ~1 GB of short-lived buffers a step, most of it above
 //! the allocator's mmap threshold and so faulted in anew each time. Here the moments live in plain vectors and
 //! the weight is updated in place. Variables the fused pass can't reach (another device, another dtype, a
-//! strided layout) step through candle's `AdamW`, so every device trains.
+//! strided layout) step through candle's `AdamW`, so every device trains. Each variable may take its own
+//! share of the learning rate (layer-wise learning-rate decay), and fused variables may be pulled towards
+//! an anchor (a warm start's parent) as weight decay pulls them towards zero.
 
 use std::cell::RefCell;
 
@@ -19,15 +21,21 @@ use crate::model::kernels::{ELEMENTS_PER_TASK, PARALLEL_ELEMENTS};
 /// AdamW whose CPU f32 variables update in one fused pass; a drop-in [`Optimizer`].
 pub struct FusedAdamW {
     fused: Vec<Moments>,
-    /// The variables stepped by candle's own `AdamW` (none on a CPU-only run).
-    composed: Option<candle_nn::AdamW>,
+    /// The variables stepped by candle's own `AdamW` (none on a CPU-only run), one optimizer per share of
+    /// the learning rate.
+    composed: Vec<(candle_nn::AdamW, f64)>,
     params: ParamsAdamW,
+    /// How hard anchored variables are pulled towards their anchors (0: not at all).
+    pull: f64,
     step: i32,
 }
 
-/// A fused variable and its first and second moments.
+/// A fused variable, its share of the learning rate, its anchor, and its first and second moments.
 struct Moments {
     var: Var,
+    scale: f64,
+    /// Values each step pulls the variable towards (see [`FusedAdamW::anchor_here`]).
+    anchor: Option<Vec<f32>>,
     m: Vec<f32>,
     v: Vec<f32>,
 }
@@ -50,58 +58,38 @@ impl Optimizer for FusedAdamW {
     type Config = ParamsAdamW;
 
     fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
-        let (fused, composed): (Vec<Var>, Vec<Var>) = vars.into_iter().partition(|v| {
-            v.device().is_cpu() && v.dtype() == DType::F32 && v.as_tensor().is_contiguous()
-        });
-        let fused = fused
-            .into_iter()
-            .map(|var| {
-                let n = var.elem_count();
-                Moments {
-                    var,
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                }
-            })
-            .collect();
-        let composed = if composed.is_empty() {
-            None
-        } else {
-            Some(candle_nn::AdamW::new(composed, params.clone())?)
-        };
-        Ok(Self {
-            fused,
-            composed,
-            params,
-            step: 0,
-        })
+        let scales = vec![1.0; vars.len()];
+        Self::with_scales(vars, &scales, params)
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
         let p = &self.params;
-        let coefficients = Coefficients {
-            lr: p.lr as f32,
-            decay: (1.0 - p.lr * p.weight_decay) as f32,
-            beta1: p.beta1 as f32,
-            beta2: p.beta2 as f32,
-            scale_m: (1.0 / (1.0 - p.beta1.powi(self.step))) as f32,
-            scale_v: (1.0 / (1.0 - p.beta2.powi(self.step))) as f32,
-            eps: p.eps as f32,
-        };
         for moments in &mut self.fused {
             let Some(grad) = grads.get(moments.var.as_tensor()) else {
                 continue;
+            };
+            let lr = p.lr * moments.scale;
+            let coefficients = Coefficients {
+                lr: lr as f32,
+                decay: (1.0 - lr * p.weight_decay) as f32,
+                beta1: p.beta1 as f32,
+                beta2: p.beta2 as f32,
+                scale_m: (1.0 / (1.0 - p.beta1.powi(self.step))) as f32,
+                scale_v: (1.0 / (1.0 - p.beta2.powi(self.step))) as f32,
+                eps: p.eps as f32,
             };
             let grad = grad.contiguous()?;
             let op = UpdateOp {
                 m: RefCell::new(&mut moments.m),
                 v: RefCell::new(&mut moments.v),
+                anchor: moments.anchor.as_deref(),
+                pull: (lr * self.pull).min(1.0) as f32,
                 coefficients,
             };
             moments.var.as_tensor().inplace_op2(&grad, &op)?;
         }
-        if let Some(composed) = &mut self.composed {
+        for (composed, _) in &mut self.composed {
             composed.step(grads)?;
         }
         Ok(())
@@ -113,9 +101,75 @@ impl Optimizer for FusedAdamW {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.params.lr = lr;
-        if let Some(composed) = &mut self.composed {
-            composed.set_learning_rate(lr);
+        for (composed, scale) in &mut self.composed {
+            composed.set_learning_rate(lr * *scale);
         }
+    }
+}
+
+impl FusedAdamW {
+    /// An optimizer in which `vars[i]` steps with `scales[i]` times the learning rate (its weight decay
+    /// scaled alike, as PyTorch's parameter groups do).
+    pub fn with_scales(vars: Vec<Var>, scales: &[f64], params: ParamsAdamW) -> Result<Self> {
+        if scales.len() != vars.len() {
+            candle_core::bail!(
+                "{} learning-rate scales for {} variables",
+                scales.len(),
+                vars.len()
+            );
+        }
+        let mut fused = Vec::new();
+        let mut composed: Vec<(Vec<Var>, f64)> = Vec::new();
+        for (var, &scale) in vars.into_iter().zip(scales) {
+            if var.device().is_cpu() && var.dtype() == DType::F32 && var.as_tensor().is_contiguous()
+            {
+                let n = var.elem_count();
+                fused.push(Moments {
+                    var,
+                    scale,
+                    anchor: None,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                });
+            } else if let Some(group) = composed.iter_mut().find(|(_, s)| *s == scale) {
+                group.0.push(var);
+            } else {
+                composed.push((vec![var], scale));
+            }
+        }
+        let composed = composed
+            .into_iter()
+            .map(|(vars, scale)| {
+                let params = ParamsAdamW {
+                    lr: params.lr * scale,
+                    ..params.clone()
+                };
+                Ok((candle_nn::AdamW::new(vars, params)?, scale))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            fused,
+            composed,
+            params,
+            pull: 0.0,
+            step: 0,
+        })
+    }
+
+    /// Anchors every variable at its current values: from now on each step also moves it a share
+    /// `lr × pull` (at most all) of the way back to them, decoupled from the gradient like AdamW's weight
+    /// decay (an L2 pull towards a starting point, as L2-SP does for fine-tuning). Only the fused CPU path
+    /// anchors; variables on another device are an error.
+    pub fn anchor_here(&mut self, pull: f64) -> Result<()> {
+        if !self.composed.is_empty() {
+            candle_core::bail!("anchoring needs every variable on the CPU in f32");
+        }
+        for moments in &mut self.fused {
+            let values = moments.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            moments.anchor = Some(values);
+        }
+        self.pull = pull;
+        Ok(())
     }
 }
 
@@ -123,6 +177,9 @@ impl Optimizer for FusedAdamW {
 struct UpdateOp<'a> {
     m: RefCell<&'a mut Vec<f32>>,
     v: RefCell<&'a mut Vec<f32>>,
+    /// The weight's anchor and the share of the way back to it each step takes.
+    anchor: Option<&'a [f32]>,
+    pull: f32,
     coefficients: Coefficients,
 }
 
@@ -155,6 +212,11 @@ impl candle_core::InplaceOp2 for UpdateOp<'_> {
             &mut v,
             &self.coefficients,
         );
+        if let Some(anchor) = self.anchor {
+            for (theta, &a) in theta[t0..t1].iter_mut().zip(anchor) {
+                *theta -= self.pull * (*theta - a);
+            }
+        }
         Ok(())
     }
 }
@@ -287,6 +349,71 @@ mod tests {
             let moved = a.iter().zip(initial).all(|(x, y)| (x - y).abs() > 1e-4);
             assert!(moved, "a weight did not move");
         }
+    }
+
+    #[test]
+    fn each_variable_steps_with_its_share_of_the_learning_rate() {
+        // Adam's first step moves every weight by about the learning rate, whatever the gradient's size.
+        let (a, b) = (var(vec![0.0; 4], (2, 2)), var(vec![0.0; 4], (2, 2)));
+        let loss = ((a.as_tensor() * 3.0).unwrap() + b.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let params = ParamsAdamW {
+            lr: 0.01,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        };
+        let mut opt =
+            FusedAdamW::with_scales(vec![a.clone(), b.clone()], &[1.0, 0.25], params).unwrap();
+        opt.step(&grads).unwrap();
+        let moved = |v: &Var| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert!(
+            moved(&a).iter().all(|x| (x + 0.01).abs() < 1e-6),
+            "{:?}",
+            moved(&a)
+        );
+        assert!(
+            moved(&b).iter().all(|x| (x + 0.0025).abs() < 1e-6),
+            "{:?}",
+            moved(&b)
+        );
+        assert!(FusedAdamW::with_scales(vec![a], &[], ParamsAdamW::default()).is_err());
+    }
+
+    #[test]
+    fn an_anchored_variable_is_pulled_back_towards_its_anchor() {
+        let a = var(vec![1.0, -2.0], (1, 2));
+        let params = ParamsAdamW {
+            lr: 0.1,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        };
+        let mut opt = FusedAdamW::with_scales(vec![a.clone()], &[1.0], params).unwrap();
+        opt.anchor_here(2.0).unwrap();
+        a.set(&Tensor::new(&[[2.0f32, 0.0]], &Device::Cpu).unwrap())
+            .unwrap();
+        // Adam's first step moves each value by the learning rate against its gradient (1 here): 1.9 and
+        // -0.1; the pull then takes each 0.1 × 2 of the way back to 1 and -2.
+        let grads = a.as_tensor().sum_all().unwrap().backward().unwrap();
+        opt.step(&grads).unwrap();
+        let got = a
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (got[0] - 1.72).abs() < 1e-5 && (got[1] + 0.48).abs() < 1e-5,
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -189,6 +189,20 @@ pub struct TrainConfig {
     /// without one gets a pooler of the head's own) or `mean` (the token mean; Flywheel serves it, PEFT cannot
     /// express it). Full fine-tuning always pools `[CLS]`.
     pub pooling: Pooling,
+    /// Partial fine-tuning: the embeddings and this many bottom encoder layers stay as the base has them,
+    /// the rest trains (0: all trains). Full fine-tuning only; LoRA keeps the whole base frozen already.
+    #[schema(minimum = 0, maximum = 64)]
+    pub freeze_layers: usize,
+    /// Layer-wise learning-rate decay: the head and pooler train at the learning rate, the top encoder layer
+    /// at this share of it, each layer below at this share of the one above, the embeddings last (1: one
+    /// rate for all). Full fine-tuning only.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub layer_lr_decay: f64,
+    /// On a warm start, how hard each step pulls every trainable value back towards the parent
+    /// generation's: a share `learning rate × parent_pull` of the way (an L2 pull, decoupled like weight
+    /// decay), against forgetting, instead of or beside `replay` (0: off). LoRA only.
+    #[schema(minimum = 0.0, maximum = 1000.0)]
+    pub parent_pull: f64,
 }
 
 impl Default for TrainConfig {
@@ -215,6 +229,9 @@ impl Default for TrainConfig {
             replay: Some(2.0),
             precision: Precision::Auto,
             pooling: Pooling::Cls,
+            freeze_layers: 0,
+            layer_lr_decay: 1.0,
+            parent_pull: 0.0,
         }
     }
 }
@@ -264,6 +281,20 @@ impl TrainConfig {
         }
         if !(8..=512).contains(&self.max_length) {
             return bad("max_length must be 8 to 512");
+        }
+        if !(self.layer_lr_decay > 0.0 && self.layer_lr_decay <= 1.0) || self.freeze_layers > 64 {
+            return bad("layer_lr_decay must be in (0, 1] and freeze_layers 0 to 64");
+        }
+        if !(self.parent_pull.is_finite() && (0.0..=1000.0).contains(&self.parent_pull)) {
+            return bad("parent_pull must be 0 to 1000");
+        }
+        if self.method == Method::Full && self.parent_pull > 0.0 {
+            return bad("parent_pull applies to LoRA warm starts (full fine-tuning has no parent)");
+        }
+        if self.method == Method::Lora && (self.freeze_layers > 0 || self.layer_lr_decay != 1.0) {
+            return bad(
+                "freeze_layers and layer_lr_decay apply to full fine-tuning (LoRA keeps the base frozen)",
+            );
         }
         if self
             .replay

@@ -170,6 +170,14 @@ trait Trainable {
     /// Where the forward and backward passes run.
     fn device(&self) -> Device;
     fn vars(&self) -> Vec<Var>;
+    /// Each variable's share of the learning rate under layer-wise decay `decay`, in `vars`' order.
+    fn lr_scales(&self, _decay: f64) -> Vec<f64> {
+        vec![1.0; self.vars().len()]
+    }
+    /// Whether the variables start from a parent generation's values (a warm start).
+    fn warm_started(&self) -> bool {
+        false
+    }
     fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError>;
     fn predict(&self, examples: &[Example]) -> Result<Vec<Vec<f32>>, TrainError>;
     fn snapshot(&self) -> Result<Self::Snapshot, TrainError>;
@@ -179,6 +187,7 @@ struct LoraRun<'a> {
     lora: LoraTrainable,
     bert: &'a Bert,
     cpu: &'a CpuEncoder,
+    warm: bool,
 }
 
 impl Trainable for LoraRun<'_> {
@@ -186,6 +195,10 @@ impl Trainable for LoraRun<'_> {
 
     fn device(&self) -> Device {
         self.bert.device().clone()
+    }
+
+    fn warm_started(&self) -> bool {
+        self.warm
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -214,6 +227,10 @@ impl Trainable for FullTrainable {
 
     fn vars(&self) -> Vec<Var> {
         FullTrainable::vars(self)
+    }
+
+    fn lr_scales(&self, decay: f64) -> Vec<f64> {
+        FullTrainable::lr_scales(self, decay)
     }
 
     fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError> {
@@ -273,6 +290,7 @@ pub fn train_lora(
             lora,
             bert: &compute,
             cpu,
+            warm: warm.is_some(),
         },
         bert.config.pad_token_id,
         labels,
@@ -296,7 +314,7 @@ pub fn train_full(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> Result<TrainReport<HashMap<String, Tensor>>, TrainError> {
-    let full = FullTrainable::new(bert, labels, config.seed)?
+    let full = FullTrainable::partial(bert, labels, config.seed, config.freeze_layers)?
         .with_compute(config.precision.dtype(bert.device()));
     fit(
         &full,
@@ -343,7 +361,11 @@ fn fit<T: Trainable>(
         weight_decay: config.weight_decay,
         ..ParamsAdamW::default()
     };
-    let mut optimizer = super::optim::FusedAdamW::new(vars.clone(), params)?;
+    let scales = trainable.lr_scales(config.layer_lr_decay);
+    let mut optimizer = super::optim::FusedAdamW::with_scales(vars.clone(), &scales, params)?;
+    if config.parent_pull > 0.0 && trainable.warm_started() {
+        optimizer.anchor_here(config.parent_pull)?;
+    }
     let micro_batches = train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_batches.div_ceil(config.grad_accumulation);
     let total_steps = steps_per_epoch * config.epochs;
@@ -489,6 +511,24 @@ mod tests {
             TrainConfig::from_table(&toml::Table::new()).expect("defaults"),
             TrainConfig::default()
         );
+    }
+
+    #[test]
+    fn partial_fine_tuning_and_layer_wise_decay_are_full_fine_tuning_options() {
+        let full: toml::Table = "method = \"full\"\nfreeze_layers = 4\nlayer_lr_decay = 0.8"
+            .parse()
+            .expect("valid TOML");
+        let config = TrainConfig::from_table(&full).expect("valid");
+        assert_eq!((config.freeze_layers, config.layer_lr_decay), (4, 0.8));
+        for bad in [
+            "freeze_layers = 2",
+            "layer_lr_decay = 0.9",
+            "method = \"full\"\nlayer_lr_decay = 0.0",
+            "method = \"full\"\nlayer_lr_decay = 1.5",
+        ] {
+            let table: toml::Table = bad.parse().expect("valid TOML");
+            assert!(TrainConfig::from_table(&table).is_err(), "{bad}");
+        }
     }
 
     #[test]
