@@ -3,7 +3,7 @@
 //!
 //! Serving runs the [`Encoder`] trait: [`cpu_encoder`] (fused, packed, f32 or [`int8`]) on the CPU, the
 //! candle network of [`bert`] elsewhere. [`adapter`] is LoRA deltas and heads as serving runs them.
-//! [`train`] holds the CPU ops the trainable candle path is built from. [`kernels`] and [`avx512`] serve
+//! [`train`] holds the CPU ops the trainable candle path is built from. [`kernels`] and `avx512` serve
 //! both.
 //!
 //! This layer knows nothing of HTTP, queues or adapters' lifecycle.
