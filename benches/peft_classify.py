@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""PEFT LoRA on a labelled JSONL split with Flywheel's default recipe, for side-by-side figures.
+"""PEFT LoRA (or plain full fine-tuning) on a labelled JSONL split with Flywheel's recipe, for side-by-side
+figures.
 
 The recipe mirrors Flywheel's `/v1/train` defaults: LoRA r=8, alpha 16, dropout 0.1 on query and value, the
 classifier (and, where the base checkpoint has none, the pooler) trained in full; AdamW lr 2e-3, weight decay
@@ -7,12 +8,19 @@ classifier (and, where the base checkpoint has none, the pooler) trained in full
 a stratified 15 % validation split, keeping the best epoch by validation macro-F1 (patience 3).
 PyTorch runs on 2 threads with denormals flushed.
 
+`--params JSON` overrides the recipe with Flywheel's `TrainConfig` names: method (`lora` or `full`: every weight
+of BertForSequenceClassification trains, lr 5e-5 unless set), rank, alpha, targets (Flywheel's names: query, key,
+value, attention_output, intermediate, output), lora_dropout, learning_rate, head_learning_rate, epochs,
+batch_size, warmup_ratio, weight_decay, label_smoothing, max_length, patience, val_fraction, seed. A key this
+script cannot express (mean pooling, for one) is refused.
+
 With SAVE_DIR, the trained adapter is saved there (`save_pretrained`) and OUT.json also holds the test
 probabilities at the server's truncation (256 tokens), so a server can load the adapter and be compared with
 PyTorch.
 
-Usage: peft_classify.py MODEL_DIR TRAIN.jsonl TEST.jsonl LABEL,LABEL,... OUT.json [SAVE_DIR]"""
+Usage: peft_classify.py [--params JSON] MODEL_DIR TRAIN.jsonl TEST.jsonl LABEL,LABEL,... OUT.json [SAVE_DIR]"""
 
+import argparse
 import json
 import random
 import sys
@@ -24,7 +32,16 @@ from safetensors import safe_open
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerFast
 
-EPOCHS, BATCH, MAX_LEN, LR, WD, WARMUP, SMOOTH, VAL, PATIENCE, SEED = 5, 16, 128, 2e-3, 0.01, 0.1, 0.1, 0.15, 3, 0
+DEFAULTS = {
+    "method": "lora", "rank": 8, "alpha": 16.0, "targets": ["query", "value"], "lora_dropout": 0.1,
+    "learning_rate": None, "head_learning_rate": None, "epochs": 5, "batch_size": 16, "warmup_ratio": 0.1,
+    "weight_decay": 0.01, "label_smoothing": 0.1, "max_length": 128, "patience": 3, "val_fraction": 0.15,
+    "seed": 0,
+}
+MODULES = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attention_output": "attention.output.dense", "intermediate": "intermediate.dense", "output": "output.dense",
+}
 # The server cuts inputs at `model.max_length` (256), not at the job's 128: the probabilities compared with a
 # server are computed at its length, or long reviews differ by truncation alone.
 SERVE_MAX_LEN = 256
@@ -50,7 +67,7 @@ def split(data, share, seed):
     return train, val
 
 
-def scores(model, tokenizer, data, max_len=MAX_LEN):
+def scores(model, tokenizer, data, max_len):
     model.eval()
     probs = []
     with torch.no_grad():
@@ -72,10 +89,29 @@ def metrics(probs, truth):
     return out
 
 
+def recipe(overrides):
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        sys.exit(f"peft_classify.py cannot express {sorted(unknown)}")
+    r = {**DEFAULTS, **overrides}
+    if r["learning_rate"] is None:
+        r["learning_rate"] = 2e-3 if r["method"] == "lora" else 5e-5
+    return r
+
+
 def main():
-    model_dir, train_path, test_path, labels, out_path = sys.argv[1:6]
-    save_dir = sys.argv[6] if len(sys.argv) > 6 else None
-    labels = labels.split(",")
+    cli = argparse.ArgumentParser()
+    cli.add_argument("--params", default="{}")
+    for name in ("model_dir", "train_path", "test_path", "labels", "out_path"):
+        cli.add_argument(name)
+    cli.add_argument("save_dir", nargs="?")
+    args = cli.parse_args()
+    r = recipe(json.loads(args.params))
+    model_dir, out_path, save_dir = args.model_dir, args.out_path, args.save_dir
+    labels = args.labels.split(",")
+    EPOCHS, BATCH, MAX_LEN, WD = r["epochs"], r["batch_size"], r["max_length"], r["weight_decay"]
+    WARMUP, SMOOTH, VAL, PATIENCE, SEED = (r["warmup_ratio"], r["label_smoothing"], r["val_fraction"],
+                                           r["patience"], r["seed"])
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
     torch.manual_seed(SEED)
@@ -86,25 +122,36 @@ def main():
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
     with safe_open(f"{model_dir}/model.safetensors", "pt") as f:
         has_pooler = any("pooler." in k for k in f.keys())
-    modules_to_save = ["classifier"] + ([] if has_pooler else ["pooler"])
-    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
-                        target_modules=["query", "value"], modules_to_save=modules_to_save)
-    model = get_peft_model(model, config)
+    if r["method"] == "lora":
+        modules_to_save = ["classifier"] + ([] if has_pooler else ["pooler"])
+        pattern = r".*encoder\.layer\.\d+\.(" + "|".join(
+            MODULES[t].replace(".", r"\.") for t in r["targets"]) + ")"
+        config = LoraConfig(task_type="SEQ_CLS", r=r["rank"], lora_alpha=r["alpha"],
+                            lora_dropout=r["lora_dropout"], target_modules=pattern,
+                            modules_to_save=modules_to_save)
+        model = get_peft_model(model, config)
+    elif r["method"] != "full":
+        sys.exit(f"unknown method {r['method']!r}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    data = rows(train_path, labels)
-    test = rows(test_path, labels)
+    data = rows(args.train_path, labels)
+    test = rows(args.test_path, labels)
     train, val = split(data, VAL, SEED)
     steps = EPOCHS * ((len(train) + BATCH - 1) // BATCH)
     warm = max(1, round(steps * WARMUP))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if "classifier" in n or ("pooler" in n and not has_pooler)]
+    body = [p for n, p in named if not any(p is h for h in head)]
+    head_lr = r["head_learning_rate"] or r["learning_rate"]
+    opt = torch.optim.AdamW([{"params": body, "lr": r["learning_rate"]}, {"params": head, "lr": head_lr}],
+                            weight_decay=WD)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=SMOOTH)
     rng = random.Random(SEED)
-    best, best_state, since = -1.0, None, 0
+    best, best_state, since, best_epoch = -1.0, None, 0, 0
     started = time.time()
+    history = []
     for epoch in range(EPOCHS):
         model.train()
         order = list(train)
@@ -118,10 +165,11 @@ def main():
             opt.step()
             sched.step()
             opt.zero_grad()
-        f1 = metrics(scores(model, tokenizer, val), [y for _, y in val])["macro_f1"]
+        f1 = metrics(scores(model, tokenizer, val, MAX_LEN), [y for _, y in val])["macro_f1"]
+        history.append(round(f1, 4))
         print(f"epoch {epoch + 1}: val macro-F1 {f1:.4f}", file=sys.stderr)
-        if f1 > best:
-            best, since = f1, 0
+        if f1 >= best:  # ties go to the later epoch, as in Flywheel
+            best, since, best_epoch = f1, 0, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since += 1
@@ -129,10 +177,11 @@ def main():
                 break
     model.load_state_dict(best_state)
     wall = time.time() - started
-    probs = scores(model, tokenizer, test)
+    probs = scores(model, tokenizer, test, MAX_LEN)
     result = {"test": metrics(probs, [y for _, y in test]),
               "val_macro_f1": best, "wall_seconds": wall, "trainable_params": trainable,
-              "train_rows": len(train), "val_rows": len(val)}
+              "train_rows": len(train), "val_rows": len(val), "best_epoch": best_epoch, "val_history": history,
+              "recipe": r}
     if save_dir:
         model.save_pretrained(save_dir)
         result["test_probs"] = scores(model, tokenizer, test, SERVE_MAX_LEN).tolist()

@@ -236,6 +236,23 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
     std::thread::sleep(Duration::from_millis(1000));
     let (_, jobs) = server.get_json("/v1/jobs?task=spam");
     assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+    // 20 rows would validate on 1–2 mails per label: the small-data guard trains on all 20 for the
+    // job's epochs, keeps the last, and says so.
+    let id = jobs[0]["id"].as_str().unwrap().to_owned();
+    let done = wait_for(&server, &id, Duration::from_secs(300));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let note = done["validation_note"].as_str().expect("a note");
+    assert!(note.starts_with("validation skipped: label"), "{note}");
+    assert!(
+        note.contains("trained on all 20 examples for 5 epochs"),
+        "{note}"
+    );
+    assert_eq!(done["train_examples"], 20);
+    assert!(
+        done["val"].is_null() && done["stable_val"].is_null(),
+        "{done}"
+    );
+    assert_eq!(done["epoch"], 5);
 }
 
 /// Creates the task, posts 80 mails, starts a 20-epoch job and waits until it has taken two steps; returns

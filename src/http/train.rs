@@ -238,6 +238,10 @@ pub struct JobStatus {
     pub train_examples: Option<usize>,
     /// How many of the job's examples were replayed from before the parent generation.
     pub replayed_examples: Option<usize>,
+    /// Why the job trained without a validation split, when it did: the validation split would have held
+    /// fewer than `min_val_per_label` examples of some label, so it trained on every example for `epochs`
+    /// and kept the last epoch (`val` and `stable_val` are then null).
+    pub validation_note: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
     /// Unix seconds.
@@ -277,6 +281,7 @@ impl From<&JobRecord> for JobStatus {
             output: j.output.clone(),
             train_examples: j.train_examples,
             replayed_examples: j.replayed_examples,
+            validation_note: j.validation_note.clone(),
             error: j.error.clone(),
             created_at: j.created_at,
             config: j.config.clone(),

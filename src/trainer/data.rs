@@ -55,6 +55,92 @@ pub fn stratified_split_by<T>(
     (train, val)
 }
 
+/// A train/validation split, or all rows to train on when a validation split would be too small to choose
+/// an epoch by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split<T> {
+    /// Rows to train on.
+    pub train: Vec<T>,
+    /// Rows to validate on; empty when validation was skipped.
+    pub val: Vec<T>,
+    /// Why validation was skipped, when it was.
+    pub skipped: Option<SmallValidation>,
+}
+
+/// The label whose validation share fell short of `min_val_per_label`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmallValidation {
+    /// The label index.
+    pub label: usize,
+    /// Its examples in the validation split that would have been.
+    pub count: usize,
+    /// The fewest wanted.
+    pub min: usize,
+    /// All examples, now trained on.
+    pub total: usize,
+}
+
+impl SmallValidation {
+    /// The note a job shows, naming the label.
+    pub fn describe(&self, labels: &[String], epochs: usize) -> String {
+        let name = labels
+            .get(self.label)
+            .map_or_else(|| self.label.to_string(), |l| format!("{l:?}"));
+        format!(
+            "validation skipped: label {name} would have {} validation examples (min_val_per_label is {}); \
+             trained on all {} examples for {epochs} epochs and kept the last",
+            self.count, self.min, self.total
+        )
+    }
+}
+
+/// [`stratified_split_by`], unless some label present in `items` would get fewer than `min_per_label`
+/// validation rows: then every row trains (validation macro-F1 on a handful of rows picks an epoch by
+/// noise) and `skipped` says why. `min_per_label` 0 always splits.
+pub fn validation_split<T>(
+    items: Vec<T>,
+    label_of: impl Fn(&T) -> usize,
+    labels: usize,
+    val_fraction: f64,
+    min_per_label: usize,
+    seed: u64,
+) -> Split<T> {
+    let mut present = vec![false; labels];
+    for e in &items {
+        if let Some(p) = present.get_mut(label_of(e)) {
+            *p = true;
+        }
+    }
+    let (train, val) = stratified_split_by(items, &label_of, labels, val_fraction, seed);
+    let mut counts = vec![0usize; labels];
+    for e in &val {
+        counts[label_of(e)] += 1;
+    }
+    let short = (0..labels).find(|&l| present[l] && counts[l] < min_per_label);
+    match short {
+        None => Split {
+            train,
+            val,
+            skipped: None,
+        },
+        Some(label) => {
+            let mut all = train;
+            all.extend(val);
+            Rng::new(seed ^ 0xA11).shuffle(&mut all);
+            Split {
+                skipped: Some(SmallValidation {
+                    label,
+                    count: counts[label],
+                    min: min_per_label,
+                    total: all.len(),
+                }),
+                train: all,
+                val: Vec::new(),
+            }
+        }
+    }
+}
+
 /// Pads `batch` to its longest sequence: `(input_ids [b, l] u32, attention_mask [b, l] u8, labels [b] u32)`.
 pub fn pad(batch: &[&Example], pad_id: u32, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let longest = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
@@ -109,6 +195,46 @@ mod tests {
             (train, val),
             "same seed, same split"
         );
+    }
+
+    #[test]
+    fn a_validation_split_too_small_to_choose_an_epoch_by_is_skipped() {
+        let names = ["ham".to_owned(), "spam".to_owned()];
+        // 40 and 34 rows: round(0.15 × 34) = 5 validation rows of spam, enough.
+        let enough: Vec<Example> = examples(40, 0).into_iter().chain(examples(34, 1)).collect();
+        let split = validation_split(enough.clone(), |e| e.label, 2, 0.15, 5, 3);
+        assert_eq!(split.skipped, None);
+        assert_eq!(
+            (split.train, split.val),
+            stratified_split(enough, 2, 0.15, 3)
+        );
+        // 40 and 20: spam would validate on 3 rows; all 60 train.
+        let small: Vec<Example> = examples(40, 0).into_iter().chain(examples(20, 1)).collect();
+        let split = validation_split(small.clone(), |e| e.label, 2, 0.15, 5, 3);
+        let skipped = split.skipped.expect("too small to validate");
+        assert_eq!((skipped.label, skipped.count, skipped.total), (1, 3, 60));
+        assert!(split.val.is_empty());
+        let mut trained = split.train.clone();
+        trained.sort_by_key(|e| (e.label, e.ids.clone()));
+        let mut all = small.clone();
+        all.sort_by_key(|e| (e.label, e.ids.clone()));
+        assert_eq!(trained, all, "every row trains");
+        assert!(skipped
+            .describe(&names, 5)
+            .contains("label \"spam\" would have 3"));
+        // A label of the task with no rows at all does not stop validation; 0 turns the guard off.
+        let split = validation_split(
+            examples(40, 0).into_iter().chain(examples(40, 1)).collect(),
+            |e| e.label,
+            3,
+            0.15,
+            5,
+            3,
+        );
+        assert_eq!(split.skipped, None);
+        assert!(validation_split(small, |e| e.label, 2, 0.15, 0, 3)
+            .skipped
+            .is_none());
     }
 
     #[test]

@@ -142,6 +142,18 @@ impl LoraTrainable {
         Ok(self)
     }
 
+    /// Gives the head a pooler of its own to train, starting from the base checkpoint's `pooler` (a copy;
+    /// the base keeps its own). Exported with the adapter, as PEFT's `modules_to_save = ["pooler"]` saves it.
+    pub fn with_pooler_from(mut self, pooler: &crate::model::linear::Linear) -> Result<Self> {
+        let weight = Var::from_tensor(&pooler.weight.to_dtype(DType::F32)?.copy()?)?;
+        let bias = match &pooler.bias {
+            Some(b) => Var::from_tensor(&b.to_dtype(DType::F32)?.copy()?)?,
+            None => Var::from_tensor(&Tensor::zeros(weight.dim(0)?, DType::F32, weight.device())?)?,
+        };
+        self.pooler = Some((weight, bias));
+        Ok(self)
+    }
+
     /// Makes the head pool the mean of the tokens (padding excluded) instead of `[CLS]`, as the serving
     /// path's [`Pooling::Mean`] heads do (and sentence-transformers embeds). `BertForSequenceClassification`
     /// cannot express such a head: PEFT loads its weights but pools `[CLS]`.

@@ -368,11 +368,12 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
         &cancel,
     )
     .unwrap();
-    assert_eq!(report.val.accuracy, 1.0, "{:?}", report.history);
+    let best = report.val.clone().expect("validated");
+    assert_eq!(best.accuracy, 1.0, "{:?}", report.history);
     assert!(report
         .history
         .iter()
-        .all(|h| h.val.macro_f1 <= report.val.macro_f1));
+        .all(|h| h.val.as_ref().expect("validated").macro_f1 <= best.macro_f1));
     assert_eq!(steps, report.steps);
     assert_eq!(
         report.steps,
@@ -395,6 +396,27 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
         cancelled,
         Err(super::train::TrainError::Cancelled)
     ));
+    // Without a validation split (the small-data guard) every epoch runs and the last is kept.
+    cancel.store(false, std::sync::atomic::Ordering::Relaxed);
+    let config = TrainConfig {
+        epochs: 3,
+        patience: 1,
+        ..config
+    };
+    let run = train_lora(
+        &bert,
+        &cpu,
+        2,
+        &train,
+        &[],
+        &config,
+        None,
+        &mut |_| {},
+        &cancel,
+    )
+    .unwrap();
+    assert_eq!((run.best_epoch, run.history.len(), run.steps), (3, 3, 9));
+    assert!(run.val.is_none() && run.history.iter().all(|h| h.val.is_none()));
 }
 
 #[test]
@@ -610,4 +632,44 @@ fn a_mean_pooling_head_trains_and_serves_what_it_trained() {
     assert_eq!(adapter.head.as_ref().unwrap().pooling, Pooling::Mean);
     let again = LoraTrainable::from_adapter(&adapter, &Device::Cpu).unwrap();
     assert_eq!(again.pooling(), Pooling::Mean);
+}
+
+/// `train_pooler`: a `[CLS]` head on a base with a pooler trains a copy of it. The copy starts equal to the
+/// base's (the logits before any step equal those of a head on the frozen pooler), every variable gets a
+/// gradient, the base's pooler is untouched, and the adapter carries the copy and serves what trained.
+#[test]
+fn a_cls_head_can_train_a_copy_of_the_bases_pooler() {
+    let bert = tiny::bert(3);
+    let base = bert.pooler.clone().expect("the tiny BERT has a pooler");
+    let frozen = trainable(&bert.config);
+    let lora = trainable(&bert.config).with_pooler_from(&base).unwrap();
+    let ids = Tensor::new(&[[1u32, 7, 9, 2]], &Device::Cpu).unwrap();
+    let mask = Tensor::ones((1, 4), DType::U8, &Device::Cpu).unwrap();
+    let before = |l: &LoraTrainable| -> Vec<f32> {
+        l.logits(&bert, &ids, &mask)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(before(&frozen), before(&lora));
+    let (seqs, logits) = logits_with_every_gradient(&bert, &lora, 2 * 3 * 2 + 2 + 2);
+    let adapter = assert_serves_what_it_trained(&bert, &lora, &seqs, &logits);
+    let pooler = adapter.head.as_ref().unwrap().pooler.as_ref().unwrap();
+    let base_weight: Vec<f32> = base.weight.flatten_all().unwrap().to_vec1().unwrap();
+    assert_ne!(
+        pooler.weight, base_weight,
+        "the copy is a variable of its own"
+    );
+    let still: Vec<f32> = bert
+        .pooler
+        .as_ref()
+        .unwrap()
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(still, base_weight, "the base's pooler is untouched");
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
-use super::data::{stratified_split_by, truncate, Example};
+use super::data::{truncate, validation_split, Example, Split};
 use super::eval::{evaluate, Evaluation};
 use super::full::{write_checkpoint, FullTrainable};
 use super::reference::drift_reference;
@@ -56,8 +56,10 @@ pub struct OfflineReport {
     pub train_examples: usize,
     /// Examples validated on (early stopping, epoch choice).
     pub val_examples: usize,
-    /// The chosen epoch's validation scores.
-    pub val: Evaluation,
+    /// The chosen epoch's validation scores; `null` when validation was skipped.
+    pub val: Option<Evaluation>,
+    /// Why validation was skipped (the small-data guard), when it was.
+    pub validation_note: Option<String>,
     /// Scores on the held-out test files, when given.
     pub test: Option<Evaluation>,
     /// Examples in the test files.
@@ -68,6 +70,8 @@ pub struct OfflineReport {
     pub base_params: usize,
     /// The chosen epoch.
     pub best_epoch: usize,
+    /// Every epoch's training loss and validation scores, in order.
+    pub history: Vec<super::train::EpochReport>,
     /// Optimizer steps taken.
     pub steps: usize,
     /// Training wall time (the test scoring excluded).
@@ -149,13 +153,19 @@ pub fn run(
         )));
     }
     let all = examples(model, &lines, &labels, config.max_length)?;
-    let (train, val) = stratified_split_by(
+    let Split {
+        train,
+        val,
+        skipped,
+    } = validation_split(
         all,
         |(e, _)| e.label,
         labels.len(),
         config.val_fraction,
+        config.min_val_per_label,
         config.seed,
     );
+    let validation_note = skipped.map(|s| s.describe(&labels, config.epochs));
     let (train, train_ids): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (val, val_ids): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cancel = AtomicBool::new(false);
@@ -221,11 +231,13 @@ pub fn run(
         train_examples: train.len(),
         val_examples: val.len(),
         val: run.val,
+        validation_note,
         test: probs.map(|p| evaluate(&p, &truth, labels.len())),
         test_examples: test.len(),
         trainable_params: run.trainable_params,
         base_params,
         best_epoch: run.best_epoch,
+        history: run.history,
         steps: run.steps,
         wall_seconds: run.wall_seconds,
     };

@@ -172,6 +172,11 @@ pub struct TrainConfig {
     /// Fraction of each label held out for validation.
     #[schema(minimum = 0.05, maximum = 0.5)]
     pub val_fraction: f64,
+    /// The small-data guard: when the validation split would hold fewer examples than this of some label,
+    /// the job skips validation, trains on every example for `epochs` and keeps the last epoch, and says so
+    /// (macro-F1 on a handful of rows picks an epoch by noise). 0: always validate.
+    #[schema(minimum = 0, maximum = 1000)]
+    pub min_val_per_label: usize,
     /// Seed of initialisation, split and shuffles.
     pub seed: u64,
     /// Start from the task's stable generation when it is a LoRA adapter whose head pools as this job's does
@@ -189,6 +194,10 @@ pub struct TrainConfig {
     /// without one gets a pooler of the head's own) or `mean` (the token mean; Flywheel serves it, PEFT cannot
     /// express it). Full fine-tuning always pools `[CLS]`.
     pub pooling: Pooling,
+    /// Whether a `cls` LoRA head trains a copy of the base's pooler (saved with the adapter as PEFT's
+    /// `modules_to_save` saves it) instead of running the base's frozen one. A base without a pooler always
+    /// gets a trained pooler of the head's own; full fine-tuning trains the pooler anyway.
+    pub train_pooler: bool,
     /// Partial fine-tuning: the embeddings and this many bottom encoder layers stay as the base has them,
     /// the rest trains (0: all trains). Full fine-tuning only; LoRA keeps the whole base frozen already.
     #[schema(minimum = 0, maximum = 64)]
@@ -224,11 +233,13 @@ impl Default for TrainConfig {
             max_length: 128,
             patience: 3,
             val_fraction: 0.15,
+            min_val_per_label: 5,
             seed: 0,
             warm_start: true,
             replay: Some(2.0),
             precision: Precision::Auto,
             pooling: Pooling::Cls,
+            train_pooler: false,
             freeze_layers: 0,
             layer_lr_decay: 1.0,
             parent_pull: 0.0,
@@ -278,6 +289,9 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.weight_decay) || !(0.05..=0.5).contains(&self.val_fraction) {
             return bad("weight_decay must be in [0, 1] and val_fraction in [0.05, 0.5]");
+        }
+        if self.min_val_per_label > 1000 {
+            return bad("min_val_per_label must be 0 to 1000");
         }
         if !(8..=512).contains(&self.max_length) {
             return bad("max_length must be 8 to 512");

@@ -75,19 +75,19 @@ pub struct EpochReport {
     pub epoch: usize,
     /// Mean training loss.
     pub train_loss: f64,
-    /// Validation scores.
-    pub val: Evaluation,
+    /// Validation scores; `None` in a run without validation.
+    pub val: Option<Evaluation>,
 }
 
 /// What a finished run produced: `R` is the best epoch's adapter (LoRA) or weights (full).
 #[derive(Debug, Clone)]
 pub struct TrainReport<R> {
-    /// The best epoch's result.
+    /// The best epoch's result (the last epoch's in a run without validation).
     pub result: R,
     /// The epoch it came from.
     pub best_epoch: usize,
-    /// Its validation scores.
-    pub val: Evaluation,
+    /// Its validation scores; `None` in a run without validation.
+    pub val: Option<Evaluation>,
     /// Every epoch.
     pub history: Vec<EpochReport>,
     /// Trainable values.
@@ -279,6 +279,7 @@ pub fn train_lora(
                 (Pooling::Cls, None) => {
                     fresh.with_own_pooler(bert.config.hidden_size, config.seed, &device)
                 }
+                (Pooling::Cls, Some(base)) if config.train_pooler => fresh.with_pooler_from(base),
                 (Pooling::Cls, Some(_)) => Ok(fresh),
             }
         })?,
@@ -340,9 +341,9 @@ fn fit<T: Trainable>(
     cancel: &AtomicBool,
 ) -> Result<TrainReport<T::Snapshot>, TrainError> {
     config.validate()?;
-    if train.is_empty() || val.is_empty() {
+    if train.is_empty() {
         return Err(TrainError::Invalid(
-            "training needs examples in both the train and validation splits".into(),
+            "training needs examples in the train split".into(),
         ));
     }
     flush_denormals();
@@ -384,7 +385,7 @@ fn fit<T: Trainable>(
     let mut rng = Rng::new(config.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut step, mut history) = (0, Vec::new());
-    let mut best: Option<(f64, usize, T::Snapshot, Evaluation)> = None;
+    let mut best: Option<(f64, usize, T::Snapshot, Option<Evaluation>)> = None;
     let mut since_best = 0;
     let mut examples_seen = 0usize;
     for epoch in 1..=config.epochs {
@@ -436,17 +437,21 @@ fn fit<T: Trainable>(
                 total_steps,
                 epoch,
                 train_loss: loss_sum / loss_count.max(1) as f64,
-                val: history.last().map(|h: &EpochReport| h.val.clone()),
+                val: history.last().and_then(|h: &EpochReport| h.val.clone()),
                 examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
             });
         }
-        let evaluation = evaluate(&trainable.predict(val)?, &val_truth, labels);
         let train_loss = loss_sum / loss_count.max(1) as f64;
+        let evaluation = if val.is_empty() {
+            None
+        } else {
+            Some(evaluate(&trainable.predict(val)?, &val_truth, labels))
+        };
         tracing::info!(
             epoch,
             train_loss,
-            val_macro_f1 = evaluation.macro_f1,
-            val_accuracy = evaluation.accuracy,
+            val_macro_f1 = evaluation.as_ref().map(|e| e.macro_f1),
+            val_accuracy = evaluation.as_ref().map(|e| e.accuracy),
             "epoch done"
         );
         history.push(EpochReport {
@@ -459,19 +464,20 @@ fn fit<T: Trainable>(
             total_steps,
             epoch,
             train_loss,
-            val: Some(evaluation.clone()),
+            val: evaluation.clone(),
             examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
         });
-        // Ties go to the later epoch: the same validation score after more training.
-        if best.as_ref().is_none_or(|b| evaluation.macro_f1 >= b.0) {
-            best = Some((
-                evaluation.macro_f1,
-                epoch,
-                trainable.snapshot()?,
-                evaluation,
-            ));
+        // Ties go to the later epoch: the same validation score after more training. Without validation
+        // the last epoch is kept.
+        let keep = match &evaluation {
+            Some(e) => best.as_ref().is_none_or(|b| e.macro_f1 >= b.0),
+            None => epoch == config.epochs,
+        };
+        if keep {
+            let score = evaluation.as_ref().map_or(0.0, |e| e.macro_f1);
+            best = Some((score, epoch, trainable.snapshot()?, evaluation));
             since_best = 0;
-        } else {
+        } else if evaluation.is_some() {
             since_best += 1;
             if since_best >= config.patience {
                 break;

@@ -10,7 +10,7 @@ use crate::adapters::reference::REFERENCE_FILE;
 use crate::adapters::registry::{Sidecar, SIDECAR_FILE};
 use crate::durable::write_atomically;
 use crate::pressure::ServingPressure;
-use crate::trainer::data::{stratified_split_by, Example};
+use crate::trainer::data::{validation_split, Example, Split};
 use crate::trainer::eval::evaluate;
 use crate::trainer::full::write_checkpoint;
 use crate::trainer::reference::drift_reference;
@@ -244,13 +244,19 @@ pub(super) fn train_and_publish(
     let data = select_data(deps, &task, config, parent_snapshot)?;
     let paired: Vec<(Example, Vec<u32>)> =
         data.examples.into_iter().zip(data.serving_ids).collect();
-    let (train, val) = stratified_split_by(
+    let Split {
+        train,
+        val,
+        skipped,
+    } = validation_split(
         paired,
         |(e, _)| e.label,
         labels,
         config.val_fraction,
+        config.min_val_per_label,
         config.seed,
     );
+    let validation_note = skipped.map(|s| s.describe(&task.labels, config.epochs));
     let (train, train_serving): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (val, val_serving): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cpu = model.cpu().ok_or_else(|| {
@@ -258,11 +264,15 @@ pub(super) fn train_and_publish(
     })?;
     let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
     let stable_val = match stable.as_ref().and_then(|g| g.adapter.clone()) {
-        Some(a) => Some(evaluate(&predict(cpu, &a, &val)?, &truth, labels)),
-        None => None,
+        Some(a) if !val.is_empty() => Some(evaluate(&predict(cpu, &a, &val)?, &truth, labels)),
+        _ => None,
     };
+    if let Some(note) = &validation_note {
+        tracing::info!(job = %job.id, "{note}");
+    }
     shared.update(&job.id, |j| {
         j.stable_val = stable_val.clone();
+        j.validation_note = validation_note.clone();
         j.train_examples = Some(train.len());
         j.replayed_examples = Some(data.replayed_rows);
     });
@@ -293,7 +303,7 @@ pub(super) fn train_and_publish(
     // Records the chosen epoch's scores on the job and returns the metadata stored with the result.
     let record = |run: &TrainReport<()>| {
         shared.update(&job.id, |j| {
-            j.val = Some(run.val.clone());
+            j.val = run.val.clone();
             j.trainable_params = Some(run.trainable_params);
         });
         serde_json::json!({
@@ -306,6 +316,7 @@ pub(super) fn train_and_publish(
             "trainable_params": run.trainable_params,
             "train_examples": train.len(),
             "val_examples": truth.len(),
+            "validation_note": validation_note,
             "new_examples": data.new_rows,
             "replayed_examples": data.replayed_rows,
             "feedback_snapshot_id": data.snapshot_id,
@@ -336,7 +347,7 @@ pub(super) fn train_and_publish(
                 let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&e))?;
                 write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
             })?;
-            tracing::info!(job = %job.id, dir = %final_dir.display(), macro_f1 = run.val.macro_f1, "full fine-tuning wrote a checkpoint");
+            tracing::info!(job = %job.id, dir = %final_dir.display(), val_macro_f1 = run.val.as_ref().map(|v| v.macro_f1), "full fine-tuning wrote a checkpoint");
             Ok(Output::Checkpoint(format!("models/{name}")))
         }
         Method::Lora => {
@@ -393,7 +404,7 @@ pub(super) fn train_and_publish(
                 .registry
                 .load(&name, &task.name, None)
                 .map_err(|e| TrainError::Invalid(e.to_string()))?;
-            tracing::info!(job = %job.id, adapter = %generation.id, macro_f1 = run.val.macro_f1, "training published a generation");
+            tracing::info!(job = %job.id, adapter = %generation.id, val_macro_f1 = run.val.as_ref().map(|v| v.macro_f1), "training published a generation");
             Ok(Output::Adapter(generation.id.clone()))
         }
     }

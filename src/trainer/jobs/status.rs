@@ -70,6 +70,9 @@ pub struct JobRecord {
     /// How many of the job's examples were replayed from before the parent generation.
     #[serde(default)]
     pub replayed_examples: Option<usize>,
+    /// Why the job trained without a validation split (the small-data guard), when it did.
+    #[serde(default)]
+    pub validation_note: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
     /// Unix seconds.
@@ -115,6 +118,7 @@ impl JobRecord {
             output: None,
             train_examples: None,
             replayed_examples: None,
+            validation_note: None,
             error: None,
             created_at: unix_seconds(),
             config,
