@@ -159,7 +159,7 @@ fn main() {
     eprintln!(
         "trained in {:.1} s (val macro-F1 {:.3}); reference of {} embeddings and {} validation predictions in {:.1} s",
         report.wall_seconds,
-        report.val.macro_f1,
+        report.val.as_ref().map_or(f64::NAN, |v| v.macro_f1),
         reference.embeddings.len(),
         reference.labels.len(),
         started.elapsed().as_secs_f64()
