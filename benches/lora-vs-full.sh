@@ -1,47 +1,51 @@
 #!/usr/bin/env bash
-# LoRA against full fine-tuning on real mail (SpamAssassin spam-1 vs easy-ham-1), same data, same epochs,
-# same thread count: macro-F1 on a held-out test set, trainable parameters and wall time of each.
-# Usage: benches/lora-vs-full.sh [THREADS] [BINARY]   (needs models/fetch.sh and datasets/fetch-spamassassin.sh)
+# LoRA against full fine-tuning, Flywheel and PEFT side by side, on both data sets, over seeds: the many-class
+# State of the Union eras (datasets/fetch-sotu.sh, every hyperparameter at its default) and SpamAssassin
+# (datasets/fetch-spamassassin.sh, 300 spam + 600 ham to train, 200 + 400 to test, 4 epochs at 64 tokens).
+# Four runs per seed and data set: Flywheel's LoRA defaults and full fine-tuning (`flywheel train`), and PEFT
+# with the same two recipes (benches/peft_classify.py: PyTorch on 2 threads). Prints macro-F1 and accuracy
+# (means ± sd over seeds), wall time and trainable parameters, then the ratios the claim is about.
+# Usage: benches/lora-vs-full.sh [SEEDS] [BINARY]   (SEEDS: comma-separated, default 0,1,2; needs models/fetch.sh,
+# both data scripts, and torch, transformers and peft in .venv for the PEFT rows)
+# Rows already in target/lora-vs-full.jsonl are kept (an interrupted run resumes); delete it to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads="${1:-1}"
-bin="${2:-target/release/flywheel}"
-[ -x "$bin" ] || cargo build --release --bin flywheel
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-# Train/validation pool: the first 300 spam and 600 ham; test: the next 200 spam and 400 ham.
-python3 - "$work" <<'PY'
-import json, sys
-work = sys.argv[1]
-def rows(group):
-    return [json.loads(l) for l in open(f"datasets/spamassassin/{group}.jsonl")]
-spam, ham = rows("spam-1"), rows("easy-ham-1")
-def dump(name, items):
-    with open(f"{work}/{name}.jsonl", "w") as f:
-        for r in items:
-            f.write(json.dumps({"text": r["text"], "label": r["label"]}) + "\n")
-dump("train", spam[:300] + ham[:600])
-dump("test", spam[300:500] + ham[600:1000])
-PY
-params='{"epochs": 4, "max_length": 64, "seed": 7}'
-for method in lora full; do
-    "$bin" train --task spam --method "$method" --data "$work/train.jsonl" --test "$work/test.jsonl" \
-        --labels ham,spam --params "$params" --threads "$threads" --out "$work/$method" \
-        > "$work/$method.json"
+seeds="${1:-0,1,2}"
+bin="${2:-}"
+if [ -z "$bin" ]; then
+  cargo build --release --bin flywheel
+  bin=target/release/flywheel
+fi
+results=target/lora-vs-full.jsonl
+study() { python3 benches/train_study.py run --results "$results" --seeds "$seeds" --bin "$bin" "$@"; }
+engines=(flywheel)
+if .venv/bin/python -c 'import torch, transformers, peft' 2>/dev/null; then
+  engines+=(peft)
+else
+  echo "no torch, transformers and peft in .venv: Flywheel rows only" >&2
+fi
+for engine in "${engines[@]}"; do
+  study --data sotu --engine "$engine" 'lora={}' 'full={"method": "full"}'
+  study --data spam --engine "$engine" 'lora={"epochs": 4, "max_length": 64}' \
+    'full={"method": "full", "epochs": 4, "max_length": 64}'
 done
-python3 - "$work" <<'PY'
-import json, sys
-work = sys.argv[1]
-r = {m: json.load(open(f"{work}/{m}.json")) for m in ("lora", "full")}
-print("| method | test macro-F1 | test accuracy | test AUC | trainable params | share of base | wall time |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
-for m in ("lora", "full"):
-    x = r[m]
-    t = x["test"]
-    print(f"| {m} | {t['macro_f1']:.4f} | {t['accuracy']:.4f} | {t['auc']:.4f} | {x['trainable_params']:,} "
-          f"| {100 * x['trainable_params'] / x['base_params']:.2f} % | {x['wall_seconds']:.0f} s |")
-ratio = r["lora"]["test"]["macro_f1"] / r["full"]["test"]["macro_f1"]
-speed = r["full"]["wall_seconds"] / r["lora"]["wall_seconds"]
-print(f"\nLoRA reaches {100 * ratio:.1f} % of full fine-tuning's macro-F1 in 1/{speed:.2f} of its time.")
-json.dump(r, open("target/lora-vs-full.json", "w"), indent=2)
+python3 benches/train_study.py table "$results"
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def mean(data, engine, recipe, key):
+    xs = [r[key] for r in rows if (r["data"], r["engine"], r["recipe"]) == (data, engine, recipe)]
+    return statistics.mean(xs) if xs else None
+for data in ("sotu", "spam"):
+    lora = mean(data, "flywheel", "lora", "macro_f1")
+    for engine in ("flywheel", "peft"):
+        full = mean(data, engine, "full", "macro_f1")
+        if lora and full:
+            print(f"{data}: Flywheel LoRA reaches {100 * lora / full:.1f} % of {engine} full fine-tuning's macro-F1")
+    peft_lora = mean(data, "peft", "lora", "macro_f1")
+    if lora and peft_lora:
+        print(f"{data}: Flywheel LoRA {lora:.3f} against PEFT LoRA {peft_lora:.3f} with the same recipe")
+    t_lora, t_full = mean(data, "flywheel", "lora", "wall_seconds"), mean(data, "flywheel", "full", "wall_seconds")
+    if t_lora and t_full:
+        print(f"{data}: Flywheel LoRA trains in {t_lora / t_full:.2f}× the wall time of Flywheel full fine-tuning")
 PY

@@ -2,17 +2,20 @@
 """PEFT LoRA (or plain full fine-tuning) on a labelled JSONL split with Flywheel's recipe, for side-by-side
 figures.
 
-The recipe mirrors Flywheel's `/v1/train` defaults: LoRA r=8, alpha 16, dropout 0.1 on query and value, the
-classifier (and, where the base checkpoint has none, the pooler) trained in full; AdamW lr 2e-3, weight decay
-0.01, linear warm-up over 10 % then linear decay; label smoothing 0.1; batch 16; max length 128; 5 epochs with
-a stratified 15 % validation split, keeping the best epoch by validation macro-F1 (patience 3).
+The recipe mirrors Flywheel's `/v1/train` defaults: LoRA r=8, alpha 16, dropout 0.1 on query and value, a
+classifier on the token mean trained in full; AdamW lr 2e-3, weight decay 0.01, linear warm-up over 10 % then
+linear decay; label smoothing 0.1; batch 16; max length 128; 5 epochs with a stratified 15 % validation split,
+keeping the best epoch by validation macro-F1 (patience 3). transformers keeps its dropout (0.1 on hidden
+states and attention) while training; Flywheel's trainer drops only LoRA's inputs.
 PyTorch runs on 2 threads with denormals flushed.
 
 `--params JSON` overrides the recipe with Flywheel's `TrainConfig` names: method (`lora` or `full`: every weight
 of BertForSequenceClassification trains, lr 5e-5 unless set), rank, alpha, targets (Flywheel's names: query, key,
 value, attention_output, intermediate, output), lora_dropout, learning_rate, head_learning_rate, epochs,
-batch_size, warmup_ratio, weight_decay, label_smoothing, max_length, patience, val_fraction, seed. A key this
-script cannot express (mean pooling, for one) is refused.
+batch_size, warmup_ratio, weight_decay, label_smoothing, max_length, patience, val_fraction, seed, pooling
+(`mean`: LoRA on the bare BertModel and a classifier on the token mean, padding excluded, as Flywheel's mean
+head; without SAVE_DIR, as such a model is not a PEFT sequence classifier) and train_pooler (the pooler joins
+`modules_to_save`). A key this script cannot express is refused.
 
 With SAVE_DIR, the trained adapter is saved there (`save_pretrained`) and OUT.json also holds the test
 probabilities at the server's truncation (256 tokens), so a server can load the adapter and be compared with
@@ -25,18 +28,19 @@ import json
 import random
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from classify_metrics import auc, macro_f1
 from safetensors import safe_open
 from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
 
 DEFAULTS = {
     "method": "lora", "rank": 8, "alpha": 16.0, "targets": ["query", "value"], "lora_dropout": 0.1,
     "learning_rate": None, "head_learning_rate": None, "epochs": 5, "batch_size": 16, "warmup_ratio": 0.1,
     "weight_decay": 0.01, "label_smoothing": 0.1, "max_length": 128, "patience": 3, "val_fraction": 0.15,
-    "seed": 0,
+    "seed": 0, "pooling": None, "train_pooler": False,
 }
 MODULES = {
     "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
@@ -89,6 +93,23 @@ def metrics(probs, truth):
     return out
 
 
+class MeanPooled(torch.nn.Module):
+    """A classifier on the mean of the encoder's token states, padding excluded (Flywheel's `mean` head)."""
+
+    def __init__(self, encoder, labels):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, labels)
+        torch.nn.init.normal_(self.classifier.weight, std=0.02)
+        torch.nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return SimpleNamespace(logits=self.classifier((hidden * m).sum(1) / m.sum(1)))
+
+
 def recipe(overrides):
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -96,6 +117,8 @@ def recipe(overrides):
     r = {**DEFAULTS, **overrides}
     if r["learning_rate"] is None:
         r["learning_rate"] = 2e-3 if r["method"] == "lora" else 5e-5
+    if r["pooling"] is None:  # Flywheel's: a fresh LoRA head pools the mean, full fine-tuning [CLS]
+        r["pooling"] = "mean" if r["method"] == "lora" else "cls"
     return r
 
 
@@ -119,19 +142,28 @@ def main():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception:  # a tokenizer.json without a class transformers recognises
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=f"{model_dir}/tokenizer.json", pad_token="<pad>")
-    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
     with safe_open(f"{model_dir}/model.safetensors", "pt") as f:
         has_pooler = any("pooler." in k for k in f.keys())
-    if r["method"] == "lora":
-        modules_to_save = ["classifier"] + ([] if has_pooler else ["pooler"])
-        pattern = r".*encoder\.layer\.\d+\.(" + "|".join(
-            MODULES[t].replace(".", r"\.") for t in r["targets"]) + ")"
+    pattern = r".*encoder\.layer\.\d+\.(" + "|".join(
+        MODULES[t].replace(".", r"\.") for t in r["targets"]) + ")"
+    if r["method"] not in ("lora", "full") or r["pooling"] not in ("cls", "mean"):
+        sys.exit(f"unknown method {r['method']!r} or pooling {r['pooling']!r}")
+    if r["pooling"] == "mean":
+        if r["method"] != "lora" or save_dir:
+            sys.exit("a mean head is LoRA only, and not a PEFT sequence classifier to save")
+        encoder = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
+        encoder = get_peft_model(encoder, LoraConfig(r=r["rank"], lora_alpha=r["alpha"],
+                                                     lora_dropout=r["lora_dropout"], target_modules=pattern))
+        model = MeanPooled(encoder, len(labels))
+    else:
+        model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
+    if r["method"] == "lora" and r["pooling"] == "cls":
+        own_pooler = r["train_pooler"] or not has_pooler
+        modules_to_save = ["classifier"] + (["pooler"] if own_pooler else [])
         config = LoraConfig(task_type="SEQ_CLS", r=r["rank"], lora_alpha=r["alpha"],
                             lora_dropout=r["lora_dropout"], target_modules=pattern,
                             modules_to_save=modules_to_save)
         model = get_peft_model(model, config)
-    elif r["method"] != "full":
-        sys.exit(f"unknown method {r['method']!r}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     data = rows(args.train_path, labels)
@@ -140,6 +172,7 @@ def main():
     steps = EPOCHS * ((len(train) + BATCH - 1) // BATCH)
     warm = max(1, round(steps * WARMUP))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # The head trains at head_learning_rate: the classifier, and a pooler the base checkpoint lacks.
     head = [p for n, p in named if "classifier" in n or ("pooler" in n and not has_pooler)]
     body = [p for n, p in named if not any(p is h for h in head)]
     head_lr = r["head_learning_rate"] or r["learning_rate"]

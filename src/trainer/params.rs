@@ -191,9 +191,11 @@ pub struct TrainConfig {
     /// or `bf16` (autocast: see docs/TRAINING.md).
     pub precision: Precision,
     /// How a LoRA head pools: `cls` (`BertForSequenceClassification`'s `[CLS]` through the pooler; a base
-    /// without one gets a pooler of the head's own) or `mean` (the token mean; Flywheel serves it, PEFT cannot
-    /// express it). Full fine-tuning always pools `[CLS]`.
-    pub pooling: Pooling,
+    /// without one gets a pooler of the head's own) or `mean` (the token mean, as the sentence embedders
+    /// pool; Flywheel serves it, PEFT's sequence classifier cannot express it). Unset: a warm start keeps
+    /// the parent's, a fresh LoRA head pools `mean` (see docs/TRAINING.md for why). Full fine-tuning always
+    /// pools `[CLS]`.
+    pub pooling: Option<Pooling>,
     /// Whether a `cls` LoRA head trains a copy of the base's pooler (saved with the adapter as PEFT's
     /// `modules_to_save` saves it) instead of running the base's frozen one. A base without a pooler always
     /// gets a trained pooler of the head's own; full fine-tuning trains the pooler anyway.
@@ -238,7 +240,7 @@ impl Default for TrainConfig {
             warm_start: true,
             replay: Some(2.0),
             precision: Precision::Auto,
-            pooling: Pooling::Cls,
+            pooling: None,
             train_pooler: false,
             freeze_layers: 0,
             layer_lr_decay: 1.0,
@@ -269,7 +271,7 @@ impl TrainConfig {
         if self.targets.is_empty() {
             return bad("targets must name at least one linear");
         }
-        if self.method == Method::Full && self.pooling == Pooling::Mean {
+        if self.method == Method::Full && self.pooling == Some(Pooling::Mean) {
             return bad("full fine-tuning trains a BertForSequenceClassification, which pools [CLS]: pooling must be cls");
         }
         if !(self.lr() > 0.0 && self.lr() < 1.0) {
@@ -322,6 +324,14 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// How a fresh head pools: the override, or the method's default (LoRA `mean`, full `cls`).
+    pub fn fresh_pooling(&self) -> Pooling {
+        self.pooling.unwrap_or(match self.method {
+            Method::Lora => Pooling::Mean,
+            Method::Full => Pooling::Cls,
+        })
     }
 
     /// The peak learning rate: the override, or the method's default.

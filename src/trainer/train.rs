@@ -246,7 +246,8 @@ impl Trainable for FullTrainable {
     }
 }
 
-/// Trains a LoRA adapter with a `labels`-way head on `train`, selecting the epoch by macro-F1 on `val`.
+/// Trains a LoRA adapter with a `labels`-way head on `train`, selecting the epoch by macro-F1 on `val` (an
+/// empty `val`, the small-data guard's case, runs every epoch and keeps the last).
 /// Starts from `warm` when given. `cancel` is checked between steps.
 #[allow(clippy::too_many_arguments)]
 pub fn train_lora(
@@ -273,7 +274,7 @@ pub fn train_lora(
             &device,
         )
         .and_then(|fresh| {
-            match (config.pooling, &bert.pooler) {
+            match (config.fresh_pooling(), &bert.pooler) {
                 (Pooling::Mean, _) => Ok(fresh.with_mean_pooling()),
                 // A checkpoint without a pooler (multilingual-e5-small's): a [CLS] head brings its own.
                 (Pooling::Cls, None) => {
@@ -304,7 +305,8 @@ pub fn train_lora(
 }
 
 /// Fine-tunes every weight of `bert` (a copy; `bert` itself is untouched) with a fresh `labels`-way head;
-/// the result is the best epoch's weights under `BertForSequenceClassification` names.
+/// the result is the best epoch's weights under `BertForSequenceClassification` names (the last epoch's
+/// when `val` is empty).
 #[allow(clippy::too_many_arguments)]
 pub fn train_full(
     bert: &Bert,
@@ -538,12 +540,18 @@ mod tests {
     }
 
     #[test]
-    fn a_mean_pooling_head_is_asked_for_and_full_fine_tuning_refuses_it() {
-        assert_eq!(TrainConfig::default().pooling, Pooling::Cls);
-        let table: toml::Table = "pooling = \"mean\"".parse().expect("valid TOML");
+    fn lora_heads_pool_the_mean_unless_asked_and_full_fine_tuning_refuses_mean() {
+        assert_eq!(TrainConfig::default().pooling, None);
+        assert_eq!(TrainConfig::default().fresh_pooling(), Pooling::Mean);
+        let full = TrainConfig {
+            method: super::Method::Full,
+            ..TrainConfig::default()
+        };
+        assert_eq!(full.fresh_pooling(), Pooling::Cls);
+        let table: toml::Table = "pooling = \"cls\"".parse().expect("valid TOML");
         assert_eq!(
-            TrainConfig::from_table(&table).expect("valid").pooling,
-            Pooling::Mean
+            TrainConfig::from_table(&table).expect("valid").fresh_pooling(),
+            Pooling::Cls
         );
         let full: toml::Table = "pooling = \"mean\"\nmethod = \"full\""
             .parse()

@@ -167,17 +167,16 @@ pub(super) fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .remove(id);
 }
 
-/// Whether training can continue from `adapter`: a head pooling as the job asks (a pooler of its own, if
-/// any, trains on) of the task's width.
+/// Whether training can continue from `adapter`: a head of the task's width pooling as the job asks, or any
+/// way when the job leaves `pooling` unset (a pooler of the head's own, if any, trains on).
 pub(super) fn warm_startable(
     adapter: &crate::model::adapter::Adapter,
     labels: usize,
-    pooling: crate::model::adapter::Pooling,
+    pooling: Option<crate::model::adapter::Pooling>,
 ) -> bool {
-    adapter
-        .head
-        .as_ref()
-        .is_some_and(|h| h.pooling == pooling && h.classifier.out_features == labels)
+    adapter.head.as_ref().is_some_and(|h| {
+        pooling.is_none_or(|p| h.pooling == p) && h.classifier.out_features == labels
+    })
         && adapter.deltas().next().is_some()
 }
 
@@ -407,5 +406,41 @@ pub(super) fn train_and_publish(
             tracing::info!(job = %job.id, adapter = %generation.id, val_macro_f1 = run.val.as_ref().map(|v| v.macro_f1), "training published a generation");
             Ok(Output::Adapter(generation.id.clone()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warm_startable;
+    use crate::model::adapter::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
+
+    #[test]
+    fn a_job_without_a_pooling_of_its_own_warm_starts_from_either_head() {
+        let mut adapter = Adapter::empty(1);
+        let delta = LoraDelta {
+            a: vec![0.1; 2 * 4],
+            b: vec![0.1; 4 * 2],
+            rank: 2,
+            scale: 1.0,
+        };
+        adapter.set(0, Target::Query, delta).unwrap();
+        let head = |pooling| Head {
+            pooling,
+            pooler: None,
+            classifier: Dense {
+                weight: vec![0.0; 2 * 4],
+                bias: vec![0.0; 2],
+                in_features: 4,
+                out_features: 2,
+            },
+        };
+        adapter.head = Some(head(Pooling::Cls));
+        assert!(warm_startable(&adapter, 2, None));
+        assert!(warm_startable(&adapter, 2, Some(Pooling::Cls)));
+        assert!(!warm_startable(&adapter, 2, Some(Pooling::Mean)));
+        assert!(!warm_startable(&adapter, 3, None), "another label count");
+        adapter.head = Some(head(Pooling::Mean));
+        assert!(warm_startable(&adapter, 2, None));
+        assert!(!warm_startable(&adapter, 2, Some(Pooling::Cls)));
     }
 }
