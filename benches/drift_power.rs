@@ -99,7 +99,7 @@ fn main() {
     let model = common::load_model(256);
     let cpu = model.cpu().expect("the CPU encoder");
     let config = TrainConfig {
-        epochs: 2,
+        epochs: Some(2),
         max_length: 48,
         learning_rate: Some(3e-3),
         ..TrainConfig::default()

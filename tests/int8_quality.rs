@@ -133,7 +133,7 @@ fn int8_serving_agrees_with_f32_on_real_text_and_a_real_classifier() {
 
     // A spam classifier trained (in f32, as the trainer always does) on other mails of the same corpora.
     let config = TrainConfig {
-        epochs: 3,
+        epochs: Some(3),
         max_length: 64,
         learning_rate: Some(3e-3),
         ..TrainConfig::default()

@@ -117,7 +117,7 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
     // A candidate trained (here, in the test) on the same kind of mail with every label flipped.
     let model = common::load_model();
     let config = TrainConfig {
-        epochs: 2,
+        epochs: Some(2),
         max_length: 48,
         learning_rate: Some(3e-3),
         ..TrainConfig::default()

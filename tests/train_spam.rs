@@ -14,7 +14,7 @@ use flywheel::trainer::train::{predict, train_lora, TrainConfig};
 fn lora_learns_spam_from_a_small_real_sample() {
     let model = common::load_model();
     let config = TrainConfig {
-        epochs: 4,
+        epochs: Some(4),
         max_length: 48,
         learning_rate: Some(3e-3),
         ..TrainConfig::default()

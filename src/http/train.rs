@@ -311,7 +311,7 @@ mod tests {
         let (task, config) =
             read(json!({"task": "spam", "epochs": 3.0, "alpha": 16, "rank": 4})).unwrap();
         assert_eq!(task, "spam");
-        assert_eq!((config.epochs, config.rank, config.alpha), (3, 4, 16.0));
+        assert_eq!((config.epochs(), config.rank, config.alpha), (3, 4, 16.0));
         for bad in [
             json!({"task": "spam", "epochs": 2.5}),
             json!({"task": "spam", "epochs": -1.0}),

@@ -347,7 +347,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
     let train: Vec<Example> = make(24, 5, 0).into_iter().chain(make(24, 9, 1)).collect();
     let val: Vec<Example> = make(6, 5, 0).into_iter().chain(make(6, 9, 1)).collect();
     let config = TrainConfig {
-        epochs: 6,
+        epochs: Some(6),
         batch_size: 8,
         grad_accumulation: 2,
         max_length: 16,
@@ -399,7 +399,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
     // Without a validation split (the small-data guard) every epoch runs and the last is kept.
     cancel.store(false, std::sync::atomic::Ordering::Relaxed);
     let config = TrainConfig {
-        epochs: 3,
+        epochs: Some(3),
         patience: 1,
         ..config
     };
@@ -435,7 +435,7 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
         })
         .collect();
     let config = TrainConfig {
-        epochs: 1,
+        epochs: Some(1),
         batch_size: 8,
         learning_rate: Some(1e-6),
         max_length: 16,
@@ -495,7 +495,7 @@ fn a_parent_pull_keeps_a_warm_start_closer_to_its_parent() {
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let distance = |parent_pull: f64| {
         let config = TrainConfig {
-            epochs: 3,
+            epochs: Some(3),
             batch_size: 8,
             learning_rate: Some(1e-2),
             max_length: 16,

@@ -165,7 +165,7 @@ pub fn run(
         config.min_val_per_label,
         config.seed,
     );
-    let validation_note = skipped.map(|s| s.describe(&labels, config.epochs));
+    let validation_note = skipped.map(|s| s.describe(&labels, config.epochs()));
     let (train, train_ids): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (val, val_ids): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cancel = AtomicBool::new(false);

@@ -371,7 +371,7 @@ fn fit<T: Trainable>(
     }
     let micro_batches = train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_batches.div_ceil(config.grad_accumulation);
-    let total_steps = steps_per_epoch * config.epochs;
+    let total_steps = steps_per_epoch * config.epochs();
     let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
     let peak = config.lr();
     let schedule = |step: usize| -> f64 {
@@ -390,7 +390,7 @@ fn fit<T: Trainable>(
     let mut best: Option<(f64, usize, T::Snapshot, Option<Evaluation>)> = None;
     let mut since_best = 0;
     let mut examples_seen = 0usize;
-    for epoch in 1..=config.epochs {
+    for epoch in 1..=config.epochs() {
         rng.shuffle(&mut order);
         let (mut loss_sum, mut loss_count) = (0.0, 0usize);
         for group in order.chunks(config.batch_size * config.grad_accumulation) {
@@ -473,7 +473,7 @@ fn fit<T: Trainable>(
         // the last epoch is kept.
         let keep = match &evaluation {
             Some(e) => best.as_ref().is_none_or(|b| e.macro_f1 >= b.0),
-            None => epoch == config.epochs,
+            None => epoch == config.epochs(),
         };
         if keep {
             let score = evaluation.as_ref().map_or(0.0, |e| e.macro_f1);
@@ -509,7 +509,7 @@ mod tests {
             .parse()
             .expect("valid TOML");
         let config = TrainConfig::from_table(&table).expect("valid parameters");
-        assert_eq!((config.epochs, config.max_length), (2, 64));
+        assert_eq!((config.epochs(), config.max_length), (2, 64));
         assert_eq!(config.rank, TrainConfig::default().rank);
         let unknown: toml::Table = "epoch = 2".parse().expect("valid TOML");
         assert!(TrainConfig::from_table(&unknown).is_err());
@@ -550,7 +550,9 @@ mod tests {
         assert_eq!(full.fresh_pooling(), Pooling::Cls);
         let table: toml::Table = "pooling = \"cls\"".parse().expect("valid TOML");
         assert_eq!(
-            TrainConfig::from_table(&table).expect("valid").fresh_pooling(),
+            TrainConfig::from_table(&table)
+                .expect("valid")
+                .fresh_pooling(),
             Pooling::Cls
         );
         let full: toml::Table = "pooling = \"mean\"\nmethod = \"full\""

@@ -176,8 +176,7 @@ pub(super) fn warm_startable(
 ) -> bool {
     adapter.head.as_ref().is_some_and(|h| {
         pooling.is_none_or(|p| h.pooling == p) && h.classifier.out_features == labels
-    })
-        && adapter.deltas().next().is_some()
+    }) && adapter.deltas().next().is_some()
 }
 
 /// Writes into a fresh temporary directory beside `final_dir`, fsyncs, and renames it into place, so a
@@ -255,7 +254,7 @@ pub(super) fn train_and_publish(
         config.min_val_per_label,
         config.seed,
     );
-    let validation_note = skipped.map(|s| s.describe(&task.labels, config.epochs));
+    let validation_note = skipped.map(|s| s.describe(&task.labels, config.epochs()));
     let (train, train_serving): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (val, val_serving): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cpu = model.cpu().ok_or_else(|| {
