@@ -174,8 +174,8 @@ def main():
     steps = EPOCHS * ((len(train) + BATCH - 1) // BATCH)
     warm = max(1, round(steps * WARMUP))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # The head trains at head_learning_rate: the classifier, and a pooler the base checkpoint lacks.
-    head = [p for n, p in named if "classifier" in n or ("pooler" in n and not has_pooler)]
+    # The classifier trains at head_learning_rate, as Flywheel's does; the rest at learning_rate.
+    head = [p for n, p in named if "classifier" in n]
     body = [p for n, p in named if not any(p is h for h in head)]
     head_lr = r["head_learning_rate"] or r["learning_rate"]
     opt = torch.optim.AdamW([{"params": body, "lr": r["learning_rate"]}, {"params": head, "lr": head_lr}],

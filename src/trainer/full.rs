@@ -128,6 +128,11 @@ impl FullTrainable {
         vars
     }
 
+    /// The classifier's weight and bias.
+    pub fn classifier(&self) -> [&Var; 2] {
+        [&self.classifier_weight, &self.classifier_bias]
+    }
+
     /// Each variable's share of the learning rate, in [`Self::vars`]' order, under layer-wise decay
     /// `decay`: 1 for the head and the pooler, `decay` for the top encoder layer, `decay²` for the one
     /// below, and so on down to the embeddings (`decay^(layers + 1)`).

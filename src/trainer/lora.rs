@@ -237,6 +237,11 @@ impl LoraTrainable {
         vars
     }
 
+    /// The classifier's weight and bias.
+    pub fn classifier(&self) -> [&Var; 2] {
+        [&self.classifier_weight, &self.classifier_bias]
+    }
+
     /// Number of trainable values.
     pub fn parameter_count(&self) -> usize {
         self.vars().iter().map(|v| v.elem_count()).sum()

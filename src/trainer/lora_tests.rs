@@ -529,6 +529,81 @@ fn a_parent_pull_keeps_a_warm_start_closer_to_its_parent() {
     assert!(pulled < 0.5 * free, "pulled {pulled} vs free {free}");
 }
 
+/// `head_learning_rate`: one AdamW step moves each value by about its rate (the first step's update is
+/// `lr · sign(g)`), so the classifier moves by the head's rate and the factors exactly as they do without it.
+#[test]
+fn a_head_learning_rate_moves_only_the_classifier_at_its_own_rate() {
+    use super::data::Example;
+    use super::train::{train_lora, TrainConfig};
+    let bert = tiny::bert(11);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let start = trainable(&bert.config);
+    perturb(&start);
+    let parent = start.to_adapter(bert.config.num_hidden_layers).unwrap();
+    let train: Vec<Example> = (0..8)
+        .map(|i| Example {
+            ids: vec![1, 5 + (i % 2) as u32, 20 + (i % 7) as u32, 2],
+            label: i % 2,
+        })
+        .collect();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let one_step = |head_learning_rate: Option<f64>| {
+        let config = TrainConfig {
+            epochs: Some(1),
+            batch_size: 8,
+            learning_rate: Some(1e-3),
+            head_learning_rate,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            max_length: 16,
+            lora_dropout: 0.0,
+            ..TrainConfig::default()
+        };
+        let report = train_lora(
+            &bert,
+            &cpu,
+            3,
+            &train,
+            &train,
+            &config,
+            Some(&parent),
+            &mut |_| {},
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(report.steps, 1);
+        report.result
+    };
+    let max_move = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let head = |a: &crate::model::adapter::Adapter| a.head.clone().unwrap().classifier.weight;
+    let factors = |a: &crate::model::adapter::Adapter| {
+        a.deltas()
+            .flat_map(|(_, _, d)| d.a.iter().chain(&d.b).copied())
+            .collect::<Vec<f32>>()
+    };
+    let (same, own) = (one_step(None), one_step(Some(1e-2)));
+    let moved = |a| max_move(&head(a), &head(&parent));
+    assert!((moved(&same) - 1e-3).abs() < 1e-4, "{}", moved(&same));
+    assert!((moved(&own) - 1e-2).abs() < 1e-3, "{}", moved(&own));
+    assert_eq!(
+        factors(&same),
+        factors(&own),
+        "the factors keep the shared rate"
+    );
+    assert!(max_move(&factors(&same), &factors(&parent)) > 5e-4);
+    assert!(TrainConfig {
+        head_learning_rate: Some(1.5),
+        ..TrainConfig::default()
+    }
+    .validate()
+    .is_err());
+}
+
 #[test]
 fn class_weights_weigh_each_example_by_its_label() {
     use super::data::Example;

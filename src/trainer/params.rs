@@ -144,6 +144,11 @@ pub struct TrainConfig {
     /// fine-tuning's, see docs/TRAINING.md).
     #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub learning_rate: Option<f64>,
+    /// Peak learning rate of the freshly initialised classifier (its weight and bias), on the same warmup
+    /// and decay; unset means `learning_rate`'s. The rest (factors, a trained pooler, the encoder) keeps
+    /// `learning_rate`.
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
+    pub head_learning_rate: Option<f64>,
     /// Passes over the training split; unset means the method's default (LoRA 3, full 5: see
     /// docs/TRAINING.md for the study behind them).
     #[schema(minimum = 1, maximum = 100)]
@@ -226,6 +231,7 @@ impl Default for TrainConfig {
             targets: vec![Target::Query, Target::Value],
             lora_dropout: 0.1,
             learning_rate: None,
+            head_learning_rate: None,
             epochs: None,
             batch_size: 16,
             grad_accumulation: 1,
@@ -277,6 +283,12 @@ impl TrainConfig {
         }
         if !(self.lr() > 0.0 && self.lr() < 1.0) {
             return bad("learning_rate must be in (0, 1)");
+        }
+        if self
+            .head_learning_rate
+            .is_some_and(|lr| !(lr.is_finite() && lr > 0.0 && lr < 1.0))
+        {
+            return bad("head_learning_rate must be in (0, 1)");
         }
         if self.epochs() == 0
             || self.epochs() > 100
@@ -345,6 +357,11 @@ impl TrainConfig {
             Method::Lora => 4e-3,
             Method::Full => 5e-5,
         })
+    }
+
+    /// The classifier's learning rate as a multiple of [`Self::lr`] (1 when it has none of its own).
+    pub fn head_lr_scale(&self) -> f64 {
+        self.head_learning_rate.map_or(1.0, |h| h / self.lr())
     }
 
     /// Passes over the training split: the override, or the method's default.

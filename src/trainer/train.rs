@@ -170,6 +170,8 @@ trait Trainable {
     /// Where the forward and backward passes run.
     fn device(&self) -> Device;
     fn vars(&self) -> Vec<Var>;
+    /// The freshly initialised classifier's weight and bias (among `vars`).
+    fn classifier(&self) -> [&Var; 2];
     /// Each variable's share of the learning rate under layer-wise decay `decay`, in `vars`' order.
     fn lr_scales(&self, _decay: f64) -> Vec<f64> {
         vec![1.0; self.vars().len()]
@@ -205,6 +207,10 @@ impl Trainable for LoraRun<'_> {
         self.lora.vars()
     }
 
+    fn classifier(&self) -> [&Var; 2] {
+        self.lora.classifier()
+    }
+
     fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, TrainError> {
         Ok(self.lora.logits(self.bert, ids, mask)?)
     }
@@ -227,6 +233,10 @@ impl Trainable for FullTrainable {
 
     fn vars(&self) -> Vec<Var> {
         FullTrainable::vars(self)
+    }
+
+    fn classifier(&self) -> [&Var; 2] {
+        FullTrainable::classifier(self)
     }
 
     fn lr_scales(&self, decay: f64) -> Vec<f64> {
@@ -364,7 +374,15 @@ fn fit<T: Trainable>(
         weight_decay: config.weight_decay,
         ..ParamsAdamW::default()
     };
-    let scales = trainable.lr_scales(config.layer_lr_decay);
+    let head = trainable.classifier().map(|v| v.as_tensor().id());
+    let scales: Vec<f64> = vars
+        .iter()
+        .zip(trainable.lr_scales(config.layer_lr_decay))
+        .map(|(v, scale)| {
+            let head = head.contains(&v.as_tensor().id());
+            scale * if head { config.head_lr_scale() } else { 1.0 }
+        })
+        .collect();
     let mut optimizer = super::optim::FusedAdamW::with_scales(vars.clone(), &scales, params)?;
     if config.parent_pull > 0.0 && trainable.warm_started() {
         optimizer.anchor_here(config.parent_pull)?;
