@@ -110,7 +110,7 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
         );
         assert_eq!(server.post("/v1/train", &json!({"task": "nope"})).0, 404);
 
-        let config = json!({"task": "spam", "epochs": 3, "max_length": 48, "learning_rate": 0.003, "batch_size": 8});
+        let config = json!({"task": "spam", "epochs": 5, "max_length": 48, "learning_rate": 0.003, "batch_size": 8});
         let (status, body) = server.post("/v1/train", &config);
         assert_eq!(status, 202, "{body}");
         let job_id = body["job_id"].as_str().unwrap().to_owned();
