@@ -144,9 +144,9 @@ pub struct TrainConfig {
     /// fine-tuning's, see docs/TRAINING.md).
     #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub learning_rate: Option<f64>,
-    /// Peak learning rate of the freshly initialised classifier (its weight and bias), on the same warmup
-    /// and decay; unset means `learning_rate`'s. The rest (factors, a trained pooler, the encoder) keeps
-    /// `learning_rate`.
+    /// Peak learning rate of the classifier (its weight and bias: the part a fresh job initialises at
+    /// random), on the same warmup and decay; unset means `learning_rate`'s. The rest (factors, a trained
+    /// pooler, the encoder) keeps `learning_rate`.
     #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub head_learning_rate: Option<f64>,
     /// Passes over the training split; unset means the method's default (LoRA 3, full 5: see

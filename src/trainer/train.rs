@@ -170,7 +170,7 @@ trait Trainable {
     /// Where the forward and backward passes run.
     fn device(&self) -> Device;
     fn vars(&self) -> Vec<Var>;
-    /// The freshly initialised classifier's weight and bias (among `vars`).
+    /// The classifier's weight and bias (among `vars`).
     fn classifier(&self) -> [&Var; 2];
     /// Each variable's share of the learning rate under layer-wise decay `decay`, in `vars`' order.
     fn lr_scales(&self, _decay: f64) -> Vec<f64> {
