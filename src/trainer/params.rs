@@ -19,6 +19,31 @@ pub enum Method {
     Full,
 }
 
+/// How the learning rate falls from its peak after the warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Straight down to 0 at the last step.
+    #[default]
+    Linear,
+    /// Half a cosine wave down to 0 at the last step.
+    Cosine,
+    /// Held at the peak to the end.
+    Constant,
+}
+
+impl LrSchedule {
+    /// The share of the peak rate at `progress` (0 just after the warmup, 1 at the end).
+    pub fn share(self, progress: f64) -> f64 {
+        let progress = progress.clamp(0.0, 1.0);
+        match self {
+            Self::Linear => 1.0 - progress,
+            Self::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Self::Constant => 1.0,
+        }
+    }
+}
+
 /// The number format of the training passes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -159,9 +184,11 @@ pub struct TrainConfig {
     /// Micro-batches per optimizer step.
     #[schema(minimum = 1, maximum = 64)]
     pub grad_accumulation: usize,
-    /// Fraction of steps spent warming the learning rate up linearly; it then decays linearly to 0.
+    /// Fraction of steps spent warming the learning rate up linearly; it then follows `lr_schedule`.
     #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
     pub warmup_ratio: f64,
+    /// How the rate falls after the warmup: `linear` (to 0 at the end), `cosine` or `constant`.
+    pub lr_schedule: LrSchedule,
     /// AdamW weight decay.
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub weight_decay: f64,
@@ -236,6 +263,7 @@ impl Default for TrainConfig {
             batch_size: 16,
             grad_accumulation: 1,
             warmup_ratio: 0.1,
+            lr_schedule: LrSchedule::Linear,
             weight_decay: 0.01,
             label_smoothing: 0.1,
             class_weights: ClassWeights::default(),

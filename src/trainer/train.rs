@@ -1,6 +1,6 @@
-//! The training loop, for LoRA and full fine-tuning alike: AdamW with warmup and linear decay, gradient accumulation, label smoothing,
-//! evaluation on the validation split after every epoch, early stopping on macro-F1 with patience, and the
-//! best epoch's adapter as the result.
+//! The training loop, for LoRA and full fine-tuning alike: AdamW with warmup and a linear (or cosine, or
+//! no) decay, gradient accumulation, label smoothing, evaluation on the validation split after every epoch,
+//! early stopping on macro-F1 with patience, and the best epoch's adapter as the result.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -20,7 +20,7 @@ use crate::heap::TrainingHeap;
 use crate::model::adapter::{Adapter, Pooling};
 use crate::model::{Bert, CpuEncoder, ModelError};
 
-pub use super::params::{ClassWeights, Method, Precision, TrainConfig, WeightPreset};
+pub use super::params::{ClassWeights, LrSchedule, Method, Precision, TrainConfig, WeightPreset};
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +161,19 @@ pub fn predict(
         }
     }
     Ok(out)
+}
+
+/// The learning rate of step `step` (from 0) of `total_steps`: a linear warmup over `warmup_ratio` of the
+/// steps to the peak, then `lr_schedule` down from it.
+fn learning_rate_at(config: &TrainConfig, step: usize, total_steps: usize) -> f64 {
+    let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
+    let peak = config.lr();
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else {
+        let progress = (step - warmup) as f64 / (total_steps - warmup).max(1) as f64;
+        peak * config.lr_schedule.share(progress)
+    }
 }
 
 /// What the training loop needs of the thing it trains.
@@ -390,17 +403,7 @@ fn fit<T: Trainable>(
     let micro_batches = train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_batches.div_ceil(config.grad_accumulation);
     let total_steps = steps_per_epoch * config.epochs();
-    let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
-    let peak = config.lr();
-    let schedule = |step: usize| -> f64 {
-        if step < warmup {
-            peak * (step + 1) as f64 / warmup as f64
-        } else {
-            let left =
-                total_steps.saturating_sub(step) as f64 / (total_steps - warmup).max(1) as f64;
-            peak * left.max(0.0)
-        }
-    };
+    let schedule = |step: usize| learning_rate_at(config, step, total_steps);
     let val_truth: Vec<usize> = val.iter().map(|e| e.label).collect();
     let mut rng = Rng::new(config.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..train.len()).collect();
@@ -519,7 +522,39 @@ fn fit<T: Trainable>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Pooling, TrainConfig};
+    use super::{learning_rate_at, LrSchedule, Pooling, TrainConfig};
+
+    #[test]
+    fn the_rate_warms_up_then_follows_the_schedule() {
+        let at = |lr_schedule, step| {
+            let config = TrainConfig {
+                learning_rate: Some(1.0e-3),
+                warmup_ratio: 0.2,
+                lr_schedule,
+                ..TrainConfig::default()
+            };
+            learning_rate_at(&config, step, 11)
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        for schedule in [LrSchedule::Linear, LrSchedule::Cosine, LrSchedule::Constant] {
+            assert!(close(at(schedule, 0), 0.5e-3), "warmup: 2 steps of 11");
+            assert!(close(at(schedule, 2), 1.0e-3), "the peak after the warmup");
+        }
+        // Nine steps after the warmup: progress 0, 1/9, … 8/9.
+        assert!(close(at(LrSchedule::Linear, 10), 1.0e-3 / 9.0));
+        assert!(close(at(LrSchedule::Linear, 6), 1.0e-3 * 5.0 / 9.0));
+        let halfway = 1.0e-3 * 0.5 * (1.0 + (std::f64::consts::PI * 4.0 / 9.0).cos());
+        assert!(close(at(LrSchedule::Cosine, 6), halfway));
+        assert!(at(LrSchedule::Cosine, 10) < at(LrSchedule::Linear, 10));
+        assert!(close(at(LrSchedule::Constant, 10), 1.0e-3));
+        let table: toml::Table = "lr_schedule = \"cosine\"".parse().expect("valid TOML");
+        assert_eq!(
+            TrainConfig::from_table(&table).expect("valid").lr_schedule,
+            LrSchedule::Cosine
+        );
+        let bad: toml::Table = "lr_schedule = \"step\"".parse().expect("valid TOML");
+        assert!(TrainConfig::from_table(&bad).is_err());
+    }
 
     #[test]
     fn automatic_job_parameters_come_from_a_toml_table_and_are_checked() {
