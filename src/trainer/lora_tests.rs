@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::lora::{cross_entropy, LoraTrainable};
-use crate::model::adapter::Target;
+use crate::model::adapter::{Adapter, Target};
 use crate::model::bert::Deltas;
 use crate::model::{tiny, BertConfig, CpuEncoder};
 
@@ -71,7 +71,7 @@ fn assert_serves_what_it_trained(
     lora: &LoraTrainable,
     seqs: &[Vec<u32>],
     trained: &Tensor,
-) -> crate::model::adapter::Adapter {
+) -> Adapter {
     let layers = bert.config.num_hidden_layers;
     let adapter = lora.to_adapter(layers).unwrap();
     let cpu = CpuEncoder::from_bert(bert).unwrap();
@@ -459,7 +459,7 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
     };
     let continued = run(Some(&warm));
     let fresh = run(None);
-    let head = |a: &crate::model::adapter::Adapter| a.head.clone().unwrap().classifier.weight;
+    let head = |a: &Adapter| a.head.clone().unwrap().classifier.weight;
     let diff = |x: &[f32], y: &[f32]| {
         x.iter()
             .zip(y)
@@ -477,47 +477,76 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
     assert_eq!(continued.deltas().count(), warm.deltas().count());
 }
 
-#[test]
-fn a_parent_pull_keeps_a_warm_start_closer_to_its_parent() {
-    use super::data::Example;
-    use super::train::{train_lora, TrainConfig};
-    let bert = tiny::bert(11);
-    let cpu = CpuEncoder::from_bert(&bert).unwrap();
-    let start = trainable(&bert.config);
-    perturb(&start);
-    let parent = start.to_adapter(bert.config.num_hidden_layers).unwrap();
-    let train: Vec<Example> = (0..32)
-        .map(|i| Example {
-            ids: vec![1, 5 + (i % 2) as u32, 20 + (i % 7) as u32, 2],
-            label: i % 2,
-        })
-        .collect();
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let distance = |parent_pull: f64| {
-        let config = TrainConfig {
-            epochs: Some(3),
-            batch_size: 8,
-            learning_rate: Some(1e-2),
-            max_length: 16,
-            lora_dropout: 0.0,
-            parent_pull,
-            ..TrainConfig::default()
-        };
-        let child = train_lora(
-            &bert,
-            &cpu,
+/// A tiny BERT, a perturbed adapter to warm-start from, and toy examples of two labels.
+struct WarmStart {
+    bert: crate::model::bert::Bert,
+    cpu: CpuEncoder,
+    parent: Adapter,
+    train: Vec<super::data::Example>,
+}
+
+impl WarmStart {
+    fn new(examples: usize) -> Self {
+        let bert = tiny::bert(11);
+        let cpu = CpuEncoder::from_bert(&bert).unwrap();
+        let start = trainable(&bert.config);
+        perturb(&start);
+        let parent = start.to_adapter(bert.config.num_hidden_layers).unwrap();
+        let train = (0..examples)
+            .map(|i| super::data::Example {
+                ids: vec![1, 5 + (i % 2) as u32, 20 + (i % 7) as u32, 2],
+                label: i % 2,
+            })
+            .collect();
+        Self {
+            bert,
+            cpu,
+            parent,
+            train,
+        }
+    }
+
+    /// Trains from the parent on the examples (validating on them too).
+    fn train(&self, config: &super::train::TrainConfig) -> super::train::TrainReport<Adapter> {
+        super::train::train_lora(
+            &self.bert,
+            &self.cpu,
             3,
-            &train,
-            &train,
-            &config,
-            Some(&parent),
+            &self.train,
+            &self.train,
+            config,
+            Some(&self.parent),
             &mut |_| {},
-            &cancel,
+            &std::sync::atomic::AtomicBool::new(false),
         )
         .unwrap()
-        .result;
-        let head = |a: &crate::model::adapter::Adapter| a.head.clone().unwrap().classifier.weight;
-        let (c, p) = (head(&child), head(&parent));
+    }
+}
+
+fn classifier_weight(adapter: &Adapter) -> Vec<f32> {
+    adapter.head.clone().unwrap().classifier.weight
+}
+
+#[test]
+fn a_parent_pull_keeps_a_warm_start_closer_to_its_parent() {
+    use super::train::TrainConfig;
+    let fixture = WarmStart::new(32);
+    let distance = |parent_pull: f64| {
+        let child = fixture
+            .train(&TrainConfig {
+                epochs: Some(3),
+                batch_size: 8,
+                learning_rate: Some(1e-2),
+                max_length: 16,
+                lora_dropout: 0.0,
+                parent_pull,
+                ..TrainConfig::default()
+            })
+            .result;
+        let (c, p) = (
+            classifier_weight(&child),
+            classifier_weight(&fixture.parent),
+        );
         c.iter()
             .zip(&p)
             .map(|(x, y)| (x - y).powi(2))
@@ -533,22 +562,10 @@ fn a_parent_pull_keeps_a_warm_start_closer_to_its_parent() {
 /// `lr · sign(g)`), so the classifier moves by the head's rate and the factors exactly as they do without it.
 #[test]
 fn a_head_learning_rate_moves_only_the_classifier_at_its_own_rate() {
-    use super::data::Example;
-    use super::train::{train_lora, TrainConfig};
-    let bert = tiny::bert(11);
-    let cpu = CpuEncoder::from_bert(&bert).unwrap();
-    let start = trainable(&bert.config);
-    perturb(&start);
-    let parent = start.to_adapter(bert.config.num_hidden_layers).unwrap();
-    let train: Vec<Example> = (0..8)
-        .map(|i| Example {
-            ids: vec![1, 5 + (i % 2) as u32, 20 + (i % 7) as u32, 2],
-            label: i % 2,
-        })
-        .collect();
-    let cancel = std::sync::atomic::AtomicBool::new(false);
+    use super::train::TrainConfig;
+    let fixture = WarmStart::new(8);
     let one_step = |head_learning_rate: Option<f64>| {
-        let config = TrainConfig {
+        let report = fixture.train(&TrainConfig {
             epochs: Some(1),
             batch_size: 8,
             learning_rate: Some(1e-3),
@@ -558,19 +575,7 @@ fn a_head_learning_rate_moves_only_the_classifier_at_its_own_rate() {
             max_length: 16,
             lora_dropout: 0.0,
             ..TrainConfig::default()
-        };
-        let report = train_lora(
-            &bert,
-            &cpu,
-            3,
-            &train,
-            &train,
-            &config,
-            Some(&parent),
-            &mut |_| {},
-            &cancel,
-        )
-        .unwrap();
+        });
         assert_eq!(report.steps, 1);
         report.result
     };
@@ -580,14 +585,14 @@ fn a_head_learning_rate_moves_only_the_classifier_at_its_own_rate() {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max)
     };
-    let head = |a: &crate::model::adapter::Adapter| a.head.clone().unwrap().classifier.weight;
-    let factors = |a: &crate::model::adapter::Adapter| {
+    let factors = |a: &Adapter| {
         a.deltas()
             .flat_map(|(_, _, d)| d.a.iter().chain(&d.b).copied())
             .collect::<Vec<f32>>()
     };
+    let parent = &fixture.parent;
     let (same, own) = (one_step(None), one_step(Some(1e-2)));
-    let moved = |a| max_move(&head(a), &head(&parent));
+    let moved = |a| max_move(&classifier_weight(a), &classifier_weight(parent));
     assert!((moved(&same) - 1e-3).abs() < 1e-4, "{}", moved(&same));
     assert!((moved(&own) - 1e-2).abs() < 1e-3, "{}", moved(&own));
     assert_eq!(
@@ -595,7 +600,7 @@ fn a_head_learning_rate_moves_only_the_classifier_at_its_own_rate() {
         factors(&own),
         "the factors keep the shared rate"
     );
-    assert!(max_move(&factors(&same), &factors(&parent)) > 5e-4);
+    assert!(max_move(&factors(&same), &factors(parent)) > 5e-4);
     assert!(TrainConfig {
         head_learning_rate: Some(1.5),
         ..TrainConfig::default()
