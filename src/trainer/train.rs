@@ -387,13 +387,16 @@ fn fit<T: Trainable>(
         weight_decay: config.weight_decay,
         ..ParamsAdamW::default()
     };
-    let head = trainable.classifier().map(|v| v.as_tensor().id());
+    let classifier = trainable.classifier().map(|v| v.as_tensor().id());
     let scales: Vec<f64> = vars
         .iter()
         .zip(trainable.lr_scales(config.layer_lr_decay))
         .map(|(v, scale)| {
-            let head = head.contains(&v.as_tensor().id());
-            scale * if head { config.head_lr_scale() } else { 1.0 }
+            if classifier.contains(&v.as_tensor().id()) {
+                scale * config.head_lr_scale()
+            } else {
+                scale
+            }
         })
         .collect();
     let mut optimizer = super::optim::FusedAdamW::with_scales(vars.clone(), &scales, params)?;
