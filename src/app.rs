@@ -11,8 +11,6 @@ use crate::autopilot::Autopilot;
 use crate::config::Config;
 use crate::drift::DriftMonitor;
 use crate::feedback::recent::RecentRequests;
-use crate::feedback::sqlite::SqliteStore;
-use crate::feedback::FeedbackStore;
 use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError, ServingModel};
@@ -114,8 +112,7 @@ pub fn assemble(
         metrics.clone(),
         pressure.clone(),
     )?;
-    let feedback: Arc<dyn FeedbackStore> =
-        Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?);
+    let feedback = crate::feedback::open(&config.store, &config.data.dir)?;
     let recent = RecentRequests::new(
         config.feedback.recent_requests,
         config.feedback.recent_bytes,

@@ -57,6 +57,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Where state lives.
     pub data: DataConfig,
+    /// Where feedback lives: the embedded SQLite file or a PostgreSQL shared by several replicas.
+    pub store: StoreConfig,
     /// Adapter admission limits.
     pub adapters: AdaptersConfig,
     /// API keys (set them through the environment, not the file).
@@ -398,6 +400,55 @@ impl Default for DataConfig {
     }
 }
 
+/// Which engine stores feedback.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// `feedback.sqlite` in the data directory: one machine, nothing to run beside the server.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL server at `store.url`, which several replicas may share.
+    Postgres,
+}
+
+/// The feedback store.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite` (the default) or `postgres`.
+    pub backend: StoreBackend,
+    /// For `postgres`: a connection URL, `postgres://user:password@host:port/database` (set it through
+    /// `FLYWHEEL_STORE__URL`, not the file, when it holds a password).
+    pub url: String,
+    /// Most connections one process holds open to PostgreSQL.
+    pub pool_size: u32,
+    /// Longest wait for a connection, in milliseconds, before a request fails with 503.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sqlite,
+            url: String::new(),
+            pool_size: 8,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("StoreConfig")
+            .field("backend", &self.backend)
+            .field("url", &(!self.url.is_empty()).then_some("<set>"))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .finish()
+    }
+}
+
 /// Admission limits for adapters and tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -530,6 +581,17 @@ impl Config {
         }
         if self.server.workers == 0 {
             return fail("server.workers must be ≥ 1".to_owned());
+        }
+        if self.store.backend == StoreBackend::Postgres && self.store.url.trim().is_empty() {
+            return fail(
+                "store.backend = \"postgres\" needs store.url (or FLYWHEEL_STORE__URL)".to_owned(),
+            );
+        }
+        if !(1..=1000).contains(&self.store.pool_size) || self.store.connect_timeout_ms == 0 {
+            return fail(format!(
+                "store.pool_size ({}) must be within 1..=1000 and store.connect_timeout_ms positive",
+                self.store.pool_size
+            ));
         }
         let d = &self.drift;
         if d.reference_size < 20

@@ -15,7 +15,9 @@
 //!   behind the [`model::Encoder`] trait serving takes), LoRA deltas and heads, tokenization, pooling.
 //!   Knows nothing above it.
 //! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases.
-//! - [`feedback`]: the durable feedback store (SQLite) and the memory of recent requests.
+//! - [`postgres`]: the PostgreSQL connection pool and embedded migrations, for stores replicas share.
+//! - [`feedback`]: the durable feedback store (embedded SQLite, or PostgreSQL) and the memory of recent
+//!   requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure (admission by expected
 //!   wait). Knows no HTTP.
 //! - [`trainer`]: LoRA and full fine-tuning on the candle path, evaluation, the job queue that publishes
@@ -33,8 +35,8 @@
 //!   and shutdown.
 //!
 //! Data flows one way, top of this list to bottom never the reverse: `http` → `app` → `serving` →
-//! `rollout`/`trainer`/`infer` → `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise` and
-//! `metrics` are shared by all.
+//! `rollout`/`trainer`/`infer` → `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise`,
+//! `postgres` and `metrics` are shared by all.
 
 pub mod adapters;
 pub mod app;
@@ -51,6 +53,7 @@ pub mod http;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod postgres;
 pub mod pressure;
 pub mod rng;
 pub mod rollout;

@@ -1,13 +1,21 @@
 //! Feedback: the labels callers post for texts, stored durably before they are acknowledged.
 //!
-//! [`FeedbackStore`] is the seam for other engines (a shared PostgreSQL later); [`sqlite::SqliteStore`] is the
-//! embedded default. [`recent::RecentRequests`] remembers what recent predictions served, so feedback may name a
+//! [`FeedbackStore`] is the seam between the engines: [`sqlite::SqliteStore`] is the embedded default,
+//! [`postgres::PostgresStore`] the one several replicas share. [`recent::RecentRequests`] remembers what recent predictions served, so feedback may name a
 //! `request_id` instead of repeating the text.
 
+pub mod postgres;
 pub mod recent;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
+
+use crate::config::{StoreBackend, StoreConfig};
 
 /// Why a feedback operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,4 +85,22 @@ pub trait FeedbackStore: Send + Sync {
     fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError>;
     /// Distinct rows stored for `task`.
     fn count(&self, task: &str) -> Result<u64, FeedbackError>;
+}
+
+/// Opens the store `config` names: `feedback.sqlite` in `data_dir`, or the PostgreSQL at `config.url` (its
+/// schema migrated).
+pub fn open(
+    config: &StoreConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn FeedbackStore>, FeedbackError> {
+    Ok(match config.backend {
+        StoreBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(
+            &data_dir.join("feedback.sqlite"),
+        )?),
+        StoreBackend::Postgres => {
+            let pool = crate::postgres::connect(config)
+                .map_err(|e| FeedbackError::Storage(e.to_string()))?;
+            Arc::new(postgres::PostgresStore::new(pool))
+        }
+    })
 }

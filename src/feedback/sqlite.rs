@@ -59,7 +59,11 @@ impl FeedbackStore for SqliteStore {
             .conn
             .lock()
             .map_err(|_| storage("store lock poisoned"))?;
-        let tx = conn.transaction().map_err(storage)?;
+        // Immediate: the write lock is taken at the start, so another process writing the same file makes
+        // this wait (busy_timeout) rather than fail when a read inside the transaction turns into a write.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(storage)?;
         let mut out = Vec::with_capacity(rows.len());
         {
             let mut find = tx
@@ -184,63 +188,4 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Feedback> {
         count: row.get(7)?,
         created_at: row.get(8)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(text: &str, label: &str) -> NewFeedback {
-        NewFeedback {
-            task: "spam".into(),
-            text: text.into(),
-            label: label.into(),
-            request_id: None,
-            adapter: None,
-            arm: None,
-        }
-    }
-
-    #[test]
-    fn rows_survive_reopening_and_list_in_id_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("feedback.sqlite");
-        let ids = {
-            let store = SqliteStore::open(&path).unwrap();
-            store
-                .append(&[row("a", "spam"), row("b", "ham"), row("c", "spam")])
-                .unwrap()
-        };
-        let store = SqliteStore::open(&path).unwrap();
-        let listed = store.list("spam", 0, 10).unwrap();
-        assert_eq!(
-            listed.iter().map(|f| f.id).collect::<Vec<_>>(),
-            ids.iter().map(|a| a.id).collect::<Vec<_>>()
-        );
-        assert_eq!(store.list("spam", ids[0].id, 1).unwrap()[0].text, "b");
-        let newest = store.latest("spam", 2).unwrap();
-        assert_eq!(
-            newest.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
-            ["b", "c"],
-            "the newest rows, oldest first"
-        );
-        assert_eq!(store.count("spam").unwrap(), 3);
-        assert_eq!(store.count("other").unwrap(), 0);
-    }
-
-    #[test]
-    fn duplicates_are_counted_not_doubled_but_a_new_label_is_a_new_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("f.sqlite")).unwrap();
-        let first = store.append(&[row("same", "spam")]).unwrap()[0];
-        let again = store
-            .append(&[row("same", "spam"), row("same", "spam")])
-            .unwrap();
-        assert!(again.iter().all(|a| a.duplicate && a.id == first.id));
-        let relabelled = store.append(&[row("same", "ham")]).unwrap()[0];
-        assert!(!relabelled.duplicate);
-        let listed = store.list("spam", 0, 10).unwrap();
-        assert_eq!(listed.len(), 2);
-        assert_eq!(listed[0].count, 3);
-    }
 }

@@ -1,0 +1,174 @@
+//! Feedback in PostgreSQL, shared by every replica that points at the same database. `append` commits with
+//! `synchronous_commit = on` before it returns, so an acknowledged row survives the server's crash as well
+//! as the replica's.
+
+use postgres::types::ToSql;
+use sha2::{Digest, Sha256};
+
+use super::{Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback};
+use crate::postgres::{describe, Pool};
+
+fn storage(e: postgres::Error) -> FeedbackError {
+    FeedbackError::Storage(describe(&e))
+}
+
+/// PostgreSQL-backed [`FeedbackStore`].
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+const COLUMNS: &str = "id, task, text, label, request_id, adapter, arm, count, created_at";
+
+impl PostgresStore {
+    /// A store over `pool`, whose database [`crate::postgres::connect`] has migrated.
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    fn conn(
+        &self,
+    ) -> Result<
+        r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
+        FeedbackError,
+    > {
+        self.pool
+            .get()
+            .map_err(|e| FeedbackError::Storage(format!("no PostgreSQL connection: {e}")))
+    }
+
+    fn select(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Feedback>, FeedbackError> {
+        let rows = self.conn()?.query(sql, params).map_err(storage)?;
+        Ok(rows
+            .iter()
+            .map(|row| Feedback {
+                id: row.get(0),
+                task: row.get(1),
+                text: row.get(2),
+                label: row.get(3),
+                request_id: row.get(4),
+                adapter: row.get(5),
+                arm: row.get(6),
+                count: row.get(7),
+                created_at: row.get(8),
+            })
+            .collect())
+    }
+}
+
+impl FeedbackStore for PostgresStore {
+    fn append(&self, rows: &[NewFeedback]) -> Result<Vec<Appended>, FeedbackError> {
+        let now = i64::try_from(crate::clock::unix_seconds()).unwrap_or(i64::MAX);
+        let hashes: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| Sha256::digest(r.text.as_bytes()).to_vec())
+            .collect();
+        // Each row's key is locked before any row is written, all in one order: two replicas appending
+        // overlapping batches then wait for each other instead of deadlocking on the unique index, and the
+        // rows are still written, and numbered, in the batch's order.
+        let mut keys: Vec<i64> = rows
+            .iter()
+            .zip(&hashes)
+            .map(|(r, hash)| {
+                let key = Sha256::new()
+                    .chain_update(r.task.as_bytes())
+                    .chain_update([0])
+                    .chain_update(hash)
+                    .chain_update(r.label.as_bytes())
+                    .finalize();
+                i64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction().map_err(storage)?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .map_err(storage)?;
+        // unnest yields the sorted keys in order, so the locks are taken in that order.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(key) FROM unnest($1::BIGINT[]) AS key",
+            &[&keys],
+        )
+        .map_err(storage)?;
+        let upsert = tx
+            .prepare(
+                "INSERT INTO feedback (task, text, text_hash, label, request_id, adapter, arm, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (task, text_hash, label) DO UPDATE SET count = feedback.count + 1
+                 RETURNING id, xmax = 0",
+            )
+            .map_err(storage)?;
+        let mut out = vec![
+            Appended {
+                id: 0,
+                duplicate: false
+            };
+            rows.len()
+        ];
+        for (i, r) in rows.iter().enumerate() {
+            let row = tx
+                .query_one(
+                    &upsert,
+                    &[
+                        &r.task,
+                        &r.text,
+                        &hashes[i],
+                        &r.label,
+                        &r.request_id,
+                        &r.adapter,
+                        &r.arm,
+                        &now,
+                    ],
+                )
+                .map_err(storage)?;
+            // xmax is 0 on a row this statement inserted, and set on one it updated.
+            let inserted: bool = row.get(1);
+            out[i] = Appended {
+                id: row.get(0),
+                duplicate: !inserted,
+            };
+        }
+        tx.commit().map_err(storage)?;
+        Ok(out)
+    }
+
+    fn list(
+        &self,
+        task: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Feedback>, FeedbackError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.select(
+            &format!(
+                "SELECT {COLUMNS} FROM feedback WHERE task = $1 AND id > $2 ORDER BY id LIMIT $3"
+            ),
+            &[&task, &after_id, &limit],
+        )
+    }
+
+    fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.select(
+            &format!(
+                "SELECT * FROM (
+                   SELECT {COLUMNS} FROM feedback WHERE task = $1 ORDER BY id DESC LIMIT $2
+                 ) newest ORDER BY id"
+            ),
+            &[&task, &limit],
+        )
+    }
+
+    fn count(&self, task: &str) -> Result<u64, FeedbackError> {
+        let n: i64 = self
+            .conn()?
+            .query_one("SELECT COUNT(*) FROM feedback WHERE task = $1", &[&task])
+            .map_err(storage)?
+            .get(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

@@ -1,0 +1,183 @@
+//! The contract every [`FeedbackStore`] keeps, run against each engine: SQLite always, PostgreSQL where the
+//! tests have one (`FLYWHEEL_TEST_POSTGRES_URL`, which `scripts/test.sh` sets).
+
+use std::sync::Arc;
+
+use super::postgres::PostgresStore;
+use super::sqlite::SqliteStore;
+use super::{FeedbackStore, NewFeedback};
+
+fn row(text: &str, label: &str) -> NewFeedback {
+    NewFeedback {
+        task: "spam".into(),
+        text: text.into(),
+        label: label.into(),
+        request_id: None,
+        adapter: None,
+        arm: None,
+    }
+}
+
+/// An opener of each engine there is, over one fresh database: each call opens the store anew, as a
+/// restarted process or another replica would. The directory holds the SQLite file.
+type Opener = Box<dyn Fn() -> Arc<dyn FeedbackStore>>;
+
+fn engines() -> Vec<(&'static str, Opener, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("feedback.sqlite");
+    let sqlite: Opener = Box::new(move || Arc::new(SqliteStore::open(&path).unwrap()));
+    let mut out = vec![("sqlite", sqlite, dir)];
+    if let Some(config) = crate::postgres::testing::scratch() {
+        let postgres: Opener = Box::new(move || {
+            Arc::new(PostgresStore::new(
+                crate::postgres::connect(&config).unwrap(),
+            ))
+        });
+        out.push(("postgres", postgres, tempfile::tempdir().unwrap()));
+    }
+    out
+}
+
+#[test]
+fn rows_survive_reopening() {
+    for (engine, open, _dir) in engines() {
+        let ids = open().append(&[row("a", "spam"), row("b", "ham")]).unwrap();
+        let listed = open().list("spam", 0, 10).unwrap();
+        assert_eq!(
+            listed.iter().map(|f| f.id).collect::<Vec<_>>(),
+            ids.iter().map(|a| a.id).collect::<Vec<_>>(),
+            "{engine}"
+        );
+    }
+}
+
+#[test]
+fn rows_list_in_id_order_and_the_newest_come_oldest_first() {
+    for (engine, open, _dir) in engines() {
+        let store = open();
+        let ids = store
+            .append(&[row("a", "spam"), row("b", "ham"), row("c", "spam")])
+            .unwrap();
+        let listed = store.list("spam", 0, 10).unwrap();
+        assert_eq!(
+            listed.iter().map(|f| f.id).collect::<Vec<_>>(),
+            ids.iter().map(|a| a.id).collect::<Vec<_>>(),
+            "{engine}"
+        );
+        assert_eq!(store.list("spam", ids[0].id, 1).unwrap()[0].text, "b");
+        let newest = store.latest("spam", 2).unwrap();
+        assert_eq!(
+            newest.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
+            ["b", "c"],
+            "{engine}: the newest rows, oldest first"
+        );
+        assert_eq!(store.count("spam").unwrap(), 3, "{engine}");
+        assert_eq!(store.count("other").unwrap(), 0, "{engine}");
+        assert!(store.list("other", 0, 10).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn every_field_reads_back_as_written() {
+    for (engine, open, _dir) in engines() {
+        let store = open();
+        let full = NewFeedback {
+            task: "意图".into(),
+            text: "退款什么时候到账？ 🙂".into(),
+            label: "售后".into(),
+            request_id: Some("req-1".into()),
+            adapter: Some("gen-abc".into()),
+            arm: Some("candidate".into()),
+        };
+        store.append(std::slice::from_ref(&full)).unwrap();
+        let back = &store.list("意图", 0, 1).unwrap()[0];
+        assert_eq!(
+            (&back.task, &back.text, &back.label),
+            (&full.task, &full.text, &full.label),
+            "{engine}"
+        );
+        assert_eq!(
+            (&back.request_id, &back.adapter, &back.arm),
+            (&full.request_id, &full.adapter, &full.arm),
+            "{engine}"
+        );
+        assert_eq!(back.count, 1);
+        assert!(back.created_at > 1_700_000_000, "{engine}: unix seconds");
+    }
+}
+
+#[test]
+fn duplicates_are_counted_not_doubled_but_a_new_label_is_a_new_row() {
+    for (engine, open, _dir) in engines() {
+        let store = open();
+        let first = store.append(&[row("same", "spam")]).unwrap()[0];
+        assert!(!first.duplicate);
+        let again = store
+            .append(&[row("same", "spam"), row("same", "spam")])
+            .unwrap();
+        assert!(
+            again.iter().all(|a| a.duplicate && a.id == first.id),
+            "{engine}: {again:?}"
+        );
+        let relabelled = store.append(&[row("same", "ham")]).unwrap()[0];
+        assert!(!relabelled.duplicate, "{engine}");
+        let listed = store.list("spam", 0, 10).unwrap();
+        assert_eq!(listed.len(), 2, "{engine}");
+        assert_eq!(listed[0].count, 3, "{engine}");
+    }
+}
+
+#[test]
+fn a_batch_answers_in_its_own_order_whatever_order_it_is_written_in() {
+    for (engine, open, _dir) in engines() {
+        let store = open();
+        let texts = ["zulu", "alpha", "mike", "alpha", "bravo"];
+        let appended = store.append(&texts.map(|t| row(t, "spam"))).unwrap();
+        let listed = store.list("spam", 0, 10).unwrap();
+        for (text, a) in texts.iter().zip(&appended) {
+            let stored = listed.iter().find(|f| f.id == a.id).unwrap();
+            assert_eq!(stored.text, *text, "{engine}: each answer is its own row's");
+        }
+        assert_eq!(
+            appended.iter().filter(|a| a.duplicate).count(),
+            1,
+            "{engine}: the second alpha"
+        );
+    }
+}
+
+#[test]
+fn replicas_appending_overlapping_batches_at_once_lose_nothing_and_count_everything() {
+    const WRITERS: usize = 4;
+    const ROUNDS: usize = 25;
+    for (engine, open, _dir) in engines() {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let store = open();
+                std::thread::spawn(move || {
+                    for round in 0..ROUNDS {
+                        // Every writer posts the same shared texts, in its own order, and one of its own.
+                        let mut batch: Vec<NewFeedback> = (0..8)
+                            .map(|k| row(&format!("shared {k}"), "spam"))
+                            .collect();
+                        batch.rotate_left((w + round) % 8);
+                        batch.push(row(&format!("own {w} {round}"), "ham"));
+                        store.append(&batch).expect("every append commits");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let rows = open().list("spam", 0, 1000).unwrap();
+        assert_eq!(rows.len(), 8 + WRITERS * ROUNDS, "{engine}");
+        for shared in rows.iter().filter(|f| f.text.starts_with("shared")) {
+            assert_eq!(
+                shared.count as usize,
+                WRITERS * ROUNDS,
+                "{engine}: {shared:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The PostgreSQL connection pool and the schema's embedded migrations, for the stores that several replicas
+//! share (`[store] backend = "postgres"`).
+//!
+//! Migrations are numbered and applied in order at start, each once, inside one transaction that holds an
+//! advisory lock: replicas starting together neither race on `CREATE TABLE` nor apply a step twice.
+
+use std::time::Duration;
+
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::config::StoreConfig;
+
+/// A pool of connections; each store holds a clone.
+pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Why PostgreSQL could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// `store.url` is not a PostgreSQL connection URL.
+    #[error("store.url is not a valid PostgreSQL URL: {0}")]
+    Url(String),
+    /// No connection could be made or taken from the pool.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    /// A statement failed.
+    #[error("PostgreSQL: {0}")]
+    Query(String),
+}
+
+/// The schema, one step per entry; a step is never edited once released, only followed by another.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE feedback (
+         id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+         task        TEXT   NOT NULL,
+         text        TEXT   NOT NULL,
+         text_hash   BYTEA  NOT NULL,
+         label       TEXT   NOT NULL,
+         request_id  TEXT,
+         adapter     TEXT,
+         arm         TEXT,
+         count       BIGINT NOT NULL DEFAULT 1,
+         created_at  BIGINT NOT NULL,
+         UNIQUE (task, text_hash, label)
+     );
+     CREATE INDEX feedback_task_id ON feedback (task, id);",
+)];
+
+/// Key of the advisory lock that serialises migrations across replicas ("flywheel" in ASCII).
+const MIGRATION_LOCK: i64 = 0x666c_7977_6865_656c;
+
+/// The message of a PostgreSQL error, with the server's own text when it sent one (the driver's `Display`
+/// alone says only "db error").
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Connects to `config.url` and brings the schema up to date.
+pub fn connect(config: &StoreConfig) -> Result<Pool, PgError> {
+    let mut pg: postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e: postgres::Error| PgError::Url(e.to_string()))?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    pg.connect_timeout(timeout);
+    pg.application_name("flywheel");
+    let pool = r2d2::Pool::builder()
+        .max_size(config.pool_size)
+        .min_idle(Some(1))
+        .connection_timeout(timeout)
+        // r2d2 logs failed connection attempts through its own handler; they surface as errors here.
+        .error_handler(Box::new(r2d2::NopErrorHandler))
+        .build(PostgresConnectionManager::new(pg, NoTls))
+        .map_err(|e| PgError::Connect(e.to_string()))?;
+    let mut conn = pool.get().map_err(|e| PgError::Connect(e.to_string()))?;
+    migrate(&mut conn)?;
+    Ok(pool)
+}
+
+/// Applies the steps of [`MIGRATIONS`] this database has not seen; returns how many it applied.
+fn migrate(client: &mut postgres::Client) -> Result<usize, PgError> {
+    let query = |e: postgres::Error| PgError::Query(describe(&e));
+    let mut tx = client.transaction().map_err(query)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(query)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS flywheel_migrations (
+             version    INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .map_err(query)?;
+    let done: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM flywheel_migrations",
+            &[],
+        )
+        .map_err(query)?
+        .get(0);
+    if let Some(&(newest, _)) = MIGRATIONS.last() {
+        if done > newest {
+            return Err(PgError::Query(format!(
+                "the database's schema is at version {done}, newer than this build's {newest}: \
+                 run the newer build or a fresh database"
+            )));
+        }
+    }
+    let mut applied = 0;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > done) {
+        tx.batch_execute(sql).map_err(query)?;
+        tx.execute(
+            "INSERT INTO flywheel_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .map_err(query)?;
+        applied += 1;
+    }
+    tx.commit().map_err(query)?;
+    if applied > 0 {
+        tracing::info!(applied, "PostgreSQL schema migrated");
+    }
+    Ok(applied)
+}
+
+/// Scratch databases for tests: the tests that need PostgreSQL read a server URL from
+/// `FLYWHEEL_TEST_POSTGRES_URL` (`scripts/test.sh` starts one) and each works in a database of its own.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A new empty database on the test server, as a [`StoreConfig`]; `None` (with a note on stderr) when no
+    /// server is configured, unless `FLYWHEEL_TEST_POSTGRES_REQUIRED` is set, when it panics.
+    pub fn scratch() -> Option<StoreConfig> {
+        let Ok(admin) = std::env::var("FLYWHEEL_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var_os("FLYWHEEL_TEST_POSTGRES_REQUIRED").is_none(),
+                "FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh starts a PostgreSQL and sets it)"
+            );
+            eprintln!("skipped: FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)");
+            return None;
+        };
+        let name = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());
+        let mut client = postgres::Client::connect(&admin, NoTls).expect("the test PostgreSQL");
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("a scratch database");
+        let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
+        Some(StoreConfig {
+            backend: crate::config::StoreBackend::Postgres,
+            url: format!("{server}/{name}"),
+            ..StoreConfig::default()
+        })
+    }
+
+    #[test]
+    fn migrations_apply_once_however_many_replicas_start_together() {
+        let Some(config) = scratch() else { return };
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let config = config.clone();
+                std::thread::spawn(move || connect(&config).map(drop))
+            })
+            .collect();
+        for start in starts {
+            start.join().unwrap().expect("every replica starts");
+        }
+        let pool = connect(&config).unwrap();
+        let mut conn = pool.get().unwrap();
+        let versions: Vec<i32> = conn
+            .query(
+                "SELECT version FROM flywheel_migrations ORDER BY version",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let expected: Vec<i32> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, expected);
+        assert_eq!(migrate(&mut conn).unwrap(), 0, "nothing left to apply");
+    }
+
+    #[test]
+    fn a_schema_newer_than_the_build_is_refused() {
+        let Some(config) = scratch() else { return };
+        let pool = connect(&config).unwrap();
+        pool.get()
+            .unwrap()
+            .execute(
+                "INSERT INTO flywheel_migrations (version) VALUES (1000)",
+                &[],
+            )
+            .unwrap();
+        let e = connect(&config).unwrap_err().to_string();
+        assert!(e.contains("newer than this build"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_url_or_an_unreachable_server_is_a_clear_error() {
+        let bad = StoreConfig {
+            url: "not a url".into(),
+            ..StoreConfig::default()
+        };
+        assert!(matches!(connect(&bad), Err(PgError::Url(_))));
+        // A port nothing listens on: refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let unreachable = StoreConfig {
+            url: format!("postgres://flywheel@127.0.0.1:{port}/flywheel"),
+            connect_timeout_ms: 500,
+            ..StoreConfig::default()
+        };
+        assert!(matches!(connect(&unreachable), Err(PgError::Connect(_))));
+    }
+}
