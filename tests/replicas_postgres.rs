@@ -1,0 +1,233 @@
+//! Several replicas over one PostgreSQL, on the real model over real HTTP (`[store] backend = "postgres"`):
+//! feedback posted to either replica is stored once and seen by both, a job on one trains on what was
+//! posted to the other, and a `kill -9` of a replica while clients post loses no acknowledged row.
+//! Needs the tests' PostgreSQL (`scripts/test.sh` starts one).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{sample_mails, Server};
+use serde_json::{json, Value};
+
+/// A replica of its own data directory over the database at `url`.
+fn replica(url: &str) -> Server {
+    Server::start(
+        &[],
+        &[
+            ("FLYWHEEL_STORE__BACKEND", "postgres"),
+            ("FLYWHEEL_STORE__URL", url),
+        ],
+    )
+}
+
+/// Tasks and generations are each replica's own still (docs/SCALING.md): every replica is told the task.
+fn create_task(server: &Server, name: &str) {
+    let (status, body) = server.post(
+        "/v1/tasks",
+        &json!({"name": name, "labels": ["ham", "spam"]}),
+    );
+    assert_eq!(status, 201, "{body}");
+}
+
+/// Every stored row of `task` as (id, text, count), paging through `GET /v1/feedback`.
+fn stored(server: &Server, task: &str) -> Vec<(i64, String, i64)> {
+    let mut rows = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = server.get_json(&format!(
+            "/v1/feedback?task={task}&after_id={after}&limit=1000"
+        ));
+        assert_eq!(status, 200, "{page}");
+        let page = page.as_array().expect("a list").clone();
+        if page.is_empty() {
+            return rows;
+        }
+        for row in page {
+            let id = row["id"].as_i64().expect("an id");
+            rows.push((
+                id,
+                row["text"].as_str().expect("a text").to_owned(),
+                row["count"].as_i64().expect("a count"),
+            ));
+            after = id;
+        }
+    }
+}
+
+fn post_feedback(server: &Server, items: &[(&str, &str)]) -> Value {
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(text, label)| json!({"task": "inbox", "text": text, "label": label}))
+        .collect();
+    let (status, body) = server.post("/v1/feedback", &json!({ "items": items }));
+    assert_eq!(status, 202, "{body}");
+    body
+}
+
+#[test]
+fn feedback_posted_to_either_replica_is_stored_once_seen_by_both_and_trained_on() {
+    let Some(url) = common::postgres_scratch() else {
+        return;
+    };
+    let (a, b) = (replica(&url), replica(&url));
+    for server in [&a, &b] {
+        create_task(server, "inbox");
+    }
+    let to_a = post_feedback(
+        &a,
+        &[("lunch on friday?", "ham"), ("cheap pills now", "spam")],
+    );
+    let to_b = post_feedback(
+        &b,
+        &[
+            ("cheap pills now", "spam"),
+            ("minutes of the meeting", "ham"),
+        ],
+    );
+    assert_eq!(to_a["duplicates"], 0, "{to_a}");
+    assert_eq!(
+        to_b["duplicates"], 1,
+        "the mail A stored is a duplicate at B: {to_b}"
+    );
+    assert_eq!(to_b["ids"][0], to_a["ids"][1], "one row, one id");
+    let (seen_a, seen_b) = (stored(&a, "inbox"), stored(&b, "inbox"));
+    assert_eq!(seen_a, seen_b, "both replicas read one store");
+    assert_eq!(seen_a.len(), 3);
+    assert_eq!(
+        seen_a.iter().find(|r| r.1 == "cheap pills now").unwrap().2,
+        2
+    );
+    for server in [&a, &b] {
+        let (_, task) = server.get_json("/v1/tasks/inbox");
+        assert_eq!(task["feedback_count"], 3, "{task}");
+    }
+
+    // A job on B learns from mail posted to A: the trainer reads the shared store.
+    let (ham, spam) = (
+        sample_mails("easy-ham-1", 0, 7, 40, 60),
+        sample_mails("spam-1", 0, 7, 40, 60),
+    );
+    let mail: Vec<(&str, &str)> = ham
+        .iter()
+        .map(|t| (t.as_str(), "ham"))
+        .chain(spam.iter().map(|t| (t.as_str(), "spam")))
+        .collect();
+    for server in [&a, &b] {
+        create_task(server, "spam");
+    }
+    let items: Vec<Value> = mail
+        .iter()
+        .map(|(text, label)| json!({"task": "spam", "text": text, "label": label}))
+        .collect();
+    let (status, ack) = a.post("/v1/feedback", &json!({ "items": items }));
+    assert_eq!(status, 202, "{ack}");
+    let (status, job) = b.post(
+        "/v1/train",
+        &json!({"task": "spam", "epochs": 1, "max_length": 32}),
+    );
+    assert_eq!(status, 202, "{job}");
+    let id = job["job_id"].as_str().expect("a job id");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let (_, job) = b.get_json(&format!("/v1/jobs/{id}"));
+        if !matches!(job["state"].as_str(), Some("queued") | Some("running")) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "job still running: {job}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let seen = done["train_examples"].as_u64().unwrap() + done["val"]["examples"].as_u64().unwrap();
+    assert_eq!(
+        seen,
+        mail.len() as u64,
+        "B's job trained and validated on every mail posted to A: {done}"
+    );
+}
+
+#[test]
+fn kill_9_of_a_replica_while_clients_post_loses_no_acknowledged_row() {
+    let Some(url) = common::postgres_scratch() else {
+        return;
+    };
+    let (a, b) = (replica(&url), replica(&url));
+    for server in [&a, &b] {
+        create_task(server, "inbox");
+    }
+    let acked = Arc::new(Mutex::new(BTreeSet::<i64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two clients on A until it dies under them, one on B until told to stop; distinct rows throughout.
+    let clients: Vec<_> = [
+        (a.base.clone(), 0),
+        (a.base.clone(), 1),
+        (b.base.clone(), 2),
+    ]
+    .into_iter()
+    .map(|(base, client)| {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut batches = 0;
+            for batch in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let items: Vec<Value> = (0..5)
+                    .map(|i| {
+                        json!({"task": "inbox", "text": format!("mail {client}/{batch}/{i}"),
+                                   "label": if i % 2 == 0 { "ham" } else { "spam" }})
+                    })
+                    .collect();
+                match ureq::post(&format!("{base}/v1/feedback"))
+                    .timeout(Duration::from_secs(10))
+                    .send_json(json!({ "items": items }))
+                {
+                    Ok(r) if r.status() == 202 => {
+                        let body: Value = r.into_json().expect("a JSON acknowledgement");
+                        let ids = body["ids"].as_array().expect("ids");
+                        acked
+                            .lock()
+                            .unwrap()
+                            .extend(ids.iter().map(|id| id.as_i64().expect("an id")));
+                        batches += 1;
+                    }
+                    // The replica was killed: a request in flight has no answer, so no promise.
+                    Err(ureq::Error::Transport(_)) => break,
+                    Ok(r) => panic!("feedback answered {}", r.status()),
+                    Err(e) => panic!("feedback failed: {e}"),
+                }
+            }
+            batches
+        })
+    })
+    .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(a); // SIGKILL, mid-stream
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let batches: Vec<usize> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(
+        batches.iter().all(|&n| n > 0),
+        "every client got acknowledgements before the kill: {batches:?}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    let present: BTreeSet<i64> = stored(&b, "inbox").iter().map(|r| r.0).collect();
+    let lost: Vec<&i64> = acked.difference(&present).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged rows lost: {lost:?} of {}",
+        acked.len()
+    );
+    eprintln!(
+        "{} acknowledged rows ({batches:?} batches per client), all present after the kill",
+        acked.len()
+    );
+    // A replacement replica reads the same rows.
+    let c = replica(&url);
+    create_task(&c, "inbox");
+    let again: BTreeSet<i64> = stored(&c, "inbox").iter().map(|r| r.0).collect();
+    assert_eq!(again, present);
+}
