@@ -231,3 +231,32 @@ fn kill_9_of_a_replica_while_clients_post_loses_no_acknowledged_row() {
     let again: BTreeSet<i64> = stored(&c, "inbox").iter().map(|r| r.0).collect();
     assert_eq!(again, present);
 }
+
+#[test]
+fn when_the_database_goes_away_feedback_answers_503_and_serving_goes_on() {
+    let Some(url) = common::postgres_scratch() else {
+        return;
+    };
+    let server = replica(&url);
+    create_task(&server, "inbox");
+    post_feedback(&server, &[("before the outage", "ham")]);
+    // The database is dropped under the replica, its connections cut: as unavailable as it gets.
+    let admin = std::env::var("FLYWHEEL_TEST_POSTGRES_URL").unwrap();
+    let (_, name) = url.rsplit_once('/').unwrap();
+    postgres::Client::connect(&admin, postgres::NoTls)
+        .unwrap()
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .unwrap();
+    let (status, body) = server.post(
+        "/v1/feedback",
+        &json!({"items": [{"task": "inbox", "text": "during the outage", "label": "ham"}]}),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error_type"], "storage_unavailable", "{body}");
+    let (status, body) = server.get_json("/v1/feedback?task=inbox&after_id=0&limit=10");
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = server.post("/v1/embed", &json!({"inputs": ["still serving"]}));
+    assert_eq!(status, 200, "embeddings do not touch the store: {body}");
+    let (status, body) = server.get_json("/ready");
+    assert_eq!(status, 200, "{body}");
+}

@@ -285,7 +285,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                     tracing::info!(model = %config.model.dir.display(), "model ready");
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "model failed to load; stopping");
+                    tracing::error!(error = %e, "the model or a store failed to open; stopping");
                     *loader_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     // Sends the stop command now; nothing needs to wait for it here.
                     drop(handle.stop(false));
