@@ -6,11 +6,15 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::adapters::index_store::PostgresIndex;
 use crate::adapters::Registry;
 use crate::autopilot::Autopilot;
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::drift::DriftMonitor;
+use crate::feedback::postgres::PostgresStore;
 use crate::feedback::recent::RecentRequests;
+use crate::feedback::sqlite::SqliteStore;
+use crate::feedback::FeedbackStore;
 use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError, ServingModel};
@@ -32,6 +36,9 @@ pub enum ServeError {
     /// The feedback store could not be opened.
     #[error("{0}")]
     Feedback(#[from] crate::feedback::FeedbackError),
+    /// PostgreSQL could not be reached or migrated.
+    #[error("store: {0}")]
+    Store(#[from] crate::postgres::PgError),
     /// The adapter registry could not be opened.
     #[error("registry: {0}")]
     Registry(#[from] crate::adapters::RegistryError),
@@ -98,12 +105,26 @@ pub fn assemble(
         .model_info
         .with_label_values(&[serving.encoder.dtype(), serving.encoder.kernel()])
         .set(1);
-    let registry = Registry::open(
-        &config.data.dir,
-        config.adapters.clone(),
-        model.config.clone(),
-        model.bert.pooler.is_some(),
-    )?;
+    // With PostgreSQL, one pool serves the feedback store and the registry's index.
+    let shared = match config.store.backend {
+        StoreBackend::Sqlite => None,
+        StoreBackend::Postgres => Some(crate::postgres::connect(&config.store)?),
+    };
+    let registry = match &shared {
+        None => Registry::open(
+            &config.data.dir,
+            config.adapters.clone(),
+            model.config.clone(),
+            model.bert.pooler.is_some(),
+        )?,
+        Some(pool) => Registry::open_in(
+            &config.data.adapters(),
+            Box::new(PostgresIndex::new(pool.clone())),
+            config.adapters.clone(),
+            model.config.clone(),
+            model.bert.pooler.is_some(),
+        )?,
+    };
     metrics.adapters_loaded.set(registry.ready_count() as i64);
     let pressure = ServingPressure::new();
     let infer = Infer::start(
@@ -112,12 +133,22 @@ pub fn assemble(
         metrics.clone(),
         pressure.clone(),
     )?;
-    let feedback = crate::feedback::open(&config.store, &config.data.dir)?;
+    let feedback: Arc<dyn FeedbackStore> = match &shared {
+        None => Arc::new(SqliteStore::open(&config.data.dir.join("feedback.sqlite"))?),
+        Some(pool) => Arc::new(PostgresStore::new(pool.clone())),
+    };
     let recent = RecentRequests::new(
         config.feedback.recent_requests,
         config.feedback.recent_bytes,
     );
     let registry = Arc::new(registry);
+    if shared.is_some() {
+        follow_registry(
+            &registry,
+            Duration::from_millis(config.store.sync_interval_ms),
+            metrics.clone(),
+        )?;
+    }
     let deps = TrainerDeps {
         bert: Arc::new(model.bert.to_device(&train_device)?),
         model,
@@ -178,6 +209,31 @@ pub fn assemble(
         watch_drift: config.drift.enabled,
         loaded_at: crate::clock::unix_seconds(),
     })
+}
+
+/// Starts the thread that takes in registry changes other replicas make, every `every`, until the registry
+/// is dropped.
+fn follow_registry(
+    registry: &Arc<Registry>,
+    every: Duration,
+    metrics: Metrics,
+) -> std::io::Result<()> {
+    let registry = Arc::downgrade(registry);
+    std::thread::Builder::new()
+        .name("flywheel-registry-sync".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            match registry.sync() {
+                Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
+                Ok(false) => {}
+                // PostgreSQL is unreachable: serve what is loaded and look again next time.
+                Err(e) => tracing::warn!(error = %e, "cannot read the shared registry"),
+            }
+        })
+        .map(drop)
 }
 
 /// Starts the autopilot over `services` with `job` as its jobs' hyperparameters; it stops when `stop` is

@@ -57,7 +57,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Where state lives.
     pub data: DataConfig,
-    /// Where feedback lives: the embedded SQLite file or a PostgreSQL shared by several replicas.
+    /// Where feedback and the registry's index live: embedded files, or a PostgreSQL several replicas share.
     pub store: StoreConfig,
     /// Adapter admission limits.
     pub adapters: AdaptersConfig,
@@ -390,28 +390,42 @@ impl Default for LimitsConfig {
 pub struct DataConfig {
     /// Data directory: the embedded store and `adapters/`.
     pub dir: PathBuf,
+    /// The adapter root, when not `<dir>/adapters`: with `[store] backend = "postgres"`, one directory
+    /// every replica mounts, so the generations one publishes the others load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapters_dir: Option<PathBuf>,
+}
+
+impl DataConfig {
+    /// Where adapters live.
+    pub fn adapters(&self) -> PathBuf {
+        self.adapters_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("adapters"))
+    }
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("data"),
+            adapters_dir: None,
         }
     }
 }
 
-/// Which engine stores feedback.
+/// Which engine stores feedback and the registry's index.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
-    /// `feedback.sqlite` in the data directory: one machine, nothing to run beside the server.
+    /// `feedback.sqlite` and `registry.json` in the data directory: one machine, nothing to run beside it.
     #[default]
     Sqlite,
     /// A PostgreSQL server at `store.url`, which several replicas may share.
     Postgres,
 }
 
-/// The feedback store.
+/// The store of feedback and the registry's index.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
@@ -424,6 +438,9 @@ pub struct StoreConfig {
     pub pool_size: u32,
     /// Longest wait for a connection, in milliseconds, before a request fails with 503.
     pub connect_timeout_ms: u64,
+    /// With `postgres`: how often, in milliseconds, a replica looks for registry changes other replicas
+    /// made (tasks, generations, alias moves).
+    pub sync_interval_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -433,6 +450,7 @@ impl Default for StoreConfig {
             url: String::new(),
             pool_size: 8,
             connect_timeout_ms: 5_000,
+            sync_interval_ms: 500,
         }
     }
 }
@@ -445,6 +463,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("url", &(!self.url.is_empty()).then_some("<set>"))
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("sync_interval_ms", &self.sync_interval_ms)
             .finish()
     }
 }
@@ -587,9 +606,12 @@ impl Config {
                 "store.backend = \"postgres\" needs store.url (or FLYWHEEL_STORE__URL)".to_owned(),
             );
         }
-        if !(1..=1000).contains(&self.store.pool_size) || self.store.connect_timeout_ms == 0 {
+        if !(1..=1000).contains(&self.store.pool_size)
+            || self.store.connect_timeout_ms == 0
+            || self.store.sync_interval_ms == 0
+        {
             return fail(format!(
-                "store.pool_size ({}) must be within 1..=1000 and store.connect_timeout_ms positive",
+                "store.pool_size ({}) must be within 1..=1000, store.connect_timeout_ms and sync_interval_ms positive",
                 self.store.pool_size
             ));
         }

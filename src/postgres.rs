@@ -29,23 +29,34 @@ pub enum PgError {
 }
 
 /// The schema, one step per entry; a step is never edited once released, only followed by another.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE feedback (
-         id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-         task        TEXT   NOT NULL,
-         text        TEXT   NOT NULL,
-         text_hash   BYTEA  NOT NULL,
-         label       TEXT   NOT NULL,
-         request_id  TEXT,
-         adapter     TEXT,
-         arm         TEXT,
-         count       BIGINT NOT NULL DEFAULT 1,
-         created_at  BIGINT NOT NULL,
-         UNIQUE (task, text_hash, label)
-     );
-     CREATE INDEX feedback_task_id ON feedback (task, id);",
-)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE feedback (
+             id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             task        TEXT   NOT NULL,
+             text        TEXT   NOT NULL,
+             text_hash   BYTEA  NOT NULL,
+             label       TEXT   NOT NULL,
+             request_id  TEXT,
+             adapter     TEXT,
+             arm         TEXT,
+             count       BIGINT NOT NULL DEFAULT 1,
+             created_at  BIGINT NOT NULL,
+             UNIQUE (task, text_hash, label)
+         );
+         CREATE INDEX feedback_task_id ON feedback (task, id);",
+    ),
+    (
+        2,
+        "CREATE TABLE registry_index (
+             id       INTEGER PRIMARY KEY CHECK (id = 1),
+             version  BIGINT  NOT NULL,
+             body     TEXT    NOT NULL
+         );
+         INSERT INTO registry_index (id, version, body) VALUES (1, 0, '');",
+    ),
+];
 
 /// Key of the advisory lock that serialises migrations across replicas ("flywheel" in ASCII).
 const MIGRATION_LOCK: i64 = 0x666c_7977_6865_656c;

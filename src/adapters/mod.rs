@@ -1,5 +1,6 @@
 //! Adapters: PEFT reading and writing, and the registry of immutable, content-addressed generations.
 
+pub mod index_store;
 pub mod peft;
 pub mod reference;
 pub mod registry;

@@ -3,8 +3,10 @@
 //! A generation's id is a hash of its configuration and weights, so loading the same files twice yields the
 //! same generation. Aliases (a task's stable alias is the task's name) move atomically under a write lock;
 //! readers get an `Arc` lease, so a generation removed or replaced lives until its last request ends. The
-//! index (tasks, generations, aliases) is persisted to `registry.json` in the data directory — written to a
-//! temporary file, fsynced and renamed — and restored at start. Adapter files are read only from under the
+//! index (tasks, generations, aliases) is persisted through an [`IndexStore`] — `registry.json` in the data
+//! directory, or a row in PostgreSQL that several replicas share — and restored at start. With a shared
+//! index, each change is applied to the newest stored state under the store's lock, and
+//! [`Registry::sync`] takes in the changes other replicas made. Adapter files are read only from under the
 //! adapter root.
 //!
 //! Past 500 lines as one concern: tasks, generations and aliases change under one lock and persist as one
@@ -17,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::index_store::{FileIndex, Index, IndexEntry, IndexStore, Stored};
 use super::peft::{self, AdapterConfig, PeftError};
 use super::reference::{DriftReference, REFERENCE_FILE};
 use crate::clock::unix_seconds;
@@ -140,32 +143,19 @@ impl Generation {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct IndexEntry {
-    id: String,
-    task: String,
-    path: String,
-    created_at: u64,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Index {
-    tasks: Vec<Task>,
-    generations: Vec<IndexEntry>,
-    aliases: BTreeMap<String, String>,
-}
-
 #[derive(Default, Clone)]
 struct Inner {
     tasks: BTreeMap<String, Task>,
     generations: BTreeMap<String, Arc<Generation>>,
     aliases: BTreeMap<String, String>,
+    /// The stored index's version this state reflects.
+    version: i64,
 }
 
 /// The registry handle; cheap to share behind an `Arc`.
 pub struct Registry {
     root: PathBuf,
-    index_path: PathBuf,
+    store: Box<dyn IndexStore>,
     limits: AdaptersConfig,
     model: BertConfig,
     base_has_pooler: bool,
@@ -214,14 +204,43 @@ impl Registry {
             .write
             .lock()
             .expect("registry writer lock poisoned; this is a bug");
+        let mut write = self.store.begin()?;
         let mut next = self.read().clone();
+        // Another replica changed the shared index since this one last looked: change the newest state.
+        if let Some(stored) = write.newer_than(next.version)? {
+            next = self.rebuild(&next, stored);
+        }
         let out = change(&mut next)?;
-        self.persist(&next)?;
+        next.version = write.commit(&index_of(&next))?;
         *self
             .inner
             .write()
             .expect("registry lock poisoned; this is a bug") = next;
         Ok(out)
+    }
+
+    /// Takes in what other replicas changed in a shared index (new tasks, generations, alias moves); returns
+    /// whether anything changed. A no-op for an index no one else writes.
+    pub fn sync(&self) -> Result<bool, RegistryError> {
+        if !self.store.shared() {
+            return Ok(false);
+        }
+        let _writer = self
+            .write
+            .lock()
+            .expect("registry writer lock poisoned; this is a bug");
+        let Some(stored) = self.store.load()? else {
+            return Ok(false);
+        };
+        if stored.version <= self.read().version {
+            return Ok(false);
+        }
+        let next = self.rebuild(&self.read().clone(), stored);
+        *self
+            .inner
+            .write()
+            .expect("registry lock poisoned; this is a bug") = next;
+        Ok(true)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -230,19 +249,38 @@ impl Registry {
             .expect("registry lock poisoned; this is a bug")
     }
 
-    /// Opens the registry in `data_dir` (creating `adapters/`), restoring tasks, generations and aliases.
+    /// Opens the registry in `data_dir` (creating `adapters/`), restoring tasks, generations and aliases from
+    /// its `registry.json`.
     pub fn open(
         data_dir: &Path,
         limits: AdaptersConfig,
         model: BertConfig,
         base_has_pooler: bool,
     ) -> Result<Self, RegistryError> {
-        let root = data_dir.join("adapters");
-        std::fs::create_dir_all(&root).map_err(storage)?;
+        let store = Box::new(FileIndex::new(data_dir.join(INDEX_FILE)));
+        Self::open_in(
+            &data_dir.join("adapters"),
+            store,
+            limits,
+            model,
+            base_has_pooler,
+        )
+    }
+
+    /// Opens the registry over the adapter root `root` (created if missing) and the index in `store`,
+    /// restoring tasks, generations and aliases.
+    pub fn open_in(
+        root: &Path,
+        store: Box<dyn IndexStore>,
+        limits: AdaptersConfig,
+        model: BertConfig,
+        base_has_pooler: bool,
+    ) -> Result<Self, RegistryError> {
+        std::fs::create_dir_all(root).map_err(storage)?;
         let root = root.canonicalize().map_err(storage)?;
         let registry = Self {
             root,
-            index_path: data_dir.join(INDEX_FILE),
+            store,
             limits,
             model,
             base_has_pooler,
@@ -259,56 +297,54 @@ impl Registry {
     }
 
     fn restore(&self) -> Result<(), RegistryError> {
-        let index: Index = match std::fs::read(&self.index_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| storage(format!("{}: {e}", self.index_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(storage(e)),
-        };
-        let mut inner = self
-            .inner
-            .write()
-            .expect("registry lock poisoned; this is a bug");
-        for task in index.tasks {
-            inner.tasks.insert(task.name.clone(), task);
+        if let Some(stored) = self.store.load()? {
+            let next = self.rebuild(&Inner::default(), stored);
+            *self
+                .inner
+                .write()
+                .expect("registry lock poisoned; this is a bug") = next;
         }
-        for entry in index.generations {
-            let generation = match self.load_files(&entry.path, &entry.task, &inner.tasks) {
-                Ok(g) if g.id == entry.id => Generation {
-                    created_at: entry.created_at,
-                    ..g
-                },
-                Ok(g) => failed(&entry, format!("files changed on disk (now hash {})", g.id)),
-                Err(e) => failed(&entry, e.to_string()),
-            };
-            if let State::Failed(reason) = &generation.state {
-                tracing::warn!(id = %entry.id, %reason, "generation could not be restored");
-            }
-            inner
-                .generations
-                .insert(entry.id.clone(), Arc::new(generation));
-        }
-        inner.aliases = index.aliases;
         Ok(())
     }
 
-    fn persist(&self, inner: &Inner) -> Result<(), RegistryError> {
-        let index = Index {
-            tasks: inner.tasks.values().cloned().collect(),
-            generations: inner
-                .generations
-                .values()
-                .map(|g| IndexEntry {
-                    id: g.id.clone(),
-                    task: g.task.clone(),
-                    path: g.path.clone(),
-                    created_at: g.created_at,
-                })
-                .collect(),
-            aliases: inner.aliases.clone(),
-        };
-        let bytes = serde_json::to_vec_pretty(&index).map_err(storage)?;
-        crate::durable::write_atomically(&self.index_path, &bytes).map_err(storage)
+    /// The state `stored` describes, keeping the generations `old` has loaded already; the others are loaded
+    /// from their files (a generation whose files are missing or changed is kept as failed, never served).
+    fn rebuild(&self, old: &Inner, stored: Stored) -> Inner {
+        let Stored { version, index } = stored;
+        let tasks: BTreeMap<String, Task> = index
+            .tasks
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let mut generations = BTreeMap::new();
+        for entry in index.generations {
+            let generation = match old.generations.get(&entry.id) {
+                Some(loaded) if loaded.path == entry.path => loaded.clone(),
+                _ => {
+                    let generation = match self.load_files(&entry.path, &entry.task, &tasks) {
+                        Ok(g) if g.id == entry.id => Generation {
+                            created_at: entry.created_at,
+                            ..g
+                        },
+                        Ok(g) => {
+                            failed(&entry, format!("files changed on disk (now hash {})", g.id))
+                        }
+                        Err(e) => failed(&entry, e.to_string()),
+                    };
+                    if let State::Failed(reason) = &generation.state {
+                        tracing::warn!(id = %entry.id, %reason, "generation could not be restored");
+                    }
+                    Arc::new(generation)
+                }
+            };
+            generations.insert(entry.id.clone(), generation);
+        }
+        Inner {
+            tasks,
+            generations,
+            aliases: index.aliases,
+            version,
+        }
     }
 
     /// Creates a task; its name becomes its stable alias once a generation exists.
@@ -572,6 +608,8 @@ impl Registry {
         if let Some(a) = alias {
             check_name("alias", a)?;
         }
+        // The task may be another replica's, created since this one last looked.
+        self.sync()?;
         let tasks = self
             .inner
             .read()
@@ -722,6 +760,24 @@ impl Registry {
             .values()
             .filter(|g| g.state == State::Ready)
             .count()
+    }
+}
+
+/// The index that persists `inner`.
+fn index_of(inner: &Inner) -> Index {
+    Index {
+        tasks: inner.tasks.values().cloned().collect(),
+        generations: inner
+            .generations
+            .values()
+            .map(|g| IndexEntry {
+                id: g.id.clone(),
+                task: g.task.clone(),
+                path: g.path.clone(),
+                created_at: g.created_at,
+            })
+            .collect(),
+        aliases: inner.aliases.clone(),
     }
 }
 

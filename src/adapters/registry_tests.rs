@@ -255,3 +255,92 @@ fn a_changed_sidecar_is_a_new_generation_and_symlinked_files_are_refused() {
     let err = registry.load("linked", "t", None).unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+/// Two registries over one shared PostgreSQL index and one adapter root, as two replicas would open them;
+/// `None` where the tests have no PostgreSQL.
+fn replicas(root: &Path) -> Option<(Registry, Registry, crate::config::StoreConfig)> {
+    let config = crate::postgres::testing::scratch()?;
+    let open = || {
+        let pool = crate::postgres::connect(&config).unwrap();
+        Registry::open_in(
+            root,
+            Box::new(super::index_store::PostgresIndex::new(pool)),
+            AdaptersConfig::default(),
+            BertConfig::tiny(),
+            true,
+        )
+        .unwrap()
+    };
+    Some((open(), open(), config))
+}
+
+#[test]
+fn replicas_on_a_shared_index_take_in_each_others_tasks_generations_and_alias_moves() {
+    let root = tempfile::tempdir().unwrap();
+    let Some((a, b, config)) = replicas(root.path()) else {
+        return;
+    };
+    a.create_task("t", labels()).unwrap();
+    write_adapter(a.root(), "one", 1);
+    write_adapter(a.root(), "two", 2);
+    let (g1, _) = a.load("one", "t", None).unwrap();
+    assert!(b.task("t").is_none(), "not taken in yet");
+    assert!(b.sync().unwrap(), "B sees A's changes");
+    assert!(!b.sync().unwrap(), "and nothing more");
+    assert_eq!(b.task("t").unwrap().labels, labels());
+    assert_eq!(
+        b.resolve("t").unwrap().id,
+        g1.id,
+        "the stable alias, loaded"
+    );
+    // B loads and moves the alias; A takes it in.
+    let (g2, _) = b.load("two", "t", None).unwrap();
+    b.set_alias("t", &g2.id).unwrap();
+    assert_eq!(a.resolve("t").unwrap().id, g1.id);
+    a.sync().unwrap();
+    assert_eq!(a.resolve("t").unwrap().id, g2.id);
+    // A deletes the older generation; B stops serving it.
+    a.delete(&g1.id).unwrap();
+    b.sync().unwrap();
+    assert!(b.resolve(&g1.id).is_none());
+    // A third replica, started now, restores everything from the shared index.
+    let pool = crate::postgres::connect(&config).unwrap();
+    let c = Registry::open_in(
+        root.path(),
+        Box::new(super::index_store::PostgresIndex::new(pool)),
+        AdaptersConfig::default(),
+        BertConfig::tiny(),
+        true,
+    )
+    .unwrap();
+    assert_eq!(c.resolve("t").unwrap().id, g2.id);
+    assert_eq!(c.ready_count(), 1);
+}
+
+#[test]
+fn changes_made_on_two_replicas_at_once_are_all_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let Some((a, b, _)) = replicas(root.path()) else {
+        return;
+    };
+    let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+    let writers: Vec<_> = [("a", a.clone()), ("b", b.clone())]
+        .into_iter()
+        .map(|(prefix, registry)| {
+            std::thread::spawn(move || {
+                for i in 0..15 {
+                    registry
+                        .create_task(&format!("{prefix}{i}"), labels())
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    for registry in [&a, &b] {
+        registry.sync().unwrap();
+        assert_eq!(registry.tasks().len(), 30, "no replica's change was lost");
+    }
+}

@@ -10,12 +10,7 @@ pub mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
-use std::sync::Arc;
-
 use serde::Serialize;
-
-use crate::config::{StoreBackend, StoreConfig};
 
 /// Why a feedback operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,22 +80,4 @@ pub trait FeedbackStore: Send + Sync {
     fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError>;
     /// Distinct rows stored for `task`.
     fn count(&self, task: &str) -> Result<u64, FeedbackError>;
-}
-
-/// Opens the store `config` names: `feedback.sqlite` in `data_dir`, or the PostgreSQL at `config.url` (its
-/// schema migrated).
-pub fn open(
-    config: &StoreConfig,
-    data_dir: &Path,
-) -> Result<Arc<dyn FeedbackStore>, FeedbackError> {
-    Ok(match config.backend {
-        StoreBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(
-            &data_dir.join("feedback.sqlite"),
-        )?),
-        StoreBackend::Postgres => {
-            let pool = crate::postgres::connect(config)
-                .map_err(|e| FeedbackError::Storage(e.to_string()))?;
-            Arc::new(postgres::PostgresStore::new(pool))
-        }
-    })
 }

@@ -1,0 +1,215 @@
+//! Where the registry's index (tasks, generations, aliases) is kept: `registry.json` in the data directory
+//! for one process, or one versioned row in PostgreSQL that several replicas share.
+//!
+//! A change is read-modify-write under the store's lock ([`IndexStore::begin`]): with PostgreSQL the row is
+//! locked (`FOR UPDATE`) for the change, so replicas changing the registry at once apply their changes one
+//! after the other, each to the newest index, and none is lost.
+
+use serde::{Deserialize, Serialize};
+
+use super::registry::Task;
+use super::RegistryError;
+use crate::postgres::{describe, Pool};
+
+/// One generation as the index records it; its files are under the adapter root at `path`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// Content id.
+    pub id: String,
+    /// Its task.
+    pub task: String,
+    /// Directory relative to the adapter root.
+    pub path: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// The persisted registry state.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Index {
+    /// Every task.
+    pub tasks: Vec<Task>,
+    /// Every generation.
+    pub generations: Vec<IndexEntry>,
+    /// Alias to generation id.
+    pub aliases: std::collections::BTreeMap<String, String>,
+}
+
+/// An index and the version it was stored as (a shared store counts every change; a file is always 0).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Increases with every change.
+    pub version: i64,
+    /// The state.
+    pub index: Index,
+}
+
+/// Where the index lives.
+pub trait IndexStore: Send + Sync {
+    /// Whether other processes change this index too, so a replica must look for their changes.
+    fn shared(&self) -> bool;
+    /// The stored index, `None` while nothing was ever stored.
+    fn load(&self) -> Result<Option<Stored>, RegistryError>;
+    /// Starts a change, holding the store's lock until it commits or is dropped (which abandons it).
+    fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError>;
+}
+
+/// A change in progress.
+pub trait IndexWrite {
+    /// The stored index when its version is newer than `seen`: another process changed it since.
+    fn newer_than(&mut self, seen: i64) -> Result<Option<Stored>, RegistryError>;
+    /// Stores `index` as the next version and returns that version.
+    fn commit(self: Box<Self>, index: &Index) -> Result<i64, RegistryError>;
+}
+
+fn storage(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+/// `registry.json`: written atomically (temporary file, fsync, rename); this process is its only writer.
+pub struct FileIndex {
+    path: std::path::PathBuf,
+}
+
+impl FileIndex {
+    /// The index file at `path`.
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self { path }
+    }
+}
+
+impl IndexStore for FileIndex {
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn load(&self) -> Result<Option<Stored>, RegistryError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(|index| Some(Stored { version: 0, index }))
+                .map_err(|e| storage(format!("{}: {e}", self.path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(storage(e)),
+        }
+    }
+
+    fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError> {
+        Ok(Box::new(FileWrite { path: &self.path }))
+    }
+}
+
+struct FileWrite<'a> {
+    path: &'a std::path::Path,
+}
+
+impl IndexWrite for FileWrite<'_> {
+    fn newer_than(&mut self, _seen: i64) -> Result<Option<Stored>, RegistryError> {
+        Ok(None)
+    }
+
+    fn commit(self: Box<Self>, index: &Index) -> Result<i64, RegistryError> {
+        let bytes = serde_json::to_vec_pretty(index).map_err(storage)?;
+        crate::durable::write_atomically(self.path, &bytes).map_err(storage)?;
+        Ok(0)
+    }
+}
+
+/// The `registry_index` row in PostgreSQL, shared by every replica on the database.
+pub struct PostgresIndex {
+    pool: Pool,
+}
+
+impl PostgresIndex {
+    /// The index in the database behind `pool` (migrated by [`crate::postgres::connect`]).
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+fn query(e: postgres::Error) -> RegistryError {
+    RegistryError::Storage(describe(&e))
+}
+
+fn parse(version: i64, body: &str) -> Result<Option<Stored>, RegistryError> {
+    if version == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str(body)
+        .map(|index| Some(Stored { version, index }))
+        .map_err(|e| storage(format!("registry_index version {version}: {e}")))
+}
+
+type Conn = r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>;
+
+fn connection(pool: &Pool) -> Result<Conn, RegistryError> {
+    pool.get()
+        .map_err(|e| storage(format!("no PostgreSQL connection: {e}")))
+}
+
+impl IndexStore for PostgresIndex {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn load(&self) -> Result<Option<Stored>, RegistryError> {
+        let row = connection(&self.pool)?
+            .query_one("SELECT version, body FROM registry_index WHERE id = 1", &[])
+            .map_err(query)?;
+        parse(row.get(0), row.get(1))
+    }
+
+    fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError> {
+        let mut conn = connection(&self.pool)?;
+        conn.batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+            .map_err(query)?;
+        Ok(Box::new(PostgresWrite { conn, open: true }))
+    }
+}
+
+struct PostgresWrite {
+    conn: Conn,
+    /// A transaction is open on `conn`; dropping the write rolls it back.
+    open: bool,
+}
+
+impl IndexWrite for PostgresWrite {
+    fn newer_than(&mut self, seen: i64) -> Result<Option<Stored>, RegistryError> {
+        let row = self
+            .conn
+            .query_one(
+                "SELECT version, body FROM registry_index WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .map_err(query)?;
+        let version: i64 = row.get(0);
+        if version <= seen {
+            return Ok(None);
+        }
+        parse(version, row.get(1))
+    }
+
+    fn commit(mut self: Box<Self>, index: &Index) -> Result<i64, RegistryError> {
+        let body = serde_json::to_string(index).map_err(storage)?;
+        let version: i64 = self
+            .conn
+            .query_one(
+                "UPDATE registry_index SET version = version + 1, body = $1 WHERE id = 1
+                 RETURNING version",
+                &[&body],
+            )
+            .map_err(query)?
+            .get(0);
+        self.conn.batch_execute("COMMIT").map_err(query)?;
+        self.open = false;
+        Ok(version)
+    }
+}
+
+impl Drop for PostgresWrite {
+    fn drop(&mut self) {
+        if self.open {
+            // A failed rollback leaves a broken connection, which the pool tests and replaces.
+            let _ = self.conn.batch_execute("ROLLBACK");
+        }
+    }
+}
