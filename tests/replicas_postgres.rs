@@ -1,7 +1,9 @@
-//! Several replicas over one PostgreSQL, on the real model over real HTTP (`[store] backend = "postgres"`):
-//! feedback posted to either replica is stored once and seen by both, a job on one trains on what was
-//! posted to the other, and a `kill -9` of a replica while clients post loses no acknowledged row.
-//! Needs the tests' PostgreSQL (`scripts/test.sh` starts one).
+//! Several replicas over one PostgreSQL and one adapter directory, on the real model over real HTTP
+//! (`[store] backend = "postgres"`): a task created on one is known to the others, feedback posted to
+//! either replica is stored once and seen by both, a job on one trains on what was posted to the other and
+//! its generation serves on both, an alias moved on one moves on the other within a second, and a
+//! `kill -9` of a replica while clients post loses no acknowledged row. Needs the tests' PostgreSQL
+//! (`scripts/test.sh` starts one).
 
 mod common;
 
@@ -13,24 +15,57 @@ use std::time::{Duration, Instant};
 use common::{sample_mails, Server};
 use serde_json::{json, Value};
 
-/// A replica of its own data directory over the database at `url`.
-fn replica(url: &str) -> Server {
+/// One database and one adapter directory that replicas share.
+struct Shared {
+    url: String,
+    adapters: tempfile::TempDir,
+}
+
+fn shared() -> Option<Shared> {
+    Some(Shared {
+        url: common::postgres_scratch()?,
+        adapters: tempfile::tempdir().unwrap(),
+    })
+}
+
+/// A replica with a data directory of its own over the shared database and adapters.
+fn replica(shared: &Shared) -> Server {
     Server::start(
         &[],
         &[
             ("FLYWHEEL_STORE__BACKEND", "postgres"),
-            ("FLYWHEEL_STORE__URL", url),
+            ("FLYWHEEL_STORE__URL", &shared.url),
+            (
+                "FLYWHEEL_DATA__ADAPTERS_DIR",
+                shared.adapters.path().to_str().unwrap(),
+            ),
         ],
     )
 }
 
-/// Tasks and generations are each replica's own still (docs/SCALING.md): every replica is told the task.
 fn create_task(server: &Server, name: &str) {
     let (status, body) = server.post(
         "/v1/tasks",
         &json!({"name": name, "labels": ["ham", "spam"]}),
     );
     assert_eq!(status, 201, "{body}");
+}
+
+/// Polls `path` on `server` until `done` holds for its answer; returns how long that took. Fails after 1 s,
+/// the convergence the replicas promise (they look every 500 ms).
+fn within_a_second(server: &Server, path: &str, done: impl Fn(u16, &Value) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, body) = server.get_json(path);
+        if done(status, &body) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{path} did not converge within 1 s: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Every stored row of `task` as (id, text, count), paging through `GET /v1/feedback`.
@@ -69,14 +104,14 @@ fn post_feedback(server: &Server, items: &[(&str, &str)]) -> Value {
 }
 
 #[test]
-fn feedback_posted_to_either_replica_is_stored_once_seen_by_both_and_trained_on() {
-    let Some(url) = common::postgres_scratch() else {
+fn replicas_share_tasks_feedback_generations_and_alias_moves() {
+    let Some(shared) = shared() else {
         return;
     };
-    let (a, b) = (replica(&url), replica(&url));
-    for server in [&a, &b] {
-        create_task(server, "inbox");
-    }
+    let (a, b) = (replica(&shared), replica(&shared));
+    create_task(&a, "inbox");
+    let took = within_a_second(&b, "/v1/tasks/inbox", |status, _| status == 200);
+    eprintln!("a task created on A was known to B after {took:?}");
     let to_a = post_feedback(
         &a,
         &[("lunch on friday?", "ham"), ("cheap pills now", "spam")],
@@ -116,9 +151,8 @@ fn feedback_posted_to_either_replica_is_stored_once_seen_by_both_and_trained_on(
         .map(|t| (t.as_str(), "ham"))
         .chain(spam.iter().map(|t| (t.as_str(), "spam")))
         .collect();
-    for server in [&a, &b] {
-        create_task(server, "spam");
-    }
+    create_task(&a, "spam");
+    within_a_second(&b, "/v1/tasks/spam", |status, _| status == 200);
     let items: Vec<Value> = mail
         .iter()
         .map(|(text, label)| json!({"task": "spam", "text": text, "label": label}))
@@ -147,17 +181,63 @@ fn feedback_posted_to_either_replica_is_stored_once_seen_by_both_and_trained_on(
         mail.len() as u64,
         "B's job trained and validated on every mail posted to A: {done}"
     );
+
+    // The generation B's job published serves on A as the task's stable generation.
+    let generation = done["adapter"].as_str().expect("a published generation");
+    let took = within_a_second(&a, "/v1/tasks/spam", |_, task| task["stable"] == generation);
+    eprintln!("B's new generation was A's stable one after {took:?}");
+    let text = "Congratulations! You have been selected for a cash prize, click here to claim";
+    let answers: Vec<Value> = [&a, &b]
+        .iter()
+        .map(|server| {
+            let (status, body) =
+                server.post("/v1/predict", &json!({"task": "spam", "inputs": [text]}));
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["adapter"], generation, "{body}");
+            body["predictions"][0].clone()
+        })
+        .collect();
+    assert_eq!(
+        answers[0]["label"], answers[1]["label"],
+        "one generation, one answer: {answers:?}"
+    );
+    for (label, score) in answers[0]["scores"].as_object().expect("scores") {
+        let other = answers[1]["scores"][label]
+            .as_f64()
+            .expect("the same labels");
+        assert!(
+            (score.as_f64().unwrap() - other).abs() < 1e-5,
+            "{answers:?}"
+        );
+    }
+
+    // An alias moved on A moves on B.
+    let (status, body) = a.send(
+        "PUT",
+        "/v1/aliases/spam-pinned",
+        &json!({"adapter": generation}),
+    );
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let took = within_a_second(&b, "/v1/adapters", |_, list| {
+        list.as_array().is_some_and(|gs| {
+            gs.iter().any(|g| {
+                g["aliases"]
+                    .as_array()
+                    .is_some_and(|a| a.contains(&json!("spam-pinned")))
+            })
+        })
+    });
+    eprintln!("an alias set on A was seen on B after {took:?}");
 }
 
 #[test]
 fn kill_9_of_a_replica_while_clients_post_loses_no_acknowledged_row() {
-    let Some(url) = common::postgres_scratch() else {
+    let Some(shared) = shared() else {
         return;
     };
-    let (a, b) = (replica(&url), replica(&url));
-    for server in [&a, &b] {
-        create_task(server, "inbox");
-    }
+    let (a, b) = (replica(&shared), replica(&shared));
+    create_task(&a, "inbox");
+    within_a_second(&b, "/v1/tasks/inbox", |status, _| status == 200);
     let acked = Arc::new(Mutex::new(BTreeSet::<i64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     // Two clients on A until it dies under them, one on B until told to stop; distinct rows throughout.
@@ -225,24 +305,23 @@ fn kill_9_of_a_replica_while_clients_post_loses_no_acknowledged_row() {
         "{} acknowledged rows ({batches:?} batches per client), all present after the kill",
         acked.len()
     );
-    // A replacement replica reads the same rows.
-    let c = replica(&url);
-    create_task(&c, "inbox");
+    // A replacement replica knows the task and reads the same rows.
+    let c = replica(&shared);
     let again: BTreeSet<i64> = stored(&c, "inbox").iter().map(|r| r.0).collect();
     assert_eq!(again, present);
 }
 
 #[test]
 fn when_the_database_goes_away_feedback_answers_503_and_serving_goes_on() {
-    let Some(url) = common::postgres_scratch() else {
+    let Some(shared) = shared() else {
         return;
     };
-    let server = replica(&url);
+    let server = replica(&shared);
     create_task(&server, "inbox");
     post_feedback(&server, &[("before the outage", "ham")]);
     // The database is dropped under the replica, its connections cut: as unavailable as it gets.
     let admin = std::env::var("FLYWHEEL_TEST_POSTGRES_URL").unwrap();
-    let (_, name) = url.rsplit_once('/').unwrap();
+    let (_, name) = shared.url.rsplit_once('/').unwrap();
     postgres::Client::connect(&admin, postgres::NoTls)
         .unwrap()
         .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
