@@ -195,7 +195,7 @@ pub fn assemble(
             }
         }));
     }
-    if config.trainer.rerun_interrupted {
+    if config.trainer.rerun_interrupted && config.trainer.enabled {
         jobs.rerun_interrupted();
     }
     Ok(Services {
@@ -211,8 +211,8 @@ pub fn assemble(
     })
 }
 
-/// Starts the thread that takes in registry changes other replicas make, every `every`, until the registry
-/// is dropped.
+/// Starts the thread that takes in registry changes other replicas make, as they are announced and every
+/// `every` anyway, until the registry is dropped.
 fn follow_registry(
     registry: &Arc<Registry>,
     every: Duration,
@@ -222,10 +222,10 @@ fn follow_registry(
     std::thread::Builder::new()
         .name("flywheel-registry-sync".to_owned())
         .spawn(move || loop {
-            std::thread::sleep(every);
             let Some(registry) = registry.upgrade() else {
                 return;
             };
+            registry.wait_for_change(every);
             match registry.sync() {
                 Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
                 Ok(false) => {}

@@ -64,7 +64,7 @@ impl Autopilot {
 
     fn maybe_train(&self, last: &mut HashMap<String, Last>) {
         let by_count = self.policy.auto_every_feedback > 0;
-        if !by_count && !self.policy.auto_on_drift {
+        if !self.policy.enabled || (!by_count && !self.policy.auto_on_drift) {
             return;
         }
         let interval = Duration::from_secs(self.policy.auto_min_interval_secs);

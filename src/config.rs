@@ -165,6 +165,10 @@ impl Default for RolloutConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
+    /// Whether this process trains. `false` (`serve --no-trainer`): `POST /v1/train` answers 503
+    /// `trainer_disabled` and the autopilot starts no job (its rollout analysis goes on); for serving
+    /// replicas beside a training one on a shared store (docs/SCALING.md).
+    pub enabled: bool,
     /// Threads the trainer may use; the rest of the cores keep serving.
     pub threads: usize,
     /// Niceness of the trainer's threads (0–19, Linux): training yields the cores to serving when both want
@@ -199,6 +203,7 @@ pub struct TrainerConfig {
 impl Default for TrainerConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             threads: 1,
             nice: 10,
             yield_to_serving_ms: 250,

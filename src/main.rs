@@ -242,6 +242,9 @@ struct ServeArgs {
     /// Truncation length in tokens, at most 512 (`[model] max_length`, `FLYWHEEL_MODEL__MAX_LENGTH`).
     #[arg(long)]
     max_length: Option<usize>,
+    /// Serve without training (`[trainer] enabled = false`): a serving replica beside a training one.
+    #[arg(long)]
+    no_trainer: bool,
     /// HTTP worker threads (`[server] workers`, `FLYWHEEL_SERVER__WORKERS`).
     #[arg(long)]
     workers: Option<usize>,
@@ -272,6 +275,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.workers {
             config.server.workers = v;
+        }
+        if self.no_trainer {
+            config.trainer.enabled = false;
         }
         config.validate()?;
         Ok(config)

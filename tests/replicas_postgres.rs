@@ -30,8 +30,12 @@ fn shared() -> Option<Shared> {
 
 /// A replica with a data directory of its own over the shared database and adapters.
 fn replica(shared: &Shared) -> Server {
+    replica_with(shared, &[])
+}
+
+fn replica_with(shared: &Shared, args: &[&str]) -> Server {
     Server::start(
-        &[],
+        args,
         &[
             ("FLYWHEEL_STORE__BACKEND", "postgres"),
             ("FLYWHEEL_STORE__URL", &shared.url),
@@ -108,7 +112,8 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
     let Some(shared) = shared() else {
         return;
     };
-    let (a, b) = (replica(&shared), replica(&shared));
+    // A only serves; B serves and trains.
+    let (a, b) = (replica_with(&shared, &["--no-trainer"]), replica(&shared));
     create_task(&a, "inbox");
     let took = within_a_second(&b, "/v1/tasks/inbox", |status, _| status == 200);
     eprintln!("a task created on A was known to B after {took:?}");
@@ -159,6 +164,9 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
         .collect();
     let (status, ack) = a.post("/v1/feedback", &json!({ "items": items }));
     assert_eq!(status, 202, "{ack}");
+    let (status, refused) = a.post("/v1/train", &json!({"task": "spam"}));
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["error_type"], "trainer_disabled", "{refused}");
     let (status, job) = b.post(
         "/v1/train",
         &json!({"task": "spam", "epochs": 1, "max_length": 32}),

@@ -52,6 +52,10 @@ pub trait IndexStore: Send + Sync {
     fn load(&self) -> Result<Option<Stored>, RegistryError>;
     /// Starts a change, holding the store's lock until it commits or is dropped (which abandons it).
     fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError>;
+    /// Returns when another process may have changed the index, or after `timeout` at the latest.
+    fn wait(&self, timeout: std::time::Duration) {
+        std::thread::sleep(timeout);
+    }
 }
 
 /// A change in progress.
@@ -114,15 +118,25 @@ impl IndexWrite for FileWrite<'_> {
     }
 }
 
-/// The `registry_index` row in PostgreSQL, shared by every replica on the database.
+/// The `registry_index` row in PostgreSQL, shared by every replica on the database. Each change is
+/// announced on the channel [`CHANNEL`] as it commits; [`IndexStore::wait`] listens on it, so replicas take
+/// changes in within milliseconds, and look anyway at every timeout should a notification be missed.
 pub struct PostgresIndex {
     pool: Pool,
+    /// A connection kept for `LISTEN` (taken from the pool once; replaced when it breaks).
+    listener: std::sync::Mutex<Option<Conn>>,
 }
+
+/// The `LISTEN`/`NOTIFY` channel of registry changes.
+pub const CHANNEL: &str = "flywheel_registry";
 
 impl PostgresIndex {
     /// The index in the database behind `pool` (migrated by [`crate::postgres::connect`]).
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            listener: std::sync::Mutex::new(None),
+        }
     }
 }
 
@@ -156,6 +170,38 @@ impl IndexStore for PostgresIndex {
             .query_one("SELECT version, body FROM registry_index WHERE id = 1", &[])
             .map_err(query)?;
         parse(row.get(0), row.get(1))
+    }
+
+    fn wait(&self, timeout: std::time::Duration) {
+        use postgres::fallible_iterator::FallibleIterator;
+        let mut listener = self.listener.lock().unwrap_or_else(|e| e.into_inner());
+        if listener.is_none() {
+            let listening = connection(&self.pool).and_then(|mut conn| {
+                conn.batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .map_err(query)?;
+                Ok(conn)
+            });
+            match listening {
+                Ok(conn) => *listener = Some(conn),
+                Err(_) => {
+                    // PostgreSQL is unreachable: poll at the timeout until it is back.
+                    drop(listener);
+                    std::thread::sleep(timeout);
+                    return;
+                }
+            }
+        }
+        let broken = {
+            let conn = listener.as_mut().expect("set above");
+            let mut notifications = conn.notifications();
+            let first = notifications.timeout_iter(timeout).next().map(drop);
+            // Several changes may have been announced; one look takes them all in.
+            let rest = notifications.iter().count().map(drop);
+            first.and(rest).is_err()
+        };
+        if broken {
+            *listener = None;
+        }
     }
 
     fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError> {
@@ -199,7 +245,10 @@ impl IndexWrite for PostgresWrite {
             )
             .map_err(query)?
             .get(0);
-        self.conn.batch_execute("COMMIT").map_err(query)?;
+        // The notification is delivered when (and only if) the transaction commits.
+        self.conn
+            .batch_execute(&format!("NOTIFY {CHANNEL}; COMMIT"))
+            .map_err(query)?;
         self.open = false;
         Ok(version)
     }

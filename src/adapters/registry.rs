@@ -219,6 +219,11 @@ impl Registry {
         Ok(out)
     }
 
+    /// Returns when another replica may have changed a shared index, or after `timeout` at the latest.
+    pub fn wait_for_change(&self, timeout: std::time::Duration) {
+        self.store.wait(timeout);
+    }
+
     /// Takes in what other replicas changed in a shared index (new tasks, generations, alias moves); returns
     /// whether anything changed. A no-op for an index no one else writes.
     pub fn sync(&self) -> Result<bool, RegistryError> {

@@ -344,3 +344,31 @@ fn changes_made_on_two_replicas_at_once_are_all_kept() {
         assert_eq!(registry.tasks().len(), 30, "no replica's change was lost");
     }
 }
+
+#[test]
+fn a_change_wakes_the_other_replicas_waiting_for_one() {
+    let root = tempfile::tempdir().unwrap();
+    let Some((a, b, _)) = replicas(root.path()) else {
+        return;
+    };
+    let b = std::sync::Arc::new(b);
+    // The first wait opens the listening connection; the change comes while the second one waits.
+    b.wait_for_change(std::time::Duration::from_millis(10));
+    let waiter = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            b.wait_for_change(std::time::Duration::from_secs(60));
+            started.elapsed()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    a.create_task("t", labels()).unwrap();
+    let waited = waiter.join().unwrap();
+    assert!(
+        waited < std::time::Duration::from_secs(60),
+        "woken by the change, not the timeout"
+    );
+    assert!(b.sync().unwrap());
+    assert!(b.task("t").is_some());
+}

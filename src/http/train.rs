@@ -23,6 +23,9 @@ impl From<TrainError> for ApiError {
             TrainError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            TrainError::Disabled => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "trainer_disabled", message)
+            }
             _ => ApiError::invalid(message),
         }
     }
@@ -35,7 +38,8 @@ impl From<TrainError> for ApiError {
     responses(
         (status = 202, description = "Queued", body = JobSubmitted),
         (status = 404, description = "No such task (`not_found`)", body = ErrorBody),
-        (status = 429, description = "The job queue is full (`queue_full`)", body = ErrorBody)))]
+        (status = 429, description = "The job queue is full (`queue_full`)", body = ErrorBody),
+        (status = 503, description = "This replica does not train (`trainer_disabled`) or is shutting down (`shutting_down`)", body = ErrorBody)))]
 pub async fn submit(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -37,6 +37,9 @@ pub enum TrainError {
     /// The trainer is stopping and takes no new jobs.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// This process does not train (`[trainer] enabled = false`).
+    #[error("this replica does not train ([trainer] enabled = false); send the job to a training replica")]
+    Disabled,
     /// The tensor library failed.
     #[error(transparent)]
     Model(#[from] ModelError),

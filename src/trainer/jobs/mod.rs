@@ -78,6 +78,8 @@ pub struct Jobs {
     shared: Arc<Shared>,
     tx: Mutex<mpsc::Sender<String>>,
     max_queued: usize,
+    /// `[trainer] enabled`: false refuses every job.
+    enabled: bool,
     alive: Alive,
 }
 
@@ -173,6 +175,7 @@ impl Jobs {
             shared,
             tx: Mutex::new(tx),
             max_queued: limits.max_queued_jobs,
+            enabled: limits.enabled,
             alive,
         })
     }
@@ -252,6 +255,9 @@ impl Jobs {
                 .filter(|j| matches!(j.state, JobState::Queued | JobState::Running))
                 .count()
         };
+        if !self.enabled {
+            return Err(TrainError::Disabled);
+        }
         if self.shared.shutting_down.load(Ordering::Relaxed) {
             return Err(TrainError::ShuttingDown);
         }
