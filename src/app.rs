@@ -21,6 +21,7 @@ use crate::model::{LoadOptions, Model, ModelError, ServingModel};
 use crate::pressure::ServingPressure;
 use crate::rollout::{Rollouts, StartRequest};
 use crate::serving::Services;
+use crate::trainer::jobs::queue::SharedQueue;
 use crate::trainer::jobs::{Jobs, TrainerDeps};
 use crate::trainer::train::TrainConfig;
 
@@ -169,7 +170,14 @@ pub fn assemble(
             0
         },
     };
-    let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer)?);
+    let queue = shared.as_ref().map(|pool| {
+        SharedQueue::new(
+            pool.clone(),
+            worker_name(),
+            Duration::from_secs(config.trainer.lease_secs),
+        )
+    });
+    let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer, queue)?);
     let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
     drift.start_embedder(serving, pressure)?;
     let rollouts = Arc::new(Rollouts::open(
@@ -209,6 +217,21 @@ pub fn assemble(
         watch_drift: config.drift.enabled,
         loaded_at: crate::clock::unix_seconds(),
     })
+}
+
+/// This process's name on the jobs it claims from a shared queue: the host's name (a pod's, on Kubernetes)
+/// and the process id.
+fn worker_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let host = if ok {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "flywheel".to_owned()
+    };
+    format!("{host}/{}", std::process::id())
 }
 
 /// Starts the thread that takes in registry changes other replicas make, as they are announced and every

@@ -185,6 +185,10 @@ pub struct TrainerConfig {
     pub keep_finished_jobs: usize,
     /// At start-up, queue again (once, as new jobs) the jobs a shutdown or crash interrupted.
     pub rerun_interrupted: bool,
+    /// With a shared job queue (`[store] backend = "postgres"`): seconds a claimed job stays this
+    /// process's past its last heartbeat (heartbeats come every third of it). A worker silent that long
+    /// is taken for dead and its job is run again by another, once.
+    pub lease_secs: u64,
     /// Where training runs: `cpu`; `cuda` or `cuda:N` (a build with the `cuda` cargo feature); or `auto`, the
     /// first GPU when the build has CUDA and the machine has one, else the CPU. The trainer keeps its own
     /// copy of the base weights there; serving stays on `model.device`. Checked at start-up.
@@ -210,6 +214,7 @@ impl Default for TrainerConfig {
             max_queued_jobs: 4,
             keep_finished_jobs: 1000,
             rerun_interrupted: true,
+            lease_secs: 30,
             device: "cpu".to_owned(),
             auto_every_feedback: 0,
             auto_min_interval_secs: 600,
@@ -605,6 +610,12 @@ impl Config {
         }
         if self.server.workers == 0 {
             return fail("server.workers must be ≥ 1".to_owned());
+        }
+        if self.trainer.lease_secs < 3 {
+            return fail(format!(
+                "trainer.lease_secs ({}) must be ≥ 3 (heartbeats come every third of it)",
+                self.trainer.lease_secs
+            ));
         }
         if self.store.backend == StoreBackend::Postgres && self.store.url.trim().is_empty() {
             return fail(

@@ -14,6 +14,48 @@ use crate::config::StoreConfig;
 /// A pool of connections; each store holds a clone.
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
+/// A connection taken from a [`Pool`].
+pub type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+
+/// Returns when a notification arrives on `channel`, or after `timeout` at the latest. `listener` keeps the
+/// connection that `LISTEN`s between calls (taken from `pool` at the first call, replaced when it breaks);
+/// while PostgreSQL is unreachable this just sleeps `timeout`, so callers poll.
+pub fn wait_for_notification(
+    pool: &Pool,
+    listener: &std::sync::Mutex<Option<Conn>>,
+    channel: &str,
+    timeout: Duration,
+) {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut listener = listener.lock().unwrap_or_else(|e| e.into_inner());
+    if listener.is_none() {
+        let listening = pool.get().ok().and_then(|mut conn| {
+            conn.batch_execute(&format!("LISTEN {channel}"))
+                .ok()
+                .map(|()| conn)
+        });
+        match listening {
+            Some(conn) => *listener = Some(conn),
+            None => {
+                drop(listener);
+                std::thread::sleep(timeout);
+                return;
+            }
+        }
+    }
+    let broken = {
+        let conn = listener.as_mut().expect("set above");
+        let mut notifications = conn.notifications();
+        let first = notifications.timeout_iter(timeout).next().map(drop);
+        // Several may have come; one wake-up answers them all.
+        let rest = notifications.iter().count().map(drop);
+        first.and(rest).is_err()
+    };
+    if broken {
+        *listener = None;
+    }
+}
+
 /// Why PostgreSQL could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -55,6 +97,22 @@ const MIGRATIONS: &[(i32, &str)] = &[
              body     TEXT    NOT NULL
          );
          INSERT INTO registry_index (id, version, body) VALUES (1, 0, '');",
+    ),
+    (
+        3,
+        "CREATE TABLE jobs (
+             id          TEXT    PRIMARY KEY,
+             task        TEXT    NOT NULL,
+             state       TEXT    NOT NULL,
+             record      TEXT    NOT NULL,
+             worker      TEXT,
+             lease_until BIGINT,
+             attempts    INTEGER NOT NULL DEFAULT 0,
+             cancel      BOOLEAN NOT NULL DEFAULT false,
+             created_at  BIGINT  NOT NULL
+         );
+         CREATE INDEX jobs_waiting ON jobs (state, created_at);
+         CREATE INDEX jobs_task ON jobs (task, created_at);",
     ),
 ];
 

@@ -1,9 +1,10 @@
 //! Several replicas over one PostgreSQL and one adapter directory, on the real model over real HTTP
 //! (`[store] backend = "postgres"`): a task created on one is known to the others, feedback posted to
-//! either replica is stored once and seen by both, a job on one trains on what was posted to the other and
-//! its generation serves on both, an alias moved on one moves on the other within a second, and a
-//! `kill -9` of a replica while clients post loses no acknowledged row. Needs the tests' PostgreSQL
-//! (`scripts/test.sh` starts one).
+//! either replica is stored once and seen by both, a job queued on a serving-only replica is claimed and
+//! run by the training one on what was posted to the other, and its generation serves on both, an alias
+//! moved on one moves on the other within a second; a `kill -9` of the worker running a job has another
+//! worker run it again, and one of a replica while clients post loses no acknowledged row. Needs the tests'
+//! PostgreSQL (`scripts/test.sh` starts one).
 
 mod common;
 
@@ -97,6 +98,26 @@ fn stored(server: &Server, task: &str) -> Vec<(i64, String, i64)> {
     }
 }
 
+/// Polls job `id` on `server` until it is neither queued nor running.
+fn wait_for_job(server: &Server, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, job) = server.get_json(&format!("/v1/jobs/{id}"));
+        assert_eq!(status, 200, "{job}");
+        if !matches!(job["state"].as_str(), Some("queued") | Some("running")) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job still live: {job}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The name a replica claims jobs under: its host's name and its process id.
+fn worker_of(server: &Server) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name");
+    format!("{}/{}", host.trim(), server.pid())
+}
+
 fn post_feedback(server: &Server, items: &[(&str, &str)]) -> Value {
     let items: Vec<Value> = items
         .iter()
@@ -164,25 +185,19 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
         .collect();
     let (status, ack) = a.post("/v1/feedback", &json!({ "items": items }));
     assert_eq!(status, 202, "{ack}");
-    let (status, refused) = a.post("/v1/train", &json!({"task": "spam"}));
-    assert_eq!(status, 503, "{refused}");
-    assert_eq!(refused["error_type"], "trainer_disabled", "{refused}");
-    let (status, job) = b.post(
+    // Queued on A, which does not train: B claims it from the shared queue and runs it.
+    let (status, job) = a.post(
         "/v1/train",
         &json!({"task": "spam", "epochs": 1, "max_length": 32}),
     );
     assert_eq!(status, 202, "{job}");
     let id = job["job_id"].as_str().expect("a job id");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = loop {
-        let (_, job) = b.get_json(&format!("/v1/jobs/{id}"));
-        if !matches!(job["state"].as_str(), Some("queued") | Some("running")) {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "job still running: {job}");
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let done = wait_for_job(&a, id, Duration::from_secs(120));
     assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["worker"].as_str().unwrap(), worker_of(&b), "{done}");
+    assert_eq!(done["attempts"], 1, "{done}");
+    let (_, on_b) = b.get_json(&format!("/v1/jobs/{id}"));
+    assert_eq!(on_b["state"], "succeeded", "one job, listed alike: {on_b}");
     let seen = done["train_examples"].as_u64().unwrap() + done["val"]["examples"].as_u64().unwrap();
     assert_eq!(
         seen,
@@ -346,4 +361,77 @@ fn when_the_database_goes_away_feedback_answers_503_and_serving_goes_on() {
     assert_eq!(status, 200, "embeddings do not touch the store: {body}");
     let (status, body) = server.get_json("/ready");
     assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_job_whose_worker_is_killed_is_run_again_by_another_worker() {
+    let Some(shared) = shared() else {
+        return;
+    };
+    // Leases of 3 s, so a dead worker's job is claimed again within seconds.
+    let worker = || {
+        Server::start(
+            &[],
+            &[
+                ("FLYWHEEL_STORE__BACKEND", "postgres"),
+                ("FLYWHEEL_STORE__URL", &shared.url),
+                (
+                    "FLYWHEEL_DATA__ADAPTERS_DIR",
+                    shared.adapters.path().to_str().unwrap(),
+                ),
+                ("FLYWHEEL_TRAINER__LEASE_SECS", "3"),
+            ],
+        )
+    };
+    let front = replica_with(&shared, &["--no-trainer"]);
+    let workers = [worker(), worker()];
+    create_task(&front, "spam");
+    let (ham, spam) = (
+        sample_mails("easy-ham-1", 1, 5, 80, 80),
+        sample_mails("spam-1", 1, 5, 80, 80),
+    );
+    let items: Vec<Value> = ham
+        .iter()
+        .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
+        .chain(
+            spam.iter()
+                .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+        )
+        .collect();
+    let (status, ack) = front.post("/v1/feedback", &json!({ "items": items }));
+    assert_eq!(status, 202, "{ack}");
+    // Long enough (3 epochs at 64 tokens) that the kill lands while it trains.
+    let (status, job) = front.post(
+        "/v1/train",
+        &json!({"task": "spam", "epochs": 3, "max_length": 64}),
+    );
+    assert_eq!(status, 202, "{job}");
+    let id = job["job_id"].as_str().expect("a job id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let (_, job) = front.get_json(&format!("/v1/jobs/{id}"));
+        if job["state"] == "running" && job["step"].as_u64().unwrap_or(0) >= 1 {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job never ran: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let first = running["worker"].as_str().expect("a worker").to_owned();
+    let (victim, survivor): (Vec<_>, Vec<_>) =
+        workers.into_iter().partition(|w| worker_of(w) == first);
+    assert_eq!(victim.len(), 1, "{first} is one of the two workers");
+    drop(victim); // SIGKILL mid-training
+    let done = wait_for_job(&front, &id, Duration::from_secs(180));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "run again once: {done}");
+    assert_eq!(
+        done["worker"].as_str().unwrap(),
+        worker_of(&survivor[0]),
+        "by the other worker: {done}"
+    );
+    let generation = done["adapter"].as_str().expect("a generation");
+    let took = within_a_second(&front, "/v1/tasks/spam", |_, task| {
+        task["stable"] == generation
+    });
+    eprintln!("the re-run's generation served on the front replica after {took:?}");
 }

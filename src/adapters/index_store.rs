@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::registry::Task;
 use super::RegistryError;
-use crate::postgres::{describe, Pool};
+use crate::postgres::{describe, Conn, Pool};
 
 /// One generation as the index records it; its files are under the adapter root at `path`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,8 +153,6 @@ fn parse(version: i64, body: &str) -> Result<Option<Stored>, RegistryError> {
         .map_err(|e| storage(format!("registry_index version {version}: {e}")))
 }
 
-type Conn = r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>;
-
 fn connection(pool: &Pool) -> Result<Conn, RegistryError> {
     pool.get()
         .map_err(|e| storage(format!("no PostgreSQL connection: {e}")))
@@ -173,35 +171,7 @@ impl IndexStore for PostgresIndex {
     }
 
     fn wait(&self, timeout: std::time::Duration) {
-        use postgres::fallible_iterator::FallibleIterator;
-        let mut listener = self.listener.lock().unwrap_or_else(|e| e.into_inner());
-        if listener.is_none() {
-            let listening = connection(&self.pool).and_then(|mut conn| {
-                conn.batch_execute(&format!("LISTEN {CHANNEL}"))
-                    .map_err(query)?;
-                Ok(conn)
-            });
-            match listening {
-                Ok(conn) => *listener = Some(conn),
-                Err(_) => {
-                    // PostgreSQL is unreachable: poll at the timeout until it is back.
-                    drop(listener);
-                    std::thread::sleep(timeout);
-                    return;
-                }
-            }
-        }
-        let broken = {
-            let conn = listener.as_mut().expect("set above");
-            let mut notifications = conn.notifications();
-            let first = notifications.timeout_iter(timeout).next().map(drop);
-            // Several changes may have been announced; one look takes them all in.
-            let rest = notifications.iter().count().map(drop);
-            first.and(rest).is_err()
-        };
-        if broken {
-            *listener = None;
-        }
+        crate::postgres::wait_for_notification(&self.pool, &self.listener, CHANNEL, timeout);
     }
 
     fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError> {

@@ -23,6 +23,11 @@ impl From<TrainError> for ApiError {
             TrainError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            TrainError::Storage(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                message,
+            ),
             TrainError::Disabled => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "trainer_disabled", message)
             }
@@ -142,15 +147,22 @@ pub struct ListQuery {
 /// `GET /v1/jobs?task=T`, newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "training", params(ListQuery),
     security((), ("admin_key" = [])),
-    responses((status = 200, description = "Jobs, newest first", body = Vec<JobStatus>)))]
+    responses(
+        (status = 200, description = "Jobs, newest first", body = Vec<JobStatus>),
+        (status = 503, description = "The shared job queue cannot be read (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn list(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
-    let jobs = state.services()?.jobs.list(query.task.as_deref());
-    Ok(HttpResponse::Ok().json(jobs.iter().map(JobStatus::from).collect::<Vec<_>>()))
+    // With a shared queue this reads PostgreSQL: off the async workers.
+    let jobs = state.services()?.jobs.clone();
+    let task = query.into_inner().task;
+    let list = web::block(move || jobs.list(task.as_deref()))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    Ok(HttpResponse::Ok().json(list.iter().map(JobStatus::from).collect::<Vec<_>>()))
 }
 
 /// `GET /v1/jobs/{id}`.
@@ -158,13 +170,14 @@ pub async fn list(
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, description = "The job", body = JobStatus),
-        (status = 404, description = "No such job (`not_found`)", body = ErrorBody)))]
+        (status = 404, description = "No such job (`not_found`)", body = ErrorBody),
+        (status = 503, description = "The shared job queue cannot be read (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    job_answer(&req, &state, &id, |jobs, id| jobs.get(id))
+    job_answer(&req, &state, id.into_inner(), |jobs, id| jobs.get(id)).await
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job and returns its status.
@@ -172,33 +185,30 @@ pub async fn get(
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, description = "The job, cancelled unless it had finished", body = JobStatus),
-        (status = 404, description = "No such job (`not_found`)", body = ErrorBody)))]
+        (status = 404, description = "No such job (`not_found`)", body = ErrorBody),
+        (status = 503, description = "The shared job queue cannot be written (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn cancel(
     req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
-    // Cancelling writes the job list: off the async workers.
-    let jobs = state.services()?.jobs.clone();
-    let id = id.into_inner();
-    let job = web::block(move || jobs.cancel(&id).ok_or(id))
-        .await
-        .map_err(|_| ApiError::busy())?
-        .map_err(|id| ApiError::not_found(format!("no job {id:?}")))?;
-    Ok(HttpResponse::Ok().json(JobStatus::from(&job)))
+    job_answer(&req, &state, id.into_inner(), |jobs, id| jobs.cancel(id)).await
 }
 
-/// Admin check, then `act` on job `id`: its status, or 404.
-fn job_answer(
+/// Admin check, then `act` on job `id` off the async workers (it writes the job list, or reads and writes
+/// PostgreSQL): its status, or 404.
+async fn job_answer(
     req: &HttpRequest,
     state: &AppState,
-    id: &str,
-    act: impl FnOnce(&Jobs, &str) -> Option<JobRecord>,
+    id: String,
+    act: impl FnOnce(&Jobs, &str) -> Result<Option<JobRecord>, TrainError> + Send + 'static,
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(req, &state.config.auth)?;
-    let job = act(&state.services()?.jobs, id)
-        .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
+    let jobs = state.services()?.jobs.clone();
+    let job = web::block(move || act(&jobs, &id).map(|job| job.ok_or(id)))
+        .await
+        .map_err(|_| ApiError::busy())??
+        .map_err(|id| ApiError::not_found(format!("no job {id:?}")))?;
     Ok(HttpResponse::Ok().json(JobStatus::from(&job)))
 }
 
@@ -262,6 +272,10 @@ pub struct JobStatus {
     pub rerun_as: Option<String>,
     /// The interrupted job this one repeats.
     pub rerun_of: Option<String>,
+    /// The replica that claimed it from the shared queue (several replicas on PostgreSQL).
+    pub worker: Option<String>,
+    /// How many times a worker claimed it from the shared queue: 2 after a re-run for a worker that died.
+    pub attempts: u32,
 }
 
 impl From<&JobRecord> for JobStatus {
@@ -294,6 +308,8 @@ impl From<&JobRecord> for JobStatus {
             cancel_requested: j.cancel_requested,
             rerun_as: j.rerun_as.clone(),
             rerun_of: j.rerun_of.clone(),
+            worker: j.worker.clone(),
+            attempts: j.attempts,
         }
     }
 }

@@ -37,6 +37,9 @@ pub enum TrainError {
     /// The trainer is stopping and takes no new jobs.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The shared job queue could not be read or written.
+    #[error("job storage: {0}")]
+    Storage(String),
     /// This process does not train (`[trainer] enabled = false`).
     #[error("this replica does not train ([trainer] enabled = false); send the job to a training replica")]
     Disabled,

@@ -173,6 +173,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM: a graceful stop.
     pub fn terminate(&self) {
         let pid = i32::try_from(self.child.id()).expect("a pid fits an i32");

@@ -3,6 +3,9 @@
 //! publishing the result as a new adapter generation.
 //!
 //! The record of a job is `status.rs`, one job's run `run.rs`, and the rows it learns from `select.rs`.
+//! With several replicas on PostgreSQL the queue is the shared table of `queue.rs`: any replica queues, a
+//! training replica's trainer thread claims, and the jobs this process holds are the only ones it keeps in
+//! memory, written to the table at every state change and heartbeat.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,10 +23,12 @@ use crate::model::{Bert, Model};
 use crate::pressure::ServingPressure;
 use crate::supervise::Alive;
 
+pub mod queue;
 mod run;
 mod select;
 mod status;
 
+use queue::SharedQueue;
 use run::{lower_priority, run_job};
 use status::{forget_oldest_finished, read_job_list, Interruption};
 pub use status::{JobRecord, JobState};
@@ -71,6 +76,8 @@ struct Shared {
     keep_finished: usize,
     /// Held across a snapshot and its write, so the last write holds the latest snapshot.
     persisting: Mutex<()>,
+    /// The shared queue, with several replicas on PostgreSQL; `None`: this process's own `jobs.json`.
+    queue: Option<Arc<SharedQueue>>,
 }
 
 /// The job queue handle.
@@ -84,6 +91,15 @@ pub struct Jobs {
 }
 
 impl Shared {
+    /// [`Shared::persist_shared`] under the persist lock.
+    fn persist_shared_now(&self, queue: &SharedQueue) -> bool {
+        let _writing = self
+            .persisting
+            .lock()
+            .expect("persist lock poisoned; this is a bug");
+        self.persist_shared(queue)
+    }
+
     fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
         if let Some(job) = jobs.get_mut(id) {
@@ -91,12 +107,17 @@ impl Shared {
         }
     }
 
-    /// Forgets the oldest finished jobs beyond the retention limit, then writes the list.
+    /// Forgets the oldest finished jobs beyond the retention limit, then writes the list (with a shared
+    /// queue: writes the jobs this process holds to it).
     fn persist(&self) {
         let _writing = self
             .persisting
             .lock()
             .expect("persist lock poisoned; this is a bug");
+        if let Some(queue) = &self.queue {
+            self.persist_shared(queue);
+            return;
+        }
         let jobs = {
             let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
             forget_oldest_finished(&mut jobs, self.keep_finished);
@@ -111,22 +132,68 @@ impl Shared {
             Err(e) => tracing::warn!(error = %e, "could not serialise the job list"),
         }
     }
+
+    /// Writes each job this process holds to the shared queue (extending its lease), stops those whose
+    /// cancellation was asked for elsewhere, and puts back those a shutdown interrupted. Returns whether
+    /// every write went through.
+    fn persist_shared(&self, queue: &SharedQueue) -> bool {
+        let held: Vec<JobRecord> = self
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned; this is a bug")
+            .values()
+            .cloned()
+            .collect();
+        let shutting_down = self.shutting_down.load(Ordering::Relaxed);
+        let mut all = true;
+        for job in held {
+            let written = if shutting_down && job.interrupted && !job.crashed {
+                queue.release(&job).map(|()| false)
+            } else {
+                queue.heartbeat(&job)
+            };
+            match written {
+                Ok(stop) => {
+                    if stop {
+                        if let Some(flag) = self
+                            .cancel
+                            .lock()
+                            .expect("cancel lock poisoned; this is a bug")
+                            .get(&job.id)
+                        {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                // Kept in memory: the next heartbeat writes it again.
+                Err(e) => {
+                    all = false;
+                    tracing::warn!(job = %job.id, error = %e, "cannot write the job to the shared queue");
+                }
+            }
+        }
+        all
+    }
 }
 
 impl Jobs {
-    /// Restores the job list from `data_dir/jobs.json` (jobs a restart interrupted are marked failed) and
-    /// starts the trainer thread.
+    /// Restores the job list from `data_dir/jobs.json` (jobs a restart interrupted are marked failed), or
+    /// with a shared `queue` starts from it, and starts the trainer thread.
     /// `limits` gives the queue's length and how many finished jobs are remembered.
     pub fn start(
         data_dir: &Path,
         deps: TrainerDeps,
         limits: &TrainerConfig,
+        queue: Option<SharedQueue>,
     ) -> std::io::Result<Self> {
         let path = data_dir.join("jobs.json");
-        let mut jobs: BTreeMap<String, JobRecord> = read_job_list(&path)
-            .into_iter()
-            .map(|j| (j.id.clone(), j))
-            .collect();
+        let mut jobs: BTreeMap<String, JobRecord> = match queue {
+            Some(_) => BTreeMap::new(),
+            None => read_job_list(&path)
+                .into_iter()
+                .map(|j| (j.id.clone(), j))
+                .collect(),
+        };
         for job in jobs.values_mut() {
             if matches!(job.state, JobState::Queued | JobState::Running) {
                 job.interrupt(Interruption::Crash);
@@ -141,8 +208,13 @@ impl Jobs {
             path,
             keep_finished: limits.keep_finished_jobs,
             persisting: Mutex::new(()),
+            queue: queue.map(Arc::new),
         });
         shared.persist();
+        let claims = limits.enabled.then(|| shared.queue.clone()).flatten();
+        if let Some(queue) = &claims {
+            heartbeat(&shared, queue.lease() / 3)?;
+        }
         let (tx, rx) = mpsc::channel::<String>();
         let worker = shared.clone();
         let (alive, guard) = Alive::new();
@@ -167,8 +239,13 @@ impl Jobs {
                         return;
                     }
                 };
-                for id in rx {
-                    pool.install(|| run_job(&worker, &deps, &id));
+                match claims {
+                    Some(queue) => claim_and_run(&worker, &deps, &queue, &pool),
+                    None => {
+                        for id in rx {
+                            pool.install(|| run_job(&worker, &deps, &id));
+                        }
+                    }
                 }
             })?;
         Ok(Self {
@@ -189,6 +266,10 @@ impl Jobs {
     /// Queues again, oldest first, each job a shutdown or crash interrupted that was not re-run yet (called
     /// at start-up once the publish hook is in place, when `[trainer] rerun_interrupted`).
     pub fn rerun_interrupted(&self) {
+        // A shared queue re-runs a dead worker's job itself, when its lease runs out.
+        if self.shared.queue.is_some() {
+            return;
+        }
         let mut waiting: Vec<JobRecord> = self
             .shared
             .jobs
@@ -222,8 +303,12 @@ impl Jobs {
             .expect("hook lock poisoned; this is a bug") = Some(hook);
     }
 
-    /// Whether `task` has a job queued or running.
+    /// Whether `task` has a job queued or running (also when the shared queue cannot be read: then no job
+    /// should be started for it).
     pub fn busy(&self, task: &str) -> bool {
+        if let Some(queue) = &self.shared.queue {
+            return queue.busy(task).unwrap_or(true);
+        }
         self.shared
             .jobs
             .lock()
@@ -245,6 +330,15 @@ impl Jobs {
         rerun_of: Option<String>,
     ) -> Result<JobRecord, TrainError> {
         config.validate()?;
+        if let Some(queue) = &self.shared.queue {
+            // Any replica queues; the training replicas claim.
+            if self.shared.shutting_down.load(Ordering::Relaxed) {
+                return Err(TrainError::ShuttingDown);
+            }
+            let status = JobRecord::queued(task, config);
+            queue.insert(&status, self.max_queued)?;
+            return Ok(status);
+        }
         let queued = {
             let jobs = self
                 .shared
@@ -304,17 +398,29 @@ impl Jobs {
     }
 
     /// A job's status.
-    pub fn get(&self, id: &str) -> Option<JobRecord> {
-        self.shared
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>, TrainError> {
+        let held = self
+            .shared
             .jobs
             .lock()
             .expect("jobs lock poisoned; this is a bug")
             .get(id)
-            .cloned()
+            .cloned();
+        if let Some(queue) = &self.shared.queue {
+            // This process's own record of a job it runs is fresher than the last heartbeat's.
+            return match held {
+                Some(job) => Ok(Some(job)),
+                None => queue.get(id),
+            };
+        }
+        Ok(held)
     }
 
     /// Every job, optionally of one task, newest first.
-    pub fn list(&self, task: Option<&str>) -> Vec<JobRecord> {
+    pub fn list(&self, task: Option<&str>) -> Result<Vec<JobRecord>, TrainError> {
+        if let Some(queue) = &self.shared.queue {
+            return queue.list(task);
+        }
         let jobs = self
             .shared
             .jobs
@@ -326,7 +432,7 @@ impl Jobs {
             .cloned()
             .collect();
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-        out
+        Ok(out)
     }
 
     /// Stops the trainer for a shutdown: queued jobs and the running one are marked failed ("interrupted by a
@@ -381,7 +487,11 @@ impl Jobs {
     }
 
     /// Asks a queued or running job to stop; returns its status, or `None` if unknown.
-    pub fn cancel(&self, id: &str) -> Option<JobRecord> {
+    pub fn cancel(&self, id: &str) -> Result<Option<JobRecord>, TrainError> {
+        if let Some(queue) = &self.shared.queue {
+            // The worker that runs it reads the request at its next heartbeat.
+            return queue.cancel(id);
+        }
         if let Some(flag) = self
             .shared
             .cancel
@@ -411,4 +521,85 @@ impl Jobs {
         self.shared.persist();
         self.get(id)
     }
+}
+
+/// The trainer thread's loop with a shared queue: claims the oldest waiting job, runs it, and waits for the
+/// next to be announced (or looks again every second), until the server stops.
+fn claim_and_run(
+    shared: &Shared,
+    deps: &TrainerDeps,
+    queue: &SharedQueue,
+    pool: &rayon::ThreadPool,
+) {
+    let every = Duration::from_secs(1);
+    while !shared.shutting_down.load(Ordering::Relaxed) {
+        match queue.claim() {
+            Ok(Some(job)) if shared.shutting_down.load(Ordering::Relaxed) => {
+                // Claimed as the server began to stop: back to the queue, for another worker.
+                if let Err(e) = queue.release(&job) {
+                    tracing::warn!(job = %job.id, error = %e, "cannot put a job back in the shared queue");
+                }
+            }
+            Ok(Some(job)) => {
+                let id = job.id.clone();
+                tracing::info!(job = %id, task = %job.task, attempt = job.attempts, "claimed a job");
+                shared
+                    .cancel
+                    .lock()
+                    .expect("cancel lock poisoned; this is a bug")
+                    .insert(id.clone(), Arc::new(AtomicBool::new(false)));
+                shared
+                    .jobs
+                    .lock()
+                    .expect("jobs lock poisoned; this is a bug")
+                    .insert(id.clone(), job);
+                pool.install(|| run_job(shared, deps, &id));
+                // The job ends this worker's once its last state is in the table (PostgreSQL may be
+                // down for a while: the lease keeps it this worker's meanwhile).
+                while !shared.persist_shared_now(queue)
+                    && !shared.shutting_down.load(Ordering::Relaxed)
+                {
+                    std::thread::sleep(every);
+                }
+                shared
+                    .jobs
+                    .lock()
+                    .expect("jobs lock poisoned; this is a bug")
+                    .remove(&id);
+                shared
+                    .cancel
+                    .lock()
+                    .expect("cancel lock poisoned; this is a bug")
+                    .remove(&id);
+            }
+            Ok(None) => queue.wait(every),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim from the shared job queue");
+                std::thread::sleep(every);
+            }
+        }
+    }
+}
+
+/// Starts the thread that writes the progress of the jobs this process holds to the shared queue every
+/// `every`, extending their leases, until the queue is dropped.
+fn heartbeat(shared: &Arc<Shared>, every: Duration) -> std::io::Result<()> {
+    let shared = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("flywheel-job-heartbeat".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let holds = !shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug")
+                .is_empty();
+            if holds {
+                shared.persist();
+            }
+        })
+        .map(drop)
 }

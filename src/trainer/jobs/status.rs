@@ -94,6 +94,12 @@ pub struct JobRecord {
     pub rerun_as: Option<String>,
     /// The interrupted job this one repeats.
     pub rerun_of: Option<String>,
+    /// The process that claimed it from the shared queue (`[store] backend = "postgres"`).
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// How many times a worker claimed it from the shared queue: 2 after a re-run for a worker that died.
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 impl JobRecord {
@@ -127,6 +133,8 @@ impl JobRecord {
             cancel_requested: false,
             rerun_as: None,
             rerun_of: None,
+            worker: None,
+            attempts: 0,
         }
     }
 
