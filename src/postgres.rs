@@ -102,6 +102,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         3,
         "CREATE TABLE jobs (
              id          TEXT    PRIMARY KEY,
+             seq         BIGINT  GENERATED ALWAYS AS IDENTITY UNIQUE,
              task        TEXT    NOT NULL,
              state       TEXT    NOT NULL,
              record      TEXT    NOT NULL,
@@ -111,8 +112,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
              cancel      BOOLEAN NOT NULL DEFAULT false,
              created_at  BIGINT  NOT NULL
          );
-         CREATE INDEX jobs_waiting ON jobs (state, created_at);
-         CREATE INDEX jobs_task ON jobs (task, created_at);",
+         CREATE INDEX jobs_waiting ON jobs (state, seq);
+         CREATE INDEX jobs_task ON jobs (task, seq);",
     ),
 ];
 

@@ -134,7 +134,7 @@ impl SharedQueue {
         self.conn()?
             .query(
                 "SELECT record, cancel FROM jobs WHERE $1::TEXT IS NULL OR task = $1
-                 ORDER BY created_at DESC, id DESC",
+                 ORDER BY seq DESC",
                 &[&task],
             )
             .map_err(storage)?
@@ -199,7 +199,7 @@ impl SharedQueue {
                 .query_opt(
                     "SELECT record, cancel, attempts FROM jobs
                      WHERE state = 'queued' OR (state = 'running' AND lease_until < $1)
-                     ORDER BY created_at, id
+                     ORDER BY seq
                      LIMIT 1 FOR UPDATE SKIP LOCKED",
                     &[&now],
                 )
