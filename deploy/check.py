@@ -30,24 +30,30 @@ def manifests():
                     yield os.path.basename(path), doc
 
 
-def serve_flags(binary):
-    out = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    return set(re.findall(r"--[a-z][a-z-]*", out))
+def command_flags(binary):
+    """The flags of `flywheel serve` and `flywheel worker`, as this build's --help lists them."""
+    flags = {}
+    for command in ("serve", "worker"):
+        out = subprocess.run([binary, command, "--help"], capture_output=True, text=True, check=True).stdout
+        flags[command] = set(re.findall(r"--[a-z][a-z-]*", out))
+    return flags
 
 
 def check_command(where, args, flags, problems):
-    if not args or args[0] != "serve":
-        problems.append(f"{where}: the command is not `flywheel serve …`: {args}")
+    if not args or args[0] not in flags:
+        problems.append(f"{where}: the command is not `flywheel serve|worker …`: {args}")
         return
     for arg in args[1:]:
-        if arg.startswith("--") and arg not in flags:
-            problems.append(f"{where}: `flywheel serve` has no flag {arg}")
+        if arg.startswith("--") and arg not in flags[args[0]]:
+            problems.append(f"{where}: `flywheel {args[0]}` has no flag {arg}")
+    if args[0] == "worker" and "--no-trainer" in args:
+        problems.append(f"{where}: a worker that does not train")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--flywheel", required=True, help="the flywheel binary")
-    flags = serve_flags(parser.parse_args().flywheel)
+    flags = command_flags(parser.parse_args().flywheel)
     problems = []
     docs = list(manifests())
     by_kind = {}

@@ -67,3 +67,9 @@ pub use config::Config;
 pub async fn run(config: Config) -> Result<(), http::ServeError> {
     http::serve(config).await
 }
+
+/// Trains jobs from the shared queue until a shutdown signal, answering only `/health`, `/ready` and
+/// `/metrics`: the library entry point of `flywheel worker`.
+pub async fn run_worker(config: Config) -> Result<(), http::ServeError> {
+    http::serve_as(config, http::Role::Worker).await
+}

@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// Start the HTTP server.
     Serve(ServeArgs),
+    /// Train jobs from the shared queue (`[store] backend = "postgres"`) without serving the API; answers
+    /// only /health, /ready and /metrics. Takes `serve`'s flags.
+    Worker(ServeArgs),
     /// Train a classifier offline from labelled JSONL (`{"text", "label"}` per line), with a progress bar.
     Train(TrainArgs),
     /// Print the OpenAPI 3.1 document the server answers at `/openapi.json`.
@@ -297,16 +300,26 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.into_config()?;
-            limit_candle_threads(config.trainer.threads);
-            if config.model.threads > 0 {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(config.model.threads)
-                    .build_global()
-                    .context("configuring the model's thread pool")?;
-            }
+            start_runtime(&config)?;
             actix_web::rt::System::new()
                 .block_on(flywheel::run(config))
                 .context("flywheel serve")?;
+        }
+        Command::Worker(args) => {
+            let config = args.into_config()?;
+            anyhow::ensure!(
+                config.store.backend == flywheel::config::StoreBackend::Postgres,
+                "flywheel worker takes its jobs from the shared queue: set [store] backend = \"postgres\" \
+                 (FLYWHEEL_STORE__BACKEND) and the URL (docs/SCALING.md)"
+            );
+            anyhow::ensure!(
+                config.trainer.enabled,
+                "flywheel worker trains: drop --no-trainer ([trainer] enabled = false)"
+            );
+            start_runtime(&config)?;
+            actix_web::rt::System::new()
+                .block_on(flywheel::run_worker(config))
+                .context("flywheel worker")?;
         }
         Command::Train(args) => args.run()?,
         Command::DeviceCheck(args) => args.run()?,
@@ -315,6 +328,18 @@ fn main() -> anyhow::Result<()> {
             use utoipa::OpenApi;
             println!("{}", ApiDoc::openapi().to_pretty_json()?);
         }
+    }
+    Ok(())
+}
+
+/// Thread pools shared by `serve` and `worker`: candle's for the trainer, rayon's for the model.
+fn start_runtime(config: &Config) -> anyhow::Result<()> {
+    limit_candle_threads(config.trainer.threads);
+    if config.model.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(config.model.threads)
+            .build_global()
+            .context("configuring the model's thread pool")?;
     }
     Ok(())
 }

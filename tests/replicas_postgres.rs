@@ -364,27 +364,30 @@ fn when_the_database_goes_away_feedback_answers_503_and_serving_goes_on() {
 }
 
 #[test]
-fn a_job_whose_worker_is_killed_is_run_again_by_another_worker() {
+fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
     let Some(shared) = shared() else {
         return;
     };
-    // Leases of 3 s, so a dead worker's job is claimed again within seconds.
+    // `flywheel worker`s, with leases of 3 s so a dead worker's job is claimed again within seconds.
     let worker = || {
-        Server::start(
-            &[],
-            &[
-                ("FLYWHEEL_STORE__BACKEND", "postgres"),
-                ("FLYWHEEL_STORE__URL", &shared.url),
-                (
-                    "FLYWHEEL_DATA__ADAPTERS_DIR",
-                    shared.adapters.path().to_str().unwrap(),
-                ),
-                ("FLYWHEEL_TRAINER__LEASE_SECS", "3"),
-            ],
-        )
+        Server::start_worker(&[
+            ("FLYWHEEL_STORE__BACKEND", "postgres"),
+            ("FLYWHEEL_STORE__URL", &shared.url),
+            (
+                "FLYWHEEL_DATA__ADAPTERS_DIR",
+                shared.adapters.path().to_str().unwrap(),
+            ),
+            ("FLYWHEEL_TRAINER__LEASE_SECS", "3"),
+        ])
     };
     let front = replica_with(&shared, &["--no-trainer"]);
     let workers = [worker(), worker()];
+    for w in &workers {
+        let (status, _) = w.get_text("/metrics");
+        assert_eq!(status, 200, "a worker answers its probes and metrics");
+        let (status, body) = w.post("/v1/predict", &json!({"task": "spam", "inputs": ["x"]}));
+        assert_eq!(status, 404, "but not the API: {body}");
+    }
     create_task(&front, "spam");
     let (ham, spam) = (
         sample_mails("easy-ham-1", 1, 5, 80, 80),

@@ -71,14 +71,29 @@ pub(crate) struct RouteLabels {
 
 pub use crate::app::ServeError;
 
+/// What a process answers over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `flywheel serve`: the whole API.
+    Api,
+    /// `flywheel worker`: trains jobs from the shared queue and answers only `/health`, `/ready` and
+    /// `/metrics`, for its orchestrator's probes and Prometheus.
+    Worker,
+}
+
+/// Registers the routes a worker answers: liveness, readiness, metrics.
+fn ops_routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/health").route(web::get().to(ops::health)))
+        .service(resource("/ready").route(web::get().to(ops::ready)))
+        .service(resource("/metrics").route(web::get().to(ops::metrics)));
+}
+
 /// Registers every route on `cfg`; bodies of the OpenAI-style routes are limited to `max_body` bytes and
 /// their errors answered in OpenAI's shape.
 pub fn routes(cfg: &mut web::ServiceConfig, max_body: usize) {
     let openai = |path| resource(path).app_data(openai::json_config(max_body));
-    cfg.service(resource("/health").route(web::get().to(ops::health)))
-        .service(resource("/ready").route(web::get().to(ops::ready)))
-        .service(resource("/metrics").route(web::get().to(ops::metrics)))
-        .service(resource("/openapi.json").route(web::get().to(ops::openapi)))
+    ops_routes(cfg);
+    cfg.service(resource("/openapi.json").route(web::get().to(ops::openapi)))
         .service(resource("/v1/embed").route(web::post().to(embed::embed)))
         .service(resource("/v1/predict").route(web::post().to(predict::predict)))
         .service(openai("/v1/embeddings").route(web::post().to(openai::embeddings)))
@@ -226,6 +241,22 @@ pub fn app(
         InitError = (),
     >,
 > {
+    app_for(state, Role::Api)
+}
+
+/// [`app`] with the routes of `role`.
+fn app_for(
+    state: web::Data<AppState>,
+    role: Role,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
     let max_body = state.config.limits.max_body_bytes;
     App::new()
         .app_data(state)
@@ -240,13 +271,21 @@ pub fn app(
             }),
         )
         .wrap(middleware::from_fn(observe))
-        .configure(|cfg| routes(cfg, max_body))
+        .configure(|cfg| match role {
+            Role::Api => routes(cfg, max_body),
+            Role::Worker => ops_routes(cfg),
+        })
         .default_service(web::to(not_found))
 }
 
 /// Binds the listener, loads the model in the background (`/ready` answers 503 until it is loaded), and
 /// serves until SIGINT/SIGTERM, draining in-flight requests.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
+    serve_as(config, Role::Api).await
+}
+
+/// [`serve`] answering the routes of `role`.
+pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     let auto_job = crate::app::preflight(&config)?;
     let metrics = Metrics::new();
     let services = Arc::new(OnceLock::new());
@@ -257,7 +296,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     });
     let stopping = services.clone();
     let shutdown_deadline = Duration::from_secs(config.server.shutdown_timeout_secs);
-    let server = HttpServer::new(move || app(state.clone()))
+    let server = HttpServer::new(move || app_for(state.clone(), role))
         .workers(config.server.workers)
         .shutdown_timeout(config.server.shutdown_timeout_secs)
         .bind((config.server.host.as_str(), config.server.port))?;

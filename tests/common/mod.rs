@@ -51,7 +51,17 @@ impl Server {
     pub fn spawn(model: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let data = tempfile::tempdir().expect("temp data dir");
         let dir = data.path().to_owned();
-        Self::spawn_in(model, &dir, Some(data), extra_args, env)
+        Self::spawn_in("serve", model, &dir, Some(data), extra_args, env)
+    }
+
+    /// Starts `flywheel worker` (training from the shared queue, answering only `/health`, `/ready` and
+    /// `/metrics`) on the real model with a fresh data directory, and waits until `/ready`.
+    pub fn start_worker(env: &[(&str, &str)]) -> Server {
+        let data = tempfile::tempdir().expect("temp data dir");
+        let dir = data.path().to_owned();
+        let server = Self::spawn_in("worker", &model_dir(), &dir, Some(data), &[], env);
+        server.wait_ready(Duration::from_secs(60));
+        server
     }
 
     /// Starts the server on the real model with an existing data directory, and waits until `/ready`.
@@ -61,12 +71,13 @@ impl Server {
 
     /// [`Self::start_in`] with environment overrides.
     pub fn start_in_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
-        let server = Self::spawn_in(&model_dir(), data_dir, None, extra_args, env);
+        let server = Self::spawn_in("serve", &model_dir(), data_dir, None, extra_args, env);
         server.wait_ready(Duration::from_secs(60));
         server
     }
 
     fn spawn_in(
+        command: &str,
         model: &Path,
         data_dir: &Path,
         owned: Option<tempfile::TempDir>,
@@ -75,7 +86,7 @@ impl Server {
     ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flywheel"));
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["serve", "--port", "0", "--host", "127.0.0.1"])
+            .args([command, "--port", "0", "--host", "127.0.0.1"])
             .arg("--model")
             .arg(model)
             .arg("--data-dir")
