@@ -437,4 +437,45 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
         task["stable"] == generation
     });
     eprintln!("the re-run's generation served on the front replica after {took:?}");
+
+    // A graceful stop (SIGTERM) mid-job puts the job back at once, without spending an attempt: a third
+    // worker takes it over without waiting for a lease.
+    let third = worker();
+    let survivor = survivor.into_iter().next().expect("the surviving worker");
+    let (status, job) = front.post(
+        "/v1/train",
+        &json!({"task": "spam", "epochs": 3, "max_length": 64, "warm_start": false}),
+    );
+    assert_eq!(status, 202, "{job}");
+    let id = job["job_id"].as_str().expect("a job id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, job) = front.get_json(&format!("/v1/jobs/{id}"));
+        if job["state"] == "running" && job["step"].as_u64().unwrap_or(0) >= 1 {
+            assert_eq!(
+                job["worker"].as_str().unwrap(),
+                worker_of(&survivor),
+                "{job}"
+            );
+            break;
+        }
+        assert!(
+            matches!(job["state"].as_str(), Some("queued") | Some("running")),
+            "{job}"
+        );
+        assert!(Instant::now() < deadline, "the job never ran: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    survivor.terminate();
+    let done = wait_for_job(&front, &id, Duration::from_secs(180));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        done["attempts"], 1,
+        "a graceful stop spends no attempt: {done}"
+    );
+    assert_eq!(
+        done["worker"].as_str().unwrap(),
+        worker_of(&third),
+        "{done}"
+    );
 }

@@ -333,12 +333,21 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
         })?;
     let served = server.await;
     stop.store(true, Ordering::Relaxed);
-    // HTTP has drained; the trainer stops at its next micro-batch and records the job as interrupted.
-    if let Some(services) = stopping.get() {
-        if services.jobs.shutdown(shutdown_deadline) {
-            tracing::info!("trainer stopped");
-        }
+    // HTTP has drained; the trainer stops at its next micro-batch and records the job as interrupted. On a
+    // thread of its own: with PostgreSQL that record is written by a blocking client, which must not run on
+    // this async thread.
+    let jobs = stopping.clone();
+    let stopped = std::thread::Builder::new()
+        .name("flywheel-shutdown".to_owned())
+        .spawn(move || jobs.get().map(|s| s.jobs.shutdown(shutdown_deadline)))?
+        .join()
+        .unwrap_or(None);
+    if stopped == Some(true) {
+        tracing::info!("trainer stopped");
     }
+    // The services are not dropped here: with PostgreSQL they hold connections whose drop blocks on a
+    // runtime of their own, which panics on this async thread. The process is ending; they end with it.
+    std::mem::forget(stopping);
     served?;
     // Set before the loader asked the server to stop, so present whenever that is why it stopped (the
     // loader thread may still hold its handle on it).
