@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::adapters::index_store::PostgresIndex;
+use crate::adapters::index_store::{FileIndex, IndexStore, PostgresIndex};
+use crate::adapters::registry::INDEX_FILE;
 use crate::adapters::Registry;
 use crate::autopilot::Autopilot;
 use crate::config::{Config, StoreBackend};
@@ -111,21 +112,17 @@ pub fn assemble(
         StoreBackend::Sqlite => None,
         StoreBackend::Postgres => Some(crate::postgres::connect(&config.store)?),
     };
-    let registry = match &shared {
-        None => Registry::open(
-            &config.data.dir,
-            config.adapters.clone(),
-            model.config.clone(),
-            model.bert.pooler.is_some(),
-        )?,
-        Some(pool) => Registry::open_in(
-            &config.data.adapters(),
-            Box::new(PostgresIndex::new(pool.clone())),
-            config.adapters.clone(),
-            model.config.clone(),
-            model.bert.pooler.is_some(),
-        )?,
+    let index: Box<dyn IndexStore> = match &shared {
+        None => Box::new(FileIndex::new(config.data.dir.join(INDEX_FILE))),
+        Some(pool) => Box::new(PostgresIndex::new(pool.clone())),
     };
+    let registry = Registry::open_in(
+        &config.data.adapters(),
+        index,
+        config.adapters.clone(),
+        model.config.clone(),
+        model.bert.pooler.is_some(),
+    )?;
     metrics.adapters_loaded.set(registry.ready_count() as i64);
     let pressure = ServingPressure::new();
     let infer = Infer::start(

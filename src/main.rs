@@ -20,7 +20,8 @@ enum Command {
     /// Start the HTTP server.
     Serve(ServeArgs),
     /// Train jobs from the shared queue (`[store] backend = "postgres"`) without serving the API; answers
-    /// only /health, /ready and /metrics. Takes `serve`'s flags.
+    /// only /health, /ready and /metrics. Takes `serve`'s flags. Starts no canaries (it serves no traffic to
+    /// compare arms on): start rollouts on a serving replica.
     Worker(ServeArgs),
     /// Train a classifier offline from labelled JSONL (`{"text", "label"}` per line), with a progress bar.
     Train(TrainArgs),
@@ -306,7 +307,9 @@ fn main() -> anyhow::Result<()> {
                 .context("flywheel serve")?;
         }
         Command::Worker(args) => {
-            let config = args.into_config()?;
+            let mut config = args.into_config()?;
+            // A canary started here would never see a request and stay active for ever.
+            config.rollouts.auto_canary = false;
             anyhow::ensure!(
                 config.store.backend == flywheel::config::StoreBackend::Postgres,
                 "flywheel worker takes its jobs from the shared queue: set [store] backend = \"postgres\" \

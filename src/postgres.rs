@@ -138,6 +138,11 @@ pub fn connect(config: &StoreConfig) -> Result<Pool, PgError> {
     let timeout = Duration::from_millis(config.connect_timeout_ms);
     pg.connect_timeout(timeout);
     pg.application_name("flywheel");
+    // A half-open connection (a failover, a partition) is found by keepalives, and no statement waits
+    // forever: a heartbeat or an append stuck on one would otherwise stall training or a shutdown.
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
+    pg.options("-c statement_timeout=30000");
     let pool = r2d2::Pool::builder()
         .max_size(config.pool_size)
         .min_idle(Some(1))

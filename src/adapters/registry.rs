@@ -29,7 +29,8 @@ use crate::model::BertConfig;
 
 /// Flywheel's sidecar file beside a PEFT adapter (task, labels, head kind, lineage, metrics).
 pub const SIDECAR_FILE: &str = "flywheel.json";
-const INDEX_FILE: &str = "registry.json";
+/// The index file in the data directory (without a shared store).
+pub const INDEX_FILE: &str = "registry.json";
 
 /// Why a registry operation failed; each kind maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -324,7 +325,11 @@ impl Registry {
         let mut generations = BTreeMap::new();
         for entry in index.generations {
             let generation = match old.generations.get(&entry.id) {
-                Some(loaded) if loaded.path == entry.path => loaded.clone(),
+                // A generation that failed to load here is tried again: its files may have reached this
+                // replica's view of the shared directory since.
+                Some(loaded) if loaded.path == entry.path && loaded.state == State::Ready => {
+                    loaded.clone()
+                }
                 _ => {
                     let generation = match self.load_files(&entry.path, &entry.task, &tasks) {
                         Ok(g) if g.id == entry.id => Generation {

@@ -372,3 +372,42 @@ fn a_change_wakes_the_other_replicas_waiting_for_one() {
     assert!(b.sync().unwrap());
     assert!(b.task("t").is_some());
 }
+
+#[test]
+fn a_generation_whose_files_were_missing_loads_once_they_arrive() {
+    let (shared_root, late_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let Some(config) = crate::postgres::testing::scratch() else {
+        return;
+    };
+    let open = |root: &Path| {
+        let pool = crate::postgres::connect(&config).unwrap();
+        Registry::open_in(
+            root,
+            Box::new(super::index_store::PostgresIndex::new(pool)),
+            AdaptersConfig::default(),
+            BertConfig::tiny(),
+            true,
+        )
+        .unwrap()
+    };
+    // B's view of the adapter directory lags: the files are not there yet when it takes the change in.
+    let (a, b) = (open(shared_root.path()), open(late_root.path()));
+    a.create_task("t", labels()).unwrap();
+    write_adapter(a.root(), "one", 1);
+    let (g, _) = a.load("one", "t", None).unwrap();
+    b.sync().unwrap();
+    assert!(
+        matches!(b.resolve("t").unwrap().state, State::Failed(_)),
+        "failed here, so not served"
+    );
+    assert_eq!(b.ready_count(), 0);
+    write_adapter(b.root(), "one", 1);
+    a.create_task("u", labels()).unwrap();
+    b.sync().unwrap();
+    let loaded = b.resolve("t").unwrap();
+    assert_eq!(
+        (loaded.id.as_str(), &loaded.state),
+        (g.id.as_str(), &State::Ready),
+        "loaded at the next change"
+    );
+}

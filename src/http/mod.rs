@@ -296,6 +296,7 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     });
     let stopping = services.clone();
     let shutdown_deadline = Duration::from_secs(config.server.shutdown_timeout_secs);
+    let shared_store = config.store.backend == crate::config::StoreBackend::Postgres;
     let server = HttpServer::new(move || app_for(state.clone(), role))
         .workers(config.server.workers)
         .shutdown_timeout(config.server.shutdown_timeout_secs)
@@ -339,15 +340,18 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     let jobs = stopping.clone();
     let stopped = std::thread::Builder::new()
         .name("flywheel-shutdown".to_owned())
-        .spawn(move || jobs.get().map(|s| s.jobs.shutdown(shutdown_deadline)))?
-        .join()
-        .unwrap_or(None);
-    if stopped == Some(true) {
-        tracing::info!("trainer stopped");
+        .spawn(move || jobs.get().map(|s| s.jobs.shutdown(shutdown_deadline)))
+        .map(|thread| thread.join().unwrap_or(None));
+    match stopped {
+        Ok(Some(true)) => tracing::info!("trainer stopped"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot start the thread that stops the trainer"),
     }
-    // The services are not dropped here: with PostgreSQL they hold connections whose drop blocks on a
-    // runtime of their own, which panics on this async thread. The process is ending; they end with it.
-    std::mem::forget(stopping);
+    if shared_store {
+        // Not dropped here: the services hold PostgreSQL connections whose drop blocks on a runtime of
+        // their own, which panics on this async thread. The process is ending; they end with it.
+        std::mem::forget(stopping);
+    }
     served?;
     // Set before the loader asked the server to stop, so present whenever that is why it stopped (the
     // loader thread may still hold its handle on it).

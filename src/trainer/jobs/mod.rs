@@ -543,19 +543,25 @@ fn claim_and_run(
             Ok(Some(job)) => {
                 let id = job.id.clone();
                 tracing::info!(job = %id, task = %job.task, attempt = job.attempts, "claimed a job");
+                let cancel = Arc::new(AtomicBool::new(false));
                 shared
                     .cancel
                     .lock()
                     .expect("cancel lock poisoned; this is a bug")
-                    .insert(id.clone(), Arc::new(AtomicBool::new(false)));
+                    .insert(id.clone(), cancel.clone());
+                // A shutdown that began since the check above set the flags it found: this one too.
+                if shared.shutting_down.load(Ordering::Relaxed) {
+                    cancel.store(true, Ordering::Relaxed);
+                }
                 shared
                     .jobs
                     .lock()
                     .expect("jobs lock poisoned; this is a bug")
                     .insert(id.clone(), job);
                 pool.install(|| run_job(shared, deps, &id));
-                // The job ends this worker's once its last state is in the table (PostgreSQL may be
-                // down for a while: the lease keeps it this worker's meanwhile).
+                // The job ends this worker's once its last state is in the table. PostgreSQL may be down
+                // for a while; past the lease another worker may claim it and run it again, publishing
+                // under a name of its own (`run_name`).
                 while !shared.persist_shared_now(queue)
                     && !shared.shutting_down.load(Ordering::Relaxed)
                 {
@@ -571,6 +577,9 @@ fn claim_and_run(
                     .lock()
                     .expect("cancel lock poisoned; this is a bug")
                     .remove(&id);
+                if let Err(e) = queue.forget_finished(shared.keep_finished) {
+                    tracing::warn!(error = %e, "cannot forget old jobs in the shared queue");
+                }
             }
             Ok(None) => queue.wait(every),
             Err(e) => {

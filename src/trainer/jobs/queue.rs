@@ -29,11 +29,9 @@ fn state_name(state: JobState) -> &'static str {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+/// The database's clock in milliseconds: leases are written and compared on one clock, whatever the
+/// replicas' own clocks say.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 fn record(json: &str) -> Result<JobRecord, TrainError> {
     serde_json::from_str(json).map_err(|e| TrainError::Storage(format!("a stored job: {e}")))
@@ -129,9 +127,11 @@ impl SharedQueue {
             .transpose()
     }
 
-    /// Every job, or those of `task`, newest first.
+    /// Every job, or those of `task`, newest first (a row this build cannot read, written by another
+    /// version, is left out with a warning).
     pub fn list(&self, task: Option<&str>) -> Result<Vec<JobRecord>, TrainError> {
-        self.conn()?
+        Ok(self
+            .conn()?
             .query(
                 "SELECT record, cancel FROM jobs WHERE $1::TEXT IS NULL OR task = $1
                  ORDER BY seq DESC",
@@ -139,8 +139,25 @@ impl SharedQueue {
             )
             .map_err(storage)?
             .iter()
-            .map(read)
-            .collect()
+            .filter_map(|row| {
+                read(row)
+                    .map_err(|e| tracing::warn!(error = %e, "a job row this build cannot read"))
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// Forgets the oldest finished jobs beyond the newest `keep` (`[trainer] keep_finished_jobs`).
+    pub fn forget_finished(&self, keep: usize) -> Result<u64, TrainError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        self.conn()?
+            .execute(
+                "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND seq NOT IN (
+                     SELECT seq FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')
+                     ORDER BY seq DESC LIMIT $1)",
+                &[&keep],
+            )
+            .map_err(storage)
     }
 
     /// Whether `task` has a job queued or running.
@@ -170,16 +187,20 @@ impl SharedQueue {
             return Ok(None);
         };
         let mut job = read(&row)?;
-        // The row's state, not the record's: a job just claimed is the worker's before it runs.
-        let state: &str = row.get(2);
-        if matches!(state, "queued" | "running") {
+        // The row's state, not the record's: a job just claimed is the worker's before its record says so.
+        let state: String = row.get(2);
+        if matches!(state.as_str(), "queued" | "running") {
             job.cancel_requested = true;
-            if state == "queued" {
+            let state = if state == "queued" {
                 job.state = JobState::Cancelled;
-            }
+                "cancelled"
+            } else {
+                // The worker ends it at its next heartbeat; the row stays its worker's until then.
+                "running"
+            };
             tx.execute(
                 "UPDATE jobs SET record = $2, state = $3, cancel = true WHERE id = $1",
-                &[&id, &json(&job)?, &state_name(job.state)],
+                &[&id, &json(&job)?, &state],
             )
             .map_err(storage)?;
         }
@@ -194,20 +215,33 @@ impl SharedQueue {
         let mut conn = self.conn()?;
         loop {
             let mut tx = conn.transaction().map_err(storage)?;
-            let now = now_ms();
             let Some(row) = tx
                 .query_opt(
-                    "SELECT record, cancel, attempts FROM jobs
-                     WHERE state = 'queued' OR (state = 'running' AND lease_until < $1)
-                     ORDER BY seq
-                     LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    &[&now],
+                    &format!(
+                        "SELECT record, cancel, attempts, id FROM jobs
+                         WHERE state = 'queued' OR (state = 'running' AND lease_until < {NOW_MS})
+                         ORDER BY seq
+                         LIMIT 1 FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[],
                 )
                 .map_err(storage)?
             else {
                 return Ok(None);
             };
-            let mut job = read(&row)?;
+            let mut job = match read(&row) {
+                Ok(job) => job,
+                Err(e) => {
+                    // Written by a build that knows more (a newer hyperparameter): never runnable here,
+                    // so it must not hold up the queue.
+                    let id: String = row.get(3);
+                    tracing::warn!(job = %id, error = %e, "a queued job this build cannot read: failed");
+                    tx.execute("UPDATE jobs SET state = 'failed' WHERE id = $1", &[&id])
+                        .map_err(storage)?;
+                    tx.commit().map_err(storage)?;
+                    continue;
+                }
+            };
             let attempts: i32 = row.get(2);
             if job.state == JobState::Queued && !job.cancel_requested && attempts == 0 {
                 job.worker = Some(self.worker.clone());
@@ -242,14 +276,11 @@ impl SharedQueue {
                 continue;
             }
             tx.execute(
-                "UPDATE jobs SET state = 'running', worker = $2, lease_until = $3,
-                 attempts = attempts + 1, record = $4 WHERE id = $1",
-                &[
-                    &job.id,
-                    &self.worker,
-                    &(now + self.lease_ms()),
-                    &json(&job)?,
-                ],
+                &format!(
+                    "UPDATE jobs SET state = 'running', worker = $2, lease_until = {NOW_MS} + $3,
+                     attempts = attempts + 1, record = $4 WHERE id = $1"
+                ),
+                &[&job.id, &self.worker, &self.lease_ms(), &json(&job)?],
             )
             .map_err(storage)?;
             tx.commit().map_err(storage)?;
@@ -275,16 +306,12 @@ impl SharedQueue {
         let row = self
             .conn()?
             .query_opt(
-                "UPDATE jobs SET record = $2, state = $3, lease_until = $4
-                 WHERE id = $1 AND worker = $5
-                 RETURNING cancel",
-                &[
-                    &job.id,
-                    &json(job)?,
-                    &state,
-                    &(now_ms() + self.lease_ms()),
-                    &self.worker,
-                ],
+                &format!(
+                    "UPDATE jobs SET record = $2, state = $3, lease_until = {NOW_MS} + $4
+                     WHERE id = $1 AND worker = $5
+                     RETURNING cancel"
+                ),
+                &[&job.id, &json(job)?, &state, &self.lease_ms(), &self.worker],
             )
             .map_err(storage)?;
         Ok(match row {
@@ -491,5 +518,83 @@ mod tests {
             .collect();
         assert_eq!(listed.len(), 2);
         assert_eq!(q[0].list(Some("b")).unwrap()[0].id, b.id);
+    }
+
+    #[test]
+    fn a_row_this_build_cannot_read_fails_instead_of_blocking_the_queue() {
+        let Some(q) = queues(1, Duration::from_secs(60)) else {
+            return;
+        };
+        q[0].conn()
+            .unwrap()
+            .execute(
+                "INSERT INTO jobs (id, task, state, record, created_at)
+                 VALUES ('job-future', 't', 'queued', '{\"from\": \"a newer build\"}', 0)",
+                &[],
+            )
+            .unwrap();
+        let readable = job("t");
+        q[0].insert(&readable, 10).unwrap();
+        let claimed = q[0].claim().unwrap().expect("the readable job");
+        assert_eq!(claimed.id, readable.id);
+        let listed = q[0].list(None).unwrap();
+        assert_eq!(
+            listed.len(),
+            1,
+            "the unreadable row is left out of listings"
+        );
+        let state: String = q[0]
+            .conn()
+            .unwrap()
+            .query_one("SELECT state FROM jobs WHERE id = 'job-future'", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(state, "failed");
+    }
+
+    #[test]
+    fn cancelling_a_job_just_claimed_leaves_it_its_workers_to_stop() {
+        let Some(q) = queues(2, Duration::from_secs(60)) else {
+            return;
+        };
+        let j = job("t");
+        q[0].insert(&j, 10).unwrap();
+        let held = q[0].claim().unwrap().unwrap();
+        assert_eq!(held.state, JobState::Queued, "claimed, not yet running");
+        let asked = q[1].cancel(&j.id).unwrap().unwrap();
+        assert!(asked.cancel_requested);
+        assert!(q[1].busy("t").unwrap(), "still its worker's");
+        assert!(
+            q[1].claim().unwrap().is_none(),
+            "not handed to another worker"
+        );
+        assert!(q[0].heartbeat(&held).unwrap(), "its worker is told to stop");
+    }
+
+    #[test]
+    fn finished_jobs_beyond_the_retention_are_forgotten_and_live_ones_never() {
+        let Some(q) = queues(1, Duration::from_secs(60)) else {
+            return;
+        };
+        for _ in 0..3 {
+            q[0].insert(&job("done"), 10).unwrap();
+            let mut held = q[0].claim().unwrap().unwrap();
+            held.state = JobState::Succeeded;
+            q[0].heartbeat(&held).unwrap();
+        }
+        let live = job("live");
+        q[0].insert(&live, 10).unwrap();
+        assert_eq!(q[0].forget_finished(1).unwrap(), 2);
+        let left: Vec<String> = q[0]
+            .list(None)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.task)
+            .collect();
+        assert_eq!(
+            left,
+            ["live", "done"],
+            "the newest finished one and the live one"
+        );
     }
 }

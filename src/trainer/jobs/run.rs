@@ -203,6 +203,17 @@ pub(super) fn publish_dir(
         .map_err(io)
 }
 
+/// The name of this run of `job` for what it publishes: its id, and for a run again after its worker died
+/// (attempt 2 of the shared queue) the attempt too, since the first run may have published already, or may
+/// still be running on a stalled worker, under the plain name.
+fn run_name(job: &JobRecord) -> String {
+    if job.attempts > 1 {
+        format!("{}-a{}", job.id, job.attempts)
+    } else {
+        job.id.clone()
+    }
+}
+
 /// What a finished job produced.
 pub(super) enum Output {
     /// A registered adapter generation.
@@ -336,10 +347,10 @@ pub(super) fn train_and_publish(
                 cancel,
             )?
             .split();
-            let name = format!("{}-{}", task.name, job.id);
+            let name = format!("{}-{}", task.name, run_name(job));
             let final_dir = deps.models_dir.join(&name);
             let meta = record(&run);
-            publish_dir(&final_dir, &job.id, |tmp| {
+            publish_dir(&final_dir, &run_name(job), |tmp| {
                 write_checkpoint(tmp, &weights, &task.labels, &deps.model_dir)
                     .map_err(|e| invalid(&e))?;
                 let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&e))?;
@@ -361,7 +372,7 @@ pub(super) fn train_and_publish(
                 cancel,
             )?
             .split();
-            let name = format!("trained/{}-{}", task.name, job.id);
+            let name = format!("trained/{}-{}", task.name, run_name(job));
             let meta = record(&run);
             let reference = match deps.reference_size {
                 0 => None,
@@ -390,7 +401,7 @@ pub(super) fn train_and_publish(
                 .deltas()
                 .next()
                 .map_or(config.alpha, |(_, _, d)| d.scale as f64 * d.rank as f64);
-            publish_dir(&deps.registry.root().join(&name), &job.id, |tmp| {
+            publish_dir(&deps.registry.root().join(&name), &run_name(job), |tmp| {
                 peft::write_dir(tmp, &adapter, alpha, &model.name).map_err(|e| invalid(&e))?;
                 if let Some(bytes) = &reference {
                     write_atomically(&tmp.join(REFERENCE_FILE), bytes).map_err(|e| invalid(&e))?;
