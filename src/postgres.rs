@@ -201,32 +201,37 @@ fn migrate(client: &mut postgres::Client) -> Result<usize, PgError> {
     Ok(applied)
 }
 
-/// Scratch databases for tests: the tests that need PostgreSQL read a server URL from
-/// `FLYWHEEL_TEST_POSTGRES_URL` (`scripts/test.sh` starts one) and each works in a database of its own.
+/// For the test suites: a new empty database on the PostgreSQL at `FLYWHEEL_TEST_POSTGRES_URL` (which
+/// `scripts/test.sh` starts and sets), as its URL, so each test works in a database of its own. `None`, with
+/// a note on stderr, when the variable is unset, unless `FLYWHEEL_TEST_POSTGRES_REQUIRED` is set, when it
+/// panics.
+pub fn test_database() -> Option<String> {
+    let Ok(admin) = std::env::var("FLYWHEEL_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("FLYWHEEL_TEST_POSTGRES_REQUIRED").is_none(),
+            "FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh starts a PostgreSQL and sets it)"
+        );
+        eprintln!("skipped: FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)");
+        return None;
+    };
+    let name = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());
+    let mut client = postgres::Client::connect(&admin, NoTls).expect("the test PostgreSQL");
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("a scratch database");
+    let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
+    Some(format!("{server}/{name}"))
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
 
-    /// A new empty database on the test server, as a [`StoreConfig`]; `None` (with a note on stderr) when no
-    /// server is configured, unless `FLYWHEEL_TEST_POSTGRES_REQUIRED` is set, when it panics.
+    /// [`test_database`] as a [`StoreConfig`].
     pub fn scratch() -> Option<StoreConfig> {
-        let Ok(admin) = std::env::var("FLYWHEEL_TEST_POSTGRES_URL") else {
-            assert!(
-                std::env::var_os("FLYWHEEL_TEST_POSTGRES_REQUIRED").is_none(),
-                "FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh starts a PostgreSQL and sets it)"
-            );
-            eprintln!("skipped: FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)");
-            return None;
-        };
-        let name = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());
-        let mut client = postgres::Client::connect(&admin, NoTls).expect("the test PostgreSQL");
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("a scratch database");
-        let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
         Some(StoreConfig {
             backend: crate::config::StoreBackend::Postgres,
-            url: format!("{server}/{name}"),
+            url: test_database()?,
             ..StoreConfig::default()
         })
     }

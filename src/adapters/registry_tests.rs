@@ -256,22 +256,29 @@ fn a_changed_sidecar_is_a_new_generation_and_symlinked_files_are_refused() {
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
 
+/// A registry over the shared index in `config`'s database and the adapter root `root`, as a replica opens
+/// it.
+fn open_shared(root: &Path, config: &crate::config::StoreConfig) -> Registry {
+    let pool = crate::postgres::connect(config).unwrap();
+    Registry::open_in(
+        root,
+        Box::new(super::index_store::PostgresIndex::new(pool)),
+        AdaptersConfig::default(),
+        BertConfig::tiny(),
+        true,
+    )
+    .unwrap()
+}
+
 /// Two registries over one shared PostgreSQL index and one adapter root, as two replicas would open them;
 /// `None` where the tests have no PostgreSQL.
 fn replicas(root: &Path) -> Option<(Registry, Registry, crate::config::StoreConfig)> {
     let config = crate::postgres::testing::scratch()?;
-    let open = || {
-        let pool = crate::postgres::connect(&config).unwrap();
-        Registry::open_in(
-            root,
-            Box::new(super::index_store::PostgresIndex::new(pool)),
-            AdaptersConfig::default(),
-            BertConfig::tiny(),
-            true,
-        )
-        .unwrap()
-    };
-    Some((open(), open(), config))
+    Some((
+        open_shared(root, &config),
+        open_shared(root, &config),
+        config,
+    ))
 }
 
 #[test]
@@ -304,15 +311,7 @@ fn replicas_on_a_shared_index_take_in_each_others_tasks_generations_and_alias_mo
     b.sync().unwrap();
     assert!(b.resolve(&g1.id).is_none());
     // A third replica, started now, restores everything from the shared index.
-    let pool = crate::postgres::connect(&config).unwrap();
-    let c = Registry::open_in(
-        root.path(),
-        Box::new(super::index_store::PostgresIndex::new(pool)),
-        AdaptersConfig::default(),
-        BertConfig::tiny(),
-        true,
-    )
-    .unwrap();
+    let c = open_shared(root.path(), &config);
     assert_eq!(c.resolve("t").unwrap().id, g2.id);
     assert_eq!(c.ready_count(), 1);
 }
@@ -379,19 +378,11 @@ fn a_generation_whose_files_were_missing_loads_once_they_arrive() {
     let Some(config) = crate::postgres::testing::scratch() else {
         return;
     };
-    let open = |root: &Path| {
-        let pool = crate::postgres::connect(&config).unwrap();
-        Registry::open_in(
-            root,
-            Box::new(super::index_store::PostgresIndex::new(pool)),
-            AdaptersConfig::default(),
-            BertConfig::tiny(),
-            true,
-        )
-        .unwrap()
-    };
     // B's view of the adapter directory lags: the files are not there yet when it takes the change in.
-    let (a, b) = (open(shared_root.path()), open(late_root.path()));
+    let (a, b) = (
+        open_shared(shared_root.path(), &config),
+        open_shared(late_root.path(), &config),
+    );
     a.create_task("t", labels()).unwrap();
     write_adapter(a.root(), "one", 1);
     let (g, _) = a.load("one", "t", None).unwrap();

@@ -361,24 +361,7 @@ pub fn promtool_check(exposition: &str) {
     );
 }
 
-/// A new empty database on the tests' PostgreSQL (`FLYWHEEL_TEST_POSTGRES_URL`, which `scripts/test.sh`
-/// starts and sets), as its URL. `None`, with a note, when none is configured, unless
-/// `FLYWHEEL_TEST_POSTGRES_REQUIRED` is set, when it panics.
+/// A new empty database on the tests' PostgreSQL, as its URL (see `flywheel::postgres::test_database`).
 pub fn postgres_scratch() -> Option<String> {
-    let Ok(admin) = std::env::var("FLYWHEEL_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("FLYWHEEL_TEST_POSTGRES_REQUIRED").is_none(),
-            "FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh starts a PostgreSQL and sets it)"
-        );
-        eprintln!("skipped: FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)");
-        return None;
-    };
-    let name = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());
-    let mut client =
-        postgres::Client::connect(&admin, postgres::NoTls).expect("the test PostgreSQL");
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .expect("a scratch database");
-    let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
-    Some(format!("{server}/{name}"))
+    flywheel::postgres::test_database()
 }
