@@ -98,6 +98,38 @@ fn stored(server: &Server, task: &str) -> Vec<(i64, String, i64)> {
     }
 }
 
+/// Posts `ham` and `spam` mail as feedback of the task `spam` to `server`; returns how many rows.
+fn post_mail(server: &Server, ham: &[String], spam: &[String]) -> usize {
+    let items: Vec<Value> = ham
+        .iter()
+        .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
+        .chain(
+            spam.iter()
+                .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+        )
+        .collect();
+    let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
+    assert_eq!(status, 202, "{ack}");
+    items.len()
+}
+
+/// Polls job `id` on `server` until it trains (running, a step done); returns it then.
+fn wait_until_training(server: &Server, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, job) = server.get_json(&format!("/v1/jobs/{id}"));
+        if job["state"] == "running" && job["step"].as_u64().unwrap_or(0) >= 1 {
+            return job;
+        }
+        assert!(
+            matches!(job["state"].as_str(), Some("queued") | Some("running")),
+            "{job}"
+        );
+        assert!(Instant::now() < deadline, "the job never ran: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Polls job `id` on `server` until it is neither queued nor running.
 fn wait_for_job(server: &Server, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
@@ -172,19 +204,9 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
         sample_mails("easy-ham-1", 0, 7, 40, 60),
         sample_mails("spam-1", 0, 7, 40, 60),
     );
-    let mail: Vec<(&str, &str)> = ham
-        .iter()
-        .map(|t| (t.as_str(), "ham"))
-        .chain(spam.iter().map(|t| (t.as_str(), "spam")))
-        .collect();
     create_task(&a, "spam");
     within_a_second(&b, "/v1/tasks/spam", |status, _| status == 200);
-    let items: Vec<Value> = mail
-        .iter()
-        .map(|(text, label)| json!({"task": "spam", "text": text, "label": label}))
-        .collect();
-    let (status, ack) = a.post("/v1/feedback", &json!({ "items": items }));
-    assert_eq!(status, 202, "{ack}");
+    let posted = post_mail(&a, &ham, &spam);
     // Queued on A, which does not train: B claims it from the shared queue and runs it.
     let (status, job) = a.post(
         "/v1/train",
@@ -200,8 +222,7 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
     assert_eq!(on_b["state"], "succeeded", "one job, listed alike: {on_b}");
     let seen = done["train_examples"].as_u64().unwrap() + done["val"]["examples"].as_u64().unwrap();
     assert_eq!(
-        seen,
-        mail.len() as u64,
+        seen, posted as u64,
         "B's job trained and validated on every mail posted to A: {done}"
     );
 
@@ -393,16 +414,7 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
         sample_mails("easy-ham-1", 1, 5, 80, 80),
         sample_mails("spam-1", 1, 5, 80, 80),
     );
-    let items: Vec<Value> = ham
-        .iter()
-        .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
-        .chain(
-            spam.iter()
-                .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
-        )
-        .collect();
-    let (status, ack) = front.post("/v1/feedback", &json!({ "items": items }));
-    assert_eq!(status, 202, "{ack}");
+    post_mail(&front, &ham, &spam);
     // Long enough (3 epochs at 64 tokens) that the kill lands while it trains.
     let (status, job) = front.post(
         "/v1/train",
@@ -410,15 +422,7 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
     );
     assert_eq!(status, 202, "{job}");
     let id = job["job_id"].as_str().expect("a job id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let running = loop {
-        let (_, job) = front.get_json(&format!("/v1/jobs/{id}"));
-        if job["state"] == "running" && job["step"].as_u64().unwrap_or(0) >= 1 {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "the job never ran: {job}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let running = wait_until_training(&front, &id);
     let first = running["worker"].as_str().expect("a worker").to_owned();
     let (victim, survivor): (Vec<_>, Vec<_>) =
         workers.into_iter().partition(|w| worker_of(w) == first);
@@ -448,24 +452,12 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
     );
     assert_eq!(status, 202, "{job}");
     let id = job["job_id"].as_str().expect("a job id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, job) = front.get_json(&format!("/v1/jobs/{id}"));
-        if job["state"] == "running" && job["step"].as_u64().unwrap_or(0) >= 1 {
-            assert_eq!(
-                job["worker"].as_str().unwrap(),
-                worker_of(&survivor),
-                "{job}"
-            );
-            break;
-        }
-        assert!(
-            matches!(job["state"].as_str(), Some("queued") | Some("running")),
-            "{job}"
-        );
-        assert!(Instant::now() < deadline, "the job never ran: {job}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let training = wait_until_training(&front, &id);
+    assert_eq!(
+        training["worker"].as_str().unwrap(),
+        worker_of(&survivor),
+        "{training}"
+    );
     survivor.terminate();
     let done = wait_for_job(&front, &id, Duration::from_secs(180));
     assert_eq!(done["state"], "succeeded", "{done}");
