@@ -219,15 +219,9 @@ pub fn assemble(
 /// This process's name on the jobs it claims from a shared queue: the host's name (a pod's, on Kubernetes)
 /// and the process id.
 fn worker_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let host = if ok {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "flywheel".to_owned()
-    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "flywheel".to_owned());
     format!("{host}/{}", std::process::id())
 }
 

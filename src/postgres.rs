@@ -17,6 +17,12 @@ pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 /// A connection taken from a [`Pool`].
 pub type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
 
+/// A connection from `pool`, or why none could be had within the pool's timeout.
+pub fn checkout(pool: &Pool) -> Result<Conn, PgError> {
+    pool.get()
+        .map_err(|e| PgError::Connect(format!("no connection free: {e}")))
+}
+
 /// Returns when a notification arrives on `channel`, or after `timeout` at the latest. `listener` keeps the
 /// connection that `LISTEN`s between calls (taken from `pool` at the first call, replaced when it breaks);
 /// while PostgreSQL is unreachable this just sleeps `timeout`, so callers poll.

@@ -154,8 +154,7 @@ fn parse(version: i64, body: &str) -> Result<Option<Stored>, RegistryError> {
 }
 
 fn connection(pool: &Pool) -> Result<Conn, RegistryError> {
-    pool.get()
-        .map_err(|e| storage(format!("no PostgreSQL connection: {e}")))
+    crate::postgres::checkout(pool).map_err(storage)
 }
 
 impl IndexStore for PostgresIndex {

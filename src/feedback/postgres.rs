@@ -9,7 +9,7 @@ use postgres::types::ToSql;
 use sha2::{Digest, Sha256};
 
 use super::{Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback};
-use crate::postgres::{describe, Pool};
+use crate::postgres::{checkout, describe, Conn, Pool};
 
 fn storage(e: postgres::Error) -> FeedbackError {
     FeedbackError::Storage(describe(&e))
@@ -28,15 +28,8 @@ impl PostgresStore {
         Self { pool }
     }
 
-    fn conn(
-        &self,
-    ) -> Result<
-        r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
-        FeedbackError,
-    > {
-        self.pool
-            .get()
-            .map_err(|e| FeedbackError::Storage(format!("no PostgreSQL connection: {e}")))
+    fn conn(&self) -> Result<Conn, FeedbackError> {
+        checkout(&self.pool).map_err(|e| FeedbackError::Storage(e.to_string()))
     }
 
     fn select(

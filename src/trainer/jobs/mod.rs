@@ -91,15 +91,6 @@ pub struct Jobs {
 }
 
 impl Shared {
-    /// [`Shared::persist_shared`] under the persist lock.
-    fn persist_shared_now(&self, queue: &SharedQueue) -> bool {
-        let _writing = self
-            .persisting
-            .lock()
-            .expect("persist lock poisoned; this is a bug");
-        self.persist_shared(queue)
-    }
-
     fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
         if let Some(job) = jobs.get_mut(id) {
@@ -108,15 +99,14 @@ impl Shared {
     }
 
     /// Forgets the oldest finished jobs beyond the retention limit, then writes the list (with a shared
-    /// queue: writes the jobs this process holds to it).
-    fn persist(&self) {
+    /// queue: writes the jobs this process holds to it). Returns whether every write went through.
+    fn persist(&self) -> bool {
         let _writing = self
             .persisting
             .lock()
             .expect("persist lock poisoned; this is a bug");
         if let Some(queue) = &self.queue {
-            self.persist_shared(queue);
-            return;
+            return self.persist_shared(queue);
         }
         let jobs = {
             let mut jobs = self.jobs.lock().expect("jobs lock poisoned; this is a bug");
@@ -124,12 +114,17 @@ impl Shared {
             jobs.values().cloned().collect::<Vec<_>>()
         };
         match serde_json::to_vec_pretty(&jobs) {
-            Ok(bytes) => {
-                if let Err(e) = write_atomically(&self.path, &bytes) {
+            Ok(bytes) => match write_atomically(&self.path, &bytes) {
+                Ok(()) => true,
+                Err(e) => {
                     tracing::warn!(error = %e, "could not persist the job list");
+                    false
                 }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not serialise the job list");
+                false
             }
-            Err(e) => tracing::warn!(error = %e, "could not serialise the job list"),
         }
     }
 
@@ -339,6 +334,9 @@ impl Jobs {
             queue.insert(&status, self.max_queued)?;
             return Ok(status);
         }
+        if !self.enabled {
+            return Err(TrainError::Disabled);
+        }
         let queued = {
             let jobs = self
                 .shared
@@ -349,9 +347,6 @@ impl Jobs {
                 .filter(|j| matches!(j.state, JobState::Queued | JobState::Running))
                 .count()
         };
-        if !self.enabled {
-            return Err(TrainError::Disabled);
-        }
         if self.shared.shutting_down.load(Ordering::Relaxed) {
             return Err(TrainError::ShuttingDown);
         }
@@ -562,9 +557,7 @@ fn claim_and_run(
                 // The job ends this worker's once its last state is in the table. PostgreSQL may be down
                 // for a while; past the lease another worker may claim it and run it again, publishing
                 // under a name of its own (`run_name`).
-                while !shared.persist_shared_now(queue)
-                    && !shared.shutting_down.load(Ordering::Relaxed)
-                {
+                while !shared.persist() && !shared.shutting_down.load(Ordering::Relaxed) {
                     std::thread::sleep(every);
                 }
                 shared

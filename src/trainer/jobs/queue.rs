@@ -19,16 +19,6 @@ fn storage(e: postgres::Error) -> TrainError {
     TrainError::Storage(describe(&e))
 }
 
-fn state_name(state: JobState) -> &'static str {
-    match state {
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
-}
-
 /// The database's clock in milliseconds: leases are written and compared on one clock, whatever the
 /// replicas' own clocks say.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
@@ -79,9 +69,7 @@ impl SharedQueue {
     }
 
     fn conn(&self) -> Result<Conn, TrainError> {
-        self.pool
-            .get()
-            .map_err(|e| TrainError::Storage(format!("no PostgreSQL connection: {e}")))
+        crate::postgres::checkout(&self.pool).map_err(|e| TrainError::Storage(e.to_string()))
     }
 
     /// Queues `job` unless `max_live` jobs are queued or running already; announces it to the workers.
@@ -249,11 +237,9 @@ impl SharedQueue {
             } else if attempts < MAX_ATTEMPTS && !job.cancel_requested {
                 // Its worker died: run it again, from the start.
                 job = JobRecord {
-                    id: job.id.clone(),
-                    created_at: job.created_at,
                     worker: Some(self.worker.clone()),
                     attempts: u32::try_from(attempts).unwrap_or(0) + 1,
-                    ..JobRecord::queued(&job.task, job.config.clone())
+                    ..job.requeued()
                 };
             } else {
                 // Cancelled, or its workers died twice: it ends here.
@@ -269,7 +255,7 @@ impl SharedQueue {
                 }
                 tx.execute(
                     "UPDATE jobs SET record = $2, state = $3 WHERE id = $1",
-                    &[&job.id, &json(&job)?, &state_name(job.state)],
+                    &[&job.id, &json(&job)?, &job.state.name()],
                 )
                 .map_err(storage)?;
                 tx.commit().map_err(storage)?;
@@ -298,11 +284,7 @@ impl SharedQueue {
     pub fn heartbeat(&self, job: &JobRecord) -> Result<bool, TrainError> {
         let live = matches!(job.state, JobState::Queued | JobState::Running);
         // The row stays `running` while this worker holds the job, even before its record says so.
-        let state = if live {
-            "running"
-        } else {
-            state_name(job.state)
-        };
+        let state = if live { "running" } else { job.state.name() };
         let row = self
             .conn()?
             .query_opt(
@@ -323,11 +305,7 @@ impl SharedQueue {
     /// Puts a job this worker holds back in the queue, as it was queued (a graceful shutdown: the run does
     /// not count as an attempt).
     pub fn release(&self, job: &JobRecord) -> Result<(), TrainError> {
-        let requeued = JobRecord {
-            id: job.id.clone(),
-            created_at: job.created_at,
-            ..JobRecord::queued(&job.task, job.config.clone())
-        };
+        let requeued = job.requeued();
         self.conn()?
             .execute(
                 "UPDATE jobs SET state = 'queued', worker = NULL, lease_until = NULL,

@@ -131,13 +131,9 @@ pub(super) fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .get(id)
         .map(|j| j.state);
     if let Some(state) = state {
-        let state = serde_json::to_value(state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
         deps.metrics
             .training_jobs
-            .with_label_values(&[job.task.as_str(), state.as_str()])
+            .with_label_values(&[job.task.as_str(), state.name()])
             .inc();
         deps.metrics.training_duration.observe(wall);
     }

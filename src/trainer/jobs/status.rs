@@ -27,6 +27,19 @@ pub enum JobState {
     Cancelled,
 }
 
+impl JobState {
+    /// The state's name, as the API and the metrics spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// A job, in memory and in `jobs.json`. Fields added later carry `#[serde(default)]` so older lists read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -135,6 +148,16 @@ impl JobRecord {
             rerun_of: None,
             worker: None,
             attempts: 0,
+        }
+    }
+
+    /// The same job queued again from the start: its id, task, configuration and creation time, nothing
+    /// of a run.
+    pub(super) fn requeued(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            created_at: self.created_at,
+            ..Self::queued(&self.task, self.config.clone())
         }
     }
 
