@@ -19,7 +19,9 @@ use crate::feedback::FeedbackStore;
 use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::model::{LoadOptions, Model, ModelError, ServingModel};
+use crate::postgres::election::Election;
 use crate::pressure::ServingPressure;
+use crate::rollout::store::{FileStore, PostgresStore as PostgresRollouts, RolloutStore};
 use crate::rollout::{Rollouts, StartRequest};
 use crate::serving::Services;
 use crate::trainer::jobs::queue::SharedQueue;
@@ -140,13 +142,6 @@ pub fn assemble(
         config.feedback.recent_bytes,
     );
     let registry = Arc::new(registry);
-    if shared.is_some() {
-        follow_registry(
-            &registry,
-            Duration::from_millis(config.store.sync_interval_ms),
-            metrics.clone(),
-        )?;
-    }
     let deps = TrainerDeps {
         bert: Arc::new(model.bert.to_device(&train_device)?),
         model,
@@ -177,12 +172,27 @@ pub fn assemble(
     let jobs = Arc::new(Jobs::start(&config.data.dir, deps, &config.trainer, queue)?);
     let drift = Arc::new(DriftMonitor::new(config.drift.clone(), metrics.clone()));
     drift.start_embedder(serving, pressure)?;
-    let rollouts = Arc::new(Rollouts::open(
-        &config.data.dir,
-        registry.clone(),
-        metrics,
-        config.rollouts.clone(),
-    ));
+    let rollout_store: Box<dyn RolloutStore> = match &shared {
+        None => Box::new(FileStore::new(config.data.dir.join("rollouts.json"))),
+        Some(pool) => Box::new(PostgresRollouts::new(pool.clone(), worker_name())),
+    };
+    let rollouts = Arc::new(
+        Rollouts::open_in(
+            rollout_store,
+            registry.clone(),
+            metrics.clone(),
+            config.rollouts.clone(),
+        )
+        .map_err(|e| ServeError::Config(format!("cannot read the rollouts: {e}")))?,
+    );
+    if shared.is_some() {
+        follow_shared_state(
+            &registry,
+            &rollouts,
+            Duration::from_millis(config.store.sync_interval_ms),
+            metrics,
+        )?;
+    }
     if config.rollouts.auto_canary {
         let canaries = rollouts.clone();
         jobs.on_published(Arc::new(move |task, generation| {
@@ -213,6 +223,7 @@ pub fn assemble(
         drift,
         watch_drift: config.drift.enabled,
         loaded_at: crate::clock::unix_seconds(),
+        election: shared.map(|pool| Arc::new(Election::new(pool, AUTOPILOT_LEADER))),
     })
 }
 
@@ -225,26 +236,45 @@ fn worker_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-/// Starts the thread that takes in registry changes other replicas make, as they are announced and every
-/// `every` anyway, until the registry is dropped.
-fn follow_registry(
+/// Key of the advisory lock whose holder's autopilot acts ("autopilot" in ASCII, truncated).
+const AUTOPILOT_LEADER: i64 = 0x6175_746f_7069_6c6f;
+
+/// Starts the thread that takes in the registry and rollout changes other replicas make, as they are
+/// announced and every `every` anyway, and exchanges rollout evidence with them every `every`, until the
+/// registry is dropped.
+fn follow_shared_state(
     registry: &Arc<Registry>,
+    rollouts: &Arc<Rollouts>,
     every: Duration,
     metrics: Metrics,
 ) -> std::io::Result<()> {
-    let registry = Arc::downgrade(registry);
+    let (registry, rollouts) = (Arc::downgrade(registry), Arc::downgrade(rollouts));
     std::thread::Builder::new()
-        .name("flywheel-registry-sync".to_owned())
-        .spawn(move || loop {
-            let Some(registry) = registry.upgrade() else {
-                return;
-            };
-            registry.wait_for_change(every);
-            match registry.sync() {
-                Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
-                Ok(false) => {}
-                // PostgreSQL is unreachable: serve what is loaded and look again next time.
-                Err(e) => tracing::warn!(error = %e, "cannot read the shared registry"),
+        .name("flywheel-shared-sync".to_owned())
+        .spawn(move || {
+            let mut exchanged = Instant::now();
+            loop {
+                let (Some(registry), Some(rollouts)) = (registry.upgrade(), rollouts.upgrade())
+                else {
+                    return;
+                };
+                registry.wait_for_change(every);
+                match registry.sync() {
+                    Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
+                    Ok(false) => {}
+                    // PostgreSQL is unreachable: serve what is loaded and look again next time.
+                    Err(e) => tracing::warn!(error = %e, "cannot read the shared registry"),
+                }
+                // After the registry: a rollout may name a generation that came with the same change.
+                if let Err(e) = rollouts.sync() {
+                    tracing::warn!(error = %e, "cannot read the shared rollouts");
+                }
+                if exchanged.elapsed() >= every {
+                    exchanged = Instant::now();
+                    if let Err(e) = rollouts.exchange() {
+                        tracing::warn!(error = %e, "cannot exchange rollout evidence");
+                    }
+                }
             }
         })
         .map(drop)
@@ -267,6 +297,7 @@ pub fn start_autopilot(
         policy: config.trainer.clone(),
         job,
         every: Duration::from_millis(config.rollouts.evaluate_every_ms),
+        election: services.election.clone(),
     }
     .spawn(stop)
     .map(drop)

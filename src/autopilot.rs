@@ -1,6 +1,7 @@
 //! The autopilot: one background thread that closes the loop by policy. Every tick it runs the rollout
 //! analysis (advance, promote, roll back) and starts training jobs for tasks whose feedback grew enough since
-//! their last job, or whose inputs drifted.
+//! their last job, or whose inputs drifted. Where processes share PostgreSQL, each runs the analysis (for its
+//! figures) but only the elected one acts and starts jobs, so no decision and no job is made twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use crate::adapters::Registry;
 use crate::config::TrainerConfig;
 use crate::drift::DriftMonitor;
 use crate::feedback::FeedbackStore;
+use crate::postgres::election::Election;
 use crate::rollout::Rollouts;
 use crate::trainer::jobs::Jobs;
 use crate::trainer::train::TrainConfig;
@@ -36,6 +38,8 @@ pub struct Autopilot {
     pub job: TrainConfig,
     /// The tick.
     pub every: Duration,
+    /// The election among processes sharing PostgreSQL; `None` alone, when this process always leads.
+    pub election: Option<Arc<Election>>,
 }
 
 /// Per task: feedback count when its last automatic job was submitted, and when.
@@ -51,20 +55,32 @@ impl Autopilot {
             .name("flywheel-autopilot".to_owned())
             .spawn(move || {
                 let mut last: HashMap<String, Last> = HashMap::new();
+                let mut leading = self.election.is_none();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(self.every);
-                    for (task, action) in self.rollouts.evaluate() {
+                    let lead = self.election.as_ref().is_none_or(|e| e.lead());
+                    if lead != leading {
+                        leading = lead;
+                        tracing::info!(leading, "autopilot leadership changed");
+                        // A new leader counts feedback growth from what it sees now.
+                        last.clear();
+                    }
+                    for (task, action) in self.rollouts.evaluate(lead) {
                         tracing::info!(task, action, "rollout analysis acted");
                     }
                     self.drift.refresh(DRIFT_EVERY);
-                    self.maybe_train(&mut last);
+                    if lead {
+                        self.maybe_train(&mut last);
+                    }
                 }
             })
     }
 
     fn maybe_train(&self, last: &mut HashMap<String, Last>) {
         let by_count = self.policy.auto_every_feedback > 0;
-        if !self.policy.enabled || (!by_count && !self.policy.auto_on_drift) {
+        // With a shared queue any process queues jobs, for the workers to run.
+        if !(self.policy.enabled || self.jobs.shared()) || (!by_count && !self.policy.auto_on_drift)
+        {
             return;
         }
         let interval = Duration::from_secs(self.policy.auto_min_interval_secs);

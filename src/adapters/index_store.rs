@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::registry::Task;
 use super::RegistryError;
-use crate::postgres::{describe, Conn, Pool};
+use crate::postgres::document::{Change, Document, Versioned, CHANNEL};
+use crate::postgres::{Conn, Pool};
 
 /// One generation as the index records it; its files are under the adapter root at `path`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,42 +120,39 @@ impl IndexWrite for FileWrite<'_> {
 }
 
 /// The `registry_index` row in PostgreSQL, shared by every replica on the database. Each change is
-/// announced on the channel [`CHANNEL`] as it commits; [`IndexStore::wait`] listens on it, so replicas take
-/// changes in within milliseconds, and look anyway at every timeout should a notification be missed.
+/// announced on [`crate::postgres::document::CHANNEL`] as it commits; [`IndexStore::wait`] listens on it, so
+/// replicas take changes in within milliseconds, and look anyway at every timeout should a notification be
+/// missed.
 pub struct PostgresIndex {
+    document: Document,
     pool: Pool,
     /// A connection kept for `LISTEN` (taken from the pool once; replaced when it breaks).
     listener: std::sync::Mutex<Option<Conn>>,
 }
 
-/// The `LISTEN`/`NOTIFY` channel of registry changes.
-pub const CHANNEL: &str = "flywheel_registry";
-
 impl PostgresIndex {
     /// The index in the database behind `pool` (migrated by [`crate::postgres::connect`]).
     pub fn new(pool: Pool) -> Self {
         Self {
+            document: Document::new(pool.clone(), "registry_index"),
             pool,
             listener: std::sync::Mutex::new(None),
         }
     }
 }
 
-fn query(e: postgres::Error) -> RegistryError {
-    RegistryError::Storage(describe(&e))
-}
-
-fn parse(version: i64, body: &str) -> Result<Option<Stored>, RegistryError> {
-    if version == 0 {
+fn parse((version, body): &Versioned) -> Result<Option<Stored>, RegistryError> {
+    if *version == 0 {
         return Ok(None);
     }
     serde_json::from_str(body)
-        .map(|index| Some(Stored { version, index }))
+        .map(|index| {
+            Some(Stored {
+                version: *version,
+                index,
+            })
+        })
         .map_err(|e| storage(format!("registry_index version {version}: {e}")))
-}
-
-fn connection(pool: &Pool) -> Result<Conn, RegistryError> {
-    crate::postgres::checkout(pool).map_err(storage)
 }
 
 impl IndexStore for PostgresIndex {
@@ -163,10 +161,10 @@ impl IndexStore for PostgresIndex {
     }
 
     fn load(&self) -> Result<Option<Stored>, RegistryError> {
-        let row = connection(&self.pool)?
-            .query_one("SELECT version, body FROM registry_index WHERE id = 1", &[])
-            .map_err(query)?;
-        parse(row.get(0), row.get(1))
+        match self.document.newer_than(-1).map_err(storage)? {
+            Some(stored) => parse(&stored),
+            None => Ok(None),
+        }
     }
 
     fn wait(&self, timeout: std::time::Duration) {
@@ -174,60 +172,20 @@ impl IndexStore for PostgresIndex {
     }
 
     fn begin(&self) -> Result<Box<dyn IndexWrite + '_>, RegistryError> {
-        let mut conn = connection(&self.pool)?;
-        conn.batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-            .map_err(query)?;
-        Ok(Box::new(PostgresWrite { conn, open: true }))
+        Ok(Box::new(self.document.begin().map_err(storage)?))
     }
 }
 
-struct PostgresWrite {
-    conn: Conn,
-    /// A transaction is open on `conn`; dropping the write rolls it back.
-    open: bool,
-}
-
-impl IndexWrite for PostgresWrite {
+impl IndexWrite for Change {
     fn newer_than(&mut self, seen: i64) -> Result<Option<Stored>, RegistryError> {
-        let row = self
-            .conn
-            .query_one(
-                "SELECT version, body FROM registry_index WHERE id = 1 FOR UPDATE",
-                &[],
-            )
-            .map_err(query)?;
-        let version: i64 = row.get(0);
-        if version <= seen {
+        if self.current().0 <= seen {
             return Ok(None);
         }
-        parse(version, row.get(1))
+        parse(self.current())
     }
 
-    fn commit(mut self: Box<Self>, index: &Index) -> Result<i64, RegistryError> {
+    fn commit(self: Box<Self>, index: &Index) -> Result<i64, RegistryError> {
         let body = serde_json::to_string(index).map_err(storage)?;
-        let version: i64 = self
-            .conn
-            .query_one(
-                "UPDATE registry_index SET version = version + 1, body = $1 WHERE id = 1
-                 RETURNING version",
-                &[&body],
-            )
-            .map_err(query)?
-            .get(0);
-        // The notification is delivered when (and only if) the transaction commits.
-        self.conn
-            .batch_execute(&format!("NOTIFY {CHANNEL}; COMMIT"))
-            .map_err(query)?;
-        self.open = false;
-        Ok(version)
-    }
-}
-
-impl Drop for PostgresWrite {
-    fn drop(&mut self) {
-        if self.open {
-            // A failed rollback leaves a broken connection, which the pool tests and replaces.
-            let _ = self.conn.batch_execute("ROLLBACK");
-        }
+        Change::commit(*self, &body).map_err(storage)
     }
 }

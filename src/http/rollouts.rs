@@ -18,6 +18,11 @@ impl From<RolloutError> for ApiError {
             RolloutError::NotFound(m) => ApiError::not_found(m),
             RolloutError::Conflict(m) => ApiError::conflict(m),
             RolloutError::Invalid(m) => ApiError::invalid(m),
+            e @ RolloutError::Storage(_) => ApiError::new(
+                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                e.to_string(),
+            ),
         }
     }
 }
@@ -28,7 +33,8 @@ impl From<RolloutError> for ApiError {
     responses(
         (status = 201, description = "Started", body = RolloutView),
         (status = 404, description = "No such task or candidate (`not_found`)", body = ErrorBody),
-        (status = 409, description = "The candidate cannot be canaried now (`conflict`)", body = ErrorBody)))]
+        (status = 409, description = "The candidate cannot be canaried now (`conflict`)", body = ErrorBody),
+        (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn start(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -86,7 +92,8 @@ pub struct Traffic {
     responses(
         (status = 200, description = "The rollout with its new share", body = RolloutView),
         (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
-        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
+        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody),
+        (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn traffic(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -107,7 +114,8 @@ pub async fn traffic(
     responses(
         (status = 200, description = "Promoted", body = RolloutView),
         (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
-        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
+        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody),
+        (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn promote(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -127,7 +135,8 @@ pub async fn promote(
     responses(
         (status = 200, description = "Rolled back", body = RolloutView),
         (status = 404, description = "No active rollout (`not_found`)", body = ErrorBody),
-        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody)))]
+        (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody),
+        (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn rollback(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -155,7 +164,7 @@ async fn decide(
     Ok(RolloutView::from(&rollout))
 }
 
-/// A rollout as the API shows it: the record `rollouts.json` stores, and each arm's figures now.
+/// A rollout as the API shows it: the record its store keeps, and each arm's figures now.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Rollout)]
 pub struct RolloutView {

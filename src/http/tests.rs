@@ -224,7 +224,7 @@ async fn a_candidate_that_answers_wrong_is_rolled_back_on_its_online_accuracy() 
 
     let services = harness.state.services().unwrap();
     assert_eq!(
-        services.rollouts.evaluate(),
+        services.rollouts.evaluate(true),
         [("spam".to_owned(), "rollback".to_owned())]
     );
     let (status, _, body) = send!(app, GET "/v1/rollouts/spam");

@@ -72,8 +72,61 @@ impl ArmStats {
         (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(0.99) as f64 / 1e3)
     }
 
+    /// Adds `other`'s evidence (another replica's, another step's) to this arm's.
+    pub fn merge(&mut self, other: &ArmStats) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.judged += other.judged;
+        self.correct += other.correct;
+        // Every arm's histogram has the same bounds, so adding one to another cannot fail.
+        let _ = self.latency.add(&other.latency);
+    }
+
     fn error_rate(&self) -> f64 {
         self.errors as f64 / self.requests.max(1) as f64
+    }
+}
+
+/// An arm's evidence as a replica stores it for the others: the counts, and the latency histogram as
+/// (microseconds, count) pairs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArmRecord {
+    requests: u64,
+    errors: u64,
+    judged: u64,
+    correct: u64,
+    latency_us: Vec<(u64, u64)>,
+}
+
+impl From<&ArmStats> for ArmRecord {
+    fn from(a: &ArmStats) -> Self {
+        Self {
+            requests: a.requests,
+            errors: a.errors,
+            judged: a.judged,
+            correct: a.correct,
+            latency_us: a
+                .latency
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+        }
+    }
+}
+
+impl From<&ArmRecord> for ArmStats {
+    fn from(r: &ArmRecord) -> Self {
+        let mut a = ArmStats {
+            requests: r.requests,
+            errors: r.errors,
+            judged: r.judged,
+            correct: r.correct,
+            latency: latency_histogram(),
+        };
+        for &(value, count) in &r.latency_us {
+            let _ = a.latency.record_n(value, count);
+        }
+        a
     }
 }
 
@@ -231,6 +284,22 @@ mod tests {
             min_requests: 50,
             ..RolloutConfig::default()
         }
+    }
+
+    #[test]
+    fn an_arm_survives_its_record_and_arms_merge_with_their_latencies() {
+        let (fast, slow) = (arm(10, 9, 100, 0.002), arm(5, 1, 100, 0.2));
+        let back = ArmStats::from(&ArmRecord::from(&slow));
+        assert_eq!(ArmRecord::from(&back), ArmRecord::from(&slow));
+        assert_eq!(back.p99_ms(), slow.p99_ms());
+        let mut both = fast.clone();
+        both.merge(&back);
+        assert_eq!((both.requests, both.judged, both.correct), (200, 15, 10));
+        assert_eq!(
+            both.p99_ms(),
+            slow.p99_ms(),
+            "the slow replica's tail counts"
+        );
     }
 
     #[test]

@@ -1,30 +1,31 @@
 //! A/B rollouts: per task at most one active rollout puts a candidate generation in front of a share of
 //! traffic (`split`) or beside it (`shadow`), gathers per-arm evidence, and advances, promotes or rolls
-//! back by the guardrail analysis or by hand. Rollouts and their decision logs persist in
-//! `<data-dir>/rollouts.json` at every change, with the evidence counts as they were then.
+//! back by the guardrail analysis or by hand.
 //!
-//! What a rollout is lives in `record.rs`; past 500 lines as one concern here: every operation of the state
-//! machine works under the same two locks and writes through one persistence path.
+//! Rollouts are kept in a [`store::RolloutStore`]: `rollouts.json` for one process, PostgreSQL for replicas
+//! that share them. Every change is made to the newest stored rollouts under the store's lock and installed
+//! here once stored, so replicas deciding at once decide one after the other. Evidence is counted in memory
+//! per replica ([`Evidence`]); with a shared store each replica publishes its own and adds up the others'
+//! ([`Rollouts::exchange`]), so the figures and the analysis cover all traffic. What a rollout is lives in
+//! `record.rs`.
 
 pub mod analysis;
 mod record;
 pub mod router;
+pub mod store;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::Path;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use serde::{Deserialize, Serialize};
 
 use crate::adapters::registry::{Registry, State};
 use crate::clock::unix_seconds;
 use crate::config::RolloutConfig;
-use crate::durable::SnapshotFile;
 use crate::metrics::Metrics;
 use analysis::{analyse, Verdict};
 pub use record::{
     Arm, ArmSummary, Arms, Decision, Mode, Phase, Rollout, Route, StartRequest, Summary,
 };
+use store::{Evidence, Persisted, RolloutStore, Stored};
 
 /// Finished rollouts kept per task for `GET /v1/rollouts/{task}`.
 const HISTORY: usize = 10;
@@ -43,28 +44,87 @@ pub enum RolloutError {
     /// A value is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// The rollouts could not be stored or read.
+    #[error("rollout storage: {0}")]
+    Storage(String),
 }
 
-#[derive(Default, Serialize, Deserialize)]
-struct Persisted {
-    rollouts: BTreeMap<String, Vec<Rollout>>,
+/// What is known of an active rollout's traffic.
+#[derive(Default)]
+struct Live {
+    /// What this replica counted.
+    mine: Evidence,
+    /// What the other replicas counted, as of the last exchange.
+    others: Vec<Evidence>,
+    /// The latest analysis.
+    analysis: Option<Verdict>,
+}
+
+impl Live {
+    /// Every replica's evidence of the current step, and of the whole rollout.
+    fn merged(&self) -> (Arms, Arms) {
+        let (mut arms, mut totals) = (self.mine.arms.clone(), self.mine.totals.clone());
+        for other in &self.others {
+            if other.step == self.mine.step {
+                arms.merge(&other.arms);
+            }
+            totals.merge(&other.totals);
+        }
+        (arms, totals)
+    }
 }
 
 struct Inner {
-    /// Per task, oldest first; the last may be active.
-    by_task: BTreeMap<String, Vec<Rollout>>,
+    /// The rollouts as stored.
+    state: Persisted,
+    /// Their version in the store.
+    version: i64,
+    /// Evidence of the active rollouts, by rollout id.
+    live: HashMap<String, Live>,
     /// Recent judgements per (task, arm label) for the online-accuracy gauge.
     accuracy: HashMap<(String, String), VecDeque<bool>>,
+}
+
+impl Inner {
+    /// The active rollout of `task`.
+    fn active(&self, task: &str) -> Option<&Rollout> {
+        self.state
+            .rollouts
+            .get(task)?
+            .last()
+            .filter(|r| r.phase == Phase::Active)
+    }
+
+    /// The evidence of the active rollout `id` of `task`.
+    fn live_mut(&mut self, task: &str, id: &str) -> Option<(&Rollout, &mut Live)> {
+        let r = self
+            .state
+            .rollouts
+            .get(task)?
+            .last()
+            .filter(|r| r.phase == Phase::Active && r.id == id)?;
+        Some((r, self.live.get_mut(id)?))
+    }
+
+    /// `r` with the figures of its traffic so far, when active.
+    fn fill(&self, r: &mut Rollout) {
+        if let Some(live) = self.live.get(&r.id).filter(|_| r.phase == Phase::Active) {
+            (r.arms, r.totals) = live.merged();
+            if live.analysis.is_some() {
+                r.analysis = live.analysis.clone();
+            }
+        }
+    }
 }
 
 /// The rollout manager; share it behind an `Arc`.
 pub struct Rollouts {
     /// The state every request reads (routing) and writes (evidence); held briefly, never across I/O.
     inner: Mutex<Inner>,
-    /// Serialises the changes that decide (start, traffic, promote, rollback, the analysis's actions), so
-    /// a promotion's two writes — the alias, then the rollout — are never interleaved with another change.
+    /// Serialises this process's changes, so a promotion's two writes — the alias, then the rollout — are
+    /// never interleaved with another change (the store's lock does the same across processes).
     decisions: Mutex<()>,
-    file: SnapshotFile,
+    store: Box<dyn RolloutStore>,
     registry: Arc<Registry>,
     metrics: Metrics,
     policy: RolloutConfig,
@@ -80,93 +140,132 @@ fn check_share(share: f64) -> Result<f64, RolloutError> {
     }
 }
 
+/// The task's active rollout in `state`.
+fn active_mut<'a>(state: &'a mut Persisted, task: &str) -> Result<&'a mut Rollout, RolloutError> {
+    state
+        .rollouts
+        .get_mut(task)
+        .and_then(|l| l.last_mut())
+        .filter(|r| r.phase == Phase::Active)
+        .ok_or_else(|| RolloutError::NotFound(format!("task {task:?} has no active rollout")))
+}
+
 impl Rollouts {
-    /// Restores `<data_dir>/rollouts.json`; an active rollout whose generations are gone is rolled back.
-    pub fn open(
-        data_dir: &Path,
+    /// Restores the rollouts in `store`: an active rollout whose generations are gone is rolled back, and one
+    /// whose promotion was cut short is completed. Fails only when a shared store cannot be read.
+    pub fn open_in(
+        store: Box<dyn RolloutStore>,
         registry: Arc<Registry>,
         metrics: Metrics,
         policy: RolloutConfig,
-    ) -> Self {
-        let path = data_dir.join("rollouts.json");
-        let persisted: Persisted = std::fs::read(&path)
-            .ok()
-            .and_then(|b| match serde_json::from_slice(&b) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "rollouts.json is unreadable; starting without rollouts");
-                    None
-                }
-            })
-            .unwrap_or_default();
-        let mut by_task = persisted.rollouts;
-        let mut reconciled = false;
-        for list in by_task.values_mut() {
-            if let Some(r) = list.last_mut().filter(|r| r.phase == Phase::Active) {
-                // A promotion moves the alias first and records the rollout second: a crash between the
-                // two leaves the alias on the candidate, and the promotion is completed here.
-                if registry
-                    .resolve(&r.task)
-                    .is_some_and(|g| g.id == r.candidate)
-                {
-                    metrics
-                        .rollout_events
-                        .with_label_values(&[r.task.as_str(), "promote"])
-                        .inc();
-                    r.finish(
-                        Phase::Promoted,
-                        "promote",
-                        "restart",
-                        "the stable alias had moved to the candidate when the server stopped; the \
-                         promotion is completed"
-                            .to_owned(),
-                    );
-                    reconciled = true;
-                    continue;
-                }
-                let ready = |id: &str| {
-                    registry
-                        .resolve(id)
-                        .is_some_and(|g| g.state == State::Ready && g.adapter.is_some())
-                };
-                if !ready(&r.candidate) || !ready(&r.stable) {
-                    metrics
-                        .rollout_events
-                        .with_label_values(&[r.task.as_str(), "rollback"])
-                        .inc();
-                    r.finish(
-                        Phase::RolledBack,
-                        "rollback",
-                        "restart",
-                        "a generation of the rollout is no longer loaded".to_owned(),
-                    );
-                    reconciled = true;
-                }
+    ) -> Result<Self, RolloutError> {
+        let stored = match store.newer_than(-1) {
+            Ok(stored) => stored,
+            Err(e) if !store.shared() => {
+                tracing::warn!(error = %e, "rollouts.json is unreadable; starting without rollouts");
+                None
             }
-        }
+            Err(e) => return Err(e),
+        };
         let rollouts = Self {
             inner: Mutex::new(Inner {
-                by_task,
+                state: Persisted::default(),
+                version: -1,
+                live: HashMap::new(),
                 accuracy: HashMap::new(),
             }),
             decisions: Mutex::new(()),
-            file: SnapshotFile::new(path),
+            store,
             registry,
             metrics,
             policy,
         };
-        {
-            let inner = rollouts.lock();
-            for list in inner.by_task.values() {
-                if let Some(r) = list.last() {
-                    rollouts.export_traffic(r);
+        if let Some(stored) = stored {
+            let mut inner = rollouts.lock();
+            rollouts.install(&mut inner, stored);
+            if !rollouts.store.shared() {
+                // One process: the evidence stored with the last change is where counting resumes. Shared,
+                // it is in the replicas' evidence rows already.
+                let restored: Vec<(String, Evidence)> = inner
+                    .state
+                    .rollouts
+                    .values()
+                    .filter_map(|l| l.last())
+                    .filter(|r| r.phase == Phase::Active)
+                    .map(|r| {
+                        let (arms, totals) = (r.arms.clone(), r.totals.clone());
+                        (
+                            r.id.clone(),
+                            Evidence {
+                                step: r.step,
+                                arms,
+                                totals,
+                            },
+                        )
+                    })
+                    .collect();
+                for (id, evidence) in restored {
+                    inner.live.entry(id).or_default().mine = evidence;
                 }
             }
-            if reconciled {
-                rollouts.persist(inner);
+        }
+        let due = rollouts.reconcile(&mut rollouts.lock().state.clone());
+        if due {
+            let _deciding = rollouts.deciding();
+            if let Err(e) = rollouts.decide(|state| {
+                rollouts.reconcile(state);
+                Ok(())
+            }) {
+                tracing::warn!(error = %e, "could not store the rollouts reconciled at start");
             }
         }
-        rollouts
+        Ok(rollouts)
+    }
+
+    /// Ends the active rollouts that cannot go on: one whose promotion moved the alias but was not recorded
+    /// is completed, one whose generations are gone is rolled back. Returns whether any was.
+    fn reconcile(&self, state: &mut Persisted) -> bool {
+        let mut changed = false;
+        for r in state.rollouts.values_mut().filter_map(|l| l.last_mut()) {
+            if r.phase != Phase::Active {
+                continue;
+            }
+            // A promotion moves the alias first and records the rollout second: a crash between the two
+            // leaves the alias on the candidate, and the promotion is completed here.
+            if self
+                .registry
+                .resolve(&r.task)
+                .is_some_and(|g| g.id == r.candidate)
+            {
+                self.event(&r.task, "promote");
+                r.finish(
+                    Phase::Promoted,
+                    "promote",
+                    "restart",
+                    "the stable alias had moved to the candidate when the server stopped; the \
+                     promotion is completed"
+                        .to_owned(),
+                );
+                changed = true;
+                continue;
+            }
+            let ready = |id: &str| {
+                self.registry
+                    .resolve(id)
+                    .is_some_and(|g| g.state == State::Ready && g.adapter.is_some())
+            };
+            if !ready(&r.candidate) || !ready(&r.stable) {
+                self.event(&r.task, "rollback");
+                r.finish(
+                    Phase::RolledBack,
+                    "rollback",
+                    "restart",
+                    "a generation of the rollout is no longer loaded".to_owned(),
+                );
+                changed = true;
+            }
+        }
+        changed
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -175,29 +274,113 @@ impl Rollouts {
             .expect("rollouts lock poisoned; this is a bug")
     }
 
-    /// Held by every change that decides (see the field).
+    /// Held by every change (see the field).
     fn deciding(&self) -> MutexGuard<'_, ()> {
         self.decisions
             .lock()
             .expect("rollout decisions lock poisoned; this is a bug")
     }
 
-    /// Snapshots the state under `inner`, releases it, then writes the snapshot: requests routed meanwhile
-    /// never wait for the disk. A failed write is logged; the next change writes the whole state again.
-    fn persist(&self, inner: MutexGuard<'_, Inner>) {
-        let version = self.file.next_version();
-        let bytes = serde_json::to_vec_pretty(&Persisted {
-            rollouts: inner.by_task.clone(),
-        });
-        drop(inner);
-        match bytes {
-            Ok(bytes) => {
-                if let Err(e) = self.file.write(version, &bytes) {
-                    tracing::warn!(error = %e, "could not persist rollouts");
-                }
+    /// Makes `stored` the rollouts requests see, keeping the evidence of those still active (a step that
+    /// advanced starts its evidence afresh).
+    fn install(&self, inner: &mut Inner, stored: Stored) {
+        inner.state = stored.state;
+        inner.version = stored.version;
+        let active: Vec<(String, usize)> = inner
+            .state
+            .rollouts
+            .values()
+            .filter_map(|l| l.last())
+            .filter(|r| r.phase == Phase::Active)
+            .map(|r| (r.id.clone(), r.step))
+            .collect();
+        inner
+            .live
+            .retain(|id, _| active.iter().any(|(a, _)| a == id));
+        for (id, step) in active {
+            let live = inner.live.entry(id).or_default();
+            if live.mine.step != step {
+                live.mine.step = step;
+                live.mine.arms = Arms::default();
+                live.analysis = None;
             }
-            Err(e) => tracing::warn!(error = %e, "could not serialise rollouts"),
         }
+        for r in inner.state.rollouts.values().filter_map(|l| l.last()) {
+            self.export_traffic(r);
+        }
+    }
+
+    /// Applies `change` to the newest stored rollouts, whose active ones carry their figures so far, stores
+    /// the result and installs it. The caller holds [`Self::deciding`]. Nothing changes when `change` or
+    /// the store fails.
+    fn decide<T>(
+        &self,
+        change: impl FnOnce(&mut Persisted) -> Result<T, RolloutError>,
+    ) -> Result<T, RolloutError> {
+        let write = self.store.begin()?;
+        let newer = write.newer_than(self.lock().version)?;
+        let mut state = {
+            let mut inner = self.lock();
+            if let Some(stored) = newer {
+                self.install(&mut inner, stored);
+            }
+            let mut state = inner.state.clone();
+            for r in state.rollouts.values_mut().filter_map(|l| l.last_mut()) {
+                inner.fill(r);
+            }
+            state
+        };
+        let out = change(&mut state)?;
+        let version = write.commit(&state)?;
+        self.install(&mut self.lock(), Stored { version, state });
+        Ok(out)
+    }
+
+    /// Takes in what other replicas changed in a shared store; returns whether anything changed. A no-op
+    /// for a store no one else writes.
+    pub fn sync(&self) -> Result<bool, RolloutError> {
+        if !self.store.shared() {
+            return Ok(false);
+        }
+        let seen = self.lock().version;
+        let Some(stored) = self.store.newer_than(seen)? else {
+            return Ok(false);
+        };
+        let mut inner = self.lock();
+        if stored.version <= inner.version {
+            return Ok(false);
+        }
+        self.install(&mut inner, stored);
+        Ok(true)
+    }
+
+    /// Publishes this replica's evidence of the active rollouts to a shared store and takes in the other
+    /// replicas'. A no-op for a store no one else writes.
+    pub fn exchange(&self) -> Result<(), RolloutError> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        let mine: Vec<(String, Evidence)> = self
+            .lock()
+            .live
+            .iter()
+            .map(|(id, live)| (id.clone(), live.mine.clone()))
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = mine.iter().map(|(id, _)| id.clone()).collect();
+        let others = self.store.exchange(&mine, &ids)?;
+        let mut inner = self.lock();
+        for live in inner.live.values_mut() {
+            live.others.clear();
+        }
+        for (id, evidence) in others {
+            if let Some(live) = inner.live.get_mut(&id) {
+                live.others.push(evidence);
+            }
+        }
+        Ok(())
     }
 
     fn export_traffic(&self, r: &Rollout) {
@@ -304,24 +487,6 @@ impl Rollouts {
             analysis: None,
             decisions: Vec::new(),
         };
-        let _deciding = self.deciding();
-        let mut inner = self.lock();
-        let list = inner.by_task.entry(task.clone()).or_default();
-        if let Some(active) = list.last_mut().filter(|r| r.phase == Phase::Active) {
-            if !supersede {
-                return Err(RolloutError::Conflict(format!(
-                    "task {task:?} already has an active rollout ({}); promote or roll it back first",
-                    active.id
-                )));
-            }
-            active.finish(
-                Phase::Superseded,
-                "supersede",
-                by,
-                format!("replaced by a rollout of {}", rollout.candidate),
-            );
-            self.event(&task, "supersede");
-        }
         rollout.log(
             "start",
             by,
@@ -330,63 +495,69 @@ impl Rollouts {
                 rollout.traffic, rollout.candidate, rollout.mode
             ),
         );
-        list.push(rollout.clone());
-        if list.len() > HISTORY {
-            list.remove(0);
+        let _deciding = self.deciding();
+        let superseded = self.decide(|state| {
+            let list = state.rollouts.entry(task.clone()).or_default();
+            let mut superseded = false;
+            if let Some(active) = list.last_mut().filter(|r| r.phase == Phase::Active) {
+                if !supersede {
+                    return Err(RolloutError::Conflict(format!(
+                        "task {task:?} already has an active rollout ({}); promote or roll it back first",
+                        active.id
+                    )));
+                }
+                active.finish(
+                    Phase::Superseded,
+                    "supersede",
+                    by,
+                    format!("replaced by a rollout of {}", rollout.candidate),
+                );
+                superseded = true;
+            }
+            list.push(rollout.clone());
+            if list.len() > HISTORY {
+                list.remove(0);
+            }
+            Ok(superseded)
+        })?;
+        if superseded {
+            self.event(&task, "supersede");
         }
-        self.export_traffic(&rollout);
         self.event(&task, "start");
-        self.persist(inner);
         tracing::info!(task, rollout = %rollout.id, candidate = %rollout.candidate, "rollout started");
         Ok(rollout)
     }
 
     /// The task's active rollout, or else its latest.
     pub fn get(&self, task: &str) -> Option<Rollout> {
-        self.lock()
-            .by_task
-            .get(task)
-            .and_then(|l| l.last())
-            .cloned()
+        let inner = self.lock();
+        let mut r = inner.state.rollouts.get(task)?.last()?.clone();
+        inner.fill(&mut r);
+        Some(r)
     }
 
     /// Every task's latest rollout.
     pub fn list(&self) -> Vec<Rollout> {
-        self.lock()
-            .by_task
+        let inner = self.lock();
+        inner
+            .state
+            .rollouts
             .values()
             .filter_map(|l| l.last())
-            .cloned()
+            .map(|r| {
+                let mut r = r.clone();
+                inner.fill(&mut r);
+                r
+            })
             .collect()
     }
 
     /// Whether an active rollout uses generation `id`.
     pub fn uses(&self, id: &str) -> bool {
-        self.lock().by_task.values().any(|l| {
+        self.lock().state.rollouts.values().any(|l| {
             l.last()
                 .is_some_and(|r| r.phase == Phase::Active && (r.candidate == id || r.stable == id))
         })
-    }
-
-    /// Applies `f` to the task's active rollout and persists the result; the caller holds [`Self::deciding`].
-    fn with_active<T>(
-        &self,
-        task: &str,
-        f: impl FnOnce(&mut Rollout) -> Result<T, RolloutError>,
-    ) -> Result<T, RolloutError> {
-        let mut inner = self.lock();
-        let r = inner
-            .by_task
-            .get_mut(task)
-            .and_then(|l| l.last_mut())
-            .filter(|r| r.phase == Phase::Active)
-            .ok_or_else(|| {
-                RolloutError::NotFound(format!("task {task:?} has no active rollout"))
-            })?;
-        let out = f(r)?;
-        self.export_traffic(r);
-        self.persist(inner);
-        Ok(out)
     }
 
     /// Sets the candidate's share of the active rollout (keys only move from stable to candidate when it
@@ -394,7 +565,8 @@ impl Rollouts {
     pub fn set_traffic(&self, task: &str, share: f64, by: &str) -> Result<Rollout, RolloutError> {
         let share = check_share(share)?;
         let _deciding = self.deciding();
-        self.with_active(task, |r| {
+        self.decide(|state| {
+            let r = active_mut(state, task)?;
             r.traffic = share;
             r.log("traffic", by, format!("candidate share set to {share}"));
             Ok(r.clone())
@@ -403,38 +575,10 @@ impl Rollouts {
 
     /// Makes the candidate the stable generation (the task's alias moves atomically).
     pub fn promote(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
-        self.promote_rollout(task, None, by, reason)
-    }
-
-    /// Promotes the task's active rollout, only if it is still `expected` when one is given: the analysis
-    /// decides under the decisions lock, then promotes after releasing it, and a new rollout may have
-    /// superseded the analysed one in between.
-    fn promote_rollout(
-        &self,
-        task: &str,
-        expected: Option<&str>,
-        by: &str,
-        reason: String,
-    ) -> Result<Rollout, RolloutError> {
         let _deciding = self.deciding();
-        let (id, candidate) =
-            self.with_active_unchanged(task, |r| (r.id.clone(), r.candidate.clone()))?;
-        if expected.is_some_and(|e| e != id) {
-            return Err(RolloutError::Conflict(format!(
-                "rollout {id} replaced the analysed one before its promotion"
-            )));
-        }
-        // The alias first, durably and without the rollouts lock (requests keep being routed); then the
-        // rollout. A crash between the two writes leaves the alias on the candidate, and the next start
-        // completes the promotion (see `open`), so the two always agree.
-        self.registry
-            .set_alias(task, &candidate)
-            .map_err(|e| RolloutError::Conflict(format!("cannot move the alias: {e}")))?;
-        if let Some(pause) = crate::faults::get().pause_after_alias {
-            std::thread::sleep(pause);
-        }
-        let out = self.with_active(task, |r| {
-            r.finish(Phase::Promoted, "promote", by, reason);
+        let out = self.decide(|state| {
+            let r = active_mut(state, task)?;
+            self.promote_in(r, by, reason)?;
             Ok(r.clone())
         })?;
         self.event(task, "promote");
@@ -442,25 +586,26 @@ impl Rollouts {
         Ok(out)
     }
 
-    /// Reads the task's active rollout without changing or persisting it.
-    fn with_active_unchanged<T>(
-        &self,
-        task: &str,
-        f: impl FnOnce(&Rollout) -> T,
-    ) -> Result<T, RolloutError> {
-        self.lock()
-            .by_task
-            .get(task)
-            .and_then(|l| l.last())
-            .filter(|r| r.phase == Phase::Active)
-            .map(f)
-            .ok_or_else(|| RolloutError::NotFound(format!("task {task:?} has no active rollout")))
+    /// Moves `r`'s task alias to its candidate and records the promotion. The alias first, durably, while
+    /// the store's lock is held; then the rollout, stored when the change commits. A crash between the two
+    /// leaves the alias on the candidate, and the next start completes the promotion (see
+    /// [`Self::reconcile`]), so the two always agree.
+    fn promote_in(&self, r: &mut Rollout, by: &str, reason: String) -> Result<(), RolloutError> {
+        self.registry
+            .set_alias(&r.task, &r.candidate)
+            .map_err(|e| RolloutError::Conflict(format!("cannot move the alias: {e}")))?;
+        if let Some(pause) = crate::faults::get().pause_after_alias {
+            std::thread::sleep(pause);
+        }
+        r.finish(Phase::Promoted, "promote", by, reason);
+        Ok(())
     }
 
     /// Sends all traffic back to stable.
     pub fn rollback(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
         let _deciding = self.deciding();
-        let out = self.with_active(task, |r| {
+        let out = self.decide(|state| {
+            let r = active_mut(state, task)?;
             r.finish(Phase::RolledBack, "rollback", by, reason);
             Ok(r.clone())
         })?;
@@ -470,14 +615,11 @@ impl Rollouts {
     }
 
     /// Where a request for `task` goes: `None` when no rollout is active (the stable alias serves).
-    /// With a `routing_key` the arm is sticky for the rollout's life; without, `request_id` decides.
+    /// With a `routing_key` the arm is sticky for the rollout's life, on every replica alike; without,
+    /// `request_id` decides.
     pub fn route(&self, task: &str, routing_key: Option<&str>, request_id: &str) -> Option<Route> {
         let inner = self.lock();
-        let r = inner
-            .by_task
-            .get(task)?
-            .last()
-            .filter(|r| r.phase == Phase::Active)?;
+        let r = inner.active(task)?;
         let chosen = router::to_candidate(&r.id, routing_key.unwrap_or(request_id), r.traffic);
         Some(match (r.mode, chosen) {
             (Mode::Split, true) => Route {
@@ -504,15 +646,10 @@ impl Rollouts {
     /// Records a request `generation` served for `task` within rollout `rollout`.
     pub fn observe(&self, task: &str, rollout: &str, generation: &str, seconds: f64, ok: bool) {
         let mut inner = self.lock();
-        if let Some(r) = inner
-            .by_task
-            .get_mut(task)
-            .and_then(|l| l.last_mut())
-            .filter(|r| r.phase == Phase::Active && r.id == rollout)
-        {
+        if let Some((r, live)) = inner.live_mut(task, rollout) {
             if let Some(arm) = r.arm_of(generation) {
-                r.arms.get_mut(arm).observe(seconds, ok);
-                r.totals.get_mut(arm).observe(seconds, ok);
+                live.mine.arms.get_mut(arm).observe(seconds, ok);
+                live.mine.totals.get_mut(arm).observe(seconds, ok);
             }
         }
     }
@@ -543,73 +680,100 @@ impl Rollouts {
             .online_accuracy
             .with_label_values(&[task, arm_label])
             .set(accuracy);
-        if let Some(r) = inner
-            .by_task
-            .get_mut(task)
-            .and_then(|l| l.last_mut())
-            .filter(|r| r.phase == Phase::Active && rollout == Some(r.id.as_str()))
-        {
+        if let Some((r, live)) = rollout.and_then(|id| inner.live_mut(task, id)) {
             if let Some(arm) = r.arm_of(generation) {
-                r.arms.get_mut(arm).judge(correct);
-                r.totals.get_mut(arm).judge(correct);
+                live.mine.arms.get_mut(arm).judge(correct);
+                live.mine.totals.get_mut(arm).judge(correct);
             }
         }
     }
 
-    /// Runs the analysis of every active rollout and, where automatic, acts on it. Returns the decisions
-    /// taken as `(task, action)`.
-    pub fn evaluate(&self) -> Vec<(String, String)> {
-        let mut acted = Vec::new();
-        let mut promote = Vec::new();
+    /// Runs the analysis of every active rollout over all replicas' evidence and, where automatic and when
+    /// `act` (the replica that leads), acts on it. Returns the decisions taken as `(task, action)`.
+    pub fn evaluate(&self, act: bool) -> Vec<(String, String)> {
+        let _deciding = self.deciding();
+        // (task, rollout id, step, verdict) of the automatic rollouts the analysis would move.
+        let mut due = Vec::new();
         {
-            let _deciding = self.deciding();
             let mut inner = self.lock();
-            let active = inner
-                .by_task
+            let active: Vec<(String, String, usize, bool)> = inner
+                .state
+                .rollouts
                 .values()
-                .any(|l| l.last().is_some_and(|r| r.phase == Phase::Active));
-            if !active {
-                return acted;
+                .filter_map(|l| l.last())
+                .filter(|r| r.phase == Phase::Active)
+                .map(|r| (r.task.clone(), r.id.clone(), r.step, r.automatic))
+                .collect();
+            if active.is_empty() {
+                return Vec::new();
             }
-            for r in inner.by_task.values_mut().filter_map(|l| l.last_mut()) {
-                if r.phase != Phase::Active {
+            for (task, id, step, automatic) in active {
+                let Some(live) = inner.live.get_mut(&id) else {
                     continue;
+                };
+                let (arms, _) = live.merged();
+                let verdict = analyse(&arms.stable, &arms.candidate, &self.policy);
+                live.analysis = Some(verdict.clone());
+                if automatic && !matches!(verdict, Verdict::Hold(_)) {
+                    due.push((task, id, step, verdict));
                 }
-                let verdict = analyse(&r.arms.stable, &r.arms.candidate, &self.policy);
+            }
+        }
+        // One process checkpoints its evidence at every analysis, so a restart resumes from it; replicas
+        // keep theirs in their evidence rows and store the rollouts only to act.
+        if !act || (due.is_empty() && self.store.shared()) {
+            return Vec::new();
+        }
+        let acted = self.decide(|state| {
+            let mut acted = Vec::new();
+            for (task, id, step, verdict) in due {
+                // Another replica may have moved the rollout since this analysis: act only on what it saw.
+                let Some(r) = state
+                    .rollouts
+                    .get_mut(&task)
+                    .and_then(|l| l.last_mut())
+                    .filter(|r| r.phase == Phase::Active && r.id == id && r.step == step)
+                else {
+                    continue;
+                };
                 r.analysis = Some(verdict.clone());
-                if !r.automatic {
-                    continue;
-                }
-                match verdict {
-                    Verdict::Hold(_) => {}
+                let action = match verdict {
+                    Verdict::Hold(_) => continue,
                     Verdict::Rollback(reason) => {
                         r.finish(Phase::RolledBack, "rollback", "analysis", reason);
-                        self.export_traffic(r);
-                        acted.push((r.task.clone(), "rollback".to_owned()));
+                        "rollback"
                     }
                     Verdict::Pass(reason) if r.step + 1 < r.steps.len() => {
                         r.step += 1;
                         r.traffic = r.steps[r.step];
                         r.log("advance", "analysis", reason);
                         r.arms = Arms::default();
-                        self.export_traffic(r);
-                        acted.push((r.task.clone(), "advance".to_owned()));
+                        "advance"
                     }
-                    Verdict::Pass(reason) => promote.push((r.task.clone(), r.id.clone(), reason)),
+                    Verdict::Pass(reason) => match self.promote_in(r, "analysis", reason) {
+                        Ok(()) => "promote",
+                        Err(e) => {
+                            tracing::warn!(task, error = %e, "automatic promotion failed");
+                            continue;
+                        }
+                    },
+                };
+                acted.push((task, action.to_owned()));
+            }
+            Ok(acted)
+        });
+        match acted {
+            Ok(acted) => {
+                for (task, action) in &acted {
+                    self.event(task, action);
                 }
+                acted
             }
-            self.persist(inner);
-        }
-        for (task, action) in &acted {
-            self.event(task, action);
-        }
-        for (task, id, reason) in promote {
-            match self.promote_rollout(&task, Some(&id), "analysis", reason) {
-                Ok(_) => acted.push((task, "promote".to_owned())),
-                Err(e) => tracing::warn!(task, error = %e, "automatic promotion failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not store the analysis' decisions");
+                Vec::new()
             }
         }
-        acted
     }
 }
 

@@ -1,5 +1,5 @@
-//! What a rollout is, as the API shows it and `rollouts.json` stores it: its arms and their evidence, its
-//! phase and decision log, and the request that starts one.
+//! What a rollout is, as the API shows it and its store keeps it: its arms and their evidence, its phase
+//! and decision log, and the request that starts one.
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +60,12 @@ pub struct Arms {
 }
 
 impl Arms {
+    /// Adds `other`'s evidence to both arms.
+    pub fn merge(&mut self, other: &Arms) {
+        self.stable.merge(&other.stable);
+        self.candidate.merge(&other.candidate);
+    }
+
     pub(super) fn get_mut(&mut self, arm: Arm) -> &mut ArmStats {
         match arm {
             Arm::Stable => &mut self.stable,

@@ -41,6 +41,12 @@ fn policy() -> RolloutConfig {
     }
 }
 
+/// The rollouts of one process, kept in `<data>/rollouts.json`.
+fn open(data: &Path, registry: Arc<Registry>) -> Rollouts {
+    let store = Box::new(store::FileStore::new(data.join("rollouts.json")));
+    Rollouts::open_in(store, registry, Metrics::new(), policy()).expect("the rollouts open")
+}
+
 fn start(rollouts: &Rollouts, candidate: &str, steps: &[f64]) -> Rollout {
     rollouts
         .start(
@@ -77,7 +83,7 @@ fn traffic(rollouts: &Rollouts, n: usize, right: impl Fn(Arm) -> bool) {
 fn a_start_is_checked_against_the_registry_and_the_active_rollout() {
     let data = tempfile::tempdir().unwrap();
     let (registry, one, two) = registry(data.path());
-    let rollouts = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let rollouts = open(data.path(), registry);
     let request = |task: &str, candidate: &str| StartRequest {
         task: task.into(),
         candidate: candidate.into(),
@@ -121,11 +127,11 @@ fn a_start_is_checked_against_the_registry_and_the_active_rollout() {
 fn routing_is_sticky_per_key_splits_at_the_share_and_only_grows_the_candidate() {
     let data = tempfile::tempdir().unwrap();
     let (registry, one, two) = registry(data.path());
-    let rollouts = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let rollouts = open(data.path(), registry);
     assert!(rollouts.route("t", Some("k"), "r").is_none(), "no rollout");
     start(&rollouts, &two, &[0.2, 0.6]);
     let arms = |rollouts: &Rollouts| -> Vec<Arm> {
-        (0..2000)
+        (0..10_000)
             .map(|i| {
                 rollouts
                     .route("t", Some(&format!("user-{i}")), "r")
@@ -136,7 +142,7 @@ fn routing_is_sticky_per_key_splits_at_the_share_and_only_grows_the_candidate() 
     };
     let at_20 = arms(&rollouts);
     assert_eq!(at_20, arms(&rollouts), "the same key, the same arm");
-    let share = |a: &[Arm]| a.iter().filter(|&&a| a == Arm::Candidate).count() as f64 / 2000.0;
+    let share = |a: &[Arm]| a.iter().filter(|&&a| a == Arm::Candidate).count() as f64 / 10_000.0;
     assert!((share(&at_20) - 0.2).abs() < 0.03, "{}", share(&at_20));
     let route = rollouts.route("t", Some("user-1"), "r").unwrap();
     let expected = if route.arm == Arm::Candidate {
@@ -162,7 +168,7 @@ fn routing_is_sticky_per_key_splits_at_the_share_and_only_grows_the_candidate() 
 fn evidence_counts_only_the_active_rollouts_own_requests() {
     let data = tempfile::tempdir().unwrap();
     let (registry, one, two) = registry(data.path());
-    let rollouts = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let rollouts = open(data.path(), registry);
     let r = start(&rollouts, &two, &[0.5]);
     rollouts.observe("t", &r.id, &one, 0.002, true);
     rollouts.observe("t", &r.id, &two, 0.004, false);
@@ -179,14 +185,14 @@ fn evidence_counts_only_the_active_rollouts_own_requests() {
 fn the_analysis_advances_then_promotes_a_candidate_as_good_as_stable() {
     let data = tempfile::tempdir().unwrap();
     let (registry, _one, two) = registry(data.path());
-    let rollouts = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+    let rollouts = open(data.path(), registry.clone());
     start(&rollouts, &two, &[0.5, 0.9]);
     // Automatic rollouts act; this one was started with the default (automatic).
-    assert!(rollouts.evaluate().is_empty(), "no evidence yet: hold");
+    assert!(rollouts.evaluate(true).is_empty(), "no evidence yet: hold");
     // Equal accuracy passes once the interval of the difference is within the 0.02 margin.
     traffic(&rollouts, 600, |_| true);
     assert_eq!(
-        rollouts.evaluate(),
+        rollouts.evaluate(true),
         [("t".to_owned(), "advance".to_owned())]
     );
     let r = rollouts.get("t").unwrap();
@@ -197,7 +203,7 @@ fn the_analysis_advances_then_promotes_a_candidate_as_good_as_stable() {
     );
     traffic(&rollouts, 3000, |_| true);
     assert_eq!(
-        rollouts.evaluate(),
+        rollouts.evaluate(true),
         [("t".to_owned(), "promote".to_owned())]
     );
     assert_eq!(rollouts.get("t").unwrap().phase, Phase::Promoted);
@@ -217,7 +223,7 @@ fn the_analysis_advances_then_promotes_a_candidate_as_good_as_stable() {
 fn a_manual_rollout_is_analysed_but_not_acted_on() {
     let data = tempfile::tempdir().unwrap();
     let (registry, one, two) = registry(data.path());
-    let rollouts = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+    let rollouts = open(data.path(), registry.clone());
     rollouts
         .start(
             StartRequest {
@@ -232,7 +238,7 @@ fn a_manual_rollout_is_analysed_but_not_acted_on() {
         )
         .unwrap();
     traffic(&rollouts, 200, |arm| arm == Arm::Stable);
-    assert!(rollouts.evaluate().is_empty());
+    assert!(rollouts.evaluate(true).is_empty());
     let r = rollouts.get("t").unwrap();
     assert_eq!(r.phase, Phase::Active);
     assert!(
@@ -254,22 +260,165 @@ fn a_restart_restores_rollouts_and_completes_a_promotion_a_crash_cut_short() {
     let data = tempfile::tempdir().unwrap();
     let (registry, _one, two) = registry(data.path());
     let id = {
-        let rollouts = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+        let rollouts = open(data.path(), registry.clone());
         let r = start(&rollouts, &two, &[0.3]);
+        traffic(&rollouts, 10, |_| true);
+        // Each analysis checkpoints the evidence.
+        assert!(rollouts.evaluate(true).is_empty());
         r.id
     };
-    let restored = Rollouts::open(data.path(), registry.clone(), Metrics::new(), policy());
+    let restored = open(data.path(), registry.clone());
     let r = restored.get("t").unwrap();
     assert_eq!(
         (r.id.as_str(), r.phase, r.traffic),
         (id.as_str(), Phase::Active, 0.3)
     );
+    let counted = |a: &Arms| a.stable.requests + a.candidate.requests;
+    assert_eq!(
+        (counted(&r.arms), counted(&r.totals)),
+        (10, 10),
+        "the evidence resumes"
+    );
+    traffic(&restored, 5, |_| true);
+    assert_eq!(counted(&restored.get("t").unwrap().totals), 15);
 
     // A promotion moves the alias, then records the rollout: a crash between the two leaves the alias on
     // the candidate, and the next start finishes the promotion.
     registry.set_alias("t", &two).unwrap();
-    let restored = Rollouts::open(data.path(), registry, Metrics::new(), policy());
+    let restored = open(data.path(), registry);
     let r = restored.get("t").unwrap();
     assert_eq!(r.phase, Phase::Promoted);
     assert_eq!(r.decisions.last().unwrap().by, "restart");
+}
+
+/// Two replicas on one PostgreSQL database: each has its registry over the shared index (tiny generations
+/// `one`, stable, and `two` under one adapter root) and its rollouts over the shared store; with `two`'s id.
+/// `None` where the tests have no PostgreSQL.
+fn replicas(root: &Path) -> Option<([(Arc<Registry>, Rollouts); 2], String)> {
+    let config = crate::postgres::testing::scratch()?;
+    let open = |name: &str| {
+        let pool = crate::postgres::connect(&config).unwrap();
+        let registry = Arc::new(
+            Registry::open_in(
+                root,
+                Box::new(crate::adapters::index_store::PostgresIndex::new(
+                    pool.clone(),
+                )),
+                AdaptersConfig::default(),
+                BertConfig::tiny(),
+                true,
+            )
+            .unwrap(),
+        );
+        let store = Box::new(store::PostgresStore::new(pool, name.to_owned()));
+        let rollouts =
+            Rollouts::open_in(store, registry.clone(), Metrics::new(), policy()).unwrap();
+        (registry, rollouts)
+    };
+    let (a, b) = (open("a"), open("b"));
+    a.0.create_task("t", vec!["a".into(), "b".into(), "c".into()])
+        .unwrap();
+    let mut id = String::new();
+    for (name, seed) in [("one", 1), ("two", 2)] {
+        let adapter = tiny::adapter(
+            &BertConfig::tiny(),
+            seed,
+            &[Target::Query, Target::Value],
+            2,
+            false,
+        );
+        peft::write_dir(&root.join(name), &adapter, 4.0, "tiny").unwrap();
+        id = a.0.load(name, "t", None).unwrap().0.id.clone();
+    }
+    b.0.sync().unwrap();
+    Some(([a, b], id))
+}
+
+#[test]
+fn replicas_share_a_rollout_route_alike_add_up_evidence_and_see_each_others_decisions() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(([(registry_a, a), (registry_b, b)], two)) = replicas(root.path()) else {
+        return;
+    };
+    let r = start(&a, &two, &[0.5, 1.0]);
+    assert!(b.route("t", Some("k"), "r").is_none(), "not taken in yet");
+    assert!(b.sync().unwrap(), "B takes A's rollout in");
+    assert!(!b.sync().unwrap(), "and nothing more");
+    for i in 0..1000 {
+        let key = format!("user-{i}");
+        let (on_a, on_b) = (a.route("t", Some(&key), "x"), b.route("t", Some(&key), "y"));
+        assert_eq!(
+            on_a.unwrap().generation,
+            on_b.unwrap().generation,
+            "{key} sees one arm on both replicas"
+        );
+    }
+
+    traffic(&a, 300, |_| true);
+    traffic(&b, 300, |_| true);
+    for replica in [&a, &b, &a] {
+        replica.exchange().unwrap();
+    }
+    let counted = |arms: &Arms| arms.stable.requests + arms.candidate.requests;
+    for replica in [&a, &b] {
+        let seen = replica.get("t").unwrap();
+        assert_eq!(counted(&seen.arms), 600, "both replicas' requests count");
+        assert_eq!(seen.arms.candidate.judged + seen.arms.stable.judged, 600);
+    }
+
+    // Only the leader acts on the analysis, and the other replica follows.
+    assert!(b.evaluate(false).is_empty(), "a follower does not act");
+    assert_eq!(a.evaluate(true), [("t".to_owned(), "advance".to_owned())]);
+    assert!(b.sync().unwrap());
+    let on_b = b.get("t").unwrap();
+    assert_eq!(
+        (on_b.id.as_str(), on_b.step, on_b.traffic),
+        (r.id.as_str(), 1, 1.0)
+    );
+    assert_eq!(counted(&on_b.arms), 0, "the new step starts afresh");
+    assert_eq!(counted(&on_b.totals), 600, "the rollout's totals go on");
+    assert_eq!(
+        on_b.decisions.last().unwrap().stable.requests
+            + on_b.decisions.last().unwrap().candidate.requests,
+        600,
+        "the advance logged both replicas' evidence"
+    );
+
+    // A promotion by hand on B moves the shared alias and ends the rollout on A.
+    b.promote("t", "test", "by hand".into()).unwrap();
+    assert!(a.sync().unwrap());
+    assert_eq!(a.get("t").unwrap().phase, Phase::Promoted);
+    assert!(a.route("t", Some("k"), "r").is_none());
+    registry_a.sync().unwrap();
+    assert_eq!(registry_a.resolve("t").unwrap().id, two, "the alias moved");
+    assert_eq!(registry_b.resolve("t").unwrap().id, two);
+}
+
+#[test]
+fn replicas_starting_rollouts_at_once_start_one() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(([(_, a), (_, b)], two)) = replicas(root.path()) else {
+        return;
+    };
+    let request = || StartRequest {
+        task: "t".into(),
+        candidate: two.clone(),
+        ..StartRequest::default()
+    };
+    // B has not seen A's rollout: only the store's lock stands between the two.
+    let results = std::thread::scope(|s| {
+        let (ra, rb) = (
+            s.spawn(|| a.start(request(), "test", false)),
+            s.spawn(|| b.start(request(), "test", false)),
+        );
+        [ra.join().unwrap(), rb.join().unwrap()]
+    });
+    let started = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(started, 1, "{results:?}");
+    assert!(results
+        .iter()
+        .any(|r| matches!(r, Err(RolloutError::Conflict(_)))));
+    b.sync().unwrap();
+    a.sync().unwrap();
+    assert_eq!(a.get("t").unwrap().id, b.get("t").unwrap().id);
 }

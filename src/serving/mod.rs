@@ -39,4 +39,6 @@ pub struct Services {
     pub watch_drift: bool,
     /// Unix seconds when the model finished loading: the base model card's `created`.
     pub loaded_at: u64,
+    /// With PostgreSQL, the election of the process whose autopilot acts.
+    pub election: Option<Arc<crate::postgres::election::Election>>,
 }

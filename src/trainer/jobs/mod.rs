@@ -298,6 +298,11 @@ impl Jobs {
             .expect("hook lock poisoned; this is a bug") = Some(hook);
     }
 
+    /// Whether jobs are queued in PostgreSQL, for whichever process trains.
+    pub fn shared(&self) -> bool {
+        self.shared.queue.is_some()
+    }
+
     /// Whether `task` has a job queued or running (also when the shared queue cannot be read: then no job
     /// should be started for it).
     pub fn busy(&self, task: &str) -> bool {

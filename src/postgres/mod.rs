@@ -4,6 +4,9 @@
 //! Migrations are numbered and applied in order at start, each once, inside one transaction that holds an
 //! advisory lock: replicas starting together neither race on `CREATE TABLE` nor apply a step twice.
 
+pub mod document;
+pub mod election;
+
 use std::time::Duration;
 
 use postgres::NoTls;
@@ -120,6 +123,22 @@ const MIGRATIONS: &[(i32, &str)] = &[
          );
          CREATE INDEX jobs_waiting ON jobs (state, seq);
          CREATE INDEX jobs_task ON jobs (task, seq);",
+    ),
+    (
+        4,
+        "CREATE TABLE rollout_state (
+             id       INTEGER PRIMARY KEY CHECK (id = 1),
+             version  BIGINT  NOT NULL,
+             body     TEXT    NOT NULL
+         );
+         INSERT INTO rollout_state (id, version, body) VALUES (1, 0, '');
+         CREATE TABLE rollout_evidence (
+             rollout     TEXT   NOT NULL,
+             replica     TEXT   NOT NULL,
+             body        TEXT   NOT NULL,
+             updated_at  BIGINT NOT NULL,
+             PRIMARY KEY (rollout, replica)
+         );",
     ),
 ];
 
