@@ -286,6 +286,7 @@ pub fn start_autopilot(
     config: &Config,
     services: &Services,
     job: TrainConfig,
+    metrics: &Metrics,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     Autopilot {
@@ -298,6 +299,7 @@ pub fn start_autopilot(
         job,
         every: Duration::from_millis(config.rollouts.evaluate_every_ms),
         election: services.election.clone(),
+        metrics: metrics.clone(),
     }
     .spawn(stop)
     .map(drop)

@@ -12,6 +12,7 @@ use crate::adapters::Registry;
 use crate::config::TrainerConfig;
 use crate::drift::DriftMonitor;
 use crate::feedback::FeedbackStore;
+use crate::metrics::Metrics;
 use crate::postgres::election::Election;
 use crate::rollout::Rollouts;
 use crate::trainer::jobs::Jobs;
@@ -40,6 +41,8 @@ pub struct Autopilot {
     pub every: Duration,
     /// The election among processes sharing PostgreSQL; `None` alone, when this process always leads.
     pub election: Option<Arc<Election>>,
+    /// Where leadership is shown.
+    pub metrics: Metrics,
 }
 
 /// Per task: feedback count when its last automatic job was submitted, and when.
@@ -59,6 +62,7 @@ impl Autopilot {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(self.every);
                     let lead = self.election.as_ref().is_none_or(|e| e.lead());
+                    self.metrics.autopilot_leader.set(i64::from(lead));
                     if lead != leading {
                         leading = lead;
                         tracing::info!(leading, "autopilot leadership changed");

@@ -622,12 +622,12 @@ impl Config {
                 "store.backend = \"postgres\" needs store.url (or FLYWHEEL_STORE__URL)".to_owned(),
             );
         }
-        if !(3..=1000).contains(&self.store.pool_size)
+        if !(5..=1000).contains(&self.store.pool_size)
             || self.store.connect_timeout_ms == 0
             || self.store.sync_interval_ms == 0
         {
             return fail(format!(
-                "store.pool_size ({}) must be within 3..=1000 (two connections listen for changes), store.connect_timeout_ms and sync_interval_ms positive",
+                "store.pool_size ({}) must be within 5..=1000 (two connections listen for changes, the autopilot's leader holds one, a promotion takes two), store.connect_timeout_ms and sync_interval_ms positive",
                 self.store.pool_size
             ));
         }

@@ -307,9 +307,8 @@ fn main() -> anyhow::Result<()> {
                 .context("flywheel serve")?;
         }
         Command::Worker(args) => {
-            let mut config = args.into_config()?;
-            // A canary started here would never see a request and stay active for ever.
-            config.rollouts.auto_canary = false;
+            // Its canaries are stored in PostgreSQL, where the serving replicas route them.
+            let config = args.into_config()?;
             anyhow::ensure!(
                 config.store.backend == flywheel::config::StoreBackend::Postgres,
                 "flywheel worker takes its jobs from the shared queue: set [store] backend = \"postgres\" \

@@ -1,8 +1,10 @@
 //! Several replicas over one PostgreSQL and one adapter directory, on the real model over real HTTP
-//! (`[store] backend = "postgres"`): a task created on one is known to the others, feedback posted to
-//! either replica is stored once and seen by both, a job queued on a serving-only replica is claimed and
-//! run by the training one on what was posted to the other, and its generation serves on both, an alias
-//! moved on one moves on the other within a second; a `kill -9` of the worker running a job has another
+//! (`[store] backend = "postgres"`): two serving replicas and a `flywheel worker`. A task created on one is
+//! known to the others, feedback posted to either replica is stored once and seen by both, a job queued on
+//! a replica is claimed and run by the worker on what was posted to the other, and its generation serves on
+//! both, an alias moved on one moves on the other within a second; the worker's next generation is
+//! canaried, the rollout's split is sticky across the replicas, their evidence adds up, and a promotion on
+//! one is seen on the other within a second; one process leads the autopilot; a `kill -9` of the worker running a job has another
 //! worker run it again, and one of a replica while clients post loses no acknowledged row. Needs the tests'
 //! PostgreSQL (`scripts/test.sh` starts one).
 
@@ -48,6 +50,20 @@ fn replica_with(shared: &Shared, args: &[&str]) -> Server {
     )
 }
 
+/// A `flywheel worker` over the shared database and adapters, with `env` besides.
+fn worker(shared: &Shared, env: &[(&str, &str)]) -> Server {
+    let mut all = vec![
+        ("FLYWHEEL_STORE__BACKEND", "postgres"),
+        ("FLYWHEEL_STORE__URL", shared.url.as_str()),
+        (
+            "FLYWHEEL_DATA__ADAPTERS_DIR",
+            shared.adapters.path().to_str().unwrap(),
+        ),
+    ];
+    all.extend_from_slice(env);
+    Server::start_worker(&all)
+}
+
 fn create_task(server: &Server, name: &str) {
     let (status, body) = server.post(
         "/v1/tasks",
@@ -59,6 +75,17 @@ fn create_task(server: &Server, name: &str) {
 /// Polls `path` on `server` until `done` holds for its answer; returns how long that took. Fails after 1 s,
 /// the convergence the replicas promise (they look every 500 ms).
 fn within_a_second(server: &Server, path: &str, done: impl Fn(u16, &Value) -> bool) -> Duration {
+    wait_for(server, path, Duration::from_secs(1), done)
+}
+
+/// Polls `path` on `server` until `done` holds for its answer, failing after `limit`; returns how long it
+/// took.
+fn wait_for(
+    server: &Server,
+    path: &str,
+    limit: Duration,
+    done: impl Fn(u16, &Value) -> bool,
+) -> Duration {
     let started = Instant::now();
     loop {
         let (status, body) = server.get_json(path);
@@ -66,8 +93,8 @@ fn within_a_second(server: &Server, path: &str, done: impl Fn(u16, &Value) -> bo
             return started.elapsed();
         }
         assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{path} did not converge within 1 s: {status} {body}"
+            started.elapsed() < limit,
+            "{path} did not converge within {limit:?}: {status} {body}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -165,8 +192,12 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
     let Some(shared) = shared() else {
         return;
     };
-    // A only serves; B serves and trains.
-    let (a, b) = (replica_with(&shared, &["--no-trainer"]), replica(&shared));
+    // A and B only serve; W trains.
+    let (a, b) = (
+        replica_with(&shared, &["--no-trainer"]),
+        replica_with(&shared, &["--no-trainer"]),
+    );
+    let w = worker(&shared, &[]);
     create_task(&a, "inbox");
     let took = within_a_second(&b, "/v1/tasks/inbox", |status, _| status == 200);
     eprintln!("a task created on A was known to B after {took:?}");
@@ -199,7 +230,7 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
         assert_eq!(task["feedback_count"], 3, "{task}");
     }
 
-    // A job on B learns from mail posted to A: the trainer reads the shared store.
+    // A job on W learns from mail posted to A: the trainer reads the shared store.
     let (ham, spam) = (
         sample_mails("easy-ham-1", 0, 7, 40, 60),
         sample_mails("spam-1", 0, 7, 40, 60),
@@ -207,7 +238,7 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
     create_task(&a, "spam");
     within_a_second(&b, "/v1/tasks/spam", |status, _| status == 200);
     let posted = post_mail(&a, &ham, &spam);
-    // Queued on A, which does not train: B claims it from the shared queue and runs it.
+    // Queued on A, which does not train: W claims it from the shared queue and runs it.
     let (status, job) = a.post(
         "/v1/train",
         &json!({"task": "spam", "epochs": 1, "max_length": 32}),
@@ -216,20 +247,20 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
     let id = job["job_id"].as_str().expect("a job id");
     let done = wait_for_job(&a, id, Duration::from_secs(120));
     assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(done["worker"].as_str().unwrap(), worker_of(&b), "{done}");
+    assert_eq!(done["worker"].as_str().unwrap(), worker_of(&w), "{done}");
     assert_eq!(done["attempts"], 1, "{done}");
     let (_, on_b) = b.get_json(&format!("/v1/jobs/{id}"));
     assert_eq!(on_b["state"], "succeeded", "one job, listed alike: {on_b}");
     let seen = done["train_examples"].as_u64().unwrap() + done["val"]["examples"].as_u64().unwrap();
     assert_eq!(
         seen, posted as u64,
-        "B's job trained and validated on every mail posted to A: {done}"
+        "W's job trained and validated on every mail posted to A: {done}"
     );
 
-    // The generation B's job published serves on A as the task's stable generation.
+    // The generation W's job published serves on A as the task's stable generation.
     let generation = done["adapter"].as_str().expect("a published generation");
     let took = within_a_second(&a, "/v1/tasks/spam", |_, task| task["stable"] == generation);
-    eprintln!("B's new generation was A's stable one after {took:?}");
+    eprintln!("W's new generation was A's stable one after {took:?}");
     let text = "Congratulations! You have been selected for a cash prize, click here to claim";
     let answers: Vec<Value> = [&a, &b]
         .iter()
@@ -272,6 +303,93 @@ fn replicas_share_tasks_feedback_generations_and_alias_moves() {
         })
     });
     eprintln!("an alias set on A was seen on B after {took:?}");
+
+    // Corrections posted to B train W's next generation, which is canaried: the rollout is stored in
+    // PostgreSQL and both replicas route it.
+    post_mail(
+        &b,
+        &sample_mails("easy-ham-1", 3, 7, 20, 60),
+        &sample_mails("spam-1", 3, 7, 20, 60),
+    );
+    let (status, job) = b.post(
+        "/v1/train",
+        &json!({"task": "spam", "epochs": 1, "max_length": 32, "seed": 7}),
+    );
+    assert_eq!(status, 202, "{job}");
+    let done = wait_for_job(
+        &b,
+        job["job_id"].as_str().unwrap(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let candidate = done["adapter"]
+        .as_str()
+        .expect("a second generation")
+        .to_owned();
+    assert_ne!(candidate, generation);
+    let canary = |_: u16, r: &Value| r["candidate"] == candidate.as_str() && r["phase"] == "active";
+    wait_for(&a, "/v1/rollouts/spam", Duration::from_secs(10), canary);
+    let took = within_a_second(&b, "/v1/rollouts/spam", canary);
+    eprintln!("W's canary was routed on both replicas {took:?} after A saw it");
+    let (status, body) = a.send("PUT", "/v1/rollouts/spam/traffic", &json!({"traffic": 0.5}));
+    assert_eq!(status, 200, "{body}");
+    let took = within_a_second(&b, "/v1/rollouts/spam", |_, r| r["traffic"] == 0.5);
+    eprintln!("a share set on A was B's after {took:?}");
+
+    // Sticky across replicas: a routing key sees one arm wherever it lands.
+    let mut arms = BTreeSet::new();
+    for i in 0..40 {
+        let request = json!({"task": "spam", "inputs": [text], "routing_key": format!("user-{i}")});
+        let answers: Vec<(Value, Value)> = [&a, &b]
+            .iter()
+            .map(|server| {
+                let (status, body) = server.post("/v1/predict", &request);
+                assert_eq!(status, 200, "{body}");
+                (body["adapter"].clone(), body["arm"].clone())
+            })
+            .collect();
+        assert_eq!(answers[0], answers[1], "user-{i}");
+        arms.insert(answers[0].1.as_str().unwrap().to_owned());
+    }
+    assert_eq!(arms.len(), 2, "both arms serve at a share of 0.5: {arms:?}");
+    // Each replica's evidence counts on the other.
+    let took = wait_for(&a, "/v1/rollouts/spam", Duration::from_secs(5), |_, r| {
+        r["arms"]["stable"]["requests"].as_u64().unwrap_or(0)
+            + r["arms"]["candidate"]["requests"].as_u64().unwrap_or(0)
+            == 80
+    });
+    eprintln!("both replicas' 80 requests were counted on A after {took:?}");
+
+    // A promotion on A ends the rollout and moves the alias on B.
+    let (status, body) = a.post("/v1/rollouts/spam/promote", &json!({}));
+    assert_eq!(status, 200, "{body}");
+    let took = within_a_second(&b, "/v1/rollouts/spam", |_, r| r["phase"] == "promoted");
+    eprintln!("a promotion on A was seen on B after {took:?}");
+    within_a_second(&b, "/v1/tasks/spam", |_, task| {
+        task["stable"] == candidate.as_str()
+    });
+    let (_, body) = b.post(
+        "/v1/predict",
+        &json!({"task": "spam", "inputs": [text], "routing_key": "user-1"}),
+    );
+    assert_eq!(body["adapter"], candidate.as_str(), "{body}");
+
+    // One of the three processes leads the autopilot (acts on analyses, starts automatic jobs).
+    let leading = |server: &Server| {
+        let (_, text) = server.get_text("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("flywheel_autopilot_leader "))
+            .map_or(0, |v| v.trim().parse::<u32>().unwrap())
+    };
+    let started = Instant::now();
+    while [&a, &b, &w].iter().map(|s| leading(s)).sum::<u32>() != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "one leader, not {:?}",
+            [&a, &b, &w].map(leading)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -390,17 +508,7 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
         return;
     };
     // `flywheel worker`s, with leases of 3 s so a dead worker's job is claimed again within seconds.
-    let worker = || {
-        Server::start_worker(&[
-            ("FLYWHEEL_STORE__BACKEND", "postgres"),
-            ("FLYWHEEL_STORE__URL", &shared.url),
-            (
-                "FLYWHEEL_DATA__ADAPTERS_DIR",
-                shared.adapters.path().to_str().unwrap(),
-            ),
-            ("FLYWHEEL_TRAINER__LEASE_SECS", "3"),
-        ])
-    };
+    let worker = || worker(&shared, &[("FLYWHEEL_TRAINER__LEASE_SECS", "3")]);
     let front = replica_with(&shared, &["--no-trainer"]);
     let workers = [worker(), worker()];
     for w in &workers {

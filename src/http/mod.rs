@@ -315,9 +315,13 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
         .spawn(move || {
             match crate::app::load(&config, metrics.clone()) {
                 Ok(loaded) => {
-                    if let Err(e) =
-                        crate::app::start_autopilot(&config, &loaded, auto_job, stop_autopilot)
-                    {
+                    if let Err(e) = crate::app::start_autopilot(
+                        &config,
+                        &loaded,
+                        auto_job,
+                        &metrics,
+                        stop_autopilot,
+                    ) {
                         tracing::error!(error = %e, "cannot start the autopilot thread");
                     }
                     let _ = services.set(loaded);

@@ -78,6 +78,9 @@ pub struct Metrics {
     pub lora_requests_info: prometheus::GaugeVec,
     /// `flywheel_model_ready`: 1 once the model is loaded.
     pub model_ready: IntGauge,
+    /// `flywheel_autopilot_leader`: 1 while this process's autopilot acts (always, alone; on the elected
+    /// process, on PostgreSQL).
+    pub autopilot_leader: IntGauge,
     /// `flywheel_model_info{dtype, kernel}`: 1, labelled with the serving path's number format (`float32`,
     /// `int8`) and kernels (`vnni`, `avx512`, `avx2`, `candle`).
     pub model_info: IntGaugeVec,
@@ -229,6 +232,11 @@ impl Metrics {
             "1 once the model is loaded and serving",
         )
         .expect("static metric definition is valid; this is a bug");
+        let autopilot_leader = IntGauge::new(
+            name("autopilot_leader"),
+            "1 while this process's autopilot acts on rollouts and starts automatic jobs",
+        )
+        .expect("static metric definition is valid; this is a bug");
         let gauges = |n: &str, help: &str, labels: &[&str]| {
             GaugeVec::new(Opts::new(name(n), help), labels)
                 .expect("static metric definition is valid; this is a bug")
@@ -329,6 +337,7 @@ impl Metrics {
             Box::new(kv_cache_usage.clone()),
             Box::new(lora_requests_info.clone()),
             Box::new(model_ready.clone()),
+            Box::new(autopilot_leader.clone()),
             Box::new(model_info.clone()),
             Box::new(adapters_loaded.clone()),
             Box::new(feedback.clone()),
@@ -398,6 +407,7 @@ impl Metrics {
             kv_cache_usage,
             lora_requests_info,
             model_ready,
+            autopilot_leader,
             model_info,
             thread_panics,
         }

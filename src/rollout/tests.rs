@@ -291,10 +291,13 @@ fn a_restart_restores_rollouts_and_completes_a_promotion_a_crash_cut_short() {
     assert_eq!(r.decisions.last().unwrap().by, "restart");
 }
 
+/// A replica's registry and rollouts.
+type Replica = (Arc<Registry>, Rollouts);
+
 /// Two replicas on one PostgreSQL database: each has its registry over the shared index (tiny generations
 /// `one`, stable, and `two` under one adapter root) and its rollouts over the shared store; with `two`'s id.
 /// `None` where the tests have no PostgreSQL.
-fn replicas(root: &Path) -> Option<([(Arc<Registry>, Rollouts); 2], String)> {
+fn replicas(root: &Path) -> Option<([Replica; 2], String)> {
     let config = crate::postgres::testing::scratch()?;
     let open = |name: &str| {
         let pool = crate::postgres::connect(&config).unwrap();
