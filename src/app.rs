@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::adapters::index_store::{FileIndex, IndexStore, PostgresIndex};
+use crate::adapters::objects::Objects;
 use crate::adapters::registry::INDEX_FILE;
 use crate::adapters::Registry;
 use crate::autopilot::Autopilot;
@@ -118,9 +119,14 @@ pub fn assemble(
         None => Box::new(FileIndex::new(config.data.dir.join(INDEX_FILE))),
         Some(pool) => Box::new(PostgresIndex::new(pool.clone())),
     };
+    let objects = match config.store.objects_url.trim() {
+        "" => None,
+        url => Some(Objects::open(url)?),
+    };
     let registry = Registry::open_in(
         &config.data.adapters(),
         index,
+        objects,
         config.adapters.clone(),
         model.config.clone(),
         model.bert.pooler.is_some(),

@@ -448,9 +448,13 @@ pub struct StoreConfig {
     pub pool_size: u32,
     /// Longest wait for a connection, in milliseconds, before a request fails with 503.
     pub connect_timeout_ms: u64,
-    /// With `postgres`: how often, in milliseconds, a replica looks for registry changes other replicas
-    /// made (tasks, generations, alias moves).
+    /// With `postgres`: how often, in milliseconds, a replica looks for registry and rollout changes other
+    /// replicas made (tasks, generations, alias moves, rollouts), and exchanges rollout evidence with them.
     pub sync_interval_ms: u64,
+    /// Where generations' files are shared: empty (the adapter directory, shared or not), `file:///dir`,
+    /// or `s3://bucket/prefix` (credentials, region and endpoint from the `AWS_*` variables). With one, the
+    /// adapter directory is each replica's own cache.
+    pub objects_url: String,
 }
 
 impl Default for StoreConfig {
@@ -461,6 +465,7 @@ impl Default for StoreConfig {
             pool_size: 8,
             connect_timeout_ms: 5_000,
             sync_interval_ms: 500,
+            objects_url: String::new(),
         }
     }
 }
@@ -474,6 +479,10 @@ impl std::fmt::Debug for StoreConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("sync_interval_ms", &self.sync_interval_ms)
+            .field(
+                "objects_url",
+                &(!self.objects_url.is_empty()).then_some("<set>"),
+            )
             .finish()
     }
 }

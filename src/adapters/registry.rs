@@ -7,7 +7,8 @@
 //! directory, or a row in PostgreSQL that several replicas share — and restored at start. With a shared
 //! index, each change is applied to the newest stored state under the store's lock, and
 //! [`Registry::sync`] takes in the changes other replicas made. Adapter files are read only from under the
-//! adapter root.
+//! adapter root; with an object store ([`Objects`]) each generation loaded here is stored there too, and one
+//! missing here is fetched from it into the adapter root, which then serves as this replica's cache.
 //!
 //! Past 500 lines as one concern: tasks, generations and aliases change under one lock and persist as one
 //! index.
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::index_store::{FileIndex, Index, IndexEntry, IndexStore, Stored};
+use super::objects::Objects;
 use super::peft::{self, AdapterConfig, PeftError};
 use super::reference::{DriftReference, REFERENCE_FILE};
 use crate::clock::unix_seconds;
@@ -31,6 +33,17 @@ use crate::model::BertConfig;
 pub const SIDECAR_FILE: &str = "flywheel.json";
 /// The index file in the data directory (without a shared store).
 pub const INDEX_FILE: &str = "registry.json";
+
+/// The files of a generation that an object store keeps.
+const GENERATION_FILES: [&str; 4] = [
+    peft::CONFIG_FILE,
+    peft::WEIGHTS_FILE,
+    SIDECAR_FILE,
+    REFERENCE_FILE,
+];
+
+/// How often generations that failed to load are tried again.
+const RETRY_FAILED: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a registry operation failed; each kind maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +170,10 @@ struct Inner {
 pub struct Registry {
     root: PathBuf,
     store: Box<dyn IndexStore>,
+    /// Where generations' files are shared, when they are not in one directory every replica mounts.
+    objects: Option<Objects>,
+    /// When generations that failed to load here were last tried again.
+    retried: std::sync::Mutex<std::time::Instant>,
     limits: AdaptersConfig,
     model: BertConfig,
     base_has_pooler: bool,
@@ -238,15 +255,42 @@ impl Registry {
         let Some(stored) = self.store.load()? else {
             return Ok(false);
         };
-        if stored.version <= self.read().version {
+        let old = self.read().clone();
+        if stored.version <= old.version && !self.retry_due(&old) {
             return Ok(false);
         }
-        let next = self.rebuild(&self.read().clone(), stored);
+        let next = self.rebuild(&old, stored);
+        let ready = |inner: &Inner| {
+            inner
+                .generations
+                .values()
+                .filter(|g| g.state == State::Ready)
+                .count()
+        };
+        let changed = next.version > old.version || ready(&next) != ready(&old);
         *self
             .inner
             .write()
             .expect("registry lock poisoned; this is a bug") = next;
-        Ok(true)
+        Ok(changed)
+    }
+
+    /// Whether to try again the generations that failed to load here (their files may have reached this
+    /// replica's directory or the object store since): at most every [`RETRY_FAILED`].
+    fn retry_due(&self, inner: &Inner) -> bool {
+        if !inner
+            .generations
+            .values()
+            .any(|g| matches!(g.state, State::Failed(_)))
+        {
+            return false;
+        }
+        let mut retried = self.retried.lock().unwrap_or_else(|e| e.into_inner());
+        if retried.elapsed() < RETRY_FAILED {
+            return false;
+        }
+        *retried = std::time::Instant::now();
+        true
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -267,17 +311,19 @@ impl Registry {
         Self::open_in(
             &data_dir.join("adapters"),
             store,
+            None,
             limits,
             model,
             base_has_pooler,
         )
     }
 
-    /// Opens the registry over the adapter root `root` (created if missing) and the index in `store`,
-    /// restoring tasks, generations and aliases.
+    /// Opens the registry over the adapter root `root` (created if missing), the index in `store` and the
+    /// generations' files in `objects` when given, restoring tasks, generations and aliases.
     pub fn open_in(
         root: &Path,
         store: Box<dyn IndexStore>,
+        objects: Option<Objects>,
         limits: AdaptersConfig,
         model: BertConfig,
         base_has_pooler: bool,
@@ -287,6 +333,8 @@ impl Registry {
         let registry = Self {
             root,
             store,
+            objects,
+            retried: std::sync::Mutex::new(std::time::Instant::now()),
             limits,
             model,
             base_has_pooler,
@@ -331,7 +379,10 @@ impl Registry {
                     loaded.clone()
                 }
                 _ => {
-                    let generation = match self.load_files(&entry.path, &entry.task, &tasks) {
+                    let loaded = self
+                        .fetch(&entry)
+                        .and_then(|()| self.load_files(&entry.path, &entry.task, &tasks));
+                    let generation = match loaded {
                         Ok(g) if g.id == entry.id => Generation {
                             created_at: entry.created_at,
                             ..g
@@ -355,6 +406,32 @@ impl Registry {
             aliases: index.aliases,
             version,
         }
+    }
+
+    /// Fetches `entry`'s files from the object store into the adapter root when they are not there: a
+    /// generation another replica published. A no-op without an object store.
+    fn fetch(&self, entry: &IndexEntry) -> Result<(), RegistryError> {
+        let Some(objects) = &self.objects else {
+            return Ok(());
+        };
+        let relative = Path::new(&entry.path);
+        if entry.path.is_empty()
+            || !relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(RegistryError::Forbidden(format!(
+                "generation {} has the path {:?}, outside the adapter root",
+                entry.id, entry.path
+            )));
+        }
+        let dir = self.root.join(relative);
+        if dir.exists() {
+            return Ok(());
+        }
+        objects.download(&entry.id, &dir, self.limits.max_bytes)?;
+        tracing::info!(id = %entry.id, from = objects.url(), "generation fetched from the object store");
+        Ok(())
     }
 
     /// Creates a task; its name becomes its stable alias once a generation exists.
@@ -627,6 +704,10 @@ impl Registry {
             .tasks
             .clone();
         let generation = self.load_files(path, task, &tasks)?;
+        // Stored before the index names it, so a replica that reads the index can fetch it.
+        if let Some(objects) = &self.objects {
+            objects.upload(&generation.id, &self.resolve_path(path)?, &GENERATION_FILES)?;
+        }
         self.mutate(|inner| {
             if let Some(a) = alias {
                 self.check_alias(inner, a, task)?;

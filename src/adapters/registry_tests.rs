@@ -259,10 +259,20 @@ fn a_changed_sidecar_is_a_new_generation_and_symlinked_files_are_refused() {
 /// A registry over the shared index in `config`'s database and the adapter root `root`, as a replica opens
 /// it.
 fn open_shared(root: &Path, config: &crate::config::StoreConfig) -> Registry {
+    open_shared_with(root, config, None)
+}
+
+/// [`open_shared`] with the generations' files in `objects`.
+fn open_shared_with(
+    root: &Path,
+    config: &crate::config::StoreConfig,
+    objects: Option<super::objects::Objects>,
+) -> Registry {
     let pool = crate::postgres::connect(config).unwrap();
     Registry::open_in(
         root,
         Box::new(super::index_store::PostgresIndex::new(pool)),
+        objects,
         AdaptersConfig::default(),
         BertConfig::tiny(),
         true,
@@ -401,4 +411,45 @@ fn a_generation_whose_files_were_missing_loads_once_they_arrive() {
         (g.id.as_str(), &State::Ready),
         "loaded at the next change"
     );
+}
+
+#[test]
+fn replicas_without_a_shared_directory_fetch_generations_from_the_object_store() {
+    let (objects, root_a, root_b) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let Some(config) = crate::postgres::testing::scratch() else {
+        return;
+    };
+    let url = format!("file://{}", objects.path().display());
+    let open = |root: &Path| {
+        open_shared_with(
+            root,
+            &config,
+            Some(super::objects::Objects::open(&url).unwrap()),
+        )
+    };
+    let (a, b) = (open(root_a.path()), open(root_b.path()));
+    a.create_task("t", labels()).unwrap();
+    write_adapter(a.root(), "one", 1);
+    let (g, _) = a.load("one", "t", None).unwrap();
+    assert!(b.sync().unwrap());
+    let fetched = b.resolve("t").unwrap();
+    assert_eq!(
+        (fetched.id.as_str(), &fetched.state),
+        (g.id.as_str(), &State::Ready),
+        "fetched into B's own directory, checked against its content id, and served"
+    );
+    assert!(b.root().join("one").join(peft::WEIGHTS_FILE).is_file());
+
+    // A replica started later restores from the store too; one whose cached copy was tampered with
+    // refuses it rather than serve other weights under the generation's id.
+    let root_c = tempfile::tempdir().unwrap();
+    let c = open(root_c.path());
+    assert_eq!(c.resolve("t").unwrap().state, State::Ready);
+    write_adapter(root_c.path(), "one", 2);
+    let d = open(root_c.path());
+    assert!(matches!(d.resolve("t").unwrap().state, State::Failed(_)));
 }

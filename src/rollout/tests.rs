@@ -307,6 +307,7 @@ fn replicas(root: &Path) -> Option<([Replica; 2], String)> {
                 Box::new(crate::adapters::index_store::PostgresIndex::new(
                     pool.clone(),
                 )),
+                None,
                 AdaptersConfig::default(),
                 BertConfig::tiny(),
                 true,

@@ -1,0 +1,289 @@
+//! Generation files in an object store (`[store] objects_url`): a local directory (`file:///…`) or an
+//! S3-compatible bucket (`s3://bucket/prefix`, credentials and endpoint from the usual `AWS_*` variables).
+//! Each generation is stored once under its content id, `generations/<id>/`, and never changed, so any
+//! replica can fetch it into its own adapter directory, which becomes a cache.
+//!
+//! A generation's files are written first and its `MANIFEST.json` (names, sizes, SHA-256) last: a
+//! generation without a manifest is incomplete and is not fetched. Files are fetched into a temporary
+//! directory beside their place, checked against the manifest, and renamed into place whole.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::RegistryError;
+
+const MANIFEST: &str = "MANIFEST.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ManifestFile {
+    name: String,
+    bytes: u64,
+    sha256: String,
+}
+
+fn storage(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Storage(format!("object store: {e}"))
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A file name the manifest may name: one plain component.
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+/// The object store behind `[store] objects_url`, with the runtime its client needs.
+pub struct Objects {
+    store: Arc<dyn ObjectStore>,
+    /// Where generations live in the store.
+    root: ObjectPath,
+    /// The store's client is asynchronous; the registry calls it from its own (blocking) threads.
+    runtime: tokio::runtime::Runtime,
+    /// What `describe` shows: the URL without credentials.
+    url: String,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Objects").field("url", &self.url).finish()
+    }
+}
+
+impl Objects {
+    /// Opens the store at `url`: `file:///absolute/dir` (created if missing) or `s3://bucket[/prefix]`.
+    pub fn open(url: &str) -> Result<Self, RegistryError> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            RegistryError::Invalid(format!("store.objects_url {url:?} is not a URL: {e}"))
+        })?;
+        let (store, root): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
+            "file" => {
+                let dir = parsed.to_file_path().map_err(|()| {
+                    RegistryError::Invalid(format!(
+                        "store.objects_url {url:?} must name an absolute local directory"
+                    ))
+                })?;
+                std::fs::create_dir_all(&dir).map_err(storage)?;
+                let local =
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(storage)?;
+                (Arc::new(local), String::new())
+            }
+            "s3" => {
+                let bucket = parsed.host_str().unwrap_or_default();
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(storage)?;
+                (Arc::new(s3), parsed.path().trim_matches('/').to_owned())
+            }
+            other => {
+                return Err(RegistryError::Invalid(format!(
+                    "store.objects_url scheme {other:?} is not supported: use file:// or s3://"
+                )))
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("flywheel-objects")
+            .enable_all()
+            .build()
+            .map_err(storage)?;
+        let mut shown = parsed.clone();
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("");
+        Ok(Self {
+            store,
+            root: ObjectPath::from(root).child("generations"),
+            runtime,
+            url: shown.to_string(),
+        })
+    }
+
+    /// The store's URL, without credentials.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn object(&self, id: &str, name: &str) -> ObjectPath {
+        self.root.child(id).child(name)
+    }
+
+    /// Stores the files `names` of generation `id` from `dir` (those that exist), unless the store holds
+    /// the generation already.
+    pub fn upload(&self, id: &str, dir: &Path, names: &[&str]) -> Result<(), RegistryError> {
+        self.runtime.block_on(async {
+            match self.store.head(&self.object(id, MANIFEST)).await {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(storage(e)),
+            }
+            let mut files = Vec::new();
+            for name in names {
+                let bytes = match std::fs::read(dir.join(name)) {
+                    Ok(bytes) => bytes,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(storage(format!("{name}: {e}"))),
+                };
+                files.push(ManifestFile {
+                    name: (*name).to_owned(),
+                    bytes: bytes.len() as u64,
+                    sha256: hex_sha256(&bytes),
+                });
+                self.store
+                    .put(&self.object(id, name), PutPayload::from(bytes))
+                    .await
+                    .map_err(storage)?;
+            }
+            let manifest = serde_json::to_vec(&Manifest { files }).map_err(storage)?;
+            self.store
+                .put(&self.object(id, MANIFEST), PutPayload::from(manifest))
+                .await
+                .map_err(storage)?;
+            Ok(())
+        })
+    }
+
+    /// Fetches generation `id` into `dir` (which must not exist yet), refusing files over `max_bytes` or
+    /// that differ from the manifest.
+    pub fn download(&self, id: &str, dir: &Path, max_bytes: u64) -> Result<(), RegistryError> {
+        let parent = dir
+            .parent()
+            .ok_or_else(|| storage(format!("{} has no parent", dir.display())))?;
+        let partial = Partial(parent.join(format!(".fetching-{}", uuid::Uuid::new_v4().simple())));
+        std::fs::create_dir_all(&partial.0).map_err(storage)?;
+        self.runtime.block_on(async {
+            let manifest = match self.store.get(&self.object(id, MANIFEST)).await {
+                Ok(got) => got.bytes().await.map_err(storage)?,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(storage(format!(
+                        "generation {id} is not in the store (yet)"
+                    )))
+                }
+                Err(e) => return Err(storage(e)),
+            };
+            let manifest: Manifest = serde_json::from_slice(&manifest)
+                .map_err(|e| storage(format!("{id}/{MANIFEST}: {e}")))?;
+            for file in &manifest.files {
+                if !plain_file_name(&file.name) || file.bytes > max_bytes {
+                    return Err(storage(format!(
+                        "{id}/{MANIFEST} names {:?} of {} bytes, which is refused",
+                        file.name, file.bytes
+                    )));
+                }
+                let bytes = self
+                    .store
+                    .get(&self.object(id, &file.name))
+                    .await
+                    .map_err(storage)?
+                    .bytes()
+                    .await
+                    .map_err(storage)?;
+                if bytes.len() as u64 != file.bytes || hex_sha256(&bytes) != file.sha256 {
+                    return Err(storage(format!(
+                        "{id}/{} differs from its manifest",
+                        file.name
+                    )));
+                }
+                crate::durable::write_atomically(&partial.0.join(&file.name), &bytes)
+                    .map_err(storage)?;
+            }
+            Ok(())
+        })?;
+        std::fs::rename(&partial.0, dir).map_err(storage)
+    }
+}
+
+/// A directory being fetched into; removed unless it was renamed into place.
+struct Partial(std::path::PathBuf);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generation_goes_up_once_and_comes_down_whole_and_checked() {
+        let (store, local) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let url = format!("file://{}", store.path().display());
+        let objects = Objects::open(&url).unwrap();
+        let source = local.path().join("published");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(source.join("a.json"), b"{}").unwrap();
+        std::fs::write(source.join("b.bin"), vec![7u8; 1000]).unwrap();
+        objects
+            .upload("g-1", &source, &["a.json", "b.bin", "absent.txt"])
+            .unwrap();
+        let fetched = local.path().join("cache/published");
+        objects.download("g-1", &fetched, 10_000).unwrap();
+        assert_eq!(
+            std::fs::read(fetched.join("b.bin")).unwrap(),
+            vec![7u8; 1000]
+        );
+        assert!(!fetched.join("absent.txt").exists());
+
+        // Stored once: a second upload of the same id leaves the objects as they are.
+        std::fs::write(source.join("b.bin"), b"changed").unwrap();
+        objects.upload("g-1", &source, &["b.bin"]).unwrap();
+        let again = local.path().join("again");
+        objects.download("g-1", &again, 10_000).unwrap();
+        assert_eq!(std::fs::read(again.join("b.bin")).unwrap().len(), 1000);
+
+        // Refused: over the size limit, a file changed in the store, an unknown generation; nothing is left
+        // behind.
+        let e = objects
+            .download("g-1", &local.path().join("small"), 100)
+            .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        std::fs::write(store.path().join("generations/g-1/b.bin"), b"tampered").unwrap();
+        let e = objects
+            .download("g-1", &local.path().join("bad"), 10_000)
+            .unwrap_err();
+        assert!(e.to_string().contains("differs"), "{e}");
+        let e = objects
+            .download("g-2", &local.path().join("none"), 10_000)
+            .unwrap_err();
+        assert!(e.to_string().contains("not in the store"), "{e}");
+        for gone in ["small", "bad", "none"] {
+            assert!(!local.path().join(gone).exists());
+        }
+        let leftovers = std::fs::read_dir(local.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".fetching")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn only_file_and_s3_urls_are_taken() {
+        for bad in ["ftp://host/x", "not a url", "file://relative"] {
+            assert!(Objects::open(bad).is_err(), "{bad}");
+        }
+        let shown = Objects::open("s3://user:secret@bucket/prefix").unwrap();
+        assert!(!shown.url().contains("secret"), "{}", shown.url());
+    }
+}
