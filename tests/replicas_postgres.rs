@@ -18,17 +18,61 @@ use std::time::{Duration, Instant};
 use common::{sample_mails, Server};
 use serde_json::{json, Value};
 
-/// One database and one adapter directory that replicas share.
+/// One database that replicas share, and where they share generations' files: one adapter directory, or
+/// an S3-compatible bucket (each replica then caches them in a directory of its own).
 struct Shared {
     url: String,
     adapters: tempfile::TempDir,
+    /// `FLYWHEEL_STORE__OBJECTS_URL` and the `AWS_*` variables, when generations go through a bucket.
+    objects: Vec<(String, String)>,
+}
+
+impl Shared {
+    /// The variables every process on it gets.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("FLYWHEEL_STORE__BACKEND".to_owned(), "postgres".to_owned()),
+            ("FLYWHEEL_STORE__URL".to_owned(), self.url.clone()),
+        ];
+        if self.objects.is_empty() {
+            env.push((
+                "FLYWHEEL_DATA__ADAPTERS_DIR".to_owned(),
+                self.adapters.path().to_str().unwrap().to_owned(),
+            ));
+        }
+        env.extend(self.objects.iter().cloned());
+        env
+    }
 }
 
 fn shared() -> Option<Shared> {
     Some(Shared {
         url: common::postgres_scratch()?,
         adapters: tempfile::tempdir().unwrap(),
+        objects: Vec::new(),
     })
+}
+
+/// [`shared`] with generations in a new bucket on the tests' S3-compatible server, and no shared directory.
+fn shared_through_a_bucket() -> Option<Shared> {
+    let (objects_url, mut objects) = flywheel::adapters::objects::test_bucket()?;
+    objects.push(("FLYWHEEL_STORE__OBJECTS_URL".to_owned(), objects_url));
+    Some(Shared {
+        objects,
+        ..shared()?
+    })
+}
+
+/// `shared`'s variables and `extra`, as the server helpers take them.
+fn with<'a>(
+    shared: &'a [(String, String)],
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    shared
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(extra.iter().copied())
+        .collect()
 }
 
 /// A replica with a data directory of its own over the shared database and adapters.
@@ -37,31 +81,12 @@ fn replica(shared: &Shared) -> Server {
 }
 
 fn replica_with(shared: &Shared, args: &[&str]) -> Server {
-    Server::start(
-        args,
-        &[
-            ("FLYWHEEL_STORE__BACKEND", "postgres"),
-            ("FLYWHEEL_STORE__URL", &shared.url),
-            (
-                "FLYWHEEL_DATA__ADAPTERS_DIR",
-                shared.adapters.path().to_str().unwrap(),
-            ),
-        ],
-    )
+    Server::start(args, &with(&shared.env(), &[]))
 }
 
 /// A `flywheel worker` over the shared database and adapters, with `env` besides.
 fn worker(shared: &Shared, env: &[(&str, &str)]) -> Server {
-    let mut all = vec![
-        ("FLYWHEEL_STORE__BACKEND", "postgres"),
-        ("FLYWHEEL_STORE__URL", shared.url.as_str()),
-        (
-            "FLYWHEEL_DATA__ADAPTERS_DIR",
-            shared.adapters.path().to_str().unwrap(),
-        ),
-    ];
-    all.extend_from_slice(env);
-    Server::start_worker(&all)
+    Server::start_worker(&with(&shared.env(), env))
 }
 
 fn create_task(server: &Server, name: &str) {
@@ -504,7 +529,8 @@ fn when_the_database_goes_away_feedback_answers_503_and_serving_goes_on() {
 
 #[test]
 fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
-    let Some(shared) = shared() else {
+    // No directory is shared here: each process keeps generations in its own, and they go through a bucket.
+    let Some(shared) = shared_through_a_bucket() else {
         return;
     };
     // `flywheel worker`s, with leases of 3 s so a dead worker's job is claimed again within seconds.
@@ -549,6 +575,32 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
         task["stable"] == generation
     });
     eprintln!("the re-run's generation served on the front replica after {took:?}");
+    // Fetched from the bucket into the front replica's own directory, and served from there.
+    let (status, body) = front.post(
+        "/v1/predict",
+        &json!({"task": "spam", "inputs": ["win a prize now"]}),
+    );
+    assert_eq!(
+        (status, &body["adapter"]),
+        (200, &json!(generation)),
+        "{body}"
+    );
+    let (_, adapters) = front.get_json("/v1/adapters");
+    let path = adapters
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["id"] == generation))
+        .and_then(|g| g["path"].as_str())
+        .expect("the generation is listed with its path")
+        .to_owned();
+    assert!(
+        front
+            .data_dir
+            .join("adapters")
+            .join(&path)
+            .join("adapter_model.safetensors")
+            .is_file(),
+        "{path} is in the front replica's own directory"
+    );
 
     // A graceful stop (SIGTERM) mid-job puts the job back at once, without spending an attempt: a third
     // worker takes it over without waiting for a lease.

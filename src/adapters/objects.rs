@@ -65,8 +65,19 @@ impl std::fmt::Debug for Objects {
 }
 
 impl Objects {
-    /// Opens the store at `url`: `file:///absolute/dir` (created if missing) or `s3://bucket[/prefix]`.
+    /// Opens the store at `url`: `file:///absolute/dir` (created if missing) or `s3://bucket[/prefix]`,
+    /// configured by this process's `AWS_*` environment variables.
     pub fn open(url: &str) -> Result<Self, RegistryError> {
+        Self::open_with(url, std::env::vars())
+    }
+
+    /// [`Self::open`] with the variables `vars` in place of the environment: `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` (an S3-compatible server),
+    /// `AWS_ALLOW_HTTP`, and the rest `object_store` reads.
+    pub fn open_with(
+        url: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, RegistryError> {
         let parsed = url::Url::parse(url).map_err(|e| {
             RegistryError::Invalid(format!("store.objects_url {url:?} is not a URL: {e}"))
         })?;
@@ -83,11 +94,17 @@ impl Objects {
                 (Arc::new(local), String::new())
             }
             "s3" => {
+                let mut builder = object_store::aws::AmazonS3Builder::new();
+                for (key, value) in vars {
+                    if let Some(Ok(key)) = key
+                        .starts_with("AWS_")
+                        .then(|| key.to_ascii_lowercase().parse())
+                    {
+                        builder = builder.with_config(key, value);
+                    }
+                }
                 let bucket = parsed.host_str().unwrap_or_default();
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(storage)?;
+                let s3 = builder.with_bucket_name(bucket).build().map_err(storage)?;
                 (Arc::new(s3), parsed.path().trim_matches('/').to_owned())
             }
             other => {
@@ -216,6 +233,49 @@ impl Drop for Partial {
     }
 }
 
+/// For the test suites: a new bucket on the S3-compatible server at `FLYWHEEL_TEST_S3_ENDPOINT` (which
+/// `scripts/test.sh` starts and sets), as an `objects_url` and the `AWS_*` variables that reach it. `None`,
+/// with a note on stderr, when the variable is unset, unless `FLYWHEEL_TEST_S3_REQUIRED` is set, when it
+/// panics.
+pub fn test_bucket() -> Option<(String, Vec<(String, String)>)> {
+    use std::io::{Read, Write};
+    let Ok(endpoint) = std::env::var("FLYWHEEL_TEST_S3_ENDPOINT") else {
+        assert!(
+            std::env::var_os("FLYWHEEL_TEST_S3_REQUIRED").is_none(),
+            "FLYWHEEL_TEST_S3_ENDPOINT is not set (scripts/test.sh starts a server and sets it)"
+        );
+        eprintln!("skipped: FLYWHEEL_TEST_S3_ENDPOINT is not set (scripts/test.sh sets it)");
+        return None;
+    };
+    let bucket = format!("flywheel-{}", uuid::Uuid::new_v4().simple());
+    // The test server takes an unsigned bucket creation: one plain HTTP request.
+    let host = endpoint
+        .strip_prefix("http://")
+        .expect("FLYWHEEL_TEST_S3_ENDPOINT is http://host:port");
+    let mut stream = std::net::TcpStream::connect(host).expect("the test S3 server");
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("a request to the test S3 server");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "bucket {bucket} not created: {answer}"
+    );
+    let vars = [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "flywheel-test"),
+        ("AWS_SECRET_ACCESS_KEY", "flywheel-test"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    Some((format!("s3://{bucket}/flywheel"), vars))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +336,27 @@ mod tests {
             })
             .count();
         assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn a_generation_goes_through_an_s3_compatible_server() {
+        let Some((url, vars)) = test_bucket() else {
+            return;
+        };
+        let objects = Objects::open_with(&url, vars).unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let source = local.path().join("published");
+        std::fs::create_dir_all(&source).unwrap();
+        let weights: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(source.join("w.bin"), &weights).unwrap();
+        objects.upload("g-s3", &source, &["w.bin"]).unwrap();
+        let fetched = local.path().join("fetched");
+        objects.download("g-s3", &fetched, 1 << 20).unwrap();
+        assert_eq!(std::fs::read(fetched.join("w.bin")).unwrap(), weights);
+        let e = objects
+            .download("g-none", &local.path().join("none"), 1 << 20)
+            .unwrap_err();
+        assert!(e.to_string().contains("not in the store"), "{e}");
     }
 
     #[test]
