@@ -296,7 +296,10 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     });
     let stopping = services.clone();
     let shutdown_deadline = Duration::from_secs(config.server.shutdown_timeout_secs);
-    let shared_store = config.store.backend == crate::config::StoreBackend::Postgres;
+    // PostgreSQL connections and the object store's runtime block when dropped, which panics on an async
+    // thread.
+    let blocking_drop = config.store.backend == crate::config::StoreBackend::Postgres
+        || !config.store.objects_url.trim().is_empty();
     let server = HttpServer::new(move || app_for(state.clone(), role))
         .workers(config.server.workers)
         .shutdown_timeout(config.server.shutdown_timeout_secs)
@@ -351,9 +354,9 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot start the thread that stops the trainer"),
     }
-    if shared_store {
-        // Not dropped here: the services hold PostgreSQL connections whose drop blocks on a runtime of
-        // their own, which panics on this async thread. The process is ending; they end with it.
+    if blocking_drop {
+        // Not dropped here: the services hold PostgreSQL connections or the object store's runtime, whose
+        // drop blocks, which panics on this async thread. The process is ending; they end with it.
         std::mem::forget(stopping);
     }
     served?;

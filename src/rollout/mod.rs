@@ -209,23 +209,30 @@ impl Rollouts {
                 }
             }
         }
-        let due = rollouts.reconcile(&mut rollouts.lock().state.clone());
+        let due = !rollouts
+            .reconcile(&mut rollouts.lock().state.clone())
+            .is_empty();
         if due {
             let _deciding = rollouts.deciding();
-            if let Err(e) = rollouts.decide(|state| {
-                rollouts.reconcile(state);
-                Ok(())
-            }) {
-                tracing::warn!(error = %e, "could not store the rollouts reconciled at start");
+            match rollouts.decide(|state| Ok(rollouts.reconcile(state))) {
+                Ok(ended) => {
+                    for (task, action) in ended {
+                        rollouts.event(&task, action);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not store the rollouts reconciled at start")
+                }
             }
         }
         Ok(rollouts)
     }
 
     /// Ends the active rollouts that cannot go on: one whose promotion moved the alias but was not recorded
-    /// is completed, one whose generations are gone is rolled back. Returns whether any was.
-    fn reconcile(&self, state: &mut Persisted) -> bool {
-        let mut changed = false;
+    /// is completed, one whose generations are gone is rolled back. Returns each as (task, action).
+    /// Promoting again after a promotion whose record failed (a `503`) completes it too.
+    fn reconcile(&self, state: &mut Persisted) -> Vec<(String, &'static str)> {
+        let mut ended = Vec::new();
         for r in state.rollouts.values_mut().filter_map(|l| l.last_mut()) {
             if r.phase != Phase::Active {
                 continue;
@@ -237,7 +244,7 @@ impl Rollouts {
                 .resolve(&r.task)
                 .is_some_and(|g| g.id == r.candidate)
             {
-                self.event(&r.task, "promote");
+                ended.push((r.task.clone(), "promote"));
                 r.finish(
                     Phase::Promoted,
                     "promote",
@@ -246,26 +253,27 @@ impl Rollouts {
                      promotion is completed"
                         .to_owned(),
                 );
-                changed = true;
                 continue;
             }
-            let ready = |id: &str| {
+            // Shared, a generation that failed to load on this replica only (its files not fetched yet) still
+            // serves on the others: only one gone from the registry ends the rollout.
+            let shared = self.store.shared();
+            let usable = |id: &str| {
                 self.registry
                     .resolve(id)
-                    .is_some_and(|g| g.state == State::Ready && g.adapter.is_some())
+                    .is_some_and(|g| shared || (g.state == State::Ready && g.adapter.is_some()))
             };
-            if !ready(&r.candidate) || !ready(&r.stable) {
-                self.event(&r.task, "rollback");
+            if !usable(&r.candidate) || !usable(&r.stable) {
+                ended.push((r.task.clone(), "rollback"));
                 r.finish(
                     Phase::RolledBack,
                     "rollback",
                     "restart",
                     "a generation of the rollout is no longer loaded".to_owned(),
                 );
-                changed = true;
             }
         }
-        changed
+        ended
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -15,6 +15,12 @@ use crate::model::{tiny, BertConfig};
 fn registry(data: &Path) -> (Arc<Registry>, String, String) {
     let registry = Registry::open(data, AdaptersConfig::default(), BertConfig::tiny(), true)
         .expect("the registry opens");
+    let (one, two) = populate(&registry);
+    (Arc::new(registry), one, two)
+}
+
+/// Creates task `t` in `registry` with generations `one`, its stable one, and `two`; returns their ids.
+fn populate(registry: &Registry) -> (String, String) {
     registry
         .create_task("t", vec!["a".into(), "b".into(), "c".into()])
         .unwrap();
@@ -30,7 +36,7 @@ fn registry(data: &Path) -> (Arc<Registry>, String, String) {
         peft::write_dir(&registry.root().join(name), &adapter, 4.0, "tiny").unwrap();
         ids.push(registry.load(name, "t", None).unwrap().0.id.clone());
     }
-    (Arc::new(registry), ids.remove(0), ids.remove(0))
+    (ids.remove(0), ids.remove(0))
 }
 
 fn policy() -> RolloutConfig {
@@ -320,20 +326,7 @@ fn replicas(root: &Path) -> Option<([Replica; 2], String)> {
         (registry, rollouts)
     };
     let (a, b) = (open("a"), open("b"));
-    a.0.create_task("t", vec!["a".into(), "b".into(), "c".into()])
-        .unwrap();
-    let mut id = String::new();
-    for (name, seed) in [("one", 1), ("two", 2)] {
-        let adapter = tiny::adapter(
-            &BertConfig::tiny(),
-            seed,
-            &[Target::Query, Target::Value],
-            2,
-            false,
-        );
-        peft::write_dir(&root.join(name), &adapter, 4.0, "tiny").unwrap();
-        id = a.0.load(name, "t", None).unwrap().0.id.clone();
-    }
+    let (_, id) = populate(&a.0);
     b.0.sync().unwrap();
     Some(([a, b], id))
 }
