@@ -47,6 +47,9 @@ pub enum ServeError {
     /// The adapter registry could not be opened.
     #[error("registry: {0}")]
     Registry(#[from] crate::adapters::RegistryError),
+    /// The shared rollouts could not be read.
+    #[error("rollouts: {0}")]
+    Rollouts(#[from] crate::rollout::RolloutError),
     /// A setting is invalid in a way the configuration layer cannot check.
     #[error("config: {0}")]
     Config(String),
@@ -182,15 +185,12 @@ pub fn assemble(
         None => Box::new(FileStore::new(config.data.dir.join("rollouts.json"))),
         Some(pool) => Box::new(PostgresRollouts::new(pool.clone(), worker_name())),
     };
-    let rollouts = Arc::new(
-        Rollouts::open_in(
-            rollout_store,
-            registry.clone(),
-            metrics.clone(),
-            config.rollouts.clone(),
-        )
-        .map_err(|e| ServeError::Config(format!("cannot read the rollouts: {e}")))?,
-    );
+    let rollouts = Arc::new(Rollouts::open_in(
+        rollout_store,
+        registry.clone(),
+        metrics.clone(),
+        config.rollouts.clone(),
+    )?);
     if shared.is_some() {
         follow_shared_state(
             &registry,

@@ -393,7 +393,11 @@ impl Registry {
                         Err(e) => failed(&entry, e.to_string()),
                     };
                     if let State::Failed(reason) = &generation.state {
-                        tracing::warn!(id = %entry.id, %reason, "generation could not be restored");
+                        // Retried every few seconds: a failure is logged when it first happens or changes.
+                        let before = old.generations.get(&entry.id).map(|g| &g.state);
+                        if before != Some(&generation.state) {
+                            tracing::warn!(id = %entry.id, %reason, "generation could not be restored");
+                        }
                     }
                     Arc::new(generation)
                 }
