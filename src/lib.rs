@@ -7,15 +7,18 @@
 //! - [`rng`]: a seeded generator shared by every layer.
 //! - [`pressure`]: inference work in flight, which training yields to.
 //! - [`heap`]: the C heap's policy while training (keep freed memory across steps, return it after).
-//! - [`durable`]: state files written atomically (temp file, fsync, rename), snapshots written off the lock.
+//! - [`durable`]: state files written atomically (temp file, fsync, rename).
 //! - [`faults`]: fault injection for the supervision and crash tests (`FLYWHEEL_FAULTS`; off unless set).
 //! - [`supervise`]: panics caught per batch and per job, and whether the model and trainer threads live.
+//! - [`testenv`]: the services the test suites run against, named in the environment by `scripts/test.sh`.
 //! - [`metrics`]: every Prometheus metric name, help text and bucket; the sliding-window latency summary.
 //! - [`model`]: Hugging Face loading, the BERT encoder (candle reference path and fused CPU path, both
 //!   behind the [`model::Encoder`] trait serving takes), LoRA deltas and heads, tokenization, pooling.
 //!   Knows nothing above it.
-//! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases.
-//! - [`postgres`]: the PostgreSQL connection pool and embedded migrations, for stores replicas share.
+//! - [`adapters`]: PEFT reading and writing; the registry of tasks, generations and aliases; generations'
+//!   files in an object store.
+//! - [`postgres`]: the PostgreSQL connection pool, embedded migrations, shared versioned documents, and the
+//!   election of the process whose autopilot acts, for stores replicas share.
 //! - [`feedback`]: the durable feedback store (embedded SQLite, or PostgreSQL) and the memory of recent
 //!   requests.
 //! - [`infer`]: the queue and the model thread: dynamic batching, backpressure (admission by expected
@@ -25,7 +28,7 @@
 //! - [`device_check`]: `flywheel device-check`: the encoder and a LoRA step on a GPU (or the CPU) against the
 //!   CPU's f32 answers, and their timings, on random weights with the default model's shapes.
 //! - [`rollout`]: A/B rollouts: sticky routing, per-arm evidence, guardrail analysis, promote and rollback;
-//!   online accuracy.
+//!   online accuracy; kept in `rollouts.json` or shared on PostgreSQL with every replica's evidence.
 //! - [`drift`]: per-task drift of predictions, confidence and embeddings against a warm-up reference.
 //! - [`autopilot`]: the policy thread: rollout analysis, automatic training on feedback growth or drift.
 //! - [`serving`]: the service the HTTP dialects share: what a `model` name selects, classification through a
@@ -36,7 +39,7 @@
 //!
 //! Data flows one way, top of this list to bottom never the reverse: `http` → `app` → `serving` →
 //! `rollout`/`trainer`/`infer` → `feedback`/`adapters` → `model`; `config`, `rng`, `pressure`, `heap`, `durable`, `faults`, `supervise`,
-//! `postgres` and `metrics` are shared by all.
+//! `testenv`, `postgres` and `metrics` are shared by all.
 
 pub mod adapters;
 pub mod app;
@@ -59,6 +62,7 @@ pub mod rng;
 pub mod rollout;
 pub mod serving;
 pub mod supervise;
+pub mod testenv;
 pub mod trainer;
 
 pub use config::Config;

@@ -239,14 +239,8 @@ impl Drop for Partial {
 /// panics.
 pub fn test_bucket() -> Option<(String, Vec<(String, String)>)> {
     use std::io::{Read, Write};
-    let Ok(endpoint) = std::env::var("FLYWHEEL_TEST_S3_ENDPOINT") else {
-        assert!(
-            std::env::var_os("FLYWHEEL_TEST_S3_REQUIRED").is_none(),
-            "FLYWHEEL_TEST_S3_ENDPOINT is not set (scripts/test.sh starts a server and sets it)"
-        );
-        eprintln!("skipped: FLYWHEEL_TEST_S3_ENDPOINT is not set (scripts/test.sh sets it)");
-        return None;
-    };
+    let endpoint =
+        crate::testenv::service("FLYWHEEL_TEST_S3_ENDPOINT", "FLYWHEEL_TEST_S3_REQUIRED")?;
     let bucket = format!("flywheel-{}", uuid::Uuid::new_v4().simple());
     // The test server takes an unsigned bucket creation: one plain HTTP request.
     let host = endpoint

@@ -231,14 +231,10 @@ fn migrate(client: &mut postgres::Client) -> Result<usize, PgError> {
 /// a note on stderr, when the variable is unset, unless `FLYWHEEL_TEST_POSTGRES_REQUIRED` is set, when it
 /// panics.
 pub fn test_database() -> Option<String> {
-    let Ok(admin) = std::env::var("FLYWHEEL_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("FLYWHEEL_TEST_POSTGRES_REQUIRED").is_none(),
-            "FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh starts a PostgreSQL and sets it)"
-        );
-        eprintln!("skipped: FLYWHEEL_TEST_POSTGRES_URL is not set (scripts/test.sh sets it)");
-        return None;
-    };
+    let admin = crate::testenv::service(
+        "FLYWHEEL_TEST_POSTGRES_URL",
+        "FLYWHEEL_TEST_POSTGRES_REQUIRED",
+    )?;
     let name = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());
     let mut client = postgres::Client::connect(&admin, NoTls).expect("the test PostgreSQL");
     client
