@@ -188,10 +188,7 @@ impl Rollouts {
                 // it is in the replicas' evidence rows already.
                 let restored: Vec<(String, Evidence)> = inner
                     .state
-                    .rollouts
-                    .values()
-                    .filter_map(|l| l.last())
-                    .filter(|r| r.phase == Phase::Active)
+                    .active()
                     .map(|r| {
                         let (arms, totals) = (r.arms.clone(), r.totals.clone());
                         (
@@ -296,10 +293,7 @@ impl Rollouts {
         inner.version = stored.version;
         let active: Vec<(String, usize)> = inner
             .state
-            .rollouts
-            .values()
-            .filter_map(|l| l.last())
-            .filter(|r| r.phase == Phase::Active)
+            .active()
             .map(|r| (r.id.clone(), r.step))
             .collect();
         inner
@@ -706,10 +700,7 @@ impl Rollouts {
             let mut inner = self.lock();
             let active: Vec<(String, String, usize, bool)> = inner
                 .state
-                .rollouts
-                .values()
-                .filter_map(|l| l.last())
-                .filter(|r| r.phase == Phase::Active)
+                .active()
                 .map(|r| (r.task.clone(), r.id.clone(), r.step, r.automatic))
                 .collect();
             if active.is_empty() {

@@ -21,14 +21,12 @@ pub struct Persisted {
 }
 
 impl Persisted {
-    /// The ids of the active rollouts.
-    pub fn active(&self) -> Vec<String> {
+    /// The active rollouts, at most one per task.
+    pub fn active(&self) -> impl Iterator<Item = &Rollout> {
         self.rollouts
             .values()
             .filter_map(|l| l.last())
             .filter(|r| r.phase == Phase::Active)
-            .map(|r| r.id.clone())
-            .collect()
     }
 }
 
@@ -273,7 +271,7 @@ impl RolloutChange for Change {
         self.conn()
             .execute(
                 "DELETE FROM rollout_evidence WHERE NOT (rollout = ANY($1))",
-                &[&state.active()],
+                &[&state.active().map(|r| r.id.clone()).collect::<Vec<_>>()],
             )
             .map_err(query)?;
         Change::commit(*self, &body).map_err(storage)
