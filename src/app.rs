@@ -183,7 +183,12 @@ pub fn assemble(
     drift.start_embedder(serving, pressure)?;
     let rollout_store: Box<dyn RolloutStore> = match &shared {
         None => Box::new(FileStore::new(config.data.dir.join("rollouts.json"))),
-        Some(pool) => Box::new(PostgresRollouts::new(pool.clone(), worker_name())),
+        // Unique per start: a restarted container keeps its host name and process id, and must not
+        // overwrite the evidence its previous run stored.
+        Some(pool) => Box::new(PostgresRollouts::new(
+            pool.clone(),
+            format!("{}/{}", worker_name(), uuid::Uuid::new_v4().simple()),
+        )),
     };
     let rollouts = Arc::new(Rollouts::open_in(
         rollout_store,
@@ -245,33 +250,52 @@ fn worker_name() -> String {
 /// Key of the advisory lock whose holder's autopilot acts ("autopilot" in ASCII, truncated).
 const AUTOPILOT_LEADER: i64 = 0x6175_746f_7069_6c6f;
 
-/// Starts the thread that takes in the registry and rollout changes other replicas make, as they are
-/// announced and every `every` anyway, and exchanges rollout evidence with them every `every`, until the
-/// registry is dropped.
+/// Starts the threads that take in the registry and rollout changes other replicas make, as they are
+/// announced and every `every` anyway, and exchange rollout evidence every `every`, until the registry or
+/// the rollouts are dropped. Two threads: the registry's may wait on the object store for a new generation's
+/// files, and the rollouts must not wait with it.
 fn follow_shared_state(
     registry: &Arc<Registry>,
     rollouts: &Arc<Rollouts>,
     every: Duration,
     metrics: Metrics,
 ) -> std::io::Result<()> {
+    // Set by the registry's thread when a change is announced; the rollouts' thread waits on it.
+    let announced = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let (registry, rollouts) = (Arc::downgrade(registry), Arc::downgrade(rollouts));
+    let wake = announced.clone();
     std::thread::Builder::new()
-        .name("flywheel-shared-sync".to_owned())
+        .name("flywheel-registry-sync".to_owned())
+        .spawn(move || loop {
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            registry.wait_for_change(every);
+            *wake.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            wake.1.notify_one();
+            match registry.sync() {
+                Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
+                Ok(false) => {}
+                // PostgreSQL is unreachable: serve what is loaded and look again next time.
+                Err(e) => tracing::warn!(error = %e, "cannot read the shared registry"),
+            }
+        })?;
+    std::thread::Builder::new()
+        .name("flywheel-rollout-sync".to_owned())
         .spawn(move || {
             let mut exchanged = Instant::now();
             loop {
-                let (Some(registry), Some(rollouts)) = (registry.upgrade(), rollouts.upgrade())
-                else {
+                {
+                    let (flag, signal) = &*announced;
+                    let flag = flag.lock().unwrap_or_else(|e| e.into_inner());
+                    let (mut flag, _) = signal
+                        .wait_timeout_while(flag, every, |set| !*set)
+                        .unwrap_or_else(|e| e.into_inner());
+                    *flag = false;
+                }
+                let Some(rollouts) = rollouts.upgrade() else {
                     return;
                 };
-                registry.wait_for_change(every);
-                match registry.sync() {
-                    Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
-                    Ok(false) => {}
-                    // PostgreSQL is unreachable: serve what is loaded and look again next time.
-                    Err(e) => tracing::warn!(error = %e, "cannot read the shared registry"),
-                }
-                // After the registry: a rollout may name a generation that came with the same change.
                 if let Err(e) = rollouts.sync() {
                     tracing::warn!(error = %e, "cannot read the shared rollouts");
                 }

@@ -94,7 +94,20 @@ impl Objects {
                 (Arc::new(local), String::new())
             }
             "s3" => {
-                let mut builder = object_store::aws::AmazonS3Builder::new();
+                // Bounded, so a stalled store holds up a replica's registry thread for seconds, not minutes
+                // (the defaults allow 30 s a request and ten retries over three minutes).
+                let retry = object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: std::time::Duration::from_secs(30),
+                    ..Default::default()
+                };
+                let client = object_store::ClientOptions::new()
+                    .with_connect_timeout(std::time::Duration::from_secs(5))
+                    .with_timeout(std::time::Duration::from_secs(20));
+                // The client options first: the variables below adjust them (AWS_ALLOW_HTTP).
+                let mut builder = object_store::aws::AmazonS3Builder::new()
+                    .with_client_options(client)
+                    .with_retry(retry);
                 for (key, value) in vars {
                     if let Some(Ok(key)) = key
                         .starts_with("AWS_")

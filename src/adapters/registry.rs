@@ -174,6 +174,8 @@ pub struct Registry {
     objects: Option<Objects>,
     /// When generations that failed to load here were last tried again.
     retried: std::sync::Mutex<std::time::Instant>,
+    /// When fetching a generation from the object store last failed, by id.
+    fetch_failed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     limits: AdaptersConfig,
     model: BertConfig,
     base_has_pooler: bool,
@@ -248,13 +250,16 @@ impl Registry {
         if !self.store.shared() {
             return Ok(false);
         }
+        let Some(stored) = self.store.load()? else {
+            return Ok(false);
+        };
+        // What this replica lacks is fetched before the writer lock is taken: a slow object store holds up
+        // no change made here. A change committed meanwhile is taken in at the next look.
+        self.prefetch(&stored.index);
         let _writer = self
             .write
             .lock()
             .expect("registry writer lock poisoned; this is a bug");
-        let Some(stored) = self.store.load()? else {
-            return Ok(false);
-        };
         let old = self.read().clone();
         if stored.version <= old.version && !self.retry_due(&old) {
             return Ok(false);
@@ -335,6 +340,7 @@ impl Registry {
             store,
             objects,
             retried: std::sync::Mutex::new(std::time::Instant::now()),
+            fetch_failed: std::sync::Mutex::new(std::collections::HashMap::new()),
             limits,
             model,
             base_has_pooler,
@@ -352,7 +358,24 @@ impl Registry {
 
     fn restore(&self) -> Result<(), RegistryError> {
         if let Some(stored) = self.store.load()? {
+            self.prefetch(&stored.index);
             let next = self.rebuild(&Inner::default(), stored);
+            // Generations registered before the object store was configured go up now, so replicas with
+            // an empty cache find them (one existence check each for those stored already).
+            if let Some(objects) = &self.objects {
+                for g in next
+                    .generations
+                    .values()
+                    .filter(|g| g.state == State::Ready)
+                {
+                    let uploaded = self
+                        .resolve_path(&g.path)
+                        .and_then(|dir| objects.upload(&g.id, &dir, &GENERATION_FILES));
+                    if let Err(e) = uploaded {
+                        tracing::warn!(id = %g.id, error = %e, "generation not stored in the object store");
+                    }
+                }
+            }
             *self
                 .inner
                 .write()
@@ -379,10 +402,7 @@ impl Registry {
                     loaded.clone()
                 }
                 _ => {
-                    let loaded = self
-                        .fetch(&entry)
-                        .and_then(|()| self.load_files(&entry.path, &entry.task, &tasks));
-                    let generation = match loaded {
+                    let generation = match self.load_files(&entry.path, &entry.task, &tasks) {
                         Ok(g) if g.id == entry.id => Generation {
                             created_at: entry.created_at,
                             ..g
@@ -412,30 +432,49 @@ impl Registry {
         }
     }
 
-    /// Fetches `entry`'s files from the object store into the adapter root when they are not there: a
-    /// generation another replica published. A no-op without an object store.
-    fn fetch(&self, entry: &IndexEntry) -> Result<(), RegistryError> {
+    /// Fetches from the object store the generations of `index` whose files are not in the adapter root
+    /// (those other replicas registered), each at most every [`RETRY_FAILED`] while fetching it fails. A
+    /// no-op without an object store. Failures are logged; the generation then loads as failed.
+    fn prefetch(&self, index: &Index) {
         let Some(objects) = &self.objects else {
-            return Ok(());
+            return;
         };
-        let relative = Path::new(&entry.path);
-        if entry.path.is_empty()
-            || !relative
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)))
-        {
-            return Err(RegistryError::Forbidden(format!(
-                "generation {} has the path {:?}, outside the adapter root",
-                entry.id, entry.path
-            )));
+        for entry in &index.generations {
+            let relative = Path::new(&entry.path);
+            if entry.path.is_empty()
+                || !relative
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_)))
+            {
+                continue; // Refused by `resolve_path` when loaded.
+            }
+            let dir = self.root.join(relative);
+            if dir.exists() {
+                continue;
+            }
+            {
+                let mut failed = self.fetch_failed.lock().unwrap_or_else(|e| e.into_inner());
+                if failed
+                    .get(&entry.id)
+                    .is_some_and(|at| at.elapsed() < RETRY_FAILED)
+                {
+                    continue;
+                }
+                failed.remove(&entry.id);
+            }
+            match objects.download(&entry.id, &dir, self.limits.max_bytes) {
+                Ok(()) => {
+                    tracing::info!(id = %entry.id, from = objects.url(), "generation fetched from the object store")
+                }
+                Err(e) => {
+                    tracing::warn!(id = %entry.id, error = %e, "generation not fetched from the object store");
+                    self.fetch_failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(entry.id.clone(), std::time::Instant::now());
+                }
+            }
         }
-        let dir = self.root.join(relative);
-        if dir.exists() {
-            return Ok(());
-        }
-        objects.download(&entry.id, &dir, self.limits.max_bytes)?;
-        tracing::info!(id = %entry.id, from = objects.url(), "generation fetched from the object store");
-        Ok(())
     }
 
     /// Creates a task; its name becomes its stable alias once a generation exists.

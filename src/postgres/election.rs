@@ -32,7 +32,9 @@ impl Election {
             if conn.is_valid(std::time::Duration::from_secs(2)).is_ok() {
                 return true;
             }
-            // The session is gone, and the lock with it: another process may lead already.
+            // The session is gone, and the lock with it, or too slow to trust: this process stops leading.
+            // A slow but live session must not go back to the pool still holding the lock.
+            let _ = conn.execute("SELECT pg_advisory_unlock($1)", &[&self.key]);
             *held = None;
         }
         let Some(mut conn) = self.pool.try_get() else {

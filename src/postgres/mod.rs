@@ -167,7 +167,12 @@ pub fn connect(config: &StoreConfig) -> Result<Pool, PgError> {
     // forever: a heartbeat or an append stuck on one would otherwise stall training or a shutdown.
     pg.keepalives(true);
     pg.keepalives_idle(Duration::from_secs(30));
-    pg.options("-c statement_timeout=30000");
+    // The server's side too: a session whose process vanished (a partition, a lost node) ends within about
+    // a minute, and with it the advisory lock of the autopilot's leader, instead of the OS's two hours.
+    pg.options(
+        "-c statement_timeout=30000 -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 \
+         -c tcp_keepalives_count=3",
+    );
     let pool = r2d2::Pool::builder()
         .max_size(config.pool_size)
         .min_idle(Some(1))

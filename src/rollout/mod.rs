@@ -17,7 +17,7 @@ pub mod store;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::adapters::registry::{Registry, State};
+use crate::adapters::registry::{Registry, RegistryError, State};
 use crate::clock::unix_seconds;
 use crate::config::RolloutConfig;
 use crate::metrics::Metrics;
@@ -206,12 +206,11 @@ impl Rollouts {
                 }
             }
         }
-        let due = !rollouts
-            .reconcile(&mut rollouts.lock().state.clone())
-            .is_empty();
+        let mut copy = rollouts.lock().state.clone();
+        let due = !rollouts.reconcile(&mut copy, "restart").is_empty();
         if due {
             let _deciding = rollouts.deciding();
-            match rollouts.decide(|state| Ok(rollouts.reconcile(state))) {
+            match rollouts.decide(|state| Ok(rollouts.reconcile(state, "restart"))) {
                 Ok(ended) => {
                     for (task, action) in ended {
                         rollouts.event(&task, action);
@@ -228,7 +227,7 @@ impl Rollouts {
     /// Ends the active rollouts that cannot go on: one whose promotion moved the alias but was not recorded
     /// is completed, one whose generations are gone is rolled back. Returns each as (task, action).
     /// Promoting again after a promotion whose record failed (a `503`) completes it too.
-    fn reconcile(&self, state: &mut Persisted) -> Vec<(String, &'static str)> {
+    fn reconcile(&self, state: &mut Persisted, by: &str) -> Vec<(String, &'static str)> {
         let mut ended = Vec::new();
         for r in state.rollouts.values_mut().filter_map(|l| l.last_mut()) {
             if r.phase != Phase::Active {
@@ -245,9 +244,9 @@ impl Rollouts {
                 r.finish(
                     Phase::Promoted,
                     "promote",
-                    "restart",
-                    "the stable alias had moved to the candidate when the server stopped; the \
-                     promotion is completed"
+                    by,
+                    "the stable alias had moved to the candidate but the promotion was not recorded \
+                     (a crash or a failed write between the two); the promotion is completed"
                         .to_owned(),
                 );
                 continue;
@@ -265,7 +264,7 @@ impl Rollouts {
                 r.finish(
                     Phase::RolledBack,
                     "rollback",
-                    "restart",
+                    by,
                     "a generation of the rollout is no longer loaded".to_owned(),
                 );
             }
@@ -334,7 +333,11 @@ impl Rollouts {
         };
         let out = change(&mut state)?;
         let version = write.commit(&state)?;
-        self.install(&mut self.lock(), Stored { version, state });
+        let mut inner = self.lock();
+        // The follower may have installed a newer version, committed by another replica since this one.
+        if version > inner.version || !self.store.shared() {
+            self.install(&mut inner, Stored { version, state });
+        }
         Ok(out)
     }
 
@@ -595,7 +598,10 @@ impl Rollouts {
     fn promote_in(&self, r: &mut Rollout, by: &str, reason: String) -> Result<(), RolloutError> {
         self.registry
             .set_alias(&r.task, &r.candidate)
-            .map_err(|e| RolloutError::Conflict(format!("cannot move the alias: {e}")))?;
+            .map_err(|e| match e {
+                RegistryError::Storage(_) => RolloutError::Storage(e.to_string()),
+                e => RolloutError::Conflict(format!("cannot move the alias: {e}")),
+            })?;
         if let Some(pause) = crate::faults::get().pause_after_alias {
             std::thread::sleep(pause);
         }
@@ -620,27 +626,49 @@ impl Rollouts {
     /// With a `routing_key` the arm is sticky for the rollout's life, on every replica alike; without,
     /// `request_id` decides.
     pub fn route(&self, task: &str, routing_key: Option<&str>, request_id: &str) -> Option<Route> {
-        let inner = self.lock();
-        let r = inner.active(task)?;
-        let chosen = router::to_candidate(&r.id, routing_key.unwrap_or(request_id), r.traffic);
-        Some(match (r.mode, chosen) {
-            (Mode::Split, true) => Route {
+        let (id, mode, stable, candidate, chosen) = {
+            let inner = self.lock();
+            let r = inner.active(task)?;
+            let chosen = router::to_candidate(&r.id, routing_key.unwrap_or(request_id), r.traffic);
+            (
+                r.id.clone(),
+                r.mode,
+                r.stable.clone(),
+                r.candidate.clone(),
+                chosen,
+            )
+        };
+        // A candidate another replica published may not be loaded here yet (its files still on the way):
+        // its share is served by stable meanwhile, outside the rollout's evidence.
+        let loaded = || {
+            self.registry
+                .resolve(&candidate)
+                .is_some_and(|g| g.state == State::Ready && g.adapter.is_some())
+        };
+        Some(match (mode, chosen) {
+            (Mode::Split, true) if loaded() => Route {
                 arm: Arm::Candidate,
-                generation: r.candidate.clone(),
+                generation: candidate,
                 shadow: None,
-                rollout: Some(r.id.clone()),
+                rollout: Some(id),
+            },
+            (Mode::Split, true) => Route {
+                arm: Arm::Stable,
+                generation: stable,
+                shadow: None,
+                rollout: None,
             },
             (Mode::Shadow, true) => Route {
                 arm: Arm::Stable,
-                generation: r.stable.clone(),
-                shadow: Some(r.candidate.clone()),
-                rollout: Some(r.id.clone()),
+                generation: stable,
+                shadow: loaded().then_some(candidate),
+                rollout: Some(id),
             },
             (_, false) => Route {
                 arm: Arm::Stable,
-                generation: r.stable.clone(),
+                generation: stable,
                 shadow: None,
-                rollout: Some(r.id.clone()),
+                rollout: Some(id),
             },
         })
     }
@@ -718,13 +746,23 @@ impl Rollouts {
                 }
             }
         }
+        // A promotion whose record failed after the alias moved, or a generation deleted from under a
+        // rollout: the leader ends such rollouts, as a start would.
+        let stuck = act && {
+            let mut copy = self.lock().state.clone();
+            !self.reconcile(&mut copy, "analysis").is_empty()
+        };
         // One process checkpoints its evidence at every analysis, so a restart resumes from it; replicas
         // keep theirs in their evidence rows and store the rollouts only to act.
-        if !act || (due.is_empty() && self.store.shared()) {
+        if !act || (due.is_empty() && !stuck && self.store.shared()) {
             return Vec::new();
         }
         let acted = self.decide(|state| {
-            let mut acted = Vec::new();
+            let mut acted: Vec<(String, String)> = self
+                .reconcile(state, "analysis")
+                .into_iter()
+                .map(|(task, action)| (task, action.to_owned()))
+                .collect();
             for (task, id, step, verdict) in due {
                 // Another replica may have moved the rollout since this analysis: act only on what it saw.
                 let Some(r) = state

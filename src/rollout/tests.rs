@@ -419,3 +419,50 @@ fn replicas_starting_rollouts_at_once_start_one() {
     a.sync().unwrap();
     assert_eq!(a.get("t").unwrap().id, b.get("t").unwrap().id);
 }
+
+#[test]
+fn a_candidate_gone_from_the_registry_is_not_routed_and_the_leader_rolls_its_rollout_back() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = open(data.path(), registry.clone());
+    let r = start(&rollouts, &two, &[1.0]);
+    assert_eq!(rollouts.route("t", Some("k"), "x").unwrap().generation, two);
+    // Deleted elsewhere (another replica's admin call), or not fetched here yet.
+    registry.delete(&two).unwrap();
+    let route = rollouts.route("t", Some("k"), "x").unwrap();
+    assert_eq!(
+        (route.generation.as_str(), route.rollout.as_deref()),
+        (one.as_str(), None),
+        "stable serves the candidate's share, outside the evidence"
+    );
+    assert!(
+        rollouts.evaluate(false).is_empty(),
+        "a follower leaves it to the leader"
+    );
+    assert_eq!(
+        rollouts.evaluate(true),
+        [("t".to_owned(), "rollback".to_owned())]
+    );
+    let ended = rollouts.get("t").unwrap();
+    assert_eq!((ended.id, ended.phase), (r.id, Phase::RolledBack));
+    assert_eq!(ended.decisions.last().unwrap().by, "analysis");
+}
+
+#[test]
+fn a_promotion_whose_record_failed_after_the_alias_moved_is_completed_by_the_leader() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _one, two) = registry(data.path());
+    let rollouts = open(data.path(), registry.clone());
+    start(&rollouts, &two, &[0.5]);
+    // The alias moved; the rollout's write did not happen (the store failed, the call answered 503).
+    registry.set_alias("t", &two).unwrap();
+    assert_eq!(
+        rollouts.evaluate(true),
+        [("t".to_owned(), "promote".to_owned())]
+    );
+    let r = rollouts.get("t").unwrap();
+    assert_eq!(
+        (r.phase, r.decisions.last().unwrap().by.as_str()),
+        (Phase::Promoted, "analysis")
+    );
+}
