@@ -255,13 +255,13 @@ impl Registry {
         };
         // What this replica lacks is fetched before the writer lock is taken: a slow object store holds up
         // no change made here. A change committed meanwhile is taken in at the next look.
-        self.prefetch(&stored.index);
+        let fetched = self.prefetch(&stored.index);
         let _writer = self
             .write
             .lock()
             .expect("registry writer lock poisoned; this is a bug");
         let old = self.read().clone();
-        if stored.version <= old.version && !self.retry_due(&old) {
+        if stored.version <= old.version && !fetched && !self.retry_due(&old) {
             return Ok(false);
         }
         let next = self.rebuild(&old, stored);
@@ -434,11 +434,13 @@ impl Registry {
 
     /// Fetches from the object store the generations of `index` whose files are not in the adapter root
     /// (those other replicas registered), each at most every [`RETRY_FAILED`] while fetching it fails. A
-    /// no-op without an object store. Failures are logged; the generation then loads as failed.
-    fn prefetch(&self, index: &Index) {
+    /// no-op without an object store. Failures are logged; the generation then loads as failed. Returns
+    /// whether any was fetched.
+    fn prefetch(&self, index: &Index) -> bool {
         let Some(objects) = &self.objects else {
-            return;
+            return false;
         };
+        let mut fetched = false;
         for entry in &index.generations {
             let relative = Path::new(&entry.path);
             if entry.path.is_empty()
@@ -464,6 +466,7 @@ impl Registry {
             }
             match objects.download(&entry.id, &dir, self.limits.max_bytes) {
                 Ok(()) => {
+                    fetched = true;
                     tracing::info!(id = %entry.id, from = objects.url(), "generation fetched from the object store")
                 }
                 Err(e) => {
@@ -475,6 +478,7 @@ impl Registry {
                 }
             }
         }
+        fetched
     }
 
     /// Creates a task; its name becomes its stable alias once a generation exists.
