@@ -152,33 +152,37 @@ impl Objects {
         self.root.child(id).child(name)
     }
 
-    /// Stores the files `names` of generation `id` from `dir` (those that exist), unless the store holds
-    /// the generation already.
-    pub fn upload(&self, id: &str, dir: &Path, names: &[&str]) -> Result<(), RegistryError> {
+    /// Whether the store holds generation `id` whole (its manifest is there).
+    pub fn contains(&self, id: &str) -> Result<bool, RegistryError> {
+        self.runtime
+            .block_on(self.store.head(&self.object(id, MANIFEST)))
+            .map(|_| true)
+            .or_else(|e| match e {
+                object_store::Error::NotFound { .. } => Ok(false),
+                e => Err(storage(e)),
+            })
+    }
+
+    /// Stores `files` (name, content) as generation `id`, unless the store holds it already. The caller
+    /// passes the bytes it hashed into the id, so what is stored is what the id names.
+    pub fn upload(&self, id: &str, files: &[(&str, &[u8])]) -> Result<(), RegistryError> {
+        if self.contains(id)? {
+            return Ok(());
+        }
         self.runtime.block_on(async {
-            match self.store.head(&self.object(id, MANIFEST)).await {
-                Ok(_) => return Ok(()),
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(storage(e)),
-            }
-            let mut files = Vec::new();
-            for name in names {
-                let bytes = match std::fs::read(dir.join(name)) {
-                    Ok(bytes) => bytes,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(storage(format!("{name}: {e}"))),
-                };
-                files.push(ManifestFile {
-                    name: (*name).to_owned(),
+            let mut manifest = Vec::new();
+            for &(name, bytes) in files {
+                manifest.push(ManifestFile {
+                    name: name.to_owned(),
                     bytes: bytes.len() as u64,
-                    sha256: hex_sha256(&bytes),
+                    sha256: hex_sha256(bytes),
                 });
                 self.store
-                    .put(&self.object(id, name), PutPayload::from(bytes))
+                    .put(&self.object(id, name), PutPayload::from(bytes.to_vec()))
                     .await
                     .map_err(storage)?;
             }
-            let manifest = serde_json::to_vec(&Manifest { files }).map_err(storage)?;
+            let manifest = serde_json::to_vec(&Manifest { files: manifest }).map_err(storage)?;
             self.store
                 .put(&self.object(id, MANIFEST), PutPayload::from(manifest))
                 .await
@@ -292,24 +296,19 @@ mod tests {
         let (store, local) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let url = format!("file://{}", store.path().display());
         let objects = Objects::open(&url).unwrap();
-        let source = local.path().join("published");
-        std::fs::create_dir_all(&source).unwrap();
-        std::fs::write(source.join("a.json"), b"{}").unwrap();
-        std::fs::write(source.join("b.bin"), vec![7u8; 1000]).unwrap();
+        let weights = vec![7u8; 1000];
+        assert!(!objects.contains("g-1").unwrap());
         objects
-            .upload("g-1", &source, &["a.json", "b.bin", "absent.txt"])
+            .upload("g-1", &[("a.json", b"{}"), ("b.bin", &weights)])
             .unwrap();
+        assert!(objects.contains("g-1").unwrap());
         let fetched = local.path().join("cache/published");
         objects.download("g-1", &fetched, 10_000).unwrap();
-        assert_eq!(
-            std::fs::read(fetched.join("b.bin")).unwrap(),
-            vec![7u8; 1000]
-        );
-        assert!(!fetched.join("absent.txt").exists());
+        assert_eq!(std::fs::read(fetched.join("b.bin")).unwrap(), weights);
+        assert_eq!(std::fs::read(fetched.join("a.json")).unwrap(), b"{}");
 
         // Stored once: a second upload of the same id leaves the objects as they are.
-        std::fs::write(source.join("b.bin"), b"changed").unwrap();
-        objects.upload("g-1", &source, &["b.bin"]).unwrap();
+        objects.upload("g-1", &[("b.bin", b"changed")]).unwrap();
         let again = local.path().join("again");
         objects.download("g-1", &again, 10_000).unwrap();
         assert_eq!(std::fs::read(again.join("b.bin")).unwrap().len(), 1000);
@@ -352,11 +351,9 @@ mod tests {
         };
         let objects = Objects::open_with(&url, vars).unwrap();
         let local = tempfile::tempdir().unwrap();
-        let source = local.path().join("published");
-        std::fs::create_dir_all(&source).unwrap();
         let weights: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(source.join("w.bin"), &weights).unwrap();
-        objects.upload("g-s3", &source, &["w.bin"]).unwrap();
+        objects.upload("g-s3", &[("w.bin", &weights)]).unwrap();
+        assert!(objects.contains("g-s3").unwrap());
         let fetched = local.path().join("fetched");
         objects.download("g-s3", &fetched, 1 << 20).unwrap();
         assert_eq!(std::fs::read(fetched.join("w.bin")).unwrap(), weights);

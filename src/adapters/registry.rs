@@ -34,13 +34,13 @@ pub const SIDECAR_FILE: &str = "flywheel.json";
 /// The index file in the data directory (without a shared store).
 pub const INDEX_FILE: &str = "registry.json";
 
-/// The files of a generation that an object store keeps.
-const GENERATION_FILES: [&str; 4] = [
-    peft::CONFIG_FILE,
-    peft::WEIGHTS_FILE,
-    SIDECAR_FILE,
-    REFERENCE_FILE,
-];
+/// A generation's files as read to load it, by name: what an object store keeps of it.
+type Files = Vec<(&'static str, Vec<u8>)>;
+
+/// `files` as [`Objects::upload`] takes them.
+fn named(files: &Files) -> Vec<(&str, &[u8])> {
+    files.iter().map(|(n, b)| (*n, b.as_slice())).collect()
+}
 
 /// How often generations that failed to load are tried again.
 const RETRY_FAILED: std::time::Duration = std::time::Duration::from_secs(5);
@@ -368,9 +368,20 @@ impl Registry {
                     .values()
                     .filter(|g| g.state == State::Ready)
                 {
-                    let uploaded = self
-                        .resolve_path(&g.path)
-                        .and_then(|dir| objects.upload(&g.id, &dir, &GENERATION_FILES));
+                    let uploaded = objects.contains(&g.id).and_then(|stored| {
+                        if stored {
+                            return Ok(());
+                        }
+                        match self.load_files(&g.path, &g.task, &next.tasks)? {
+                            (again, files) if again.id == g.id => {
+                                objects.upload(&g.id, &named(&files))
+                            }
+                            (again, _) => Err(RegistryError::Conflict(format!(
+                                "its files changed on disk (now hash {})",
+                                again.id
+                            ))),
+                        }
+                    });
                     if let Err(e) = uploaded {
                         tracing::warn!(id = %g.id, error = %e, "generation not stored in the object store");
                     }
@@ -403,11 +414,11 @@ impl Registry {
                 }
                 _ => {
                     let generation = match self.load_files(&entry.path, &entry.task, &tasks) {
-                        Ok(g) if g.id == entry.id => Generation {
+                        Ok((g, _)) if g.id == entry.id => Generation {
                             created_at: entry.created_at,
                             ..g
                         },
-                        Ok(g) => {
+                        Ok((g, _)) => {
                             failed(&entry, format!("files changed on disk (now hash {})", g.id))
                         }
                         Err(e) => failed(&entry, e.to_string()),
@@ -625,12 +636,13 @@ impl Registry {
             .ok_or_else(|| RegistryError::Invalid(format!("the adapter has no {name}")))
     }
 
+    /// Loads the generation in `path`, returning it with the files it was read from.
     fn load_files(
         &self,
         path: &str,
         task: &str,
         tasks: &BTreeMap<String, Task>,
-    ) -> Result<Generation, RegistryError> {
+    ) -> Result<(Generation, Files), RegistryError> {
         let task = tasks
             .get(task)
             .ok_or_else(|| RegistryError::NotFound(format!("no task {task:?}")))?;
@@ -704,20 +716,18 @@ impl Registry {
         let id: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
         // The reference does not change what the generation serves, so the id leaves it out, and one that
         // cannot be read only costs the generation its training reference (drift falls back to a live one).
-        let reference = match self.read_limited(&dir, REFERENCE_FILE) {
-            Ok(Some(bytes)) => {
-                DriftReference::from_bytes(&bytes, self.model.hidden_size, task.labels.len())
-                    .map_err(|e| tracing::warn!(path, error = %e, "drift reference ignored"))
-                    .ok()
-                    .map(Arc::new)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(path, error = %e, "drift reference ignored");
-                None
-            }
-        };
-        Ok(Generation {
+        let reference_bytes = self
+            .read_limited(&dir, REFERENCE_FILE)
+            .map_err(|e| tracing::warn!(path, error = %e, "drift reference ignored"))
+            .ok()
+            .flatten();
+        let reference = reference_bytes.as_ref().and_then(|bytes| {
+            DriftReference::from_bytes(bytes, self.model.hidden_size, task.labels.len())
+                .map_err(|e| tracing::warn!(path, error = %e, "drift reference ignored"))
+                .ok()
+                .map(Arc::new)
+        });
+        let generation = Generation {
             id: format!("g-{id}"),
             task: task.name.clone(),
             path: path.to_owned(),
@@ -728,7 +738,14 @@ impl Registry {
             state: State::Ready,
             adapter: Some(Arc::new(adapter)),
             reference,
-        })
+        };
+        let mut files = vec![
+            (peft::CONFIG_FILE, config_bytes),
+            (peft::WEIGHTS_FILE, weights),
+        ];
+        files.extend(sidecar_bytes.map(|b| (SIDECAR_FILE, b)));
+        files.extend(reference_bytes.map(|b| (REFERENCE_FILE, b)));
+        Ok((generation, files))
     }
 
     /// Loads the PEFT directory `path` (relative to the adapter root) as a generation of `task`. Returns the
@@ -750,10 +767,11 @@ impl Registry {
             .expect("registry lock poisoned; this is a bug")
             .tasks
             .clone();
-        let generation = self.load_files(path, task, &tasks)?;
-        // Stored before the index names it, so a replica that reads the index can fetch it.
+        let (generation, files) = self.load_files(path, task, &tasks)?;
+        // Stored before the index names it, so a replica that reads the index can fetch it: the bytes
+        // hashed into its id, not the directory read again.
         if let Some(objects) = &self.objects {
-            objects.upload(&generation.id, &self.resolve_path(path)?, &GENERATION_FILES)?;
+            objects.upload(&generation.id, &named(&files))?;
         }
         self.mutate(|inner| {
             if let Some(a) = alias {

@@ -453,3 +453,27 @@ fn replicas_without_a_shared_directory_fetch_generations_from_the_object_store()
     let d = open(root_c.path());
     assert!(matches!(d.resolve("t").unwrap().state, State::Failed(_)));
 }
+
+#[test]
+fn generations_registered_before_the_object_store_was_set_are_uploaded_at_the_next_start() {
+    let (objects, root, empty) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let Some(config) = crate::postgres::testing::scratch() else {
+        return;
+    };
+    let url = format!("file://{}", objects.path().display());
+    let before = open_shared(root.path(), &config);
+    before.create_task("t", labels()).unwrap();
+    write_adapter(before.root(), "one", 1);
+    let (g, _) = before.load("one", "t", None).unwrap();
+    let store = || Some(super::objects::Objects::open(&url).unwrap());
+    assert!(!store().unwrap().contains(&g.id).unwrap());
+    // A process holding the files starts with the object store set, and stores them.
+    open_shared_with(root.path(), &config, store());
+    assert!(store().unwrap().contains(&g.id).unwrap());
+    let fresh = open_shared_with(empty.path(), &config, store());
+    assert_eq!(fresh.resolve("t").unwrap().state, State::Ready);
+}
