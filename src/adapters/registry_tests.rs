@@ -413,17 +413,21 @@ fn a_generation_whose_files_were_missing_loads_once_they_arrive() {
     );
 }
 
+/// A scratch database and a `file://` object store in a temporary directory (kept alive by the first
+/// value), with the store's URL; `None` where the tests have no PostgreSQL.
+fn database_and_object_store() -> Option<(tempfile::TempDir, crate::config::StoreConfig, String)> {
+    let config = crate::postgres::testing::scratch()?;
+    let objects = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", objects.path().display());
+    Some((objects, config, url))
+}
+
 #[test]
 fn replicas_without_a_shared_directory_fetch_generations_from_the_object_store() {
-    let (objects, root_a, root_b) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let Some(config) = crate::postgres::testing::scratch() else {
+    let Some((_objects, config, url)) = database_and_object_store() else {
         return;
     };
-    let url = format!("file://{}", objects.path().display());
+    let (root_a, root_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let open = |root: &Path| {
         open_shared_with(
             root,
@@ -456,15 +460,10 @@ fn replicas_without_a_shared_directory_fetch_generations_from_the_object_store()
 
 #[test]
 fn generations_registered_before_the_object_store_was_set_are_uploaded_at_the_next_start() {
-    let (objects, root, empty) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let Some(config) = crate::postgres::testing::scratch() else {
+    let Some((_objects, config, url)) = database_and_object_store() else {
         return;
     };
-    let url = format!("file://{}", objects.path().display());
+    let (root, empty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let before = open_shared(root.path(), &config);
     before.create_task("t", labels()).unwrap();
     write_adapter(before.root(), "one", 1);
