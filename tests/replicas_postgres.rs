@@ -603,8 +603,7 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
     );
 
     // A graceful stop (SIGTERM) mid-job puts the job back at once, without spending an attempt: a third
-    // worker takes it over without waiting for a lease.
-    let third = worker();
+    // worker, started once the survivor has claimed the job, takes it over without waiting for a lease.
     let survivor = survivor.into_iter().next().expect("the surviving worker");
     let (status, job) = front.post(
         "/v1/train",
@@ -618,6 +617,7 @@ fn a_job_whose_flywheel_worker_is_killed_is_run_again_by_another() {
         worker_of(&survivor),
         "{training}"
     );
+    let third = worker();
     survivor.terminate();
     let done = wait_for_job(&front, &id, Duration::from_secs(180));
     assert_eq!(done["state"], "succeeded", "{done}");
