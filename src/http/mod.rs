@@ -229,23 +229,9 @@ pub(crate) fn timing_headers(response: &mut HttpResponseBuilder, t: &Timings) {
         .insert_header(("x-inference-time-ms", ms(t.inference)));
 }
 
-/// The application: shared state, body limits and error shapes, the request observer and every route.
+/// The application: shared state, body limits and error shapes, the request observer and the routes of
+/// `role`.
 pub fn app(
-    state: web::Data<AppState>,
-) -> App<
-    impl actix_web::dev::ServiceFactory<
-        ServiceRequest,
-        Config = (),
-        Response = ServiceResponse<impl MessageBody>,
-        Error = actix_web::Error,
-        InitError = (),
-    >,
-> {
-    app_for(state, Role::Api)
-}
-
-/// [`app`] with the routes of `role`.
-fn app_for(
     state: web::Data<AppState>,
     role: Role,
 ) -> App<
@@ -300,7 +286,7 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     // thread.
     let blocking_drop = config.store.backend == crate::config::StoreBackend::Postgres
         || !config.store.objects_url.trim().is_empty();
-    let server = HttpServer::new(move || app_for(state.clone(), role))
+    let server = HttpServer::new(move || app(state.clone(), role))
         .workers(config.server.workers)
         .shutdown_timeout(config.server.shutdown_timeout_secs)
         .bind((config.server.host.as_str(), config.server.port))?;

@@ -11,7 +11,7 @@ use actix_web::test::{call_service, init_service, read_body, TestRequest};
 use actix_web::web;
 use serde_json::{json, Value};
 
-use super::{app, AppState};
+use super::{app, AppState, Role};
 use crate::adapters::peft;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -105,7 +105,7 @@ macro_rules! spam_task {
 async fn a_prediction_runs_on_the_stable_generation_and_feedback_may_name_it() {
     // No drift monitor: its embedder would run batches of its own on the encoder.
     let harness = Harness::new(Duration::ZERO, |config| config.drift.enabled = false);
-    let app = init_service(app(harness.state.clone())).await;
+    let app = init_service(app(harness.state.clone(), Role::Api)).await;
     let (status, _, body) =
         send!(app, POST "/v1/predict", json!({"task": "nope", "inputs": "win"}));
     assert_eq!(
@@ -175,7 +175,7 @@ async fn a_candidate_that_answers_wrong_is_rolled_back_on_its_online_accuracy() 
         config.rollouts.min_feedback = 30;
         config.rollouts.min_requests = 30;
     });
-    let app = init_service(app(harness.state.clone())).await;
+    let app = init_service(app(harness.state.clone(), Role::Api)).await;
     let stable = spam_task!(harness, app);
     harness.write_adapter("flipped", true);
     let (status, _, body) =
@@ -247,7 +247,7 @@ async fn past_the_expected_wait_requests_are_refused_with_429_and_the_rest_are_s
         config.batching.max_batch_size = 1;
         config.batching.max_expected_wait_ms = 100;
     });
-    let app = Rc::new(init_service(app(harness.state.clone())).await);
+    let app = Rc::new(init_service(app(harness.state.clone(), Role::Api)).await);
     let text = "hello meeting lunch ".repeat(6);
     let mut clients = Vec::new();
     for _ in 0..300 {
@@ -287,7 +287,7 @@ async fn inputs_unlike_the_reference_are_reported_as_drift() {
         // 99 permutations resolve p-values down to 0.01.
         config.drift.p_value = 0.05;
     });
-    let app = init_service(app(harness.state.clone())).await;
+    let app = init_service(app(harness.state.clone(), Role::Api)).await;
     let _stable = spam_task!(harness, app);
     let (status, _, body) = send!(app, GET "/v1/drift/spam");
     assert_eq!(status, 202, "{body}");
