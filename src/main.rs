@@ -334,8 +334,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Thread pools shared by `serve` and `worker`: candle's for the trainer, rayon's for the model.
+/// What `serve` and `worker` share: the heap policy, and thread pools (candle's for the trainer, rayon's for
+/// the model).
 fn start_runtime(config: &Config) -> anyhow::Result<()> {
+    flywheel::heap::keep_freed_memory();
     limit_candle_threads(config.trainer.threads);
     if config.model.threads > 0 {
         rayon::ThreadPoolBuilder::new()

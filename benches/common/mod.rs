@@ -11,8 +11,9 @@ pub fn model_dir() -> std::path::PathBuf {
     )
 }
 
-/// The model on the CPU, truncating at `max_length` tokens.
+/// The model on the CPU, truncating at `max_length` tokens, with the server's heap policy.
 pub fn load_model(max_length: usize) -> Model {
+    flywheel::heap::keep_freed_memory();
     let options = LoadOptions {
         max_length,
         device: candle_core::Device::Cpu,

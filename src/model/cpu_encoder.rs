@@ -274,8 +274,24 @@ impl CpuEncoder {
         self.run(sequences, adapters, None)
     }
 
-    /// The forward pass, recording each layer's input ranges into `observe` when given.
+    /// The forward pass, recording each layer's input ranges into `observe` when given. It runs on rayon's
+    /// pool ([`kernels::on_pool`]), except for a caller whose yield points may wait (the drift embedder): there
+    /// they would park one of the pool's threads while serving needs it.
     fn run(
+        &self,
+        sequences: &[&[u32]],
+        adapters: &[Option<&Adapter>],
+        observe: Option<&mut Vec<InputRanges>>,
+    ) -> Result<Packed> {
+        if crate::pressure::yields_on_this_thread() {
+            self.run_here(sequences, adapters, observe)
+        } else {
+            kernels::on_pool(|| self.run_here(sequences, adapters, observe))
+        }
+    }
+
+    /// [`Self::run`] on the calling thread.
+    fn run_here(
         &self,
         sequences: &[&[u32]],
         adapters: &[Option<&Adapter>],

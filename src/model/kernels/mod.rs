@@ -89,6 +89,20 @@ impl SendPtr {
     }
 }
 
+/// Runs `work` on a thread of rayon's pool: the calling one when it is already there.
+///
+/// A parallel kernel called from outside the pool hands its tasks over and parks the caller until they end:
+/// two thread wake-ups per kernel, dozens per forward pass. Run on the pool, a forward pass pays that once, and
+/// its kernels split between the pool's threads by work stealing (at 1 × 32 tokens in int8 this took a forward
+/// pass from 3.8 to 2.6 ms here; docs/BENCHMARKS.md).
+pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        work()
+    } else {
+        rayon::scope(|_| work())
+    }
+}
+
 /// Number of threads the heavy kernels may use (rayon's pool, which candle also uses).
 pub fn threads() -> usize {
     rayon::current_num_threads().max(1)
