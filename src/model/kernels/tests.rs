@@ -228,3 +228,28 @@ mod guards {
         linear(&[], 1 << 62, 4, &[], None, 4, &mut []);
     }
 }
+
+mod pool {
+    use super::super::on_pool;
+
+    /// Work handed over from outside rayon's pool runs on one of its threads; from inside a pool it stays on
+    /// the calling thread.
+    #[test]
+    fn work_runs_on_a_thread_of_the_pool() {
+        std::thread::spawn(|| {
+            assert!(rayon::current_thread_index().is_none());
+            assert!(on_pool(rayon::current_thread_index).is_some());
+        })
+        .join()
+        .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (caller, worker) = pool.install(|| {
+            let caller = std::thread::current().id();
+            (caller, on_pool(|| std::thread::current().id()))
+        });
+        assert_eq!(caller, worker);
+    }
+}
