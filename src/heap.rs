@@ -7,7 +7,7 @@
 //! shootdowns). Raising the mmap and trim thresholds keeps that memory in the heap across steps (a step at
 //! 16 × 48 tokens went from 1,182 to 646 ms). Serving is alike: a forward pass runs on rayon's threads,
 //! whose heaps (glibc arenas other than the main one) give a batch's buffers back as it ends, and at 32 × 128
-//! tokens the next batch faulted 50 MB in again (an int8 pass took 324 ms instead of 245 ms).
+//! tokens the next batch faulted about 55 MB in again (an int8 pass took 324 ms instead of about 250).
 //! [`keep_freed_memory`] sets the policy for the whole process; [`TrainingHeap`]'s drop returns what a
 //! training job freed once it is done. Other C libraries and platforms are left as they are.
 
