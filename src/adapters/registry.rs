@@ -363,26 +363,11 @@ impl Registry {
             // Generations registered before the object store was configured go up now, so replicas with
             // an empty cache find them (one existence check each for those stored already).
             if let Some(objects) = &self.objects {
-                for g in next
-                    .generations
-                    .values()
-                    .filter(|g| g.state == State::Ready)
-                {
-                    let uploaded = objects.contains(&g.id).and_then(|stored| {
-                        if stored {
-                            return Ok(());
-                        }
-                        match self.load_files(&g.path, &g.task, &next.tasks)? {
-                            (again, files) if again.id == g.id => {
-                                objects.upload(&g.id, &named(&files))
-                            }
-                            (again, _) => Err(RegistryError::Conflict(format!(
-                                "its files changed on disk (now hash {})",
-                                again.id
-                            ))),
-                        }
-                    });
-                    if let Err(e) = uploaded {
+                for g in next.generations.values() {
+                    if g.state != State::Ready {
+                        continue;
+                    }
+                    if let Err(e) = self.backfill(objects, g, &next.tasks) {
                         tracing::warn!(id = %g.id, error = %e, "generation not stored in the object store");
                     }
                 }
@@ -441,6 +426,27 @@ impl Registry {
             aliases: index.aliases,
             version,
         }
+    }
+
+    /// Stores generation `g` in `objects` unless it is there already, from its files here, once they are
+    /// checked to still hash to its id.
+    fn backfill(
+        &self,
+        objects: &Objects,
+        g: &Generation,
+        tasks: &BTreeMap<String, Task>,
+    ) -> Result<(), RegistryError> {
+        if objects.contains(&g.id)? {
+            return Ok(());
+        }
+        let (again, files) = self.load_files(&g.path, &g.task, tasks)?;
+        if again.id != g.id {
+            return Err(RegistryError::Conflict(format!(
+                "its files changed on disk (now hash {})",
+                again.id
+            )));
+        }
+        objects.upload(&g.id, &named(&files))
     }
 
     /// Fetches from the object store the generations of `index` whose files are not in the adapter root
