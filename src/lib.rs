@@ -6,7 +6,7 @@
 //! - [`config`]: the one `Config` (file, environment, flags), passed down.
 //! - [`rng`]: a seeded generator shared by every layer.
 //! - [`pressure`]: inference work in flight, which training yields to.
-//! - [`heap`]: the C heap's policy while training (keep freed memory across steps, return it after).
+//! - [`heap`]: the C heap's policy (keep freed memory for the next batch or step; return it after training).
 //! - [`durable`]: state files written atomically (temp file, fsync, rename).
 //! - [`faults`]: fault injection for the supervision and crash tests (`FLYWHEEL_FAULTS`; off unless set).
 //! - [`supervise`]: panics caught per batch and per job, and whether the model and trainer threads live.
