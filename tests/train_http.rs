@@ -108,6 +108,13 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
                 .0,
             422
         );
+        assert_eq!(
+            server
+                .post("/v1/train", &json!({"task": "spam", "max_grad_norm": -1.0}))
+                .0,
+            422,
+            "a negative gradient bound"
+        );
         assert_eq!(server.post("/v1/train", &json!({"task": "nope"})).0, 404);
 
         let config = json!({"task": "spam", "epochs": 5, "max_length": 48, "learning_rate": 0.003, "batch_size": 8});

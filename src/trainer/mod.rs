@@ -1,6 +1,7 @@
 //! Training: LoRA factors and heads learnt on the candle path and exported as adapters the serving path
 //! runs; data splitting and batching; evaluation. Jobs run one at a time on the trainer thread and publish new generations.
 
+pub mod clip;
 pub mod data;
 pub mod eval;
 pub mod full;

@@ -192,6 +192,11 @@ pub struct TrainConfig {
     /// AdamW weight decay.
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub weight_decay: f64,
+    /// Bound on the global L2 norm of each step's gradient (all trainable values together), as PyTorch's
+    /// `clip_grad_norm_` and Hugging Face's Trainer apply it; a longer gradient is scaled down to it. 0 turns
+    /// clipping off.
+    #[schema(minimum = 0.0, maximum = 1000.0)]
+    pub max_grad_norm: f64,
     /// Label smoothing of the cross-entropy.
     #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
     pub label_smoothing: f64,
@@ -265,6 +270,7 @@ impl Default for TrainConfig {
             warmup_ratio: 0.1,
             lr_schedule: LrSchedule::Linear,
             weight_decay: 0.01,
+            max_grad_norm: 1.0,
             label_smoothing: 0.1,
             class_weights: ClassWeights::default(),
             max_length: 128,
@@ -336,6 +342,9 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.weight_decay) || !(0.05..=0.5).contains(&self.val_fraction) {
             return bad("weight_decay must be in [0, 1] and val_fraction in [0.05, 0.5]");
+        }
+        if !(self.max_grad_norm.is_finite() && (0.0..=1000.0).contains(&self.max_grad_norm)) {
+            return bad("max_grad_norm must be 0 to 1000");
         }
         if self.min_val_per_label > 1000 {
             return bad("min_val_per_label must be 0 to 1000");

@@ -460,7 +460,8 @@ fn fit<T: Trainable>(
             }
             crate::pressure::yield_point();
             optimizer.set_learning_rate(schedule(step));
-            if let Some(grads) = accumulated {
+            if let Some(mut grads) = accumulated {
+                super::clip::clip_grad_norm(&mut grads, &vars, config.max_grad_norm)?;
                 optimizer.step(&grads)?;
             }
             step += 1;
