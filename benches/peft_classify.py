@@ -3,17 +3,17 @@
 figures.
 
 The recipe mirrors Flywheel's `/v1/train` defaults: LoRA r=8, alpha 16, dropout 0.1 on query and value, a
-classifier on the token mean trained in full; AdamW lr 4e-3, weight decay 0.01, gradients clipped to a global norm
-of 1, linear warm-up over 10 % then linear decay; label smoothing 0.1; batch 16; max length 128; 3 epochs with a stratified 15 % validation split,
-keeping the best epoch by validation macro-F1 (patience 3). transformers keeps its dropout (0.1 on hidden
-states and attention) while training; Flywheel's trainer drops only LoRA's inputs.
-PyTorch runs on 2 threads with denormals flushed.
+classifier on the token mean trained in full; AdamW lr 4e-3, weight decay 0.01, gradients clipped to a global
+norm of 1, linear warm-up over 10 % then linear decay; label smoothing 0.1; batch 16; max length 128; 3 epochs
+with a stratified 15 % validation split, keeping the best epoch by validation macro-F1 (patience 3).
+transformers keeps its dropout (0.1 on hidden states and attention) while training; Flywheel's trainer drops
+only LoRA's inputs. PyTorch runs on 2 threads with denormals flushed.
 
 `--params JSON` overrides the recipe with Flywheel's `TrainConfig` names: method (`lora` or `full`: every weight
 of BertForSequenceClassification trains, lr 5e-5 and 5 epochs unless set), rank, alpha, targets (Flywheel's names: query, key,
 value, attention_output, intermediate, output), lora_dropout, learning_rate, head_learning_rate, epochs,
-batch_size, warmup_ratio, weight_decay, max_grad_norm, label_smoothing, max_length, patience, val_fraction, seed, pooling
-(`mean`: LoRA on the bare BertModel and a classifier on the token mean, padding excluded, as Flywheel's mean
+batch_size, warmup_ratio, weight_decay, max_grad_norm, label_smoothing, max_length, patience, val_fraction,
+seed, pooling (`mean`: LoRA on the bare BertModel and a classifier on the token mean, padding excluded, as Flywheel's mean
 head; without SAVE_DIR, as such a model is not a PEFT sequence classifier) and train_pooler (the pooler joins
 `modules_to_save`). A key this script cannot express is refused.
 
@@ -39,8 +39,8 @@ from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 DEFAULTS = {
     "method": "lora", "rank": 8, "alpha": 16.0, "targets": ["query", "value"], "lora_dropout": 0.1,
     "learning_rate": None, "head_learning_rate": None, "epochs": None, "batch_size": 16, "warmup_ratio": 0.1,
-    "weight_decay": 0.01, "max_grad_norm": 1.0, "label_smoothing": 0.1, "max_length": 128, "patience": 3, "val_fraction": 0.15,
-    "seed": 0, "pooling": None, "train_pooler": False,
+    "weight_decay": 0.01, "max_grad_norm": 1.0, "label_smoothing": 0.1, "max_length": 128, "patience": 3,
+    "val_fraction": 0.15, "seed": 0, "pooling": None, "train_pooler": False,
 }
 MODULES = {
     "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",

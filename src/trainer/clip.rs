@@ -60,12 +60,12 @@ fn sum_of_squares(grad: &Tensor) -> Result<f64> {
     }
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
-    else {
-        candle_core::bail!("gradient clipping: contiguous f32 only");
-    };
-    Ok(&values[start..end])
+/// Where a contiguous tensor's values lie in its storage.
+fn span(layout: &Layout) -> Result<std::ops::Range<usize>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(start..end),
+        None => candle_core::bail!("gradient clipping: contiguous tensors only"),
+    }
 }
 
 /// `Σ x²` of a CPU f32 tensor, accumulated in f64, as an f64 scalar.
@@ -77,7 +77,10 @@ impl CustomOp1 for SumOfSquares {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let values = contiguous(storage, layout)?;
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("gradient clipping: f32 only");
+        };
+        let values = &values[span(layout)?];
         let chunk = |c: &[f32]| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
         let sum = if values.len() >= PARALLEL_ELEMENTS {
             values.par_chunks(ELEMENTS_PER_TASK).map(chunk).sum()
@@ -97,12 +100,11 @@ impl InplaceOp1 for Scale {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("gradient clipping: contiguous f32 only");
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("gradient clipping: f32 only");
         };
+        let values = &mut values[span(layout)?];
         let scale = |c: &mut [f32]| c.iter_mut().for_each(|x| *x *= self.0);
-        let values = &mut values[start..end];
         if values.len() >= PARALLEL_ELEMENTS {
             values.par_chunks_mut(ELEMENTS_PER_TASK).for_each(scale);
         } else {
