@@ -213,8 +213,12 @@ impl TrainArgs {
                 .as_ref()
                 .map(|v| format!(", val macro-F1 {:.4}", v.macro_f1))
                 .unwrap_or_default();
+            let norm = p
+                .grad_norm
+                .map(|n| format!(" grad norm {n:.3}"))
+                .unwrap_or_default();
             bar.set_message(format!(
-                "epoch {} loss {:.4}{val} ({:.1} ex/s)",
+                "epoch {} loss {:.4}{norm}{val} ({:.1} ex/s)",
                 p.epoch, p.train_loss, p.examples_per_second
             ));
         })

@@ -34,6 +34,7 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_rollout_events_total",
     "flywheel_training_jobs_total",
     "flywheel_training_loss",
+    "flywheel_training_grad_norm",
     "flywheel_training_samples_per_second",
     "flywheel_training_duration_seconds",
     "flywheel_thread_panics_total",

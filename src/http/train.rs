@@ -232,6 +232,8 @@ pub struct JobStatus {
     pub epoch: usize,
     /// Mean training loss of the current epoch.
     pub train_loss: Option<f64>,
+    /// Mean gradient norm before clipping over the current epoch's steps; `None` with clipping off.
+    pub grad_norm: Option<f64>,
     /// Latest (or, when done, best) validation scores.
     pub val: Option<Evaluation>,
     /// The stable generation's scores on the same validation split, when the task had one.
@@ -289,6 +291,7 @@ impl From<&JobRecord> for JobStatus {
             total_steps: j.total_steps,
             epoch: j.epoch,
             train_loss: j.train_loss,
+            grad_norm: j.grad_norm,
             val: j.val.clone(),
             stable_val: j.stable_val.clone(),
             eta_seconds: j.eta_seconds,

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub training_duration: Histogram,
     /// `flywheel_training_loss{task}`: the running job's mean training loss of the current epoch.
     pub training_loss: GaugeVec,
+    /// `flywheel_training_grad_norm{task}`: the running job's mean gradient norm before clipping, this epoch.
+    pub training_grad_norm: GaugeVec,
     /// `flywheel_training_samples_per_second{task}`: the running job's training throughput.
     pub training_samples_per_second: GaugeVec,
     /// `flywheel_training_yield_seconds_total{task}`: time training waited for inference to finish.
@@ -254,6 +256,11 @@ impl Metrics {
             "Mean training loss of the running job's current epoch",
             &["task"],
         );
+        let training_grad_norm = gauges(
+            "training_grad_norm",
+            "Mean gradient L2 norm before clipping over the running job's current epoch",
+            &["task"],
+        );
         let training_samples_per_second = gauges(
             "training_samples_per_second",
             "Training examples per second of the running job",
@@ -317,6 +324,7 @@ impl Metrics {
         for c in [
             Box::new(training_jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(training_loss.clone()),
+            Box::new(training_grad_norm.clone()),
             Box::new(training_samples_per_second.clone()),
             Box::new(training_yield_seconds.clone()),
             Box::new(online_accuracy.clone()),
@@ -385,6 +393,7 @@ impl Metrics {
             registry,
             training_jobs,
             training_loss,
+            training_grad_norm,
             training_samples_per_second,
             training_yield_seconds,
             online_accuracy,

@@ -380,6 +380,11 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
         3 * report.history.len(),
         "48 examples / (8 × 2) = 3 steps per epoch"
     );
+    for h in &report.history {
+        let norm = h.grad_norm.expect("clipping on measures the norm");
+        assert!(norm.is_finite() && norm > 0.0, "{h:?}");
+        assert!(h.clipped_steps <= 3, "{h:?}");
+    }
     cancel.store(true, std::sync::atomic::Ordering::Relaxed);
     let cancelled = train_lora(
         &bert,
@@ -401,6 +406,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
     let config = TrainConfig {
         epochs: Some(3),
         patience: 1,
+        max_grad_norm: 0.0,
         ..config
     };
     let run = train_lora(
@@ -417,6 +423,11 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
     .unwrap();
     assert_eq!((run.best_epoch, run.history.len(), run.steps), (3, 3, 9));
     assert!(run.val.is_none() && run.history.iter().all(|h| h.val.is_none()));
+    // Clipping off skips measuring the norm.
+    assert!(run
+        .history
+        .iter()
+        .all(|h| h.grad_norm.is_none() && h.clipped_steps == 0));
 }
 
 #[test]

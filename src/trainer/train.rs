@@ -70,6 +70,9 @@ pub struct Progress {
     pub train_loss: f64,
     /// The latest validation scores, once an epoch has finished.
     pub val: Option<Evaluation>,
+    /// Mean global L2 norm of the gradient before clipping, over the epoch's steps so far; `None` with
+    /// clipping off (`max_grad_norm` 0), which skips measuring it.
+    pub grad_norm: Option<f64>,
     /// Training examples per second so far.
     pub examples_per_second: f64,
 }
@@ -83,6 +86,10 @@ pub struct EpochReport {
     pub train_loss: f64,
     /// Validation scores; `None` in a run without validation.
     pub val: Option<Evaluation>,
+    /// Mean global L2 norm of the gradient before clipping; `None` with clipping off.
+    pub grad_norm: Option<f64>,
+    /// Optimizer steps whose gradient was longer than `max_grad_norm` and was scaled down.
+    pub clipped_steps: usize,
 }
 
 /// What a finished run produced: `R` is the best epoch's adapter (LoRA) or weights (full).
@@ -423,6 +430,7 @@ fn fit<T: Trainable>(
     for epoch in 1..=config.epochs() {
         rng.shuffle(&mut order);
         let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+        let mut norms = NormTally::default();
         for group in order.chunks(config.batch_size * config.grad_accumulation) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
@@ -463,7 +471,9 @@ fn fit<T: Trainable>(
             if let Some(mut grads) = accumulated {
                 // Clipping off (0) skips the pass over every gradient that measuring the norm costs.
                 if config.max_grad_norm > 0.0 {
-                    super::clip::clip_grad_norm(&mut grads, &vars, config.max_grad_norm)?;
+                    let norm =
+                        super::clip::clip_grad_norm(&mut grads, &vars, config.max_grad_norm)?;
+                    norms.add(norm, config.max_grad_norm);
                 }
                 optimizer.step(&grads)?;
             }
@@ -474,6 +484,7 @@ fn fit<T: Trainable>(
                 epoch,
                 train_loss: loss_sum / loss_count.max(1) as f64,
                 val: history.last().and_then(|h: &EpochReport| h.val.clone()),
+                grad_norm: norms.mean(),
                 examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
             });
         }
@@ -488,12 +499,16 @@ fn fit<T: Trainable>(
             train_loss,
             val_macro_f1 = evaluation.as_ref().map(|e| e.macro_f1),
             val_accuracy = evaluation.as_ref().map(|e| e.accuracy),
+            grad_norm = norms.mean(),
+            clipped_steps = norms.clipped,
             "epoch done"
         );
         history.push(EpochReport {
             epoch,
             train_loss,
             val: evaluation.clone(),
+            grad_norm: norms.mean(),
+            clipped_steps: norms.clipped,
         });
         progress(&Progress {
             step,
@@ -501,6 +516,7 @@ fn fit<T: Trainable>(
             epoch,
             train_loss,
             val: evaluation.clone(),
+            grad_norm: norms.mean(),
             examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
         });
         // Ties go to the later epoch: the same validation score after more training. Without validation
@@ -531,6 +547,28 @@ fn fit<T: Trainable>(
         steps: step,
         wall_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One epoch's gradient norms before clipping: their sum, count, and how many exceeded the bound.
+#[derive(Default)]
+struct NormTally {
+    sum: f64,
+    count: usize,
+    clipped: usize,
+}
+
+impl NormTally {
+    fn add(&mut self, norm: f64, max_norm: f64) {
+        self.sum += norm;
+        self.count += 1;
+        if norm > max_norm {
+            self.clipped += 1;
+        }
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
 }
 
 #[cfg(test)]

@@ -146,6 +146,10 @@ pub(super) fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .metrics
         .training_samples_per_second
         .remove_label_values(&[job.task.as_str()]);
+    let _ = deps
+        .metrics
+        .training_grad_norm
+        .remove_label_values(&[job.task.as_str()]);
     if let Some(generation) = published {
         let hook = shared
             .hook
@@ -291,11 +295,18 @@ pub(super) fn train_and_publish(
             .training_samples_per_second
             .with_label_values(&[task.name.as_str()])
             .set(p.examples_per_second);
+        if let Some(norm) = p.grad_norm {
+            deps.metrics
+                .training_grad_norm
+                .with_label_values(&[task.name.as_str()])
+                .set(norm);
+        }
         shared.update(&job.id, |j| {
             j.step = p.step;
             j.total_steps = p.total_steps;
             j.epoch = p.epoch;
             j.train_loss = Some(p.train_loss);
+            j.grad_norm = p.grad_norm;
             if p.val.is_some() {
                 j.val = p.val.clone();
             }

@@ -59,6 +59,9 @@ pub struct JobRecord {
     pub epoch: usize,
     /// Mean training loss of the current epoch.
     pub train_loss: Option<f64>,
+    /// Mean gradient norm before clipping over the current epoch's steps; `None` with clipping off.
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
     /// Latest (or, when done, best) validation scores.
     pub val: Option<Evaluation>,
     /// The stable generation's scores on the same validation split, when the task had one.
@@ -127,6 +130,7 @@ impl JobRecord {
             total_steps: 0,
             epoch: 0,
             train_loss: None,
+            grad_norm: None,
             val: None,
             stable_val: None,
             eta_seconds: None,
