@@ -34,6 +34,8 @@
 //! - [`serving`]: the service the HTTP dialects share: what a `model` name selects, classification through a
 //!   task's rollout with its evidence, drift and recent-request memory.
 //! - [`app`]: the application built from the `Config`: the model loaded, stores opened, threads started.
+//! - [`migrate`]: `flywheel migrate`: a single process's feedback, registry, jobs and finished rollouts moved
+//!   into PostgreSQL, and its generations' files to where replicas find them.
 //! - [`http`]: actix-web routes, JSON bodies, the error table, auth, the OpenAPI document, server start
 //!   and shutdown.
 //!
@@ -55,6 +57,7 @@ pub mod heap;
 pub mod http;
 pub mod infer;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod postgres;
 pub mod pressure;

@@ -25,6 +25,10 @@ enum Command {
     Worker(ServeArgs),
     /// Train a classifier offline from labelled JSONL (`{"text", "label"}` per line), with a progress bar.
     Train(TrainArgs),
+    /// Move a single process's state (feedback, tasks, generations, aliases, jobs, finished rollouts) into
+    /// PostgreSQL for several replicas: run it once, with the server stopped, under the replicas'
+    /// configuration (`[store] backend = "postgres"`). Takes `serve`'s flags. See docs/SCALING.md.
+    Migrate(MigrateArgs),
     /// Print the OpenAPI 3.1 document the server answers at `/openapi.json`.
     Openapi,
     /// Check the encoder and a LoRA step on a device against the CPU (f32 and bf16) and time them, on random
@@ -231,6 +235,17 @@ impl TrainArgs {
 }
 
 #[derive(clap::Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Where the single process kept its generations' files, when not in the data directory's `adapters/`.
+    /// They are copied to where the replicas' configuration keeps them (`[data] adapters_dir`) when that
+    /// is elsewhere.
+    #[arg(long)]
+    from_adapters: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct ServeArgs {
     /// Configuration file (TOML). Defaults to config/flywheel.toml when it exists.
     #[arg(long, env = "FLYWHEEL_CONFIG")]
@@ -328,6 +343,17 @@ fn main() -> anyhow::Result<()> {
                 .context("flywheel worker")?;
         }
         Command::Train(args) => args.run()?,
+        Command::Migrate(args) => {
+            let config = args.serve.into_config()?;
+            let migrated = flywheel::migrate::to_postgres(&config, args.from_adapters.as_deref())
+                .with_context(|| {
+                format!(
+                    "migrating {} into PostgreSQL (nothing was written to the database)",
+                    config.data.dir.display()
+                )
+            })?;
+            println!("{}", serde_json::to_string_pretty(&migrated)?);
+        }
         Command::DeviceCheck(args) => args.run()?,
         Command::Openapi => {
             use flywheel::http::openapi::ApiDoc;

@@ -155,7 +155,9 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
         assert_eq!(done["step"], done["total_steps"]);
         let macro_f1 = done["val"]["macro_f1"].as_f64().unwrap();
         assert!(macro_f1 >= 0.8, "{done}");
-        let norm = done["grad_norm"].as_f64().expect("clipping on reports the norm");
+        let norm = done["grad_norm"]
+            .as_f64()
+            .expect("clipping on reports the norm");
         assert!(norm.is_finite() && norm > 0.0, "{done}");
         eprintln!("job {job_id}: {done}");
         assert_eq!(

@@ -130,11 +130,25 @@ pub struct PostgresIndex {
     listener: std::sync::Mutex<Option<Conn>>,
 }
 
+/// The table of the shared index document.
+const TABLE: &str = "registry_index";
+
+/// Stores `index` as the shared index's next version within the caller's transaction on `client`: for
+/// moving a single process's `registry.json` into PostgreSQL (`flywheel migrate`).
+pub fn import(
+    client: &mut impl postgres::GenericClient,
+    index: &Index,
+) -> Result<(), RegistryError> {
+    let body = serde_json::to_string(index).map_err(storage)?;
+    crate::postgres::document::put(client, TABLE, &body).map_err(storage)?;
+    Ok(())
+}
+
 impl PostgresIndex {
     /// The index in the database behind `pool` (migrated by [`crate::postgres::connect`]).
     pub fn new(pool: Pool) -> Self {
         Self {
-            document: Document::new(pool.clone(), "registry_index"),
+            document: Document::new(pool.clone(), TABLE),
             pool,
             listener: std::sync::Mutex::new(None),
         }

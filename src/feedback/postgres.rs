@@ -6,6 +6,7 @@
 //! at a time per task, the gain that ids commit in order, as they do in SQLite, so `list`'s cursor is exact.
 
 use postgres::types::ToSql;
+use postgres::GenericClient;
 use sha2::{Digest, Sha256};
 
 use super::{Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback};
@@ -13,6 +14,61 @@ use crate::postgres::{checkout, describe, Conn, Pool};
 
 fn storage(e: postgres::Error) -> FeedbackError {
     FeedbackError::Storage(describe(&e))
+}
+
+/// The key of a text in the unique index (task, text_hash, label).
+fn text_hash(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
+/// Stores `rows` as they are, their ids, counts and first-posting times kept, within the caller's
+/// transaction: for moving a single process's store into PostgreSQL (`flywheel migrate`), whose
+/// generations name the feedback they trained on by id. Call [`continue_ids`] after the last rows.
+pub fn import(client: &mut impl GenericClient, rows: &[Feedback]) -> Result<(), FeedbackError> {
+    let column = |f: fn(&Feedback) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let tasks = column(|r| Some(r.task.clone()));
+    let texts = column(|r| Some(r.text.clone()));
+    let hashes: Vec<Vec<u8>> = rows.iter().map(|r| text_hash(&r.text)).collect();
+    let labels = column(|r| Some(r.label.clone()));
+    let request_ids = column(|r| r.request_id.clone());
+    let adapters = column(|r| r.adapter.clone());
+    let arms = column(|r| r.arm.clone());
+    let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
+    let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
+    client
+        .execute(
+            "INSERT INTO feedback (id, task, text, text_hash, label, request_id, adapter, arm, count, created_at)
+             OVERRIDING SYSTEM VALUE
+             SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::BYTEA[], $5::TEXT[],
+                                  $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[])",
+            &[
+                &ids,
+                &tasks,
+                &texts,
+                &hashes,
+                &labels,
+                &request_ids,
+                &adapters,
+                &arms,
+                &counts,
+                &created,
+            ],
+        )
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// Makes the next appended row's id follow the largest stored one, after [`import`] chose ids itself.
+pub fn continue_ids(client: &mut impl GenericClient) -> Result<(), FeedbackError> {
+    client
+        .execute(
+            "SELECT setval(pg_get_serial_sequence('feedback', 'id'), MAX(id)) FROM feedback
+             HAVING MAX(id) IS NOT NULL",
+            &[],
+        )
+        .map_err(storage)?;
+    Ok(())
 }
 
 /// PostgreSQL-backed [`FeedbackStore`].
@@ -58,10 +114,7 @@ impl PostgresStore {
 impl FeedbackStore for PostgresStore {
     fn append(&self, rows: &[NewFeedback]) -> Result<Vec<Appended>, FeedbackError> {
         let now = i64::try_from(crate::clock::unix_seconds()).unwrap_or(i64::MAX);
-        let hashes: Vec<Vec<u8>> = rows
-            .iter()
-            .map(|r| Sha256::digest(r.text.as_bytes()).to_vec())
-            .collect();
+        let hashes: Vec<Vec<u8>> = rows.iter().map(|r| text_hash(&r.text)).collect();
         // Each task the batch writes to is locked for the transaction, the tasks in one order. Within a task
         // appends then take their ids and commit one at a time, so ids commit in increasing order and a
         // reader paging by `after_id` never passes a row that commits later; and two replicas appending

@@ -159,6 +159,16 @@ impl FeedbackStore for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Rows of every task with id > `after_id`, in id order, at most `limit`: for copying the whole store
+    /// (`flywheel migrate`).
+    pub fn all_after(&self, after_id: i64, limit: usize) -> Result<Vec<Feedback>, FeedbackError> {
+        self.select(
+            "SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+            params![after_id, limit as i64],
+        )
+    }
+
     /// Runs a query selecting `id, task, text, label, request_id, adapter, arm, count, created_at`.
     fn select(
         &self,

@@ -71,6 +71,27 @@ impl Document {
     }
 }
 
+/// Stores `body` as the next version of the document in `table` within the caller's transaction on
+/// `client`, and returns that version; the change is announced when the transaction commits.
+pub fn put(
+    client: &mut impl postgres::GenericClient,
+    table: &str,
+    body: &str,
+) -> Result<i64, PgError> {
+    let version: i64 = client
+        .query_one(
+            &format!("UPDATE {table} SET version = version + 1, body = $1 WHERE id = 1 RETURNING version"),
+            &[&body],
+        )
+        .map_err(query)?
+        .get(0);
+    // The notification is delivered when (and only if) the transaction commits.
+    client
+        .batch_execute(&format!("NOTIFY {CHANNEL}"))
+        .map_err(query)?;
+    Ok(version)
+}
+
 /// A change in progress, holding the document's row lock.
 pub struct Change {
     conn: Conn,
@@ -93,21 +114,8 @@ impl Change {
 
     /// Stores `body` as the next version, announces it and commits; returns that version.
     pub fn commit(mut self, body: &str) -> Result<i64, PgError> {
-        let version: i64 = self
-            .conn
-            .query_one(
-                &format!(
-                    "UPDATE {} SET version = version + 1, body = $1 WHERE id = 1 RETURNING version",
-                    self.table
-                ),
-                &[&body],
-            )
-            .map_err(query)?
-            .get(0);
-        // The notification is delivered when (and only if) the transaction commits.
-        self.conn
-            .batch_execute(&format!("NOTIFY {CHANNEL}; COMMIT"))
-            .map_err(query)?;
+        let version = put(&mut *self.conn, self.table, body)?;
+        self.conn.batch_execute("COMMIT").map_err(query)?;
         self.open = false;
         Ok(version)
     }

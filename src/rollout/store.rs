@@ -175,6 +175,21 @@ impl RolloutChange for FileChange<'_> {
     }
 }
 
+/// The table of the shared rollouts document.
+const TABLE: &str = "rollout_state";
+
+/// Stores `state` as the shared rollouts' next version within the caller's transaction on `client`: for
+/// moving a single process's `rollouts.json` into PostgreSQL (`flywheel migrate`). Active rollouts are the
+/// caller's to refuse: their evidence is this file's, which replicas do not read.
+pub fn import(
+    client: &mut impl postgres::GenericClient,
+    state: &Persisted,
+) -> Result<(), RolloutError> {
+    let body = serde_json::to_string(state).map_err(storage)?;
+    crate::postgres::document::put(client, TABLE, &body).map_err(storage)?;
+    Ok(())
+}
+
 /// The `rollout_state` document and the `rollout_evidence` rows in PostgreSQL, shared by every replica.
 pub struct PostgresStore {
     document: Document,
@@ -188,7 +203,7 @@ impl PostgresStore {
     /// replica's evidence stored as `replica`'s.
     pub fn new(pool: Pool, replica: String) -> Self {
         Self {
-            document: Document::new(pool.clone(), "rollout_state"),
+            document: Document::new(pool.clone(), TABLE),
             pool,
             replica,
         }

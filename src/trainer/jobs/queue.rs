@@ -38,6 +38,41 @@ fn json(job: &JobRecord) -> Result<String, TrainError> {
     serde_json::to_string(job).map_err(|e| TrainError::Storage(e.to_string()))
 }
 
+/// Stores `job` as it is, within the caller's transaction on `client`: for moving a single process's
+/// `jobs.json` into the shared queue (`flywheel migrate`). A queued job is announced to the workers when the
+/// transaction commits; a running one is the caller's to turn back into a queued one first.
+pub fn import(
+    client: &mut impl postgres::GenericClient,
+    job: &JobRecord,
+) -> Result<(), TrainError> {
+    if job.state == JobState::Running {
+        return Err(TrainError::Invalid(format!(
+            "job {} is running; only queued and finished jobs can be stored as they are",
+            job.id
+        )));
+    }
+    client
+        .execute(
+            "INSERT INTO jobs (id, task, state, record, attempts, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &job.id,
+                &job.task,
+                &job.state.name(),
+                &json(job)?,
+                &i32::try_from(job.attempts).unwrap_or(i32::MAX),
+                &i64::try_from(job.created_at).unwrap_or(i64::MAX),
+            ],
+        )
+        .map_err(storage)?;
+    if job.state == JobState::Queued {
+        client
+            .batch_execute(&format!("NOTIFY {CHANNEL}"))
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
 /// The shared queue, as one process (a worker named `worker`) sees it.
 pub struct SharedQueue {
     pool: Pool,

@@ -157,7 +157,7 @@ impl JobRecord {
 
     /// The same job queued again from the start: its id, task, configuration and creation time, nothing
     /// of a run.
-    pub(super) fn requeued(&self) -> Self {
+    pub(crate) fn requeued(&self) -> Self {
         Self {
             id: self.id.clone(),
             created_at: self.created_at,
@@ -187,7 +187,7 @@ impl JobRecord {
     /// Whether the next start should queue it again: interrupted, not cancelled, not yet re-run, and not a
     /// re-run that a crash stopped (a job that keeps killing the server runs twice, not forever; one that
     /// only meets graceful restarts keeps being re-run).
-    pub(super) fn wants_rerun(&self) -> bool {
+    pub(crate) fn wants_rerun(&self) -> bool {
         self.interrupted
             && !self.cancel_requested
             && self.rerun_as.is_none()

@@ -1,0 +1,384 @@
+//! `flywheel migrate`: moves a single process's state into PostgreSQL, so an installation that outgrew one
+//! machine goes on as several replicas (docs/SCALING.md) with what it learned: the feedback (SQLite), the
+//! registry's tasks, generations and aliases, the jobs and the finished rollouts (JSON files).
+//!
+//! Nothing is written to the database until every generation's files are where the replicas will look for
+//! them (copied into the shared adapter directory, or stored in the object store) and load there; then
+//! everything goes in one transaction, into a database that must hold no Flywheel state yet. A failure at any
+//! point leaves the database as it was, and the single process's files are only read.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::adapters::index_store::{self, FileIndex, Index, IndexStore};
+use crate::adapters::objects::Objects;
+use crate::adapters::registry::{State, INDEX_FILE};
+use crate::adapters::{Registry, RegistryError};
+use crate::config::{Config, StoreBackend};
+use crate::feedback::sqlite::SqliteStore;
+use crate::feedback::FeedbackError;
+use crate::model::{LoadOptions, Model, ModelError};
+use crate::postgres::PgError;
+use crate::rollout::store::{self as rollout_store, FileStore, RolloutStore};
+use crate::rollout::RolloutError;
+use crate::trainer::jobs::{queue, JobRecord, JobState};
+use crate::trainer::train::TrainError;
+
+/// Feedback rows read and written per statement.
+const PAGE: usize = 1000;
+
+/// Why a migration stopped; the database is then as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The migration cannot go ahead as things are; the message says what to change.
+    #[error("{0}")]
+    Refused(String),
+    /// A state file or directory could not be read or copied.
+    #[error("{0}")]
+    Io(String),
+    /// The model, whose shape the generations are checked against, could not be loaded.
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    /// The registry's index, a generation or the object store failed.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// The feedback store failed.
+    #[error("{0}")]
+    Feedback(#[from] FeedbackError),
+    /// The rollouts could not be read or stored.
+    #[error("rollouts: {0}")]
+    Rollout(#[from] RolloutError),
+    /// A job could not be stored.
+    #[error("jobs: {0}")]
+    Jobs(#[from] TrainError),
+    /// PostgreSQL failed.
+    #[error("{0}")]
+    Postgres(#[from] PgError),
+}
+
+impl From<postgres::Error> for MigrateError {
+    fn from(e: postgres::Error) -> Self {
+        MigrateError::Postgres(PgError::Query(crate::postgres::describe(&e)))
+    }
+}
+
+/// What a migration moved.
+#[derive(Debug, Default, Serialize)]
+pub struct Migrated {
+    /// Feedback rows, each with its id, count and first-posting time.
+    pub feedback_rows: u64,
+    /// Tasks.
+    pub tasks: usize,
+    /// Generations in the index.
+    pub generations: usize,
+    /// Of those, the ones whose files were copied into the shared adapter directory.
+    pub copied_generations: usize,
+    /// Of those, the ones the object store holds (`[store] objects_url`); 0 without one.
+    pub stored_generations: usize,
+    /// Aliases.
+    pub aliases: usize,
+    /// Rollouts, all finished, with their decision logs.
+    pub rollouts: usize,
+    /// Jobs carried over as they were.
+    pub jobs: usize,
+    /// Jobs queued again: queued or running when the single process stopped, or interrupted and waiting
+    /// for the re-run its next start would have queued.
+    pub requeued_jobs: usize,
+}
+
+/// Moves the single process's state in `config.data.dir` into the PostgreSQL at `config.store.url`.
+/// Generations' files are read from `from_adapters` (by default the data directory's `adapters/`, where a
+/// single process keeps them), copied to `config.data.adapters()` when that is elsewhere, and stored in the
+/// object store when `config` names one.
+pub fn to_postgres(
+    config: &Config,
+    from_adapters: Option<&Path>,
+) -> Result<Migrated, MigrateError> {
+    if config.store.backend != StoreBackend::Postgres {
+        return Err(MigrateError::Refused(
+            "flywheel migrate writes into PostgreSQL: set [store] backend = \"postgres\" and its url \
+             (FLYWHEEL_STORE__BACKEND, FLYWHEEL_STORE__URL), as the replicas will run"
+                .to_owned(),
+        ));
+    }
+    let data = &config.data.dir;
+    if !data.is_dir() {
+        return Err(MigrateError::Refused(format!(
+            "the data directory {} does not exist",
+            data.display()
+        )));
+    }
+    let index = FileIndex::new(data.join(INDEX_FILE))
+        .load()?
+        .map(|s| s.index)
+        .unwrap_or_default();
+    let rollouts = FileStore::new(data.join("rollouts.json"))
+        .newer_than(-1)?
+        .map(|s| s.state)
+        .unwrap_or_default();
+    if let Some(active) = rollouts.active().next() {
+        return Err(MigrateError::Refused(format!(
+            "task {:?} has an active rollout ({}), whose evidence the replicas would not have: promote it or \
+             roll it back on the single process first (POST /v1/rollouts/{}/promote or /rollback)",
+            active.task, active.id, active.task
+        )));
+    }
+    let jobs = read_jobs(&data.join("jobs.json"))?;
+    let mut migrated = Migrated {
+        tasks: index.tasks.len(),
+        generations: index.generations.len(),
+        aliases: index.aliases.len(),
+        rollouts: rollouts.rollouts.values().map(Vec::len).sum(),
+        ..Migrated::default()
+    };
+    place_generations(config, from_adapters, &index, &mut migrated)?;
+    let pool = crate::postgres::connect(&config.store)?;
+    let mut conn = crate::postgres::checkout(&pool)?;
+    let mut tx = conn.transaction()?;
+    refuse_unless_empty(&mut tx)?;
+    let feedback = data.join("feedback.sqlite");
+    if feedback.is_file() {
+        let store = SqliteStore::open(&feedback)?;
+        let mut after = 0;
+        loop {
+            let rows = store.all_after(after, PAGE)?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            crate::feedback::postgres::import(&mut tx, &rows)?;
+            migrated.feedback_rows += rows.len() as u64;
+        }
+        crate::feedback::postgres::continue_ids(&mut tx)?;
+    }
+    for job in &jobs {
+        let again = matches!(job.state, JobState::Queued | JobState::Running)
+            || (config.trainer.rerun_interrupted && job.wants_rerun());
+        if again {
+            queue::import(&mut tx, &job.requeued())?;
+            migrated.requeued_jobs += 1;
+        } else {
+            queue::import(&mut tx, job)?;
+            migrated.jobs += 1;
+        }
+    }
+    if migrated.rollouts > 0 {
+        rollout_store::import(&mut tx, &rollouts)?;
+    }
+    if index.tasks.len() + index.generations.len() + index.aliases.len() > 0 {
+        index_store::import(&mut tx, &index)?;
+    }
+    tx.commit()?;
+    Ok(migrated)
+}
+
+/// The single process's job list, oldest first; an unreadable list stops the migration rather than being
+/// set aside, as a start would.
+fn read_jobs(path: &Path) -> Result<Vec<JobRecord>, MigrateError> {
+    let mut jobs: Vec<JobRecord> = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| MigrateError::Io(format!("{}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(MigrateError::Io(format!("{}: {e}", path.display()))),
+    };
+    jobs.sort_by_key(|j| j.created_at);
+    Ok(jobs)
+}
+
+/// Fails unless the database holds no feedback, index, jobs or rollouts: a migration never merges.
+fn refuse_unless_empty(tx: &mut postgres::Transaction<'_>) -> Result<(), MigrateError> {
+    // Replicas started too early wait for the migration instead of writing beside it.
+    tx.batch_execute("LOCK TABLE feedback, registry_index, jobs, rollout_state IN EXCLUSIVE MODE")?;
+    let row = tx.query_one(
+        "SELECT (SELECT COUNT(*) FROM feedback), (SELECT version FROM registry_index WHERE id = 1),
+                (SELECT COUNT(*) FROM jobs), (SELECT version FROM rollout_state WHERE id = 1)",
+        &[],
+    )?;
+    let (feedback, index, jobs, rollouts): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if feedback + index + jobs + rollouts > 0 {
+        return Err(MigrateError::Refused(format!(
+            "the database already holds Flywheel state ({feedback} feedback rows, {jobs} jobs, registry \
+             version {index}, rollouts version {rollouts}): migrate into a new, empty database"
+        )));
+    }
+    Ok(())
+}
+
+/// Puts every generation's files where the replicas will look: copied into `config`'s adapter directory
+/// when `from` is another one, then loaded there as a replica would (which checks them against the model
+/// and stores them in the object store, when there is one). Counts into `migrated`.
+fn place_generations(
+    config: &Config,
+    from: Option<&Path>,
+    index: &Index,
+    migrated: &mut Migrated,
+) -> Result<(), MigrateError> {
+    if index.generations.is_empty() {
+        return Ok(());
+    }
+    let root = config.data.adapters();
+    let from = from.map_or_else(|| config.data.dir.join("adapters"), Path::to_path_buf);
+    if !same_dir(&from, &root) {
+        for entry in &index.generations {
+            let source = safe_join(&from, &entry.path)?;
+            let target = safe_join(&root, &entry.path)?;
+            if source.is_dir() && !target.exists() {
+                copy_dir(&source, &target)?;
+                migrated.copied_generations += 1;
+            }
+        }
+    }
+    let model = Model::load(
+        &config.model.dir,
+        &LoadOptions {
+            max_length: config.model.max_length,
+            ..LoadOptions::default()
+        },
+    )?;
+    let objects = match config.store.objects_url.trim() {
+        "" => None,
+        url => Some(Objects::open(url)?),
+    };
+    // Opened over the single process's index: loading restores every generation from `root` and, with an
+    // object store, stores there each one it does not hold yet.
+    let registry = Registry::open_in(
+        &root,
+        Box::new(FileIndex::new(config.data.dir.join(INDEX_FILE))),
+        objects,
+        config.adapters.clone(),
+        model.config.clone(),
+        model.bert.pooler.is_some(),
+    )?;
+    let check = match config.store.objects_url.trim() {
+        "" => None,
+        url => Some(Objects::open(url)?),
+    };
+    let mut failed = Vec::new();
+    for (generation, _) in registry.list() {
+        match &generation.state {
+            State::Failed(reason) => failed.push(format!("{}: {reason}", generation.id)),
+            State::Ready => {
+                if let Some(objects) = &check {
+                    if !objects.contains(&generation.id)? {
+                        return Err(MigrateError::Refused(format!(
+                            "generation {} could not be stored in {} (the log says why); nothing was \
+                             written to the database",
+                            generation.id,
+                            objects.url()
+                        )));
+                    }
+                    migrated.stored_generations += 1;
+                }
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(MigrateError::Refused(format!(
+            "generations that would not load on the replicas: {}. Name where their files are with \
+             --from-adapters, or delete them on the single process (DELETE /v1/adapters/{{id}}) first",
+            failed.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// `root` joined with an index's relative `path`, refused when the path would leave the root.
+fn safe_join(root: &Path, path: &str) -> Result<PathBuf, MigrateError> {
+    let relative = Path::new(path);
+    let mut parts = relative.components().peekable();
+    if parts.peek().is_some() && parts.all(|c| matches!(c, std::path::Component::Normal(_))) {
+        Ok(root.join(relative))
+    } else {
+        Err(MigrateError::Refused(format!(
+            "the index names a generation at {path:?}, outside the adapter directory"
+        )))
+    }
+}
+
+/// Copies the files of directory `from` into a new directory `to`, through a temporary sibling renamed into
+/// place, so `to` is either whole or absent.
+fn copy_dir(from: &Path, to: &Path) -> Result<(), MigrateError> {
+    let io = |what: &Path, e: std::io::Error| MigrateError::Io(format!("{}: {e}", what.display()));
+    let parent = to
+        .parent()
+        .ok_or_else(|| MigrateError::Io(format!("{} has no parent", to.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let partial = parent.join(format!(".migrating-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&partial).map_err(|e| io(&partial, e))?;
+    let copied = (|| {
+        for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
+            let entry = entry.map_err(|e| io(from, e))?;
+            let path = entry.path();
+            if path.is_file() {
+                let target = partial.join(entry.file_name());
+                std::fs::copy(&path, &target).map_err(|e| io(&path, e))?;
+                std::fs::File::open(&target)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| io(&target, e))?;
+            }
+        }
+        std::fs::rename(&partial, to).map_err(|e| io(to, e))?;
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(parent, e))
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    copied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{copy_dir, safe_join, MigrateError};
+    use std::path::Path;
+
+    #[test]
+    fn an_index_path_may_not_leave_the_adapter_directory() {
+        let root = Path::new("/adapters");
+        assert_eq!(
+            safe_join(root, "trained/spam-job-1").unwrap(),
+            root.join("trained/spam-job-1")
+        );
+        for path in ["../elsewhere", "/etc", "a/../../b", "./a", ""] {
+            assert!(
+                matches!(safe_join(root, path), Err(MigrateError::Refused(_))),
+                "{path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_generation_directory_is_copied_whole() {
+        let from = tempfile::tempdir().unwrap();
+        std::fs::write(from.path().join("adapter_config.json"), b"{}").unwrap();
+        std::fs::write(from.path().join("adapter_model.safetensors"), [7u8; 300]).unwrap();
+        let to_root = tempfile::tempdir().unwrap();
+        let to = to_root.path().join("trained/g");
+        copy_dir(from.path(), &to).unwrap();
+        assert_eq!(
+            std::fs::read(to.join("adapter_config.json")).unwrap(),
+            b"{}"
+        );
+        assert_eq!(
+            std::fs::read(to.join("adapter_model.safetensors")).unwrap(),
+            [7u8; 300]
+        );
+        let left: Vec<_> = std::fs::read_dir(to_root.path().join("trained"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["g"], "no temporary directory is left beside it");
+        assert!(
+            copy_dir(from.path(), &to).is_err(),
+            "an existing directory is never replaced"
+        );
+    }
+}
