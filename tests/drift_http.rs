@@ -165,6 +165,13 @@ fn a_trained_generation_is_watched_against_its_training_data_and_an_outside_adap
     ] {
         assert!(metrics.contains(series), "missing {series}");
     }
+    let judged: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("flywheel_online_judgements_total{arm=\"stable\",outcome="))
+        .filter(|l| l.contains("task=\"spam\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(judged, 1.0, "one judgement, agreed or not: {metrics}");
 
     // 200 mails of the later corpus: drift, found in the inputs once they are embedded.
     predict_all(

@@ -28,6 +28,7 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_batch_tokens",
     "flywheel_adapter_load_duration_seconds",
     "flywheel_online_accuracy",
+    "flywheel_online_judgements_total",
     "flywheel_drift_score",
     "flywheel_drift_detected",
     "flywheel_rollout_traffic",

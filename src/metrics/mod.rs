@@ -109,6 +109,9 @@ pub struct Metrics {
     pub training_yield_seconds: CounterVec,
     /// `flywheel_online_accuracy{task, arm}`: share of feedback on served predictions that agreed with them.
     pub online_accuracy: GaugeVec,
+    /// `flywheel_online_judgements_total{task, arm, outcome}`: feedback on served predictions, `agreed` or
+    /// `disagreed`; summed over replicas in PromQL, the fleet's online accuracy.
+    pub online_judgements: IntCounterVec,
     /// `flywheel_rollout_traffic{task, arm}`: the share of traffic each arm of an active rollout gets.
     pub rollout_traffic: GaugeVec,
     /// `flywheel_rollout_events_total{task, decision}`: rollouts started, advanced, promoted, rolled back.
@@ -279,6 +282,14 @@ impl Metrics {
             "Share of feedback on served predictions that agreed with the prediction, by arm",
             &["task", "arm"],
         );
+        let online_judgements = IntCounterVec::new(
+            Opts::new(
+                name("online_judgements_total"),
+                "Feedback on served predictions, by task, arm and whether it agreed with the prediction",
+            ),
+            &["task", "arm", "outcome"],
+        )
+        .expect("static metric definition is valid; this is a bug");
         let rollout_traffic = gauges(
             "rollout_traffic",
             "Share of the task's traffic each arm serves",
@@ -328,6 +339,7 @@ impl Metrics {
             Box::new(training_samples_per_second.clone()),
             Box::new(training_yield_seconds.clone()),
             Box::new(online_accuracy.clone()),
+            Box::new(online_judgements.clone()),
             Box::new(rollout_traffic.clone()),
             Box::new(rollout_events.clone()),
             Box::new(drift_score.clone()),
@@ -397,6 +409,7 @@ impl Metrics {
             training_samples_per_second,
             training_yield_seconds,
             online_accuracy,
+            online_judgements,
             rollout_traffic,
             rollout_events,
             drift_score,

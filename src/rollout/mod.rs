@@ -710,6 +710,11 @@ impl Rollouts {
             .online_accuracy
             .with_label_values(&[task, arm_label])
             .set(accuracy);
+        let outcome = if correct { "agreed" } else { "disagreed" };
+        self.metrics
+            .online_judgements
+            .with_label_values(&[task, arm_label, outcome])
+            .inc();
         if let Some((r, live)) = rollout.and_then(|id| inner.live_mut(task, id)) {
             if let Some(arm) = r.arm_of(generation) {
                 live.mine.arms.get_mut(arm).judge(correct);
