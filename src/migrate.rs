@@ -337,8 +337,124 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), MigrateError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{copy_dir, safe_join, MigrateError};
+    use super::{copy_dir, safe_join, to_postgres, MigrateError};
+    use crate::config::{Config, DataConfig};
+    use crate::feedback::postgres::PostgresStore;
+    use crate::feedback::sqlite::SqliteStore;
+    use crate::feedback::{FeedbackStore, NewFeedback};
+    use crate::trainer::jobs::queue::SharedQueue;
+    use crate::trainer::jobs::{JobRecord, JobState};
+    use crate::trainer::train::TrainConfig;
     use std::path::Path;
+
+    fn row(task: &str, text: &str, label: &str) -> NewFeedback {
+        NewFeedback {
+            task: task.to_owned(),
+            text: text.to_owned(),
+            label: label.to_owned(),
+            request_id: None,
+            adapter: None,
+            arm: None,
+        }
+    }
+
+    fn job(created_at: u64, change: impl FnOnce(&mut JobRecord)) -> JobRecord {
+        let mut job = JobRecord::queued("spam", TrainConfig::default());
+        job.created_at = created_at;
+        change(&mut job);
+        job
+    }
+
+    #[test]
+    fn feedback_keeps_its_ids_and_jobs_that_were_to_run_are_queued_again_in_order() {
+        let Some(store) = crate::postgres::testing::scratch() else {
+            return;
+        };
+        let data = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&data.path().join("feedback.sqlite")).unwrap();
+        sqlite
+            .append(&[
+                row("spam", "win a prize", "spam"),
+                row("intents", "where is my parcel", "x"),
+                row("spam", "win a prize", "spam"),
+                row("spam", "minutes attached", "ham"),
+            ])
+            .unwrap();
+        let before = sqlite.list("spam", 0, 10).unwrap();
+        drop(sqlite);
+        // Written out of order: they are stored oldest first.
+        let jobs = [
+            job(4, |j| j.state = JobState::Cancelled),
+            job(1, |j| j.state = JobState::Succeeded),
+            job(3, |j| {
+                j.state = JobState::Failed;
+                j.interrupted = true;
+                j.error = Some("interrupted by a shutdown".to_owned());
+            }),
+            job(2, |j| {
+                j.state = JobState::Running;
+                j.step = 7;
+            }),
+        ];
+        std::fs::write(
+            data.path().join("jobs.json"),
+            serde_json::to_vec(&jobs).unwrap(),
+        )
+        .unwrap();
+        let config = Config {
+            store,
+            data: DataConfig {
+                dir: data.path().to_owned(),
+                adapters_dir: None,
+            },
+            ..Config::default()
+        };
+        let migrated = to_postgres(&config, None).unwrap();
+        assert_eq!(
+            (
+                migrated.feedback_rows,
+                migrated.jobs,
+                migrated.requeued_jobs
+            ),
+            (3, 2, 2),
+            "{migrated:?}"
+        );
+
+        let pool = crate::postgres::connect(&config.store).unwrap();
+        let feedback = PostgresStore::new(pool.clone());
+        assert_eq!(feedback.list("spam", 0, 10).unwrap(), before);
+        assert_eq!(before[0].count, 2);
+        let next = feedback.append(&[row("spam", "a new one", "ham")]).unwrap();
+        assert_eq!(next[0].id, 4, "new rows continue after the migrated ids");
+
+        let queue = SharedQueue::new(pool, "w".to_owned(), std::time::Duration::from_secs(30));
+        let states: Vec<(u64, JobState)> = queue
+            .list(None)
+            .unwrap()
+            .iter()
+            .map(|j| (j.created_at, j.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (4, JobState::Cancelled),
+                (3, JobState::Queued),
+                (2, JobState::Queued),
+                (1, JobState::Succeeded)
+            ],
+            "newest first"
+        );
+        let first = queue.claim().unwrap().expect("the job that was running");
+        assert_eq!((first.id.as_str(), first.step), (jobs[3].id.as_str(), 0));
+        let second = queue.claim().unwrap().expect("the interrupted job");
+        assert_eq!(second.id, jobs[2].id);
+        assert!(queue.claim().unwrap().is_none());
+
+        assert!(
+            matches!(to_postgres(&config, None), Err(MigrateError::Refused(_))),
+            "a database that holds state is never merged into"
+        );
+    }
 
     #[test]
     fn an_index_path_may_not_leave_the_adapter_directory() {

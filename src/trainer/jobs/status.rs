@@ -120,7 +120,7 @@ pub struct JobRecord {
 
 impl JobRecord {
     /// A new job of `task`, queued now under a fresh id.
-    pub(super) fn queued(task: &str, config: TrainConfig) -> Self {
+    pub(crate) fn queued(task: &str, config: TrainConfig) -> Self {
         Self {
             id: format!("job-{}", uuid::Uuid::new_v4().simple()),
             task: task.to_owned(),
