@@ -22,7 +22,7 @@ use crate::model::{LoadOptions, Model, ModelError};
 use crate::postgres::PgError;
 use crate::rollout::store::{self as rollout_store, FileStore, RolloutStore};
 use crate::rollout::RolloutError;
-use crate::trainer::jobs::{queue, JobRecord, JobState};
+use crate::trainer::jobs::{queue, Interruption, JobRecord, JobState};
 use crate::trainer::train::TrainError;
 
 /// Feedback rows read and written per statement.
@@ -80,10 +80,11 @@ pub struct Migrated {
     pub aliases: usize,
     /// Rollouts, all finished, with their decision logs.
     pub rollouts: usize,
-    /// Jobs carried over as they were.
+    /// Jobs carried over. Those queued or running when the single process stopped are carried over as its
+    /// next start would have found them: failed as interrupted (or cancelled, when a caller had asked).
     pub jobs: usize,
-    /// Jobs queued again: queued or running when the single process stopped, or interrupted and waiting
-    /// for the re-run its next start would have queued.
+    /// Re-runs queued, as the single process's next start would have queued them: a new job for each
+    /// interrupted one not re-run yet (`[trainer] rerun_interrupted`), linked to it (`rerun_of`, `rerun_as`).
     pub requeued_jobs: usize,
 }
 
@@ -125,6 +126,10 @@ pub fn to_postgres(
         )));
     }
     let jobs = read_jobs(&data.join("jobs.json"))?;
+    // A database in use is refused before the slow part (the model, copies, uploads), and again under the
+    // transaction's locks.
+    let pool = crate::postgres::connect(&config.store)?;
+    refuse_unless_empty(&mut crate::postgres::checkout(&pool)?.transaction()?)?;
     let mut migrated = Migrated {
         tasks: index.tasks.len(),
         generations: index.generations.len(),
@@ -133,33 +138,47 @@ pub fn to_postgres(
         ..Migrated::default()
     };
     place_generations(config, from_adapters, &index, &mut migrated)?;
-    let pool = crate::postgres::connect(&config.store)?;
     let mut conn = crate::postgres::checkout(&pool)?;
     let mut tx = conn.transaction()?;
+    // Durable when the command says so, whatever the server's default.
+    tx.batch_execute("SET LOCAL synchronous_commit = on")?;
     refuse_unless_empty(&mut tx)?;
     let feedback = data.join("feedback.sqlite");
     if feedback.is_file() {
-        let store = SqliteStore::open(&feedback)?;
-        let mut after = 0;
-        loop {
-            let rows = store.all_after(after, PAGE)?;
-            let Some(last) = rows.last() else { break };
-            after = last.id;
-            crate::feedback::postgres::import(&mut tx, &rows)?;
+        SqliteStore::open(&feedback)?.export(PAGE, |rows| {
+            if let Some(row) = rows.iter().find(|r| r.text.contains('\0')) {
+                return Err(MigrateError::Refused(format!(
+                    "feedback row {} of task {:?} has a NUL character in its text, which PostgreSQL \
+                     cannot store: remove the row from feedback.sqlite first",
+                    row.id, row.task
+                )));
+            }
+            crate::feedback::postgres::import(&mut tx, rows)?;
             migrated.feedback_rows += rows.len() as u64;
-        }
+            Ok(())
+        })?;
         crate::feedback::postgres::continue_ids(&mut tx)?;
     }
     for job in &jobs {
-        let again = matches!(job.state, JobState::Queued | JobState::Running)
-            || (config.trainer.rerun_interrupted && job.wants_rerun());
-        if again {
-            queue::import(&mut tx, &job.requeued())?;
+        let mut job = job.clone();
+        // What the single process's next start would do: a job still live when it stopped was stopped by
+        // it, and an interrupted job is re-run by a new job linked to it.
+        if matches!(job.state, JobState::Queued | JobState::Running) {
+            job.interrupt(Interruption::Crash);
+        }
+        if config.trainer.rerun_interrupted && job.wants_rerun() {
+            let rerun = JobRecord {
+                rerun_of: Some(job.id.clone()),
+                ..JobRecord::queued(&job.task, job.config.clone())
+            };
+            job.link_rerun(&rerun.id);
+            queue::import(&mut tx, &job)?;
+            queue::import(&mut tx, &rerun)?;
             migrated.requeued_jobs += 1;
         } else {
-            queue::import(&mut tx, job)?;
-            migrated.jobs += 1;
+            queue::import(&mut tx, &job)?;
         }
+        migrated.jobs += 1;
     }
     if migrated.rollouts > 0 {
         rollout_store::import(&mut tx, &rollouts)?;
@@ -366,7 +385,7 @@ mod tests {
     }
 
     #[test]
-    fn feedback_keeps_its_ids_and_jobs_that_were_to_run_are_queued_again_in_order() {
+    fn feedback_keeps_its_ids_and_interrupted_jobs_are_re_run_as_a_restart_would() {
         let Some(store) = crate::postgres::testing::scratch() else {
             return;
         };
@@ -395,6 +414,16 @@ mod tests {
                 j.state = JobState::Running;
                 j.step = 7;
             }),
+            // Asked to cancel while running: cancelled, never re-run.
+            job(5, |j| {
+                j.state = JobState::Running;
+                j.cancel_requested = true;
+            }),
+            // A re-run that a crash stopped is not re-run again.
+            job(6, |j| {
+                j.state = JobState::Running;
+                j.rerun_of = Some("job-before".to_owned());
+            }),
         ];
         std::fs::write(
             data.path().join("jobs.json"),
@@ -416,7 +445,7 @@ mod tests {
                 migrated.jobs,
                 migrated.requeued_jobs
             ),
-            (3, 2, 2),
+            (3, 6, 2),
             "{migrated:?}"
         );
 
@@ -428,27 +457,38 @@ mod tests {
         assert_eq!(next[0].id, 4, "new rows continue after the migrated ids");
 
         let queue = SharedQueue::new(pool, "w".to_owned(), std::time::Duration::from_secs(30));
-        let states: Vec<(u64, JobState)> = queue
-            .list(None)
-            .unwrap()
+        let listed = queue.list(None).unwrap();
+        let old: Vec<(u64, JobState, bool)> = listed
             .iter()
-            .map(|j| (j.created_at, j.state))
+            .filter(|j| j.created_at < 100)
+            .map(|j| (j.created_at, j.state, j.rerun_as.is_some()))
             .collect();
         assert_eq!(
-            states,
+            old,
             [
-                (4, JobState::Cancelled),
-                (3, JobState::Queued),
-                (2, JobState::Queued),
-                (1, JobState::Succeeded)
+                (6, JobState::Failed, false),
+                (5, JobState::Cancelled, false),
+                (4, JobState::Cancelled, false),
+                (3, JobState::Failed, true),
+                (2, JobState::Failed, true),
+                (1, JobState::Succeeded, false)
             ],
-            "newest first"
+            "newest first, each as the single process's next start would have left it"
         );
-        let first = queue.claim().unwrap().expect("the job that was running");
-        assert_eq!((first.id.as_str(), first.step), (jobs[3].id.as_str(), 0));
-        let second = queue.claim().unwrap().expect("the interrupted job");
-        assert_eq!(second.id, jobs[2].id);
+        let first = queue
+            .claim()
+            .unwrap()
+            .expect("the re-run of the job that was running");
+        assert_eq!(first.rerun_of.as_deref(), Some(jobs[3].id.as_str()));
+        assert_eq!(first.step, 0);
+        let second = queue
+            .claim()
+            .unwrap()
+            .expect("the re-run of the interrupted job");
+        assert_eq!(second.rerun_of.as_deref(), Some(jobs[2].id.as_str()));
         assert!(queue.claim().unwrap().is_none());
+        let linked = listed.iter().find(|j| j.id == jobs[3].id).unwrap();
+        assert_eq!(linked.rerun_as.as_deref(), Some(first.id.as_str()));
 
         assert!(
             matches!(to_postgres(&config, None), Err(MigrateError::Refused(_))),

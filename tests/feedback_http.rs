@@ -108,6 +108,11 @@ fn duplicates_are_counted_and_bad_items_are_refused_by_name() {
             "text",
         ),
         (
+            json!({"task": "sentiment", "text": "a\u{0}b", "label": "neutral"}),
+            422,
+            "NUL",
+        ),
+        (
             json!({"request_id": "no-such-request", "label": "neutral"}),
             404,
             "no-such-request",

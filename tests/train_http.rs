@@ -115,6 +115,16 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
             422,
             "a negative gradient bound"
         );
+        assert_eq!(
+            server
+                .post(
+                    "/v1/train",
+                    &json!({"task": "spam", "divergence_rollbacks": 11})
+                )
+                .0,
+            422,
+            "more rollbacks than the limit"
+        );
         assert_eq!(server.post("/v1/train", &json!({"task": "nope"})).0, 404);
 
         let config = json!({"task": "spam", "epochs": 5, "max_length": 48, "learning_rate": 0.003, "batch_size": 8});

@@ -159,14 +159,40 @@ impl FeedbackStore for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Rows of every task with id > `after_id`, in id order, at most `limit`: for copying the whole store
-    /// (`flywheel migrate`).
-    pub fn all_after(&self, after_id: i64, limit: usize) -> Result<Vec<Feedback>, FeedbackError> {
-        self.select(
-            "SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
-             WHERE id > ?1 ORDER BY id LIMIT ?2",
-            params![after_id, limit as i64],
-        )
+    /// Calls `each` with every row of every task in id order, `page` rows at a time, all read in one
+    /// transaction, so from one snapshot of the file: for copying the whole store (`flywheel migrate`).
+    pub fn export<E: From<FeedbackError>>(
+        &self,
+        page: usize,
+        mut each: impl FnMut(&[Feedback]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| storage("store lock poisoned"))?;
+        let tx = conn.transaction().map_err(storage)?;
+        let mut after = 0i64;
+        loop {
+            let rows = {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id, task, text, label, request_id, adapter, arm, count, created_at
+                         FROM feedback WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    )
+                    .map_err(storage)?;
+                let rows = stmt
+                    .query_map(params![after, page as i64], read_row)
+                    .map_err(storage)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(storage)?
+            };
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = last.id;
+            each(&rows)?;
+        }
+        tx.commit().map_err(storage)?;
+        Ok(())
     }
 
     /// Runs a query selecting `id, task, text, label, request_id, adapter, arm, count, created_at`.

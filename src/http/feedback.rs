@@ -148,6 +148,10 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Claim
         }
         _ => return Err(at("give either text (with task) or request_id".to_owned())),
     };
+    // PostgreSQL's text cannot hold NUL, so neither store takes it: a replica would otherwise fail the post.
+    if row.0.text.contains('\0') {
+        return Err(at("the text contains a NUL character (U+0000)".to_owned()));
+    }
     let task = services
         .registry
         .task(&row.0.task)

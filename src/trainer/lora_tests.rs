@@ -764,3 +764,57 @@ fn a_cls_head_can_train_a_copy_of_the_bases_pooler() {
         .unwrap();
     assert_eq!(still, base_weight, "the base's pooler is untouched");
 }
+
+#[test]
+fn a_run_that_diverges_rolls_back_at_half_the_rate_and_still_learns() {
+    use super::data::Example;
+    use super::train::{train_lora, TrainConfig};
+    let bert = tiny::bert(11);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    let make = |n: usize, token: u32, label: usize| -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                ids: vec![1, 20 + (i % 7) as u32, token, 30 + (i % 5) as u32, 2],
+                label,
+            })
+            .collect()
+    };
+    let train: Vec<Example> = make(96, 5, 0).into_iter().chain(make(96, 9, 1)).collect();
+    let val: Vec<Example> = make(12, 5, 0).into_iter().chain(make(12, 9, 1)).collect();
+    // A rate far too high for this model, unclipped: the loss climbs back above its best stretch.
+    let run = |rollbacks: usize| {
+        let config = TrainConfig {
+            epochs: Some(6),
+            batch_size: 8,
+            max_length: 16,
+            learning_rate: Some(0.3),
+            max_grad_norm: 0.0,
+            divergence_rollbacks: rollbacks,
+            ..TrainConfig::default()
+        };
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        train_lora(
+            &bert,
+            &cpu,
+            2,
+            &train,
+            &val,
+            &config,
+            None,
+            &mut |_| {},
+            &cancel,
+        )
+        .unwrap()
+    };
+    let guarded = run(3);
+    let total: usize = guarded.history.iter().map(|h| h.rollbacks).sum();
+    assert!((1..=3).contains(&total), "{:?}", guarded.history);
+    assert_eq!(
+        guarded.val.as_ref().unwrap().accuracy,
+        1.0,
+        "{:?}",
+        guarded.history
+    );
+    let unguarded = run(0);
+    assert!(unguarded.history.iter().all(|h| h.rollbacks == 0));
+}

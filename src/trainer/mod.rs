@@ -5,6 +5,7 @@ pub mod clip;
 pub mod data;
 pub mod eval;
 pub mod full;
+pub mod guard;
 pub mod jobs;
 pub mod lora;
 pub mod offline;

@@ -24,6 +24,8 @@ pub struct FusedAdamW {
     /// The variables stepped by candle's own `AdamW` (none on a CPU-only run), one optimizer per share of
     /// the learning rate.
     composed: Vec<(candle_nn::AdamW, f64)>,
+    /// Each of `composed`'s groups of variables, to start them afresh ([`FusedAdamW::reset`]).
+    groups: Vec<Vec<Var>>,
     params: ParamsAdamW,
     /// How hard anchored variables are pulled towards their anchors (0: not at all).
     pull: f64,
@@ -137,23 +139,49 @@ impl FusedAdamW {
                 composed.push((vec![var], scale));
             }
         }
-        let composed = composed
-            .into_iter()
-            .map(|(vars, scale)| {
-                let params = ParamsAdamW {
-                    lr: params.lr * scale,
-                    ..params.clone()
-                };
-                Ok((candle_nn::AdamW::new(vars, params)?, scale))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
+        let groups: Vec<Vec<Var>> = composed.iter().map(|(vars, _)| vars.clone()).collect();
+        let mut optimizer = Self {
             fused,
-            composed,
+            composed: Vec::new(),
+            groups,
             params,
             pull: 0.0,
             step: 0,
-        })
+        };
+        optimizer.composed = optimizer.fresh_composed(composed.iter().map(|(_, s)| *s))?;
+        Ok(optimizer)
+    }
+
+    /// candle's `AdamW` for each group of `groups`, with no moments yet, at the current rate times `scales`.
+    fn fresh_composed(
+        &self,
+        scales: impl Iterator<Item = f64>,
+    ) -> Result<Vec<(candle_nn::AdamW, f64)>> {
+        self.groups
+            .iter()
+            .zip(scales)
+            .map(|(vars, scale)| {
+                let params = ParamsAdamW {
+                    lr: self.params.lr * scale,
+                    ..self.params.clone()
+                };
+                Ok((candle_nn::AdamW::new(vars.clone(), params)?, scale))
+            })
+            .collect()
+    }
+
+    /// Forgets the moments and the step count, as if no step had been taken from the variables' current
+    /// values; anchors stay. After a rollback, moments gathered on the way to a divergence would push the
+    /// restored variables the same way again.
+    pub fn reset(&mut self) -> Result<()> {
+        for moments in &mut self.fused {
+            moments.m.fill(0.0);
+            moments.v.fill(0.0);
+        }
+        self.step = 0;
+        let scales: Vec<f64> = self.composed.iter().map(|(_, s)| *s).collect();
+        self.composed = self.fresh_composed(scales.into_iter())?;
+        Ok(())
     }
 
     /// Anchors every variable at its current values: from now on each step also moves it a share

@@ -197,6 +197,10 @@ pub struct TrainConfig {
     /// clipping off.
     #[schema(minimum = 0.0, maximum = 1000.0)]
     pub max_grad_norm: f64,
+    /// How many times a diverging run is rolled back to its best stretch of training and goes on at half
+    /// the learning rate (see `trainer::guard`); 0 turns the guard off.
+    #[schema(minimum = 0, maximum = 10)]
+    pub divergence_rollbacks: usize,
     /// Label smoothing of the cross-entropy.
     #[schema(minimum = 0.0, exclusive_maximum = 1.0)]
     pub label_smoothing: f64,
@@ -271,6 +275,7 @@ impl Default for TrainConfig {
             lr_schedule: LrSchedule::Linear,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
+            divergence_rollbacks: 3,
             label_smoothing: 0.1,
             class_weights: ClassWeights::default(),
             max_length: 128,
@@ -345,6 +350,9 @@ impl TrainConfig {
         }
         if !(self.max_grad_norm.is_finite() && (0.0..=1000.0).contains(&self.max_grad_norm)) {
             return bad("max_grad_norm must be 0 to 1000");
+        }
+        if self.divergence_rollbacks > 10 {
+            return bad("divergence_rollbacks must be 0 to 10");
         }
         if self.min_val_per_label > 1000 {
             return bad("min_val_per_label must be 0 to 1000");

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::data::{pad, Example, Rng};
 use super::eval::{evaluate, Evaluation};
 use super::full::FullTrainable;
+use super::guard::{constant_loss, DivergenceGuard};
 use super::lora::{cross_entropy, LoraTrainable};
 use crate::heap::TrainingHeap;
 use crate::model::adapter::{Adapter, Pooling};
@@ -90,6 +91,8 @@ pub struct EpochReport {
     pub grad_norm: Option<f64>,
     /// Optimizer steps whose gradient was longer than `max_grad_norm` and was scaled down.
     pub clipped_steps: usize,
+    /// Times the run diverged in this epoch and went back to its best stretch at half the learning rate.
+    pub rollbacks: usize,
 }
 
 /// What a finished run produced: `R` is the best epoch's adapter (LoRA) or weights (full).
@@ -388,9 +391,9 @@ fn fit<T: Trainable>(
     let _heap = TrainingHeap::enter();
     let started = Instant::now();
     let device = trainable.device();
-    let class_weights = config
-        .class_weights
-        .resolve(train, labels)?
+    let weights = config.class_weights.resolve(train, labels)?;
+    let class_weights = weights
+        .clone()
         .map(|w| Tensor::from_vec(w, labels, &device))
         .transpose()?;
     let vars = trainable.vars();
@@ -420,6 +423,19 @@ fn fit<T: Trainable>(
     let steps_per_epoch = micro_batches.div_ceil(config.grad_accumulation);
     let total_steps = steps_per_epoch * config.epochs();
     let schedule = |step: usize| learning_rate_at(config, step, total_steps);
+    // Windows of a tenth of an epoch: long enough that batch-to-batch noise does not look like a divergence.
+    let mut guard = DivergenceGuard::new(
+        (steps_per_epoch / 10).clamp(5, 50),
+        constant_loss(
+            train.iter().map(|e| e.label),
+            labels,
+            config.label_smoothing,
+            weights.as_deref(),
+        ),
+        config.divergence_rollbacks,
+    );
+    // Halved at each rollback.
+    let mut lr_factor = 1.0;
     let val_truth: Vec<usize> = val.iter().map(|e| e.label).collect();
     let mut rng = Rng::new(config.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..train.len()).collect();
@@ -431,12 +447,14 @@ fn fit<T: Trainable>(
         rng.shuffle(&mut order);
         let (mut loss_sum, mut loss_count) = (0.0, 0usize);
         let mut norms = NormTally::default();
+        let mut rollbacks = 0;
         for group in order.chunks(config.batch_size * config.grad_accumulation) {
             if cancel.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
             let mut accumulated: Option<GradStore> = None;
             let micro: Vec<&[usize]> = group.chunks(config.batch_size).collect();
+            let mut step_loss = 0.0;
             for indices in &micro {
                 let batch: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
                 let (ids, mask, targets) = pad(&batch, pad_id, &device)?;
@@ -447,8 +465,10 @@ fn fit<T: Trainable>(
                     config.label_smoothing,
                     class_weights.as_ref(),
                 )?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let value = loss.to_scalar::<f32>()? as f64;
+                loss_sum += value;
                 loss_count += 1;
+                step_loss += value / micro.len() as f64;
                 examples_seen += batch.len();
                 let grads = (loss / micro.len() as f64)?.backward()?;
                 accumulated = Some(match accumulated {
@@ -467,7 +487,7 @@ fn fit<T: Trainable>(
                 });
             }
             crate::pressure::yield_point();
-            optimizer.set_learning_rate(schedule(step));
+            optimizer.set_learning_rate(schedule(step) * lr_factor);
             if let Some(mut grads) = accumulated {
                 // Clipping off (0) skips the pass over every gradient that measuring the norm costs.
                 if config.max_grad_norm > 0.0 {
@@ -478,6 +498,21 @@ fn fit<T: Trainable>(
                 optimizer.step(&grads)?;
             }
             step += 1;
+            if let Some(d) = guard.observe(step_loss, &vars)? {
+                guard.roll_back(&vars)?;
+                optimizer.reset()?;
+                lr_factor *= 0.5;
+                rollbacks += 1;
+                tracing::warn!(
+                    epoch,
+                    step,
+                    window_loss = d.loss,
+                    best_window_loss = d.best,
+                    constant_prediction_loss = d.constant,
+                    learning_rate_factor = lr_factor,
+                    "training diverged: back to the best stretch of training, at half the learning rate"
+                );
+            }
             progress(&Progress {
                 step,
                 total_steps,
@@ -501,6 +536,7 @@ fn fit<T: Trainable>(
             val_accuracy = evaluation.as_ref().map(|e| e.accuracy),
             grad_norm = norms.mean(),
             clipped_steps = norms.clipped,
+            rollbacks,
             "epoch done"
         );
         history.push(EpochReport {
@@ -509,6 +545,7 @@ fn fit<T: Trainable>(
             val: evaluation.clone(),
             grad_norm: norms.mean(),
             clipped_steps: norms.clipped,
+            rollbacks,
         });
         progress(&Progress {
             step,

@@ -30,7 +30,8 @@ mod status;
 
 use queue::SharedQueue;
 use run::{lower_priority, run_job};
-use status::{forget_oldest_finished, read_job_list, Interruption};
+pub(crate) use status::Interruption;
+use status::{forget_oldest_finished, read_job_list};
 pub use status::{JobRecord, JobState};
 
 /// What the trainer needs from the rest of the server.
@@ -374,12 +375,7 @@ impl Jobs {
                 .lock()
                 .expect("jobs lock poisoned; this is a bug");
             if let Some(old) = rerun_of.and_then(|id| jobs.get_mut(&id)) {
-                old.error = Some(format!(
-                    "{}; re-run as {}",
-                    old.error.as_deref().unwrap_or("interrupted"),
-                    status.id
-                ));
-                old.rerun_as = Some(status.id.clone());
+                old.link_rerun(&status.id);
             }
             jobs.insert(status.id.clone(), status.clone());
         }

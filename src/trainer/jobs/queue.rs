@@ -40,7 +40,8 @@ fn json(job: &JobRecord) -> Result<String, TrainError> {
 
 /// Stores `job` as it is, within the caller's transaction on `client`: for moving a single process's
 /// `jobs.json` into the shared queue (`flywheel migrate`). A queued job is announced to the workers when the
-/// transaction commits; a running one is the caller's to turn back into a queued one first.
+/// transaction commits. A running one is refused: it belongs to no worker here, so the caller settles it
+/// first.
 pub fn import(
     client: &mut impl postgres::GenericClient,
     job: &JobRecord,

@@ -157,7 +157,7 @@ impl JobRecord {
 
     /// The same job queued again from the start: its id, task, configuration and creation time, nothing
     /// of a run.
-    pub(crate) fn requeued(&self) -> Self {
+    pub(super) fn requeued(&self) -> Self {
         Self {
             id: self.id.clone(),
             created_at: self.created_at,
@@ -167,7 +167,7 @@ impl JobRecord {
 
     /// Marks the job stopped because the server stopped under it: failed and interrupted, or cancelled
     /// when a caller had asked for that.
-    pub(super) fn interrupt(&mut self, by: Interruption) {
+    pub(crate) fn interrupt(&mut self, by: Interruption) {
         if self.cancel_requested {
             self.state = JobState::Cancelled;
             return;
@@ -184,6 +184,15 @@ impl JobRecord {
         );
     }
 
+    /// Records that `rerun`, a new job, repeats this interrupted one.
+    pub(crate) fn link_rerun(&mut self, rerun: &str) {
+        self.error = Some(format!(
+            "{}; re-run as {rerun}",
+            self.error.as_deref().unwrap_or("interrupted")
+        ));
+        self.rerun_as = Some(rerun.to_owned());
+    }
+
     /// Whether the next start should queue it again: interrupted, not cancelled, not yet re-run, and not a
     /// re-run that a crash stopped (a job that keeps killing the server runs twice, not forever; one that
     /// only meets graceful restarts keeps being re-run).
@@ -197,7 +206,7 @@ impl JobRecord {
 
 /// What stopped a job under it.
 #[derive(Clone, Copy)]
-pub(super) enum Interruption {
+pub(crate) enum Interruption {
     /// A graceful shutdown (SIGTERM, SIGINT).
     Shutdown,
     /// A crash or kill: the next start found the job still live.
