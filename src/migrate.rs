@@ -159,8 +159,7 @@ pub fn to_postgres(
         })?;
         crate::feedback::postgres::continue_ids(&mut tx)?;
     }
-    for job in &jobs {
-        let mut job = job.clone();
+    for mut job in jobs {
         // What the single process's next start would do: a job still live when it stopped was stopped by
         // it, and an interrupted job is re-run by a new job linked to it.
         if matches!(job.state, JobState::Queued | JobState::Running) {
