@@ -329,23 +329,23 @@ fn a_warm_start_reproduces_the_adapter_it_started_from() {
     assert_eq!(again.parameter_count(), adapter.parameter_count());
 }
 
+/// A separable toy task: `n` examples of each label, label 0 texts holding token 5 and label 1 texts token 9.
+fn toy_task(n: usize) -> Vec<super::data::Example> {
+    let make = |token: u32, label: usize| {
+        (0..n).map(move |i| super::data::Example {
+            ids: vec![1, 20 + (i % 7) as u32, token, 30 + (i % 5) as u32, 2],
+            label,
+        })
+    };
+    make(5, 0).chain(make(9, 1)).collect()
+}
+
 #[test]
 fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
-    use super::data::Example;
     use super::train::{train_lora, TrainConfig};
     let bert = tiny::bert(11);
     let cpu = CpuEncoder::from_bert(&bert).unwrap();
-    // Label 0 texts contain token 5, label 1 texts token 9.
-    let make = |n: usize, token: u32, label: usize| -> Vec<Example> {
-        (0..n)
-            .map(|i| Example {
-                ids: vec![1, 20 + (i % 7) as u32, token, 30 + (i % 5) as u32, 2],
-                label,
-            })
-            .collect()
-    };
-    let train: Vec<Example> = make(24, 5, 0).into_iter().chain(make(24, 9, 1)).collect();
-    let val: Vec<Example> = make(6, 5, 0).into_iter().chain(make(6, 9, 1)).collect();
+    let (train, val) = (toy_task(24), toy_task(6));
     let config = TrainConfig {
         epochs: Some(6),
         batch_size: 8,
@@ -767,20 +767,10 @@ fn a_cls_head_can_train_a_copy_of_the_bases_pooler() {
 
 #[test]
 fn a_run_that_diverges_rolls_back_at_half_the_rate_and_still_learns() {
-    use super::data::Example;
     use super::train::{train_lora, TrainConfig};
     let bert = tiny::bert(11);
     let cpu = CpuEncoder::from_bert(&bert).unwrap();
-    let make = |n: usize, token: u32, label: usize| -> Vec<Example> {
-        (0..n)
-            .map(|i| Example {
-                ids: vec![1, 20 + (i % 7) as u32, token, 30 + (i % 5) as u32, 2],
-                label,
-            })
-            .collect()
-    };
-    let train: Vec<Example> = make(96, 5, 0).into_iter().chain(make(96, 9, 1)).collect();
-    let val: Vec<Example> = make(12, 5, 0).into_iter().chain(make(12, 9, 1)).collect();
+    let (train, val) = (toy_task(96), toy_task(12));
     // A rate far too high for this model, unclipped: the loss climbs back above its best stretch.
     let run = |rollbacks: usize| {
         let config = TrainConfig {
