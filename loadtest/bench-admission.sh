@@ -67,7 +67,7 @@ rm -rf "$data"
 
 # The baseline, not a user's figure: the same load with admission off (the only non-default setting here), so
 # the shipped defaults' c=32 throughput can be stated as a ratio of what the model does with nothing refused.
-FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS=0 start_server "$out/server-admission-off.log"
+FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS=0 start_server "$out/server-admission-off.log"  # baseline only, see above
 load embed-admission-off 32 "$seconds" 2
 
 python3 - "$csv" <<'PY'

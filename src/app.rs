@@ -122,10 +122,7 @@ pub fn assemble(
         None => Box::new(FileIndex::new(config.data.dir.join(INDEX_FILE))),
         Some(pool) => Box::new(PostgresIndex::new(pool.clone())),
     };
-    let objects = match config.store.objects_url.trim() {
-        "" => None,
-        url => Some(Objects::open(url)?),
-    };
+    let objects = Objects::configured(&config.store.objects_url)?;
     let registry = Registry::open_in(
         &config.data.adapters(),
         index,

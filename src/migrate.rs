@@ -253,30 +253,22 @@ fn place_generations(
             ..LoadOptions::default()
         },
     )?;
-    let objects = match config.store.objects_url.trim() {
-        "" => None,
-        url => Some(Objects::open(url)?),
-    };
     // Opened over the single process's index: loading restores every generation from `root` and, with an
     // object store, stores there each one it does not hold yet.
     let registry = Registry::open_in(
         &root,
         Box::new(FileIndex::new(config.data.dir.join(INDEX_FILE))),
-        objects,
+        Objects::configured(&config.store.objects_url)?,
         config.adapters.clone(),
         model.config.clone(),
         model.bert.pooler.is_some(),
     )?;
-    let check = match config.store.objects_url.trim() {
-        "" => None,
-        url => Some(Objects::open(url)?),
-    };
     let mut failed = Vec::new();
     for (generation, _) in registry.list() {
         match &generation.state {
             State::Failed(reason) => failed.push(format!("{}: {reason}", generation.id)),
             State::Ready => {
-                if let Some(objects) = &check {
+                if let Some(objects) = registry.objects() {
                     if !objects.contains(&generation.id)? {
                         return Err(MigrateError::Refused(format!(
                             "generation {} could not be stored in {} (the log says why); nothing was \

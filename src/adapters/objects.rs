@@ -71,6 +71,14 @@ impl Objects {
         Self::open_with(url, std::env::vars())
     }
 
+    /// The store `[store] objects_url` names, or `None` when it is empty (generations stay on the disk).
+    pub fn configured(url: &str) -> Result<Option<Self>, RegistryError> {
+        match url.trim() {
+            "" => Ok(None),
+            url => Self::open(url).map(Some),
+        }
+    }
+
     /// [`Self::open`] with the variables `vars` in place of the environment: `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` (an S3-compatible server),
     /// `AWS_ALLOW_HTTP`, and the rest `object_store` reads.

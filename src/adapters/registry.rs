@@ -356,6 +356,11 @@ impl Registry {
         &self.root
     }
 
+    /// The object store generations are kept in, when there is one.
+    pub fn objects(&self) -> Option<&Objects> {
+        self.objects.as_ref()
+    }
+
     fn restore(&self) -> Result<(), RegistryError> {
         if let Some(stored) = self.store.load()? {
             self.prefetch(&stored.index);
