@@ -39,7 +39,7 @@ pub enum ServeError {
     #[error("model: {0}")]
     Model(#[from] ModelError),
     /// The feedback store could not be opened.
-    #[error("{0}")]
+    #[error(transparent)]
     Feedback(#[from] crate::feedback::FeedbackError),
     /// PostgreSQL could not be reached or migrated.
     #[error("store: {0}")]
@@ -50,6 +50,9 @@ pub enum ServeError {
     /// The shared rollouts could not be read.
     #[error("rollouts: {0}")]
     Rollouts(#[from] crate::rollout::RolloutError),
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    DataDir(#[from] crate::dirlock::DirLockError),
     /// A setting is invalid in a way the configuration layer cannot check.
     #[error("config: {0}")]
     Config(String),
@@ -238,10 +241,7 @@ pub fn assemble(
 /// This process's name on the jobs it claims from a shared queue: the host's name (a pod's, on Kubernetes)
 /// and the process id.
 fn worker_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "flywheel".to_owned());
-    format!("{host}/{}", std::process::id())
+    format!("{}/{}", crate::dirlock::host_name(), std::process::id())
 }
 
 /// Key of the advisory lock whose holder's autopilot acts ("autopilot" in ASCII, truncated).

@@ -8,6 +8,7 @@
 //! - [`pressure`]: inference work in flight, which training yields to.
 //! - [`heap`]: the C heap's policy (keep freed memory for the next batch or step; return it after training).
 //! - [`durable`]: state files written atomically (temp file, fsync, rename).
+//! - [`dirlock`]: one process per data directory (an advisory lock the system drops when the process ends).
 //! - [`faults`]: fault injection for the supervision and crash tests (`FLYWHEEL_FAULTS`; off unless set).
 //! - [`supervise`]: panics caught per batch and per job, and whether the model and trainer threads live.
 //! - [`testenv`]: the services the test suites run against, named in the environment by `scripts/test.sh`.
@@ -49,6 +50,7 @@ pub mod autopilot;
 pub mod clock;
 pub mod config;
 pub mod device_check;
+pub mod dirlock;
 pub mod drift;
 pub mod durable;
 pub mod faults;

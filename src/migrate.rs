@@ -16,6 +16,7 @@ use crate::adapters::objects::Objects;
 use crate::adapters::registry::{State, INDEX_FILE};
 use crate::adapters::{Registry, RegistryError};
 use crate::config::{Config, StoreBackend};
+use crate::dirlock::{DataDirLock, DirLockError};
 use crate::feedback::sqlite::SqliteStore;
 use crate::feedback::FeedbackError;
 use crate::model::{LoadOptions, Model, ModelError};
@@ -44,7 +45,7 @@ pub enum MigrateError {
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     /// The feedback store failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Feedback(#[from] FeedbackError),
     /// The rollouts could not be read or stored.
     #[error("rollouts: {0}")]
@@ -53,8 +54,11 @@ pub enum MigrateError {
     #[error("jobs: {0}")]
     Jobs(#[from] TrainError),
     /// PostgreSQL failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Postgres(#[from] PgError),
+    /// The single process still holds the data directory.
+    #[error(transparent)]
+    DataDir(#[from] DirLockError),
 }
 
 impl From<postgres::Error> for MigrateError {
@@ -110,6 +114,8 @@ pub fn to_postgres(
             data.display()
         )));
     }
+    // Held to the end: a single process still running could change what is read after it is read.
+    let _held = DataDirLock::acquire(data, "migrate")?;
     let index = FileIndex::new(data.join(INDEX_FILE))
         .load()?
         .map(|s| s.index)

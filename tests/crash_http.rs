@@ -2,7 +2,8 @@
 //! life) while two clients post feedback (distinct mail, to an `inbox` task) and a short training job of the
 //! `spam` task runs or publishes. After every restart each 202-acknowledged feedback row is present, every registered generation is whole
 //! and serves, no job but the re-runs the start queued reads as live, each interrupted job was re-run once, and
-//! rollouts read back.
+//! rollouts read back. And a data directory serves one process at a time: a second `serve` or a `migrate`
+//! beside a live one is refused, naming it, and its `kill -9` frees the directory.
 
 mod common;
 
@@ -239,4 +240,58 @@ fn ten_kill_9s_during_feedback_and_training_lose_nothing_acknowledged() {
         killed.iter().filter(|s| *s == "running").count() >= 2,
         "most kills should hit a running job: {killed:?}"
     );
+}
+
+/// `flywheel serve` or `flywheel migrate` on `data`, run to its end: (exit success, stderr).
+fn run_on(command: &str, data: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([command, "--port", "0", "--host", "127.0.0.1", "--model"])
+        .arg(common::model_dir())
+        .arg("--data-dir")
+        .arg(data);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run flywheel");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_data_directory_serves_one_process_at_a_time_and_a_kill_9_frees_it() {
+    let data = tempfile::tempdir().expect("a temporary data directory");
+    let first = Server::start_in(data.path(), &[]);
+    let holder = format!("pid {}", first.pid());
+
+    let (ok, stderr) = run_on("serve", data.path(), &[]);
+    assert!(!ok, "a second server on the same data directory started");
+    assert!(
+        stderr.contains("is in use by another flywheel process") && stderr.contains(&holder),
+        "the refusal names the holder: {stderr}"
+    );
+    // The migration reads the single process's files; it is refused before it reaches the database, so the
+    // URL is never dialled.
+    let (ok, stderr) = run_on(
+        "migrate",
+        data.path(),
+        &[
+            ("FLYWHEEL_STORE__BACKEND", "postgres"),
+            ("FLYWHEEL_STORE__URL", "postgres://nobody@127.0.0.1:1/none"),
+        ],
+    );
+    assert!(!ok, "a migration ran beside the live process");
+    assert!(
+        stderr.contains("is in use by another flywheel process") && stderr.contains(&holder),
+        "{stderr}"
+    );
+    let (status, body) = first.get_json("/ready");
+    assert_eq!(status, 200, "the first server serves on: {body}");
+
+    drop(first); // SIGKILL: the system drops the lock with the process.
+    let second = Server::start_in(data.path(), &[]);
+    let (status, body) = second.get_json("/v1/tasks");
+    assert_eq!(status, 200, "{body}");
 }

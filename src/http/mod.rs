@@ -273,6 +273,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 /// [`serve`] answering the routes of `role`.
 pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     let auto_job = crate::app::preflight(&config)?;
+    // Held until the server has stopped. Replicas on PostgreSQL keep no state files in their data
+    // directory, so only a single process takes it.
+    let _data_dir = match config.store.backend {
+        crate::config::StoreBackend::Sqlite => Some(crate::dirlock::DataDirLock::acquire(
+            &config.data.dir,
+            "serve",
+        )?),
+        crate::config::StoreBackend::Postgres => None,
+    };
     let metrics = Metrics::new();
     let services = Arc::new(OnceLock::new());
     let state = web::Data::new(AppState {
