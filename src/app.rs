@@ -76,8 +76,11 @@ pub fn preflight(config: &Config) -> Result<TrainConfig, ServeError> {
             .into());
         }
     }
-    TrainConfig::from_table(&config.trainer.auto_params)
-        .map_err(|e| ServeError::Config(format!("[trainer] auto_params: {e}")))
+    let auto = TrainConfig::from_table(&config.trainer.auto_params).and_then(|auto| {
+        auto.check_fits(config.adapters.max_rank, None)
+            .map(|()| auto)
+    });
+    auto.map_err(|e| ServeError::Config(format!("[trainer] auto_params: {e}")))
 }
 
 /// Loads the model `config` names and assembles the services around it.

@@ -666,8 +666,12 @@ impl Config {
             );
         }
         let r = &self.rollouts;
-        if r.steps.is_empty() || r.steps.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {
-            return fail("rollouts.steps must be shares in (0, 1]".to_owned());
+        if r.steps.is_empty()
+            || r.steps.len() > 10
+            || r.steps.iter().any(|s| !(*s > 0.0 && *s <= 1.0))
+            || r.steps.windows(2).any(|w| w[1] <= w[0])
+        {
+            return fail("rollouts.steps must be 1 to 10 rising shares in (0, 1]".to_owned());
         }
         if !matches!(r.mode.as_str(), "split" | "shadow") {
             return fail(format!("rollouts.mode {:?} is not split or shadow", r.mode));

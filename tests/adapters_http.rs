@@ -220,6 +220,17 @@ fn bad_adapters_and_requests_get_4xx_while_serving_goes_on() {
         409,
         "the stable alias uses it"
     );
+    let (status, error) = server.send("DELETE", "/v1/adapters/sentiment", &json!({}));
+    assert_eq!(
+        status, 409,
+        "by its alias: the generation the alias keeps, {error}"
+    );
+    assert!(error["error"].as_str().unwrap().contains(&id), "{error}");
+    let (status, error) = server.post(
+        "/v1/tasks",
+        &json!({"name": "controls", "labels": ["a\u{0}", "b"]}),
+    );
+    assert_eq!(status, 422, "a label with a NUL: {error}");
     let (status, _) = predict(json!({"task": "sentiment", "inputs": "still serving"}));
     assert_eq!(status, 200);
 }

@@ -125,6 +125,27 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
             422,
             "more rollbacks than the limit"
         );
+        // Refused when submitted, not after training: what the registry would not publish, what the model
+        // does not have.
+        for (body, why) in [
+            (
+                json!({"task": "spam", "rank": 65}),
+                "over [adapters] max_rank",
+            ),
+            (
+                json!({"task": "spam", "targets": ["query", "query"]}),
+                "a linear named twice",
+            ),
+            (
+                json!({"task": "spam", "method": "full", "freeze_layers": 7}),
+                "more frozen layers than the model's 6",
+            ),
+        ] {
+            let (status, error) = server.post("/v1/train", &body);
+            assert_eq!(status, 422, "{why}: {error}");
+        }
+        let (status, error) = server.get_json("/v1/jobs/job-%00");
+        assert_eq!(status, 404, "{error}");
         assert_eq!(server.post("/v1/train", &json!({"task": "nope"})).0, 404);
 
         let config = json!({"task": "spam", "epochs": 5, "max_length": 48, "learning_rate": 0.003, "batch_size": 8});

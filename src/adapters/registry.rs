@@ -361,6 +361,11 @@ impl Registry {
         self.objects.as_ref()
     }
 
+    /// The configuration of the model every generation is checked against.
+    pub fn model(&self) -> &BertConfig {
+        &self.model
+    }
+
     fn restore(&self) -> Result<(), RegistryError> {
         if let Some(stored) = self.store.load()? {
             self.prefetch(&stored.index);
@@ -514,9 +519,13 @@ impl Registry {
         }
         let mut seen = std::collections::HashSet::new();
         for l in &labels {
-            if l.trim().is_empty() || l.len() > 128 || !seen.insert(l) {
+            if l.trim().is_empty()
+                || l.len() > 128
+                || l.chars().any(char::is_control)
+                || !seen.insert(l)
+            {
                 return Err(RegistryError::Invalid(format!(
-                    "label {l:?} is empty, over 128 bytes or repeated"
+                    "label {l:?} is empty, over 128 bytes, holds a control character or is repeated"
                 )));
             }
         }

@@ -76,8 +76,14 @@ pub trait FeedbackStore: Send + Sync {
     /// Rows of `task` with id > `after_id`, in id order, at most `limit`.
     fn list(&self, task: &str, after_id: i64, limit: usize)
         -> Result<Vec<Feedback>, FeedbackError>;
-    /// The newest `limit` rows of `task`, in id order.
-    fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError>;
+    /// The newest `limit` rows of `task`, in id order, each text cut to its first `max_chars` characters:
+    /// what a training job reads, all at once, of which the tokenizer keeps only the start.
+    fn latest(
+        &self,
+        task: &str,
+        limit: usize,
+        max_chars: usize,
+    ) -> Result<Vec<Feedback>, FeedbackError>;
     /// Distinct rows stored for `task`.
     fn count(&self, task: &str) -> Result<u64, FeedbackError>;
 }

@@ -198,15 +198,21 @@ impl FeedbackStore for PostgresStore {
         )
     }
 
-    fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError> {
+    fn latest(
+        &self,
+        task: &str,
+        limit: usize,
+        max_chars: usize,
+    ) -> Result<Vec<Feedback>, FeedbackError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let max_chars = i32::try_from(max_chars).unwrap_or(i32::MAX);
+        // left() counts characters. The client holds a whole result at once, so the cut is made here.
         self.select(
-            &format!(
-                "SELECT * FROM (
-                   SELECT {COLUMNS} FROM feedback WHERE task = $1 ORDER BY id DESC LIMIT $2
-                 ) newest ORDER BY id"
-            ),
-            &[&task, &limit],
+            "SELECT * FROM (
+               SELECT id, task, left(text, $3), label, request_id, adapter, arm, count, created_at
+               FROM feedback WHERE task = $1 ORDER BY id DESC LIMIT $2
+             ) newest ORDER BY id",
+            &[&task, &limit, &max_chars],
         )
     }
 

@@ -132,13 +132,23 @@ impl FeedbackStore for SqliteStore {
         )
     }
 
-    fn latest(&self, task: &str, limit: usize) -> Result<Vec<Feedback>, FeedbackError> {
+    fn latest(
+        &self,
+        task: &str,
+        limit: usize,
+        max_chars: usize,
+    ) -> Result<Vec<Feedback>, FeedbackError> {
+        // substr counts characters in a TEXT value.
         self.select(
             "SELECT * FROM (
-               SELECT id, task, text, label, request_id, adapter, arm, count, created_at FROM feedback
-               WHERE task = ?1 ORDER BY id DESC LIMIT ?2
+               SELECT id, task, substr(text, 1, ?3), label, request_id, adapter, arm, count, created_at
+               FROM feedback WHERE task = ?1 ORDER BY id DESC LIMIT ?2
              ) ORDER BY id",
-            params![task, limit as i64],
+            params![
+                task,
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                i64::try_from(max_chars).unwrap_or(i64::MAX)
+            ],
         )
     }
 

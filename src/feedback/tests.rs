@@ -65,7 +65,7 @@ fn rows_list_in_id_order_and_the_newest_come_oldest_first() {
             "{engine}"
         );
         assert_eq!(store.list("spam", ids[0].id, 1).unwrap()[0].text, "b");
-        let newest = store.latest("spam", 2).unwrap();
+        let newest = store.latest("spam", 2, 100).unwrap();
         assert_eq!(
             newest.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
             ["b", "c"],
@@ -74,6 +74,30 @@ fn rows_list_in_id_order_and_the_newest_come_oldest_first() {
         assert_eq!(store.count("spam").unwrap(), 3, "{engine}");
         assert_eq!(store.count("other").unwrap(), 0, "{engine}");
         assert!(store.list("other", 0, 10).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_training_read_cuts_each_text_at_a_number_of_characters() {
+    for (engine, open, _dir) in engines() {
+        let store = open();
+        store
+            .append(&[
+                row("好评！很好的酒店，下次还来", "ham"),
+                row("short", "spam"),
+            ])
+            .unwrap();
+        let cut = store.latest("spam", 10, 4).unwrap();
+        assert_eq!(
+            cut.iter().map(|f| f.text.as_str()).collect::<Vec<_>>(),
+            ["好评！很", "shor"],
+            "{engine}: characters, not bytes"
+        );
+        assert_eq!(
+            store.list("spam", 0, 10).unwrap()[0].text,
+            "好评！很好的酒店，下次还来",
+            "{engine}: the stored text is whole"
+        );
     }
 }
 

@@ -159,14 +159,17 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     super::auth::admin(&req, &state.config.auth)?;
     let services = state.services()?;
-    if let Some(g) = services.registry.resolve(&id) {
-        if services.rollouts.uses(&g.id) {
+    // An alias names its generation, which that alias then keeps (409), rather than nothing (404).
+    let id = match services.registry.resolve(&id) {
+        Some(g) if services.rollouts.uses(&g.id) => {
             return Err(ApiError::conflict(format!(
                 "adapter {} is an arm of an active rollout; promote or roll it back first",
                 g.id
             )));
         }
-    }
+        Some(g) => g.id.clone(),
+        None => id.into_inner(),
+    };
     let registry = services.registry.clone();
     let reg = registry.clone();
     web::block(move || reg.delete(&id))

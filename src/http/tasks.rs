@@ -2,7 +2,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::schema::ArrayBuilder;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
@@ -16,18 +16,29 @@ pub struct CreateTask {
     /// Task name (also its stable alias): 1–64 of `A-Z a-z 0-9 _ . -`, not starting with `g-`.
     #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     pub name: String,
-    /// Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes.
+    /// Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes, not blank,
+    /// without control characters.
     #[schema(schema_with = label_list)]
     pub labels: Vec<String>,
 }
 
+/// A label: a character that is neither blank nor a control character (Unicode's Cc, as `char::is_control`
+/// has it), among others that are not control characters.
+const LABEL_PATTERN: &str = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$";
+
 fn label_list() -> ArrayBuilder {
+    let label = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(LABEL_PATTERN))
+        .max_length(Some(128))
+        .description(Some("A label: not blank, no control characters"));
     ArrayBuilder::new()
-        .items(super::openapi::non_blank("A label").max_length(Some(128)))
+        .items(label)
         .min_items(Some(2))
         .unique_items(true)
         .description(Some(
-            "Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes",
+            "Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes, not \
+             blank, without control characters",
         ))
 }
 

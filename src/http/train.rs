@@ -60,6 +60,10 @@ pub async fn submit(
         .labels
         .len();
     config.class_weights.check_labels(labels)?;
+    config.check_fits(
+        state.config.adapters.max_rank,
+        Some(services.registry.model().num_hidden_layers),
+    )?;
     let jobs = services.jobs.clone();
     let status = web::block(move || jobs.submit(&task, config))
         .await

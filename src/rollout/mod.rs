@@ -469,6 +469,11 @@ impl Rollouts {
         for s in &steps {
             check_share(*s)?;
         }
+        if steps.windows(2).any(|w| w[1] <= w[0]) {
+            return Err(RolloutError::Invalid(format!(
+                "steps {steps:?} must rise: each step gives the candidate a larger share"
+            )));
+        }
         let mode = request.mode.unwrap_or(if self.policy.mode == "shadow" {
             Mode::Shadow
         } else {

@@ -179,12 +179,20 @@ pub struct Rollout {
     pub totals: Arms,
     /// The latest analysis.
     pub analysis: Option<Verdict>,
-    /// Every decision, oldest first.
+    /// The decisions, oldest first: the first (`start`) and the latest [`MAX_DECISIONS`] − 1.
     pub decisions: Vec<Decision>,
 }
 
+/// Most decisions a rollout keeps. Only an operator's `PUT …/traffic` can repeat without end, and the whole
+/// log is rewritten with every change and shown by every read.
+pub const MAX_DECISIONS: usize = 100;
+
 impl Rollout {
     pub(super) fn log(&mut self, action: &str, by: &str, reason: String) {
+        if self.decisions.len() >= MAX_DECISIONS {
+            // The start says what the rollout set out to do; the oldest decision after it goes.
+            self.decisions.remove(1);
+        }
         self.decisions.push(Decision {
             at: unix_seconds(),
             action: action.to_owned(),

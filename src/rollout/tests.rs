@@ -466,3 +466,44 @@ fn a_promotion_whose_record_failed_after_the_alias_moved_is_completed_by_the_lea
         (Phase::Promoted, "analysis")
     );
 }
+
+#[test]
+fn steps_must_rise_and_the_decision_log_keeps_its_start_and_latest_entries() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _, two) = registry(data.path());
+    let rollouts = open(data.path(), registry);
+    for steps in [vec![0.9, 0.1], vec![0.2, 0.2]] {
+        let refused = rollouts.start(
+            StartRequest {
+                task: "t".into(),
+                candidate: two.clone(),
+                steps: Some(steps.clone()),
+                ..StartRequest::default()
+            },
+            "test",
+            false,
+        );
+        assert!(
+            matches!(refused, Err(RolloutError::Invalid(_))),
+            "{steps:?}: {refused:?}"
+        );
+    }
+    start(&rollouts, &two, &[0.1, 0.5]);
+    let sets = record::MAX_DECISIONS + 50;
+    for i in 0..sets {
+        rollouts
+            .set_traffic("t", 0.01 + i as f64 / 1_000.0, "manual")
+            .unwrap();
+    }
+    let log = rollouts.get("t").unwrap().decisions;
+    assert_eq!(log.len(), record::MAX_DECISIONS);
+    assert_eq!(log[0].action, "start");
+    let last = log.last().unwrap();
+    assert_eq!(last.action, "traffic");
+    assert!((last.traffic - (0.01 + (sets - 1) as f64 / 1_000.0)).abs() < 1e-12);
+    // The oldest traffic changes went; the log runs on from the start to the newest.
+    assert!(
+        (log[1].traffic - (0.01 + (sets - record::MAX_DECISIONS + 1) as f64 / 1_000.0)).abs()
+            < 1e-12
+    );
+}

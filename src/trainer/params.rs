@@ -305,6 +305,25 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// Checks what depends on the server rather than on the job alone: a LoRA rank the registry would
+    /// refuse to publish (`[adapters] max_rank`), and more frozen layers than the model has (`layers`, when
+    /// known). Checked when a job is submitted, so that it is refused then rather than failing at its end.
+    pub fn check_fits(&self, max_rank: usize, layers: Option<usize>) -> Result<(), TrainError> {
+        if self.method == Method::Lora && self.rank > max_rank {
+            return Err(TrainError::Invalid(format!(
+                "rank {} is over this server's adapter limit, [adapters] max_rank = {max_rank}",
+                self.rank
+            )));
+        }
+        match layers {
+            Some(layers) if self.freeze_layers > layers => Err(TrainError::Invalid(format!(
+                "freeze_layers {} is more than the model's {layers} layers",
+                self.freeze_layers
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: &str| Err(TrainError::Invalid(m.to_owned()));
@@ -316,6 +335,10 @@ impl TrainConfig {
         }
         if self.targets.is_empty() {
             return bad("targets must name at least one linear");
+        }
+        let mut named = std::collections::BTreeSet::new();
+        if !self.targets.iter().all(|t| named.insert(*t)) {
+            return bad("targets must not name a linear twice");
         }
         if self.method == Method::Full && self.pooling == Some(Pooling::Mean) {
             return bad("full fine-tuning trains a BertForSequenceClassification, which pools [CLS]: pooling must be cls");
@@ -415,5 +438,43 @@ impl TrainConfig {
             Method::Lora => 3,
             Method::Full => 5,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_must_fit_the_server_it_is_submitted_to() {
+        let lora = |rank| TrainConfig {
+            rank,
+            ..TrainConfig::default()
+        };
+        assert!(lora(64).check_fits(64, Some(6)).is_ok());
+        assert!(lora(65).validate().is_ok(), "in range for any server");
+        assert!(
+            matches!(lora(65).check_fits(64, Some(6)), Err(TrainError::Invalid(m)) if m.contains("max_rank"))
+        );
+        let full = |freeze_layers| TrainConfig {
+            method: Method::Full,
+            rank: 128,
+            freeze_layers,
+            ..TrainConfig::default()
+        };
+        assert!(
+            full(6).check_fits(64, Some(6)).is_ok(),
+            "full fine-tuning has no rank"
+        );
+        assert!(full(7).check_fits(64, Some(6)).is_err());
+        assert!(
+            full(7).check_fits(64, None).is_ok(),
+            "the layers are not known yet"
+        );
+        let twice = TrainConfig {
+            targets: vec![Target::Query, Target::Value, Target::Query],
+            ..TrainConfig::default()
+        };
+        assert!(twice.validate().is_err());
     }
 }

@@ -23,6 +23,12 @@ fn storage(e: postgres::Error) -> TrainError {
 /// replicas' own clocks say.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
+/// Whether PostgreSQL's text can hold `key`: one with a NUL names no stored job, and asking would be a
+/// query error (a 503) rather than the 404 or empty list the caller's mistake deserves.
+fn storable(key: &str) -> bool {
+    !key.contains('\0')
+}
+
 fn record(json: &str) -> Result<JobRecord, TrainError> {
     serde_json::from_str(json).map_err(|e| TrainError::Storage(format!("a stored job: {e}")))
 }
@@ -144,6 +150,9 @@ impl SharedQueue {
 
     /// One job, as stored.
     pub fn get(&self, id: &str) -> Result<Option<JobRecord>, TrainError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         self.conn()?
             .query_opt("SELECT record, cancel FROM jobs WHERE id = $1", &[&id])
             .map_err(storage)?
@@ -154,6 +163,9 @@ impl SharedQueue {
     /// Every job, or those of `task`, newest first (a row this build cannot read, written by another
     /// version, is left out with a warning).
     pub fn list(&self, task: Option<&str>) -> Result<Vec<JobRecord>, TrainError> {
+        if !task.is_none_or(storable) {
+            return Ok(Vec::new());
+        }
         Ok(self
             .conn()?
             .query(
@@ -199,6 +211,9 @@ impl SharedQueue {
     /// Cancels a queued job at once; asks the worker of a running one to stop it (its next heartbeat
     /// reads the request). Returns the job as it stands, `None` if unknown.
     pub fn cancel(&self, id: &str) -> Result<Option<JobRecord>, TrainError> {
+        if !storable(id) {
+            return Ok(None);
+        }
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(storage)?;
         let Some(row) = tx
@@ -378,6 +393,18 @@ mod tests {
 
     fn job(task: &str) -> JobRecord {
         JobRecord::queued(task, TrainConfig::default())
+    }
+
+    #[test]
+    fn a_key_with_a_nul_names_no_job_rather_than_failing_the_query() {
+        let Some(q) = queues(1, Duration::from_secs(60)) else {
+            return;
+        };
+        q[0].insert(&job("t"), 10).unwrap();
+        assert!(q[0].get("job-\0").unwrap().is_none());
+        assert!(q[0].cancel("\0").unwrap().is_none());
+        assert!(q[0].list(Some("t\0")).unwrap().is_empty());
+        assert_eq!(q[0].list(Some("t")).unwrap().len(), 1);
     }
 
     #[test]

@@ -9,6 +9,11 @@ use super::TrainerDeps;
 /// Most feedback rows one job reads: the newest, so a long-lived task keeps learning from what arrives.
 pub(super) const MAX_ROWS: usize = 200_000;
 
+/// Characters of a text read per token of the model's length. The tokenizer keeps only that many tokens,
+/// and a token is seldom more than a long word; the cut bounds what a job holds (`MAX_ROWS` texts at once)
+/// where texts are up to `[limits] max_text_bytes` long.
+const CHARS_PER_TOKEN: usize = 32;
+
 /// The examples a job trains and validates on, and where they came from.
 pub(super) struct Dataset {
     /// What trains and validates, cut at the job's `max_length`.
@@ -33,7 +38,11 @@ pub(super) fn select_data(
 ) -> Result<Dataset, TrainError> {
     let rows = deps
         .feedback
-        .latest(&task.name, MAX_ROWS)
+        .latest(
+            &task.name,
+            MAX_ROWS,
+            CHARS_PER_TOKEN * deps.model.tokenizer.max_length().max(config.max_length),
+        )
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let snapshot_id = rows.last().map_or(0, |r| r.id);
     let (mut chosen, new_rows, replayed_rows) = match (parent_snapshot, config.replay) {
