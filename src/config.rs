@@ -501,6 +501,8 @@ pub struct AdaptersConfig {
     pub max_tasks: usize,
     /// Most labels per task.
     pub max_labels: usize,
+    /// Most aliases besides the tasks' stable ones.
+    pub max_aliases: usize,
 }
 
 impl Default for AdaptersConfig {
@@ -511,6 +513,7 @@ impl Default for AdaptersConfig {
             max_bytes: 64 * 1024 * 1024,
             max_tasks: 256,
             max_labels: 1000,
+            max_aliases: 256,
         }
     }
 }

@@ -326,4 +326,18 @@ fn a_restart_restores_tasks_generations_and_aliases() {
         (status, body["adapter"].as_str(), body["arm"].as_str()),
         (200, Some(variant.as_str()), Some("pinned"))
     );
+
+    // The alias keeps its generation until it is removed; the task's own alias cannot be.
+    let delete = |path: &str| server.send("DELETE", path, &json!({}));
+    assert_eq!(delete(&format!("/v1/adapters/{variant}")).0, 409);
+    let (status, error) = delete("/v1/aliases/sentiment");
+    assert_eq!(status, 409, "{error}");
+    assert_eq!(delete("/v1/aliases/canary").0, 204);
+    assert_eq!(delete("/v1/aliases/canary").0, 404);
+    let (status, _) = server.post(
+        "/v1/predict",
+        &json!({"task": "sentiment", "inputs": "hi", "adapter": "canary"}),
+    );
+    assert_eq!(status, 404, "the alias is gone");
+    assert_eq!(delete(&format!("/v1/adapters/{variant}")).0, 204);
 }

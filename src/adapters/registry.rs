@@ -828,6 +828,20 @@ impl Registry {
     }
 
     fn check_alias(&self, inner: &Inner, alias: &str, task: &str) -> Result<(), RegistryError> {
+        let new = !inner.aliases.contains_key(alias) && !inner.tasks.contains_key(alias);
+        if new {
+            let named = inner
+                .aliases
+                .keys()
+                .filter(|a| !inner.tasks.contains_key(*a))
+                .count();
+            if named >= self.limits.max_aliases {
+                return Err(RegistryError::Conflict(format!(
+                    "the alias limit ({}) is reached; delete one first",
+                    self.limits.max_aliases
+                )));
+            }
+        }
         if inner.tasks.contains_key(alias) && alias != task {
             return Err(RegistryError::Conflict(format!(
                 "alias {alias:?} is another task's stable alias"
@@ -865,6 +879,23 @@ impl Registry {
             self.check_alias(inner, alias, &generation.task)?;
             inner.aliases.insert(alias.to_owned(), id.to_owned());
             Ok(generation)
+        })
+    }
+
+    /// Removes `alias`. A task's stable alias stays: it moves (a promotion, [`Registry::set_alias`]) but
+    /// always names the generation that serves the task.
+    pub fn delete_alias(&self, alias: &str) -> Result<(), RegistryError> {
+        self.mutate(|inner| {
+            if inner.tasks.contains_key(alias) && inner.aliases.contains_key(alias) {
+                return Err(RegistryError::Conflict(format!(
+                    "{alias:?} is the task's stable alias: it can be moved, not removed"
+                )));
+            }
+            inner
+                .aliases
+                .remove(alias)
+                .map(|_| ())
+                .ok_or_else(|| RegistryError::NotFound(format!("no alias {alias:?}")))
         })
     }
 

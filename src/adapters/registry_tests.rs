@@ -476,3 +476,45 @@ fn generations_registered_before_the_object_store_was_set_are_uploaded_at_the_ne
     let fresh = open_shared_with(empty.path(), &config, store());
     assert_eq!(fresh.resolve("t").unwrap().state, State::Ready);
 }
+
+#[test]
+fn aliases_are_limited_and_removable_but_a_tasks_stable_alias_stays() {
+    let data = tempfile::tempdir().unwrap();
+    let limits = AdaptersConfig {
+        max_aliases: 2,
+        ..AdaptersConfig::default()
+    };
+    let registry = Registry::open(data.path(), limits, BertConfig::tiny(), true).unwrap();
+    registry.create_task("t", labels()).unwrap();
+    write_adapter(registry.root(), "one", 1);
+    let (g, _) = registry.load("one", "t", Some("canary")).unwrap();
+    registry.set_alias("shadow", &g.id).unwrap();
+    assert!(
+        matches!(registry.set_alias("third", &g.id), Err(RegistryError::Conflict(m)) if m.contains("alias limit")),
+        "two besides the task's own"
+    );
+    registry
+        .set_alias("canary", &g.id)
+        .expect("moving an existing alias takes no room");
+    assert!(matches!(
+        registry.delete(&g.id),
+        Err(RegistryError::Conflict(_))
+    ));
+    assert!(matches!(
+        registry.delete_alias("t"),
+        Err(RegistryError::Conflict(_))
+    ));
+    assert!(matches!(
+        registry.delete_alias("nope"),
+        Err(RegistryError::NotFound(_))
+    ));
+    registry.delete_alias("shadow").unwrap();
+    assert!(registry.resolve("shadow").is_none());
+    registry.set_alias("third", &g.id).expect("room again");
+    // A restart reads the same aliases back.
+    drop(registry);
+    let reopened = open(data.path());
+    let mut names: Vec<String> = reopened.list().into_iter().flat_map(|(_, a)| a).collect();
+    names.sort();
+    assert_eq!(names, ["canary", "t", "third"]);
+}

@@ -198,7 +198,7 @@ pub struct SetAlias {
     responses(
         (status = 200, description = "The alias now points at the generation", body = AliasView),
         (status = 404, description = "No such generation (`not_found`)", body = ErrorBody),
-        (status = 409, description = "The generation belongs to another task (`conflict`)", body = ErrorBody)))]
+        (status = 409, description = "The generation belongs to another task, the name is another task's, or the alias limit is reached (`conflict`)", body = ErrorBody)))]
 pub async fn set_alias(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -217,6 +217,28 @@ pub async fn set_alias(
         adapter: generation.id.clone(),
         task: generation.task.clone(),
     }))
+}
+
+/// `DELETE /v1/aliases/{alias}`: removes the alias; the generation it named stays. A task's stable alias
+/// can be moved, not removed.
+#[utoipa::path(delete, path = "/v1/aliases/{alias}", tag = "adapters",
+    security((), ("admin_key" = [])),
+    params(("alias" = String, Path, description = "Alias name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such alias (`not_found`)", body = ErrorBody),
+        (status = 409, description = "It is a task's stable alias (`conflict`)", body = ErrorBody)))]
+pub async fn delete_alias(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    alias: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    super::auth::admin(&req, &state.config.auth)?;
+    let registry = state.services()?.registry.clone();
+    web::block(move || registry.delete_alias(&alias))
+        .await
+        .map_err(|_| ApiError::busy())??;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// Answer of `PUT /v1/aliases/{alias}`.

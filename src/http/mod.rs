@@ -128,7 +128,11 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body: usize) {
                 .route(web::post().to(adapters::load)),
         )
         .service(resource("/v1/adapters/{id}").route(web::delete().to(adapters::delete)))
-        .service(resource("/v1/aliases/{alias}").route(web::put().to(adapters::set_alias)))
+        .service(
+            resource("/v1/aliases/{alias}")
+                .route(web::put().to(adapters::set_alias))
+                .route(web::delete().to(adapters::delete_alias)),
+        )
         .service(
             resource("/v1/rollouts")
                 .route(web::post().to(rollouts::start))

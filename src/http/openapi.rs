@@ -41,6 +41,7 @@ use super::{adapters, drift, embed, feedback, openai, ops, predict, rollouts, ta
         adapters::load,
         adapters::delete,
         adapters::set_alias,
+        adapters::delete_alias,
         rollouts::start,
         rollouts::list,
         rollouts::get,
