@@ -152,3 +152,52 @@ fn duplicates_are_counted_and_bad_items_are_refused_by_name() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_long_listing_pages_exactly_in_id_order() {
+    let server = Server::start(&[], &[]);
+    setup(&server);
+    // Over twelve of the reader's 100-row batches, each text a few kilobytes.
+    let mut ids = Vec::new();
+    for chunk in 0..5 {
+        let items: Vec<Value> = (chunk * 250..(chunk + 1) * 250)
+            .map(|i| {
+                json!({"task": "sentiment", "label": "neutral",
+                       "text": format!("第{i}条评论 {}", "服务一般，价格合理。".repeat(100))})
+            })
+            .collect();
+        let (status, ack) = server.post("/v1/feedback", &json!({ "items": items }));
+        assert_eq!(status, 202, "{ack}");
+        ids.extend(
+            ack["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap()),
+        );
+    }
+    let page = |after: i64, limit: usize| -> Vec<Value> {
+        let (status, rows) = server.get_json(&format!(
+            "/v1/feedback?task=sentiment&after_id={after}&limit={limit}"
+        ));
+        assert_eq!(status, 200, "{rows}");
+        rows.as_array().unwrap().clone()
+    };
+    let ids_of = |rows: &[Value]| {
+        rows.iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let all = page(0, 10_000);
+    assert_eq!(ids_of(&all), ids, "every row once, in id order");
+    assert!(all[1_249]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("第1249条评论"));
+    let head = page(0, 1_000);
+    assert_eq!(ids_of(&head), ids[..1_000]);
+    let tail = page(ids[999], 1_000);
+    assert_eq!(ids_of(&tail), ids[1_000..]);
+    assert_eq!(ids_of(&page(ids[499], 501)), ids[500..1_001]);
+    assert!(page(ids[1_249], 10_000).is_empty());
+}

@@ -281,9 +281,35 @@ pub async fn list(
     if services.registry.task(&task).is_none() {
         return Err(ApiError::not_found(format!("no task {task:?}")));
     }
+    // Read a batch at a time, so that a page of long texts is not held whole. The first batch is read
+    // before answering: a store that is down is a 503, not a cut answer.
+    let batch = limit.min(LIST_BATCH);
     let store = services.feedback.clone();
-    let rows = web::block(move || store.list(&task, after_id, limit))
-        .await
-        .map_err(|_| ApiError::busy())??;
-    Ok(HttpResponse::Ok().json(rows))
+    let first = {
+        let (store, task) = (store.clone(), task.clone());
+        web::block(move || store.list(&task, after_id, batch))
+            .await
+            .map_err(|_| ApiError::busy())??
+    };
+    if first.len() < batch || first.len() == limit {
+        return Ok(HttpResponse::Ok().json(first));
+    }
+    let mut left = limit - first.len();
+    let more = move |previous: &[Feedback]| {
+        let after = previous.last().map_or(after_id, |row| row.id);
+        // A short batch was the last there is.
+        if left == 0 || previous.len() < batch {
+            return Ok(Vec::new());
+        }
+        let rows = store
+            .list(&task, after, left.min(batch))
+            .map_err(|e| e.to_string())?;
+        left -= rows.len();
+        Ok(rows)
+    };
+    super::stream::json_array(first, more).map_err(|_| ApiError::busy())
 }
+
+/// Feedback rows `GET /v1/feedback` reads per query: texts are up to `[limits] max_text_bytes` long, so a
+/// page of 10,000 is read and written out in pieces.
+const LIST_BATCH: usize = 100;

@@ -12,6 +12,7 @@ pub mod openapi;
 mod ops;
 pub mod predict;
 pub mod rollouts;
+mod stream;
 pub mod tasks;
 pub mod tei;
 pub mod train;
