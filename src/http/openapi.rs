@@ -341,7 +341,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 34, "every route, /openapi.json included");
+        assert_eq!(operations, 35, "every route, /openapi.json included");
         let mut ids: Vec<_> = doc
             .paths
             .paths
