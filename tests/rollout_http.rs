@@ -175,6 +175,17 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
     let job = train_job(&server);
     // Warm-started from stable: the 80 new items plus all 24 older ones as replay (2 per new one, capped).
     assert_eq!(job["replayed_examples"], 24, "{job}");
+    // It validates on rows the parent never saw (15 % of each label's new rows, the posted ones and those
+    // the rollout judged); the 24 replayed ones all train. Drawn from every row, 15 % would be 3 or 4 more.
+    let (val, train) = (
+        job["val"]["examples"].as_u64().unwrap() as f64,
+        job["train_examples"].as_u64().unwrap() as f64,
+    );
+    let fresh = val + train - 24.0;
+    assert!(
+        (val - 0.15 * fresh).abs() <= 1.0 && val < 0.15 * (val + train) - 2.0,
+        "{val} validation rows of {fresh} new and 24 replayed: {job}"
+    );
     let better = job["adapter"].as_str().unwrap().to_owned();
     let (_, rollout) = server.get_json("/v1/rollouts/spam");
     assert_eq!(rollout["phase"], "active", "{rollout}");

@@ -48,6 +48,8 @@ pub fn stratified_split_by<T>(
         if take == 0 && group.len() >= 2 {
             take = 1;
         }
+        // A label keeps at least one example to train on.
+        take = take.min(group.len().saturating_sub(1));
         val.extend(group.drain(..take));
         train.extend(group);
     }
@@ -195,6 +197,11 @@ mod tests {
             (train, val),
             "same seed, same split"
         );
+        // Half to validation: a label with one example keeps it to train on.
+        let lone: Vec<Example> = examples(4, 0).into_iter().chain(examples(1, 1)).collect();
+        let (train, val) = stratified_split(lone, 2, 0.5, 7);
+        assert_eq!(train.iter().filter(|e| e.label == 1).count(), 1);
+        assert_eq!(val.len(), 2);
     }
 
     #[test]

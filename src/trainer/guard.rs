@@ -94,28 +94,41 @@ impl DivergenceGuard {
     }
 }
 
-/// The cross-entropy of the best constant prediction for `labels` (one label index per example, of
-/// `classes`), with targets smoothed by `smoothing` and examples weighted by `weights` (per class) when
-/// given: the entropy of the (weighted, smoothed) label frequencies.
+/// The cross-entropy ([`super::lora::cross_entropy`]) of the best constant prediction for `labels` (one
+/// label index per example, of `classes`), with targets smoothed by `smoothing` and classes weighted by
+/// `weights` when given. Each class c draws a mass aᶜ = (1 − s)·wᶜ·nᶜ + (s / C)·N·wᶜ on the prediction's
+/// log-probabilities (nᶜ examples of it, N in all), over the targets' weight W = Σ wᶜ·nᶜ; the best constant
+/// prediction is a / A (A = Σ aᶜ), and its loss (A / W)·H(a / A). Unweighted, that is the entropy of the
+/// smoothed label frequencies.
 pub fn constant_loss(
     labels: impl Iterator<Item = usize>,
     classes: usize,
     smoothing: f64,
     weights: Option<&[f32]>,
 ) -> f64 {
-    let mut mass = vec![0.0f64; classes];
+    let weight = |c: usize| weights.map_or(1.0, |w| f64::from(w[c]));
+    let mut counts = vec![0.0f64; classes];
     for label in labels {
-        mass[label] += weights.map_or(1.0, |w| f64::from(w[label]));
+        counts[label] += 1.0;
     }
-    let total: f64 = mass.iter().sum();
-    if total <= 0.0 {
+    let n: f64 = counts.iter().sum();
+    let target_weight: f64 = (0..classes).map(|c| weight(c) * counts[c]).sum();
+    if target_weight <= 0.0 {
         return 0.0;
     }
-    mass.iter()
-        .map(|m| (1.0 - smoothing) * m / total + smoothing / classes as f64)
+    let mass: Vec<f64> = (0..classes)
+        .map(|c| {
+            (1.0 - smoothing) * weight(c) * counts[c] + smoothing / classes as f64 * n * weight(c)
+        })
+        .collect();
+    let total: f64 = mass.iter().sum();
+    let entropy: f64 = mass
+        .iter()
+        .map(|m| m / total)
         .filter(|p| *p > 0.0)
         .map(|p| -p * p.ln())
-        .sum()
+        .sum();
+    total / target_weight * entropy
 }
 
 #[cfg(test)]
@@ -138,6 +151,54 @@ mod tests {
         assert!(constant_loss([0, 0, 0, 1].into_iter(), 2, 0.1, None) > skewed);
         let balanced = constant_loss([0, 0, 0, 1].into_iter(), 2, 0.0, Some(&[1.0, 3.0]));
         assert!((balanced - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_constant_loss_is_the_least_loss_a_constant_prediction_gets_weighted_and_smoothed() {
+        let labels = [0u32, 0, 0, 1, 2];
+        let weights = [1.0f32, 3.0, 2.0];
+        let smoothing = 0.1;
+        let want = constant_loss(
+            labels.iter().map(|&l| l as usize),
+            3,
+            smoothing,
+            Some(&weights),
+        );
+        let loss_of = |q: [f32; 3]| {
+            let row: Vec<f32> = q.iter().map(|p| p.ln()).collect();
+            let logits = Tensor::new(vec![row; labels.len()], &Device::Cpu).unwrap();
+            let targets = Tensor::new(&labels, &Device::Cpu).unwrap();
+            let w = Tensor::new(&weights, &Device::Cpu).unwrap();
+            f64::from(
+                crate::trainer::lora::cross_entropy(&logits, &targets, smoothing, Some(&w))
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            )
+        };
+        // The best prediction: each class's mass (1 − s)·w·n + (s/C)·N·w, normalised.
+        let n = labels.len() as f64;
+        let mass: Vec<f64> = (0..3)
+            .map(|c| {
+                let count = labels.iter().filter(|&&l| l as usize == c).count() as f64;
+                (1.0 - smoothing) * f64::from(weights[c]) * count
+                    + smoothing / 3.0 * n * f64::from(weights[c])
+            })
+            .collect();
+        let total: f64 = mass.iter().sum();
+        let best = [0, 1, 2].map(|c| (mass[c] / total) as f32);
+        assert!(
+            (loss_of(best) - want).abs() < 1e-5,
+            "{} vs {want}",
+            loss_of(best)
+        );
+        for other in [
+            [0.5, 0.3, 0.2],
+            [0.34, 0.33, 0.33],
+            [best[0] + 0.02, best[1] - 0.01, best[2] - 0.01],
+        ] {
+            assert!(loss_of(other) > want, "{other:?}");
+        }
     }
 
     #[test]

@@ -56,9 +56,13 @@ impl Dropout {
     /// The next call's mask seed.
     fn draw(&self) -> DropoutDraw {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        // Hashed, not only combined: each mask walks the generator from its seed in steps of one constant,
+        // so seeds that differ by a multiple of it (as `seed ^ call × constant` often do) would draw the same
+        // masks shifted.
         DropoutDraw {
             p: self.p,
-            seed: self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            seed: crate::rng::Rng::new(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .next_u64(),
         }
     }
 
@@ -385,9 +389,11 @@ impl Deltas for LoraTrainable {
 }
 
 /// Cross-entropy of `logits` `[batch, labels]` against `targets` `[batch]` (u32), with label smoothing
-/// `smoothing` (the target keeps `1 − smoothing`, the rest is spread evenly), built from differentiable ops.
-/// With `class_weights` `[labels]` each example counts by its label's weight and the mean is weighted, as
-/// PyTorch's `CrossEntropyLoss(weight=…)` does; without, it is the plain mean.
+/// `smoothing` (the target keeps `1 − smoothing`, the rest is spread evenly), built from differentiable ops,
+/// as PyTorch's `CrossEntropyLoss(weight=…, label_smoothing=…)` computes it. Without `class_weights` it is
+/// the plain mean. With weights `w` `[labels]`, both parts are divided by the targets' total weight
+/// `Σᵢ w[yᵢ]`: the target's part weighs each example by its label's weight, the smoothed part each class's
+/// log-probability by that class's own weight.
 pub fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
@@ -399,15 +405,21 @@ pub fn cross_entropy(
     let shifted = logits.broadcast_sub(&max)?;
     let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
     let one_hot = candle_nn::encoding::one_hot(targets.clone(), labels, 1f32, 0f32)?;
-    let target = ((one_hot * (1.0 - smoothing))? + smoothing / labels as f64)?;
-    let per_example = (target * log_probs)?.sum(D::Minus1)?.neg()?;
     Ok(match class_weights {
-        None => per_example.mean_all()?,
+        None => {
+            let target = ((one_hot * (1.0 - smoothing))? + smoothing / labels as f64)?;
+            (target * log_probs)?.sum(D::Minus1)?.neg()?.mean_all()?
+        }
         Some(w) => {
-            let w = w.index_select(targets, 0)?;
-            (per_example * &w)?
+            let target_weights = w.index_select(targets, 0)?;
+            let nll = (one_hot * &log_probs)?.sum(D::Minus1)?.neg()?;
+            let hard = (nll * &target_weights)?.sum_all()?;
+            let spread = log_probs
+                .broadcast_mul(&w.unsqueeze(0)?)?
                 .sum_all()?
-                .broadcast_div(&w.sum_all()?)?
+                .neg()?;
+            ((hard * (1.0 - smoothing))? + (spread * (smoothing / labels as f64))?)?
+                .broadcast_div(&target_weights.sum_all()?)?
         }
     })
 }

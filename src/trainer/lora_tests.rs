@@ -646,6 +646,36 @@ fn class_weights_weigh_each_example_by_its_label() {
         .to_scalar::<f32>()
         .unwrap();
     assert!((plain - per_example.iter().sum::<f32>() / 3.0).abs() < 1e-6);
+    // With label smoothing too, PyTorch's figures (CrossEntropyLoss(weight, label_smoothing) on these
+    // logits): the smoothed part weighs each class by its own weight.
+    let logits = Tensor::new(&[[0.9f32.ln(), 0.1f32.ln()]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+    let got = cross_entropy(&logits, &targets, 0.1, Some(&weights))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((got - 0.445_480_3).abs() < 1e-5, "{got}");
+    let logits = Tensor::new(
+        &[
+            [1.540_996_1f32, -0.293_428_9, -2.178_789_4],
+            [0.568_431_3, -1.084_522_4, -1.398_595_5],
+            [0.403_346_8, 0.838_026_3, -0.719_257_6],
+            [-0.403_343_5, -0.596_635_3, 0.182_036_5],
+            [-0.856_674_6, 1.100_604_2, -1.071_187_4],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let targets = Tensor::new(&[0u32, 2, 1, 2, 2], &Device::Cpu).unwrap();
+    let weights = Tensor::new(&[0.5f32, 2.0, 1.5], &Device::Cpu).unwrap();
+    let got = cross_entropy(&logits, &targets, 0.2, Some(&weights))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (got - 1.375_249_9).abs() < 1e-5,
+        "{got} vs PyTorch's 1.3752499"
+    );
 
     let train: Vec<Example> = [0usize, 0, 0, 1]
         .iter()
@@ -807,4 +837,51 @@ fn a_run_that_diverges_rolls_back_at_half_the_rate_and_still_learns() {
     );
     let unguarded = run(0);
     assert!(unguarded.history.iter().all(|h| h.rollbacks == 0));
+}
+
+#[test]
+fn accumulated_micro_batches_take_the_gradient_one_big_batch_would() {
+    use super::train::{train_lora, ClassWeights, TrainConfig, WeightPreset};
+    let bert = tiny::bert(11);
+    let cpu = CpuEncoder::from_bert(&bert).unwrap();
+    // Seven examples, four of one label and three of the other: one step of micro-batches of 3, 3 and 1
+    // against one batch of 7, plain and with balanced class weights.
+    let mut train = toy_task(4);
+    train.truncate(7);
+    let norm = |batch_size, grad_accumulation, class_weights: ClassWeights| {
+        let config = TrainConfig {
+            epochs: Some(1),
+            batch_size,
+            grad_accumulation,
+            max_length: 16,
+            lora_dropout: 0.0,
+            class_weights,
+            ..TrainConfig::default()
+        };
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let run = train_lora(
+            &bert,
+            &cpu,
+            2,
+            &train,
+            &[],
+            &config,
+            None,
+            &mut |_| {},
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(run.steps, 1);
+        run.history[0].grad_norm.expect("measured before clipping")
+    };
+    for weights in [
+        ClassWeights::default(),
+        ClassWeights::Preset(WeightPreset::Balanced),
+    ] {
+        let (one, accumulated) = (norm(8, 1, weights.clone()), norm(3, 3, weights));
+        assert!(
+            (one - accumulated).abs() < 1e-5 * one,
+            "one batch {one} vs accumulated {accumulated}"
+        );
+    }
 }

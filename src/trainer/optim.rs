@@ -7,7 +7,8 @@
 //! the weight is updated in place. Variables the fused pass can't reach (another device, another dtype, a
 //! strided layout) step through candle's `AdamW`, so every device trains. Each variable may take its own
 //! share of the learning rate (layer-wise learning-rate decay), and fused variables may be pulled towards
-//! an anchor (a warm start's parent) as weight decay pulls them towards zero.
+//! an anchor (a warm start's parent) as weight decay pulls them towards zero. Biases and LayerNorm
+//! parameters (every variable of one dimension) are not decayed, as Hugging Face's Trainer groups them.
 
 use std::cell::RefCell;
 
@@ -22,10 +23,11 @@ use crate::model::kernels::{ELEMENTS_PER_TASK, PARALLEL_ELEMENTS};
 pub struct FusedAdamW {
     fused: Vec<Moments>,
     /// The variables stepped by candle's own `AdamW` (none on a CPU-only run), one optimizer per share of
-    /// the learning rate.
+    /// the learning rate and per decay.
     composed: Vec<(candle_nn::AdamW, f64)>,
-    /// Each of `composed`'s groups of variables, to start them afresh ([`FusedAdamW::reset`]).
-    groups: Vec<Vec<Var>>,
+    /// Each of `composed`'s groups of variables and whether it decays, to start them afresh
+    /// ([`FusedAdamW::reset`]).
+    groups: Vec<(Vec<Var>, bool)>,
     params: ParamsAdamW,
     /// How hard anchored variables are pulled towards their anchors (0: not at all).
     pull: f64,
@@ -36,6 +38,8 @@ pub struct FusedAdamW {
 struct Moments {
     var: Var,
     scale: f64,
+    /// Whether weight decay applies (not to biases and LayerNorm parameters).
+    decays: bool,
     /// Values each step pulls the variable towards (see [`FusedAdamW::anchor_here`]).
     anchor: Option<Vec<f32>>,
     m: Vec<f32>,
@@ -74,7 +78,11 @@ impl Optimizer for FusedAdamW {
             let lr = p.lr * moments.scale;
             let coefficients = Coefficients {
                 lr: lr as f32,
-                decay: (1.0 - lr * p.weight_decay) as f32,
+                decay: if moments.decays {
+                    (1.0 - lr * p.weight_decay) as f32
+                } else {
+                    1.0
+                },
                 beta1: p.beta1 as f32,
                 beta2: p.beta2 as f32,
                 scale_m: (1.0 / (1.0 - p.beta1.powi(self.step))) as f32,
@@ -121,25 +129,33 @@ impl FusedAdamW {
             );
         }
         let mut fused = Vec::new();
-        let mut composed: Vec<(Vec<Var>, f64)> = Vec::new();
+        let mut composed: Vec<(Vec<Var>, f64, bool)> = Vec::new();
         for (var, &scale) in vars.into_iter().zip(scales) {
+            let decays = var.rank() > 1;
             if var.device().is_cpu() && var.dtype() == DType::F32 && var.as_tensor().is_contiguous()
             {
                 let n = var.elem_count();
                 fused.push(Moments {
                     var,
                     scale,
+                    decays,
                     anchor: None,
                     m: vec![0.0; n],
                     v: vec![0.0; n],
                 });
-            } else if let Some(group) = composed.iter_mut().find(|(_, s)| *s == scale) {
+            } else if let Some(group) = composed
+                .iter_mut()
+                .find(|(_, s, d)| *s == scale && *d == decays)
+            {
                 group.0.push(var);
             } else {
-                composed.push((vec![var], scale));
+                composed.push((vec![var], scale, decays));
             }
         }
-        let groups: Vec<Vec<Var>> = composed.iter().map(|(vars, _)| vars.clone()).collect();
+        let groups: Vec<(Vec<Var>, bool)> = composed
+            .iter()
+            .map(|(vars, _, decays)| (vars.clone(), *decays))
+            .collect();
         let mut optimizer = Self {
             fused,
             composed: Vec::new(),
@@ -148,7 +164,7 @@ impl FusedAdamW {
             pull: 0.0,
             step: 0,
         };
-        optimizer.composed = optimizer.fresh_composed(composed.iter().map(|(_, s)| *s))?;
+        optimizer.composed = optimizer.fresh_composed(composed.iter().map(|(_, s, _)| *s))?;
         Ok(optimizer)
     }
 
@@ -160,9 +176,14 @@ impl FusedAdamW {
         self.groups
             .iter()
             .zip(scales)
-            .map(|(vars, scale)| {
+            .map(|((vars, decays), scale)| {
                 let params = ParamsAdamW {
                     lr: self.params.lr * scale,
+                    weight_decay: if *decays {
+                        self.params.weight_decay
+                    } else {
+                        0.0
+                    },
                     ..self.params.clone()
                 };
                 Ok((candle_nn::AdamW::new(vars.clone(), params)?, scale))
@@ -452,5 +473,40 @@ mod tests {
         opt.backward_step(&used.as_tensor().sqr().unwrap().sum_all().unwrap())
             .unwrap();
         assert_eq!(unused.as_tensor().to_vec2::<f32>().unwrap(), before);
+    }
+
+    #[test]
+    fn biases_and_layer_norms_are_not_decayed() {
+        for dtype in [DType::F32, DType::F64] {
+            let matrix =
+                Var::from_tensor(&Tensor::ones((2, 3), dtype, &Device::Cpu).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::ones(3, dtype, &Device::Cpu).unwrap()).unwrap();
+            let mut opt = adamw(vec![matrix.clone(), bias.clone()], 0.1, 0.5).unwrap();
+            // Adam's first step moves every value by the rate against its gradient (1 here); the decay
+            // takes the matrix a share 0.1 × 0.5 towards 0 before it.
+            let loss = (matrix.as_tensor().sum_all().unwrap()
+                + bias.as_tensor().sum_all().unwrap())
+            .unwrap();
+            opt.backward_step(&loss).unwrap();
+            let values = |v: &Var| -> Vec<f64> {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert!(
+                values(&matrix).iter().all(|x| (x - 0.85).abs() < 1e-6),
+                "{dtype:?}: 1 × (1 − 0.1 × 0.5) − 0.1, {:?}",
+                values(&matrix)
+            );
+            assert!(
+                values(&bias).iter().all(|x| (x - 0.9).abs() < 1e-6),
+                "{dtype:?}: 1 − 0.1, {:?}",
+                values(&bias)
+            );
+        }
     }
 }

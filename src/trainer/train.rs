@@ -454,8 +454,23 @@ fn fit<T: Trainable>(
             }
             let mut accumulated: Option<GradStore> = None;
             let micro: Vec<&[usize]> = group.chunks(config.batch_size).collect();
+            // Each micro-batch's loss is a (weighted) mean over its own examples; scaled by its share of
+            // the step's examples (their weight, with class weights), the step's gradient is the one a
+            // single batch of all of them would give, a short last micro-batch included.
+            let weight_of = |indices: &[usize]| -> f64 {
+                indices
+                    .iter()
+                    .map(|&i| {
+                        weights
+                            .as_ref()
+                            .map_or(1.0, |w| f64::from(w[train[i].label]))
+                    })
+                    .sum()
+            };
+            let group_weight = weight_of(group);
             let mut step_loss = 0.0;
             for indices in &micro {
+                let share = weight_of(indices) / group_weight;
                 let batch: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
                 let (ids, mask, targets) = pad(&batch, pad_id, &device)?;
                 let logits = trainable.logits(&ids, &mask)?;
@@ -468,9 +483,9 @@ fn fit<T: Trainable>(
                 let value = loss.to_scalar::<f32>()? as f64;
                 loss_sum += value;
                 loss_count += 1;
-                step_loss += value / micro.len() as f64;
+                step_loss += value * share;
                 examples_seen += batch.len();
-                let grads = (loss / micro.len() as f64)?.backward()?;
+                let grads = (loss * share)?.backward()?;
                 accumulated = Some(match accumulated {
                     None => grads,
                     Some(mut acc) => {

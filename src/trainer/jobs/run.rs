@@ -251,10 +251,18 @@ pub(super) fn train_and_publish(
         .and_then(|g| g.sidecar.metrics.get("feedback_snapshot_id"))
         .and_then(serde_json::Value::as_i64);
     let data = select_data(deps, &task, config, parent_snapshot)?;
-    let paired: Vec<(Example, Vec<u32>)> =
-        data.examples.into_iter().zip(data.serving_ids).collect();
+    // A warm start validates on the rows its parent never saw: the rest (replayed or not) only train, or the
+    // validation would favour the parent's memory, in choosing the epoch and in comparing with the stable
+    // generation.
+    let (paired, known): (Vec<_>, Vec<_>) = data
+        .examples
+        .into_iter()
+        .zip(data.serving_ids)
+        .zip(data.fresh)
+        .partition(|(_, fresh)| *fresh);
+    let paired: Vec<(Example, Vec<u32>)> = paired.into_iter().map(|(pair, _)| pair).collect();
     let Split {
-        train,
+        mut train,
         val,
         skipped,
     } = validation_split(
@@ -265,6 +273,7 @@ pub(super) fn train_and_publish(
         config.min_val_per_label,
         config.seed,
     );
+    train.extend(known.into_iter().map(|(pair, _)| pair));
     let validation_note = skipped.map(|s| s.describe(&task.labels, config.epochs()));
     let (train, train_serving): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (val, val_serving): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();

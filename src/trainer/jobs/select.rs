@@ -20,6 +20,9 @@ pub(super) struct Dataset {
     pub(super) examples: Vec<Example>,
     /// Each example's token ids as serving makes them (not cut at the job's `max_length`).
     pub(super) serving_ids: Vec<Vec<u32>>,
+    /// Whether each example is newer than the parent's snapshot (every one without a parent snapshot): only
+    /// those validate, as the parent may have trained on the others.
+    pub(super) fresh: Vec<bool>,
     /// The newest feedback row read: the next warm start's snapshot.
     pub(super) snapshot_id: i64,
     /// Rows newer than the parent's snapshot (all rows without one).
@@ -69,6 +72,7 @@ pub(super) fn select_data(
     chosen.sort_by_key(|r| r.id);
     let mut examples = Vec::with_capacity(chosen.len());
     let mut serving_ids = Vec::with_capacity(chosen.len());
+    let mut fresh = Vec::with_capacity(chosen.len());
     for row in &chosen {
         let Some(label) = task.labels.iter().position(|l| *l == row.label) else {
             continue;
@@ -83,6 +87,7 @@ pub(super) fn select_data(
             label,
         });
         serving_ids.push(ids);
+        fresh.push(parent_snapshot.is_none_or(|cut| row.id > cut));
     }
     for (i, label) in task.labels.iter().enumerate() {
         let n = examples.iter().filter(|e| e.label == i).count();
@@ -95,6 +100,7 @@ pub(super) fn select_data(
     Ok(Dataset {
         examples,
         serving_ids,
+        fresh,
         snapshot_id,
         new_rows,
         replayed_rows,
