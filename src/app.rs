@@ -137,7 +137,6 @@ pub fn assemble(
         model.config.clone(),
         model.bert.pooler.is_some(),
     )?;
-    metrics.adapters_loaded.set(registry.ready_count() as i64);
     let pressure = ServingPressure::new();
     let infer = Infer::start(
         serving.clone(),
@@ -204,7 +203,6 @@ pub fn assemble(
             &registry,
             &rollouts,
             Duration::from_millis(config.store.sync_interval_ms),
-            metrics,
         )?;
     }
     if config.rollouts.auto_canary {
@@ -258,7 +256,6 @@ fn follow_shared_state(
     registry: &Arc<Registry>,
     rollouts: &Arc<Rollouts>,
     every: Duration,
-    metrics: Metrics,
 ) -> std::io::Result<()> {
     // Set by the registry's thread when a change is announced; the rollouts' thread waits on it.
     let announced = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
@@ -273,11 +270,9 @@ fn follow_shared_state(
             registry.wait_for_change(every);
             *wake.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
             wake.1.notify_one();
-            match registry.sync() {
-                Ok(true) => metrics.adapters_loaded.set(registry.ready_count() as i64),
-                Ok(false) => {}
-                // PostgreSQL is unreachable: serve what is loaded and look again next time.
-                Err(e) => tracing::warn!(error = %e, "cannot read the shared registry"),
+            // PostgreSQL is unreachable: serve what is loaded and look again next time.
+            if let Err(e) = registry.sync() {
+                tracing::warn!(error = %e, "cannot read the shared registry");
             }
         })?;
     std::thread::Builder::new()

@@ -210,6 +210,15 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
             "the task had no generation, so it becomes stable"
         );
         assert!(trained["metrics"]["val"]["macro_f1"].is_number());
+        let (_, metrics) = server.get_text("/metrics");
+        let ready = format!(
+            "flywheel_adapters_loaded {}",
+            list.as_array().unwrap().len()
+        );
+        assert!(
+            metrics.lines().any(|l| l == ready),
+            "the trainer's generation counts: {ready}"
+        );
         let (status, body) = server.post(
             "/v1/predict",
             &json!({"task": "spam", "inputs": ["Meeting notes attached"]}),

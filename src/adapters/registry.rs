@@ -264,6 +264,17 @@ impl Registry {
         if stored.version <= old.version && !fetched && !self.retry_due(&old) {
             return Ok(false);
         }
+        // A change made here while the files were fetched is newer than what was read: read again (under
+        // the writer lock, nothing here can change it meanwhile), or the older index would be installed
+        // over it, undoing an alias move or a generation just published until the next look.
+        let stored = if stored.version < old.version {
+            match self.store.load()? {
+                Some(newest) => newest,
+                None => return Ok(false),
+            }
+        } else {
+            stored
+        };
         let next = self.rebuild(&old, stored);
         let ready = |inner: &Inner| {
             inner
@@ -933,6 +944,23 @@ impl Registry {
             .map(String::as_str)
             .unwrap_or(id_or_alias);
         inner.generations.get(id).cloned()
+    }
+
+    /// Whether generation `id` exists: loaded here, or, with a shared index, stored by another replica and
+    /// not taken in here yet (its files may still be on their way). An index that cannot be read counts as
+    /// listing it: nothing should end for want of an answer.
+    pub fn listed(&self, id: &str) -> bool {
+        if self.read().generations.contains_key(id) {
+            return true;
+        }
+        if !self.store.shared() {
+            return false;
+        }
+        match self.store.load() {
+            Ok(Some(stored)) => stored.index.generations.iter().any(|g| g.id == id),
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     /// Every generation with the aliases that point at it.

@@ -320,6 +320,13 @@ fn replicas_on_a_shared_index_take_in_each_others_tasks_generations_and_alias_mo
     a.delete(&g1.id).unwrap();
     b.sync().unwrap();
     assert!(b.resolve(&g1.id).is_none());
+    // A generation B has not taken in is still listed, from the shared index; a deleted one is not.
+    write_adapter(a.root(), "three", 3);
+    let (g3, _) = a.load("three", "t", None).unwrap();
+    assert!(b.resolve(&g3.id).is_none() && b.listed(&g3.id));
+    assert!(!b.listed(&g1.id) && !a.listed(&g1.id));
+    a.delete(&g3.id).unwrap();
+    assert!(!b.listed(&g3.id));
     // A third replica, started now, restores everything from the shared index.
     let c = open_shared(root.path(), &config);
     assert_eq!(c.resolve("t").unwrap().id, g2.id);

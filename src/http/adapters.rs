@@ -123,10 +123,6 @@ pub async fn load(
         .metrics
         .adapter_load_duration
         .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
-        .adapters_loaded
-        .set(registry.ready_count() as i64);
     let aliases = aliases_of(&registry, &generation);
     let body = view(&generation, aliases);
     Ok(if new {
@@ -161,24 +157,13 @@ pub async fn delete(
     let services = state.services()?;
     // An alias names its generation, which that alias then keeps (409), rather than nothing (404).
     let id = match services.registry.resolve(&id) {
-        Some(g) if services.rollouts.uses(&g.id) => {
-            return Err(ApiError::conflict(format!(
-                "adapter {} is an arm of an active rollout; promote or roll it back first",
-                g.id
-            )));
-        }
         Some(g) => g.id.clone(),
         None => id.into_inner(),
     };
-    let registry = services.registry.clone();
-    let reg = registry.clone();
-    web::block(move || reg.delete(&id))
+    let (registry, rollouts) = (services.registry.clone(), services.rollouts.clone());
+    web::block(move || rollouts.unless_in_use(&id, || registry.delete(&id)))
         .await
-        .map_err(|_| ApiError::busy())??;
-    state
-        .metrics
-        .adapters_loaded
-        .set(registry.ready_count() as i64);
+        .map_err(|_| ApiError::busy())???;
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -71,6 +71,11 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Ok(services) = state.services() {
         router_info(&state, services);
+        // Read at the scrape: generations arrive from the HTTP routes, the trainer and other replicas.
+        state
+            .metrics
+            .adapters_loaded
+            .set(services.registry.ready_count() as i64);
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

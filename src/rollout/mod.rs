@@ -252,12 +252,12 @@ impl Rollouts {
                 continue;
             }
             // Shared, a generation that failed to load on this replica only (its files not fetched yet) still
-            // serves on the others: only one gone from the registry ends the rollout.
+            // serves on the others, and one another replica just published may not have reached this one's
+            // registry: only one gone from the shared index ends the rollout.
             let shared = self.store.shared();
-            let usable = |id: &str| {
-                self.registry
-                    .resolve(id)
-                    .is_some_and(|g| shared || (g.state == State::Ready && g.adapter.is_some()))
+            let usable = |id: &str| match self.registry.resolve(id) {
+                Some(g) => shared || (g.state == State::Ready && g.adapter.is_some()),
+                None => shared && self.registry.listed(id),
             };
             if !usable(&r.candidate) || !usable(&r.stable) {
                 ended.push((r.task.clone(), "rollback"));
@@ -506,6 +506,15 @@ impl Rollouts {
             ),
         );
         let _deciding = self.deciding();
+        // Deletions wait for the decision lock (`unless_in_use`): one may have come between the checks above
+        // and now.
+        for id in [&rollout.candidate, &rollout.stable] {
+            if !self.registry.listed(id) {
+                return Err(RolloutError::NotFound(format!(
+                    "generation {id} was deleted meanwhile"
+                )));
+            }
+        }
         let superseded = self.decide(|state| {
             let list = state.rollouts.entry(task.clone()).or_default();
             let mut superseded = false;
@@ -560,6 +569,22 @@ impl Rollouts {
                 r
             })
             .collect()
+    }
+
+    /// Runs `change` (a deletion of generation `id`) unless an active rollout uses `id`, with no rollout
+    /// starting meanwhile in this process.
+    pub fn unless_in_use<T>(
+        &self,
+        id: &str,
+        change: impl FnOnce() -> T,
+    ) -> Result<T, RolloutError> {
+        let _deciding = self.deciding();
+        if self.uses(id) {
+            return Err(RolloutError::Conflict(format!(
+                "adapter {id} is an arm of an active rollout; promote or roll it back first"
+            )));
+        }
+        Ok(change())
     }
 
     /// Whether an active rollout uses generation `id`.

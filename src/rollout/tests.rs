@@ -507,3 +507,36 @@ fn steps_must_rise_and_the_decision_log_keeps_its_start_and_latest_entries() {
             < 1e-12
     );
 }
+
+#[test]
+fn a_generation_in_a_rollout_is_not_deleted_and_a_deleted_one_cannot_start_one() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _, two) = registry(data.path());
+    let rollouts = open(data.path(), registry.clone());
+    start(&rollouts, &two, &[0.5]);
+    let refused = rollouts.unless_in_use(&two, || registry.delete(&two));
+    assert!(
+        matches!(refused, Err(RolloutError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert!(registry.resolve(&two).is_some());
+    rollouts.rollback("t", "test", "done".into()).unwrap();
+    rollouts
+        .unless_in_use(&two, || registry.delete(&two))
+        .unwrap()
+        .unwrap();
+    assert!(!registry.listed(&two));
+    let started = rollouts.start(
+        StartRequest {
+            task: "t".into(),
+            candidate: two.clone(),
+            ..StartRequest::default()
+        },
+        "test",
+        false,
+    );
+    assert!(
+        matches!(started, Err(RolloutError::NotFound(_))),
+        "{started:?}"
+    );
+}

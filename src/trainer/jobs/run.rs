@@ -82,7 +82,17 @@ pub(super) fn run_job(shared: &Shared, deps: &TrainerDeps, id: &str) {
         .get(id)
         .cloned()
         .unwrap_or_default();
-    shared.update(id, |j| j.state = JobState::Running);
+    // A cancel may have landed since the job was read: it is then cancelled, and stays so.
+    let mut started = false;
+    shared.update(id, |j| {
+        if j.state == JobState::Queued {
+            j.state = JobState::Running;
+            started = true;
+        }
+    });
+    if !started {
+        return;
+    }
     shared.persist();
     let clock = JobClock::start(&deps.yield_to.0);
     // A panic fails this job, not the trainer: the job reads `failed` with the panic's message.
