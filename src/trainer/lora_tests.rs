@@ -329,6 +329,31 @@ fn a_warm_start_reproduces_the_adapter_it_started_from() {
     assert_eq!(again.parameter_count(), adapter.parameter_count());
 }
 
+/// [`super::train::train_lora`] reporting nowhere and never cancelled.
+fn fit(
+    bert: &crate::model::bert::Bert,
+    cpu: &CpuEncoder,
+    labels: usize,
+    train: &[super::data::Example],
+    val: &[super::data::Example],
+    config: &super::train::TrainConfig,
+    warm: Option<&Adapter>,
+) -> super::train::TrainReport<Adapter> {
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    super::train::train_lora(
+        bert,
+        cpu,
+        labels,
+        train,
+        val,
+        config,
+        warm,
+        &mut |_| {},
+        &cancel,
+    )
+    .unwrap()
+}
+
 /// A separable toy task: `n` examples of each label, label 0 texts holding token 5 and label 1 texts token 9.
 fn toy_task(n: usize) -> Vec<super::data::Example> {
     let make = |token: u32, label: usize| {
@@ -409,18 +434,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
         max_grad_norm: 0.0,
         ..config
     };
-    let run = train_lora(
-        &bert,
-        &cpu,
-        2,
-        &train,
-        &[],
-        &config,
-        None,
-        &mut |_| {},
-        &cancel,
-    )
-    .unwrap();
+    let run = fit(&bert, &cpu, 2, &train, &[], &config, None);
     assert_eq!((run.best_epoch, run.history.len(), run.steps), (3, 3, 9));
     assert!(run.val.is_none() && run.history.iter().all(|h| h.val.is_none()));
     // Clipping off skips measuring the norm.
@@ -433,7 +447,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
 #[test]
 fn a_warm_started_run_continues_from_the_given_adapter() {
     use super::data::Example;
-    use super::train::{train_lora, TrainConfig};
+    use super::train::TrainConfig;
     let bert = tiny::bert(11);
     let cpu = CpuEncoder::from_bert(&bert).unwrap();
     let start = trainable(&bert.config);
@@ -452,22 +466,7 @@ fn a_warm_started_run_continues_from_the_given_adapter() {
         max_length: 16,
         ..TrainConfig::default()
     };
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let run = |w| {
-        train_lora(
-            &bert,
-            &cpu,
-            3,
-            &train,
-            &train,
-            &config,
-            w,
-            &mut |_| {},
-            &cancel,
-        )
-        .unwrap()
-        .result
-    };
+    let run = |w| fit(&bert, &cpu, 3, &train, &train, &config, w).result;
     let continued = run(Some(&warm));
     let fresh = run(None);
     let head = |a: &Adapter| a.head.clone().unwrap().classifier.weight;
@@ -519,7 +518,7 @@ impl WarmStart {
 
     /// Trains from the parent on the examples (validating on them too).
     fn train(&self, config: &super::train::TrainConfig) -> super::train::TrainReport<Adapter> {
-        super::train::train_lora(
+        fit(
             &self.bert,
             &self.cpu,
             3,
@@ -527,10 +526,7 @@ impl WarmStart {
             &self.train,
             config,
             Some(&self.parent),
-            &mut |_| {},
-            &std::sync::atomic::AtomicBool::new(false),
         )
-        .unwrap()
     }
 }
 
@@ -797,7 +793,7 @@ fn a_cls_head_can_train_a_copy_of_the_bases_pooler() {
 
 #[test]
 fn a_run_that_diverges_rolls_back_at_half_the_rate_and_still_learns() {
-    use super::train::{train_lora, TrainConfig};
+    use super::train::TrainConfig;
     let bert = tiny::bert(11);
     let cpu = CpuEncoder::from_bert(&bert).unwrap();
     let (train, val) = (toy_task(96), toy_task(12));
@@ -812,19 +808,7 @@ fn a_run_that_diverges_rolls_back_at_half_the_rate_and_still_learns() {
             divergence_rollbacks: rollbacks,
             ..TrainConfig::default()
         };
-        let cancel = std::sync::atomic::AtomicBool::new(false);
-        train_lora(
-            &bert,
-            &cpu,
-            2,
-            &train,
-            &val,
-            &config,
-            None,
-            &mut |_| {},
-            &cancel,
-        )
-        .unwrap()
+        fit(&bert, &cpu, 2, &train, &val, &config, None)
     };
     let guarded = run(3);
     let total: usize = guarded.history.iter().map(|h| h.rollbacks).sum();
@@ -841,7 +825,7 @@ fn a_run_that_diverges_rolls_back_at_half_the_rate_and_still_learns() {
 
 #[test]
 fn accumulated_micro_batches_take_the_gradient_one_big_batch_would() {
-    use super::train::{train_lora, ClassWeights, TrainConfig, WeightPreset};
+    use super::train::{ClassWeights, TrainConfig, WeightPreset};
     let bert = tiny::bert(11);
     let cpu = CpuEncoder::from_bert(&bert).unwrap();
     // Seven examples, four of one label and three of the other: one step of micro-batches of 3, 3 and 1
@@ -858,19 +842,7 @@ fn accumulated_micro_batches_take_the_gradient_one_big_batch_would() {
             class_weights,
             ..TrainConfig::default()
         };
-        let cancel = std::sync::atomic::AtomicBool::new(false);
-        let run = train_lora(
-            &bert,
-            &cpu,
-            2,
-            &train,
-            &[],
-            &config,
-            None,
-            &mut |_| {},
-            &cancel,
-        )
-        .unwrap();
+        let run = fit(&bert, &cpu, 2, &train, &[], &config, None);
         assert_eq!(run.steps, 1);
         run.history[0].grad_norm.expect("measured before clipping")
     };
