@@ -112,7 +112,13 @@ impl Autopilot {
             let grown = count.saturating_sub(seen.count);
             let reason = if by_count && grown >= self.policy.auto_every_feedback {
                 format!("{grown} new feedback items")
-            } else if self.policy.auto_on_drift && grown > 0 && self.drift.detected(&task.name) {
+            } else if self.policy.auto_on_drift
+                && grown > 0
+                && self
+                    .registry
+                    .resolve(&task.name)
+                    .is_some_and(|stable| self.drift.detected(&task.name, &stable.id))
+            {
                 "drift detected".to_owned()
             } else {
                 continue;

@@ -659,6 +659,17 @@ impl Config {
                 "drift: reference_size and window_size 20..=100000, min_window 1..=window_size, mmd_sample 10..=2000, permutations ≤ 10000, p_value in (0, 1)".to_owned(),
             );
         }
+        // A permutation p-value is at least 1 / (1 + permutations): a p_value below it never fires.
+        let floor = 1.0 / (1.0 + d.permutations as f64);
+        if floor > d.p_value * (1.0 + 1e-9) {
+            return fail(format!(
+                "drift: with {} permutations no p-value falls below {floor:.4}, so p_value {} could never \
+                 detect drift; raise permutations to at least {}",
+                d.permutations,
+                d.p_value,
+                (1.0 / d.p_value).ceil() as u64 - 1
+            ));
+        }
         if !(0..=19).contains(&self.trainer.nice) {
             return fail("trainer.nice must be 0 to 19".to_owned());
         }
@@ -755,6 +766,22 @@ mod tests {
         assert!(matches!(
             Config::load(None, env),
             Err(ConfigError::Invalid(m)) if m.contains("keep_finished_jobs")
+        ));
+        // 99 permutations cannot reach the default p-value of 0.001; 999 (the default) just can.
+        let permutations =
+            |n: &str| vec![("FLYWHEEL_DRIFT__PERMUTATIONS".to_owned(), n.to_owned())];
+        assert!(matches!(
+            Config::load(None, permutations("99")),
+            Err(ConfigError::Invalid(m)) if m.contains("at least 999")
+        ));
+        assert!(Config::load(None, permutations("999")).is_ok());
+        let steps = vec![(
+            "FLYWHEEL_ROLLOUTS__STEPS".to_owned(),
+            "[0.5, 0.1]".to_owned(),
+        )];
+        assert!(matches!(
+            Config::load(None, steps),
+            Err(ConfigError::Invalid(m)) if m.contains("rising")
         ));
     }
 }

@@ -244,6 +244,9 @@ fn models_list_the_base_tasks_aliases_and_generations_and_model_selects_each() {
     let (status, hub) = server.get_json("/v1/models/sentence-transformers%2Fall-MiniLM-L6-v2");
     assert_eq!(status, 200, "{hub}");
     assert_eq!(hub["kind"], "base", "{hub}");
+    // Older OpenAI SDKs send the slash unencoded.
+    let (status, unencoded) = server.get_json("/v1/models/sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!((status, &unencoded), (200, &hub));
     let (status, missing) = server.get_json("/v1/models/nope");
     assert_eq!(status, 404);
     assert_eq!(missing["error"]["code"], "model_not_found");
@@ -285,6 +288,23 @@ fn models_list_the_base_tasks_aliases_and_generations_and_model_selects_each() {
             &json!({"request_id": body["id"], "label": "negative", "index": 0}),
         );
         assert_eq!(status, 202, "{fb}");
+    }
+    // vLLM's path, without `model` (the only task) and with raw logits (`use_activation: false`).
+    let (status, vllm) = server.post(
+        "/classify",
+        &json!({"input": TEXTS, "use_activation": false}),
+    );
+    assert_eq!(status, 200, "{vllm}");
+    assert_eq!(vllm["model"], "sentiment");
+    for (i, item) in vllm["data"].as_array().unwrap().iter().enumerate() {
+        let logits = floats(&item["probs"]);
+        let top = logits.iter().map(|l| l.exp()).sum::<f32>();
+        let probs: Vec<f32> = logits.iter().map(|l| l.exp() / top).collect();
+        let own = &predicted["predictions"][i];
+        assert_eq!(item["label"], own["label"]);
+        for (p, label) in probs.iter().zip(["negative", "neutral", "positive"]) {
+            assert!((p - own["scores"][label].as_f64().unwrap() as f32).abs() <= 1e-5);
+        }
     }
     for (model, status, code) in [
         ("all-MiniLM-L6-v2", 400, "invalid_request"),
@@ -360,6 +380,13 @@ fn tei_routes_answer_in_teis_shapes() {
         &json!({"inputs": "x", "truncation_direction": "Left"}),
     );
     assert_eq!(status, 422);
+    // huggingface_hub's InferenceClient posts to the root, and spells the direction in lower case.
+    let (status, body) = server.post(
+        "/",
+        &json!({"inputs": TEXTS[1], "truncation_direction": "right"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(max_diff(&floats(&body[0]), &own[1]) <= 1e-6);
 
     // /tokenize: a list of tokens per input, special tokens without offsets, text the bytes covered.
     let (status, body) = server.post("/tokenize", &json!({"inputs": ["Hello, world!", "退货"]}));
@@ -400,6 +427,10 @@ fn tei_routes_answer_in_teis_shapes() {
     );
     assert_eq!(info["max_input_length"], 256);
     assert_eq!(info["auto_truncate"], true);
+    assert!(
+        info["sha"].is_null() && info["docker_label"].is_null(),
+        "{info}"
+    );
     for key in [
         "max_batch_tokens",
         "max_client_batch_size",

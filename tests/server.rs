@@ -377,7 +377,7 @@ fn openapi_document_lists_every_route_the_server_answers() {
             );
         }
     }
-    assert_eq!(operations, 35);
+    assert_eq!(operations, 37);
     let trace = ureq::request("TRACE", &server.url("/health")).call();
     let Err(ureq::Error::Status(405, trace)) = trace else {
         panic!("TRACE /health should be 405: {trace:?}");

@@ -419,12 +419,14 @@ impl DriftMonitor {
         }
     }
 
-    /// Whether the task's latest report found drift.
-    pub fn detected(&self, task: &str) -> bool {
+    /// Whether the task's latest report found drift in the traffic of `generation`, the task's stable one
+    /// now: a report on a generation since replaced (promoted over, before a prediction of the new one
+    /// arrived) says nothing about it.
+    pub fn detected(&self, task: &str, generation: &str) -> bool {
         self.lock()
             .get(task)
             .and_then(|t| t.report.as_ref())
-            .is_some_and(|r| r.detected)
+            .is_some_and(|r| r.detected && r.generation == generation)
     }
 
     fn compute(&self, task: &str, entry: &Snapshot) -> DriftReport {
@@ -588,7 +590,11 @@ mod tests {
         assert!(!quiet.detected, "{quiet:?}");
         feed(&m, "g1", 60, 0.9, 0.3, 3);
         let moved = m.report("spam").unwrap().unwrap();
-        assert!(moved.detected && m.detected("spam"), "{moved:?}");
+        assert!(moved.detected && m.detected("spam", "g1"), "{moved:?}");
+        assert!(
+            !m.detected("spam", "g2"),
+            "a generation promoted since has not drifted yet"
+        );
         let prediction = &moved.signals[0];
         assert!(
             prediction.detected && prediction.score > 0.2,

@@ -99,8 +99,13 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body: usize) {
         .service(resource("/v1/predict").route(web::post().to(predict::predict)))
         .service(openai("/v1/embeddings").route(web::post().to(openai::embeddings)))
         .service(openai("/v1/classify").route(web::post().to(openai::classify)))
+        // The paths other clients post to (`openapi::ALIASES`, which documents them).
+        .service(openai("/classify").route(web::post().to(openai::classify)))
+        .service(resource("/").route(web::post().to(tei::embed)))
         .service(resource("/v1/models").route(web::get().to(openai::models)))
-        .service(resource("/v1/models/{model}").route(web::get().to(openai::model)))
+        // A model id may hold a slash (`sentence-transformers/all-MiniLM-L6-v2`), which older OpenAI SDKs
+        // send unencoded.
+        .service(resource("/v1/models/{model:.+}").route(web::get().to(openai::model)))
         .service(resource("/embed").route(web::post().to(tei::embed)))
         .service(resource("/predict").route(web::post().to(tei::predict)))
         .service(resource("/tokenize").route(web::post().to(tei::tokenize)))

@@ -470,11 +470,13 @@ pub async fn model(
     Ok(HttpResponse::Ok().json(ModelObject::from(card)))
 }
 
-/// Body of `POST /v1/classify` (vLLM's shape, with Flywheel's sticky routing key).
+/// Body of `POST /v1/classify` and `POST /classify` (vLLM's shape, with Flywheel's sticky routing key).
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ClassifyBody {
-    /// A task (its rollout picks the generation), an alias or a generation id (pinned).
-    pub model: String,
+    /// A task (its rollout picks the generation), an alias or a generation id (pinned); default
+    /// `[server] tei_predict_model`, or the only task.
+    #[serde(default)]
+    pub model: Option<String>,
     /// Text(s) to classify.
     pub input: Inputs,
     /// Sticky routing key: one key always sees the same arm of a rollout.
@@ -483,6 +485,9 @@ pub struct ClassifyBody {
     /// The caller's end user (accepted, not used).
     #[serde(default)]
     pub user: Option<String>,
+    /// vLLM's switch: false answers the head's logits in `probs` instead of probabilities.
+    #[serde(default)]
+    pub use_activation: Option<bool>,
 }
 
 /// One input's classification.
@@ -492,7 +497,7 @@ pub struct ClassifyData {
     pub index: usize,
     /// The most probable label.
     pub label: String,
-    /// Every label's probability, in the task's label order.
+    /// Every label's probability (logit with `use_activation: false`), in the task's label order.
     pub probs: Vec<f32>,
     /// How many labels the task has.
     pub num_classes: usize,
@@ -563,7 +568,13 @@ pub async fn classify(
         input,
         routing_key,
         user: _,
+        use_activation,
     } = body.into_inner();
+    let model = match model {
+        Some(model) => model,
+        None => super::tei::default_classifier(&state, services)
+            .map_err(|e| OpenAiError::about("model", e))?,
+    };
     let (task, pinned) = classifier(services, &model).map_err(|e| OpenAiError::new(e, "model"))?;
     super::predict::check_routing_key(routing_key.as_deref())?;
     let texts = input.into_vec();
@@ -578,15 +589,19 @@ pub async fn classify(
         .await
         .map_err(ApiError::from)?;
     let num_classes = answer.task.labels.len();
-    let data = answer
-        .out
-        .vectors
+    let scores = if use_activation == Some(false) {
+        &answer.out.logits
+    } else {
+        &answer.out.vectors
+    };
+    let data = scores
         .iter()
         .enumerate()
-        .map(|(index, probs)| ClassifyData {
+        .map(|(index, scores)| ClassifyData {
             index,
-            label: answer.task.labels[crate::model::pooling::best(probs).0].clone(),
-            probs: probs.clone(),
+            // Softmax keeps the order, so the best logit is the best probability.
+            label: answer.task.labels[crate::model::pooling::best(scores).0].clone(),
+            probs: scores.clone(),
             num_classes,
         })
         .collect();

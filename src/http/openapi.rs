@@ -76,6 +76,14 @@ use super::{adapters, drift, embed, feedback, openai, ops, predict, rollouts, ta
 )]
 pub struct ApiDoc;
 
+/// Paths that answer as a documented one, for clients that expect them there: (the path, the documented
+/// path, a suffix that keeps its operations' ids unique). vLLM posts classifications to `/classify`;
+/// Hugging Face's `InferenceClient` posts embeddings to the server's root, as TEI serves them.
+pub(super) const ALIASES: [(&str, &str, &str); 2] = [
+    ("/classify", "/v1/classify", "vllm"),
+    ("/", "/embed", "root"),
+];
+
 /// A string schema that needs a non-blank character, as the handlers require of texts and labels.
 pub(super) fn non_blank(description: impl Into<String>) -> ObjectBuilder {
     ObjectBuilder::new()
@@ -114,8 +122,31 @@ pub(super) fn allowed_methods(pattern: &str) -> Option<&'static str> {
                 })
                 .collect()
         })
-        .get(pattern)
+        .get(&plain_pattern(pattern))
         .map(String::as_str)
+}
+
+/// A route pattern as the document names it: a segment's constraint dropped (`{model:.+}` → `{model}`).
+fn plain_pattern(pattern: &str) -> String {
+    let mut plain = String::with_capacity(pattern.len());
+    let mut constraint = false;
+    for c in pattern.chars() {
+        match c {
+            ':' if plain.ends_with(|p: char| p != '}') && plain.contains('{') && !constraint => {
+                constraint = plain.rfind('{') > plain.rfind('}');
+                if !constraint {
+                    plain.push(c);
+                }
+            }
+            '}' => {
+                constraint = false;
+                plain.push(c);
+            }
+            _ if constraint => {}
+            _ => plain.push(c),
+        }
+    }
+    plain
 }
 
 /// Error answers every endpoint of a kind may give, each `(status, when)`.
@@ -244,6 +275,30 @@ impl Modify for Conventions {
                 retry_after_on_429_and_503(operation);
             }
         }
+        for (alias, documented, suffix) in ALIASES {
+            let Some(mut item) = api.paths.paths.get(documented).cloned() else {
+                continue;
+            };
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if let Some(id) = operation.operation_id.as_mut() {
+                    *id = format!("{id}_{suffix}");
+                }
+                let same = format!("The same as `{documented}`.");
+                operation.description = Some(match operation.description.take() {
+                    Some(description) => format!("{description}\n\n{same}"),
+                    None => same,
+                });
+            }
+            api.paths.paths.insert(alias.to_owned(), item);
+        }
     }
 }
 
@@ -341,7 +396,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 35, "every route, /openapi.json included");
+        assert_eq!(operations, 37, "every route, /openapi.json included");
         let mut ids: Vec<_> = doc
             .paths
             .paths
@@ -360,6 +415,9 @@ mod tests {
         assert_eq!(allowed_methods("/v1/tasks"), Some("GET, POST"));
         assert_eq!(allowed_methods("/v1/jobs/{id}"), Some("GET, DELETE"));
         assert_eq!(allowed_methods("/v1/nothing"), None);
+        assert_eq!(allowed_methods("/v1/models/{model:.+}"), Some("GET"));
+        assert_eq!(allowed_methods("/"), Some("POST"));
+        assert_eq!(plain_pattern("/a/{b:[0-9]+}/c/{d}"), "/a/{b}/c/{d}");
     }
 
     #[test]

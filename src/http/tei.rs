@@ -18,13 +18,16 @@ use crate::serving::{ClassifyRequest, Services};
 /// TEI's version whose API these routes follow.
 const TEI_API_VERSION: &str = "1.8.0";
 
-/// `Right` (the default) or `Left`; Flywheel cuts long inputs on the right only.
+/// `Right` (the default) or `Left`, also lower-case as `huggingface_hub` spells them; Flywheel cuts long
+/// inputs on the right only.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize, ToSchema)]
 pub enum TruncationDirection {
     /// Keep the start of the text.
     #[default]
+    #[serde(alias = "right")]
     Right,
     /// Keep the end of the text (not supported: answered 422).
+    #[serde(alias = "left")]
     Left,
 }
 
@@ -229,8 +232,11 @@ pub struct TeiPrediction {
     pub label: String,
 }
 
-/// The model TEI's `/predict` uses when the body names none.
-fn default_classifier(state: &AppState, services: &Services) -> Result<String, ApiError> {
+/// The model TEI's `/predict` (and vLLM's `/classify`) uses when the body names none.
+pub(super) fn default_classifier(
+    state: &AppState,
+    services: &Services,
+) -> Result<String, ApiError> {
     let configured = &state.config.server.tei_predict_model;
     if !configured.is_empty() {
         return Ok(configured.clone());
@@ -408,6 +414,10 @@ pub struct TeiInfo {
     pub model_id: String,
     /// Not tracked: null.
     pub model_sha: Option<String>,
+    /// TEI's build's revision: null.
+    pub sha: Option<String>,
+    /// TEI's image label: null.
+    pub docker_label: Option<String>,
     /// The serving path's number format: `float32`, or `int8` where `model.precision` quantised
     /// projections.
     pub model_dtype: &'static str,
@@ -442,6 +452,8 @@ pub async fn info(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
     Ok(HttpResponse::Ok().json(TeiInfo {
         model_id: services.infer.model_name().to_owned(),
         model_sha: None,
+        sha: None,
+        docker_label: None,
         model_dtype: services.infer.dtype(),
         model_type: TeiModelType {
             embedding: TeiPooling { pooling: "mean" },

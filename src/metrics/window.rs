@@ -2,7 +2,8 @@
 //! at scrape time, so a plain scrape shows the P99 without PromQL.
 //!
 //! The window is a ring of slots (10 s each by default); a slot older than the window is cleared before it
-//! is reused, and a scrape merges the slots still inside the window.
+//! is reused, and a scrape merges the window's complete slots and the current one, so it always covers at
+//! least the window (60 to 70 s with the defaults), never less.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -66,7 +67,8 @@ impl LatencyWindow {
             .routes
             .lock()
             .expect("latency window lock poisoned; this is a bug");
-        let n = self.slots;
+        // One slot more than the window: the current one, filling, beside `slots` complete ones.
+        let n = self.slots + 1;
         let ring = routes.entry(route.to_owned()).or_insert_with(|| Ring {
             slots: (0..n).map(|_| (u64::MAX, histogram())).collect(),
         });
@@ -84,7 +86,7 @@ impl LatencyWindow {
             .routes
             .lock()
             .expect("latency window lock poisoned; this is a bug");
-        let oldest = slot.saturating_sub(self.slots as u64 - 1);
+        let oldest = slot.saturating_sub(self.slots as u64);
         routes
             .iter()
             .map(|(route, ring)| {
@@ -174,14 +176,20 @@ mod tests {
         assert_eq!(
             h.len(),
             100,
-            "the sample from slot 93 is outside a 6-slot window ending at 100"
+            "the sample from slot 93 is outside a window of 6 complete slots before slot 100"
         );
         let p99 = h.value_at_quantile(0.99) as f64 / 1e6;
         assert!((p99 - 0.099).abs() < 0.001, "{p99}");
         w.record_at("/r", 1.0, 106);
         assert_eq!(
             w.merged_at(106)[0].1.len(),
-            1,
+            101,
+            "slot 100 is the oldest complete slot while slot 106 fills"
+        );
+        w.record_at("/r", 1.0, 107);
+        assert_eq!(
+            w.merged_at(107)[0].1.len(),
+            2,
             "slot 100 was reused and cleared"
         );
     }

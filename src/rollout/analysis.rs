@@ -67,6 +67,11 @@ impl ArmStats {
         (self.judged > 0).then(|| self.correct as f64 / self.judged as f64)
     }
 
+    /// Requests timed since the last start (the counts survive a restart; the latencies do not).
+    pub fn timed(&self) -> u64 {
+        self.latency.len()
+    }
+
     /// P99 latency in milliseconds, once latencies were recorded since the last start.
     pub fn p99_ms(&self) -> Option<f64> {
         (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(0.99) as f64 / 1e3)
@@ -206,7 +211,11 @@ pub fn difference_bounds(stable: &ArmStats, candidate: &ArmStats, confidence: f6
 pub fn analyse(stable: &ArmStats, candidate: &ArmStats, policy: &RolloutConfig) -> Verdict {
     let enough_requests =
         stable.requests >= policy.min_requests && candidate.requests >= policy.min_requests;
-    if enough_requests {
+    // After a restart the counts are back but the latencies start afresh: a P99 of a handful of requests
+    // decides nothing.
+    let enough_latency =
+        stable.timed() >= policy.min_requests && candidate.timed() >= policy.min_requests;
+    if enough_latency {
         if let (Some(s), Some(c)) = (stable.p99_ms(), candidate.p99_ms()) {
             if c > policy.max_p99_ratio * s {
                 return Verdict::Rollback(format!(
@@ -215,6 +224,8 @@ pub fn analyse(stable: &ArmStats, candidate: &ArmStats, policy: &RolloutConfig) 
                 ));
             }
         }
+    }
+    if enough_requests {
         let (es, ec) = (stable.error_rate(), candidate.error_rate());
         if ec > es + policy.max_error_rate_increase {
             return Verdict::Rollback(format!(
@@ -251,10 +262,13 @@ pub fn analyse(stable: &ArmStats, candidate: &ArmStats, policy: &RolloutConfig) 
             policy.margin
         ));
     }
-    if !enough_requests {
+    if !enough_latency {
         return Verdict::Hold(format!(
-            "accuracy passes but latency needs {} requests per arm (stable {}, candidate {}): {numbers}",
-            policy.min_requests, stable.requests, candidate.requests
+            "accuracy passes but latency needs {} timed requests per arm since the start (stable {}, \
+             candidate {}): {numbers}",
+            policy.min_requests,
+            stable.timed(),
+            candidate.timed()
         ));
     }
     Verdict::Pass(format!(
@@ -284,6 +298,32 @@ mod tests {
             min_requests: 50,
             ..RolloutConfig::default()
         }
+    }
+
+    #[test]
+    fn after_a_restart_a_few_timed_requests_neither_roll_back_nor_pass() {
+        // 250 requests each, restored without their latencies (as `rollouts.json` keeps them), then one
+        // fresh request each: the candidate's is slower by more than the ratio.
+        let restored = |latency_s| {
+            let mut a: ArmStats =
+                serde_json::from_value(serde_json::to_value(arm(2000, 1800, 250, 0.001)).unwrap())
+                    .unwrap();
+            assert_eq!((a.requests, a.timed()), (250, 0));
+            a.observe(latency_s, true);
+            a
+        };
+        let (stable, candidate) = (restored(0.009), restored(0.014));
+        let verdict = analyse(&stable, &candidate, &policy());
+        assert!(
+            matches!(&verdict, Verdict::Hold(why) if why.contains("timed requests")),
+            "{verdict:?}"
+        );
+        // With enough fresh latencies, the same gap rolls back.
+        let (stable, candidate) = (arm(100, 90, 60, 0.009), arm(100, 90, 60, 0.014));
+        assert!(matches!(
+            analyse(&stable, &candidate, &policy()),
+            Verdict::Rollback(_)
+        ));
     }
 
     #[test]
