@@ -129,17 +129,16 @@ pub(super) fn allowed_methods(pattern: &str) -> Option<&'static str> {
 /// A route pattern as the document names it: a segment's constraint dropped (`{model:.+}` → `{model}`).
 fn plain_pattern(pattern: &str) -> String {
     let mut plain = String::with_capacity(pattern.len());
-    let mut constraint = false;
+    let (mut segment, mut constraint) = (false, false);
     for c in pattern.chars() {
         match c {
-            ':' if plain.ends_with(|p: char| p != '}') && plain.contains('{') && !constraint => {
-                constraint = plain.rfind('{') > plain.rfind('}');
-                if !constraint {
-                    plain.push(c);
-                }
+            '{' if !constraint => {
+                segment = true;
+                plain.push(c);
             }
+            ':' if segment => constraint = true,
             '}' => {
-                constraint = false;
+                (segment, constraint) = (false, false);
                 plain.push(c);
             }
             _ if constraint => {}
