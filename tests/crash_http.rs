@@ -242,22 +242,42 @@ fn ten_kill_9s_during_feedback_and_training_lose_nothing_acknowledged() {
     );
 }
 
-/// `flywheel serve` or `flywheel migrate` on `data`, run to its end: (exit success, stderr).
+/// `flywheel serve` or `flywheel migrate` on `data`, run to its end: (exit success, stderr). One still
+/// running after 30 s (a server the lock failed to stop) is killed, and the test fails.
 fn run_on(command: &str, data: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    use std::io::Read;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([command, "--port", "0", "--host", "127.0.0.1", "--model"])
         .arg(common::model_dir())
         .arg("--data-dir")
-        .arg(data);
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run flywheel");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut child = cmd.spawn().expect("run flywheel");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for flywheel") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flywheel {command} was still running after 30 s on a held data directory");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status.success(), stderr)
 }
 
 #[test]

@@ -192,9 +192,12 @@ async fn observe(
         .app_data::<web::Data<AppState>>()
         .filter(|s| s.config.server.request_metrics)
         .map(|s| s.metrics.clone());
-    let route = req
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned());
+    // The route label as the document names it (`/v1/models/{model}`, not its `{model:.+}` constraint).
+    let route = match req.match_pattern() {
+        Some(pattern) if pattern.contains(':') => openapi::plain_pattern(&pattern),
+        Some(pattern) => pattern,
+        None => "unmatched".to_owned(),
+    };
     let request_id = uuid::Uuid::new_v4().to_string();
     if let Some(m) = &metrics {
         m.in_flight.inc();

@@ -127,7 +127,7 @@ pub(super) fn allowed_methods(pattern: &str) -> Option<&'static str> {
 }
 
 /// A route pattern as the document names it: a segment's constraint dropped (`{model:.+}` → `{model}`).
-fn plain_pattern(pattern: &str) -> String {
+pub(super) fn plain_pattern(pattern: &str) -> String {
     let mut plain = String::with_capacity(pattern.len());
     let (mut segment, mut constraint) = (false, false);
     for c in pattern.chars() {

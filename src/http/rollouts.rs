@@ -200,7 +200,7 @@ pub struct RolloutView {
     pub analysis: Option<Verdict>,
     /// Each arm's figures now (accuracy, P99), this step and overall.
     pub summary: Summary,
-    /// Every decision, oldest first.
+    /// The decisions, oldest first: the first (`start`) and the latest 99.
     pub decisions: Vec<Decision>,
 }
 

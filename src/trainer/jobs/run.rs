@@ -10,7 +10,7 @@ use crate::adapters::reference::REFERENCE_FILE;
 use crate::adapters::registry::{Sidecar, SIDECAR_FILE};
 use crate::durable::write_atomically;
 use crate::pressure::ServingPressure;
-use crate::trainer::data::{validation_split, Example, Split};
+use crate::trainer::data::{validation_split, Example, SmallValidation, Split};
 use crate::trainer::eval::evaluate;
 use crate::trainer::full::write_checkpoint;
 use crate::trainer::reference::drift_reference;
@@ -283,8 +283,15 @@ pub(super) fn train_and_publish(
         config.min_val_per_label,
         config.seed,
     );
+    let known_rows = known.len();
     train.extend(known.into_iter().map(|(pair, _)| pair));
-    let validation_note = skipped.map(|s| s.describe(&task.labels, config.epochs()));
+    let validation_note = skipped.map(|s| {
+        SmallValidation {
+            total: s.total + known_rows,
+            ..s
+        }
+        .describe(&task.labels, config.epochs())
+    });
     let (train, train_serving): (Vec<Example>, Vec<Vec<u32>>) = train.into_iter().unzip();
     let (val, val_serving): (Vec<Example>, Vec<Vec<u32>>) = val.into_iter().unzip();
     let cpu = model.cpu().ok_or_else(|| {
