@@ -84,19 +84,15 @@ pub(super) const ALIASES: [(&str, &str, &str); 2] = [
     ("/", "/embed", "root"),
 ];
 
-/// A string schema that needs a non-blank character, as the handlers require of texts and labels.
-pub(super) fn non_blank(description: impl Into<String>) -> ObjectBuilder {
+/// The schema of an input text: a non-blank character, as the handlers require, and bounded by
+/// `[limits] max_text_bytes`.
+pub(super) fn text(what: &str) -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::String)
         .pattern(Some("\\S"))
-        .description(Some(description))
-}
-
-/// The schema of an input text: not blank, and bounded by `[limits] max_text_bytes`.
-pub(super) fn text(what: &str) -> ObjectBuilder {
-    non_blank(format!(
-        "{what}: not blank, at most `[limits] max_text_bytes` bytes"
-    ))
+        .description(Some(format!(
+            "{what}: not blank, at most `[limits] max_text_bytes` bytes"
+        )))
 }
 
 /// The methods the document lists for a route pattern, as an `Allow` header value (`GET, POST`).
