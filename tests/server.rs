@@ -72,6 +72,31 @@ fn normalize_false_returns_the_raw_mean_and_headers_carry_timings() {
 }
 
 #[test]
+fn a_request_larger_than_one_batch_is_answered_in_parts_as_if_sent_alone() {
+    // A small token budget, so that 24 texts of up to about 120 tokens need several forward passes.
+    let server = Server::start(&[], &[("FLYWHEEL_BATCHING__MAX_BATCH_TOKENS", "512")]);
+    let texts: Vec<String> = (0..24)
+        .map(|i| {
+            format!("request {i}: ")
+                + &"the quick brown fox jumps over the lazy dog ".repeat(1 + i % 12)
+        })
+        .collect();
+    let (status, body) = server.post("/v1/embed", &json!({ "inputs": texts }));
+    assert_eq!(status, 200, "{body}");
+    let together = vectors(&body);
+    assert_eq!(together.len(), texts.len());
+    for i in [0, 11, 23] {
+        let (status, alone) = server.post("/v1/embed", &json!({ "inputs": [texts[i]] }));
+        assert_eq!(status, 200, "{alone}");
+        let (cos, max) = compare(&together[i], &vectors(&alone)[0]);
+        assert!(
+            cos >= 0.99999 && max <= 1e-5,
+            "text {i}: cosine {cos}, max abs diff {max}"
+        );
+    }
+}
+
+#[test]
 fn bad_input_gets_json_errors_with_the_right_status() {
     let server = Server::start(
         &["--max-length", "128"],

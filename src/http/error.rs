@@ -114,7 +114,7 @@ impl From<InferError> for ApiError {
             InferError::Overloaded(_) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
             }
-            InferError::TooLarge(_) | InferError::Invalid(_) => Self::invalid(message),
+            InferError::Invalid(_) => Self::invalid(message),
             InferError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }

@@ -138,6 +138,18 @@ pub struct Admitted {
     work: Work,
 }
 
+impl Admitted {
+    /// Moves `work`, part of this ticket's, onto a ticket of its own, so that each part of a request leaves
+    /// the backlog when that part is answered.
+    pub fn split_off(&mut self, work: Work) -> Admitted {
+        self.work = self.work.minus(work);
+        Admitted {
+            backlog: self.backlog.clone(),
+            work,
+        }
+    }
+}
+
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.backlog.remove(self.work);

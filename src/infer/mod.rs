@@ -38,9 +38,6 @@ pub enum InferError {
     /// The queue is full, or the request would wait longer than the budget; retry shortly.
     #[error("{0}")]
     Overloaded(String),
-    /// The request asks for more than one batch may hold.
-    #[error("{0}")]
-    TooLarge(String),
     /// Tokenization or the input itself was refused.
     #[error("{0}")]
     Invalid(String),
@@ -61,10 +58,7 @@ impl InferError {
     pub fn is_not_the_models(&self) -> bool {
         matches!(
             self,
-            InferError::Overloaded(_)
-                | InferError::TooLarge(_)
-                | InferError::Invalid(_)
-                | InferError::TimedOut(_)
+            InferError::Overloaded(_) | InferError::Invalid(_) | InferError::TimedOut(_)
         )
     }
 }
@@ -167,12 +161,32 @@ impl Entry {
     }
 }
 
+/// Cuts sequences of these lengths, in order, into parts that each fit one batch: at most `max_size`
+/// sequences and `max_tokens` tokens (a single longer sequence is a part of its own). Returns each part's
+/// number of sequences; always at least one part.
+fn parts(lengths: &[usize], max_size: usize, max_tokens: usize) -> Vec<usize> {
+    let mut parts = vec![0];
+    let mut tokens = 0;
+    for &n in lengths {
+        let current = parts.last_mut().expect("parts start with one");
+        if *current > 0 && (*current + 1 > max_size || tokens + n > max_tokens) {
+            parts.push(1);
+            tokens = n;
+        } else {
+            *current += 1;
+            tokens += n;
+        }
+    }
+    parts
+}
+
 /// The handle callers use to run the model; cheap to clone.
 #[derive(Clone)]
 pub struct Infer {
     tx: mpsc::Sender<Entry>,
     permits: Arc<Semaphore>,
     capacity: usize,
+    max_batch_size: usize,
     max_batch_tokens: usize,
     timeout: Option<Duration>,
     backlog: Arc<Backlog>,
@@ -210,6 +224,7 @@ impl Infer {
             tx,
             permits: Arc::new(Semaphore::new(config.queue_capacity)),
             capacity: config.queue_capacity,
+            max_batch_size: config.max_batch_size,
             max_batch_tokens: config.max_batch_tokens,
             timeout: (config.request_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.request_timeout_ms)),
@@ -379,14 +394,7 @@ impl Infer {
             .tokenize_duration
             .observe(tokenize.as_secs_f64());
         let tokens: Vec<usize> = sequences.iter().map(Vec::len).collect();
-        if tokens.iter().sum::<usize>() > self.max_batch_tokens {
-            return Err(InferError::TooLarge(format!(
-                "the request holds {} tokens; one request may hold at most {} (batching.max_batch_tokens)",
-                tokens.iter().sum::<usize>(),
-                self.max_batch_tokens
-            )));
-        }
-        let permits = u32::try_from(sequences.len().max(1))
+        let mut permits = u32::try_from(sequences.len().max(1))
             .ok()
             .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok())
             .ok_or_else(|| {
@@ -399,50 +407,109 @@ impl Infer {
                     self.capacity
                 ))
             })?;
-        let admitted = self
+        let mut admitted = self
             .backlog
             .admit(Work::of_lengths(tokens.iter().copied()))
             .map_err(|wait| self.over_budget(wait))?;
-        let (reply, answer) = oneshot::channel();
-        let entry = Entry {
-            sequences,
-            job,
-            adapter,
-            enqueued: Instant::now(),
-            reply,
-            _permits: permits,
-            _pending: self.pressure.begin(),
-            _admitted: admitted,
-            stage: Stage::enter(&self.metrics.requests_waiting),
-        };
-        // Counted before the send, so the model thread never takes it off first (the gauge would dip below
-        // zero); taken off again if the thread has gone.
-        self.metrics.queue_depth.add(tokens.len() as i64);
-        if self.tx.send(entry).is_err() {
-            self.metrics.queue_depth.sub(tokens.len() as i64);
-            return Err(InferError::ShuttingDown);
+        // A request larger than one batch goes in as several entries that each fit one: no forward pass
+        // grows past the batch limits, and other callers' batches run between its parts.
+        let parts = parts(&tokens, self.max_batch_size, self.max_batch_tokens);
+        let mut lengths = tokens.as_slice();
+        let mut tickets = Vec::with_capacity(parts.len());
+        for &n in &parts[..parts.len() - 1] {
+            let (part, after) = lengths.split_at(n);
+            lengths = after;
+            let work = Work::of_lengths(part.iter().copied());
+            let permits = permits
+                .split(n)
+                .expect("the request's permits cover its parts");
+            tickets.push((n, permits, admitted.split_off(work)));
         }
-        let answered = match self.timeout {
-            None => answer.await,
-            Some(limit) => match tokio::time::timeout(limit, answer).await {
-                Ok(answered) => answered,
+        tickets.push((lengths.len(), permits, admitted));
+        let enqueued = Instant::now();
+        let mut rest = sequences.into_iter();
+        let mut answers = Vec::with_capacity(tickets.len());
+        for (n, permits, admitted) in tickets {
+            let (reply, answer) = oneshot::channel();
+            let entry = Entry {
+                sequences: rest.by_ref().take(n).collect(),
+                job,
+                adapter: adapter.clone(),
+                enqueued,
+                reply,
+                _permits: permits,
+                _pending: self.pressure.begin(),
+                _admitted: admitted,
+                stage: Stage::enter(&self.metrics.requests_waiting),
+            };
+            // Counted before the send, so the model thread never takes it off first (the gauge would dip
+            // below zero); taken off again if the thread has gone.
+            self.metrics.queue_depth.add(n as i64);
+            if self.tx.send(entry).is_err() {
+                self.metrics.queue_depth.sub(n as i64);
+                return Err(InferError::ShuttingDown);
+            }
+            answers.push(answer);
+        }
+        // Dropping the receivers (an error, the timeout) marks the parts not yet run closed: the model
+        // thread skips them unrun.
+        let all = async {
+            let mut results = Vec::with_capacity(answers.len());
+            for answer in answers {
+                results.push(answer.await.map_err(|_| InferError::ShuttingDown)??);
+            }
+            Ok::<_, InferError>(results)
+        };
+        let results = match self.timeout {
+            None => all.await?,
+            Some(limit) => match tokio::time::timeout(limit, all).await {
+                Ok(results) => results?,
                 Err(_) => {
-                    // Dropping the receiver marks the entry closed: the model thread skips it unrun.
                     self.metrics.rejected.with_label_values(&["timeout"]).inc();
                     return Err(InferError::TimedOut(limit));
                 }
             },
         };
-        let result = answered.map_err(|_| InferError::ShuttingDown)??;
+        let inference: Duration = results.iter().map(|r| r.inference).sum();
+        let queue = match results.as_slice() {
+            [one] => one.queue,
+            _ => enqueued.elapsed().saturating_sub(inference),
+        };
         Ok(Outputs {
-            vectors: result.vectors,
+            vectors: results.into_iter().flat_map(|r| r.vectors).collect(),
             logits: Vec::new(),
             tokens,
             timings: Timings {
                 tokenize,
-                queue: result.queue,
-                inference: result.inference,
+                queue,
+                inference,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parts;
+
+    #[test]
+    fn a_request_is_cut_into_parts_that_each_fit_one_batch() {
+        assert_eq!(parts(&[], 4, 100), [0]);
+        assert_eq!(parts(&[10, 10], 4, 100), [2]);
+        // By tokens: 60 + 50 > 100.
+        assert_eq!(parts(&[60, 50, 40, 10], 4, 100), [1, 3]);
+        // By sequences.
+        assert_eq!(parts(&[1; 9], 4, 100), [4, 4, 1]);
+        // A sequence over the token budget alone still makes a part (the batcher runs it on its own).
+        assert_eq!(parts(&[5, 200, 5], 4, 100), [1, 1, 1]);
+        // The parts cover every sequence, in order.
+        let lengths: Vec<usize> = (0..300).map(|i| 1 + i % 256).collect();
+        let cut = parts(&lengths, 32, 16_384);
+        assert_eq!(cut.iter().sum::<usize>(), 300);
+        let mut start = 0;
+        for n in cut {
+            assert!(n <= 32 && lengths[start..start + n].iter().sum::<usize>() <= 16_384);
+            start += n;
+        }
     }
 }
