@@ -97,6 +97,74 @@ fn a_request_larger_than_one_batch_is_answered_in_parts_as_if_sent_alone() {
 }
 
 #[test]
+fn keys_are_checked_before_the_body_is_read() {
+    let server = Server::start(
+        &[],
+        &[
+            ("FLYWHEEL_API_KEYS", "user-key"),
+            ("FLYWHEEL_ADMIN_KEYS", "root-key"),
+        ],
+    );
+    let call = |method: &str, path: &str, key: Option<&str>, body: &str| {
+        let mut request = ureq::request(method, &server.url(path));
+        if let Some(key) = key {
+            request = request.set("authorization", key);
+        }
+        match request
+            .set("content-type", "application/json")
+            .send_string(body)
+        {
+            Ok(r) => (r.status(), None, r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (
+                code,
+                r.header("www-authenticate").map(str::to_owned),
+                r.into_string().unwrap(),
+            ),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    };
+    // Without a key, a body that is empty, not JSON or of the wrong shape is not looked at: 401, naming the
+    // scheme, in each route family's own error shape.
+    for (path, body) in [
+        ("/v1/embed", ""),
+        ("/v1/embed", "not json"),
+        ("/v1/embed", r#"{"inputs": []}"#),
+        ("/embed", r#"{"wrong": 1}"#),
+        ("/v1/feedback", "{}"),
+    ] {
+        let (status, challenge, body) = call("POST", path, None, body);
+        assert_eq!(
+            (status, challenge.as_deref()),
+            (401, Some("Bearer")),
+            "{path}: {body}"
+        );
+        assert!(
+            body.contains(r#""error_type":"unauthorized""#),
+            "{path}: {body}"
+        );
+    }
+    let (status, challenge, body) = call("POST", "/v1/embeddings", Some("Bearer nope"), "{}");
+    assert_eq!(
+        (status, challenge.as_deref()),
+        (401, Some("Bearer")),
+        "{body}"
+    );
+    assert!(body.contains(r#""type":"authentication_error""#), "{body}");
+    // An inference key on an admin endpoint: 403 before the missing `path` would have been a 422.
+    let (status, _, body) = call("POST", "/v1/adapters", Some("Bearer user-key"), "{}");
+    assert_eq!(status, 403, "{body}");
+    // The scheme's name is case-insensitive (RFC 9110); /info needs no key, as TEI's.
+    let (status, _, body) = call(
+        "POST",
+        "/v1/embed",
+        Some("bearer user-key"),
+        r#"{"inputs": "hi"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.get_json("/info").0, 200);
+}
+
+#[test]
 fn bad_input_gets_json_errors_with_the_right_status() {
     let server = Server::start(
         &["--max-length", "128"],

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -73,8 +73,10 @@ fn view(g: &Generation, aliases: Vec<String>) -> AdapterView {
 /// `GET /v1/adapters`.
 #[utoipa::path(get, path = "/v1/adapters", tag = "adapters", security((), ("admin_key" = [])),
     responses((status = 200, description = "Every generation", body = Vec<AdapterView>)))]
-pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
+pub async fn list(
+    _: super::auth::Admin,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let registry = &state.services()?.registry;
     let all: Vec<AdapterView> = registry
         .list()
@@ -107,18 +109,15 @@ pub struct LoadAdapter {
         (status = 404, description = "No such directory or task (`not_found`)", body = ErrorBody),
         (status = 409, description = "Conflicts with a loaded generation or alias (`conflict`)", body = ErrorBody)))]
 pub async fn load(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     body: web::Json<LoadAdapter>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let registry = state.services()?.registry.clone();
     let LoadAdapter { path, task, alias } = body.into_inner();
     let started = Instant::now();
     let reg = registry.clone();
-    let (generation, new) = web::block(move || reg.load(&path, &task, alias.as_deref()))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let (generation, new) = web::block(move || reg.load(&path, &task, alias.as_deref())).await??;
     state
         .metrics
         .adapter_load_duration
@@ -149,11 +148,10 @@ fn aliases_of(registry: &crate::adapters::Registry, g: &Arc<Generation>) -> Vec<
         (status = 404, description = "No such generation (`not_found`)", body = ErrorBody),
         (status = 409, description = "An alias or an active rollout uses it (`conflict`)", body = ErrorBody)))]
 pub async fn delete(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let services = state.services()?;
     // An alias names its generation, which that alias then keeps (409), rather than nothing (404).
     let id = match services.registry.resolve(&id) {
@@ -161,9 +159,7 @@ pub async fn delete(
         None => id.into_inner(),
     };
     let (registry, rollouts) = (services.registry.clone(), services.rollouts.clone());
-    web::block(move || rollouts.unless_in_use(&id, || registry.delete(&id)))
-        .await
-        .map_err(|_| ApiError::busy())???;
+    web::block(move || rollouts.unless_in_use(&id, || registry.delete(&id))).await???;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -185,18 +181,15 @@ pub struct SetAlias {
         (status = 404, description = "No such generation (`not_found`)", body = ErrorBody),
         (status = 409, description = "The generation belongs to another task, the name is another task's, or the alias limit is reached (`conflict`)", body = ErrorBody)))]
 pub async fn set_alias(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     alias: web::Path<String>,
     body: web::Json<SetAlias>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let registry = state.services()?.registry.clone();
     let alias = alias.into_inner();
     let name = alias.clone();
-    let generation = web::block(move || registry.set_alias(&name, &body.adapter))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let generation = web::block(move || registry.set_alias(&name, &body.adapter)).await??;
     Ok(HttpResponse::Ok().json(AliasView {
         alias,
         adapter: generation.id.clone(),
@@ -214,15 +207,12 @@ pub async fn set_alias(
         (status = 404, description = "No such alias (`not_found`)", body = ErrorBody),
         (status = 409, description = "It is a task's stable alias (`conflict`)", body = ErrorBody)))]
 pub async fn delete_alias(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     alias: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let registry = state.services()?.registry.clone();
-    web::block(move || registry.delete_alias(&alias))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    web::block(move || registry.delete_alias(&alias)).await??;
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -2,20 +2,23 @@
 //! clients when none are; inference endpoints need an API key (or an admin key) when API keys are configured.
 //! Keys are compared through their SHA-256 digests in constant time and never logged.
 
+use std::future::{ready, Ready};
+use std::marker::PhantomData;
+
+use actix_web::dev::Payload;
 use actix_web::http::{header, StatusCode};
-use actix_web::HttpRequest;
+use actix_web::{web, FromRequest, HttpRequest};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::AppState;
 use crate::config::AuthConfig;
 
+/// The key of an `Authorization: Bearer <key>` header (the scheme's name is case-insensitive).
 fn presented(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 fn matches(key: &str, configured: &[String]) -> bool {
@@ -77,6 +80,50 @@ pub fn caller(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
     }
 }
 
+/// [`caller`] as an extractor. Listed as a handler's first argument, it refuses a request without a valid
+/// key before the body is read or parsed: a caller without a key learns nothing of the schema and costs no
+/// parsing. `E` is the error's shape (`ApiError`, or OpenAI's on its routes).
+pub struct Caller<E = ApiError>(PhantomData<E>);
+
+/// [`admin`] as an extractor, refusing before the body is read (see [`Caller`]).
+pub struct Admin<E = ApiError>(PhantomData<E>);
+
+fn check(
+    req: &HttpRequest,
+    admit: fn(&HttpRequest, &AuthConfig) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::internal("the server's state is missing; this is a bug"))?;
+    admit(req, &state.config.auth)
+}
+
+impl<E: From<ApiError> + Into<actix_web::Error>> FromRequest for Caller<E> {
+    type Error = E;
+    type Future = Ready<Result<Self, E>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            check(req, caller)
+                .map(|()| Self(PhantomData))
+                .map_err(E::from),
+        )
+    }
+}
+
+impl<E: From<ApiError> + Into<actix_web::Error>> FromRequest for Admin<E> {
+    type Error = E;
+    type Future = Ready<Result<Self, E>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            check(req, admin)
+                .map(|()| Self(PhantomData))
+                .map_err(E::from),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +176,10 @@ mod tests {
         );
         assert!(caller(&with("user-key"), &keys).is_ok());
         assert!(caller(&with("root-key"), &keys).is_ok());
+        let lower = TestRequest::default()
+            .insert_header(("authorization", "bearer  user-key"))
+            .to_http_request();
+        assert!(caller(&lower, &keys).is_ok());
         assert_eq!(
             caller(&with("nope"), &keys).unwrap_err().status,
             StatusCode::UNAUTHORIZED

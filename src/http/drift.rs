@@ -1,6 +1,6 @@
 //! `GET /v1/drift/{task}`: the task's drift report, or what the monitor still waits for.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
@@ -14,11 +14,10 @@ use crate::drift::{DriftReport, Warming};
         (status = 202, description = "Still warming up: not enough predictions yet", body = Warming),
         (status = 404, description = "No such task (`not_found`)", body = ErrorBody)))]
 pub async fn get(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     if services.registry.task(&task).is_none() {
         return Err(ApiError::not_found(format!("no task {task:?}")));
@@ -26,9 +25,7 @@ pub async fn get(
     let drift = services.drift.clone();
     let name = task.clone();
     // The permutation tests take a few hundred milliseconds: off the async workers.
-    let report = web::block(move || drift.report(&name))
-        .await
-        .map_err(|_| ApiError::busy())?;
+    let report = web::block(move || drift.report(&name)).await?;
     Ok(match report {
         Some(Ok(report)) => HttpResponse::Ok().json(report),
         Some(Err(warming)) => HttpResponse::Accepted().json(warming),

@@ -1,6 +1,6 @@
 //! `POST /v1/embed`: sentence embeddings.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
 use utoipa::openapi::RefOr;
@@ -115,7 +115,7 @@ pub(super) fn shorten(
     vector
 }
 
-/// `texts` with the model's prompt `name` (or its default prompt) put before each; an unknown name is a 400.
+/// `texts` with the model's prompt `name` (or its default prompt) put before each; an unknown name is refused (422; 400 on OpenAI's route).
 pub(super) fn prompted(
     infer: &Infer,
     name: Option<&str>,
@@ -162,11 +162,10 @@ pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), A
         ("x-request-id" = String, description = "The request's id"),
         ("x-queue-time-ms" = String, description = "Milliseconds waiting for the model thread")))))]
 pub async fn embed(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<EmbedRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let infer = state.infer().ok_or_else(ApiError::not_ready)?;
     let EmbedRequest {
         inputs,

@@ -64,13 +64,9 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
 
-    /// 503: the blocking pool is saturated.
-    pub fn busy() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "the server is busy; retry shortly",
-        )
+    /// 500: the server failed in a way that is its own bug (logged); a retry will not help.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
 
     /// 503: a part the server needs has stopped working.
@@ -88,6 +84,18 @@ impl ApiError {
     }
 }
 
+/// Work handed to the blocking pool fails only when it panics (the pool never refuses work): a bug, not a
+/// reason to retry.
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(_: actix_web::error::BlockingError) -> Self {
+        tracing::error!("a handler's blocking work panicked");
+        Self::internal("the server failed on this request (a bug, logged)")
+    }
+}
+
+/// What a 401 names as the way to authenticate (RFC 9110 §11.6.1 asks every 401 for one).
+pub const CHALLENGE: (header::HeaderName, &str) = (header::WWW_AUTHENTICATE, "Bearer");
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.status
@@ -99,6 +107,9 @@ impl ResponseError for ApiError {
             || self.status == StatusCode::SERVICE_UNAVAILABLE
         {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.insert_header(CHALLENGE);
         }
         response.json(ErrorBody {
             error: self.message.clone(),

@@ -1,6 +1,6 @@
 //! `POST /v1/feedback` (durable before 202) and `GET /v1/feedback` (admin listing).
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
@@ -172,11 +172,10 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Claim
         (status = 202, description = "Stored durably", body = FeedbackAccepted),
         (status = 404, description = "The named request is unknown or forgotten (`not_found`)", body = ErrorBody)))]
 pub async fn post(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<FeedbackRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let items = match body.into_inner() {
         FeedbackRequest::Batch { items } => items,
         FeedbackRequest::One(item) => vec![item],
@@ -197,9 +196,7 @@ pub async fn post(
     let services = state.services()?;
     let store = services.feedback.clone();
     let tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
-    let appended = web::block(move || store.append(&rows))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let appended = web::block(move || store.append(&rows)).await??;
     for (task, claim) in tasks.iter().zip(claims) {
         state
             .metrics
@@ -264,11 +261,10 @@ fn default_limit() -> usize {
         (status = 200, description = "Stored rows in id order", body = Vec<Feedback>),
         (status = 404, description = "No such task (`not_found`)", body = ErrorBody)))]
 pub async fn list(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let ListQuery {
         task,
         after_id,
@@ -287,9 +283,7 @@ pub async fn list(
     let store = services.feedback.clone();
     let first = {
         let (store, task) = (store.clone(), task.clone());
-        web::block(move || store.list(&task, after_id, batch))
-            .await
-            .map_err(|_| ApiError::busy())??
+        web::block(move || store.list(&task, after_id, batch)).await??
     };
     if first.len() < batch || first.len() == limit {
         return Ok(HttpResponse::Ok().json(first));
@@ -307,7 +301,8 @@ pub async fn list(
         left -= rows.len();
         Ok(rows)
     };
-    super::stream::json_array(first, more).map_err(|_| ApiError::busy())
+    super::stream::json_array(first, more)
+        .map_err(|e| ApiError::unhealthy(format!("cannot start the listing's thread: {e}")))
 }
 
 /// Feedback rows `GET /v1/feedback` reads per query: texts are up to `[limits] max_text_bytes` long, so a

@@ -7,7 +7,7 @@
 //! Past 500 lines as one concern: OpenAI's request and response shapes, its error shape and its routes.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpResponse, ResponseError};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
@@ -115,6 +115,9 @@ impl ResponseError for OpenAiError {
         let mut response = HttpResponse::build(status);
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header(("retry-after", RETRY_AFTER_SECS.to_string()));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.insert_header(super::error::CHALLENGE);
         }
         response.json(OpenAiErrorBody {
             error: OpenAiErrorDetail {
@@ -288,11 +291,10 @@ fn base_model(services: &Services, model: Option<&str>) -> Result<(), OpenAiErro
         (status = 404, description = "`model` names nothing this server serves (`model_not_found`)",
             body = OpenAiErrorBody)))]
 pub async fn embeddings(
-    req: HttpRequest,
+    _: super::auth::Caller<OpenAiError>,
     state: web::Data<AppState>,
     body: web::Json<EmbeddingsRequest>,
 ) -> Result<HttpResponse, OpenAiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     let EmbeddingsRequest {
         input,
@@ -433,10 +435,9 @@ pub struct ModelList {
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security((), ("api_key" = [])),
     responses((status = 200, description = "Every model name", body = ModelList)))]
 pub async fn models(
-    req: HttpRequest,
+    _: super::auth::Caller<OpenAiError>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, OpenAiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     Ok(HttpResponse::Ok().json(ModelList {
         object: "list",
@@ -455,11 +456,10 @@ pub async fn models(
         (status = 200, description = "The model", body = ModelObject),
         (status = 404, description = "No such model (`model_not_found`)", body = OpenAiErrorBody)))]
 pub async fn model(
-    req: HttpRequest,
+    _: super::auth::Caller<OpenAiError>,
     state: web::Data<AppState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, OpenAiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     let base = services.is_base_model(&name);
     let card = services
@@ -557,11 +557,10 @@ pub(super) fn classifier(
         (status = 409, description = "The task has no servable generation (`conflict`)",
             body = OpenAiErrorBody)))]
 pub async fn classify(
-    req: HttpRequest,
+    _: super::auth::Caller<OpenAiError>,
     state: web::Data<AppState>,
     body: web::Json<ClassifyBody>,
 ) -> Result<HttpResponse, OpenAiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     let ClassifyBody {
         model,

@@ -144,8 +144,9 @@ pub(super) fn plain_pattern(pattern: &str) -> String {
     plain
 }
 
-/// Error answers every endpoint of a kind may give, each `(status, when)`.
-const EVERY_V1: [(&str, &str); 3] = [
+/// Error answers every endpoint of a kind may give, each `(status, when)`: [`KEYED`] those that take a
+/// key, [`EVERY_V1`] every API endpoint.
+const KEYED: [(&str, &str); 2] = [
     (
         "401",
         "A key is required and missing or not valid (`unauthorized`)",
@@ -155,13 +156,13 @@ const EVERY_V1: [(&str, &str); 3] = [
         "The key may not use this endpoint, or an admin endpoint was called from a non-loopback \
          client while no admin keys are configured (`forbidden`)",
     ),
-    (
-        "503",
-        "The model is loading (`not_ready`), the store or a worker pool is unavailable \
-         (`storage_unavailable`, `busy`), the server is stopping (`shutting_down`) or the model gave \
-         no answer in time (`timeout`); retry after `Retry-After` seconds",
-    ),
 ];
+const EVERY_V1: [(&str, &str); 1] = [(
+    "503",
+    "The model is loading (`not_ready`), the store is unavailable \
+         (`storage_unavailable`), the server is stopping (`shutting_down`) or the model gave \
+         no answer in time (`timeout`); retry after `Retry-After` seconds",
+)];
 const WITH_BODY: [(&str, &str); 4] = [
     ("400", "The body is not JSON (`malformed_request`)"),
     (
@@ -247,6 +248,9 @@ impl Modify for Conventions {
                 } else {
                     (&WITH_BODY[..], "ErrorBody")
                 };
+                if operation.security.is_some() {
+                    add_errors(operation, &KEYED, schema);
+                }
                 if path.starts_with("/v1/") || tei {
                     add_errors(operation, &EVERY_V1, schema);
                 }

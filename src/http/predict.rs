@@ -1,6 +1,6 @@
 //! `POST /v1/predict`: classification with a task's adapter generation.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -66,11 +66,10 @@ pub struct PredictResponse {
         (status = 404, description = "Unknown task or adapter (`not_found`)", body = ErrorBody),
         (status = 409, description = "The task has no servable generation (`conflict`)", body = ErrorBody)))]
 pub async fn predict(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<PredictRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     let PredictRequest {
         task,

@@ -1,7 +1,7 @@
 //! Rollouts (admin): `POST /v1/rollouts`, `GET /v1/rollouts`, `GET /v1/rollouts/{task}`,
 //! `PUT /v1/rollouts/{task}/traffic`, `POST /v1/rollouts/{task}/promote`, `POST /v1/rollouts/{task}/rollback`.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -36,22 +36,21 @@ impl From<RolloutError> for ApiError {
         (status = 409, description = "The candidate cannot be canaried now (`conflict`)", body = ErrorBody),
         (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn start(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     body: web::Json<StartRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let rollout = decide(&req, &state, move |r| {
-        r.start(body.into_inner(), "manual", false)
-    })
-    .await?;
+    let rollout = decide(&state, move |r| r.start(body.into_inner(), "manual", false)).await?;
     Ok(HttpResponse::Created().json(rollout))
 }
 
 /// Every task's latest rollout.
 #[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", security((), ("admin_key" = [])),
     responses((status = 200, description = "Each task's latest rollout", body = Vec<RolloutView>)))]
-pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
+pub async fn list(
+    _: super::auth::Admin,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let rollouts = state.services()?.rollouts.list();
     Ok(HttpResponse::Ok().json(rollouts.iter().map(RolloutView::from).collect::<Vec<_>>()))
 }
@@ -63,11 +62,10 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         (status = 200, description = "The rollout", body = RolloutView),
         (status = 404, description = "The task has had no rollout (`not_found`)", body = ErrorBody)))]
 pub async fn get(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let rollout = state
         .services()?
         .rollouts
@@ -95,12 +93,12 @@ pub struct Traffic {
         (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody),
         (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn traffic(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     task: web::Path<String>,
     body: web::Json<Traffic>,
 ) -> Result<HttpResponse, ApiError> {
-    let rollout = decide(&req, &state, move |r| {
+    let rollout = decide(&state, move |r| {
         r.set_traffic(&task, body.traffic, "manual")
     })
     .await?;
@@ -117,11 +115,11 @@ pub async fn traffic(
         (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody),
         (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn promote(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let rollout = decide(&req, &state, move |r| {
+    let rollout = decide(&state, move |r| {
         r.promote(&task, "manual", "promoted by an operator".to_owned())
     })
     .await?;
@@ -138,11 +136,11 @@ pub async fn promote(
         (status = 409, description = "The rollout has finished (`conflict`)", body = ErrorBody),
         (status = 503, description = "The shared rollout store cannot be reached (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn rollback(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     task: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let rollout = decide(&req, &state, move |r| {
+    let rollout = decide(&state, move |r| {
         r.rollback(&task, "manual", "rolled back by an operator".to_owned())
     })
     .await?;
@@ -152,15 +150,11 @@ pub async fn rollback(
 /// Runs an operator's decision on a rollout (admin only) off the async workers: it writes the rollout, and
 /// a promotion the alias, durably.
 async fn decide(
-    req: &HttpRequest,
     state: &AppState,
     decision: impl FnOnce(&Rollouts) -> Result<Rollout, RolloutError> + Send + 'static,
 ) -> Result<RolloutView, ApiError> {
-    super::auth::admin(req, &state.config.auth)?;
     let rollouts = state.services()?.rollouts.clone();
-    let rollout = web::block(move || decision(&rollouts))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let rollout = web::block(move || decision(&rollouts)).await??;
     Ok(RolloutView::from(&rollout))
 }
 

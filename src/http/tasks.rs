@@ -1,6 +1,6 @@
 //! `POST/GET /v1/tasks`: tasks and their label sets.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
 use utoipa::ToSchema;
@@ -77,20 +77,15 @@ fn view(task: Task, services: &Services) -> Result<TaskView, ApiError> {
         (status = 200, description = "It already existed with the same labels", body = TaskView),
         (status = 409, description = "It exists with other labels (`conflict`)", body = ErrorBody)))]
 pub async fn create(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<CreateTask>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let registry = state.services()?.registry.clone();
     let CreateTask { name, labels } = body.into_inner();
     let existed = registry.task(&name).is_some();
-    let task = web::block(move || registry.create_task(&name, labels))
-        .await
-        .map_err(|_| ApiError::busy())??;
-    let body = web::block(move || view(task, state.services()?))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let task = web::block(move || registry.create_task(&name, labels)).await??;
+    let body = web::block(move || view(task, state.services()?)).await??;
     Ok(if existed {
         HttpResponse::Ok().json(body)
     } else {
@@ -101,8 +96,10 @@ pub async fn create(
 /// `GET /v1/tasks`.
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks", security((), ("api_key" = [])),
     responses((status = 200, description = "Every task", body = Vec<TaskView>)))]
-pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
+pub async fn list(
+    _: super::auth::Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     // Counting feedback is a store query: keep it off the async workers.
     let tasks = web::block(move || {
         let services = state.services()?;
@@ -113,8 +110,7 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             .map(|t| view(t, services))
             .collect::<Result<Vec<_>, _>>()
     })
-    .await
-    .map_err(|_| ApiError::busy())??;
+    .await??;
     Ok(HttpResponse::Ok().json(tasks))
 }
 
@@ -125,11 +121,10 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         (status = 200, description = "The task", body = TaskView),
         (status = 404, description = "No such task (`not_found`)", body = ErrorBody)))]
 pub async fn get(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let body = web::block(move || {
         let services = state.services()?;
         let task = services
@@ -138,7 +133,6 @@ pub async fn get(
             .ok_or_else(|| ApiError::not_found(format!("no task {:?}", name.as_str())))?;
         view(task, services)
     })
-    .await
-    .map_err(|_| ApiError::busy())??;
+    .await??;
     Ok(HttpResponse::Ok().json(body))
 }

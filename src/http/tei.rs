@@ -3,7 +3,7 @@
 //! `huggingface_hub`'s `InferenceClient` pointed at this server) work unchanged. Errors keep Flywheel's
 //! `{"error", "error_type"}` body, which has TEI's keys.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
 use utoipa::openapi::RefOr;
@@ -57,8 +57,7 @@ async fn check_truncation(
             .map(|t| tokenizer.overflows(t))
             .collect::<Result<Vec<bool>, _>>()
     })
-    .await
-    .map_err(|_| ApiError::busy())?
+    .await?
     .map_err(|e| ApiError::invalid(e.to_string()))?;
     match long.iter().position(|&l| l) {
         Some(i) => Err(ApiError::new(
@@ -102,11 +101,10 @@ pub struct TeiEmbedRequest {
         (status = 413, description = "An input is too long and `truncate` is false (`input_too_long`), or \
             the body exceeds `[limits] max_body_bytes` (`payload_too_large`)", body = ErrorBody)))]
 pub async fn embed(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<TeiEmbedRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     let body = body.into_inner();
     let texts = body.inputs.into_vec();
@@ -264,11 +262,10 @@ pub(super) fn default_classifier(
         (status = 413, description = "An input is too long and `truncate` is false (`input_too_long`), or \
             the body exceeds `[limits] max_body_bytes` (`payload_too_large`)", body = ErrorBody)))]
 pub async fn predict(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<TeiPredictRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let services = state.services()?;
     let body = body.into_inner();
     let (texts, batch) = body.inputs.into_texts()?;
@@ -354,11 +351,10 @@ pub struct SimpleToken {
     security((), ("api_key" = [])),
     responses((status = 200, description = "A list of tokens per input", body = Vec<Vec<SimpleToken>>)))]
 pub async fn tokenize(
-    req: HttpRequest,
+    _: super::auth::Caller,
     state: web::Data<AppState>,
     body: web::Json<TeiTokenizeRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::caller(&req, &state.config.auth)?;
     let infer = &state.services()?.infer;
     let tokenizer = infer.tokenizer().clone();
     let body = body.into_inner();
@@ -372,8 +368,7 @@ pub async fn tokenize(
             .map(|t| tokenizer.tokens(t, special))
             .collect::<Result<Vec<_>, _>>()
     })
-    .await
-    .map_err(|_| ApiError::busy())?
+    .await?
     .map_err(|e| ApiError::invalid(e.to_string()))?;
     let lists: Vec<Vec<SimpleToken>> = lists
         .into_iter()

@@ -1,7 +1,7 @@
 //! Training jobs (admin): `POST /v1/train`, `GET /v1/jobs`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{Object, ObjectBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
@@ -46,11 +46,10 @@ impl From<TrainError> for ApiError {
         (status = 429, description = "The job queue is full (`queue_full`)", body = ErrorBody),
         (status = 503, description = "This replica does not train (`trainer_disabled`) or is shutting down (`shutting_down`)", body = ErrorBody)))]
 pub async fn submit(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     body: web::Json<serde_json::Map<String, serde_json::Value>>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     let services = state.services()?;
     let (task, config) = read_request(body.into_inner())?;
     let labels = services
@@ -65,9 +64,7 @@ pub async fn submit(
         Some(services.registry.model().num_hidden_layers),
     )?;
     let jobs = services.jobs.clone();
-    let status = web::block(move || jobs.submit(&task, config))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let status = web::block(move || jobs.submit(&task, config)).await??;
     Ok(HttpResponse::Accepted().json(JobSubmitted {
         job_id: status.id.clone(),
         job: JobStatus::from(&status),
@@ -155,17 +152,14 @@ pub struct ListQuery {
         (status = 200, description = "Jobs, newest first", body = Vec<JobStatus>),
         (status = 503, description = "The shared job queue cannot be read (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn list(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(&req, &state.config.auth)?;
     // With a shared queue this reads PostgreSQL: off the async workers.
     let jobs = state.services()?.jobs.clone();
     let task = query.into_inner().task;
-    let list = web::block(move || jobs.list(task.as_deref()))
-        .await
-        .map_err(|_| ApiError::busy())??;
+    let list = web::block(move || jobs.list(task.as_deref())).await??;
     Ok(HttpResponse::Ok().json(list.iter().map(JobStatus::from).collect::<Vec<_>>()))
 }
 
@@ -177,11 +171,11 @@ pub async fn list(
         (status = 404, description = "No such job (`not_found`)", body = ErrorBody),
         (status = 503, description = "The shared job queue cannot be read (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn get(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    job_answer(&req, &state, id.into_inner(), |jobs, id| jobs.get(id)).await
+    job_answer(&state, id.into_inner(), |jobs, id| jobs.get(id)).await
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job and returns its status.
@@ -192,26 +186,23 @@ pub async fn get(
         (status = 404, description = "No such job (`not_found`)", body = ErrorBody),
         (status = 503, description = "The shared job queue cannot be written (`storage_unavailable`)", body = ErrorBody)))]
 pub async fn cancel(
-    req: HttpRequest,
+    _: super::auth::Admin,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    job_answer(&req, &state, id.into_inner(), |jobs, id| jobs.cancel(id)).await
+    job_answer(&state, id.into_inner(), |jobs, id| jobs.cancel(id)).await
 }
 
 /// Admin check, then `act` on job `id` off the async workers (it writes the job list, or reads and writes
 /// PostgreSQL): its status, or 404.
 async fn job_answer(
-    req: &HttpRequest,
     state: &AppState,
     id: String,
     act: impl FnOnce(&Jobs, &str) -> Result<Option<JobRecord>, TrainError> + Send + 'static,
 ) -> Result<HttpResponse, ApiError> {
-    super::auth::admin(req, &state.config.auth)?;
     let jobs = state.services()?.jobs.clone();
     let job = web::block(move || act(&jobs, &id).map(|job| job.ok_or(id)))
-        .await
-        .map_err(|_| ApiError::busy())??
+        .await??
         .map_err(|id| ApiError::not_found(format!("no job {id:?}")))?;
     Ok(HttpResponse::Ok().json(JobStatus::from(&job)))
 }
