@@ -100,6 +100,55 @@ pub struct AdapterConfig {
     /// Informational.
     #[serde(default)]
     pub inference_mode: bool,
+    /// Every other key, kept to refuse the ones that change what the factors mean ([`CHANGES_THE_MATH`]).
+    #[serde(flatten, skip_serializing)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// Config keys of PEFT's LoRA that, when set, make the saved factors mean something else than
+/// `W + scale·B·A` on the base model Flywheel serves, each with what it does. They are refused rather than
+/// ignored. PEFT keys not listed here (initialisation, `exclude_modules`, `revision`, …) change nothing at
+/// inference.
+const CHANGES_THE_MATH: [(&str, &str); 6] = [
+    (
+        "layer_replication",
+        "stacks copies of base layers, so the layer indices name other weights",
+    ),
+    (
+        "alora_invocation_tokens",
+        "applies the factors only after its invocation tokens (activated LoRA)",
+    ),
+    (
+        "target_parameters",
+        "adapts parameters rather than linear modules",
+    ),
+    (
+        "use_qalora",
+        "pools the input of each adapted linear (QA-LoRA)",
+    ),
+    ("lora_bias", "adds a bias to lora_B"),
+    (
+        "trainable_token_indices",
+        "trains rows of the token embedding",
+    ),
+];
+
+/// `init_lora_weights` values that rewrite the base weights when the adapter is made: its factors fit only
+/// that rewritten base (PEFT converts such an adapter to a plain one when saved with
+/// `path_initial_model_for_weight_conversion`, and its config then says `true`).
+const REWRITES_THE_BASE: [&str; 5] = ["pissa", "olora", "corda", "loftq", "lora_ga"];
+
+/// Whether a config value is set: not null, false, zero, empty.
+fn is_set(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(false) => false,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Bool(true) => true,
+    }
 }
 
 fn lora() -> String {
@@ -167,6 +216,7 @@ impl AdapterConfig {
             alpha_pattern: BTreeMap::new(),
             base_model_name_or_path: Some(base.to_owned()),
             inference_mode: true,
+            other: BTreeMap::new(),
         }
     }
 
@@ -186,6 +236,29 @@ impl AdapterConfig {
             return Err(invalid(
                 "per-module rank_pattern/alpha_pattern are not supported",
             ));
+        }
+        if let Some(task) = self.task_type.as_deref() {
+            if task != "SEQ_CLS" && task != "FEATURE_EXTRACTION" {
+                return Err(invalid(format!(
+                    "task_type {task:?} is not supported (SEQ_CLS or FEATURE_EXTRACTION): its head, if any, \
+                     is not a sentence classifier"
+                )));
+            }
+        }
+        for (key, what) in CHANGES_THE_MATH {
+            if self.other.get(key).is_some_and(is_set) {
+                return Err(invalid(format!("{key} is set (it {what}): not supported")));
+            }
+        }
+        if let Some(init) = self.other.get("init_lora_weights").and_then(|v| v.as_str()) {
+            let lower = init.to_ascii_lowercase();
+            if REWRITES_THE_BASE.iter().any(|m| lower.starts_with(m)) {
+                return Err(invalid(format!(
+                    "init_lora_weights {init:?} rewrites the base weights, so these factors fit only the \
+                     rewritten model; save the adapter with PEFT's path_initial_model_for_weight_conversion \
+                     to get one that fits the original"
+                )));
+            }
         }
         if self.r == 0 || !self.lora_alpha.is_finite() {
             return Err(invalid("r must be ≥ 1 and lora_alpha finite"));
@@ -305,9 +378,18 @@ pub fn decode(
         SafeTensors::deserialize(weights).map_err(|e| invalid(format!("{WEIGHTS_FILE}: {e}")))?;
     let mut factors: BTreeMap<(usize, Target), Factors> = BTreeMap::new();
     let (mut classifier, mut pooler): (DenseParts, DenseParts) = Default::default();
+    // The names each tensor was found under, by what they mean: two spellings of one tensor (with and
+    // without `.default`, say) would otherwise leave the choice to the file's order.
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
     for (name, view) in tensors.tensors() {
         let key = parse_key(&name).ok_or_else(|| invalid(format!("unexpected tensor {name}")))?;
+        if let Some(other) = seen.insert(format!("{key:?}"), name.clone()) {
+            return Err(invalid(format!("{name} and {other} are the same tensor")));
+        }
         let values = to_f32(&view)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(invalid(format!("{name} holds NaN or infinite values")));
+        }
         let shape = view.shape().to_vec();
         match key {
             Key::Lora { layer, target, b } => {
@@ -407,6 +489,16 @@ pub fn decode(
         }),
         (None, None) => None,
         (None, Some(_)) => return Err(invalid("a pooler without a classifier")),
+    };
+    if adapter
+        .head
+        .as_ref()
+        .is_some_and(|h| h.pooling == Pooling::Mean && h.pooler.is_some())
+    {
+        return Err(invalid(
+            "the head pools the mean of the tokens (flywheel.json), which uses no pooler, yet the adapter \
+             holds pooler weights",
+        ));
     };
     adapter
         .validate(model)
@@ -644,5 +736,94 @@ mod tests {
             ..peft.clone()
         };
         assert!(decode(&dora, &bytes, &config, Pooling::Cls).is_err());
+    }
+
+    #[test]
+    fn config_settings_that_change_the_factors_meaning_are_refused_not_ignored() {
+        let config = BertConfig::tiny();
+        let adapter = tiny::adapter(&config, 5, &[Target::Query], 4, false);
+        let bytes = encode(&adapter).unwrap();
+        let with = |extra: &str| -> AdapterConfig {
+            let mut json: serde_json::Value = serde_json::from_str(
+                &config_json(&AdapterConfig::for_adapter(&adapter, 8.0, "tiny")).unwrap(),
+            )
+            .unwrap();
+            let extra: serde_json::Value = serde_json::from_str(extra).unwrap();
+            for (k, v) in extra.as_object().unwrap() {
+                json[k] = v.clone();
+            }
+            serde_json::from_value(json).unwrap()
+        };
+        for refused in [
+            r#"{"init_lora_weights": "pissa_niter_4"}"#,
+            r#"{"init_lora_weights": "olora"}"#,
+            r#"{"init_lora_weights": "loftq"}"#,
+            r#"{"layer_replication": [[0, 1], [0, 1]]}"#,
+            r#"{"alora_invocation_tokens": [5, 6]}"#,
+            r#"{"lora_bias": true}"#,
+            r#"{"task_type": "TOKEN_CLS"}"#,
+        ] {
+            let err = decode(&with(refused), &bytes, &config, Pooling::Cls).unwrap_err();
+            assert!(
+                err.to_string().contains("not supported") || err.to_string().contains("rewrites"),
+                "{refused}: {err}"
+            );
+        }
+        // What PEFT writes by default, or a converted PiSSA adapter, changes nothing at inference.
+        for accepted in [
+            r#"{"init_lora_weights": true}"#,
+            r#"{"init_lora_weights": "gaussian"}"#,
+            r#"{"layer_replication": null, "lora_bias": false, "target_parameters": null}"#,
+            r#"{"task_type": null, "exclude_modules": ["classifier"], "peft_version": "0.21.2"}"#,
+        ] {
+            assert_eq!(
+                decode(&with(accepted), &bytes, &config, Pooling::Cls).unwrap(),
+                adapter,
+                "{accepted}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_finite_values_and_a_tensor_given_twice_are_refused() {
+        let config = BertConfig::tiny();
+        let mut adapter = tiny::adapter(&config, 5, &[Target::Query], 4, false);
+        let peft = AdapterConfig::for_adapter(&adapter, 8.0, "tiny");
+        let bytes = encode(&adapter).unwrap();
+        // The same lora_A under PEFT's two spellings: which one counted depended on the file's order.
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        let mut views = tensors.tensors();
+        let (name, view) = views
+            .iter()
+            .find(|(n, _)| n.ends_with("lora_A.weight"))
+            .cloned()
+            .unwrap();
+        views.push((name.replace("lora_A.", "lora_A.default."), view));
+        let twice = safetensors::tensor::serialize(views, None).unwrap();
+        let err = decode(&peft, &twice, &config, Pooling::Cls).unwrap_err();
+        assert!(err.to_string().contains("same tensor"), "{err}");
+
+        let mut delta = adapter.delta(1, Target::Query).unwrap().clone();
+        delta.b[3] = f32::NAN;
+        adapter.set(1, Target::Query, delta).unwrap();
+        let err = decode(&peft, &encode(&adapter).unwrap(), &config, Pooling::Cls).unwrap_err();
+        assert!(err.to_string().contains("NaN"), "{err}");
+    }
+
+    #[test]
+    fn a_mean_pooled_head_with_pooler_weights_is_refused() {
+        let config = BertConfig::tiny();
+        let mut adapter = tiny::adapter(&config, 5, &[Target::Query], 4, false);
+        let head = adapter.head.as_mut().unwrap();
+        head.pooler = Some(head.classifier.clone());
+        head.pooler.as_mut().unwrap().out_features = head.classifier.in_features;
+        let width = config.hidden_size;
+        head.pooler.as_mut().unwrap().weight = vec![0.0; width * width];
+        head.pooler.as_mut().unwrap().bias = vec![0.0; width];
+        let peft = AdapterConfig::for_adapter(&adapter, 8.0, "tiny");
+        let bytes = encode(&adapter).unwrap();
+        assert!(decode(&peft, &bytes, &config, Pooling::Cls).is_ok());
+        let err = decode(&peft, &bytes, &config, Pooling::Mean).unwrap_err();
+        assert!(err.to_string().contains("pooler"), "{err}");
     }
 }
