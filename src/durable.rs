@@ -38,6 +38,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Moves a state file this build cannot read (another version's, or damaged) aside to
+/// `<name>.unreadable-<unix seconds>`, so that starting anew never overwrites it; logs where it went.
+pub fn set_aside(path: &Path, why: &dyn std::fmt::Display) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".unreadable-{}", crate::clock::unix_seconds()));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            error = %why,
+            file = %path.display(),
+            kept = %Path::new(&aside).display(),
+            "could not read a state file; it is kept aside and a new one started"
+        ),
+        Err(e) => tracing::error!(
+            error = %why,
+            file = %path.display(),
+            move_error = %e,
+            "could not read a state file nor move it aside"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -242,6 +242,55 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
 }
 
 #[test]
+fn a_job_the_server_cannot_write_down_is_refused_and_an_unreadable_list_stops_the_start() {
+    let data = tempfile::tempdir().unwrap();
+    let jobs = data.path().join("jobs.json");
+    {
+        let server = Server::start_in(data.path(), &[]);
+        let (status, _) = server.post(
+            "/v1/tasks",
+            &json!({"name": "spam", "labels": ["ham", "spam"]}),
+        );
+        assert_eq!(status, 201);
+        // The list's place taken by a directory: the rename over it fails, as on a full or read-only disk.
+        let _ = std::fs::remove_file(&jobs);
+        std::fs::create_dir_all(jobs.join("in-the-way")).unwrap();
+        let (status, body) = server.post("/v1/train", &json!({"task": "spam"}));
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error_type"], "storage_unavailable", "{body}");
+        let (status, list) = server.get_json("/v1/jobs");
+        assert_eq!(status, 200);
+        assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    }
+    // A list that cannot be read is not started over (which would overwrite it): the start stops, naming it.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["serve", "--port", "0", "--host", "127.0.0.1", "--data-dir"])
+        .arg(data.path())
+        .arg("--model")
+        .arg(common::model_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started on a job list it cannot read");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("jobs.json"), "{stderr}");
+    assert!(jobs.join("in-the-way").is_dir());
+}
+
+#[test]
 fn the_autopilot_trains_once_enough_feedback_arrived() {
     let server = Server::start(
         &[],

@@ -159,14 +159,9 @@ impl Rollouts {
         metrics: Metrics,
         policy: RolloutConfig,
     ) -> Result<Self, RolloutError> {
-        let stored = match store.newer_than(-1) {
-            Ok(stored) => stored,
-            Err(e) if !store.shared() => {
-                tracing::warn!(error = %e, "rollouts.json is unreadable; starting without rollouts");
-                None
-            }
-            Err(e) => return Err(e),
-        };
+        // A file that cannot be read at all stops the start: starting empty would overwrite it at the next
+        // change (one that cannot be parsed is set aside by the store).
+        let stored = store.newer_than(-1)?;
         let rollouts = Self {
             inner: Mutex::new(Inner {
                 state: Persisted::default(),

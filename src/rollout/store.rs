@@ -137,9 +137,14 @@ impl RolloutStore for FileStore {
             return Ok(None);
         }
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(|state| Some(Stored { version: 0, state }))
-                .map_err(|e| storage(format!("{}: {e}", self.path.display()))),
+            // One this build cannot parse is set aside, not overwritten by the next change.
+            Ok(bytes) => Ok(match serde_json::from_slice(&bytes) {
+                Ok(state) => Some(Stored { version: 0, state }),
+                Err(e) => {
+                    crate::durable::set_aside(&self.path, &e);
+                    None
+                }
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(storage(format!("{}: {e}", self.path.display()))),
         }

@@ -185,7 +185,7 @@ impl Jobs {
         let path = data_dir.join("jobs.json");
         let mut jobs: BTreeMap<String, JobRecord> = match queue {
             Some(_) => BTreeMap::new(),
-            None => read_job_list(&path)
+            None => read_job_list(&path)?
                 .into_iter()
                 .map(|j| (j.id.clone(), j))
                 .collect(),
@@ -366,25 +366,49 @@ impl Jobs {
             rerun_of: rerun_of.clone(),
             ..JobRecord::queued(task, config)
         };
-        {
-            // A re-run and its link from the job it repeats land in one write, so a crash between them
-            // cannot make the next start re-run the job again.
+        // A re-run and its link from the job it repeats land in one write, so a crash between them cannot
+        // make the next start re-run the job again.
+        let unlinked = {
             let mut jobs = self
                 .shared
                 .jobs
                 .lock()
                 .expect("jobs lock poisoned; this is a bug");
-            if let Some(old) = rerun_of.and_then(|id| jobs.get_mut(&id)) {
+            let unlinked = rerun_of.and_then(|id| jobs.get_mut(&id)).map(|old| {
+                let before = old.clone();
                 old.link_rerun(&status.id);
-            }
+                before
+            });
             jobs.insert(status.id.clone(), status.clone());
-        }
+            unlinked
+        };
         self.shared
             .cancel
             .lock()
             .expect("cancel lock poisoned; this is a bug")
             .insert(status.id.clone(), Arc::new(AtomicBool::new(false)));
-        self.shared.persist();
+        if !self.shared.persist() {
+            // Not acknowledged, so not kept: a job answered 202 must survive a crash.
+            let mut jobs = self
+                .shared
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned; this is a bug");
+            jobs.remove(&status.id);
+            if let Some(before) = unlinked {
+                jobs.insert(before.id.clone(), before);
+            }
+            drop(jobs);
+            self.shared
+                .cancel
+                .lock()
+                .expect("cancel lock poisoned; this is a bug")
+                .remove(&status.id);
+            return Err(TrainError::Storage(
+                "the job list could not be written (the reason is logged); the job was not queued"
+                    .to_owned(),
+            ));
+        }
         self.tx
             .lock()
             .expect("job sender lock poisoned; this is a bug")
@@ -514,7 +538,13 @@ impl Jobs {
                 .with_label_values(&[task.as_str(), "cancelled"])
                 .inc();
         }
-        self.shared.persist();
+        if !self.shared.persist() {
+            return Err(TrainError::Storage(
+                "the cancellation could not be written (the reason is logged): it holds until the server \
+                 stops; retry to record it"
+                    .to_owned(),
+            ));
+        }
         self.get(id)
     }
 }

@@ -213,27 +213,24 @@ pub(crate) enum Interruption {
     Crash,
 }
 
-/// The saved job list; empty when there is none. A list this build cannot read (another version's, or
-/// damaged) is moved aside, not overwritten, and the move logged.
-pub(super) fn read_job_list(path: &Path) -> Vec<JobRecord> {
-    let Ok(bytes) = std::fs::read(path) else {
-        return Vec::new();
-    };
-    match serde_json::from_slice(&bytes) {
-        Ok(list) => list,
+/// The saved job list; empty when there is none. A list this build cannot parse (another version's, or
+/// damaged) is set aside, not overwritten; one that cannot be read at all (permissions, I/O) is an error,
+/// so a start never replaces history it could not see.
+pub(super) fn read_job_list(path: &Path) -> std::io::Result<Vec<JobRecord>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
-            let aside = path.with_extension(format!("json.unreadable-{}", unix_seconds()));
-            match std::fs::rename(path, &aside) {
-                Ok(()) => {
-                    tracing::error!(error = %e, kept = %aside.display(), "could not read the job list; starting a new one")
-                }
-                Err(m) => {
-                    tracing::error!(error = %e, move_error = %m, "could not read the job list nor move it aside")
-                }
-            }
-            Vec::new()
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ))
         }
-    }
+    };
+    Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        crate::durable::set_aside(path, &e);
+        Vec::new()
+    }))
 }
 
 /// Removes the oldest finished (succeeded, failed or cancelled) jobs until at most `keep` remain; jobs still
@@ -271,11 +268,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.json");
         std::fs::write(&path, b"[{\"id\": \"from another version\"}]").unwrap();
-        assert!(read_job_list(&path).is_empty());
+        assert!(read_job_list(&path).unwrap().is_empty());
         assert!(!path.exists());
         let kept: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(kept.len(), 1, "the old list is kept beside");
-        assert!(read_job_list(&path).is_empty(), "no list: nothing to read");
+        assert!(
+            read_job_list(&path).unwrap().is_empty(),
+            "no list: nothing to read"
+        );
+        // One that cannot be read at all (here a directory) is an error: starting empty would overwrite it.
+        std::fs::create_dir(&path).unwrap();
+        assert!(read_job_list(&path).is_err());
+        assert!(path.is_dir());
     }
 
     #[test]
