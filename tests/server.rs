@@ -165,6 +165,32 @@ fn keys_are_checked_before_the_body_is_read() {
 }
 
 #[test]
+fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
+    // Admission off: the three requests together are more than the default budget admits.
+    let server = Server::start(&[], &[("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "0")]);
+    // Requests that take the model a while (24 texts of 256 tokens each), sent before the signal.
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(40);
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, texts) = (server.url("/v1/embed"), vec![text.clone(); 24]);
+            std::thread::spawn(move || {
+                ureq::post(&url)
+                    .send_json(json!({ "inputs": texts }))
+                    .map(|r| r.status())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server.signal(libc::SIGINT);
+    for request in in_flight {
+        assert_eq!(request.join().unwrap(), Ok(200));
+    }
+    let (status, log) = server.wait_exit(std::time::Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {log:?}");
+}
+
+#[test]
 fn bad_input_gets_json_errors_with_the_right_status() {
     let server = Server::start(
         &["--max-length", "128"],

@@ -283,6 +283,38 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     serve_as(config, Role::Api).await
 }
 
+/// Stops the server gracefully on the first SIGTERM or SIGINT (the listener closes, requests in flight are
+/// answered within `server.shutdown_timeout_secs`), and at once on a second.
+async fn stop_on_signals(handle: actix_web::dev::ServerHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the server with SIGKILL");
+        return;
+    };
+    async fn next(
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> &'static str {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    }
+    let first = next(&mut term, &mut int).await;
+    tracing::info!(signal = first, "stopping: answering the requests in flight");
+    let graceful = actix_web::rt::spawn(handle.clone().stop(true));
+    tokio::select! {
+        _ = graceful => {}
+        second = next(&mut term, &mut int) => {
+            tracing::warn!(signal = second, "stopping now, without waiting for the requests in flight");
+            handle.stop(false).await;
+        }
+    }
+}
+
 /// [`serve`] answering the routes of `role`.
 pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     let auto_job = crate::app::preflight(&config)?;
@@ -308,15 +340,18 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     // thread.
     let blocking_drop = config.store.backend == crate::config::StoreBackend::Postgres
         || !config.store.objects_url.trim().is_empty();
+    // Signals are ours: actix stops at once on SIGINT, dropping requests in flight.
     let server = HttpServer::new(move || app(state.clone(), role))
         .workers(config.server.workers)
         .shutdown_timeout(config.server.shutdown_timeout_secs)
+        .disable_signals()
         .bind((config.server.host.as_str(), config.server.port))?;
     for addr in server.addrs() {
         tracing::info!("listening on http://{addr}");
     }
     let server = server.run();
     let handle = server.handle();
+    actix_web::rt::spawn(stop_on_signals(handle.clone()));
     let load_error = Arc::new(std::sync::Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let stop_autopilot = stop.clone();

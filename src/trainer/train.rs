@@ -287,7 +287,7 @@ impl Trainable for FullTrainable {
 
 /// Trains a LoRA adapter with a `labels`-way head on `train`, selecting the epoch by macro-F1 on `val` (an
 /// empty `val`, the small-data guard's case, runs every epoch and keeps the last).
-/// Starts from `warm` when given. `cancel` is checked between steps.
+/// Starts from `warm` when given. `cancel` is checked before each micro-batch.
 #[allow(clippy::too_many_arguments)]
 pub fn train_lora(
     bert: &Bert,
@@ -449,9 +449,6 @@ fn fit<T: Trainable>(
         let mut norms = NormTally::default();
         let mut rollbacks = 0;
         for group in order.chunks(config.batch_size * config.grad_accumulation) {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(TrainError::Cancelled);
-            }
             let mut accumulated: Option<GradStore> = None;
             let micro: Vec<&[usize]> = group.chunks(config.batch_size).collect();
             // Each micro-batch's loss is a (weighted) mean over its own examples; scaled by its share of
@@ -470,6 +467,11 @@ fn fit<T: Trainable>(
             let group_weight = weight_of(group);
             let mut step_loss = 0.0;
             for indices in &micro {
+                // Checked per micro-batch: with gradient accumulation a step is several forward and
+                // backward passes, too long for a shutdown's deadline.
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(TrainError::Cancelled);
+                }
                 let share = weight_of(indices) / group_weight;
                 let batch: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
                 let (ids, mask, targets) = pad(&batch, pad_id, &device)?;

@@ -191,10 +191,15 @@ impl Server {
 
     /// Sends SIGTERM: a graceful stop.
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.child.id()).expect("a pid fits an i32");
         // SAFETY: signals only our own child process.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0, "SIGTERM not delivered");
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "signal {signal} not delivered");
     }
 
     /// The log lines the server has written since the last call (the first call: since its address).
