@@ -59,6 +59,21 @@ pub fn set_aside(path: &Path, why: &dyn std::fmt::Display) {
     }
 }
 
+/// Flushes the named files of `dir` that exist, then `dir` itself, to stable storage: files someone else
+/// wrote (an operator's copy) must be on disk before an index that names them is. A file system that
+/// cannot sync (`EINVAL`, `EROFS`) has nothing of ours to flush and is not an error.
+pub fn sync_files(dir: &Path, names: &[&str]) -> std::io::Result<()> {
+    let sync = |path: &Path| match std::fs::File::open(path).and_then(|f| f.sync_all()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EROFS)) => Ok(()),
+        other => other,
+    };
+    for name in names {
+        sync(&dir.join(name))?;
+    }
+    sync(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

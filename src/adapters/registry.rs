@@ -681,6 +681,8 @@ impl Registry {
         let config_bytes = self.read_required(&dir, peft::CONFIG_FILE)?;
         let weights = self.read_required(&dir, peft::WEIGHTS_FILE)?;
         let sidecar_bytes = self.read_limited(&dir, SIDECAR_FILE)?;
+        crate::durable::sync_files(&dir, &[peft::CONFIG_FILE, peft::WEIGHTS_FILE, SIDECAR_FILE])
+            .map_err(|e| RegistryError::Storage(format!("flushing {path}'s files to disk: {e}")))?;
         let sidecar: Sidecar = match &sidecar_bytes {
             Some(b) => serde_json::from_slice(b)
                 .map_err(|e| RegistryError::Invalid(format!("{SIDECAR_FILE}: {e}")))?,

@@ -195,6 +195,11 @@ impl Jobs {
                 job.interrupt(Interruption::Crash);
             }
         }
+        if queue.is_none() {
+            // One process (the data directory's lock says so): what a crash left half-written is nobody's.
+            run::sweep_unpublished(&deps.models_dir);
+            run::sweep_unpublished(&deps.registry.root().join("trained"));
+        }
         let shared = Arc::new(Shared {
             jobs: Mutex::new(jobs),
             shutting_down: AtomicBool::new(false),

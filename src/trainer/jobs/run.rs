@@ -206,11 +206,35 @@ pub(super) fn publish_dir(
         std::fs::remove_dir_all(&tmp).map_err(io)?;
     }
     std::fs::create_dir_all(&tmp).map_err(io)?;
-    write(&tmp)?;
-    std::fs::rename(&tmp, final_dir).map_err(io)?;
+    let published = write(&tmp).and_then(|()| std::fs::rename(&tmp, final_dir).map_err(io));
+    if published.is_err() {
+        // A full fine-tune's checkpoint is tens of MB: left behind, it keeps a full disk full.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    published?;
     std::fs::File::open(parent)
         .and_then(|d| d.sync_all())
         .map_err(io)
+}
+
+/// Removes the temporary directories [`publish_dir`] leaves in `parent` when the process dies mid-write.
+/// Only for a single process: on shared storage another replica may be writing one right now.
+pub(super) fn sweep_unpublished(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(dir = %entry.path().display(), "removed an unpublished result")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove an unpublished result")
+                }
+            }
+        }
+    }
 }
 
 /// The name of this run of `job` for what it publishes: its id, and for a run again after its worker died
@@ -454,8 +478,38 @@ pub(super) fn train_and_publish(
 
 #[cfg(test)]
 mod tests {
-    use super::warm_startable;
+    use super::{publish_dir, sweep_unpublished, warm_startable};
     use crate::model::adapter::{Adapter, Dense, Head, LoraDelta, Pooling, Target};
+    use crate::trainer::train::TrainError;
+
+    #[test]
+    fn a_failed_publish_leaves_nothing_and_a_crashed_ones_leftovers_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let fin = root.path().join("trained/spam-job-1");
+        let failed = publish_dir(&fin, "job-1", |tmp| {
+            std::fs::write(tmp.join("adapter_model.safetensors"), vec![0u8; 1 << 20]).unwrap();
+            Err(TrainError::Invalid("disk full".to_owned()))
+        });
+        assert!(failed.is_err());
+        let left: Vec<_> = std::fs::read_dir(root.path().join("trained"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        publish_dir(&fin, "job-2", |tmp| {
+            std::fs::write(tmp.join("adapter_config.json"), b"{}")
+                .map_err(|e| TrainError::Invalid(e.to_string()))
+        })
+        .unwrap();
+        // What a crash mid-write leaves: swept; what was published: kept.
+        std::fs::create_dir_all(root.path().join("trained/.tmp-job-3/x")).unwrap();
+        sweep_unpublished(&root.path().join("trained"));
+        let mut left: Vec<String> = std::fs::read_dir(root.path().join("trained"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["spam-job-1"]);
+    }
 
     #[test]
     fn a_job_without_a_pooling_of_its_own_warm_starts_from_either_head() {
