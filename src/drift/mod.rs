@@ -395,9 +395,21 @@ impl DriftMonitor {
         Some(Ok(report))
     }
 
-    /// The task's report, recomputed if anything new arrived.
+    /// The task's report, recomputed if anything new arrived. The recomputation steps aside for serving as
+    /// [`Self::refresh`]'s does: callers who ask in a loop must not take the model's cores.
     pub fn report(&self, task: &str) -> Option<Result<DriftReport, Warming>> {
-        self.report_within(task, Duration::ZERO)
+        self.stepping_aside(|| self.report_within(task, Duration::ZERO))
+    }
+
+    /// Runs `work`, whose permutation rounds wait for serving ([`crate::pressure`]) briefly each time
+    /// ([`REFRESH_WAIT`]).
+    fn stepping_aside<R>(&self, work: impl FnOnce() -> R) -> R {
+        match self.serving.get() {
+            Some(pressure) => {
+                crate::pressure::yielding_quietly((pressure.clone(), REFRESH_WAIT), work)
+            }
+            None => work(),
+        }
     }
 
     /// Refreshes every task's report at most every `max_age` (the autopilot's tick) so the metrics stay
@@ -405,18 +417,12 @@ impl DriftMonitor {
     /// step aside for serving between permutation rounds ([`crate::pressure`]), briefly each time
     /// ([`REFRESH_WAIT`]) so a saturated server's autopilot still gets round to its rollouts.
     pub fn refresh(&self, max_age: Duration) {
-        let refresh = || {
+        self.stepping_aside(|| {
             let names: Vec<String> = self.lock().keys().cloned().collect();
             for task in names {
                 let _ = self.report_within(&task, max_age);
             }
-        };
-        match self.serving.get() {
-            Some(pressure) => {
-                crate::pressure::yielding_quietly((pressure.clone(), REFRESH_WAIT), refresh)
-            }
-            None => refresh(),
-        }
+        })
     }
 
     /// Whether the task's latest report found drift in the traffic of `generation`, the task's stable one
