@@ -191,6 +191,35 @@ fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
 }
 
 #[test]
+fn head_answers_wherever_get_does_without_a_body() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[], &[]);
+    let raw = |request: &str| {
+        let address = server.url("").trim_start_matches("http://").to_owned();
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    for path in ["/health", "/ready", "/info", "/openapi.json", "/metrics"] {
+        let answer = raw(&format!(
+            "HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        ));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(body.is_empty(), "{path}: a body after {head}");
+    }
+    // A POST-only route: 405, naming what it allows.
+    let answer = raw("HEAD /v1/embed HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("allow: post"),
+        "{answer}"
+    );
+}
+
+#[test]
 fn bad_input_gets_json_errors_with_the_right_status() {
     let server = Server::start(
         &["--max-length", "128"],

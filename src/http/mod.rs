@@ -182,6 +182,18 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
     Err(ApiError::not_found("no such endpoint"))
 }
 
+/// Routes HEAD as GET: RFC 9110 asks for HEAD wherever GET is (load balancers probe `/health` with it),
+/// and actix routes it nowhere. The connection still knows the request was HEAD and sends no body.
+async fn head_as_get(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if req.method() == actix_web::http::Method::HEAD {
+        req.head_mut().method = actix_web::http::Method::GET;
+    }
+    next.call(req).await
+}
+
 /// Records duration and status of every request, labelled by the matched route pattern.
 async fn observe(
     req: ServiceRequest,
@@ -270,6 +282,7 @@ pub fn app(
             }),
         )
         .wrap(middleware::from_fn(observe))
+        .wrap(middleware::from_fn(head_as_get))
         .configure(|cfg| match role {
             Role::Api => routes(cfg, max_body),
             Role::Worker => ops_routes(cfg),
