@@ -275,6 +275,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Seconds to let in-flight requests finish on shutdown.
     pub shutdown_timeout_secs: u64,
+    /// Seconds a client has, from the request's arrival, to send its whole body; 0 waits forever. A body
+    /// sent a byte at a time would otherwise hold its connection and buffer without end.
+    pub body_timeout_secs: u64,
     /// Record per-request metrics (request counts, duration histograms, the P99 window). Turn off only to
     /// measure what they cost (docs/BENCHMARKS.md).
     pub request_metrics: bool,
@@ -290,6 +293,7 @@ impl Default for ServerConfig {
             port: 8080,
             workers: 2,
             shutdown_timeout_secs: 10,
+            body_timeout_secs: 30,
             request_metrics: true,
             tei_predict_model: String::new(),
         }

@@ -220,6 +220,32 @@ fn head_answers_wherever_get_does_without_a_body() {
 }
 
 #[test]
+fn a_body_that_trickles_in_past_the_deadline_answers_408() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[], &[("FLYWHEEL_SERVER__BODY_TIMEOUT_SECS", "1")]);
+    let address = server.url("").trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(
+            b"POST /v1/embed HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"inputs\": ",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    // Others are served meanwhile and after.
+    let (status, _) = server.post("/v1/embed", &json!({ "inputs": "hello" }));
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn bad_input_gets_json_errors_with_the_right_status() {
     let server = Server::start(
         &["--max-length", "128"],

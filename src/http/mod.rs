@@ -3,6 +3,7 @@
 
 pub mod adapters;
 mod auth;
+mod deadline;
 mod drift;
 pub mod embed;
 pub mod error;
@@ -282,6 +283,7 @@ pub fn app(
             }),
         )
         .wrap(middleware::from_fn(observe))
+        .wrap(middleware::from_fn(deadline::body_deadline))
         .wrap(middleware::from_fn(head_as_get))
         .configure(|cfg| match role {
             Role::Api => routes(cfg, max_body),
