@@ -163,8 +163,13 @@ const EVERY_V1: [(&str, &str); 1] = [(
          (`storage_unavailable`), the server is stopping (`shutting_down`) or the model gave \
          no answer in time (`timeout`); retry after `Retry-After` seconds",
 )];
-const WITH_BODY: [(&str, &str); 4] = [
+const BODY_LATE: (&str, &str) = (
+    "408",
+    "The body did not arrive whole within `[server] body_timeout_secs` (`request_timeout`)",
+);
+const WITH_BODY: [(&str, &str); 5] = [
     ("400", "The body is not JSON (`malformed_request`)"),
+    BODY_LATE,
     (
         "413",
         "The body exceeds `[limits] max_body_bytes` (`payload_too_large`)",
@@ -178,12 +183,13 @@ const WITH_BODY: [(&str, &str); 4] = [
         "The JSON has the wrong shape or a value out of range (`invalid_request`)",
     ),
 ];
-const OPENAI_WITH_BODY: [(&str, &str); 3] = [
+const OPENAI_WITH_BODY: [(&str, &str); 4] = [
     (
         "400",
         "The body is not JSON (`malformed_request`), or it has the wrong shape or a value out of range \
          (`invalid_request`)",
     ),
+    BODY_LATE,
     (
         "413",
         "The body exceeds `[limits] max_body_bytes` (`payload_too_large`)",
