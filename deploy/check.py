@@ -82,9 +82,12 @@ def main():
         pod = spec["template"]["spec"]
         for c in pod["containers"]:
             check_command(where, c.get("args", []), flags, problems)
-            for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+            # Liveness on /ready too: a replica whose model or trainer thread ended needs a restart.
+            for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/ready")):
                 if c.get(probe, {}).get("httpGet", {}).get("path") != path:
                     problems.append(f"{where}: {probe} should GET {path}")
+            if pod.get("enableServiceLinks") is not False:
+                problems.append(f"{where}: enableServiceLinks should be false (FLYWHEEL_PORT=tcp://…)")
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref and ref["name"] not in names.get("Secret", set()):

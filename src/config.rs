@@ -541,7 +541,13 @@ impl Config {
         };
         let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
         for (key, value) in env {
-            if let Some((_, now)) = RETIRED_ENV.iter().find(|(old, _)| *old == key) {
+            // Kubernetes sets `FLYWHEEL_PORT=tcp://10.0.0.7:80` in every pod of a namespace with a Service
+            // named `flywheel` (service links): that is not a setting, so it neither fails nor counts.
+            let service_link = value.starts_with("tcp://") || value.starts_with("udp://");
+            if let Some((_, now)) = RETIRED_ENV
+                .iter()
+                .find(|(old, _)| *old == key && !service_link)
+            {
                 return Err(ConfigError::Invalid(format!(
                     "{key} is no longer read; set {now} instead"
                 )));
@@ -734,6 +740,16 @@ mod tests {
         let env = vec![("FLYWHEEL_PORT".to_owned(), "9000".to_owned())];
         let err = Config::load(None, env).unwrap_err().to_string();
         assert!(err.contains("set FLYWHEEL_SERVER__PORT instead"), "{err}");
+        // What Kubernetes puts in every pod beside a Service named `flywheel` is no setting of ours.
+        let links = vec![
+            ("FLYWHEEL_PORT".to_owned(), "tcp://10.96.0.12:80".to_owned()),
+            ("FLYWHEEL_SERVICE_HOST".to_owned(), "10.96.0.12".to_owned()),
+            (
+                "FLYWHEEL_PORT_80_TCP".to_owned(),
+                "tcp://10.96.0.12:80".to_owned(),
+            ),
+        ];
+        assert_eq!(Config::load(None, links).unwrap(), Config::default());
     }
 
     #[test]

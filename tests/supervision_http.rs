@@ -56,6 +56,11 @@ fn a_panic_in_a_batch_or_a_job_fails_only_that_batch_or_job() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(server.get_json("/ready").0, 200, "the model thread lives");
     assert_eq!(panics(&server, "model"), 1.0);
+    let (_, exposition) = server.get_text("/metrics");
+    assert!(
+        exposition.lines().any(|l| l == "flywheel_model_ready 1"),
+        "a caught panic leaves the replica ready"
+    );
 
     // The first job of `spam` panics: it reads failed with the panic's message, and the next one runs.
     let (status, _) = server.post(

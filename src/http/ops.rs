@@ -76,6 +76,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             .metrics
             .adapters_loaded
             .set(services.registry.ready_count() as i64);
+        // What /ready says: a replica whose model or trainer thread has ended serves nothing.
+        let serving = services.infer.is_alive() && services.jobs.is_alive();
+        state.metrics.model_ready.set(i64::from(serving));
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

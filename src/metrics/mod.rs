@@ -76,7 +76,7 @@ pub struct Metrics {
     /// whose value is the Unix time it was set, naming every adapter model name ready to serve (its LoRA
     /// info metric); refreshed at each scrape.
     pub lora_requests_info: prometheus::GaugeVec,
-    /// `flywheel_model_ready`: 1 once the model is loaded.
+    /// `flywheel_model_ready`: 1 while the model is loaded and its threads run (read at each scrape).
     pub model_ready: IntGauge,
     /// `flywheel_autopilot_leader`: 1 while this process's autopilot acts (always, alone; on the elected
     /// process, on PostgreSQL).
@@ -234,7 +234,7 @@ impl Metrics {
         .expect("static metric definition is valid; this is a bug");
         let model_ready = IntGauge::new(
             name("model_ready"),
-            "1 once the model is loaded and serving",
+            "1 while the model is loaded and its threads run (as /ready answers 200)",
         )
         .expect("static metric definition is valid; this is a bug");
         let autopilot_leader = IntGauge::new(
