@@ -195,6 +195,54 @@ async fn head_as_get(
     next.call(req).await
 }
 
+/// A request counted in flight until it is answered or dropped. One dropped unanswered (the client hung up,
+/// a forced stop) is recorded too, as status 499: the slowest requests must not vanish from the latency
+/// figures, nor stay counted in flight.
+struct InFlight {
+    metrics: Metrics,
+    route: String,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlight {
+    fn begin(metrics: Metrics, route: String, started: Instant) -> Self {
+        metrics.in_flight.inc();
+        Self {
+            metrics,
+            route,
+            started,
+            done: false,
+        }
+    }
+
+    fn finish(mut self, status: u16, task: &str, arm: &str) {
+        self.done = true;
+        self.record(status, task, arm);
+    }
+
+    fn record(&self, status: u16, task: &str, arm: &str) {
+        let (m, route) = (&self.metrics, self.route.as_str());
+        let seconds = self.started.elapsed().as_secs_f64();
+        m.in_flight.dec();
+        m.requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+        m.request_duration
+            .with_label_values(&[route, task, arm])
+            .observe(seconds);
+        m.latency_window.record(route, seconds);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(499, "", "");
+        }
+    }
+}
+
 /// Records duration and status of every request, labelled by the matched route pattern.
 async fn observe(
     req: ServiceRequest,
@@ -212,29 +260,19 @@ async fn observe(
         None => "unmatched".to_owned(),
     };
     let request_id = uuid::Uuid::new_v4().to_string();
-    if let Some(m) = &metrics {
-        m.in_flight.inc();
-    }
+    let observed = metrics.map(|metrics| InFlight::begin(metrics, route, started));
     let result = next.call(req).await;
-    if let Some(m) = &metrics {
-        m.in_flight.dec();
+    if let Some(observed) = observed {
         let status = match &result {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.as_response_error().status_code().as_u16(),
         };
-        m.requests
-            .with_label_values(&[route.as_str(), &status.to_string()])
-            .inc();
         let labels = result
             .as_ref()
             .ok()
             .and_then(|r| r.response().extensions().get::<RouteLabels>().cloned());
         let (task, arm) = labels.map_or((String::new(), String::new()), |l| (l.task, l.arm));
-        m.request_duration
-            .with_label_values(&[route.as_str(), task.as_str(), arm.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        m.latency_window
-            .record(&route, started.elapsed().as_secs_f64());
+        observed.finish(status, &task, &arm);
     }
     let mut response = result?;
     let header = HeaderName::from_static("x-request-id");

@@ -315,3 +315,24 @@ async fn inputs_unlike_the_reference_are_reported_as_drift() {
     assert_eq!(prediction["detected"], true, "{body}");
     assert_eq!(body["detected"], true, "{body}");
 }
+
+#[test]
+fn a_request_dropped_unanswered_leaves_the_in_flight_gauge_and_counts_as_499() {
+    let metrics = Metrics::new();
+    let started = std::time::Instant::now();
+    let answered = super::InFlight::begin(metrics.clone(), "/v1/embed".to_owned(), started);
+    let dropped = super::InFlight::begin(metrics.clone(), "/v1/embed".to_owned(), started);
+    assert_eq!(metrics.in_flight.get(), 2);
+    answered.finish(200, "", "");
+    // What a forced stop or a reset connection does to the request's future: drops it.
+    drop(dropped);
+    assert_eq!(metrics.in_flight.get(), 0);
+    let exposition = metrics.render();
+    for status in ["200", "499"] {
+        let line = format!(r#"flywheel_requests_total{{route="/v1/embed",status="{status}"}} 1"#);
+        assert!(
+            exposition.lines().any(|l| l == line),
+            "{line} in {exposition}"
+        );
+    }
+}
