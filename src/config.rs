@@ -705,9 +705,36 @@ impl Config {
                 "rollouts.confidence must be in [0.5, 1) and margin in [0, 0.5)".to_owned(),
             );
         }
-        if r.max_p99_ratio < 1.0 || r.min_feedback == 0 || r.evaluate_every_ms == 0 {
+        // Written `!(x >= …)` so that NaN (which TOML and the environment accept) fails too: a NaN
+        // threshold compares false with everything and would switch its guardrail off silently.
+        if !(r.max_p99_ratio >= 1.0 && r.max_p99_ratio.is_finite())
+            || !(0.0..1.0).contains(&r.max_error_rate_increase)
+            || r.min_feedback == 0
+            || r.min_requests == 0
+            || r.evaluate_every_ms == 0
+        {
             return fail(
-                "rollouts.max_p99_ratio must be ≥ 1, min_feedback and evaluate_every_ms ≥ 1"
+                "rollouts.max_p99_ratio must be a number ≥ 1, max_error_rate_increase in [0, 1), \
+                 min_feedback, min_requests and evaluate_every_ms ≥ 1"
+                    .to_owned(),
+            );
+        }
+        if [d.psi_threshold, d.min_distance, d.min_mmd]
+            .iter()
+            .any(|x| !(*x >= 0.0 && x.is_finite()))
+        {
+            return fail(
+                "drift.psi_threshold, min_distance and min_mmd must be numbers ≥ 0".to_owned(),
+            );
+        }
+        if self.limits.max_feedback_items == 0
+            || self.trainer.max_queued_jobs == 0
+            || self.adapters.max_tasks == 0
+            || self.adapters.max_labels < 2
+        {
+            return fail(
+                "limits.max_feedback_items, trainer.max_queued_jobs and adapters.max_tasks must be ≥ 1, \
+                 adapters.max_labels ≥ 2: below that no feedback, job or task could ever be accepted"
                     .to_owned(),
             );
         }
@@ -733,6 +760,27 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flywheel.toml");
         let config = Config::load(Some(&path), Vec::new()).expect("config/flywheel.toml loads");
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn thresholds_that_would_switch_a_guard_off_or_refuse_everything_are_refused() {
+        for (key, value) in [
+            ("FLYWHEEL_ROLLOUTS__MAX_P99_RATIO", "nan"),
+            ("FLYWHEEL_ROLLOUTS__MAX_ERROR_RATE_INCREASE", "-0.01"),
+            ("FLYWHEEL_ROLLOUTS__MAX_ERROR_RATE_INCREASE", "nan"),
+            ("FLYWHEEL_ROLLOUTS__MIN_REQUESTS", "0"),
+            ("FLYWHEEL_DRIFT__PSI_THRESHOLD", "-1.0"),
+            ("FLYWHEEL_DRIFT__MIN_MMD", "nan"),
+            ("FLYWHEEL_LIMITS__MAX_FEEDBACK_ITEMS", "0"),
+            ("FLYWHEEL_TRAINER__MAX_QUEUED_JOBS", "0"),
+            ("FLYWHEEL_ADAPTERS__MAX_LABELS", "1"),
+        ] {
+            let env = vec![(key.to_owned(), value.to_owned())];
+            assert!(
+                Config::load(None, env).is_err(),
+                "{key}={value} was accepted"
+            );
+        }
     }
 
     #[test]

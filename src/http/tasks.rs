@@ -16,7 +16,7 @@ pub struct CreateTask {
     /// Task name (also its stable alias): 1–64 of `A-Z a-z 0-9 _ . -`, not starting with `g-`.
     #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     pub name: String,
-    /// Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes, not blank,
+    /// Labels in classifier-output order: 2 to `[adapters] max_labels`, distinct, each 1–128 bytes, not blank,
     /// without control characters.
     #[schema(schema_with = label_list)]
     pub labels: Vec<String>,
@@ -37,7 +37,7 @@ fn label_list() -> ArrayBuilder {
         .min_items(Some(2))
         .unique_items(true)
         .description(Some(
-            "Labels in classifier-output order: 2 to `[limits] max_labels`, distinct, each 1–128 bytes, not \
+            "Labels in classifier-output order: 2 to `[adapters] max_labels`, distinct, each 1–128 bytes, not \
              blank, without control characters",
         ))
 }
