@@ -705,9 +705,10 @@ impl Config {
                 "rollouts.confidence must be in [0.5, 1) and margin in [0, 0.5)".to_owned(),
             );
         }
-        // Written `!(x >= …)` so that NaN (which TOML and the environment accept) fails too: a NaN
-        // threshold compares false with everything and would switch its guardrail off silently.
-        if !(r.max_p99_ratio >= 1.0 && r.max_p99_ratio.is_finite())
+        // NaN (which TOML and the environment accept) must fail too: it compares false with everything, so a
+        // NaN threshold would switch its guardrail off silently.
+        if r.max_p99_ratio < 1.0
+            || !r.max_p99_ratio.is_finite()
             || !(0.0..1.0).contains(&r.max_error_rate_increase)
             || r.min_feedback == 0
             || r.min_requests == 0
@@ -721,7 +722,7 @@ impl Config {
         }
         if [d.psi_threshold, d.min_distance, d.min_mmd]
             .iter()
-            .any(|x| !(*x >= 0.0 && x.is_finite()))
+            .any(|x| *x < 0.0 || !x.is_finite())
         {
             return fail(
                 "drift.psi_threshold, min_distance and min_mmd must be numbers ≥ 0".to_owned(),
