@@ -164,11 +164,11 @@ fn keys_are_checked_before_the_body_is_read() {
     assert_eq!(server.get_json("/info").0, 200);
 }
 
-#[test]
-fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
+/// A server with three requests of 24 texts of 256 tokens each in flight (seen in its metrics), and the
+/// threads that wait for their statuses.
+fn busy_server() -> (Server, Vec<std::thread::JoinHandle<Result<u16, String>>>) {
     // Admission off: the three requests together are more than the default budget admits.
     let server = Server::start(&[], &[("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "0")]);
-    // Requests that take the model a while (24 texts of 256 tokens each), sent before the signal.
     let text = "the quick brown fox jumps over the lazy dog ".repeat(40);
     let in_flight: Vec<_> = (0..3)
         .map(|_| {
@@ -181,13 +181,43 @@ fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Three requests and the scrape that counts them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server
+        .get_text("/metrics")
+        .1
+        .lines()
+        .any(|l| l == "flywheel_requests_in_flight 4")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requests never got in flight"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (server, in_flight)
+}
+
+#[test]
+fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
+    let (server, in_flight) = busy_server();
     server.signal(libc::SIGINT);
     for request in in_flight {
         assert_eq!(request.join().unwrap(), Ok(200));
     }
     let (status, log) = server.wait_exit(std::time::Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {log:?}");
+}
+
+#[test]
+fn a_second_signal_stops_the_server_without_waiting_for_the_drain() {
+    let (server, in_flight) = busy_server();
+    server.signal(libc::SIGINT);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    server.signal(libc::SIGTERM);
+    let (status, log) = server.wait_exit(std::time::Duration::from_secs(3));
+    assert_eq!(status.and_then(|s| s.code()), Some(130), "{log:?}");
+    drop(in_flight);
 }
 
 #[test]

@@ -681,8 +681,6 @@ impl Registry {
         let config_bytes = self.read_required(&dir, peft::CONFIG_FILE)?;
         let weights = self.read_required(&dir, peft::WEIGHTS_FILE)?;
         let sidecar_bytes = self.read_limited(&dir, SIDECAR_FILE)?;
-        crate::durable::sync_files(&dir, &[peft::CONFIG_FILE, peft::WEIGHTS_FILE, SIDECAR_FILE])
-            .map_err(|e| RegistryError::Storage(format!("flushing {path}'s files to disk: {e}")))?;
         let sidecar: Sidecar = match &sidecar_bytes {
             Some(b) => serde_json::from_slice(b)
                 .map_err(|e| RegistryError::Invalid(format!("{SIDECAR_FILE}: {e}")))?,
@@ -801,6 +799,23 @@ impl Registry {
             .tasks
             .clone();
         let (generation, files) = self.load_files(path, task, &tasks)?;
+        // Files someone else wrote (an operator's copy) reach the disk before the index names them: the
+        // files, their directory, and each directory above it up to the root.
+        let dir = self.resolve_path(path)?;
+        let flushed = crate::durable::sync_files(
+            &dir,
+            &[peft::CONFIG_FILE, peft::WEIGHTS_FILE, SIDECAR_FILE],
+        )
+        .and_then(|()| {
+            let mut above = dir.parent();
+            while let Some(d) = above.filter(|d| d.starts_with(&self.root)) {
+                crate::durable::sync_files(d, &[])?;
+                above = d.parent();
+            }
+            Ok(())
+        });
+        flushed
+            .map_err(|e| RegistryError::Storage(format!("flushing {path}'s files to disk: {e}")))?;
         // Stored before the index names it, so a replica that reads the index can fetch it: the bytes
         // hashed into its id, not the directory read again.
         if let Some(objects) = &self.objects {

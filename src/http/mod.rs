@@ -337,7 +337,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// Stops the server gracefully on the first SIGTERM or SIGINT (the listener closes, requests in flight are
-/// answered within `server.shutdown_timeout_secs`), and at once on a second.
+/// answered within `server.shutdown_timeout_secs`), and exits at once on a second.
 async fn stop_on_signals(handle: actix_web::dev::ServerHandle) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -362,8 +362,11 @@ async fn stop_on_signals(handle: actix_web::dev::ServerHandle) {
     tokio::select! {
         _ = graceful => {}
         second = next(&mut term, &mut int) => {
+            // The server handles one command at a time and is busy draining, so a forced stop sent to it
+            // would wait for the drain. Nothing acknowledged is lost by exiting: feedback is committed before
+            // its 202, state files are replaced whole, and the next start treats a running job as crashed.
             tracing::warn!(signal = second, "stopping now, without waiting for the requests in flight");
-            handle.stop(false).await;
+            std::process::exit(130);
         }
     }
 }

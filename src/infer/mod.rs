@@ -411,8 +411,9 @@ impl Infer {
             .backlog
             .admit(Work::of_lengths(tokens.iter().copied()))
             .map_err(|wait| self.over_budget(wait))?;
-        // A request larger than one batch goes in as several entries that each fit one: no forward pass
-        // grows past the batch limits, and other callers' batches run between its parts.
+        // A request larger than one batch goes in as several entries that each fit one, queued in order:
+        // no forward pass grows past the batch limits. Requests that arrive later wait behind all of them,
+        // which is why the request was admitted above for its whole work.
         let parts = parts(&tokens, self.max_batch_size, self.max_batch_tokens);
         let mut lengths = tokens.as_slice();
         let mut tickets = Vec::with_capacity(parts.len());

@@ -106,6 +106,11 @@ impl Shared {
             .persisting
             .lock()
             .expect("persist lock poisoned; this is a bug");
+        self.persist_holding_the_lock()
+    }
+
+    /// [`Self::persist`] for a caller that holds `persisting` already.
+    fn persist_holding_the_lock(&self) -> bool {
         if let Some(queue) = &self.queue {
             return self.persist_shared(queue);
         }
@@ -371,6 +376,13 @@ impl Jobs {
             rerun_of: rerun_of.clone(),
             ..JobRecord::queued(task, config)
         };
+        // Held from the insert to the write (and the undoing of a failed one): no other write may put the
+        // job on disk in between, or a job answered 503 could run after a crash.
+        let _writing = self
+            .shared
+            .persisting
+            .lock()
+            .expect("persist lock poisoned; this is a bug");
         // A re-run and its link from the job it repeats land in one write, so a crash between them cannot
         // make the next start re-run the job again.
         let unlinked = {
@@ -392,7 +404,7 @@ impl Jobs {
             .lock()
             .expect("cancel lock poisoned; this is a bug")
             .insert(status.id.clone(), Arc::new(AtomicBool::new(false)));
-        if !self.shared.persist() {
+        if !self.shared.persist_holding_the_lock() {
             // Not acknowledged, so not kept: a job answered 202 must survive a crash.
             let mut jobs = self
                 .shared
