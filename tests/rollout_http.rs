@@ -215,13 +215,16 @@ fn a_flipped_candidate_rolls_back_and_a_better_trained_one_is_promoted() {
     let (_, metrics) = server.get_text("/metrics");
     for series in [
         "flywheel_training_jobs_total{state=\"succeeded\",task=\"spam\"} 2",
-        "flywheel_online_accuracy{arm=\"candidate\",task=\"spam\"}",
         "flywheel_rollout_events_total{decision=\"rollback\",task=\"spam\"} 1",
         "flywheel_rollout_events_total{decision=\"promote\",task=\"spam\"} 1",
         "flywheel_request_duration_seconds_count{arm=\"candidate\",route=\"/v1/predict\",task=\"spam\"}",
     ] {
         assert!(metrics.contains(series), "missing {series}");
     }
+    assert!(
+        !metrics.contains("flywheel_online_accuracy{arm=\"candidate\",task=\"spam\"}"),
+        "no rollout is active: no candidate's accuracy stands"
+    );
 }
 
 #[test]

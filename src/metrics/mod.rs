@@ -19,9 +19,11 @@ pub const PREFIX: &str = "flywheel";
 const WINDOW_SLOT_SECS: u64 = 10;
 const WINDOW_SLOTS: usize = 6;
 
-/// Geometric latency buckets from 0.5 ms to ~16 s (ratio √2): fine enough to read a P99 to within ~20 %.
+/// Geometric latency buckets from 0.5 ms to ~46 s (ratio √2): fine enough to read a P99 to within ~20 %,
+/// and past the 30 s request and body timeouts, so a request that times out lands in a bucket of its own
+/// rather than in `+Inf`.
 pub fn latency_buckets() -> Vec<f64> {
-    (0..31)
+    (0..34)
         .map(|i| 0.0005 * 2f64.powf(i as f64 / 2.0))
         .collect()
 }

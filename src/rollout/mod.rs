@@ -31,6 +31,9 @@ use store::{Evidence, Persisted, RolloutStore, Stored};
 const HISTORY: usize = 10;
 /// Judged predictions the online-accuracy gauge averages over, per task and arm.
 const ACCURACY_WINDOW: usize = 1000;
+/// Judgements an arm needs before its online accuracy is exported: one disagreeing first judgement would
+/// read 0.0 and raise the alert.
+const ACCURACY_MIN_JUDGEMENTS: usize = 20;
 
 /// Why a rollout operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +84,9 @@ struct Inner {
     version: i64,
     /// Evidence of the active rollouts, by rollout id.
     live: HashMap<String, Live>,
-    /// Recent judgements per (task, arm label) for the online-accuracy gauge.
-    accuracy: HashMap<(String, String), VecDeque<bool>>,
+    /// Recent judgements per (task, arm label), with the generation they judge, for the online-accuracy
+    /// gauge. A new generation behind the label starts a new window.
+    accuracy: HashMap<(String, String), (String, VecDeque<bool>)>,
 }
 
 impl Inner {
@@ -303,6 +307,21 @@ impl Rollouts {
         }
         for r in inner.state.rollouts.values().filter_map(|l| l.last()) {
             self.export_traffic(r);
+        }
+        // A candidate arm whose rollout has ended serves nothing: its accuracy must not stand (and alert)
+        // until the next restart.
+        let ended: Vec<(String, String)> = inner
+            .accuracy
+            .keys()
+            .filter(|(task, arm)| arm == "candidate" && inner.active(task).is_none())
+            .cloned()
+            .collect();
+        for key in ended {
+            inner.accuracy.remove(&key);
+            let _ = self
+                .metrics
+                .online_accuracy
+                .remove_label_values(&[key.0.as_str(), key.1.as_str()]);
         }
     }
 
@@ -722,19 +741,31 @@ impl Rollouts {
         correct: bool,
     ) {
         let mut inner = self.lock();
-        let window = inner
+        let (judged, window) = inner
             .accuracy
             .entry((task.to_owned(), arm_label.to_owned()))
             .or_default();
+        if judged != generation {
+            // Another generation now serves as this arm (the next candidate, a promoted stable one): its
+            // predecessor's record says nothing of it.
+            *judged = generation.to_owned();
+            window.clear();
+            let _ = self
+                .metrics
+                .online_accuracy
+                .remove_label_values(&[task, arm_label]);
+        }
         if window.len() >= ACCURACY_WINDOW {
             window.pop_front();
         }
         window.push_back(correct);
-        let accuracy = window.iter().filter(|c| **c).count() as f64 / window.len() as f64;
-        self.metrics
-            .online_accuracy
-            .with_label_values(&[task, arm_label])
-            .set(accuracy);
+        if window.len() >= ACCURACY_MIN_JUDGEMENTS {
+            let accuracy = window.iter().filter(|c| **c).count() as f64 / window.len() as f64;
+            self.metrics
+                .online_accuracy
+                .with_label_values(&[task, arm_label])
+                .set(accuracy);
+        }
         let outcome = if correct { "agreed" } else { "disagreed" };
         self.metrics
             .online_judgements

@@ -540,3 +540,42 @@ fn a_generation_in_a_rollout_is_not_deleted_and_a_deleted_one_cannot_start_one()
         "{started:?}"
     );
 }
+
+#[test]
+fn online_accuracy_waits_for_enough_judgements_and_ends_with_its_generation_or_rollout() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = open(data.path(), registry);
+    // As a scrape reads it (asking the gauge vector would create the series).
+    let gauge = |arm: &str| {
+        let series = format!("flywheel_online_accuracy{{arm=\"{arm}\",task=\"t\"}} ");
+        let exposition = rollouts.metrics.render();
+        let line = exposition.lines().find(|l| l.starts_with(&series))?;
+        line[series.len()..].parse::<f64>().ok()
+    };
+    // One disagreeing judgement is no figure yet.
+    rollouts.judge("t", &one, "stable", None, false);
+    assert_eq!(gauge("stable"), None);
+    for _ in 0..19 {
+        rollouts.judge("t", &one, "stable", None, true);
+    }
+    assert_eq!(gauge("stable"), Some(0.95));
+    // Another generation serving as the stable arm starts afresh.
+    rollouts.judge("t", &two, "stable", None, true);
+    assert_eq!(gauge("stable"), None);
+
+    let r = start(&rollouts, &two, &[0.5]);
+    traffic(&rollouts, 80, |arm| arm == Arm::Stable);
+    assert!(
+        gauge("candidate").is_some_and(|a| a < 0.5),
+        "{:?}",
+        gauge("candidate")
+    );
+    rollouts.rollback("t", "test", "wrong".into()).unwrap();
+    assert_eq!(
+        gauge("candidate"),
+        None,
+        "the rolled-back arm's accuracy must not stand"
+    );
+    drop(r);
+}
