@@ -228,11 +228,30 @@ fn feedback_trains_a_generation_that_then_serves_predictions() {
             (200, Some(adapter.as_str())),
             "{body}"
         );
-        job_id
+        (job_id, adapter)
     };
+    let (job_id, adapter) = job_id;
+    // What a crash between the publish and the job's own record leaves on disk: the generation in the
+    // registry, the job still running. The restart must record it as succeeded, not train it again.
+    let list_path = data.path().join("jobs.json");
+    let mut list: Value =
+        serde_json::from_str(&std::fs::read_to_string(&list_path).unwrap()).unwrap();
+    let record = list
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|j| j["id"] == job_id.as_str())
+        .unwrap();
+    record["state"] = json!("running");
+    record["adapter"] = Value::Null;
+    std::fs::write(&list_path, serde_json::to_vec(&list).unwrap()).unwrap();
     let server = Server::start_in(data.path(), &[]);
     let (_, job) = server.get_json(&format!("/v1/jobs/{job_id}"));
-    assert_eq!(job["state"], "succeeded", "finished jobs survive a restart");
+    assert_eq!(
+        job["state"], "succeeded",
+        "finished jobs survive a restart: {job}"
+    );
+    assert_eq!(job["adapter"], adapter.as_str(), "{job}");
     let (_, jobs) = server.get_json("/v1/jobs?task=spam");
     assert_eq!(
         jobs.as_array().unwrap().len(),

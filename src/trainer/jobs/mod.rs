@@ -195,7 +195,24 @@ impl Jobs {
                 .map(|j| (j.id.clone(), j))
                 .collect(),
         };
+        // A job whose generation the registry already holds finished its work: the crash came between the
+        // publish and the write of its state. Recorded as succeeded, it is not trained and published again.
+        let published: BTreeMap<String, String> = deps
+            .registry
+            .list()
+            .into_iter()
+            .map(|(g, _)| (g.path.clone(), g.id.clone()))
+            .collect();
         for job in jobs.values_mut() {
+            if job.state == JobState::Running && !job.cancel_requested {
+                let path = format!("trained/{}-{}", job.task, run::run_name(job));
+                if let Some(id) = published.get(&path) {
+                    tracing::info!(job = %job.id, generation = %id, "a job published before a crash is recorded as succeeded");
+                    job.state = JobState::Succeeded;
+                    job.adapter = Some(id.clone());
+                    continue;
+                }
+            }
             if matches!(job.state, JobState::Queued | JobState::Running) {
                 job.interrupt(Interruption::Crash);
             }

@@ -240,7 +240,7 @@ pub(super) fn sweep_unpublished(parent: &Path) {
 /// The name of this run of `job` for what it publishes: its id, and for a run again after its worker died
 /// (attempt 2 of the shared queue) the attempt too, since the first run may have published already, or may
 /// still be running on a stalled worker, under the plain name.
-fn run_name(job: &JobRecord) -> String {
+pub(super) fn run_name(job: &JobRecord) -> String {
     if job.attempts > 1 {
         format!("{}-a{}", job.id, job.attempts)
     } else {
