@@ -93,6 +93,22 @@ impl From<actix_web::error::BlockingError> for ApiError {
     }
 }
 
+/// The longest error message sent, in bytes. Messages quote what the caller sent (a task name, a model, a
+/// request id), and a body may be megabytes: the answer must not echo it all.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] at a character boundary, marked with "…" when cut.
+pub fn bounded(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.to_owned();
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
 /// What a 401 names as the way to authenticate (RFC 9110 §11.6.1 asks every 401 for one).
 pub const CHALLENGE: (header::HeaderName, &str) = (header::WWW_AUTHENTICATE, "Bearer");
 
@@ -112,7 +128,7 @@ impl ResponseError for ApiError {
             response.insert_header(CHALLENGE);
         }
         response.json(ErrorBody {
-            error: self.message.clone(),
+            error: bounded(&self.message),
             error_type: self.kind.to_owned(),
         })
     }

@@ -121,7 +121,7 @@ impl ResponseError for OpenAiError {
         }
         response.json(OpenAiErrorBody {
             error: OpenAiErrorDetail {
-                message: self.error.message.clone(),
+                message: super::error::bounded(&self.error.message),
                 kind,
                 param: self.param,
                 code: self.error.kind.to_owned(),

@@ -336,3 +336,27 @@ fn a_request_dropped_unanswered_leaves_the_in_flight_gauge_and_counts_as_499() {
         );
     }
 }
+
+#[actix_web::test]
+async fn an_error_quotes_at_most_a_bounded_part_of_what_the_caller_sent() {
+    let harness = Harness::new(Duration::ZERO, |config| config.drift.enabled = false);
+    let app = init_service(app(harness.state.clone(), Role::Api)).await;
+    let long = "é".repeat(500_000);
+    for (path, body) in [
+        ("/v1/predict", json!({"task": long, "inputs": "win"})),
+        ("/v1/embeddings", json!({"model": long, "input": "win"})),
+    ] {
+        let (status, _, body) = send!(app, POST path, body);
+        assert_eq!(status, 404, "{path}");
+        let message = body["error"]
+            .as_str()
+            .or(body["error"]["message"].as_str())
+            .unwrap_or_else(|| panic!("{path}: {body}"));
+        assert!(
+            message.len() <= 2048 + "…".len(),
+            "{path}: {} bytes",
+            message.len()
+        );
+        assert!(message.ends_with('…'), "{path}");
+    }
+}
