@@ -83,7 +83,12 @@ def main():
         for c in pod["containers"]:
             check_command(where, c.get("args", []), flags, problems)
             # Liveness on /ready too: a replica whose model or trainer thread ended needs a restart.
-            for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/ready")):
+            # A startup probe holds liveness off while the model and adapters load (/ready is 503 then).
+            for probe, path in (
+                ("readinessProbe", "/ready"),
+                ("startupProbe", "/ready"),
+                ("livenessProbe", "/ready"),
+            ):
                 if c.get(probe, {}).get("httpGet", {}).get("path") != path:
                     problems.append(f"{where}: {probe} should GET {path}")
             if pod.get("enableServiceLinks") is not False:

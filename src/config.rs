@@ -707,22 +707,24 @@ impl Config {
         }
         // NaN (which TOML and the environment accept) must fail too: it compares false with everything, so a
         // NaN threshold would switch its guardrail off silently.
-        if r.max_p99_ratio < 1.0
-            || !r.max_p99_ratio.is_finite()
-            || !(0.0..1.0).contains(&r.max_error_rate_increase)
+        // `inf` (a ratio) and 1 (an error rate) are how one switches a guard off, and stay allowed.
+        if r.max_p99_ratio.is_nan()
+            || r.max_p99_ratio < 1.0
+            || !(0.0..=1.0).contains(&r.max_error_rate_increase)
             || r.min_feedback == 0
             || r.min_requests == 0
             || r.evaluate_every_ms == 0
         {
             return fail(
-                "rollouts.max_p99_ratio must be a number ≥ 1, max_error_rate_increase in [0, 1), \
+                "rollouts.max_p99_ratio must be a number ≥ 1 (inf: no latency guard), \
+                 max_error_rate_increase in [0, 1] (1: no error-rate guard), \
                  min_feedback, min_requests and evaluate_every_ms ≥ 1"
                     .to_owned(),
             );
         }
         if [d.psi_threshold, d.min_distance, d.min_mmd]
             .iter()
-            .any(|x| *x < 0.0 || !x.is_finite())
+            .any(|x| x.is_nan() || *x < 0.0)
         {
             return fail(
                 "drift.psi_threshold, min_distance and min_mmd must be numbers ≥ 0".to_owned(),
@@ -781,6 +783,15 @@ mod tests {
                 Config::load(None, env).is_err(),
                 "{key}={value} was accepted"
             );
+        }
+        // How one switches a guard off stays allowed.
+        for (key, value) in [
+            ("FLYWHEEL_ROLLOUTS__MAX_P99_RATIO", "inf"),
+            ("FLYWHEEL_ROLLOUTS__MAX_ERROR_RATE_INCREASE", "1.0"),
+            ("FLYWHEEL_DRIFT__MIN_MMD", "inf"),
+        ] {
+            let env = vec![(key.to_owned(), value.to_owned())];
+            assert!(Config::load(None, env).is_ok(), "{key}={value} was refused");
         }
     }
 

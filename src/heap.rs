@@ -60,36 +60,3 @@ impl Drop for TrainingHeap {
         }
     }
 }
-
-#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
-mod tests {
-    use super::TrainingHeap;
-
-    /// Whether the C library gave `block` a mapping of its own: the IS_MMAPPED bit (2) of the size word
-    /// glibc keeps just before every block it hands out. Read per block, it holds whatever other tests
-    /// allocate meanwhile (the process-wide `mallinfo2` totals did not). No control block here: whether a
-    /// large block is mapped depends on what other tests freed into the shared arenas; a standalone program
-    /// showed the bit set on a 256 MiB block (`0x10001002`) and clear on a small one (`0x71`).
-    fn mapped_on_its_own(block: &[u8]) -> bool {
-        // SAFETY: `block` comes from glibc's malloc (Rust's global allocator here), which keeps the chunk's
-        // size word in the `usize` right before the block; it is read, not written.
-        let size = unsafe { (block.as_ptr() as *const usize).sub(1).read() };
-        size & 2 != 0
-    }
-
-    #[test]
-    fn blocks_of_a_training_step_come_from_the_heap_and_stay_usable_after_the_trim() {
-        let heap = TrainingHeap::enter();
-        // Activation-sized blocks: with glibc's defaults each of these is its own mapping.
-        let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 3 << 20]).collect();
-        let mapped = blocks.iter().filter(|b| mapped_on_its_own(b)).count();
-        assert_eq!(
-            mapped, 0,
-            "{mapped} of 8 blocks of 3 MiB were mapped on their own"
-        );
-        drop(blocks);
-        drop(heap);
-        let again: Vec<u8> = vec![7; 3 << 20];
-        assert!(again.iter().all(|&b| b == 7));
-    }
-}

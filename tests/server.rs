@@ -164,15 +164,15 @@ fn keys_are_checked_before_the_body_is_read() {
     assert_eq!(server.get_json("/info").0, 200);
 }
 
-/// A server with three requests of 24 texts of 256 tokens each in flight (seen in its metrics), and the
-/// threads that wait for their statuses.
-fn busy_server() -> (Server, Vec<std::thread::JoinHandle<Result<u16, String>>>) {
+/// A server with three requests of `texts` texts of 256 tokens each in flight (seen in its metrics), and
+/// the threads that wait for their statuses.
+fn busy_server(texts: usize) -> (Server, Vec<std::thread::JoinHandle<Result<u16, String>>>) {
     // Admission off: the three requests together are more than the default budget admits.
     let server = Server::start(&[], &[("FLYWHEEL_BATCHING__MAX_EXPECTED_WAIT_MS", "0")]);
     let text = "the quick brown fox jumps over the lazy dog ".repeat(40);
     let in_flight: Vec<_> = (0..3)
         .map(|_| {
-            let (url, texts) = (server.url("/v1/embed"), vec![text.clone(); 24]);
+            let (url, texts) = (server.url("/v1/embed"), vec![text.clone(); texts]);
             std::thread::spawn(move || {
                 ureq::post(&url)
                     .send_json(json!({ "inputs": texts }))
@@ -200,7 +200,7 @@ fn busy_server() -> (Server, Vec<std::thread::JoinHandle<Result<u16, String>>>) 
 
 #[test]
 fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
-    let (server, in_flight) = busy_server();
+    let (server, in_flight) = busy_server(24);
     server.signal(libc::SIGINT);
     for request in in_flight {
         assert_eq!(request.join().unwrap(), Ok(200));
@@ -211,7 +211,8 @@ fn sigint_answers_the_requests_in_flight_before_the_server_exits() {
 
 #[test]
 fn a_second_signal_stops_the_server_without_waiting_for_the_drain() {
-    let (server, in_flight) = busy_server();
+    // Three times the work: the drain is still going when the second signal comes.
+    let (server, in_flight) = busy_server(72);
     server.signal(libc::SIGINT);
     std::thread::sleep(std::time::Duration::from_millis(100));
     server.signal(libc::SIGTERM);

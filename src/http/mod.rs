@@ -195,8 +195,8 @@ async fn head_as_get(
     next.call(req).await
 }
 
-/// A request counted in flight until it is answered or dropped. One dropped unanswered (the client hung up,
-/// a forced stop) is recorded too, as status 499: the slowest requests must not vanish from the latency
+/// A request counted in flight until it is answered or dropped. One dropped unanswered (a reset
+/// connection, a drain that ran out of time) is recorded too, as status 499: the slowest requests must not vanish from the latency
 /// figures, nor stay counted in flight.
 struct InFlight {
     metrics: Metrics,
@@ -336,9 +336,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     serve_as(config, Role::Api).await
 }
 
+/// How long a second signal lets the trainer record its jobs before the process exits.
+const FORCED_STOP_TRAINER_WAIT: Duration = Duration::from_secs(2);
+
 /// Stops the server gracefully on the first SIGTERM or SIGINT (the listener closes, requests in flight are
-/// answered within `server.shutdown_timeout_secs`), and exits at once on a second.
-async fn stop_on_signals(handle: actix_web::dev::ServerHandle) {
+/// answered within `server.shutdown_timeout_secs`), and exits on a second once the trainer has recorded
+/// its jobs (at most [`FORCED_STOP_TRAINER_WAIT`]).
+async fn stop_on_signals(handle: actix_web::dev::ServerHandle, services: Arc<OnceLock<Services>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -363,10 +367,21 @@ async fn stop_on_signals(handle: actix_web::dev::ServerHandle) {
         _ = graceful => {}
         second = next(&mut term, &mut int) => {
             // The server handles one command at a time and is busy draining, so a forced stop sent to it
-            // would wait for the drain. Nothing acknowledged is lost by exiting: feedback is committed before
-            // its 202, state files are replaced whole, and the next start treats a running job as crashed.
+            // would wait for the drain: exit instead. Feedback is committed before its 202 and state files
+            // are replaced whole; the trainer gets a moment to record its jobs as stopped by a shutdown
+            // (re-run at the next start), not as crashed (a crashed re-run is not run again).
             tracing::warn!(signal = second, "stopping now, without waiting for the requests in flight");
-            std::process::exit(130);
+            let stopped = std::thread::Builder::new()
+                .name("flywheel-exit".to_owned())
+                .spawn(move || {
+                    if let Some(services) = services.get() {
+                        services.jobs.shutdown(FORCED_STOP_TRAINER_WAIT);
+                    }
+                    std::process::exit(130);
+                });
+            if stopped.is_err() {
+                std::process::exit(130);
+            }
         }
     }
 }
@@ -407,7 +422,7 @@ pub async fn serve_as(config: Config, role: Role) -> Result<(), ServeError> {
     }
     let server = server.run();
     let handle = server.handle();
-    actix_web::rt::spawn(stop_on_signals(handle.clone()));
+    actix_web::rt::spawn(stop_on_signals(handle.clone(), services.clone()));
     let load_error = Arc::new(std::sync::Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let stop_autopilot = stop.clone();

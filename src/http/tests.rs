@@ -324,7 +324,7 @@ fn a_request_dropped_unanswered_leaves_the_in_flight_gauge_and_counts_as_499() {
     let dropped = super::InFlight::begin(metrics.clone(), "/v1/embed".to_owned(), started);
     assert_eq!(metrics.in_flight.get(), 2);
     answered.finish(200, "", "");
-    // What a forced stop or a reset connection does to the request's future: drops it.
+    // What a reset connection or a drain out of time does to the request's future: drops it.
     drop(dropped);
     assert_eq!(metrics.in_flight.get(), 0);
     let exposition = metrics.render();

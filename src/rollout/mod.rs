@@ -84,8 +84,8 @@ struct Inner {
     version: i64,
     /// Evidence of the active rollouts, by rollout id.
     live: HashMap<String, Live>,
-    /// Recent judgements per (task, arm label), with the generation they judge, for the online-accuracy
-    /// gauge. A new generation behind the label starts a new window.
+    /// Recent judgements per (task, arm label), with the generation last judged, for the online-accuracy
+    /// gauge. A new candidate behind the candidate or shadow label starts a new window.
     accuracy: HashMap<(String, String), (String, VecDeque<bool>)>,
 }
 
@@ -308,13 +308,18 @@ impl Rollouts {
         for r in inner.state.rollouts.values().filter_map(|l| l.last()) {
             self.export_traffic(r);
         }
-        // A candidate arm whose rollout has ended serves nothing: its accuracy must not stand (and alert)
-        // until the next restart.
+        // A candidate (or shadow) arm whose rollout has ended, or whose generation is no longer the active
+        // rollout's candidate, serves nothing: its accuracy must not stand (and alert) until a restart.
         let ended: Vec<(String, String)> = inner
             .accuracy
-            .keys()
-            .filter(|(task, arm)| arm == "candidate" && inner.active(task).is_none())
-            .cloned()
+            .iter()
+            .filter(|((task, arm), (generation, _))| {
+                (arm == "candidate" || arm == "shadow")
+                    && inner
+                        .active(task)
+                        .is_none_or(|r| r.candidate != *generation)
+            })
+            .map(|(key, _)| key.clone())
             .collect();
         for key in ended {
             inner.accuracy.remove(&key);
@@ -741,30 +746,37 @@ impl Rollouts {
         correct: bool,
     ) {
         let mut inner = self.lock();
-        let (judged, window) = inner
-            .accuracy
-            .entry((task.to_owned(), arm_label.to_owned()))
-            .or_default();
-        if judged != generation {
-            // Another generation now serves as this arm (the next candidate, a promoted stable one): its
-            // predecessor's record says nothing of it.
-            *judged = generation.to_owned();
-            window.clear();
-            let _ = self
-                .metrics
-                .online_accuracy
-                .remove_label_values(&[task, arm_label]);
-        }
-        if window.len() >= ACCURACY_WINDOW {
-            window.pop_front();
-        }
-        window.push_back(correct);
-        if window.len() >= ACCURACY_MIN_JUDGEMENTS {
-            let accuracy = window.iter().filter(|c| **c).count() as f64 / window.len() as f64;
-            self.metrics
-                .online_accuracy
-                .with_label_values(&[task, arm_label])
-                .set(accuracy);
+        // The candidate and shadow labels describe the active rollout's candidate only: a late label on a
+        // prediction of an ended rollout's candidate is counted below but does not bring its figure back.
+        let rollout_arm = arm_label == "candidate" || arm_label == "shadow";
+        let current = !rollout_arm
+            || inner
+                .active(task)
+                .is_some_and(|r| r.candidate == generation);
+        if current {
+            let (judged, window) = inner
+                .accuracy
+                .entry((task.to_owned(), arm_label.to_owned()))
+                .or_default();
+            if rollout_arm && judged != generation {
+                // The next candidate: its predecessor's record says nothing of it. (The stable and pinned
+                // labels keep one mixed window: after a promotion the old stable generation's late labels
+                // and the new one's interleave, and 1000 judgements roll it over.)
+                window.clear();
+            }
+            judged.clear();
+            judged.push_str(generation);
+            if window.len() >= ACCURACY_WINDOW {
+                window.pop_front();
+            }
+            window.push_back(correct);
+            if window.len() >= ACCURACY_MIN_JUDGEMENTS {
+                let accuracy = window.iter().filter(|c| **c).count() as f64 / window.len() as f64;
+                self.metrics
+                    .online_accuracy
+                    .with_label_values(&[task, arm_label])
+                    .set(accuracy);
+            }
         }
         let outcome = if correct { "agreed" } else { "disagreed" };
         self.metrics

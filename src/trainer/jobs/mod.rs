@@ -370,6 +370,14 @@ impl Jobs {
         if !self.enabled {
             return Err(TrainError::Disabled);
         }
+        // Held from the count to the write (and the undoing of a failed one): two submissions cannot both
+        // take the queue's last place, and no other write may put the job on disk in between, or a job
+        // answered 503 could run after a crash.
+        let _writing = self
+            .shared
+            .persisting
+            .lock()
+            .expect("persist lock poisoned; this is a bug");
         let queued = {
             let jobs = self
                 .shared
@@ -393,13 +401,6 @@ impl Jobs {
             rerun_of: rerun_of.clone(),
             ..JobRecord::queued(task, config)
         };
-        // Held from the insert to the write (and the undoing of a failed one): no other write may put the
-        // job on disk in between, or a job answered 503 could run after a crash.
-        let _writing = self
-            .shared
-            .persisting
-            .lock()
-            .expect("persist lock poisoned; this is a bug");
         // A re-run and its link from the job it repeats land in one write, so a crash between them cannot
         // make the next start re-run the job again.
         let unlinked = {
