@@ -371,17 +371,22 @@ async fn stop_on_signals(handle: actix_web::dev::ServerHandle, services: Arc<Onc
             // are replaced whole; the trainer gets a moment to record its jobs as stopped by a shutdown
             // (re-run at the next start), not as crashed (a crashed re-run is not run again).
             tracing::warn!(signal = second, "stopping now, without waiting for the requests in flight");
-            let stopped = std::thread::Builder::new()
+            // The exit does not wait on the trainer's store beyond the wait and a second more (a database
+            // that hangs must not keep the process alive).
+            let (done, recorded) = std::sync::mpsc::channel();
+            let _ = std::thread::Builder::new()
                 .name("flywheel-exit".to_owned())
                 .spawn(move || {
                     if let Some(services) = services.get() {
                         services.jobs.shutdown(FORCED_STOP_TRAINER_WAIT);
                     }
-                    std::process::exit(130);
+                    let _ = done.send(());
                 });
-            if stopped.is_err() {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = recorded.recv_timeout(FORCED_STOP_TRAINER_WAIT + Duration::from_secs(1));
                 std::process::exit(130);
-            }
+            })
+            .await;
         }
     }
 }
