@@ -93,7 +93,7 @@ fn ops_routes(cfg: &mut web::ServiceConfig) {
 /// Registers every route on `cfg`; bodies of the OpenAI-style routes are limited to `max_body` bytes and
 /// their errors answered in OpenAI's shape.
 pub fn routes(cfg: &mut web::ServiceConfig, max_body: usize) {
-    let openai = |path| resource(path).app_data(openai::json_config(max_body));
+    let openai = |path| openai_resource(path).app_data(openai::json_config(max_body));
     ops_routes(cfg);
     cfg.service(resource("/openapi.json").route(web::get().to(ops::openapi)))
         .service(resource("/v1/embed").route(web::post().to(embed::embed)))
@@ -103,10 +103,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body: usize) {
         // The paths other clients post to (`openapi::ALIASES`, which documents them).
         .service(openai("/classify").route(web::post().to(openai::classify)))
         .service(resource("/").route(web::post().to(tei::embed)))
-        .service(resource("/v1/models").route(web::get().to(openai::models)))
+        .service(openai_resource("/v1/models").route(web::get().to(openai::models)))
         // A model id may hold a slash (`sentence-transformers/all-MiniLM-L6-v2`), which older OpenAI SDKs
         // send unencoded.
-        .service(resource("/v1/models/{model:.+}").route(web::get().to(openai::model)))
+        .service(openai_resource("/v1/models/{model:.+}").route(web::get().to(openai::model)))
         .service(resource("/embed").route(web::post().to(tei::embed)))
         .service(resource("/predict").route(web::post().to(tei::predict)))
         .service(resource("/tokenize").route(web::post().to(tei::tokenize)))
@@ -159,15 +159,39 @@ fn resource(path: &str) -> actix_web::Resource {
     web::resource(path).default_service(web::to(method_not_allowed))
 }
 
+/// [`resource`] for OpenAI's routes, whose 405 comes in OpenAI's error shape.
+fn openai_resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(openai_method_not_allowed))
+}
+
 /// 405 with the `Allow` header RFC 9110 asks for, listing the methods the OpenAPI document gives the path.
 async fn method_not_allowed(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
     use actix_web::ResponseError;
-    let mut response = ApiError::new(
+    with_allow(&req, not_allowed().error_response())
+}
+
+/// [`method_not_allowed`] in OpenAI's error shape, on its routes (`client.models.delete` meets it).
+async fn openai_method_not_allowed(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
+    use actix_web::ResponseError;
+    with_allow(
+        &req,
+        openai::OpenAiError::from(not_allowed()).error_response(),
+    )
+}
+
+fn not_allowed() -> ApiError {
+    ApiError::new(
         actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "method not allowed on this path",
     )
-    .error_response();
+}
+
+/// `response` with the `Allow` header naming the methods the OpenAPI document gives `req`'s path.
+fn with_allow(
+    req: &actix_web::HttpRequest,
+    mut response: actix_web::HttpResponse,
+) -> actix_web::HttpResponse {
     let allow = req
         .match_pattern()
         .and_then(|pattern| openapi::allowed_methods(&pattern));

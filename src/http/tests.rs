@@ -360,3 +360,35 @@ async fn an_error_quotes_at_most_a_bounded_part_of_what_the_caller_sent() {
         assert!(message.ends_with('…'), "{path}");
     }
 }
+
+#[actix_web::test]
+async fn openai_routes_answer_a_wrong_method_in_openai_shape() {
+    let harness = Harness::new(Duration::ZERO, |config| config.drift.enabled = false);
+    let app = init_service(app(harness.state.clone(), Role::Api)).await;
+    for (method, path, allow) in [
+        (Method::GET, "/v1/embeddings", "POST"),
+        (Method::DELETE, "/v1/models/all-MiniLM-L6-v2", "GET"),
+    ] {
+        let request = TestRequest::default()
+            .method(method.clone())
+            .uri(path)
+            .to_request();
+        let response = call_service(&app, request).await;
+        assert_eq!(response.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(
+            response
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok()),
+            Some(allow)
+        );
+        let body: Value = serde_json::from_slice(&read_body(response).await).unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+    // Flywheel's own routes keep their shape.
+    let request = TestRequest::get().uri("/v1/embed").to_request();
+    let body: Value =
+        serde_json::from_slice(&read_body(call_service(&app, request).await).await).unwrap();
+    assert_eq!(body["error_type"], "method_not_allowed", "{body}");
+}
