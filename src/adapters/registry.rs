@@ -802,19 +802,14 @@ impl Registry {
         // Files someone else wrote (an operator's copy) reach the disk before the index names them: the
         // files, their directory, and each directory above it up to the root.
         let dir = self.resolve_path(path)?;
-        let flushed = crate::durable::sync_files(
-            &dir,
-            &[peft::CONFIG_FILE, peft::WEIGHTS_FILE, SIDECAR_FILE],
-        )
-        .and_then(|()| {
-            let mut above = dir.parent();
-            while let Some(d) = above.filter(|d| d.starts_with(&self.root)) {
-                crate::durable::sync_files(d, &[])?;
-                above = d.parent();
-            }
-            Ok(())
-        });
-        flushed
+        let names = [peft::CONFIG_FILE, peft::WEIGHTS_FILE, SIDECAR_FILE];
+        crate::durable::sync_files(&dir, &names)
+            .and_then(|()| {
+                dir.ancestors()
+                    .skip(1)
+                    .take_while(|d| d.starts_with(&self.root))
+                    .try_for_each(|d| crate::durable::sync_files(d, &[]))
+            })
             .map_err(|e| RegistryError::Storage(format!("flushing {path}'s files to disk: {e}")))?;
         // Stored before the index names it, so a replica that reads the index can fetch it: the bytes
         // hashed into its id, not the directory read again.

@@ -80,47 +80,49 @@ pub fn caller(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
     }
 }
 
-/// [`caller`] as an extractor. Listed as a handler's first argument, it refuses a request without a valid
-/// key before the body is read or parsed: a caller without a key learns nothing of the schema and costs no
-/// parsing. `E` is the error's shape (`ApiError`, or OpenAI's on its routes).
-pub struct Caller<E = ApiError>(PhantomData<E>);
-
-/// [`admin`] as an extractor, refusing before the body is read (see [`Caller`]).
-pub struct Admin<E = ApiError>(PhantomData<E>);
-
-fn check(
-    req: &HttpRequest,
-    admit: fn(&HttpRequest, &AuthConfig) -> Result<(), ApiError>,
-) -> Result<(), ApiError> {
-    let state = req
-        .app_data::<web::Data<AppState>>()
-        .ok_or_else(|| ApiError::internal("the server's state is missing; this is a bug"))?;
-    admit(req, &state.config.auth)
+/// Who may call an endpoint: [`Inference`] or [`AdminOnly`].
+pub trait Scope {
+    /// Admits or refuses the request.
+    fn admit(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError>;
 }
 
-impl<E: From<ApiError> + Into<actix_web::Error>> FromRequest for Caller<E> {
-    type Error = E;
-    type Future = Ready<Result<Self, E>>;
+/// Inference and feedback endpoints ([`caller`]).
+pub struct Inference;
+/// Admin endpoints ([`admin`]).
+pub struct AdminOnly;
 
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(
-            check(req, caller)
-                .map(|()| Self(PhantomData))
-                .map_err(E::from),
-        )
+impl Scope for Inference {
+    fn admit(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
+        caller(req, auth)
     }
 }
 
-impl<E: From<ApiError> + Into<actix_web::Error>> FromRequest for Admin<E> {
+impl Scope for AdminOnly {
+    fn admit(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
+        admin(req, auth)
+    }
+}
+
+/// The key check of scope `S` as an extractor. Listed as a handler's first argument, it refuses a request
+/// without a valid key before the body is read or parsed: a caller without a key learns nothing of the
+/// schema and costs no parsing. `E` is the error's shape (`ApiError`, or OpenAI's on its routes).
+pub struct Keyed<S, E>(PhantomData<(S, E)>);
+
+/// An inference or feedback caller's key, checked before the body is read.
+pub type Caller<E = ApiError> = Keyed<Inference, E>;
+/// An admin's key, checked before the body is read.
+pub type Admin<E = ApiError> = Keyed<AdminOnly, E>;
+
+impl<S: Scope, E: From<ApiError> + Into<actix_web::Error>> FromRequest for Keyed<S, E> {
     type Error = E;
     type Future = Ready<Result<Self, E>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(
-            check(req, admin)
-                .map(|()| Self(PhantomData))
-                .map_err(E::from),
-        )
+        let admitted = req
+            .app_data::<web::Data<AppState>>()
+            .ok_or_else(|| ApiError::internal("the server's state is missing; this is a bug"))
+            .and_then(|state| S::admit(req, &state.config.auth));
+        ready(admitted.map(|()| Self(PhantomData)).map_err(E::from))
     }
 }
 

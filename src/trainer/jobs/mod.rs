@@ -205,8 +205,7 @@ impl Jobs {
             .collect();
         for job in jobs.values_mut() {
             if job.state == JobState::Running && !job.cancel_requested {
-                let path = format!("trained/{}-{}", job.task, run::run_name(job));
-                if let Some(id) = published.get(&path) {
+                if let Some(id) = published.get(&run::published_path(job)) {
                     tracing::info!(job = %job.id, generation = %id, "a job published before a crash is recorded as succeeded");
                     job.state = JobState::Succeeded;
                     job.adapter = Some(id.clone());

@@ -240,7 +240,12 @@ pub(super) fn sweep_unpublished(parent: &Path) {
 /// The name of this run of `job` for what it publishes: its id, and for a run again after its worker died
 /// (attempt 2 of the shared queue) the attempt too, since the first run may have published already, or may
 /// still be running on a stalled worker, under the plain name.
-pub(super) fn run_name(job: &JobRecord) -> String {
+/// Where a LoRA job publishes its generation, relative to the adapter root.
+pub(super) fn published_path(job: &JobRecord) -> String {
+    format!("trained/{}-{}", job.task, run_name(job))
+}
+
+fn run_name(job: &JobRecord) -> String {
     if job.attempts > 1 {
         format!("{}-a{}", job.id, job.attempts)
     } else {
@@ -429,7 +434,7 @@ pub(super) fn train_and_publish(
                 cancel,
             )?
             .split();
-            let name = format!("trained/{}-{}", task.name, run_name(job));
+            let name = published_path(job);
             let meta = record(&run);
             let reference = match deps.reference_size {
                 0 => None,
