@@ -61,7 +61,7 @@ def flywheel(binary, threads, train, test, labels, params, work):
     return {"macro_f1": report["test"]["macro_f1"], "accuracy": report["test"]["accuracy"],
             "val_macro_f1": (report["val"] or {}).get("macro_f1"), "wall_seconds": report["wall_seconds"],
             "trainable_params": report["trainable_params"], "best_epoch": report["best_epoch"],
-            "val_history": [round(h["val"]["macro_f1"], 4) for h in report.get("history", [])]}
+            "val_history": [round(h["val"]["macro_f1"], 4) for h in report.get("history", []) if h.get("val")]}
 
 
 def peft(train, test, labels, params, work):

@@ -24,6 +24,63 @@ const RETIRED_ENV: [(&str, &str); 6] = [
 /// Prefix of every environment variable Flywheel reads.
 pub const ENV_PREFIX: &str = "FLYWHEEL_";
 
+/// The variables without a `__` that some part of Flywheel reads (the configuration file, the API keys, the
+/// kernel switches, fault injection for tests); `FLYWHEEL_TEST_*` belong to the test suite.
+const READ_ENV: [&str; 6] = [
+    "FLYWHEEL_CONFIG",
+    "FLYWHEEL_ADMIN_KEYS",
+    "FLYWHEEL_API_KEYS",
+    "FLYWHEEL_INT8_KERNEL",
+    "FLYWHEEL_AVX512",
+    "FLYWHEEL_FAULTS",
+];
+
+/// The `FLYWHEEL_*` variables in `env` that nothing reads: most often a setting spelt with one underscore
+/// (`FLYWHEEL_SERVER_PORT` for `FLYWHEEL_SERVER__PORT`), which would otherwise be ignored without a word.
+/// Kubernetes' service links (`FLYWHEEL_SERVICE_HOST`, `FLYWHEEL_METRICS_PORT_9090_TCP`, …) are not listed:
+/// the cluster sets them, not the operator. The caller warns; a start does not fail, since a variable meant
+/// for another program may share the prefix.
+pub fn unread_variables(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let mut unread: Vec<String> = env
+        .into_iter()
+        .filter(|(key, value)| {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                return false;
+            };
+            !(rest.contains("__")
+                || rest.starts_with("TEST_")
+                || READ_ENV.contains(&key.as_str())
+                || RETIRED_ENV.iter().any(|(old, _)| old == key)
+                || is_service_link(key, value))
+        })
+        .map(|(key, _)| key)
+        .collect();
+    unread.sort();
+    unread
+}
+
+/// Whether a variable has the shape of one Kubernetes sets for a Service: `<NAME>_SERVICE_HOST`,
+/// `<NAME>_SERVICE_PORT[_<PORT NAME>]`, `<NAME>_PORT=tcp://…` and `<NAME>_PORT_<n>_<PROTO>[_ADDR|_PORT|_PROTO]`.
+fn is_service_link(key: &str, value: &str) -> bool {
+    let protocols = ["tcp://", "udp://", "sctp://"];
+    if protocols.iter().any(|p| value.starts_with(p))
+        || key.contains("_SERVICE_HOST")
+        || key.contains("_SERVICE_PORT")
+    {
+        return true;
+    }
+    key.split("_PORT_").skip(1).any(|tail| {
+        let mut parts = tail.split('_');
+        let number = parts
+            .next()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        number
+            && parts
+                .next()
+                .is_some_and(|p| matches!(p, "TCP" | "UDP" | "SCTP"))
+    })
+}
+
 /// Why the configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -700,6 +757,13 @@ impl Config {
         if !matches!(r.mode.as_str(), "split" | "shadow") {
             return fail(format!("rollouts.mode {:?} is not split or shadow", r.mode));
         }
+        if r.mode == "split" && r.steps.iter().any(|s| *s >= 1.0) {
+            return fail(
+                "rollouts.steps must stay below 1 in split mode: stable's share is what the guardrails \
+                 compare the candidate with (passing the last step promotes)"
+                    .to_owned(),
+            );
+        }
         if !(0.5..1.0).contains(&r.confidence) || !(0.0..0.5).contains(&r.margin) {
             return fail(
                 "rollouts.confidence must be in [0.5, 1) and margin in [0, 0.5)".to_owned(),
@@ -796,6 +860,34 @@ mod tests {
     }
 
     #[test]
+    fn variables_nothing_reads_are_named_but_service_links_are_not() {
+        let env = [
+            ("FLYWHEEL_SERVER_PORT", "9000"),
+            ("FLYWHEEL_STORE_URL", "postgres://db/flywheel"),
+            ("FLYWHEEL_SERVER__PORT", "9000"),
+            ("FLYWHEEL_API_KEYS", "k"),
+            ("FLYWHEEL_CONFIG", "/etc/flywheel.toml"),
+            ("FLYWHEEL_TEST_S3_ENDPOINT", "http://127.0.0.1:1"),
+            ("FLYWHEEL_PORT", "tcp://10.96.0.12:80"),
+            ("FLYWHEEL_SERVICE_HOST", "10.96.0.12"),
+            ("FLYWHEEL_SERVICE_PORT_HTTP", "80"),
+            ("FLYWHEEL_METRICS_PORT_9090_TCP_ADDR", "10.96.0.13"),
+            ("FLYWHEEL_METRICS_PORT_9090_TCP", "tcp://10.96.0.13:9090"),
+            ("FLYWHEEL_PORT_IS_8080", "x"),
+            ("RUST_LOG", "debug"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(
+            unread_variables(env),
+            [
+                "FLYWHEEL_PORT_IS_8080",
+                "FLYWHEEL_SERVER_PORT",
+                "FLYWHEEL_STORE_URL"
+            ]
+        );
+    }
+
+    #[test]
     fn a_variable_of_the_retired_scheme_names_its_replacement() {
         let env = vec![("FLYWHEEL_PORT".to_owned(), "9000".to_owned())];
         let err = Config::load(None, env).unwrap_err().to_string();
@@ -863,5 +955,17 @@ mod tests {
             Config::load(None, steps),
             Err(ConfigError::Invalid(m)) if m.contains("rising")
         ));
+        let to_all = |mode: &str| {
+            [
+                ("FLYWHEEL_ROLLOUTS__STEPS", "[0.5, 1.0]"),
+                ("FLYWHEEL_ROLLOUTS__MODE", mode),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        };
+        assert!(matches!(
+            Config::load(None, to_all("split")),
+            Err(ConfigError::Invalid(m)) if m.contains("below 1")
+        ));
+        assert!(Config::load(None, to_all("shadow")).is_ok());
     }
 }

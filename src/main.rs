@@ -281,6 +281,12 @@ impl ServeArgs {
             .config
             .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.is_file()));
         let mut config = Config::load(path.as_deref(), std::env::vars())?;
+        for name in flywheel::config::unread_variables(std::env::vars()) {
+            tracing::warn!(
+                variable = %name,
+                "ignored: Flywheel reads no such variable (settings are FLYWHEEL_<SECTION>__<FIELD>, two underscores)"
+            );
+        }
         if let Some(v) = self.host {
             config.server.host = v;
         }

@@ -93,7 +93,7 @@ fn duplicates_are_counted_and_bad_items_are_refused_by_name() {
     let cases = [
         (
             json!({"task": "nope", "text": "x", "label": "neutral"}),
-            422,
+            404,
             "nope",
         ),
         (

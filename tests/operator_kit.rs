@@ -43,6 +43,8 @@ const KNOWN_METRICS: &[&str] = &[
     "flywheel_num_requests_running",
     "flywheel_drift_window_size",
     "flywheel_drift_inputs_total",
+    "flywheel_autopilot_leader",
+    "flywheel_training_yield_seconds_total",
 ];
 
 /// Metrics exported for LoRA-aware routers (docs/OPERATIONS.md, "Behind an inference gateway"), not for

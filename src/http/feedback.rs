@@ -155,7 +155,7 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Claim
     let task = services
         .registry
         .task(&row.0.task)
-        .ok_or_else(|| at(format!("unknown task {:?}", row.0.task)))?;
+        .ok_or_else(|| ApiError::not_found(format!("items[{i}]: unknown task {:?}", row.0.task)))?;
     if !task.labels.contains(&row.0.label) {
         return Err(at(format!(
             "label {:?} is not one of task {:?}'s labels {:?}",
@@ -170,7 +170,7 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Claim
     security((), ("api_key" = [])),
     responses(
         (status = 202, description = "Stored durably", body = FeedbackAccepted),
-        (status = 404, description = "The named request is unknown or forgotten (`not_found`)", body = ErrorBody)))]
+        (status = 404, description = "An item names an unknown task, or a request that is unknown or forgotten (`not_found`)", body = ErrorBody)))]
 pub async fn post(
     _: super::auth::Caller,
     state: web::Data<AppState>,

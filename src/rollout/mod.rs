@@ -144,6 +144,20 @@ fn check_share(share: f64) -> Result<f64, RolloutError> {
     }
 }
 
+/// A split gives stable `1 − share` of the traffic, and the guardrails compare the candidate with what stable
+/// serves: at a share of 1 stable serves nothing, no verdict could ever be reached, and a failing candidate
+/// would keep every request. Promotion is how a candidate gets all of it.
+fn check_split_share(share: f64, mode: Mode) -> Result<f64, RolloutError> {
+    if mode == Mode::Split && share >= 1.0 {
+        return Err(RolloutError::Invalid(format!(
+            "a split's candidate share {share} must stay below 1, so that stable serves the traffic the \
+             guardrails compare it with; passing the last step promotes the candidate (or POST \
+             /v1/rollouts/{{task}}/promote)"
+        )));
+    }
+    Ok(share)
+}
+
 /// The task's active rollout in `state`.
 fn active_mut<'a>(state: &'a mut Persisted, task: &str) -> Result<&'a mut Rollout, RolloutError> {
     state
@@ -498,6 +512,9 @@ impl Rollouts {
         } else {
             Mode::Split
         });
+        for s in &steps {
+            check_split_share(*s, mode)?;
+        }
         let mut rollout = Rollout {
             id: format!("r-{}", uuid::Uuid::new_v4().simple()),
             task: task.clone(),
@@ -621,7 +638,7 @@ impl Rollouts {
         let _deciding = self.deciding();
         self.decide(|state| {
             let r = active_mut(state, task)?;
-            r.traffic = share;
+            r.traffic = check_split_share(share, r.mode)?;
             r.log("traffic", by, format!("candidate share set to {share}"));
             Ok(r.clone())
         })
@@ -645,12 +662,7 @@ impl Rollouts {
     /// leaves the alias on the candidate, and the next start completes the promotion (see
     /// [`Self::reconcile`]), so the two always agree.
     fn promote_in(&self, r: &mut Rollout, by: &str, reason: String) -> Result<(), RolloutError> {
-        self.registry
-            .set_alias(&r.task, &r.candidate)
-            .map_err(|e| match e {
-                RegistryError::Storage(_) => RolloutError::Storage(e.to_string()),
-                e => RolloutError::Conflict(format!("cannot move the alias: {e}")),
-            })?;
+        self.move_alias(&r.task, &r.candidate)?;
         if let Some(pause) = crate::faults::get().pause_after_alias {
             std::thread::sleep(pause);
         }
@@ -658,11 +670,35 @@ impl Rollouts {
         Ok(())
     }
 
+    fn move_alias(&self, task: &str, to: &str) -> Result<(), RolloutError> {
+        self.registry
+            .set_alias(task, to)
+            .map(drop)
+            .map_err(|e| match e {
+                RegistryError::Storage(_) => RolloutError::Storage(e.to_string()),
+                e => RolloutError::Conflict(format!("cannot move the alias: {e}")),
+            })
+    }
+
     /// Sends all traffic back to stable.
     pub fn rollback(&self, task: &str, by: &str, reason: String) -> Result<Rollout, RolloutError> {
         let _deciding = self.deciding();
         let out = self.decide(|state| {
             let r = active_mut(state, task)?;
+            // A promotion whose record failed after the alias moved (it answered 503) left the candidate
+            // serving everything as stable: a rollback then moves the alias back too, or it would end the
+            // rollout with the candidate still serving.
+            self.registry
+                .sync()
+                .map_err(|e| RolloutError::Storage(e.to_string()))?;
+            let mut reason = reason;
+            if self.registry.resolve(task).is_some_and(|g| g.id == r.candidate) {
+                self.move_alias(task, &r.stable)?;
+                reason.push_str(&format!(
+                    " (a promotion cut short had moved the stable alias to the candidate; it is back on {})",
+                    r.stable
+                ));
+            }
             r.finish(Phase::RolledBack, "rollback", by, reason);
             Ok(r.clone())
         })?;
@@ -855,7 +891,9 @@ impl Rollouts {
                     }
                     Verdict::Pass(reason) if r.step + 1 < r.steps.len() => {
                         r.step += 1;
-                        r.traffic = r.steps[r.step];
+                        // A larger share set by hand stays: lowering it would send keys that saw the
+                        // candidate back to stable.
+                        r.traffic = r.steps[r.step].max(r.traffic);
                         r.log("advance", "analysis", reason);
                         r.arms = Arms::default();
                         "advance"

@@ -113,6 +113,15 @@ fn a_start_is_checked_against_the_registry_and_the_active_rollout() {
         ..request("t", &two)
     };
     assert!(matches!(refused(bad_share), RolloutError::Invalid(_)));
+    // A split at 1 leaves stable nothing to compare the candidate with; shadowing all traffic is fine.
+    let all = |mode| StartRequest {
+        steps: Some(vec![0.5, 1.0]),
+        mode: Some(mode),
+        ..request("t", &two)
+    };
+    assert!(matches!(refused(all(Mode::Split)), RolloutError::Invalid(m) if m.contains("below 1")));
+    rollouts.start(all(Mode::Shadow), "test", false).unwrap();
+    rollouts.rollback("t", "test", "next case".into()).unwrap();
 
     let first = start(&rollouts, &two, &[0.1, 0.5]);
     assert_eq!((first.stable.as_str(), first.traffic), (one.as_str(), 0.1));
@@ -262,6 +271,49 @@ fn a_manual_rollout_is_analysed_but_not_acted_on() {
 }
 
 #[test]
+fn a_split_share_stays_below_one_and_an_advance_never_lowers_a_share_set_by_hand() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _one, two) = registry(data.path());
+    let rollouts = open(data.path(), registry);
+    start(&rollouts, &two, &[0.1, 0.5]);
+    assert!(matches!(
+        rollouts.set_traffic("t", 1.0, "test"),
+        Err(RolloutError::Invalid(m)) if m.contains("promote")
+    ));
+    rollouts.set_traffic("t", 0.8, "test").unwrap();
+    traffic(&rollouts, 600, |_| true);
+    assert_eq!(
+        rollouts.evaluate(true),
+        [("t".to_owned(), "advance".to_owned())]
+    );
+    let r = rollouts.get("t").unwrap();
+    assert_eq!(
+        (r.step, r.traffic),
+        (1, 0.8),
+        "no key that saw the candidate goes back"
+    );
+}
+
+#[test]
+fn a_rollback_after_a_promotion_cut_short_moves_the_alias_back() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, one, two) = registry(data.path());
+    let rollouts = open(data.path(), registry.clone());
+    start(&rollouts, &two, &[0.5]);
+    // The alias moved; the rollout's write did not happen (the promotion answered 503), and the operator
+    // rolls back before the leader completes the promotion.
+    registry.set_alias("t", &two).unwrap();
+    let r = rollouts.rollback("t", "test", "by hand".into()).unwrap();
+    assert_eq!(r.phase, Phase::RolledBack);
+    assert!(r.decisions.last().unwrap().reason.contains("back on"));
+    assert_eq!(
+        registry.resolve("t").unwrap().id,
+        one,
+        "stable serves again"
+    );
+}
+
+#[test]
 fn a_restart_restores_rollouts_and_completes_a_promotion_a_crash_cut_short() {
     let data = tempfile::tempdir().unwrap();
     let (registry, _one, two) = registry(data.path());
@@ -337,7 +389,7 @@ fn replicas_share_a_rollout_route_alike_add_up_evidence_and_see_each_others_deci
     let Some(([(registry_a, a), (registry_b, b)], two)) = replicas(root.path()) else {
         return;
     };
-    let r = start(&a, &two, &[0.5, 1.0]);
+    let r = start(&a, &two, &[0.5, 0.9]);
     assert!(b.route("t", Some("k"), "r").is_none(), "not taken in yet");
     assert!(b.sync().unwrap(), "B takes A's rollout in");
     assert!(!b.sync().unwrap(), "and nothing more");
@@ -370,7 +422,7 @@ fn replicas_share_a_rollout_route_alike_add_up_evidence_and_see_each_others_deci
     let on_b = b.get("t").unwrap();
     assert_eq!(
         (on_b.id.as_str(), on_b.step, on_b.traffic),
-        (r.id.as_str(), 1, 1.0)
+        (r.id.as_str(), 1, 0.9)
     );
     assert_eq!(counted(&on_b.arms), 0, "the new step starts afresh");
     assert_eq!(counted(&on_b.totals), 600, "the rollout's totals go on");
@@ -425,7 +477,7 @@ fn a_candidate_gone_from_the_registry_is_not_routed_and_the_leader_rolls_its_rol
     let data = tempfile::tempdir().unwrap();
     let (registry, one, two) = registry(data.path());
     let rollouts = open(data.path(), registry.clone());
-    let r = start(&rollouts, &two, &[1.0]);
+    let r = start(&rollouts, &two, &[0.999]);
     assert_eq!(rollouts.route("t", Some("k"), "x").unwrap().generation, two);
     // Deleted elsewhere (another replica's admin call), or not fetched here yet.
     registry.delete(&two).unwrap();

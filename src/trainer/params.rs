@@ -210,6 +210,7 @@ pub struct TrainConfig {
     #[schema(minimum = 8, maximum = 512)]
     pub max_length: usize,
     /// Epochs without a better validation macro-F1 before stopping.
+    #[schema(minimum = 1, maximum = 100)]
     pub patience: usize,
     /// Fraction of each label held out for validation.
     #[schema(minimum = 0.05, maximum = 0.5)]
@@ -359,6 +360,9 @@ impl TrainConfig {
         {
             return bad("epochs must be 1 to 100 and batch_size 1 to 512");
         }
+        if self.patience == 0 || self.patience > 100 {
+            return bad("patience must be 1 to 100 epochs");
+        }
         if self.grad_accumulation == 0 || self.grad_accumulation > 64 {
             return bad("grad_accumulation must be 1 to 64");
         }
@@ -476,5 +480,18 @@ mod tests {
             ..TrainConfig::default()
         };
         assert!(twice.validate().is_err());
+    }
+
+    #[test]
+    fn patience_is_at_least_one_epoch() {
+        let with = |patience| TrainConfig {
+            patience,
+            ..TrainConfig::default()
+        };
+        assert!(
+            matches!(with(0).validate(), Err(TrainError::Invalid(m)) if m.contains("patience"))
+        );
+        assert!(with(1).validate().is_ok() && with(100).validate().is_ok());
+        assert!(with(101).validate().is_err());
     }
 }
