@@ -62,6 +62,10 @@ impl DivergenceGuard {
         }
         let mean = self.sum / self.count as f64;
         (self.sum, self.count) = (0.0, 0);
+        // A NaN window is never the best one to come back to (`NaN >= best` is false).
+        if !mean.is_finite() {
+            return Ok(None);
+        }
         if let Some((best, _)) = &self.best {
             if mean >= *best {
                 let learned = self.constant - best;
@@ -216,6 +220,11 @@ mod tests {
         assert_eq!(window(0.69, 1.0), None, "the first window is the best");
         assert_eq!(window(0.40, 2.0), None, "better: kept");
         assert_eq!(window(0.30, 3.0), None, "better again: kept");
+        assert_eq!(
+            window(f64::NAN, 9.0),
+            None,
+            "a NaN window is neither judged nor kept"
+        );
         assert_eq!(
             window(0.45, 4.0),
             None,

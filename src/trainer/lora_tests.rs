@@ -857,3 +857,67 @@ fn accumulated_micro_batches_take_the_gradient_one_big_batch_would() {
         );
     }
 }
+
+/// A tiny BERT whose word embedding of `token` is NaN: every text holding it gets a NaN loss and gradient.
+fn bert_with_nan_token(token: usize) -> crate::model::bert::Bert {
+    let config = BertConfig::tiny();
+    let mut tensors = crate::model::random::tensors(&config, 11, "", 0.5);
+    let name = "embeddings.word_embeddings.weight";
+    let mut rows = tensors[name].to_vec2::<f32>().unwrap();
+    rows[token].iter_mut().for_each(|x| *x = f32::NAN);
+    tensors.insert(name.into(), Tensor::new(rows, &Device::Cpu).unwrap());
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    crate::model::bert::Bert::load(vb, &config).unwrap()
+}
+
+#[test]
+fn steps_with_a_nan_loss_are_skipped_and_a_run_with_nothing_else_fails() {
+    use super::train::{train_lora, TrainConfig, TrainError};
+    let config = TrainConfig {
+        epochs: Some(3),
+        batch_size: 4,
+        max_length: 16,
+        learning_rate: Some(1e-2),
+        ..TrainConfig::default()
+    };
+    let run = |bert: &crate::model::bert::Bert, train: &[super::data::Example]| {
+        let cpu = CpuEncoder::from_bert(bert).unwrap();
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        train_lora(
+            bert,
+            &cpu,
+            2,
+            train,
+            &toy_task(6),
+            &config,
+            None,
+            &mut |_| {},
+            &cancel,
+        )
+    };
+    // One text in 48 holds the poisoned token (99): the steps it falls in are skipped, the rest train,
+    // and what is kept is finite and learned.
+    let bert = bert_with_nan_token(99);
+    let mut train = toy_task(24);
+    train[3].ids[3] = 99;
+    let report = run(&bert, &train).expect("the other steps train");
+    let skipped: usize = report.history.iter().map(|h| h.skipped_steps).sum();
+    assert_eq!(skipped, 3, "one step an epoch: {:?}", report.history);
+    assert!(report.history.iter().all(|h| h.train_loss.is_finite()));
+    let adapter = &report.result;
+    let classifier = &adapter.head.as_ref().expect("a head").classifier;
+    assert!(adapter
+        .deltas()
+        .flat_map(|(_, _, d)| d.a.iter().chain(&d.b))
+        .chain(&classifier.weight)
+        .all(|x| x.is_finite()));
+    assert_eq!(report.val.expect("validated").accuracy, 1.0);
+    // Poison in every text ([CLS], id 1): no step can train, and the job says why instead of publishing
+    // NaN weights.
+    let bert = bert_with_nan_token(1);
+    match run(&bert, &toy_task(24)) {
+        Err(TrainError::Invalid(m)) => assert!(m.contains("not finite"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(r) => panic!("trained: {:?}", r.history),
+    }
+}

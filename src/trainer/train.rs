@@ -8,7 +8,7 @@ use std::time::Instant;
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use serde::Serialize;
 
@@ -93,6 +93,9 @@ pub struct EpochReport {
     pub clipped_steps: usize,
     /// Times the run diverged in this epoch and went back to its best stretch at half the learning rate.
     pub rollbacks: usize,
+    /// Optimizer steps skipped because their loss or gradient was not finite (NaN or infinite), as
+    /// PyTorch's `GradScaler` skips them: the weights stay as they were.
+    pub skipped_steps: usize,
 }
 
 /// What a finished run produced: `R` is the best epoch's adapter (LoRA) or weights (full).
@@ -445,9 +448,12 @@ fn fit<T: Trainable>(
     let mut examples_seen = 0usize;
     for epoch in 1..=config.epochs() {
         rng.shuffle(&mut order);
-        let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+        // The epoch's loss is the (weighted) mean over its examples, as one pass over them all would give:
+        // a short last micro-batch counts for its examples only. Non-finite losses are left out (their
+        // steps are skipped).
+        let (mut loss_sum, mut loss_weight) = (0.0, 0.0);
         let mut norms = NormTally::default();
-        let mut rollbacks = 0;
+        let (mut rollbacks, mut skipped, mut steps_this_epoch) = (0, 0, 0);
         for group in order.chunks(config.batch_size * config.grad_accumulation) {
             let mut accumulated: Option<GradStore> = None;
             let micro: Vec<&[usize]> = group.chunks(config.batch_size).collect();
@@ -472,7 +478,8 @@ fn fit<T: Trainable>(
                 if cancel.load(Ordering::Relaxed) {
                     return Err(TrainError::Cancelled);
                 }
-                let share = weight_of(indices) / group_weight;
+                let weight = weight_of(indices);
+                let share = weight / group_weight;
                 let batch: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
                 let (ids, mask, targets) = pad(&batch, pad_id, &device)?;
                 let logits = trainable.logits(&ids, &mask)?;
@@ -483,8 +490,10 @@ fn fit<T: Trainable>(
                     class_weights.as_ref(),
                 )?;
                 let value = loss.to_scalar::<f32>()? as f64;
-                loss_sum += value;
-                loss_count += 1;
+                if value.is_finite() {
+                    loss_sum += value * weight;
+                    loss_weight += weight;
+                }
                 step_loss += value * share;
                 examples_seen += batch.len();
                 let grads = (loss * share)?.backward()?;
@@ -505,17 +514,34 @@ fn fit<T: Trainable>(
             }
             crate::pressure::yield_point();
             optimizer.set_learning_rate(schedule(step) * lr_factor);
-            if let Some(mut grads) = accumulated {
+            // A NaN or infinite loss or gradient would turn every weight into NaN in one step, and a NaN
+            // adapter predicts the first label for everything: such a step is skipped.
+            let mut finite = step_loss.is_finite();
+            if let Some(mut grads) = accumulated.filter(|_| finite) {
                 // Clipping off (0) skips the pass over every gradient that measuring the norm costs.
                 if config.max_grad_norm > 0.0 {
                     let norm =
                         super::clip::clip_grad_norm(&mut grads, &vars, config.max_grad_norm)?;
-                    norms.add(norm, config.max_grad_norm);
+                    finite = norm.is_finite();
+                    if finite {
+                        norms.add(norm, config.max_grad_norm);
+                    }
                 }
-                optimizer.step(&grads)?;
+                if finite {
+                    optimizer.step(&grads)?;
+                }
             }
             step += 1;
-            if let Some(d) = guard.observe(step_loss, &vars)? {
+            steps_this_epoch += 1;
+            if !finite {
+                skipped += 1;
+                tracing::warn!(
+                    epoch,
+                    step,
+                    loss = step_loss,
+                    "a step's loss or gradient was not finite: step skipped"
+                );
+            } else if let Some(d) = guard.observe(step_loss, &vars)? {
                 guard.roll_back(&vars)?;
                 optimizer.reset()?;
                 lr_factor *= 0.5;
@@ -534,13 +560,27 @@ fn fit<T: Trainable>(
                 step,
                 total_steps,
                 epoch,
-                train_loss: loss_sum / loss_count.max(1) as f64,
+                train_loss: loss_sum / loss_weight.max(f64::MIN_POSITIVE),
                 val: history.last().and_then(|h: &EpochReport| h.val.clone()),
                 grad_norm: norms.mean(),
                 examples_per_second: examples_seen as f64 / started.elapsed().as_secs_f64(),
             });
         }
-        let train_loss = loss_sum / loss_count.max(1) as f64;
+        if skipped == steps_this_epoch {
+            return Err(TrainError::Invalid(format!(
+                "the loss or its gradient was not finite (NaN or infinite) in every step of epoch {epoch}: \
+                 lower learning_rate (it is {}) or check the data",
+                config.lr()
+            )));
+        }
+        if !all_finite(&vars)? {
+            return Err(TrainError::Invalid(format!(
+                "training made the weights non-finite (NaN or infinite) in epoch {epoch}: lower \
+                 learning_rate (it is {})",
+                config.lr()
+            )));
+        }
+        let train_loss = loss_sum / loss_weight.max(f64::MIN_POSITIVE);
         let evaluation = if val.is_empty() {
             None
         } else {
@@ -554,6 +594,7 @@ fn fit<T: Trainable>(
             grad_norm = norms.mean(),
             clipped_steps = norms.clipped,
             rollbacks,
+            skipped_steps = skipped,
             "epoch done"
         );
         history.push(EpochReport {
@@ -563,6 +604,7 @@ fn fit<T: Trainable>(
             grad_norm: norms.mean(),
             clipped_steps: norms.clipped,
             rollbacks,
+            skipped_steps: skipped,
         });
         progress(&Progress {
             step,
@@ -601,6 +643,21 @@ fn fit<T: Trainable>(
         steps: step,
         wall_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Whether every value of `vars` is finite: a sum is NaN or infinite when any of its terms is.
+fn all_finite(vars: &[Var]) -> Result<bool, TrainError> {
+    for v in vars {
+        let sum = v
+            .as_tensor()
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One epoch's gradient norms before clipping: their sum, count, and how many exceeded the bound.
