@@ -69,11 +69,16 @@ pub struct Split<T> {
     pub skipped: Option<SmallValidation>,
 }
 
-/// The label whose validation share fell short of `min_val_per_label`.
+/// The label whose validation share fell short of `min_val_per_label`, or the only label there was to
+/// validate on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SmallValidation {
     /// The label index.
     pub label: usize,
+    /// Whether it was the only label of the rows to validate on (a warm start's rows since its parent's
+    /// data may all be corrections to one label): macro-F1 over one label is highest for a model that
+    /// predicts it for everything, so it cannot choose the epoch.
+    pub only_label: bool,
     /// Its examples in the validation split that would have been.
     pub count: usize,
     /// The fewest wanted.
@@ -88,6 +93,15 @@ impl SmallValidation {
         let name = labels
             .get(self.label)
             .map_or_else(|| self.label.to_string(), |l| format!("{l:?}"));
+        if self.only_label {
+            return format!(
+                "validation skipped: every row to validate on has label {name} (a warm start validates on \
+                 the rows newer than its parent's data), and macro-F1 over one label would favour an epoch \
+                 that predicts it for everything; trained on all {} examples for {epochs} epochs and kept \
+                 the last",
+                self.total
+            );
+        }
         format!(
             "validation skipped: label {name} would have {} validation examples (min_val_per_label is {}); \
              trained on all {} examples for {epochs} epochs and kept the last",
@@ -118,7 +132,12 @@ pub fn validation_split<T>(
     for e in &val {
         counts[label_of(e)] += 1;
     }
-    let short = (0..labels).find(|&l| present[l] && counts[l] < min_per_label);
+    let mut present_labels = (0..labels).filter(|&l| present[l]);
+    let only = match (present_labels.next(), present_labels.next()) {
+        (Some(l), None) => Some(l),
+        _ => None,
+    };
+    let short = only.or_else(|| (0..labels).find(|&l| present[l] && counts[l] < min_per_label));
     match short {
         None => Split {
             train,
@@ -132,6 +151,7 @@ pub fn validation_split<T>(
             Split {
                 skipped: Some(SmallValidation {
                     label,
+                    only_label: only.is_some(),
                     count: counts[label],
                     min: min_per_label,
                     total: all.len(),
@@ -242,6 +262,14 @@ mod tests {
         assert!(validation_split(small, |e| e.label, 2, 0.15, 0, 3)
             .skipped
             .is_none());
+        // Rows of one label only (a warm start's corrections since its parent): never validated on, even
+        // with the guard off.
+        let one = validation_split(examples(60, 1), |e| e.label, 2, 0.15, 0, 3);
+        let skipped = one.skipped.expect("one label cannot choose an epoch");
+        assert!(skipped.only_label && one.val.is_empty() && one.train.len() == 60);
+        assert!(skipped
+            .describe(&names, 5)
+            .contains("every row to validate on has label \"spam\""));
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct OfflineReport {
     pub labels: Vec<String>,
     /// Examples trained on.
     pub train_examples: usize,
+    /// Lines of the data left out because a later line has the same text (its label is the one learned):
+    /// a repeated text would otherwise land on both sides of the validation split.
+    pub repeated_texts: usize,
     /// Examples validated on (early stopping, epoch choice).
     pub val_examples: usize,
     /// The chosen epoch's validation scores; `null` when validation was skipped.
@@ -94,6 +97,20 @@ fn read_lines(files: &[PathBuf]) -> Result<Vec<Line>, TrainError> {
         }
     }
     Ok(out)
+}
+
+/// The last line of each text, in the order of those lines; and how many lines that left out.
+fn last_line_per_text(lines: Vec<Line>) -> (Vec<Line>, usize) {
+    let before = lines.len();
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<Line> = lines
+        .into_iter()
+        .rev()
+        .filter(|l| seen.insert(l.text.clone()))
+        .collect();
+    kept.reverse();
+    let repeated = before - kept.len();
+    (kept, repeated)
 }
 
 /// Each line as an example cut at `max_length`, with its token ids as serving makes them.
@@ -137,7 +154,7 @@ pub fn run(
         )));
     }
     let config = &job.config;
-    let lines = read_lines(&job.data)?;
+    let (lines, repeated_texts) = last_line_per_text(read_lines(&job.data)?);
     let labels = match &job.labels {
         Some(l) => l.clone(),
         None => {
@@ -229,6 +246,7 @@ pub fn run(
         method: config.method,
         labels: labels.clone(),
         train_examples: train.len(),
+        repeated_texts,
         val_examples: val.len(),
         val: run.val,
         validation_note,
@@ -283,4 +301,30 @@ pub fn default_out(method: Method) -> PathBuf {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_text_is_kept_once_with_its_last_label() {
+        let line = |text: &str, label: &str| Line {
+            text: text.into(),
+            label: label.into(),
+        };
+        let lines = vec![
+            line("a", "x"),
+            line("b", "x"),
+            line("a", "y"),
+            line("b", "x"),
+        ];
+        let (kept, repeated) = last_line_per_text(lines);
+        let kept: Vec<(&str, &str)> = kept
+            .iter()
+            .map(|l| (l.text.as_str(), l.label.as_str()))
+            .collect();
+        assert_eq!(kept, [("a", "y"), ("b", "x")]);
+        assert_eq!(repeated, 2);
+    }
 }

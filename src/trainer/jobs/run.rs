@@ -390,6 +390,7 @@ pub(super) fn train_and_publish(
             "validation_note": validation_note,
             "new_examples": data.new_rows,
             "replayed_examples": data.replayed_rows,
+            "superseded_examples": data.superseded_rows,
             "feedback_snapshot_id": data.snapshot_id,
             "hyperparameters": config,
             "job": job.id,

@@ -1,6 +1,7 @@
 //! Which feedback a job learns from: the newest rows, or on a warm start the rows newer than the parent's
 //! snapshot with a replayed sample of older ones.
 
+use crate::feedback::Feedback;
 use crate::trainer::data::{truncate, Example};
 use crate::trainer::train::{TrainConfig, TrainError};
 
@@ -29,6 +30,24 @@ pub(super) struct Dataset {
     pub(super) new_rows: usize,
     /// Older rows replayed beside them.
     pub(super) replayed_rows: usize,
+    /// Rows left out because a newer row gives the same text another label (a correction).
+    pub(super) superseded_rows: usize,
+}
+
+/// Keeps, of rows giving one text different labels, only the newest: a caller who labelled a text and then
+/// corrected it means the correction, and training on both would teach the two at once (and let one
+/// validate against the other). `rows` are in id order; so is the result.
+fn newest_label_per_text(rows: Vec<Feedback>) -> (Vec<Feedback>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let before = rows.len();
+    let mut kept: Vec<Feedback> = rows
+        .into_iter()
+        .rev()
+        .filter(|r| seen.insert(r.text.clone()))
+        .collect();
+    kept.reverse();
+    let superseded = before - kept.len();
+    (kept, superseded)
 }
 
 /// Reads the task's feedback. With a parent snapshot and a replay ratio, takes the rows newer than the
@@ -48,6 +67,7 @@ pub(super) fn select_data(
         )
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let snapshot_id = rows.last().map_or(0, |r| r.id);
+    let (rows, superseded_rows) = newest_label_per_text(rows);
     let (mut chosen, new_rows, replayed_rows) = match (parent_snapshot, config.replay) {
         (Some(cut), Some(ratio)) => {
             let (old, new): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.id <= cut);
@@ -104,5 +124,36 @@ pub(super) fn select_data(
         snapshot_id,
         new_rows,
         replayed_rows,
+        superseded_rows,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrected_label_replaces_the_earlier_one() {
+        let row = |id, text: &str, label: &str| Feedback {
+            id,
+            task: "t".into(),
+            text: text.into(),
+            label: label.into(),
+            request_id: None,
+            adapter: None,
+            arm: None,
+            count: 1,
+            created_at: 0,
+        };
+        let rows = vec![
+            row(1, "win a prize", "ham"),
+            row(2, "lunch at noon", "ham"),
+            row(3, "win a prize", "spam"),
+            row(4, "minutes attached", "ham"),
+        ];
+        let (kept, superseded) = newest_label_per_text(rows);
+        let kept: Vec<(i64, &str)> = kept.iter().map(|r| (r.id, r.label.as_str())).collect();
+        assert_eq!(kept, [(2, "ham"), (3, "spam"), (4, "ham")]);
+        assert_eq!(superseded, 1);
+    }
 }
