@@ -138,6 +138,10 @@ pub struct DriftConfig {
     pub enabled: bool,
     /// Predictions of a new stable generation that form its reference (the warm-up window).
     pub reference_size: usize,
+    /// What a trained generation is compared with: `training`, the reference it was published with (its
+    /// training inputs and validation predictions, which assumes feedback looks like traffic: the same
+    /// label mix), or `live`, its own first `reference_size` predictions and inputs.
+    pub reference: String,
     /// Latest predictions compared against the reference.
     pub window_size: usize,
     /// Predictions the window needs before a report is computed.
@@ -163,6 +167,7 @@ impl Default for DriftConfig {
         Self {
             enabled: true,
             reference_size: 500,
+            reference: "training".to_owned(),
             window_size: 500,
             min_window: 100,
             psi_threshold: 0.2,
@@ -785,6 +790,12 @@ impl Config {
                  min_feedback, min_requests and evaluate_every_ms ≥ 1"
                     .to_owned(),
             );
+        }
+        if !matches!(d.reference.as_str(), "training" | "live") {
+            return fail(format!(
+                "drift.reference {:?} is not training or live",
+                d.reference
+            ));
         }
         if [d.psi_threshold, d.min_distance, d.min_mmd]
             .iter()

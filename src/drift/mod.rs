@@ -67,6 +67,10 @@ struct TaskDrift {
     labels: usize,
     /// `training` (published with the generation) or `live` (its first predictions).
     kind: &'static str,
+    /// Whether the reference's predictions are the generation's first live ones: a live reference's, and a
+    /// training reference's that holds none (a generation trained without a validation split publishes
+    /// none, as its predictions on its own training inputs are more confident than on any traffic).
+    live_predictions: bool,
     /// The reference: complete when it came with the generation; a live one fills with the first
     /// `reference_size` predictions and, separately (they arrive later), the first `reference_size`
     /// embeddings.
@@ -92,6 +96,7 @@ impl TaskDrift {
             } else {
                 "live"
             },
+            live_predictions: training.as_ref().is_none_or(|t| t.labels.is_empty()),
             reference: training.unwrap_or_else(|| {
                 Arc::new(DriftReference {
                     embeddings: Vec::new(),
@@ -107,9 +112,9 @@ impl TaskDrift {
         }
     }
 
-    /// Whether the reference's predictions are complete (a training reference always is).
+    /// Whether the reference's predictions are complete (a published one's always are).
     fn predictions_ready(&self, config: &DriftConfig) -> bool {
-        self.kind == "training" || self.reference.labels.len() >= config.reference_size
+        !self.live_predictions || self.reference.labels.len() >= config.reference_size
     }
 
     /// Whether the reference's embeddings are complete.
@@ -268,6 +273,7 @@ impl DriftMonitor {
             return;
         }
         let (label, confidence) = best(probs);
+        let training = training.filter(|_| self.config.reference == "training");
         let mut tasks = self.lock();
         let entry = match tasks.get_mut(task) {
             Some(e) if e.generation == generation && e.labels == probs.len() => e,
@@ -724,6 +730,40 @@ mod tests {
             (warming.reference, warming.reference_size),
             (Some("live"), 10)
         );
+    }
+
+    #[test]
+    fn a_training_reference_without_predictions_takes_them_live_and_a_live_setting_ignores_it() {
+        // A generation trained without a validation split publishes embeddings only: its predictions on
+        // its own training inputs would be more confident than on any traffic.
+        let reference = training_reference(60);
+        let embeddings_only = Arc::new(DriftReference {
+            labels: Vec::new(),
+            confidences: Vec::new(),
+            ..(*reference).clone()
+        });
+        let m = DriftMonitor::new(config(), Metrics::new());
+        feed_with(&m, "g1", Some(&embeddings_only), 60, 0.5, 0.0, 2);
+        assert!(
+            matches!(m.report("spam"), Some(Err(_))),
+            "the first 60 predictions are the reference"
+        );
+        feed_with(&m, "g1", Some(&embeddings_only), 60, 0.5, 0.0, 3);
+        let quiet = m.report("spam").unwrap().unwrap();
+        assert!(!quiet.detected, "{quiet:?}");
+        assert_eq!((quiet.reference, quiet.window_size), ("training", 60));
+
+        // `[drift] reference = "live"`: feedback need not look like traffic.
+        let live = DriftConfig {
+            reference: "live".into(),
+            ..config()
+        };
+        let m = DriftMonitor::new(live, Metrics::new());
+        m.observe_prediction("spam", "g1", Some(&reference), &[0.8, 0.2]);
+        let Some(Err(warming)) = m.report("spam") else {
+            panic!("a live reference fills first");
+        };
+        assert_eq!(warming.reference, Some("live"));
     }
 
     #[test]

@@ -46,8 +46,9 @@ pub fn probabilities(
 }
 
 /// The reference of `adapter`: the predicted label and confidence of every validation input (a seeded sample
-/// of [`MAX_SAMPLES`] of a larger split; the training inputs' when there is no validation split), and the
-/// base model's embeddings of up to `size` (at most [`MAX_SAMPLES`]) inputs — the validation inputs first, then a seeded
+/// of [`MAX_SAMPLES`] of a larger split; none without a validation split, as the generation's predictions on
+/// its own training inputs are more confident than on any traffic, so the monitor takes its first live
+/// ones instead), and the base model's embeddings of up to `size` (at most [`MAX_SAMPLES`]) inputs — the validation inputs first, then a seeded
 /// sample of the training inputs. Inputs are token ids as serving makes them.
 pub fn drift_reference(
     cpu: &CpuEncoder,
@@ -64,25 +65,15 @@ pub fn drift_reference(
     let mut val_order: Vec<usize> = (0..val.len()).collect();
     Rng::new(seed ^ 0x7A1).shuffle(&mut val_order);
     val_order.truncate(MAX_SAMPLES);
-    let judged: Vec<&[u32]> = if val.is_empty() {
-        order
-            .iter()
-            .take(size)
-            .map(|&i| train[i].as_slice())
-            .collect()
-    } else {
-        val_order.iter().map(|&i| val[i].as_slice()).collect()
-    };
+    let judged: Vec<&[u32]> = val_order.iter().map(|&i| val[i].as_slice()).collect();
     let probs = probabilities(cpu, adapter, &judged)?;
     let mut embedded: Vec<&[u32]> = judged.into_iter().take(size).collect();
-    if !val.is_empty() {
-        embedded.extend(
-            order
-                .iter()
-                .take(size.saturating_sub(embedded.len()))
-                .map(|&i| train[i].as_slice()),
-        );
-    }
+    embedded.extend(
+        order
+            .iter()
+            .take(size.saturating_sub(embedded.len()))
+            .map(|&i| train[i].as_slice()),
+    );
     let embeddings = base_embeddings(cpu, &embedded)?;
     let (labels, confidences) = probs.iter().map(|p| pooling::best(p)).unzip();
     Ok(DriftReference {
