@@ -54,12 +54,11 @@ pub enum InferError {
 
 impl InferError {
     /// Whether the request or the load caused it (a full queue, a refused input) rather than the model:
-    /// such failures say nothing about the generation that was asked to serve.
+    /// such failures say nothing about the generation that was asked to serve. A timeout is not among
+    /// them: a slow arm's slowest requests are the ones that time out, and leaving them out would measure
+    /// its latency on the requests fast enough to finish.
     pub fn is_not_the_models(&self) -> bool {
-        matches!(
-            self,
-            InferError::Overloaded(_) | InferError::Invalid(_) | InferError::TimedOut(_)
-        )
+        matches!(self, InferError::Overloaded(_) | InferError::Invalid(_))
     }
 }
 
@@ -491,7 +490,15 @@ impl Infer {
 
 #[cfg(test)]
 mod tests {
-    use super::parts;
+    use super::{parts, InferError};
+
+    #[test]
+    fn a_timeout_is_evidence_against_the_arm_but_a_full_queue_or_a_bad_input_is_not() {
+        assert!(InferError::Overloaded("full".into()).is_not_the_models());
+        assert!(InferError::Invalid("empty".into()).is_not_the_models());
+        let timeout = InferError::TimedOut(std::time::Duration::from_secs(30));
+        assert!(!timeout.is_not_the_models());
+    }
 
     #[test]
     fn a_request_is_cut_into_parts_that_each_fit_one_batch() {

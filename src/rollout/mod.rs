@@ -61,6 +61,10 @@ struct Live {
     others: Vec<Evidence>,
     /// The latest analysis.
     analysis: Option<Verdict>,
+    /// The step and the next accuracy look of this process's analysis (`analysis::analyse`): each look is
+    /// taken once per step. In memory: after a restart or a change of leader the look the evidence has
+    /// reached is taken once more.
+    looks: (usize, u32),
 }
 
 impl Live {
@@ -552,6 +556,18 @@ impl Rollouts {
             }
         }
         let superseded = self.decide(|state| {
+            // A promotion (here, or on another replica) may have moved the stable alias since it was read
+            // above: the stable share would then be served by the generation it just retired.
+            self.registry
+                .sync()
+                .map_err(|e| RolloutError::Storage(e.to_string()))?;
+            let now = self.registry.resolve(&task).map(|g| g.id.clone());
+            if now.as_deref() != Some(rollout.stable.as_str()) {
+                return Err(RolloutError::Conflict(format!(
+                    "the stable generation of {task:?} changed to {} meanwhile; start the rollout again",
+                    now.as_deref().unwrap_or("none")
+                )));
+            }
             let list = state.rollouts.entry(task.clone()).or_default();
             let mut superseded = false;
             if let Some(active) = list.last_mut().filter(|r| r.phase == Phase::Active) {
@@ -848,7 +864,15 @@ impl Rollouts {
                     continue;
                 };
                 let (arms, _) = live.merged();
-                let verdict = analyse(&arms.stable, &arms.candidate, &self.policy);
+                let next = if live.looks.0 == step {
+                    live.looks.1
+                } else {
+                    0
+                };
+                let (verdict, looked) = analyse(&arms.stable, &arms.candidate, &self.policy, next);
+                if let Some(look) = looked {
+                    live.looks = (step, look + 1);
+                }
                 live.analysis = Some(verdict.clone());
                 if automatic && !matches!(verdict, Verdict::Hold(_)) {
                     due.push((task, id, step, verdict));
