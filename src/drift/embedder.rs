@@ -10,7 +10,7 @@
 //! signals on every request and the embedding signal on the recent share it had time for. On the candle
 //! path (an accelerator) the products do not step aside; the forward pass runs there, not on the cores.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
@@ -19,8 +19,9 @@ use crate::metrics::Metrics;
 use crate::model::ServingModel;
 use crate::pressure::ServingPressure;
 
-/// Inputs waiting to be embedded, at most; a newer input evicts the oldest, so the embedding window follows
-/// the traffic rather than a backlog.
+/// Inputs waiting to be embedded, at most; a newer input evicts the oldest of the task with the most waiting,
+/// so the embedding window follows the traffic rather than a backlog, and a busy task cannot starve a quiet
+/// one of the embeddings its window needs.
 pub const QUEUE: usize = 1024;
 
 /// Tokens embedded together at most (a batch closes once it reaches them): about one long input.
@@ -41,15 +42,61 @@ struct Watched {
     text: String,
 }
 
-/// The inputs waiting, and whether the handle is gone.
+/// The inputs waiting, how many of them each task has, and whether the handle is gone.
+#[derive(Default)]
+struct Waiting {
+    inputs: VecDeque<Watched>,
+    per_task: HashMap<String, usize>,
+    closed: bool,
+}
+
+impl Waiting {
+    /// Queues `watched`; when full, first evicts the oldest input of the task with the most waiting.
+    /// Returns whether an input was evicted.
+    fn push(&mut self, watched: Watched) -> bool {
+        let mut evicted = false;
+        if self.inputs.len() >= QUEUE {
+            let busiest = self
+                .per_task
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(task, _)| task.clone());
+            let at = busiest.and_then(|task| self.inputs.iter().position(|w| w.task == task));
+            if let Some(w) = at.and_then(|i| self.inputs.remove(i)) {
+                self.forget(&w.task);
+                evicted = true;
+            }
+        }
+        *self.per_task.entry(watched.task.clone()).or_default() += 1;
+        self.inputs.push_back(watched);
+        evicted
+    }
+
+    fn pop_front(&mut self) -> Option<Watched> {
+        let w = self.inputs.pop_front()?;
+        self.forget(&w.task);
+        Some(w)
+    }
+
+    fn forget(&mut self, task: &str) {
+        if let Some(n) = self.per_task.get_mut(task) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_task.remove(task);
+            }
+        }
+    }
+}
+
+/// The inputs waiting, behind a lock the embedding thread waits on.
 #[derive(Default)]
 struct Queue {
-    state: Mutex<(VecDeque<Watched>, bool)>,
+    state: Mutex<Waiting>,
     ready: Condvar,
 }
 
 impl Queue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Watched>, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // Plain pushes and pops: the queue stays consistent even if a holder panicked.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -58,10 +105,10 @@ impl Queue {
     fn pop(&self) -> Option<Watched> {
         let mut state = self.lock();
         loop {
-            if let Some(w) = state.0.pop_front() {
+            if let Some(w) = state.pop_front() {
                 return Some(w);
             }
-            if state.1 {
+            if state.closed {
                 return None;
             }
             state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -70,7 +117,7 @@ impl Queue {
 
     /// The oldest input if one waits.
     fn try_pop(&self) -> Option<Watched> {
-        self.lock().0.pop_front()
+        self.lock().pop_front()
     }
 }
 
@@ -82,7 +129,7 @@ pub(super) struct Embedder {
 
 impl Drop for Embedder {
     fn drop(&mut self) {
-        self.queue.lock().1 = true;
+        self.queue.lock().closed = true;
         self.queue.ready.notify_all();
     }
 }
@@ -125,7 +172,7 @@ impl Embedder {
         Ok(embedder)
     }
 
-    /// Queues `text`; when the queue is full, the oldest waiting input is dropped for it.
+    /// Queues `text`; when the queue is full, the oldest waiting input of the busiest task is dropped for it.
     pub(super) fn submit(&self, task: &str, generation: &str, text: &str) {
         let mut end = KEEP_BYTES.min(text.len());
         while !text.is_char_boundary(end) {
@@ -136,13 +183,9 @@ impl Embedder {
             generation: generation.to_owned(),
             text: text[..end].to_owned(),
         };
-        let mut state = self.queue.lock();
-        if state.0.len() >= QUEUE {
-            state.0.pop_front();
+        if self.queue.lock().push(watched) {
             self.counters.dropped.inc();
         }
-        state.0.push_back(watched);
-        drop(state);
         self.queue.ready.notify_one();
     }
 }
@@ -229,6 +272,21 @@ mod tests {
         embedder.submit("spam", "g1", &"é".repeat(KEEP_BYTES));
         let kept = embedder.queue.try_pop().expect("queued").text;
         assert!(kept.len() <= KEEP_BYTES && kept.len() >= KEEP_BYTES - 1);
+        // A quiet task keeps its inputs while a busy one fills the queue: the busy one's oldest go.
+        embedder.submit("support", "g7", "a rare ticket");
+        for i in 0..QUEUE + 10 {
+            embedder.submit("spam", "g1", &format!("mail {i}"));
+        }
+        assert_eq!(
+            embedder.queue.try_pop().map(|w| w.text).as_deref(),
+            Some("a rare ticket")
+        );
+        assert_eq!(
+            embedder.queue.try_pop().map(|w| w.text).as_deref(),
+            Some("mail 11")
+        );
+        while embedder.queue.try_pop().is_some() {}
+        assert!(embedder.queue.lock().per_task.is_empty());
         let queue = embedder.queue.clone();
         embedder.submit("spam", "g1", "last");
         drop(embedder);
