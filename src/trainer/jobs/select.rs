@@ -50,6 +50,51 @@ fn newest_label_per_text(rows: Vec<Feedback>) -> (Vec<Feedback>, usize) {
     (kept, superseded)
 }
 
+/// A seeded sample of `want` rows with each label's share of `rows` (largest remainders round), so a rare
+/// older label is replayed too: replay is there against forgetting, and a plain random sample can leave
+/// such a label out.
+fn stratified_sample(mut rows: Vec<Feedback>, want: usize, seed: u64) -> Vec<Feedback> {
+    crate::rng::Rng::new(seed).shuffle(&mut rows);
+    if want >= rows.len() {
+        return rows;
+    }
+    let mut by_label: std::collections::BTreeMap<String, Vec<Feedback>> = Default::default();
+    for row in rows.drain(..).rev() {
+        by_label.entry(row.label.clone()).or_default().push(row);
+    }
+    let total: usize = by_label.values().map(Vec::len).sum();
+    // (quota, remainder, rows of the label, label): the rows left over go to the largest remainders, ties
+    // to the rarer label.
+    let mut quotas: Vec<(usize, usize, usize, String)> = by_label
+        .iter()
+        .map(|(label, group)| {
+            let exact = want * group.len();
+            (exact / total, exact % total, group.len(), label.clone())
+        })
+        .collect();
+    let mut left = want - quotas.iter().map(|q| q.0).sum::<usize>();
+    quotas.sort_by(|a, b| {
+        b.1.cmp(&a.1)
+            .then(a.2.cmp(&b.2))
+            .then_with(|| a.3.cmp(&b.3))
+    });
+    for quota in &mut quotas {
+        if left == 0 {
+            break;
+        }
+        quota.0 += 1;
+        left -= 1;
+    }
+    quotas
+        .into_iter()
+        .flat_map(|(n, _, _, label)| {
+            let mut group = by_label.remove(&label).unwrap_or_default();
+            group.truncate(n);
+            group
+        })
+        .collect()
+}
+
 /// Reads the task's feedback. With a parent snapshot and a replay ratio, takes the rows newer than the
 /// snapshot and an even sample of `replay` older rows per new one; otherwise every row.
 pub(super) fn select_data(
@@ -78,9 +123,7 @@ pub(super) fn select_data(
                 )));
             }
             let want = ((new.len() as f64 * ratio).ceil() as usize).min(old.len());
-            let mut old = old;
-            crate::rng::Rng::new(config.seed ^ 0x2E91A7).shuffle(&mut old);
-            old.truncate(want);
+            let old = stratified_sample(old, want, config.seed ^ 0x2E91A7);
             let (n, r) = (new.len(), old.len());
             (new.into_iter().chain(old).collect::<Vec<_>>(), n, r)
         }
@@ -155,5 +198,30 @@ mod tests {
         let kept: Vec<(i64, &str)> = kept.iter().map(|r| (r.id, r.label.as_str())).collect();
         assert_eq!(kept, [(2, "ham"), (3, "spam"), (4, "ham")]);
         assert_eq!(superseded, 1);
+    }
+
+    #[test]
+    fn replay_keeps_each_labels_share_of_the_older_rows() {
+        let rows: Vec<Feedback> = (0..100)
+            .map(|i| Feedback {
+                id: i,
+                task: "t".into(),
+                text: format!("mail {i}"),
+                label: if i % 10 == 0 { "spam" } else { "ham" }.into(),
+                request_id: None,
+                adapter: None,
+                arm: None,
+                count: 1,
+                created_at: 0,
+            })
+            .collect();
+        for want in [5, 20, 33] {
+            let sample = stratified_sample(rows.clone(), want, 7);
+            let spam = sample.iter().filter(|r| r.label == "spam").count();
+            let distinct: std::collections::HashSet<i64> = sample.iter().map(|r| r.id).collect();
+            assert_eq!((sample.len(), distinct.len()), (want, want));
+            assert_eq!(spam, (want as f64 / 10.0).round() as usize, "{want}");
+        }
+        assert_eq!(stratified_sample(rows, 200, 7).len(), 100);
     }
 }
