@@ -128,6 +128,18 @@ fn openai_embeddings_match_the_own_route_as_floats_base64_token_ids_and_shortene
         body["usage"]["prompt_tokens"],
         tokens[0].as_array().unwrap().len()
     );
+    // Ids longer than the model's length are cut as the text is, keeping [SEP] (102): 300 × "the" (1996).
+    let long_ids: Vec<u64> = std::iter::once(101)
+        .chain(std::iter::repeat_n(1996, 300))
+        .chain(std::iter::once(102))
+        .collect();
+    let (_, by_ids) = server.post("/v1/embeddings", &json!({ "input": [long_ids] }));
+    let (_, by_text) = server.post("/v1/embeddings", &json!({ "input": "the ".repeat(300) }));
+    let (a, b) = (
+        floats(&by_ids["data"][0]["embedding"]),
+        floats(&by_text["data"][0]["embedding"]),
+    );
+    assert!(max_diff(&a, &b) <= 1e-6, "{}", max_diff(&a, &b));
 
     // Errors in OpenAI's shape.
     for (request, status, param, code) in [

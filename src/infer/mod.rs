@@ -296,6 +296,14 @@ impl Infer {
         if let Some(wait) = self.backlog.refuses_all() {
             return Err(self.over_budget(wait));
         }
+        // The text path's truncation keeps the closing special token ([SEP], </s>); ids that end with it
+        // keep it too, so the same text embeds alike either way.
+        let end = self
+            .tokenizer
+            .encode("")
+            .ok()
+            .and_then(|ids| ids.last().copied());
+        let max_length = self.tokenizer.max_length();
         for (i, ids) in sequences.iter_mut().enumerate() {
             if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
                 return Err(InferError::Invalid(format!(
@@ -303,7 +311,11 @@ impl Infer {
                     self.vocab_size
                 )));
             }
-            ids.truncate(self.tokenizer.max_length());
+            if ids.len() > max_length && end.is_some() && ids.last().copied() == end {
+                *ids = crate::model::tokenize::truncate(std::mem::take(ids), max_length);
+            } else {
+                ids.truncate(max_length);
+            }
         }
         self.run(sequences, started, Job::Embed { normalize }, None)
             .await

@@ -111,6 +111,17 @@ pub struct Token {
     pub span: Option<(usize, usize)>,
 }
 
+/// Cuts `ids` to `max_length`, keeping its final token (`[SEP]`, `</s>`), as the tokenizer's own truncation
+/// keeps the special tokens it adds.
+pub fn truncate(mut ids: Vec<u32>, max_length: usize) -> Vec<u32> {
+    if ids.len() > max_length && max_length >= 2 {
+        let last = ids[ids.len() - 1];
+        ids.truncate(max_length - 1);
+        ids.push(last);
+    }
+    ids
+}
+
 #[cfg(test)]
 impl TextTokenizer {
     /// A vocabulary-less tokenizer for tests that feed token ids directly.

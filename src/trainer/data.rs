@@ -182,15 +182,7 @@ pub fn pad(batch: &[&Example], pad_id: u32, device: &Device) -> Result<(Tensor, 
     ))
 }
 
-/// Cuts `ids` to `max_length`, keeping its final token (`[SEP]`).
-pub fn truncate(mut ids: Vec<u32>, max_length: usize) -> Vec<u32> {
-    if ids.len() > max_length && max_length >= 2 {
-        let last = ids[ids.len() - 1];
-        ids.truncate(max_length - 1);
-        ids.push(last);
-    }
-    ids
-}
+pub use crate::model::tokenize::truncate;
 
 #[cfg(test)]
 mod tests {
