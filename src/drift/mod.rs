@@ -362,7 +362,8 @@ impl DriftMonitor {
                         format!("warming up: the window needs {} predictions", c.min_window)
                     } else {
                         format!(
-                            "warming up: the live reference needs {} predictions and the window {}",
+                            "warming up: the reference's predictions are taken live ({} needed), then \
+                             the window needs {}",
                             c.reference_size, c.min_window
                         )
                     },

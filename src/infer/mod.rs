@@ -298,11 +298,7 @@ impl Infer {
         }
         // The text path's truncation keeps the closing special token ([SEP], </s>); ids that end with it
         // keep it too, so the same text embeds alike either way.
-        let end = self
-            .tokenizer
-            .encode("")
-            .ok()
-            .and_then(|ids| ids.last().copied());
+        let end = self.tokenizer.end_token();
         let max_length = self.tokenizer.max_length();
         for (i, ids) in sequences.iter_mut().enumerate() {
             if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {

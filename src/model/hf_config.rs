@@ -104,3 +104,50 @@ impl BertConfig {
         }
     }
 }
+/// Refuses a `config.json` whose `model_type` or `architectures` name something other than BERT.
+pub fn check_architecture(config: &str) -> std::result::Result<(), String> {
+    let Ok(raw) = serde_json::from_str::<serde_json::Value>(config) else {
+        return Ok(()); // the typed parse that follows names the syntax error
+    };
+    if let Some(kind) = raw.get("model_type").and_then(serde_json::Value::as_str) {
+        if kind != "bert" {
+            return Err(format!("model_type {kind:?} is not a BERT encoder"));
+        }
+    }
+    let architectures = raw
+        .get("architectures")
+        .and_then(serde_json::Value::as_array);
+    for name in architectures
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+    {
+        if !name.starts_with("Bert") {
+            return Err(format!("architecture {name:?} is not a BERT encoder"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_of_another_architecture_is_named_as_such() {
+        let distilbert = r#"{"model_type": "distilbert", "dim": 768, "n_layers": 6}"#;
+        assert!(check_architecture(distilbert)
+            .unwrap_err()
+            .contains("\"distilbert\""));
+        let gpt2 = r#"{"architectures": ["GPT2LMHeadModel"], "n_embd": 768}"#;
+        assert!(check_architecture(gpt2)
+            .unwrap_err()
+            .contains("GPT2LMHeadModel"));
+        let bert = r#"{"model_type": "bert", "architectures": ["BertForSequenceClassification"]}"#;
+        assert!(check_architecture(bert).is_ok());
+        assert!(
+            check_architecture("{}").is_ok(),
+            "older configs name neither"
+        );
+    }
+}

@@ -13,6 +13,8 @@ use super::error::{ModelError, Result};
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_length: usize,
+    /// The special token the tokenizer closes a text with (`[SEP]`, `</s>`), if any.
+    end: Option<u32>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -44,7 +46,20 @@ impl TextTokenizer {
             }))
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         inner.with_padding(None);
-        Ok(Self { inner, max_length })
+        let end = inner
+            .encode("", true)
+            .ok()
+            .and_then(|e| e.get_ids().last().copied());
+        Ok(Self {
+            inner,
+            max_length,
+            end,
+        })
+    }
+
+    /// The special token the tokenizer closes a text with (`[SEP]`, `</s>`), if it adds one.
+    pub fn end_token(&self) -> Option<u32> {
+        self.end
     }
 
     /// The truncation length in tokens, special tokens included.
@@ -129,6 +144,7 @@ impl TextTokenizer {
         Self {
             inner: Tokenizer::new(tokenizers::models::wordpiece::WordPiece::default()),
             max_length: 64,
+            end: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! it looks when the smaller arm's judgements first reach `min_feedback`, twice that, four times, …, and
 //! look k (from 0) tests at the one-sided level (1 − `confidence`) / 2^(k+1). Those levels sum to at most
 //! 1 − `confidence`, so over a whole step a verdict is wrong with at most that chance (a union bound).
+//! Between looks the last look's finding stands ([`Looks`]).
 //! Testing at the full level at every tick, as a fixed-size test would, rolled back 23–24 % of candidates as
 //! good as stable and passed 24–26 % of candidates 2 points worse, at 0.95; the looks keep both within 5 %
 //! (`benches/rollout_looks.py`, docs/ROLLOUTS.md).
@@ -215,7 +216,6 @@ pub fn difference_bounds(stable: &ArmStats, candidate: &ArmStats, confidence: f6
     (pc - ps - z * se, pc - ps + z * se)
 }
 
-/// Judges the candidate against stable under `policy`.
 /// The accuracy look the evidence has reached: k when the smaller arm holds at least `min_feedback × 2^k`
 /// judged predictions (`None` below `min_feedback`).
 pub fn look_reached(
@@ -233,36 +233,65 @@ pub fn look_confidence(confidence: f64, look: u32) -> f64 {
     1.0 - (1.0 - confidence) / 2f64.powi(look.min(60) as i32 + 1)
 }
 
+/// What an accuracy look found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accuracy {
+    /// The candidate is worse than stable.
+    Worse,
+    /// A loss of more than the margin is not ruled out.
+    Inconclusive,
+    /// The candidate is not worse than stable by more than the margin.
+    NotWorse,
+}
+
+/// The accuracy looks of one step: the next to take, and what the last one found (with its numbers). The
+/// last finding stands until the next look — its verdict is re-issued at every analysis, so an action
+/// that failed is tried again and a pass held back for want of latency evidence passes once that is in —
+/// and no look is ever taken twice.
+#[derive(Debug, Clone, Default)]
+pub struct Looks {
+    next: u32,
+    last: Option<(Accuracy, String)>,
+}
+
 /// Judges the candidate against stable under `policy`, taking the accuracy look the evidence has reached
-/// when it is `next_look` or later (earlier looks were taken). Returns the verdict and the look taken, if
-/// one was.
+/// if `looks` has not taken it yet.
 pub fn analyse(
     stable: &ArmStats,
     candidate: &ArmStats,
     policy: &RolloutConfig,
-    next_look: u32,
-) -> (Verdict, Option<u32>) {
-    match guardrails(stable, candidate, policy) {
-        Err(verdict) => (verdict, None),
-        Ok(enough_latency) => {
-            let Some(look) = look_reached(stable, candidate, policy).filter(|l| *l >= next_look)
-            else {
-                let unit = policy.min_feedback.max(1);
-                let due = unit << next_look.min(40);
-                return (
-                    Verdict::Hold(format!(
-                        "next accuracy look when both arms have {due} judged predictions (stable {}, \
-                         candidate {})",
-                        stable.judged, candidate.judged
-                    )),
-                    None,
-                );
-            };
-            (
-                accuracy(stable, candidate, policy, look, enough_latency),
-                Some(look),
-            )
+    looks: &mut Looks,
+) -> Verdict {
+    let enough_latency = match guardrails(stable, candidate, policy) {
+        Err(verdict) => return verdict,
+        Ok(enough) => enough,
+    };
+    if let Some(look) = look_reached(stable, candidate, policy).filter(|l| *l >= looks.next) {
+        looks.last = Some(accuracy(stable, candidate, policy, look));
+        looks.next = look + 1;
+    }
+    let due = policy.min_feedback.max(1) << looks.next.min(40);
+    let next = format!("next accuracy look when both arms have {due} judged predictions");
+    match &looks.last {
+        None => Verdict::Hold(next),
+        Some((Accuracy::Worse, numbers)) => {
+            Verdict::Rollback(format!("candidate is worse: {numbers}"))
         }
+        Some((Accuracy::Inconclusive, numbers)) => Verdict::Hold(format!(
+            "inconclusive (margin {}): {numbers}; {next}",
+            policy.margin
+        )),
+        Some((Accuracy::NotWorse, numbers)) if !enough_latency => Verdict::Hold(format!(
+            "accuracy passes but latency needs {} timed requests per arm since the start (stable {}, \
+             candidate {}): {numbers}",
+            policy.min_requests,
+            stable.timed(),
+            candidate.timed()
+        )),
+        Some((Accuracy::NotWorse, numbers)) => Verdict::Pass(format!(
+            "not worse than stable by {}: {numbers}",
+            policy.margin
+        )),
     }
 }
 
@@ -307,14 +336,13 @@ fn guardrails(
     Ok(enough_latency)
 }
 
-/// Accuracy look `look`: rollback, hold or pass.
+/// Accuracy look `look`: what it found, and the numbers that say so.
 fn accuracy(
     stable: &ArmStats,
     candidate: &ArmStats,
     policy: &RolloutConfig,
     look: u32,
-    enough_latency: bool,
-) -> Verdict {
+) -> (Accuracy, String) {
     let confidence = look_confidence(policy.confidence, look);
     let (lower, upper) = difference_bounds(stable, candidate, confidence);
     let (s, c) = (
@@ -330,28 +358,14 @@ fn accuracy(
         confidence * 100.0,
         look + 1
     );
-    if upper < 0.0 {
-        return Verdict::Rollback(format!("candidate is worse: {numbers}"));
-    }
-    if lower <= -policy.margin {
-        return Verdict::Hold(format!(
-            "inconclusive (margin {}): {numbers}",
-            policy.margin
-        ));
-    }
-    if !enough_latency {
-        return Verdict::Hold(format!(
-            "accuracy passes but latency needs {} timed requests per arm since the start (stable {}, \
-             candidate {}): {numbers}",
-            policy.min_requests,
-            stable.timed(),
-            candidate.timed()
-        ));
-    }
-    Verdict::Pass(format!(
-        "not worse than stable by {}: {numbers}",
-        policy.margin
-    ))
+    let found = if upper < 0.0 {
+        Accuracy::Worse
+    } else if lower <= -policy.margin {
+        Accuracy::Inconclusive
+    } else {
+        Accuracy::NotWorse
+    };
+    (found, numbers)
 }
 
 #[cfg(test)]
@@ -360,7 +374,7 @@ mod tests {
 
     /// The verdict at the first look the evidence reached.
     fn verdict(stable: &ArmStats, candidate: &ArmStats, policy: &RolloutConfig) -> Verdict {
-        analyse(stable, candidate, policy, 0).0
+        analyse(stable, candidate, policy, &mut Looks::default())
     }
 
     fn arm(judged: u64, correct: u64, requests: u64, latency_s: f64) -> ArmStats {
@@ -470,26 +484,51 @@ mod tests {
     }
 
     #[test]
-    fn each_accuracy_look_is_taken_once_at_a_stricter_level() {
+    fn each_accuracy_look_is_taken_once_and_its_finding_stands_until_the_next() {
         let p = policy();
-        let (stable, candidate) = (arm(120, 108, 300, 0.01), arm(100, 99, 300, 0.01));
+        let (stable, mut candidate) = (arm(120, 108, 300, 0.01), arm(100, 99, 300, 0.01));
         assert_eq!(
             look_reached(&stable, &candidate, &p),
             Some(1),
             "100 = 50 × 2"
         );
-        let (first, looked) = analyse(&stable, &candidate, &p, 0);
+        let mut looks = Looks::default();
+        let first = analyse(&stable, &candidate, &p, &mut looks);
         assert!(
             matches!(&first, Verdict::Pass(why) if why.contains("look 2")),
             "{first:?}"
         );
-        assert_eq!(looked, Some(1));
-        let (again, looked) = analyse(&stable, &candidate, &p, 2);
-        assert!(
-            matches!(&again, Verdict::Hold(why) if why.contains("200 judged")),
-            "{again:?}"
+        assert_eq!(looks.next, 2);
+        // Worse judgements before the next look are not tested again: the pass stands (and an action that
+        // failed is retried on it).
+        for _ in 0..40 {
+            candidate.judge(false);
+        }
+        let again = analyse(&stable, &candidate, &p, &mut looks);
+        assert_eq!(again, first);
+        // A pass held back for want of latency evidence passes once it is in, without a new look.
+        let restored = |a: &ArmStats| -> ArmStats {
+            serde_json::from_value(serde_json::to_value(a).unwrap()).unwrap()
+        };
+        let (mut s, mut c) = (
+            restored(&arm(100, 90, 300, 0.01)),
+            restored(&arm(100, 99, 300, 0.01)),
         );
-        assert_eq!(looked, None);
+        let mut looks = Looks::default();
+        let held = analyse(&s, &c, &p, &mut looks);
+        assert!(
+            matches!(&held, Verdict::Hold(why) if why.contains("latency")),
+            "{held:?}"
+        );
+        for _ in 0..50 {
+            s.observe(0.01, true);
+            c.observe(0.01, true);
+        }
+        let passed = analyse(&s, &c, &p, &mut looks);
+        assert!(
+            matches!(&passed, Verdict::Pass(why) if why.contains("look 2")),
+            "{passed:?}"
+        );
         assert!((look_confidence(0.95, 0) - 0.975).abs() < 1e-12);
         assert!((look_confidence(0.95, 2) - 0.99375).abs() < 1e-12);
     }
@@ -509,7 +548,7 @@ mod tests {
         let mut rolled_back = 0;
         for _ in 0..runs {
             let (mut stable, mut candidate) = (arm(0, 0, 20, 0.01), arm(0, 0, 20, 0.01));
-            let mut next = 0;
+            let mut looks = Looks::default();
             for _ in 0..200_000 {
                 let draw = rng.uniform(2, 0.5);
                 let arm = if draw[0] < -0.4 {
@@ -520,14 +559,10 @@ mod tests {
                 arm.judge(draw[1] < 0.4);
                 // Between looks the analysis holds without testing accuracy (latencies are equal here):
                 // only the looks need computing.
-                if look_reached(&stable, &candidate, &p).is_none_or(|l| l < next) {
+                if look_reached(&stable, &candidate, &p).is_none_or(|l| l < looks.next) {
                     continue;
                 }
-                let (v, looked) = analyse(&stable, &candidate, &p, next);
-                if let Some(l) = looked {
-                    next = l + 1;
-                }
-                match v {
+                match analyse(&stable, &candidate, &p, &mut looks) {
                     Verdict::Rollback(_) => {
                         rolled_back += 1;
                         break;

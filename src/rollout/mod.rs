@@ -21,7 +21,7 @@ use crate::adapters::registry::{Registry, RegistryError, State};
 use crate::clock::unix_seconds;
 use crate::config::RolloutConfig;
 use crate::metrics::Metrics;
-use analysis::{analyse, Verdict};
+use analysis::{analyse, Looks, Verdict};
 pub use record::{
     Arm, ArmSummary, Arms, Decision, Mode, Phase, Rollout, Route, StartRequest, Summary,
 };
@@ -61,10 +61,9 @@ struct Live {
     others: Vec<Evidence>,
     /// The latest analysis.
     analysis: Option<Verdict>,
-    /// The step and the next accuracy look of this process's analysis (`analysis::analyse`): each look is
-    /// taken once per step. In memory: after a restart or a change of leader the look the evidence has
-    /// reached is taken once more.
-    looks: (usize, u32),
+    /// The step and this process's accuracy looks in it (`analysis::Looks`). In memory: after a restart or
+    /// a change of leader the look the evidence has reached is taken once more.
+    looks: (usize, Looks),
 }
 
 impl Live {
@@ -864,15 +863,15 @@ impl Rollouts {
                     continue;
                 };
                 let (arms, _) = live.merged();
-                let next = if live.looks.0 == step {
-                    live.looks.1
-                } else {
-                    0
-                };
-                let (verdict, looked) = analyse(&arms.stable, &arms.candidate, &self.policy, next);
-                if let Some(look) = looked {
-                    live.looks = (step, look + 1);
+                if live.looks.0 != step {
+                    live.looks = (step, Looks::default());
                 }
+                let verdict = analyse(
+                    &arms.stable,
+                    &arms.candidate,
+                    &self.policy,
+                    &mut live.looks.1,
+                );
                 live.analysis = Some(verdict.clone());
                 if automatic && !matches!(verdict, Verdict::Hold(_)) {
                     due.push((task, id, step, verdict));

@@ -253,14 +253,17 @@ fn a_manual_rollout_is_analysed_but_not_acted_on() {
         )
         .unwrap();
     traffic(&rollouts, 200, |arm| arm == Arm::Stable);
-    assert!(rollouts.evaluate(true).is_empty());
-    let r = rollouts.get("t").unwrap();
-    assert_eq!(r.phase, Phase::Active);
-    assert!(
-        matches!(r.analysis, Some(Verdict::Rollback(_))),
-        "{:?}",
-        r.analysis
-    );
+    // The look's verdict stands at every analysis until the next look, for the operator to act on.
+    for _ in 0..3 {
+        assert!(rollouts.evaluate(true).is_empty());
+        let r = rollouts.get("t").unwrap();
+        assert_eq!(r.phase, Phase::Active);
+        assert!(
+            matches!(r.analysis, Some(Verdict::Rollback(_))),
+            "{:?}",
+            r.analysis
+        );
+    }
     let done = rollouts.rollback("t", "test", "by hand".into()).unwrap();
     assert_eq!((done.phase, done.traffic), (Phase::RolledBack, 0.0));
     assert_eq!(registry.resolve("t").unwrap().id, one);

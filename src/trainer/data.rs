@@ -112,7 +112,7 @@ impl SmallValidation {
 
 /// [`stratified_split_by`], unless some label present in `items` would get fewer than `min_per_label`
 /// validation rows: then every row trains (validation macro-F1 on a handful of rows picks an epoch by
-/// noise) and `skipped` says why. `min_per_label` 0 always splits.
+/// noise) and `skipped` says why. `min_per_label` 0 splits whenever the rows hold two labels or more.
 pub fn validation_split<T>(
     items: Vec<T>,
     label_of: impl Fn(&T) -> usize,

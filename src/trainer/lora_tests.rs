@@ -437,7 +437,7 @@ fn train_lora_learns_a_separable_toy_task_and_keeps_the_best_epoch() {
     let run = fit(&bert, &cpu, 2, &train, &[], &config, None);
     assert_eq!((run.best_epoch, run.history.len(), run.steps), (3, 3, 9));
     assert!(run.val.is_none() && run.history.iter().all(|h| h.val.is_none()));
-    // Clipping off skips measuring the norm.
+    // Clipping off reports no norm.
     assert!(run
         .history
         .iter()

@@ -518,14 +518,12 @@ fn fit<T: Trainable>(
             // adapter predicts the first label for everything: such a step is skipped.
             let mut finite = step_loss.is_finite();
             if let Some(mut grads) = accumulated.filter(|_| finite) {
-                // Clipping off (0) skips the pass over every gradient that measuring the norm costs.
-                if config.max_grad_norm > 0.0 {
-                    let norm =
-                        super::clip::clip_grad_norm(&mut grads, &vars, config.max_grad_norm)?;
-                    finite = norm.is_finite();
-                    if finite {
-                        norms.add(norm, config.max_grad_norm);
-                    }
+                // The norm is measured with clipping off (0) too, to find a non-finite gradient; it is
+                // reported only with clipping on.
+                let norm = super::clip::clip_grad_norm(&mut grads, &vars, config.max_grad_norm)?;
+                finite = norm.is_finite();
+                if finite && config.max_grad_norm > 0.0 {
+                    norms.add(norm, config.max_grad_norm);
                 }
                 if finite {
                     optimizer.step(&grads)?;

@@ -327,8 +327,18 @@ pub(super) fn train_and_publish(
         TrainError::Invalid("training runs on the CPU path only for now".to_owned())
     })?;
     let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
+    // The stable generation is scored only where it cannot have trained on the validation rows: a warm
+    // start from it validates on rows newer than its data; a cold start, while it was trained here on
+    // feedback, validates on rows it may have learned, which would flatter it.
+    let stable_snapshot = stable
+        .as_ref()
+        .and_then(|g| g.sidecar.metrics.get("feedback_snapshot_id"))
+        .and_then(serde_json::Value::as_i64);
+    let stable_trained_on_val = stable_snapshot.is_some() && parent_snapshot != stable_snapshot;
     let stable_val = match stable.as_ref().and_then(|g| g.adapter.clone()) {
-        Some(a) if !val.is_empty() => Some(evaluate(&predict(cpu, &a, &val)?, &truth, labels)),
+        Some(a) if !val.is_empty() && !stable_trained_on_val => {
+            Some(evaluate(&predict(cpu, &a, &val)?, &truth, labels))
+        }
         _ => None,
     };
     if let Some(note) = &validation_note {
