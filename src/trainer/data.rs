@@ -184,6 +184,23 @@ pub fn pad(batch: &[&Example], pad_id: u32, device: &Device) -> Result<(Tensor, 
 
 pub use crate::model::tokenize::truncate;
 
+/// For each key, the last item that has it, kept in the items' order; and how many items that left out.
+pub fn last_per_key<T, K: Eq + std::hash::Hash>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+) -> (Vec<T>, usize) {
+    let before = items.len();
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<T> = items
+        .into_iter()
+        .rev()
+        .filter(|item| seen.insert(key(item)))
+        .collect();
+    kept.reverse();
+    let left_out = before - kept.len();
+    (kept, left_out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 
-use super::data::{truncate, validation_split, Example, Split};
+use super::data::{last_per_key, truncate, validation_split, Example, Split};
 use super::eval::{evaluate, Evaluation};
 use super::full::{write_checkpoint, FullTrainable};
 use super::reference::drift_reference;
@@ -101,16 +101,7 @@ fn read_lines(files: &[PathBuf]) -> Result<Vec<Line>, TrainError> {
 
 /// The last line of each text, in the order of those lines; and how many lines that left out.
 fn last_line_per_text(lines: Vec<Line>) -> (Vec<Line>, usize) {
-    let before = lines.len();
-    let mut seen = std::collections::HashSet::new();
-    let mut kept: Vec<Line> = lines
-        .into_iter()
-        .rev()
-        .filter(|l| seen.insert(l.text.clone()))
-        .collect();
-    kept.reverse();
-    let repeated = before - kept.len();
-    (kept, repeated)
+    last_per_key(lines, |l| l.text.clone())
 }
 
 /// Each line as an example cut at `max_length`, with its token ids as serving makes them.

@@ -2,7 +2,7 @@
 //! snapshot with a replayed sample of older ones.
 
 use crate::feedback::Feedback;
-use crate::trainer::data::{truncate, Example};
+use crate::trainer::data::{last_per_key, truncate, Example};
 use crate::trainer::train::{TrainConfig, TrainError};
 
 use super::TrainerDeps;
@@ -38,16 +38,7 @@ pub(super) struct Dataset {
 /// corrected it means the correction, and training on both would teach the two at once (and let one
 /// validate against the other). `rows` are in id order; so is the result.
 fn newest_label_per_text(rows: Vec<Feedback>) -> (Vec<Feedback>, usize) {
-    let mut seen = std::collections::HashSet::new();
-    let before = rows.len();
-    let mut kept: Vec<Feedback> = rows
-        .into_iter()
-        .rev()
-        .filter(|r| seen.insert(r.text.clone()))
-        .collect();
-    kept.reverse();
-    let superseded = before - kept.len();
-    (kept, superseded)
+    last_per_key(rows, |r| r.text.clone())
 }
 
 /// A seeded sample of `want` rows with each label's share of `rows` (largest remainders round), so a rare
