@@ -912,7 +912,12 @@ impl Rollouts {
                         r.finish(Phase::RolledBack, "rollback", "analysis", reason);
                         "rollback"
                     }
-                    Verdict::Pass(reason) if r.step + 1 < r.steps.len() => {
+                    // A split step of 1 (a rollout stored before such steps were refused) would leave
+                    // stable nothing to compare with: the pass promotes instead.
+                    Verdict::Pass(reason)
+                        if r.step + 1 < r.steps.len()
+                            && !(r.mode == Mode::Split && r.steps[r.step + 1] >= 1.0) =>
+                    {
                         r.step += 1;
                         // A larger share set by hand stays: lowering it would send keys that saw the
                         // candidate back to stable.

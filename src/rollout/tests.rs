@@ -298,6 +298,30 @@ fn a_split_share_stays_below_one_and_an_advance_never_lowers_a_share_set_by_hand
 }
 
 #[test]
+fn a_stored_split_rollout_with_a_last_step_of_one_promotes_instead_of_advancing_to_it() {
+    let data = tempfile::tempdir().unwrap();
+    let (registry, _one, two) = registry(data.path());
+    {
+        let rollouts = open(data.path(), registry.clone());
+        start(&rollouts, &two, &[0.5, 0.9]);
+    }
+    // As an earlier release stored it: steps up to 1.
+    let path = data.path().join("rollouts.json");
+    let mut stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    stored["rollouts"]["t"][0]["steps"] = serde_json::json!([0.5, 1.0]);
+    std::fs::write(&path, stored.to_string()).unwrap();
+    let rollouts = open(data.path(), registry.clone());
+    assert_eq!(rollouts.get("t").unwrap().steps, [0.5, 1.0]);
+    traffic(&rollouts, 600, |_| true);
+    assert_eq!(
+        rollouts.evaluate(true),
+        [("t".to_owned(), "promote".to_owned())]
+    );
+    assert_eq!(registry.resolve("t").unwrap().id, two);
+}
+
+#[test]
 fn a_rollback_after_a_promotion_cut_short_moves_the_alias_back() {
     let data = tempfile::tempdir().unwrap();
     let (registry, one, two) = registry(data.path());
