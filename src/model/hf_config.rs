@@ -32,7 +32,7 @@ pub struct BertConfig {
     /// Only `absolute` position embeddings are supported.
     #[serde(default = "default_position_embedding_type")]
     pub position_embedding_type: String,
-    /// `bert` for the models this encoder serves.
+    /// `bert` for the models this encoder serves (checked before parsing: [`check_architecture`]).
     #[serde(default)]
     pub model_type: Option<String>,
 }
@@ -77,11 +77,6 @@ impl BertConfig {
                 "position_embedding_type {:?} is not supported (only \"absolute\")",
                 self.position_embedding_type
             ));
-        }
-        if let Some(kind) = &self.model_type {
-            if kind != "bert" {
-                return Err(format!("model_type {kind:?} is not a BERT encoder"));
-            }
         }
         Ok(())
     }

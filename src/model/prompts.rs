@@ -26,15 +26,8 @@ impl Prompts {
     /// Reads `dir/config_sentence_transformers.json`; a directory without one has no prompts.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(PROMPTS_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => {
-                return Err(ModelError::BadFile {
-                    path,
-                    reason: e.to_string(),
-                })
-            }
+        let Some(text) = super::st_modules::read_optional(&path)? else {
+            return Ok(Self::default());
         };
         let bad = |reason: String| ModelError::BadFile {
             path: path.clone(),

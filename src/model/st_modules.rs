@@ -39,7 +39,7 @@ struct Pooling {
 /// feature-extraction users do.
 pub fn check_pooling(dir: &Path) -> Result<()> {
     let modules_path = dir.join(MODULES_FILE);
-    let pooling_dir = match read(&modules_path)? {
+    let pooling_dir = match read_optional(&modules_path)? {
         Some(text) => {
             let modules: Vec<Module> =
                 serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
@@ -54,7 +54,7 @@ pub fn check_pooling(dir: &Path) -> Result<()> {
         None => DEFAULT_POOLING_DIR.to_owned(),
     };
     let path = dir.join(pooling_dir).join("config.json");
-    let Some(text) = read(&path)? else {
+    let Some(text) = read_optional(&path)? else {
         return Ok(());
     };
     let pooling: Pooling = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
@@ -90,7 +90,8 @@ pub fn check_pooling(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn read(path: &Path) -> Result<Option<String>> {
+/// A file's text; `None` when there is no such file (the files sentence-transformers adds are optional).
+pub(super) fn read_optional(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

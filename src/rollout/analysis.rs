@@ -218,18 +218,14 @@ pub fn difference_bounds(stable: &ArmStats, candidate: &ArmStats, confidence: f6
 
 /// The accuracy look the evidence has reached: k when the smaller arm holds at least `min_feedback × 2^k`
 /// judged predictions (`None` below `min_feedback`).
-pub fn look_reached(
-    stable: &ArmStats,
-    candidate: &ArmStats,
-    policy: &RolloutConfig,
-) -> Option<u32> {
+fn look_reached(stable: &ArmStats, candidate: &ArmStats, policy: &RolloutConfig) -> Option<u32> {
     let judged = stable.judged.min(candidate.judged);
     let unit = policy.min_feedback.max(1);
     (judged >= unit).then(|| (judged / unit).ilog2())
 }
 
 /// The one-sided confidence of accuracy look `look` (see the module's documentation).
-pub fn look_confidence(confidence: f64, look: u32) -> f64 {
+fn look_confidence(confidence: f64, look: u32) -> f64 {
     1.0 - (1.0 - confidence) / 2f64.powi(look.min(60) as i32 + 1)
 }
 

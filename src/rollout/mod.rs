@@ -557,10 +557,7 @@ impl Rollouts {
         let superseded = self.decide(|state| {
             // A promotion (here, or on another replica) may have moved the stable alias since it was read
             // above: the stable share would then be served by the generation it just retired.
-            self.registry
-                .sync()
-                .map_err(|e| RolloutError::Storage(e.to_string()))?;
-            let now = self.registry.resolve(&task).map(|g| g.id.clone());
+            let now = self.stable_now(&task)?;
             if now.as_deref() != Some(rollout.stable.as_str()) {
                 return Err(RolloutError::Conflict(format!(
                     "the stable generation of {task:?} changed to {} meanwhile; start the rollout again",
@@ -685,6 +682,14 @@ impl Rollouts {
         Ok(())
     }
 
+    /// The generation the task's stable alias names now, as the shared index has it.
+    fn stable_now(&self, task: &str) -> Result<Option<String>, RolloutError> {
+        self.registry
+            .sync()
+            .map_err(|e| RolloutError::Storage(e.to_string()))?;
+        Ok(self.registry.resolve(task).map(|g| g.id.clone()))
+    }
+
     fn move_alias(&self, task: &str, to: &str) -> Result<(), RolloutError> {
         self.registry
             .set_alias(task, to)
@@ -703,11 +708,8 @@ impl Rollouts {
             // A promotion whose record failed after the alias moved (it answered 503) left the candidate
             // serving everything as stable: a rollback then moves the alias back too, or it would end the
             // rollout with the candidate still serving.
-            self.registry
-                .sync()
-                .map_err(|e| RolloutError::Storage(e.to_string()))?;
             let mut reason = reason;
-            if self.registry.resolve(task).is_some_and(|g| g.id == r.candidate) {
+            if self.stable_now(task)?.as_deref() == Some(r.candidate.as_str()) {
                 self.move_alias(task, &r.stable)?;
                 reason.push_str(&format!(
                     " (a promotion cut short had moved the stable alias to the candidate; it is back on {})",
@@ -916,7 +918,7 @@ impl Rollouts {
                     // stable nothing to compare with: the pass promotes instead.
                     Verdict::Pass(reason)
                         if r.step + 1 < r.steps.len()
-                            && !(r.mode == Mode::Split && r.steps[r.step + 1] >= 1.0) =>
+                            && check_split_share(r.steps[r.step + 1], r.mode).is_ok() =>
                     {
                         r.step += 1;
                         // A larger share set by hand stays: lowering it would send keys that saw the

@@ -284,11 +284,11 @@ pub(super) fn train_and_publish(
             && config.warm_start
             && warm_startable(a, labels, config.pooling)
     });
-    let parent_snapshot = warm
+    let stable_snapshot = stable
         .as_ref()
-        .and(stable.as_ref())
         .and_then(|g| g.sidecar.metrics.get("feedback_snapshot_id"))
         .and_then(serde_json::Value::as_i64);
+    let parent_snapshot = warm.as_ref().and(stable_snapshot);
     let data = select_data(deps, &task, config, parent_snapshot)?;
     // A warm start validates on the rows its parent never saw: the rest (replayed or not) only train, or the
     // validation would favour the parent's memory, in choosing the epoch and in comparing with the stable
@@ -330,10 +330,6 @@ pub(super) fn train_and_publish(
     // The stable generation is scored only where it cannot have trained on the validation rows: a warm
     // start from it validates on rows newer than its data; a cold start, while it was trained here on
     // feedback, validates on rows it may have learned, which would flatter it.
-    let stable_snapshot = stable
-        .as_ref()
-        .and_then(|g| g.sidecar.metrics.get("feedback_snapshot_id"))
-        .and_then(serde_json::Value::as_i64);
     let stable_trained_on_val = stable_snapshot.is_some() && parent_snapshot != stable_snapshot;
     let stable_val = match stable.as_ref().and_then(|g| g.adapter.clone()) {
         Some(a) if !val.is_empty() && !stable_trained_on_val => {

@@ -50,7 +50,7 @@ fn stratified_sample(mut rows: Vec<Feedback>, want: usize, seed: u64) -> Vec<Fee
         return rows;
     }
     let mut by_label: std::collections::BTreeMap<String, Vec<Feedback>> = Default::default();
-    for row in rows.drain(..).rev() {
+    for row in rows {
         by_label.entry(row.label.clone()).or_default().push(row);
     }
     let total: usize = by_label.values().map(Vec::len).sum();
@@ -166,9 +166,8 @@ pub(super) fn select_data(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_corrected_label_replaces_the_earlier_one() {
-        let row = |id, text: &str, label: &str| Feedback {
+    fn row(id: i64, text: &str, label: &str) -> Feedback {
+        Feedback {
             id,
             task: "t".into(),
             text: text.into(),
@@ -178,7 +177,11 @@ mod tests {
             arm: None,
             count: 1,
             created_at: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_corrected_label_replaces_the_earlier_one() {
         let rows = vec![
             row(1, "win a prize", "ham"),
             row(2, "lunch at noon", "ham"),
@@ -194,16 +197,12 @@ mod tests {
     #[test]
     fn replay_keeps_each_labels_share_of_the_older_rows() {
         let rows: Vec<Feedback> = (0..100)
-            .map(|i| Feedback {
-                id: i,
-                task: "t".into(),
-                text: format!("mail {i}"),
-                label: if i % 10 == 0 { "spam" } else { "ham" }.into(),
-                request_id: None,
-                adapter: None,
-                arm: None,
-                count: 1,
-                created_at: 0,
+            .map(|i| {
+                row(
+                    i,
+                    &format!("mail {i}"),
+                    if i % 10 == 0 { "spam" } else { "ham" },
+                )
             })
             .collect();
         for want in [5, 20, 33] {
