@@ -60,10 +60,34 @@ pub struct Feedback {
     pub created_at: i64,
 }
 
+/// Where a posted row goes, given the rows already stored for its (task, text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// No stored row gives the text this label: a new row.
+    Insert,
+    /// This row gives the text this label and is the text's newest: its count goes up.
+    Count(i64),
+    /// This row gives the text this label, but a later row gives it another. The row moves to a new id
+    /// (its count up), so the label posted last is the text's newest row again: a training job keeps the
+    /// newest row's label, and counting in place would leave the earlier correction standing.
+    Move(i64),
+}
+
+/// Where a row labelled `label` goes, given the `(id, label)` rows stored for its text.
+pub(crate) fn placement(stored: &[(i64, String)], label: &str) -> Placement {
+    let newest = stored.iter().map(|(id, _)| *id).max();
+    match stored.iter().find(|(_, l)| l == label) {
+        None => Placement::Insert,
+        Some(&(id, _)) if Some(id) == newest => Placement::Count(id),
+        Some(&(id, _)) => Placement::Move(id),
+    }
+}
+
 /// The outcome of storing one row.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Appended {
-    /// The row's id (an existing row's id for a duplicate).
+    /// The row's id: an existing row's for a duplicate, or a new one where a duplicate re-asserts a label
+    /// after a later row gave the text another (the row moves, so that it is the text's newest again).
     pub id: i64,
     /// Whether the same (task, text, label) was already stored; its count went up instead.
     pub duplicate: bool,

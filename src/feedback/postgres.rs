@@ -9,7 +9,9 @@ use postgres::types::ToSql;
 use postgres::GenericClient;
 use sha2::{Digest, Sha256};
 
-use super::{Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback};
+use std::collections::HashMap;
+
+use super::{placement, Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback, Placement};
 use crate::postgres::{checkout, describe, Conn, Pool};
 
 fn storage(e: postgres::Error) -> FeedbackError {
@@ -141,12 +143,42 @@ impl FeedbackStore for PostgresStore {
             &[&keys],
         )
         .map_err(storage)?;
+        // The labels stored for every text of the batch, read once: where each row goes depends on them.
+        let mut keys: Vec<(&str, &[u8])> = rows
+            .iter()
+            .zip(&hashes)
+            .map(|(r, h)| (r.task.as_str(), h.as_slice()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (key_tasks, key_hashes): (Vec<&str>, Vec<&[u8]>) = keys.into_iter().unzip();
+        let mut stored: HashMap<(String, Vec<u8>), Vec<(i64, String)>> = HashMap::new();
+        for row in tx
+            .query(
+                "SELECT f.task, f.text_hash, f.id, f.label
+                 FROM feedback f JOIN unnest($1::TEXT[], $2::BYTEA[]) AS k(task, hash)
+                   ON f.task = k.task AND f.text_hash = k.hash",
+                &[&key_tasks, &key_hashes],
+            )
+            .map_err(storage)?
+        {
+            stored
+                .entry((row.get(0), row.get(1)))
+                .or_default()
+                .push((row.get(2), row.get(3)));
+        }
         let upsert = tx
             .prepare(
                 "INSERT INTO feedback (task, text, text_hash, label, request_id, adapter, arm, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (task, text_hash, label) DO UPDATE SET count = feedback.count + 1
                  RETURNING id, xmax = 0",
+            )
+            .map_err(storage)?;
+        // An identity column takes its next value on `SET id = DEFAULT`.
+        let relocate = tx
+            .prepare(
+                "UPDATE feedback SET id = DEFAULT, count = count + 1 WHERE id = $1 RETURNING id",
             )
             .map_err(storage)?;
         let mut out = vec![
@@ -157,6 +189,19 @@ impl FeedbackStore for PostgresStore {
             rows.len()
         ];
         for (i, r) in rows.iter().enumerate() {
+            let labels = stored
+                .entry((r.task.clone(), hashes[i].clone()))
+                .or_default();
+            if let Placement::Move(id) = placement(labels, &r.label) {
+                let moved: i64 = tx.query_one(&relocate, &[&id]).map_err(storage)?.get(0);
+                labels.retain(|(old, _)| *old != id);
+                labels.push((moved, r.label.clone()));
+                out[i] = Appended {
+                    id: moved,
+                    duplicate: true,
+                };
+                continue;
+            }
             let row = tx
                 .query_one(
                     &upsert,
@@ -174,8 +219,12 @@ impl FeedbackStore for PostgresStore {
                 .map_err(storage)?;
             // xmax is 0 on a row this statement inserted, and set on one it updated.
             let inserted: bool = row.get(1);
+            let id: i64 = row.get(0);
+            if inserted {
+                labels.push((id, r.label.clone()));
+            }
             out[i] = Appended {
-                id: row.get(0),
+                id,
                 duplicate: !inserted,
             };
         }

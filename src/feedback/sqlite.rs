@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use sha2::{Digest, Sha256};
 
-use super::{Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback};
+use super::{placement, Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback, Placement};
 
 fn storage(e: impl std::fmt::Display) -> FeedbackError {
     FeedbackError::Storage(e.to_string())
@@ -66,35 +66,41 @@ impl FeedbackStore for SqliteStore {
             .map_err(storage)?;
         let mut out = Vec::with_capacity(rows.len());
         {
-            let mut find = tx
-                .prepare_cached(
-                    "SELECT id FROM feedback WHERE task = ?1 AND text_hash = ?2 AND label = ?3",
-                )
+            let mut stored = tx
+                .prepare_cached("SELECT id, label FROM feedback WHERE task = ?1 AND text_hash = ?2")
                 .map_err(storage)?;
             let mut bump = tx
                 .prepare_cached("UPDATE feedback SET count = count + 1 WHERE id = ?1")
                 .map_err(storage)?;
+            let mut take = tx
+                .prepare_cached(
+                    "DELETE FROM feedback WHERE id = ?1
+                     RETURNING request_id, adapter, arm, count, created_at",
+                )
+                .map_err(storage)?;
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO feedback (task, text, text_hash, label, request_id, adapter, arm, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO feedback
+                       (task, text, text_hash, label, request_id, adapter, arm, count, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(storage)?;
             for r in rows {
                 let hash = Sha256::digest(r.text.as_bytes()).to_vec();
-                let existing: Option<i64> = find
-                    .query_row(params![r.task, hash, r.label], |row| row.get(0))
-                    .optional()
+                let labels = stored
+                    .query_map(params![r.task, hash], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .map_err(storage)?
+                    .collect::<Result<Vec<(i64, String)>, _>>()
                     .map_err(storage)?;
-                match existing {
-                    Some(id) => {
+                let appended = match placement(&labels, &r.label) {
+                    Placement::Count(id) => {
                         bump.execute(params![id]).map_err(storage)?;
-                        out.push(Appended {
+                        Appended {
                             id,
                             duplicate: true,
-                        });
+                        }
                     }
-                    None => {
+                    Placement::Insert => {
                         insert
                             .execute(params![
                                 r.task,
@@ -104,15 +110,54 @@ impl FeedbackStore for SqliteStore {
                                 r.request_id,
                                 r.adapter,
                                 r.arm,
+                                1,
                                 now
                             ])
                             .map_err(storage)?;
-                        out.push(Appended {
+                        Appended {
                             id: tx.last_insert_rowid(),
                             duplicate: false,
-                        });
+                        }
                     }
-                }
+                    Placement::Move(id) => {
+                        // AUTOINCREMENT never reuses an id, so the row comes back after every other.
+                        let (request_id, adapter, arm, count, created_at): (
+                            Option<String>,
+                            Option<String>,
+                            Option<String>,
+                            i64,
+                            i64,
+                        ) = take
+                            .query_row(params![id], |row| {
+                                Ok((
+                                    row.get(0)?,
+                                    row.get(1)?,
+                                    row.get(2)?,
+                                    row.get(3)?,
+                                    row.get(4)?,
+                                ))
+                            })
+                            .map_err(storage)?;
+                        insert
+                            .execute(params![
+                                r.task,
+                                r.text,
+                                hash,
+                                r.label,
+                                request_id,
+                                adapter,
+                                arm,
+                                count + 1,
+                                created_at
+                            ])
+                            .map_err(storage)?;
+                        Appended {
+                            id: tx.last_insert_rowid(),
+                            duplicate: true,
+                        }
+                    }
+                };
+                out.push(appended);
             }
         }
         tx.commit().map_err(storage)?;

@@ -152,6 +152,64 @@ fn duplicates_are_counted_not_doubled_but_a_new_label_is_a_new_row() {
 }
 
 #[test]
+fn a_label_posted_again_after_a_correction_becomes_the_newest_row() {
+    for (engine, open, _dir) in engines() {
+        let store = open();
+        let first = store.append(&[row("flip", "spam")]).unwrap()[0];
+        store.append(&[row("other", "ham")]).unwrap();
+        let corrected = store.append(&[row("flip", "ham")]).unwrap()[0];
+        // Posted again: "spam" is what the caller means now, so its row moves after the correction.
+        let again = store.append(&[row("flip", "spam")]).unwrap()[0];
+        assert!(again.duplicate, "{engine}");
+        assert!(
+            again.id > corrected.id,
+            "{engine}: {again:?} after {corrected:?}"
+        );
+        let listed = store.list("spam", 0, 10).unwrap();
+        let flip: Vec<(i64, &str, i64)> = listed
+            .iter()
+            .filter(|f| f.text == "flip")
+            .map(|f| (f.id, f.label.as_str(), f.count))
+            .collect();
+        assert_eq!(
+            flip,
+            [(corrected.id, "ham", 1), (again.id, "spam", 2)],
+            "{engine}"
+        );
+        let moved = listed.iter().find(|f| f.id == again.id).unwrap();
+        let original = first.id;
+        assert!(
+            listed.iter().all(|f| f.id != original),
+            "{engine}: the old id is gone"
+        );
+        assert!(
+            moved.created_at > 0,
+            "{engine}: the first posting's time is kept"
+        );
+        assert_eq!(store.count("spam").unwrap(), 3, "{engine}");
+        // Once newest, posting it again counts in place; within one batch the same holds row by row.
+        let batch = store
+            .append(&[row("flip", "spam"), row("flip", "ham"), row("flip", "spam")])
+            .unwrap();
+        assert_eq!(batch[0].id, again.id, "{engine}");
+        assert!(
+            batch[1].id > batch[0].id && batch[2].id > batch[1].id,
+            "{engine}: {batch:?}"
+        );
+        let newest = store.latest("spam", 1, 100).unwrap();
+        assert_eq!(
+            (
+                newest[0].text.as_str(),
+                newest[0].label.as_str(),
+                newest[0].count
+            ),
+            ("flip", "spam", 4),
+            "{engine}"
+        );
+    }
+}
+
+#[test]
 fn a_batch_answers_in_its_own_order_whatever_order_it_is_written_in() {
     for (engine, open, _dir) in engines() {
         let store = open();
