@@ -413,9 +413,9 @@ pub struct BatchingConfig {
     /// `Retry-After`) when its answer is expected later than this: the work ahead of it and its own, cut
     /// into the batches the batcher forms and priced by the batch cost model fitted at start-up and after
     /// every batch. Admitted requests then keep a bounded latency instead of joining a long queue. Below
-    /// overload only an expected wait of eight times this is refused (callers that wait for their answers
-    /// bound the queue themselves). A request with nothing ahead is always admitted. 0: admit up to
-    /// `queue_capacity`.
+    /// overload a request is refused only when the work waiting ahead of it exceeds a batch and eight
+    /// times this (callers that wait for their answers bound the queue themselves; a request's own size
+    /// does not count). A request with nothing ahead is always admitted. 0: admit up to `queue_capacity`.
     pub max_expected_wait_ms: u64,
     /// Longest a request waits for the model, queued and running, before it is answered 503 with
     /// `Retry-After` (its queued work is then dropped unrun). 0: no limit.

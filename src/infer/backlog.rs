@@ -8,8 +8,13 @@
 //! clients that each wait for their answer never queue more than 64 requests), and refusing one of them
 //! makes nobody faster — a client that retries at once only adds refusals to the model's work. So the
 //! budget applies only while the offered load exceeds capacity; below it, only a queue that outgrows one
-//! batch and several budgets is refused. A request with nothing ahead of it is always admitted, however
-//! large.
+//! batch and several budgets is refused (the work ahead of the request, not its own: a large request is
+//! not refused for its size while the model keeps up). A request with nothing ahead of it is always
+//! admitted, however large.
+//!
+//! A request larger than one batch is queued a part at a time, each part once the one before it is
+//! answered, so only its current part is in the backlog: a request arriving meanwhile waits behind one
+//! batch of it, not all of it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -138,18 +143,6 @@ pub struct Admitted {
     work: Work,
 }
 
-impl Admitted {
-    /// Moves `work`, part of this ticket's, onto a ticket of its own, so that each part of a request leaves
-    /// the backlog when that part is answered.
-    pub fn split_off(&mut self, work: Work) -> Admitted {
-        self.work = self.work.minus(work);
-        Admitted {
-            backlog: self.backlog.clone(),
-            work,
-        }
-    }
-}
-
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.backlog.remove(self.work);
@@ -173,52 +166,87 @@ impl Backlog {
         self.budget
     }
 
-    /// Adds a request of `work` and returns its ticket, or the wait it would have had (the work ahead of
-    /// it and its own) when that is refused (then nothing is added): over the budget while the offered load
-    /// exceeds capacity, or over [`HARD_CAP_BUDGETS`] budgets behind more than a batch of waiting work,
-    /// and something is ahead. While no batch has
-    /// been measured the cost is unknown and all is admitted.
-    pub fn admit(self: &Arc<Self>, work: Work) -> Result<Admitted, Duration> {
+    /// Admits a request of `whole` work and adds its first part, `first` (all of it when it fits one
+    /// batch), to the backlog; or returns the wait it would have had when it is refused (then nothing is
+    /// added). With something ahead, it is refused while the offered load exceeds capacity and its answer
+    /// (after the work ahead and all of its own) would come later than the budget; or, at any load, when
+    /// the work ahead no longer fits in one batch and takes longer than [`HARD_CAP_BUDGETS`] budgets.
+    /// While no batch has been measured the cost is unknown and all is admitted.
+    pub fn admit(self: &Arc<Self>, whole: Work, first: Work) -> Result<Admitted, Duration> {
         let ahead = Work {
-            sequences: self.sequences.fetch_add(work.sequences, Ordering::Relaxed),
-            tokens: self.tokens.fetch_add(work.tokens, Ordering::Relaxed),
-            squares: self.squares.fetch_add(work.squares, Ordering::Relaxed),
+            sequences: self.sequences.fetch_add(first.sequences, Ordering::Relaxed),
+            tokens: self.tokens.fetch_add(first.tokens, Ordering::Relaxed),
+            squares: self.squares.fetch_add(first.squares, Ordering::Relaxed),
         };
         let ticket = Admitted {
             backlog: self.clone(),
-            work,
+            work: first,
         };
-        let admitted_now = Instant::now();
-        let oldest = *self
-            .waiting_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(admitted_now);
-        let wait = self.wait_for(ahead.plus(work));
-        // The request's batch ends at `wait` from now for the oldest request in it too, which has waited
-        // since `oldest` already (when the queue is longer than one batch, the request's batch is a later
-        // one and the oldest waiting request is not in it).
-        let waiting = ahead.plus(work).minus(self.running_work());
-        let one_batch = waiting.batches(self.max_batch_size, self.max_batch_tokens) == 1;
-        let longest = wait
+        let now = Instant::now();
+        let oldest = self.waiting_since().unwrap_or(now);
+        let running = self.running_work();
+        // The request's first batch ends at `wait` from now for the oldest request in it too, which has
+        // waited since `oldest` already (when the queue is longer than one batch, the request's batch is a
+        // later one and the oldest waiting request is not in it).
+        let one_batch = ahead
+            .plus(first)
+            .minus(running)
+            .batches(self.max_batch_size, self.max_batch_tokens)
+            == 1;
+        let answer = self.wait_for(ahead.plus(whole))
             + if one_batch {
                 oldest.elapsed()
             } else {
                 Duration::ZERO
             };
-        let load = self.demand().offer(Some(self.price(work)));
-        match ahead.sequences > 0 && self.refuses(longest, load, !one_batch) {
-            true => Err(longest),
-            false => Ok(ticket),
+        let queue_ahead = ahead.minus(running);
+        let beyond_one_batch = queue_ahead.batches(self.max_batch_size, self.max_batch_tokens) > 1;
+        let load = self.demand().offer(Some(self.price(whole)));
+        if ahead.sequences > 0 && self.refuses(answer, self.wait_for(ahead), load, beyond_one_batch)
+        {
+            return Err(answer);
+        }
+        self.waiting_from(now);
+        Ok(ticket)
+    }
+
+    /// Adds `work`, a later part of an admitted request, as it is queued: it was admitted with its
+    /// request and is never refused.
+    pub fn enter(self: &Arc<Self>, work: Work) -> Admitted {
+        self.sequences.fetch_add(work.sequences, Ordering::Relaxed);
+        self.tokens.fetch_add(work.tokens, Ordering::Relaxed);
+        self.squares.fetch_add(work.squares, Ordering::Relaxed);
+        self.waiting_from(Instant::now());
+        Admitted {
+            backlog: self.clone(),
+            work,
         }
     }
 
-    /// Whether a request whose answer would come after `wait` is refused when the offered load is `load`
-    /// and the work waiting for the model does or does not fit in one batch (`beyond_one_batch`).
-    fn refuses(&self, wait: Duration, load: f64, beyond_one_batch: bool) -> bool {
+    fn waiting_since(&self) -> Option<Instant> {
+        *self.waiting_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that something waits for the model from `at`, unless something waits from earlier.
+    fn waiting_from(&self, at: Instant) {
+        self.waiting_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(at);
+    }
+
+    /// Whether a request is refused whose answer would come after `answer`, behind work ahead that takes
+    /// `ahead` and does or does not fit in one batch (`beyond_one_batch`), when the offered load is `load`.
+    fn refuses(
+        &self,
+        answer: Duration,
+        ahead: Duration,
+        load: f64,
+        beyond_one_batch: bool,
+    ) -> bool {
         self.budget.is_some_and(|budget| {
-            (wait > budget && load > OVERLOAD)
-                || (beyond_one_batch && wait > budget * HARD_CAP_BUDGETS)
+            (answer > budget && load > OVERLOAD)
+                || (beyond_one_batch && ahead > budget * HARD_CAP_BUDGETS)
         })
     }
 
@@ -253,7 +281,7 @@ impl Backlog {
         let waiting = outstanding.minus(self.running_work());
         let beyond_one_batch = waiting.batches(self.max_batch_size, self.max_batch_tokens) > 1;
         let wait = self.wait_for(outstanding);
-        if !self.refuses(wait, self.demand().load(), beyond_one_batch) {
+        if !self.refuses(wait, wait, self.demand().load(), beyond_one_batch) {
             return None;
         }
         self.demand().offer(None);
@@ -324,6 +352,11 @@ mod tests {
         Work::of_lengths(std::iter::repeat_n(len, n))
     }
 
+    /// Admits a request that fits one batch.
+    fn admit(backlog: &Arc<Backlog>, work: Work) -> Result<Admitted, Duration> {
+        backlog.admit(work, work)
+    }
+
     /// Serves work at 1 ms of price per ms, then offers three seconds' worth at once: well over capacity
     /// for the next second or so.
     fn overload(backlog: &Backlog) {
@@ -345,18 +378,18 @@ mod tests {
     {
         let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
         // Cost unknown: admitted whatever the size.
-        let first = backlog.admit(requests(1, 10_000)).unwrap();
+        let first = admit(&backlog, requests(1, 10_000)).unwrap();
         backlog.set_cost(cost());
         drop(first);
         assert_eq!(backlog.outstanding(), Work::default());
         overload(&backlog);
 
         // Nothing ahead: admitted however long its own work takes.
-        let a = backlog.admit(requests(1, 50_000)).unwrap();
+        let a = admit(&backlog, requests(1, 50_000)).unwrap();
         drop(a);
-        let a = backlog.admit(requests(1, 5_000)).unwrap(); // 52 ms
-        let b = backlog.admit(requests(1, 4_000)).unwrap(); // both: 2 + 90 ms, one batch
-        let refused = backlog.admit(requests(1, 1_000)).unwrap_err(); // all three: 2 + 100 ms
+        let a = admit(&backlog, requests(1, 5_000)).unwrap(); // 52 ms
+        let b = admit(&backlog, requests(1, 4_000)).unwrap(); // both: 2 + 90 ms, one batch
+        let refused = admit(&backlog, requests(1, 1_000)).unwrap_err(); // all three: 2 + 100 ms
         assert!(refused >= Duration::from_millis(102), "{refused:?}");
         assert!(refused < Duration::from_millis(150), "{refused:?}");
         assert_eq!(
@@ -365,11 +398,11 @@ mod tests {
             "a refused request adds nothing"
         );
         drop(a);
-        let c = backlog.admit(requests(1, 100)).unwrap();
+        let c = admit(&backlog, requests(1, 100)).unwrap();
         assert_eq!(backlog.outstanding().tokens, 4_100);
         drop((b, c));
         // Nothing ahead: admitted however large.
-        let big = backlog.admit(requests(1, 1_000_000)).unwrap();
+        let big = admit(&backlog, requests(1, 1_000_000)).unwrap();
         // 10 s of work ahead: any request would be refused, so it need not even be tokenized.
         assert!(backlog.refuses_all().unwrap() > Duration::from_secs(10));
         drop(big);
@@ -377,8 +410,8 @@ mod tests {
         // No budget: everything is admitted.
         let unbounded = Arc::new(Backlog::new(None, 128, 16_384));
         unbounded.set_cost(cost());
-        let _first = unbounded.admit(requests(1, 1_000_000)).unwrap();
-        let _second = unbounded.admit(requests(1, 1_000_000)).unwrap();
+        let _first = admit(&unbounded, requests(1, 1_000_000)).unwrap();
+        let _second = admit(&unbounded, requests(1, 1_000_000)).unwrap();
         assert_eq!(unbounded.refuses_all(), None);
     }
 
@@ -389,7 +422,7 @@ mod tests {
         // 64 closed-loop clients with 15-token sentences: one forward pass of 960 tokens, 11.6 ms, not
         // 64 passes of 2.15 ms each (138 ms) as a per-request or per-token average would say.
         let tickets: Vec<_> = (0..64)
-            .map(|_| backlog.admit(requests(1, 15)).expect("admitted"))
+            .map(|_| admit(&backlog, requests(1, 15)).expect("admitted"))
             .collect();
         assert_eq!(
             backlog.wait_for(backlog.outstanding()),
@@ -397,7 +430,7 @@ mod tests {
         );
         // 300 of them take three passes: the batcher holds at most 128 sequences.
         let more: Vec<_> = (0..236)
-            .map(|_| backlog.admit(requests(1, 15)).expect("admitted"))
+            .map(|_| admit(&backlog, requests(1, 15)).expect("admitted"))
             .collect();
         assert_eq!(
             backlog.wait_for(backlog.outstanding()),
@@ -413,17 +446,46 @@ mod tests {
         // 64 callers that each wait for their answer: a queue over the budget, but one they bound
         // themselves, offering no more than the model serves.
         let callers: Vec<_> = (0..64)
-            .map(|_| backlog.admit(requests(1, 200)).expect("admitted"))
+            .map(|_| admit(&backlog, requests(1, 200)).expect("admitted"))
             .collect();
         assert!(backlog.wait_for(backlog.outstanding()) > Duration::from_millis(100));
         backlog.served(requests(32, 200), Duration::from_millis(66));
         assert!(backlog.demand().load() < OVERLOAD, "{:?}", backlog.demand());
-        // A queue over eight budgets that no longer fits in one batch is refused all the same: 738 ms
-        // ahead (five batches), then 818 ms.
-        let long = backlog.admit(requests(1, 60_000)).expect("admitted");
-        let refused = backlog.admit(requests(1, 8_000)).unwrap_err();
-        assert!(refused > Duration::from_millis(800), "{refused:?}");
+        // A queue over eight budgets that no longer fits in one batch is refused all the same: 838 ms
+        // ahead (the callers' batch, then the long one alone), then 918 ms with the newcomer's own work.
+        let long = admit(&backlog, requests(1, 70_000)).expect("admitted");
+        let refused = admit(&backlog, requests(1, 8_000)).unwrap_err();
+        assert!(refused > Duration::from_millis(900), "{refused:?}");
         drop((callers, long));
+    }
+
+    #[test]
+    fn below_capacity_a_large_request_is_not_refused_for_its_own_size() {
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(10)), 128, 16_384));
+        backlog.set_cost(cost());
+        backlog.served(requests(32, 200), Duration::from_millis(66));
+        // A small request on the model, then 256 texts of 60 tokens: two batches, 2 × 2 + 154 ms, over
+        // eight budgets, but the work ahead of it is one small batch.
+        let small = admit(&backlog, requests(1, 20)).unwrap();
+        backlog.taken(None);
+        backlog.set_running(Some(requests(1, 20)));
+        let whole = requests(256, 60);
+        let first = requests(128, 60);
+        let big = backlog
+            .admit(whole, first)
+            .expect("admitted below overload");
+        assert_eq!(
+            backlog.outstanding().sequences,
+            129,
+            "only its first part is queued"
+        );
+        // Its second part goes in when the first is answered; a request arriving now waits behind one
+        // part of it.
+        backlog.set_running(None);
+        drop((small, big));
+        let _second = backlog.enter(requests(128, 60));
+        let _small = admit(&backlog, requests(1, 20)).expect("one batch ahead");
+        assert_eq!(backlog.outstanding().sequences, 129);
     }
 
     #[test]
@@ -431,16 +493,16 @@ mod tests {
         let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
         backlog.set_cost(cost());
         overload(&backlog);
-        let _first = backlog.admit(requests(1, 4_000)).unwrap(); // 42 ms
+        let _first = admit(&backlog, requests(1, 4_000)).unwrap(); // 42 ms
         std::thread::sleep(Duration::from_millis(40));
         // Alone, the newcomer's batch would end within 2 + 90 ms; but the first request, waiting for 40 ms
         // already, is in that batch too and would be answered after 130 ms.
-        let refused = backlog.admit(requests(1, 5_000)).unwrap_err();
+        let refused = admit(&backlog, requests(1, 5_000)).unwrap_err();
         assert!(refused >= Duration::from_millis(130), "{refused:?}");
         // Once the batcher has taken the first request, the newcomer starts a batch of its own.
         backlog.taken(None);
         backlog.set_running(Some(requests(1, 4_000)));
-        let _second = backlog.admit(requests(1, 5_000)).unwrap();
+        let _second = admit(&backlog, requests(1, 5_000)).unwrap();
     }
 
     #[test]
@@ -448,8 +510,8 @@ mod tests {
         let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(250)), 128, 16_384));
         backlog.set_cost(cost());
         let running = requests(10, 100); // 2 + 10 ms
-        let _on_the_model = backlog.admit(running).unwrap();
-        let _queued = backlog.admit(requests(5, 100)).unwrap();
+        let _on_the_model = admit(&backlog, running).unwrap();
+        let _queued = admit(&backlog, requests(5, 100)).unwrap();
         let both = backlog.outstanding();
         // Not started: one batch of everything, 2 + 15 ms.
         assert_eq!(backlog.wait_for(both), Duration::from_millis(17));

@@ -104,21 +104,27 @@ fn batch_full(waiting: &VecDeque<Entry>, config: &BatchingConfig) -> bool {
 }
 
 /// Takes entries from the front while they fit; a lone oversized entry still runs on its own. Entries
-/// whose caller has gone are dropped here, before they cost compute.
+/// whose caller has gone are dropped here, wherever they wait, before they cost compute: each still held
+/// queue capacity, a place in the backlog (the wait new requests are priced at) and the trainer's yield.
 fn take_batch(
     waiting: &mut VecDeque<Entry>,
     config: &BatchingConfig,
     metrics: &Metrics,
 ) -> Vec<Entry> {
+    waiting.retain(|entry| {
+        if !entry.reply.is_closed() {
+            return true;
+        }
+        metrics.queue_depth.sub(entry.sequences.len() as i64);
+        metrics.rejected.with_label_values(&["caller_gone"]).inc();
+        metrics
+            .queue_duration
+            .observe(entry.enqueued.elapsed().as_secs_f64());
+        false
+    });
     let mut batch = Vec::new();
     let (mut sequences, mut tokens) = (0, 0);
     while let Some(entry) = waiting.front() {
-        if entry.reply.is_closed() {
-            let gone = waiting.pop_front().expect("front exists; this is a bug");
-            metrics.queue_depth.sub(gone.sequences.len() as i64);
-            metrics.rejected.with_label_values(&["caller_gone"]).inc();
-            continue;
-        }
         let fits = sequences + entry.sequences.len() <= config.max_batch_size
             && tokens + entry.tokens() <= config.max_batch_tokens;
         if !fits && !batch.is_empty() {
@@ -186,12 +192,15 @@ fn run_batch(
     backlog.set_running(None);
     metrics.inference_duration.observe(inference.as_secs_f64());
     let ok = result.is_ok();
+    for entry in &batch {
+        let queue = started.saturating_duration_since(entry.enqueued);
+        metrics.queue_duration.observe(queue.as_secs_f64());
+    }
     match result {
         Ok((packed, logits)) => {
             let mut row = 0;
             for entry in batch {
                 let queue = started.saturating_duration_since(entry.enqueued);
-                metrics.queue_duration.observe(queue.as_secs_f64());
                 let rows = row..row + entry.sequences.len();
                 row = rows.end;
                 let vectors: Result<Vec<Vec<f32>>, InferError> = rows
@@ -250,7 +259,7 @@ mod tests {
             _permits: permits.clone().try_acquire_owned().expect("a permit"),
             _pending: crate::pressure::ServingPressure::new().begin(),
             _admitted: Arc::new(Backlog::new(None, 128, 16_384))
-                .admit(Work::of_lengths([tokens]))
+                .admit(Work::of_lengths([tokens]), Work::of_lengths([tokens]))
                 .expect("no budget admits all"),
             stage: Stage::enter(&prometheus::IntGauge::new("waiting", "test").unwrap()),
         };
@@ -276,6 +285,28 @@ mod tests {
         assert_eq!(
             metrics.rejected.with_label_values(&["caller_gone"]).get(),
             1
+        );
+        // One that is not at the front, behind entries that do not fit this batch, goes too.
+        let config = BatchingConfig {
+            max_batch_tokens: 10,
+            ..BatchingConfig::default()
+        };
+        let permits = Arc::new(Semaphore::new(3));
+        let (first, _first) = entry(8, &permits);
+        let (second, _second) = entry(8, &permits);
+        let (gone, rx) = entry(8, &permits);
+        drop(rx);
+        let mut waiting: VecDeque<Entry> = VecDeque::from([first, second, gone]);
+        assert_eq!(take_batch(&mut waiting, &config, &metrics).len(), 1);
+        assert_eq!(
+            waiting.len(),
+            1,
+            "the second waits; the abandoned third is gone"
+        );
+        assert_eq!(permits.available_permits(), 2, "only the second's is held");
+        assert_eq!(
+            metrics.rejected.with_label_values(&["caller_gone"]).get(),
+            2
         );
     }
 

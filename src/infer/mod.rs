@@ -414,56 +414,57 @@ impl Infer {
                     self.capacity
                 ))
             })?;
-        let mut admitted = self
-            .backlog
-            .admit(Work::of_lengths(tokens.iter().copied()))
-            .map_err(|wait| self.over_budget(wait))?;
-        // A request larger than one batch goes in as several entries that each fit one, queued in order:
-        // no forward pass grows past the batch limits. Requests that arrive later wait behind all of them,
-        // which is why the request was admitted above for its whole work.
+        // A request larger than one batch goes in as several parts that each fit one, each queued once
+        // the one before it is answered: no forward pass grows past the batch limits, and a request that
+        // arrives meanwhile waits behind one part of it rather than all. It is admitted for its whole work.
         let parts = parts(&tokens, self.max_batch_size, self.max_batch_tokens);
-        let mut lengths = tokens.as_slice();
-        let mut tickets = Vec::with_capacity(parts.len());
+        let first = Work::of_lengths(tokens[..parts[0]].iter().copied());
+        let mut admitted = Some(
+            self.backlog
+                .admit(Work::of_lengths(tokens.iter().copied()), first)
+                .map_err(|wait| self.over_budget(wait))?,
+        );
+        let mut part_permits = Vec::with_capacity(parts.len());
         for &n in &parts[..parts.len() - 1] {
-            let (part, after) = lengths.split_at(n);
-            lengths = after;
-            let work = Work::of_lengths(part.iter().copied());
-            let permits = permits
-                .split(n)
-                .expect("the request's permits cover its parts");
-            tickets.push((n, permits, admitted.split_off(work)));
+            part_permits.push(
+                permits
+                    .split(n)
+                    .expect("the request's permits cover its parts"),
+            );
         }
-        tickets.push((lengths.len(), permits, admitted));
+        part_permits.push(permits);
         let enqueued = Instant::now();
         let mut rest = sequences.into_iter();
-        let mut answers = Vec::with_capacity(tickets.len());
-        for (n, permits, admitted) in tickets {
-            let (reply, answer) = oneshot::channel();
-            let entry = Entry {
-                sequences: rest.by_ref().take(n).collect(),
-                job,
-                adapter: adapter.clone(),
-                enqueued,
-                reply,
-                _permits: permits,
-                _pending: self.pressure.begin(),
-                _admitted: admitted,
-                stage: Stage::enter(&self.metrics.requests_waiting),
-            };
-            // Counted before the send, so the model thread never takes it off first (the gauge would dip
-            // below zero); taken off again if the thread has gone.
-            self.metrics.queue_depth.add(n as i64);
-            if self.tx.send(entry).is_err() {
-                self.metrics.queue_depth.sub(n as i64);
-                return Err(InferError::ShuttingDown);
-            }
-            answers.push(answer);
-        }
-        // Dropping the receivers (an error, the timeout) marks the parts not yet run closed: the model
-        // thread skips them unrun.
+        let mut lengths = tokens.as_slice();
+        // Dropping this future (an error, the timeout) leaves the parts not yet queued unqueued, and marks
+        // the queued one closed: the model thread skips it unrun.
         let all = async {
-            let mut results = Vec::with_capacity(answers.len());
-            for answer in answers {
+            let mut results = Vec::with_capacity(parts.len());
+            for (&n, permits) in parts.iter().zip(part_permits) {
+                let (part, after) = lengths.split_at(n);
+                lengths = after;
+                let admitted = admitted
+                    .take()
+                    .unwrap_or_else(|| self.backlog.enter(Work::of_lengths(part.iter().copied())));
+                let (reply, answer) = oneshot::channel();
+                let entry = Entry {
+                    sequences: rest.by_ref().take(n).collect(),
+                    job,
+                    adapter: adapter.clone(),
+                    enqueued: Instant::now(),
+                    reply,
+                    _permits: permits,
+                    _pending: self.pressure.begin(),
+                    _admitted: admitted,
+                    stage: Stage::enter(&self.metrics.requests_waiting),
+                };
+                // Counted before the send, so the model thread never takes it off first (the gauge would
+                // dip below zero); taken off again if the thread has gone.
+                self.metrics.queue_depth.add(n as i64);
+                if self.tx.send(entry).is_err() {
+                    self.metrics.queue_depth.sub(n as i64);
+                    return Err(InferError::ShuttingDown);
+                }
                 results.push(answer.await.map_err(|_| InferError::ShuttingDown)??);
             }
             Ok::<_, InferError>(results)
