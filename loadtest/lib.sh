@@ -20,13 +20,14 @@ wait_for_url() {
   return 1
 }
 
-# start_server LOG [serve flags...]: starts the release server on a free port with a fresh data directory,
-# killed and removed when the script exits, and waits for it; sets $url and $server.
+# start_server LOG [serve flags...]: starts the release server ($FLYWHEEL_BIN, to compare another build) on a
+# free port with a fresh data directory, killed and removed when the script exits, and waits for it; sets
+# $url and $server.
 start_server() {
   local log="$1"
   shift
   data=$(mktemp -d)
-  target/release/flywheel serve --port 0 --data-dir "$data" "$@" >"$log" 2>&1 &
+  "${FLYWHEEL_BIN:-target/release/flywheel}" serve --port 0 --data-dir "$data" "$@" >"$log" 2>&1 &
   server=$!
   # SIGTERM, then wait: the graceful shutdown still writes to the data directory.
   trap 'kill $server 2>/dev/null && wait $server; rm -rf "$data"' EXIT

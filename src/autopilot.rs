@@ -80,6 +80,34 @@ impl Autopilot {
             })
     }
 
+    /// Unloads the task's oldest generation that no alias and no active rollout uses, so an automatic job
+    /// can publish at the adapter limit: the loop runs on for as long as the server does. Its files stay
+    /// (`POST /v1/adapters` loads it again). Returns whether one was retired.
+    fn retire_oldest(&self, task: &str) -> bool {
+        let mut free: Vec<_> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|(g, aliases)| {
+                g.task == task
+                    && aliases.is_empty()
+                    && g.state == crate::adapters::registry::State::Ready
+            })
+            .map(|(g, _)| g)
+            .collect();
+        free.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        free.iter().any(|g| {
+            let retired = self
+                .rollouts
+                .unless_in_use(&g.id, || self.registry.delete(&g.id));
+            let done = matches!(retired, Ok(Ok(())));
+            if done {
+                tracing::info!(task, adapter = %g.id, "retired the task's oldest free generation: the adapter limit is reached");
+            }
+            done
+        })
+    }
+
     fn maybe_train(&self, last: &mut HashMap<String, Last>) {
         let by_count = self.policy.auto_every_feedback > 0;
         // With a shared queue any process queues jobs, for the workers to run.
@@ -123,6 +151,11 @@ impl Autopilot {
             } else {
                 continue;
             };
+            if self.registry.is_full() && !self.retire_oldest(&task.name) {
+                tracing::warn!(task = %task.name, "automatic training skipped: the adapter limit is reached and \
+                    every generation of the task is aliased or in a rollout");
+                continue;
+            }
             match self.jobs.submit(&task.name, self.job.clone()) {
                 Ok(job) => {
                     tracing::info!(task = %task.name, job = %job.id, reason, "automatic training started");

@@ -414,8 +414,9 @@ pub struct BatchingConfig {
     /// into the batches the batcher forms and priced by the batch cost model fitted at start-up and after
     /// every batch. Admitted requests then keep a bounded latency instead of joining a long queue. Below
     /// overload a request is refused only when the work waiting ahead of it exceeds a batch and eight
-    /// times this (callers that wait for their answers bound the queue themselves; a request's own size
-    /// does not count). A request with nothing ahead is always admitted. 0: admit up to `queue_capacity`.
+    /// times this (callers that wait for their answers bound the queue themselves). A large request is
+    /// queued in parts of at most half this much work and judged by its first. A request with nothing
+    /// ahead is always admitted. 0: admit up to `queue_capacity`.
     pub max_expected_wait_ms: u64,
     /// Longest a request waits for the model, queued and running, before it is answered 503 with
     /// `Retry-After` (its queued work is then dropped unrun). 0: no limit.
@@ -666,6 +667,18 @@ impl Config {
     /// Checks ranges that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError::Invalid(m));
+        for (name, keys) in [
+            ("admin_keys", &self.auth.admin_keys),
+            ("api_keys", &self.auth.api_keys),
+        ] {
+            // A presented key is compared trimmed: a blank key would let a bare `Bearer` in, and one with
+            // white space around it could never match.
+            if keys.iter().any(|k| k.trim().is_empty() || k.trim() != k) {
+                return fail(format!(
+                    "auth.{name} holds a key that is empty or has white space around it"
+                ));
+            }
+        }
         if !(2..=512).contains(&self.model.max_length) {
             return fail(format!(
                 "model.max_length {} must be within 2..=512",
@@ -867,6 +880,19 @@ mod tests {
         ] {
             let env = vec![(key.to_owned(), value.to_owned())];
             assert!(Config::load(None, env).is_ok(), "{key}={value} was refused");
+        }
+    }
+
+    #[test]
+    fn a_blank_key_or_one_with_white_space_around_it_is_refused() {
+        for keys in [r#"admin_keys = [""]"#, r#"api_keys = ["k", " k2"]"#] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("flywheel.toml");
+            std::fs::write(&path, format!("[auth]\n{keys}\n")).unwrap();
+            match Config::load(Some(&path), Vec::new()) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains("white space"), "{m}"),
+                other => panic!("{keys}: {:?}", other.map(|_| ())),
+            }
         }
     }
 

@@ -374,6 +374,90 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
     assert_eq!(done["epoch"], 3, "LoRA's default epochs");
 }
 
+#[test]
+fn at_the_adapter_limit_a_job_is_refused_at_once_and_the_autopilot_retires_the_oldest_free_generation(
+) {
+    let server = Server::start(
+        &[],
+        &[
+            ("FLYWHEEL_ADAPTERS__MAX_ADAPTERS", "2"),
+            ("FLYWHEEL_ROLLOUTS__AUTO_CANARY", "false"),
+            // Each round posts 20 mails, of which a sampled text may repeat an earlier one.
+            ("FLYWHEEL_TRAINER__AUTO_EVERY_FEEDBACK", "15"),
+            ("FLYWHEEL_TRAINER__DEVICE", "auto"),
+            ("FLYWHEEL_TRAINER__AUTO_MIN_INTERVAL_SECS", "0"),
+            ("FLYWHEEL_ROLLOUTS__EVALUATE_EVERY_MS", "200"),
+        ],
+    );
+    let (status, body) = server.post(
+        "/v1/tasks",
+        &json!({"name": "spam", "labels": ["ham", "spam"]}),
+    );
+    assert_eq!(status, 201, "{body}");
+    std::thread::sleep(Duration::from_millis(600));
+    let ham = mails("easy-ham-1", 30);
+    let spam = mails("spam-1", 30);
+    // Each round posts 20 new mails; the autopilot trains on each, and each job publishes a generation.
+    let mut generations = Vec::new();
+    for round in 0..3 {
+        if round == 2 {
+            // Two generations are the limit: a job asked for now is refused before it trains.
+            let (status, body) = server.post("/v1/train", &json!({"task": "spam"}));
+            assert_eq!(
+                (status, body["error_type"].as_str()),
+                (409, Some("conflict")),
+                "{body}"
+            );
+        }
+        let items: Vec<Value> = ham[round * 10..round * 10 + 10]
+            .iter()
+            .map(|t| json!({"task": "spam", "text": t, "label": "ham"}))
+            .chain(
+                spam[round * 10..round * 10 + 10]
+                    .iter()
+                    .map(|t| json!({"task": "spam", "text": t, "label": "spam"})),
+            )
+            .collect();
+        assert_eq!(
+            server.post("/v1/feedback", &json!({ "items": items })).0,
+            202
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let job = loop {
+            let (_, jobs) = server.get_json("/v1/jobs?task=spam");
+            if let Some(job) = jobs.as_array().unwrap().iter().find(|j| {
+                j["id"].as_str().is_some_and(|id| {
+                    !generations
+                        .iter()
+                        .any(|(job, _): &(String, String)| job == id)
+                })
+            }) {
+                break job["id"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no automatic job in round {round}: {jobs}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let done = wait_for(&server, &job, Duration::from_secs(300));
+        assert_eq!(done["state"], "succeeded", "{done}");
+        generations.push((job, done["adapter"].as_str().unwrap().to_owned()));
+    }
+    let (_, adapters) = server.get_json("/v1/adapters");
+    let mut listed: Vec<&str> = adapters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    listed.sort_unstable();
+    let mut want = vec![generations[0].1.as_str(), generations[2].1.as_str()];
+    want.sort_unstable();
+    // The first is the stable one (aliased); the second, free, made room for the third.
+    assert_eq!(listed, want, "{adapters}");
+}
+
 /// Creates the task, posts 80 mails, starts a 20-epoch job and waits until it has taken two steps; returns
 /// the feedback acknowledgement and the job id.
 fn start_long_job(server: &Server) -> (Value, String) {

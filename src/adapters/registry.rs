@@ -996,6 +996,12 @@ impl Registry {
             .collect()
     }
 
+    /// Whether the generations ready to serve have reached `[adapters] max_adapters`: no other can be
+    /// loaded or published until one is deleted.
+    pub fn is_full(&self) -> bool {
+        self.ready_count() >= self.limits.max_adapters
+    }
+
     /// Number of generations ready to serve.
     pub fn ready_count(&self) -> usize {
         let inner = self

@@ -41,7 +41,10 @@ fn unauthorized(message: &str) -> ApiError {
 /// Admits a caller of an admin endpoint.
 pub fn admin(req: &HttpRequest, auth: &AuthConfig) -> Result<(), ApiError> {
     if auth.admin_keys.is_empty() {
-        let loopback = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
+        // A dual-stack listener (`--host ::`) sees IPv4 clients as ::ffff:a.b.c.d.
+        let loopback = req
+            .peer_addr()
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
         return if loopback {
             Ok(())
         } else {
@@ -147,6 +150,11 @@ mod tests {
             .peer_addr("192.0.2.7:5000".parse().unwrap())
             .to_http_request();
         assert!(admin(&local, &auth(&[], &[])).is_ok());
+        // An IPv4 client of a dual-stack listener.
+        let mapped = TestRequest::default()
+            .peer_addr("[::ffff:127.0.0.1]:5000".parse().unwrap())
+            .to_http_request();
+        assert!(admin(&mapped, &auth(&[], &[])).is_ok());
         assert_eq!(
             admin(&remote, &auth(&[], &[])).unwrap_err().status,
             StatusCode::FORBIDDEN

@@ -141,7 +141,9 @@ pub(super) fn validate_texts(texts: &[String], state: &AppState) -> Result<(), A
         )));
     }
     for (i, t) in texts.iter().enumerate() {
-        if t.trim().is_empty() {
+        // Only the empty string: a text of white space is a text (a chunker's blank chunk), which the
+        // model reads as its special tokens alone, as sentence-transformers and TEI do.
+        if t.is_empty() {
             return Err(ApiError::invalid(format!("inputs[{i}] is empty")));
         }
         if t.len() > limits.max_text_bytes {

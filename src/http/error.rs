@@ -119,9 +119,7 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status);
-        if self.status == StatusCode::TOO_MANY_REQUESTS
-            || self.status == StatusCode::SERVICE_UNAVAILABLE
-        {
+        if retry_helps(self.status, self.kind) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
         }
         if self.status == StatusCode::UNAUTHORIZED {
@@ -132,6 +130,16 @@ impl ResponseError for ApiError {
             error_type: self.kind.to_owned(),
         })
     }
+}
+
+/// Errors that stay until an operator acts (no trainer on this replica, a dead model thread): no
+/// `Retry-After`, which would have clients retry them every second.
+const LASTING: [&str; 2] = ["trainer_disabled", "unhealthy"];
+
+/// Whether an answer asks the client to retry shortly (`Retry-After`): an overload or a passing outage.
+pub(super) fn retry_helps(status: StatusCode, kind: &str) -> bool {
+    (status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE)
+        && !LASTING.contains(&kind)
 }
 
 impl From<InferError> for ApiError {
@@ -234,5 +242,26 @@ pub fn json_error(err: JsonPayloadError) -> ApiError {
         }
         JsonPayloadError::Deserialize(e) => ApiError::malformed(format!("malformed JSON: {e}")),
         other => ApiError::malformed(format!("unreadable request body: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_passing_conditions_ask_for_a_retry() {
+        assert!(retry_helps(StatusCode::TOO_MANY_REQUESTS, "overloaded"));
+        assert!(retry_helps(StatusCode::SERVICE_UNAVAILABLE, "not_ready"));
+        assert!(retry_helps(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable"
+        ));
+        assert!(!retry_helps(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "trainer_disabled"
+        ));
+        assert!(!retry_helps(StatusCode::SERVICE_UNAVAILABLE, "unhealthy"));
+        assert!(!retry_helps(StatusCode::CONFLICT, "conflict"));
     }
 }

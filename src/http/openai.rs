@@ -113,7 +113,7 @@ impl ResponseError for OpenAiError {
             _ => "invalid_request_error",
         };
         let mut response = HttpResponse::build(status);
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        if super::error::retry_helps(status, self.error.kind) {
             response.insert_header(("retry-after", RETRY_AFTER_SECS.to_string()));
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -48,7 +48,9 @@ async fn check_truncation(
     if truncate != Some(false) {
         return Ok(());
     }
-    let tokenizer = state.services()?.infer.tokenizer().clone();
+    let infer = &state.services()?.infer;
+    infer.shed()?;
+    let tokenizer = infer.tokenizer().clone();
     let owned = texts.to_vec();
     let max = tokenizer.max_length();
     let long = web::block(move || {
@@ -360,6 +362,8 @@ pub async fn tokenize(
     let body = body.into_inner();
     let texts = body.inputs.into_vec();
     validate_texts(&texts, &state)?;
+    // Tokenizing takes the cores the model needs; an overloaded server sheds it like any request.
+    infer.shed()?;
     let texts = prompted(infer, body.prompt_name.as_deref(), texts)?;
     let special = body.add_special_tokens.unwrap_or(true);
     let lists = web::block(move || {

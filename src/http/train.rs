@@ -20,6 +20,7 @@ impl From<TrainError> for ApiError {
             TrainError::QueueFull(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message)
             }
+            TrainError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             TrainError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
@@ -43,6 +44,7 @@ impl From<TrainError> for ApiError {
     responses(
         (status = 202, description = "Queued", body = JobSubmitted),
         (status = 404, description = "No such task (`not_found`)", body = ErrorBody),
+        (status = 409, description = "A LoRA job with the adapter limit reached (`conflict`): it could not publish", body = ErrorBody),
         (status = 429, description = "The job queue is full (`queue_full`)", body = ErrorBody),
         (status = 503, description = "This replica does not train (`trainer_disabled`) or is shutting down (`shutting_down`)", body = ErrorBody)))]
 pub async fn submit(

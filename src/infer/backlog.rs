@@ -166,13 +166,16 @@ impl Backlog {
         self.budget
     }
 
-    /// Admits a request of `whole` work and adds its first part, `first` (all of it when it fits one
-    /// batch), to the backlog; or returns the wait it would have had when it is refused (then nothing is
-    /// added). With something ahead, it is refused while the offered load exceeds capacity and its answer
-    /// (after the work ahead and all of its own) would come later than the budget; or, at any load, when
-    /// the work ahead no longer fits in one batch and takes longer than [`HARD_CAP_BUDGETS`] budgets.
-    /// While no batch has been measured the cost is unknown and all is admitted.
-    pub fn admit(self: &Arc<Self>, whole: Work, first: Work) -> Result<Admitted, Duration> {
+    /// Admits a request by its first part, `first` (all of it when it fits one part), and adds that part
+    /// to the backlog; or returns the wait it would have had when it is refused (then nothing is added).
+    /// With something ahead, it is refused while the offered load exceeds capacity and its first part's
+    /// answer (after the work ahead) would come later than the budget; or, at any load, when the work
+    /// ahead no longer fits in one batch and takes longer than [`HARD_CAP_BUDGETS`] budgets. A large
+    /// request is judged by its first part: its own size is what it asks for, and judging the whole would
+    /// refuse it whenever anything at all is ahead, however briefly; its later parts enter as they are
+    /// queued ([`Backlog::enter`]). While no batch has been measured the cost is unknown and all is
+    /// admitted.
+    pub fn admit(self: &Arc<Self>, first: Work) -> Result<Admitted, Duration> {
         let ahead = Work {
             sequences: self.sequences.fetch_add(first.sequences, Ordering::Relaxed),
             tokens: self.tokens.fetch_add(first.tokens, Ordering::Relaxed),
@@ -193,7 +196,7 @@ impl Backlog {
             .minus(running)
             .batches(self.max_batch_size, self.max_batch_tokens)
             == 1;
-        let answer = self.wait_for(ahead.plus(whole))
+        let answer = self.wait_for(ahead.plus(first))
             + if one_batch {
                 oldest.elapsed()
             } else {
@@ -201,7 +204,9 @@ impl Backlog {
             };
         let queue_ahead = ahead.minus(running);
         let beyond_one_batch = queue_ahead.batches(self.max_batch_size, self.max_batch_tokens) > 1;
-        let load = self.demand().offer(Some(self.price(whole)));
+        // Offered as it is queued, a part at a time: a large request priced whole at its arrival would
+        // look, for the seconds the average remembers it, like a burst over capacity.
+        let load = self.demand().offer(Some(self.price(first)));
         if ahead.sequences > 0 && self.refuses(answer, self.wait_for(ahead), load, beyond_one_batch)
         {
             return Err(answer);
@@ -217,6 +222,7 @@ impl Backlog {
         self.tokens.fetch_add(work.tokens, Ordering::Relaxed);
         self.squares.fetch_add(work.squares, Ordering::Relaxed);
         self.waiting_from(Instant::now());
+        self.demand().offer(Some(self.price(work)));
         Admitted {
             backlog: self.clone(),
             work,
@@ -354,7 +360,7 @@ mod tests {
 
     /// Admits a request that fits one batch.
     fn admit(backlog: &Arc<Backlog>, work: Work) -> Result<Admitted, Duration> {
-        backlog.admit(work, work)
+        backlog.admit(work)
     }
 
     /// Serves work at 1 ms of price per ms, then offers three seconds' worth at once: well over capacity
@@ -460,32 +466,29 @@ mod tests {
     }
 
     #[test]
-    fn below_capacity_a_large_request_is_not_refused_for_its_own_size() {
-        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(10)), 128, 16_384));
+    fn a_large_request_is_judged_by_its_first_part_and_others_wait_behind_one_part_of_it() {
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
         backlog.set_cost(cost());
-        backlog.served(requests(32, 200), Duration::from_millis(66));
-        // A small request on the model, then 256 texts of 60 tokens: two batches, 2 × 2 + 154 ms, over
-        // eight budgets, but the work ahead of it is one small batch.
+        overload(&backlog);
+        // A small request on the model, then a request of 256 texts of 60 tokens (about 158 ms, over the
+        // budget), which comes in by its first part (16 texts here, 2 + 9.6 ms): that part's answer comes
+        // within the budget, under overload too.
         let small = admit(&backlog, requests(1, 20)).unwrap();
         backlog.taken(None);
         backlog.set_running(Some(requests(1, 20)));
-        let whole = requests(256, 60);
-        let first = requests(128, 60);
-        let big = backlog
-            .admit(whole, first)
-            .expect("admitted below overload");
+        let big = admit(&backlog, requests(16, 60)).expect("its first part fits the budget");
         assert_eq!(
             backlog.outstanding().sequences,
-            129,
+            17,
             "only its first part is queued"
         );
-        // Its second part goes in when the first is answered; a request arriving now waits behind one
-        // part of it.
+        // Its next part goes in when the first is answered; a request arriving then waits behind that
+        // part, not the rest of it.
         backlog.set_running(None);
         drop((small, big));
-        let _second = backlog.enter(requests(128, 60));
-        let _small = admit(&backlog, requests(1, 20)).expect("one batch ahead");
-        assert_eq!(backlog.outstanding().sequences, 129);
+        let _second = backlog.enter(requests(16, 60));
+        let _small = admit(&backlog, requests(1, 20)).expect("one part ahead");
+        assert_eq!(backlog.outstanding().sequences, 17);
     }
 
     #[test]

@@ -259,7 +259,7 @@ mod tests {
             _permits: permits.clone().try_acquire_owned().expect("a permit"),
             _pending: crate::pressure::ServingPressure::new().begin(),
             _admitted: Arc::new(Backlog::new(None, 128, 16_384))
-                .admit(Work::of_lengths([tokens]), Work::of_lengths([tokens]))
+                .admit(Work::of_lengths([tokens]))
                 .expect("no budget admits all"),
             stage: Stage::enter(&prometheus::IntGauge::new("waiting", "test").unwrap()),
         };

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use backlog::{Admitted, Backlog};
-use cost::Work;
+use cost::{CostModel, Work};
 
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
@@ -160,20 +160,36 @@ impl Entry {
     }
 }
 
+/// The most one part of a larger request may cost on the model, as a share of
+/// `[batching] max_expected_wait_ms`: a request arriving behind a part (or behind two large requests' parts
+/// batched together) is still answered within the budget.
+const PART_SHARE_OF_BUDGET: f64 = 0.5;
+
 /// Cuts sequences of these lengths, in order, into parts that each fit one batch: at most `max_size`
-/// sequences and `max_tokens` tokens (a single longer sequence is a part of its own). Returns each part's
-/// number of sequences; always at least one part.
-fn parts(lengths: &[usize], max_size: usize, max_tokens: usize) -> Vec<usize> {
+/// sequences and `max_tokens` tokens, and, given a cost model and a cost in nanoseconds, at most that cost
+/// (a single sequence over a limit is a part of its own). Returns each part's number of sequences; always
+/// at least one part.
+fn parts(
+    lengths: &[usize],
+    max_size: usize,
+    max_tokens: usize,
+    max_cost: Option<(CostModel, f64)>,
+) -> Vec<usize> {
     let mut parts = vec![0];
-    let mut tokens = 0;
+    let mut work = Work::default();
     for &n in lengths {
         let current = parts.last_mut().expect("parts start with one");
-        if *current > 0 && (*current + 1 > max_size || tokens + n > max_tokens) {
+        let one = Work::of_lengths([n]);
+        let with = work.plus(one);
+        let over = with.sequences > max_size as u64
+            || with.tokens > max_tokens as u64
+            || max_cost.is_some_and(|(cost, max)| cost.nanos(with, 1) > max);
+        if *current > 0 && over {
             parts.push(1);
-            tokens = n;
+            work = one;
         } else {
             *current += 1;
-            tokens += n;
+            work = with;
         }
     }
     parts
@@ -317,6 +333,16 @@ impl Infer {
             .await
     }
 
+    /// Refuses now, as an overloaded server refuses any new request, where the work already admitted
+    /// alone would have it refused: for callers about to spend CPU on a request's texts (tokenizing them)
+    /// outside the queue.
+    pub fn shed(&self) -> Result<(), InferError> {
+        match self.backlog.refuses_all() {
+            Some(wait) => Err(self.over_budget(wait)),
+            None => Ok(()),
+        }
+    }
+
     /// Class probabilities of `texts` under `adapter`'s head (output `i` is the task's label `i`).
     pub async fn classify(
         &self,
@@ -414,14 +440,26 @@ impl Infer {
                     self.capacity
                 ))
             })?;
-        // A request larger than one batch goes in as several parts that each fit one, each queued once
-        // the one before it is answered: no forward pass grows past the batch limits, and a request that
-        // arrives meanwhile waits behind one part of it rather than all. It is admitted for its whole work.
-        let parts = parts(&tokens, self.max_batch_size, self.max_batch_tokens);
+        // A request larger than one batch, or than half the budget's worth of work, goes in as several
+        // parts that each fit, each queued once the one before it is answered: no forward pass grows past
+        // the batch limits, and a request that arrives meanwhile waits behind one part of it rather than
+        // all, so a bulk request beside short ones costs them half a budget at most.
+        let cost = self.backlog.cost();
+        let max_cost = self
+            .backlog
+            .budget()
+            .filter(|_| cost.is_known())
+            .map(|budget| (cost, budget.as_nanos() as f64 * PART_SHARE_OF_BUDGET));
+        let parts = parts(
+            &tokens,
+            self.max_batch_size,
+            self.max_batch_tokens,
+            max_cost,
+        );
         let first = Work::of_lengths(tokens[..parts[0]].iter().copied());
         let mut admitted = Some(
             self.backlog
-                .admit(Work::of_lengths(tokens.iter().copied()), first)
+                .admit(first)
                 .map_err(|wait| self.over_budget(wait))?,
         );
         let mut part_permits = Vec::with_capacity(parts.len());
@@ -499,7 +537,7 @@ impl Infer {
 
 #[cfg(test)]
 mod tests {
-    use super::{parts, InferError};
+    use super::{parts, CostModel, InferError};
 
     #[test]
     fn a_timeout_is_evidence_against_the_arm_but_a_full_queue_or_a_bad_input_is_not() {
@@ -511,17 +549,27 @@ mod tests {
 
     #[test]
     fn a_request_is_cut_into_parts_that_each_fit_one_batch() {
-        assert_eq!(parts(&[], 4, 100), [0]);
-        assert_eq!(parts(&[10, 10], 4, 100), [2]);
+        assert_eq!(parts(&[], 4, 100, None), [0]);
+        assert_eq!(parts(&[10, 10], 4, 100, None), [2]);
         // By tokens: 60 + 50 > 100.
-        assert_eq!(parts(&[60, 50, 40, 10], 4, 100), [1, 3]);
+        assert_eq!(parts(&[60, 50, 40, 10], 4, 100, None), [1, 3]);
         // By sequences.
-        assert_eq!(parts(&[1; 9], 4, 100), [4, 4, 1]);
+        assert_eq!(parts(&[1; 9], 4, 100, None), [4, 4, 1]);
         // A sequence over the token budget alone still makes a part (the batcher runs it on its own).
-        assert_eq!(parts(&[5, 200, 5], 4, 100), [1, 1, 1]);
+        assert_eq!(parts(&[5, 200, 5], 4, 100, None), [1, 1, 1]);
+        // By cost: 1 ms a pass and 10 µs a token, at most 2 ms a part: 100 tokens.
+        let cost = CostModel {
+            per_batch_ns: 1e6,
+            per_token_ns: 1e4,
+            per_square_ns: 0.0,
+        };
+        assert_eq!(
+            parts(&[40, 40, 40, 40, 200, 10], 128, 16_384, Some((cost, 2e6))),
+            [2, 2, 1, 1]
+        );
         // The parts cover every sequence, in order.
         let lengths: Vec<usize> = (0..300).map(|i| 1 + i % 256).collect();
-        let cut = parts(&lengths, 32, 16_384);
+        let cut = parts(&lengths, 32, 16_384, None);
         assert_eq!(cut.iter().sum::<usize>(), 300);
         let mut start = 0;
         for n in cut {

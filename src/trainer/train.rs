@@ -35,6 +35,9 @@ pub enum TrainError {
     /// The job queue is full.
     #[error("{0}")]
     QueueFull(String),
+    /// What the job would publish has no room (the adapter limit is reached).
+    #[error("{0}")]
+    Conflict(String),
     /// The trainer is stopping and takes no new jobs.
     #[error("the server is shutting down")]
     ShuttingDown,

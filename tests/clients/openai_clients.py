@@ -62,13 +62,19 @@ check("sdk-float", [d.embedding for d in answer.data], reference)
 answer = client.embeddings.create(model=MODEL, input=TEXTS[0], dimensions=128)
 check("sdk-dimensions", [answer.data[0].embedding], [shortened(reference[0], 128)])
 
-# LangChain: without tiktoken's length check (it would send OpenAI's token ids, and fetch their vocabulary).
+# LangChain: without tiktoken's length check (it would send OpenAI's token ids, and fetch their vocabulary), and
+# with chunks of at most [limits] max_inputs texts (LangChain's default is 1,000 per request).
 embeddings = OpenAIEmbeddings(
     model=MODEL,
     base_url=BASE + "/v1",
     api_key="not-needed",
     check_embedding_ctx_length=False,
+    chunk_size=256,
     max_retries=0,
 )
 check("langchain", embeddings.embed_documents(TEXTS), reference)
+# More documents than one request may hold: LangChain cuts them into chunks, each answered.
+many = embeddings.embed_documents(TEXTS * 150)
+assert len(many) == len(TEXTS) * 150, len(many)
+check("langchain-chunked", many[-len(TEXTS):], reference)
 check("langchain-query", [embeddings.embed_query(TEXTS[1])], [reference[1]])

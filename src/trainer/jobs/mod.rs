@@ -84,6 +84,8 @@ struct Shared {
 /// The job queue handle.
 pub struct Jobs {
     shared: Arc<Shared>,
+    /// Where LoRA jobs publish: one is refused while it is full.
+    registry: Arc<Registry>,
     tx: Mutex<mpsc::Sender<String>>,
     max_queued: usize,
     /// `[trainer] enabled`: false refuses every job.
@@ -188,6 +190,7 @@ impl Jobs {
         queue: Option<SharedQueue>,
     ) -> std::io::Result<Self> {
         let path = data_dir.join("jobs.json");
+        let registry = deps.registry.clone();
         let mut jobs: BTreeMap<String, JobRecord> = match queue {
             Some(_) => BTreeMap::new(),
             None => read_job_list(&path)?
@@ -272,6 +275,7 @@ impl Jobs {
             })?;
         Ok(Self {
             shared,
+            registry,
             tx: Mutex::new(tx),
             max_queued: limits.max_queued_jobs,
             enabled: limits.enabled,
@@ -357,6 +361,14 @@ impl Jobs {
         rerun_of: Option<String>,
     ) -> Result<JobRecord, TrainError> {
         config.validate()?;
+        // Refused now rather than after the whole job's compute, when its publish would fail.
+        if config.method == super::train::Method::Lora && self.registry.is_full() {
+            return Err(TrainError::Conflict(
+                "the adapter limit ([adapters] max_adapters) is reached: a new generation could not be \
+                 published; delete one (DELETE /v1/adapters/{id}) first"
+                    .to_owned(),
+            ));
+        }
         if let Some(queue) = &self.shared.queue {
             // Any replica queues; the training replicas claim.
             if self.shared.shutting_down.load(Ordering::Relaxed) {

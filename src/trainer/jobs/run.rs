@@ -478,10 +478,11 @@ pub(super) fn train_and_publish(
                 let bytes = serde_json::to_vec_pretty(&sidecar).map_err(|e| invalid(&e))?;
                 write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
             })?;
-            let (generation, _) = deps
-                .registry
-                .load(&name, &task.name, None)
-                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            let (generation, _) = deps.registry.load(&name, &task.name, None).map_err(|e| {
+                // Nothing names the directory: it would only fill the disk.
+                let _ = std::fs::remove_dir_all(deps.registry.root().join(&name));
+                TrainError::Invalid(e.to_string())
+            })?;
             tracing::info!(job = %job.id, adapter = %generation.id, val_macro_f1 = run.val.as_ref().map(|v| v.macro_f1), "training published a generation");
             Ok(Output::Adapter(generation.id.clone()))
         }
