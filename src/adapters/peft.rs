@@ -100,16 +100,39 @@ pub struct AdapterConfig {
     /// Informational.
     #[serde(default)]
     pub inference_mode: bool,
-    /// Every other key, kept to refuse the ones that change what the factors mean ([`CHANGES_THE_MATH`]).
+    /// Every other key: set, only an [`INERT`] one is accepted.
     #[serde(flatten, skip_serializing)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
+/// Config keys of PEFT's LoRA that change nothing at inference once the factors are saved: bookkeeping,
+/// which modules were targeted (the tensors present say that), and how the factors were initialised or
+/// trained (`init_lora_weights` values that rewrite the base are refused on their own). Any other key that
+/// is set is refused: PEFT adds variants often, and a factor applied as plain LoRA where it means something
+/// else would serve wrong answers without a word.
+const INERT: [&str; 17] = [
+    "auto_mapping",
+    "revision",
+    "peft_version",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "runtime_config",
+    "init_lora_weights",
+    "merge_weights",
+];
+
 /// Config keys of PEFT's LoRA that, when set, make the saved factors mean something else than
-/// `W + scale·B·A` on the base model Flywheel serves, each with what it does. They are refused rather than
-/// ignored. PEFT keys not listed here (initialisation, `exclude_modules`, `revision`, …) change nothing at
-/// inference.
-const CHANGES_THE_MATH: [(&str, &str); 6] = [
+/// `W + scale·B·A` on the base model Flywheel serves, each with what it does: named in the refusal.
+const CHANGES_THE_MATH: [(&str, &str); 11] = [
     (
         "layer_replication",
         "stacks copies of base layers, so the layer indices name other weights",
@@ -131,6 +154,14 @@ const CHANGES_THE_MATH: [(&str, &str); 6] = [
         "trainable_token_indices",
         "trains rows of the token embedding",
     ),
+    ("use_bdlora", "uses block-diagonal factors (BD-LoRA)"),
+    (
+        "kasa_config",
+        "rewrites the base weights through their SVD (KaSA)",
+    ),
+    ("arrow_config", "routes among several adapters (Arrow)"),
+    ("monteclora_config", "samples the factors (MonteCLoRA)"),
+    ("enable_lora", "adapts slices of a fused projection"),
 ];
 
 /// `init_lora_weights` values that rewrite the base weights when the adapter is made: its factors fit only
@@ -245,10 +276,19 @@ impl AdapterConfig {
                 )));
             }
         }
-        for (key, what) in CHANGES_THE_MATH {
-            if self.other.get(key).is_some_and(is_set) {
-                return Err(invalid(format!("{key} is set (it {what}): not supported")));
+        for (key, value) in &self.other {
+            if INERT.contains(&key.as_str()) || !is_set(value) {
+                continue;
             }
+            return Err(invalid(
+                match CHANGES_THE_MATH.iter().find(|(k, _)| k == key) {
+                    Some((_, what)) => format!("{key} is set (it {what}): not supported"),
+                    None => format!(
+                        "{key} is set, a PEFT setting Flywheel does not know: it may change what the \
+                         factors mean, so the adapter is refused rather than applied as plain LoRA"
+                    ),
+                },
+            ));
         }
         if let Some(init) = self.other.get("init_lora_weights").and_then(|v| v.as_str()) {
             let lower = init.to_ascii_lowercase();
@@ -762,10 +802,16 @@ mod tests {
             r#"{"alora_invocation_tokens": [5, 6]}"#,
             r#"{"lora_bias": true}"#,
             r#"{"task_type": "TOKEN_CLS"}"#,
+            r#"{"use_bdlora": {"lora_a_is_blockdiagonal": true}}"#,
+            r#"{"kasa_config": {"rank": 8}}"#,
+            // A setting from a later PEFT than any Flywheel knows.
+            r#"{"use_hypothetical_lora": true}"#,
         ] {
             let err = decode(&with(refused), &bytes, &config, Pooling::Cls).unwrap_err();
             assert!(
-                err.to_string().contains("not supported") || err.to_string().contains("rewrites"),
+                err.to_string().contains("not supported")
+                    || err.to_string().contains("rewrites")
+                    || err.to_string().contains("does not know"),
                 "{refused}: {err}"
             );
         }
@@ -775,6 +821,7 @@ mod tests {
             r#"{"init_lora_weights": "gaussian"}"#,
             r#"{"layer_replication": null, "lora_bias": false, "target_parameters": null}"#,
             r#"{"task_type": null, "exclude_modules": ["classifier"], "peft_version": "0.21.2"}"#,
+            r#"{"megatron_core": "megatron.core", "qalora_group_size": 16, "use_bdlora": null}"#,
         ] {
             assert_eq!(
                 decode(&with(accepted), &bytes, &config, Pooling::Cls).unwrap(),

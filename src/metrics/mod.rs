@@ -20,8 +20,8 @@ const WINDOW_SLOT_SECS: u64 = 10;
 const WINDOW_SLOTS: usize = 6;
 
 /// Geometric latency buckets from 0.5 ms to ~46 s (ratio √2): fine enough to read a P99 to within ~20 %,
-/// and past the 30 s request and body timeouts, so a request that times out lands in a bucket of its own
-/// rather than in `+Inf`.
+/// and past the 30 s request and body timeouts, so a request that times out lands in a finite bucket (the
+/// one from 23.2 to 32.8 s) rather than in `+Inf`.
 pub fn latency_buckets() -> Vec<f64> {
     (0..34)
         .map(|i| 0.0005 * 2f64.powf(i as f64 / 2.0))
@@ -163,7 +163,7 @@ impl Metrics {
         let rejected = IntCounterVec::new(
             Opts::new(
                 name("requests_rejected_total"),
-                "Requests refused before reaching the model, by reason",
+                "Requests refused before reaching the model, or given up waiting for it, by reason",
             ),
             &["reason"],
         )
