@@ -422,7 +422,17 @@ pub fn decode(
     // without `.default`, say) would otherwise leave the choice to the file's order.
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     for (name, view) in tensors.tensors() {
-        let key = parse_key(&name).ok_or_else(|| invalid(format!("unexpected tensor {name}")))?;
+        let key = parse_key(&name).ok_or_else(|| {
+            if name.contains("pooler.dense.lora_") {
+                // `target_modules="all-linear"` or `["dense"]` in PEFT adapts the pooler too.
+                invalid(format!(
+                    "unexpected tensor {name}: LoRA on the pooler is not supported; train with \
+                     exclude_modules=[\"pooler.dense\"] (or list the encoder's modules in target_modules)"
+                ))
+            } else {
+                invalid(format!("unexpected tensor {name}"))
+            }
+        })?;
         if let Some(other) = seen.insert(format!("{key:?}"), name.clone()) {
             return Err(invalid(format!("{name} and {other} are the same tensor")));
         }
@@ -845,10 +855,19 @@ mod tests {
             .find(|(n, _)| n.ends_with("lora_A.weight"))
             .cloned()
             .unwrap();
-        views.push((name.replace("lora_A.", "lora_A.default."), view));
+        views.push((name.replace("lora_A.", "lora_A.default."), view.clone()));
         let twice = safetensors::tensor::serialize(views, None).unwrap();
         let err = decode(&peft, &twice, &config, Pooling::Cls).unwrap_err();
         assert!(err.to_string().contains("same tensor"), "{err}");
+        // LoRA on the pooler, as PEFT's "all-linear" makes it: refused, saying how to train without it.
+        let mut views = tensors.tensors();
+        views.push((
+            "base_model.model.bert.pooler.dense.lora_A.weight".to_owned(),
+            view,
+        ));
+        let pooled = safetensors::tensor::serialize(views, None).unwrap();
+        let err = decode(&peft, &pooled, &config, Pooling::Cls).unwrap_err();
+        assert!(err.to_string().contains("exclude_modules"), "{err}");
 
         let mut delta = adapter.delta(1, Target::Query).unwrap().clone();
         delta.b[3] = f32::NAN;

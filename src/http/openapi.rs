@@ -447,5 +447,14 @@ mod tests {
         let schemes = &json["components"]["securitySchemes"];
         assert_eq!(schemes["admin_key"]["scheme"], "bearer");
         assert_eq!(schemes["api_key"]["scheme"], "bearer");
+        // TEI's /predict answers a list for one text and a list of lists for a batch: a client generated
+        // from the document must accept both.
+        let answer = &json["paths"]["/predict"]["post"]["responses"]["200"]["content"]
+            ["application/json"]["schema"];
+        assert_eq!(answer["$ref"], "#/components/schemas/TeiPredictResponse");
+        let answer = &schemas["TeiPredictResponse"];
+        let shapes = answer["oneOf"].as_array().expect("oneOf");
+        assert_eq!(shapes[0]["type"], "array");
+        assert_eq!(shapes[1]["items"]["type"], "array", "{answer}");
     }
 }

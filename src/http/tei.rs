@@ -232,6 +232,29 @@ pub struct TeiPrediction {
     pub label: String,
 }
 
+/// `/predict`'s answer: for one text, its labels' scores; for a batch, a list of them per text.
+pub struct TeiPredictResponse;
+
+impl utoipa::PartialSchema for TeiPredictResponse {
+    fn schema() -> RefOr<Schema> {
+        let scores = || {
+            ArrayBuilder::new()
+                .items(<TeiPrediction as utoipa::PartialSchema>::schema())
+                .description(Some("Each label's score, highest first"))
+        };
+        OneOfBuilder::new()
+            .item(scores())
+            .item(
+                ArrayBuilder::new()
+                    .items(scores())
+                    .description(Some("A batch: one list per text, in order")),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for TeiPredictResponse {}
+
 /// The model TEI's `/predict` (and vLLM's `/classify`) uses when the body names none.
 pub(super) fn default_classifier(
     state: &AppState,
@@ -257,7 +280,7 @@ pub(super) fn default_classifier(
     security((), ("api_key" = [])),
     responses(
         (status = 200, description = "For one text, its labels by score; for a batch, a list per text",
-            body = Vec<TeiPrediction>),
+            body = TeiPredictResponse),
         (status = 404, description = "`model` names nothing this server serves (`model_not_found`)",
             body = ErrorBody),
         (status = 409, description = "The task has no servable generation (`conflict`)", body = ErrorBody),
