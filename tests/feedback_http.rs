@@ -123,6 +123,17 @@ fn duplicates_are_counted_and_bad_items_are_refused_by_name() {
             422,
             "items[1]",
         ),
+        // A malformed item is named with what is wrong with it, in either shape.
+        (
+            json!({"items": [one.clone(), {"task": "sentiment", "text": "y"}]}),
+            422,
+            "items[1]: missing field `label`",
+        ),
+        (
+            json!({"task": "sentiment", "text": "y", "lable": "neutral"}),
+            422,
+            "unknown field `lable`",
+        ),
     ];
     for (body, status, mention) in cases {
         let (got, answer) = server.post("/v1/feedback", &body);

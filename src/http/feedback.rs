@@ -87,6 +87,40 @@ pub enum FeedbackRequest {
     One(Item),
 }
 
+/// [`FeedbackRequest`] as the handler reads it: the shape is told by the `items` key, so a bad item is
+/// named with serde's own words (`items[3]: missing field \`label\``) rather than "did not match any
+/// variant", which an untagged enum says of any error in either shape.
+pub struct FeedbackBody(FeedbackRequest);
+
+impl<'de> Deserialize<'de> for FeedbackBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut value = serde_json::Value::deserialize(d)?;
+        let Some(items) = value.as_object_mut().and_then(|o| o.remove("items")) else {
+            return serde_json::from_value(value)
+                .map(|item| FeedbackBody(FeedbackRequest::One(item)))
+                .map_err(D::Error::custom);
+        };
+        if let Some(other) = value.as_object().and_then(|o| o.keys().next()) {
+            return Err(D::Error::custom(format!(
+                "unknown field `{other}` beside `items`"
+            )));
+        }
+        let serde_json::Value::Array(items) = items else {
+            return Err(D::Error::custom("`items` must be a list of feedback items"));
+        };
+        let items = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                serde_json::from_value(item)
+                    .map_err(|e| D::Error::custom(format!("items[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<Item>, _>>()?;
+        Ok(FeedbackBody(FeedbackRequest::Batch { items }))
+    }
+}
+
 /// What one feedback item on a remembered request judges: the request id, the input index and the label
 /// given. The verdicts are settled when the judgement is claimed, after the row is stored.
 type Claim = Option<(String, usize, String)>;
@@ -174,11 +208,11 @@ fn resolve(state: &AppState, i: usize, item: Item) -> Result<(NewFeedback, Claim
 pub async fn post(
     _: super::auth::Caller,
     state: web::Data<AppState>,
-    body: web::Json<FeedbackRequest>,
+    body: web::Json<FeedbackBody>,
 ) -> Result<HttpResponse, ApiError> {
     let items = match body.into_inner() {
-        FeedbackRequest::Batch { items } => items,
-        FeedbackRequest::One(item) => vec![item],
+        FeedbackBody(FeedbackRequest::Batch { items }) => items,
+        FeedbackBody(FeedbackRequest::One(item)) => vec![item],
     };
     let max = state.config.limits.max_feedback_items;
     if items.is_empty() || items.len() > max {
