@@ -23,6 +23,9 @@ pub struct ApiError {
     pub kind: &'static str,
     /// A sentence for humans.
     pub message: String,
+    /// The task and arm of a request that failed once its arm was chosen: its latency is recorded under
+    /// them, as a success's is, so a slow arm's timeouts show in its own histogram.
+    pub(crate) labels: Option<super::RouteLabels>,
 }
 
 /// The body of every error answer.
@@ -41,6 +44,7 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            labels: None,
         }
     }
 
@@ -125,6 +129,9 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             response.insert_header(CHALLENGE);
         }
+        if let Some(labels) = &self.labels {
+            response.extensions_mut().insert(labels.clone());
+        }
         response.json(ErrorBody {
             error: bounded(&self.message),
             error_type: self.kind.to_owned(),
@@ -173,6 +180,10 @@ impl From<ClassifyError> for ApiError {
             ClassifyError::NoGeneration(_) | ClassifyError::NotReady(_) => Self::conflict(message),
             ClassifyError::WrongTask { .. } => Self::invalid(message),
             ClassifyError::Infer(e) => e.into(),
+            ClassifyError::Served { task, arm, error } => Self {
+                labels: Some(super::RouteLabels { task, arm }),
+                ..error.into()
+            },
         }
     }
 }
@@ -263,5 +274,29 @@ mod tests {
         ));
         assert!(!retry_helps(StatusCode::SERVICE_UNAVAILABLE, "unhealthy"));
         assert!(!retry_helps(StatusCode::CONFLICT, "conflict"));
+    }
+
+    #[test]
+    fn a_request_that_failed_on_its_arm_keeps_the_arms_labels() {
+        let failed = ClassifyError::Served {
+            task: "spam".into(),
+            arm: "candidate".into(),
+            error: InferError::TimedOut(std::time::Duration::from_secs(30)),
+        };
+        let response = ApiError::from(failed).error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let labels = response
+            .extensions()
+            .get::<super::super::RouteLabels>()
+            .cloned();
+        assert_eq!(
+            labels.map(|l| (l.task, l.arm)),
+            Some(("spam".to_owned(), "candidate".to_owned()))
+        );
+        let refused = ApiError::from(ClassifyError::UnknownTask("x".into())).error_response();
+        assert!(refused
+            .extensions()
+            .get::<super::super::RouteLabels>()
+            .is_none());
     }
 }

@@ -119,6 +119,9 @@ impl ResponseError for OpenAiError {
         if status == StatusCode::UNAUTHORIZED {
             response.insert_header(super::error::CHALLENGE);
         }
+        if let Some(labels) = &self.error.labels {
+            response.extensions_mut().insert(labels.clone());
+        }
         response.json(OpenAiErrorBody {
             error: OpenAiErrorDetail {
                 message: super::error::bounded(&self.error.message),

@@ -68,6 +68,17 @@ pub enum ClassifyError {
     /// The model refused or failed.
     #[error(transparent)]
     Infer(#[from] InferError),
+    /// The model refused or failed on the arm chosen to serve the request: the labels of its latency.
+    #[error("{error}")]
+    Served {
+        /// The task.
+        task: String,
+        /// The arm that was to serve it.
+        arm: String,
+        /// What went wrong.
+        #[source]
+        error: InferError,
+    },
 }
 
 /// The ready weights of `generation`.
@@ -122,8 +133,18 @@ impl Services {
         let started = Instant::now();
         // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
         let watched = pinned.is_none() && arm == "stable" && self.watch_drift;
+        let rollout = route.as_ref().and_then(|r| r.rollout.as_deref());
+        let unanswered = rollout.map(|rollout| Unanswered {
+            rollouts: &self.rollouts,
+            task: &task,
+            rollout,
+            generation: &generation.id,
+            started,
+        });
         let result = self.infer.classify(&texts, weights(&generation)?).await;
-        if let Some(rollout) = route.as_ref().and_then(|r| r.rollout.as_deref()) {
+        // Answered, or failed: the observation below records it.
+        std::mem::forget(unanswered);
+        if let Some(rollout) = rollout {
             if !result.as_ref().is_err_and(InferError::is_not_the_models) {
                 self.rollouts.observe(
                     &task,
@@ -134,7 +155,11 @@ impl Services {
                 );
             }
         }
-        let out = result?;
+        let out = result.map_err(|error| ClassifyError::Served {
+            task: task.clone(),
+            arm: arm.to_owned(),
+            error,
+        })?;
         if watched {
             for (probs, text) in out.vectors.iter().zip(&texts) {
                 self.drift.observe(
@@ -238,5 +263,28 @@ impl Services {
                 }
             }
         });
+    }
+}
+
+/// A routed request whose caller went away before its answer: dropped with the request's future, it records
+/// the wait so far as a failure of the arm that was serving it. A slow arm's slowest requests are the ones
+/// given up on, and leaving them out would measure its latency on the requests fast enough to wait for.
+struct Unanswered<'a> {
+    rollouts: &'a crate::rollout::Rollouts,
+    task: &'a str,
+    rollout: &'a str,
+    generation: &'a str,
+    started: Instant,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.rollouts.observe(
+            self.task,
+            self.rollout,
+            self.generation,
+            self.started.elapsed().as_secs_f64(),
+            false,
+        );
     }
 }
