@@ -176,6 +176,17 @@ impl Backlog {
     /// queued ([`Backlog::enter`]). While no batch has been measured the cost is unknown and all is
     /// admitted.
     pub fn admit(self: &Arc<Self>, first: Work) -> Result<Admitted, Duration> {
+        self.admit_as(first, false)
+    }
+
+    /// Admits background work no caller waits for (a shadow run) as [`Backlog::admit`] does a request,
+    /// except that it is refused past the budget at any load, and a refusal is not counted in the offered
+    /// load: it says nothing of what callers offer.
+    pub fn admit_background(self: &Arc<Self>, first: Work) -> Result<Admitted, Duration> {
+        self.admit_as(first, true)
+    }
+
+    fn admit_as(self: &Arc<Self>, first: Work, background: bool) -> Result<Admitted, Duration> {
         let ahead = Work {
             sequences: self.sequences.fetch_add(first.sequences, Ordering::Relaxed),
             tokens: self.tokens.fetch_add(first.tokens, Ordering::Relaxed),
@@ -206,10 +217,18 @@ impl Backlog {
         let beyond_one_batch = queue_ahead.batches(self.max_batch_size, self.max_batch_tokens) > 1;
         // Offered as it is queued, a part at a time: a large request priced whole at its arrival would
         // look, for the seconds the average remembers it, like a burst over capacity.
-        let load = self.demand().offer(Some(self.price(first)));
-        if ahead.sequences > 0 && self.refuses(answer, self.wait_for(ahead), load, beyond_one_batch)
+        let load = match background {
+            true => self.demand().load(),
+            false => self.demand().offer(Some(self.price(first))),
+        };
+        if ahead.sequences > 0
+            && (self.refuses(answer, self.wait_for(ahead), load, beyond_one_batch)
+                || (background && self.budget.is_some_and(|budget| answer > budget)))
         {
             return Err(answer);
+        }
+        if background {
+            self.demand().offer(Some(self.price(first)));
         }
         self.waiting_from(now);
         Ok(ticket)
@@ -463,6 +482,26 @@ mod tests {
         let refused = admit(&backlog, requests(1, 8_000)).unwrap_err();
         assert!(refused > Duration::from_millis(900), "{refused:?}");
         drop((callers, long));
+    }
+
+    #[test]
+    fn background_work_yields_past_the_budget_at_any_load_and_its_refusal_is_not_demand() {
+        let backlog = Arc::new(Backlog::new(Some(Duration::from_millis(100)), 128, 16_384));
+        backlog.set_cost(cost());
+        backlog.served(requests(32, 200), Duration::from_millis(66));
+        let _caller = admit(&backlog, requests(1, 8_000)).unwrap(); // 82 ms
+        let load = backlog.demand().load();
+        assert!(load < OVERLOAD, "{load}");
+        // A caller's request with 2 + 40 ms of its own would be admitted below overload...
+        let caller = admit(&backlog, requests(1, 4_000)).expect("below overload");
+        drop(caller);
+        // ...but background work of the same size waits for a quieter moment, and offers nothing.
+        let offered = backlog.demand().offered;
+        assert!(backlog.admit_background(requests(1, 4_000)).is_err());
+        assert_eq!(backlog.demand().offered, offered);
+        // Small enough to answer within the budget, it runs, and counts as what it is: work on the model.
+        assert!(backlog.admit_background(requests(1, 100)).is_ok());
+        assert!(backlog.demand().offered > offered);
     }
 
     #[test]

@@ -297,7 +297,7 @@ impl Infer {
             return Err(self.over_budget(wait));
         }
         let sequences = self.tokenize(texts).await?;
-        self.run(sequences, started, Job::Embed { normalize }, None)
+        self.run(sequences, started, Job::Embed { normalize }, None, false)
             .await
     }
 
@@ -329,7 +329,7 @@ impl Infer {
                 ids.truncate(max_length);
             }
         }
-        self.run(sequences, started, Job::Embed { normalize }, None)
+        self.run(sequences, started, Job::Embed { normalize }, None, false)
             .await
     }
 
@@ -349,6 +349,25 @@ impl Infer {
         texts: &[String],
         adapter: Arc<Adapter>,
     ) -> Result<Outputs, InferError> {
+        self.classify_as(texts, adapter, false).await
+    }
+
+    /// [`Infer::classify`] for work no caller waits for (a shadow candidate's run): it yields to callers,
+    /// refused past the budget at any load, and its refusals are not counted as callers' (no 429 went out).
+    pub async fn classify_background(
+        &self,
+        texts: &[String],
+        adapter: Arc<Adapter>,
+    ) -> Result<Outputs, InferError> {
+        self.classify_as(texts, adapter, true).await
+    }
+
+    async fn classify_as(
+        &self,
+        texts: &[String],
+        adapter: Arc<Adapter>,
+        background: bool,
+    ) -> Result<Outputs, InferError> {
         if !self.adapters_supported {
             return Err(InferError::Invalid(
                 "adapters run on the CPU path only for now; this server's model runs elsewhere"
@@ -361,12 +380,12 @@ impl Infer {
             ));
         }
         let started = Instant::now();
-        if let Some(wait) = self.backlog.refuses_all() {
-            return Err(self.over_budget(wait));
+        if !background {
+            self.shed()?;
         }
         let sequences = self.tokenize(texts).await?;
         let mut out = self
-            .run(sequences, started, Job::Classify, Some(adapter))
+            .run(sequences, started, Job::Classify, Some(adapter), background)
             .await?;
         // The model thread answers logits; the probabilities are a few exponentials per input.
         out.logits = std::mem::take(&mut out.vectors);
@@ -418,6 +437,7 @@ impl Infer {
         started: Instant,
         job: Job,
         adapter: Option<Arc<Adapter>>,
+        background: bool,
     ) -> Result<Outputs, InferError> {
         if let Some(i) = sequences.iter().position(Vec::is_empty) {
             return Err(InferError::Invalid(format!("inputs[{i}] yields no tokens")));
@@ -431,10 +451,12 @@ impl Infer {
             .ok()
             .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok())
             .ok_or_else(|| {
-                self.metrics
-                    .rejected
-                    .with_label_values(&["queue_full"])
-                    .inc();
+                if !background {
+                    self.metrics
+                        .rejected
+                        .with_label_values(&["queue_full"])
+                        .inc();
+                }
                 InferError::Overloaded(format!(
                     "the inference queue is full ({} sequences); retry shortly",
                     self.capacity
@@ -457,11 +479,19 @@ impl Infer {
             max_cost,
         );
         let first = Work::of_lengths(tokens[..parts[0]].iter().copied());
-        let mut admitted = Some(
-            self.backlog
+        let admitted = match background {
+            false => self
+                .backlog
                 .admit(first)
-                .map_err(|wait| self.over_budget(wait))?,
-        );
+                .map_err(|wait| self.over_budget(wait)),
+            true => self.backlog.admit_background(first).map_err(|wait| {
+                InferError::Overloaded(format!(
+                    "background work shed: it would wait about {} ms",
+                    wait.as_millis()
+                ))
+            }),
+        };
+        let mut admitted = Some(admitted?);
         let mut part_permits = Vec::with_capacity(parts.len());
         for &n in &parts[..parts.len() - 1] {
             part_permits.push(

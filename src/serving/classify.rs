@@ -233,7 +233,7 @@ impl Services {
         );
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = infer.classify(&texts, w).await;
+            let result = infer.classify_background(&texts, w).await;
             if result.as_ref().is_err_and(InferError::is_not_the_models) {
                 return;
             }
