@@ -151,7 +151,8 @@ impl Autopilot {
             } else {
                 continue;
             };
-            if self.registry.is_full() && !self.retire_oldest(&task.name) {
+            let publishes = self.job.method == crate::trainer::train::Method::Lora;
+            if publishes && self.registry.is_full() && !self.retire_oldest(&task.name) {
                 tracing::warn!(task = %task.name, "automatic training skipped: the adapter limit is reached and \
                     every generation of the task is aliased or in a rollout");
                 continue;

@@ -73,6 +73,16 @@ pub(crate) enum Placement {
     Move(i64),
 }
 
+/// Points each answer of a batch at the row's id after the whole batch: a later item of the batch may have
+/// moved a row an earlier one was answered with (`moved`: old id to new).
+pub(crate) fn follow_moves(out: &mut [Appended], moved: &std::collections::HashMap<i64, i64>) {
+    for appended in out {
+        while let Some(&to) = moved.get(&appended.id) {
+            appended.id = to;
+        }
+    }
+}
+
 /// Where a row labelled `label` goes, given the `(id, label)` rows stored for its text.
 pub(crate) fn placement(stored: &[(i64, String)], label: &str) -> Placement {
     let newest = stored.iter().map(|(id, _)| *id).max();

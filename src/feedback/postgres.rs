@@ -11,7 +11,10 @@ use sha2::{Digest, Sha256};
 
 use std::collections::HashMap;
 
-use super::{placement, Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback, Placement};
+use super::{
+    follow_moves, placement, Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback,
+    Placement,
+};
 use crate::postgres::{checkout, describe, Conn, Pool};
 
 fn storage(e: postgres::Error) -> FeedbackError {
@@ -72,6 +75,9 @@ pub fn continue_ids(client: &mut impl GenericClient) -> Result<(), FeedbackError
         .map_err(storage)?;
     Ok(())
 }
+
+/// A text of a task, as the unique index keys it: (task, text hash).
+type TextKey = (String, Vec<u8>);
 
 /// PostgreSQL-backed [`FeedbackStore`].
 pub struct PostgresStore {
@@ -152,7 +158,8 @@ impl FeedbackStore for PostgresStore {
         keys.sort_unstable();
         keys.dedup();
         let (key_tasks, key_hashes): (Vec<&str>, Vec<&[u8]>) = keys.into_iter().unzip();
-        let mut stored: HashMap<(String, Vec<u8>), Vec<(i64, String)>> = HashMap::new();
+        let mut stored: HashMap<TextKey, Vec<(i64, String)>> = HashMap::new();
+        let mut moved = HashMap::new();
         for row in tx
             .query(
                 "SELECT f.task, f.text_hash, f.id, f.label
@@ -193,11 +200,12 @@ impl FeedbackStore for PostgresStore {
                 .entry((r.task.clone(), hashes[i].clone()))
                 .or_default();
             if let Placement::Move(id) = placement(labels, &r.label) {
-                let moved: i64 = tx.query_one(&relocate, &[&id]).map_err(storage)?.get(0);
+                let to: i64 = tx.query_one(&relocate, &[&id]).map_err(storage)?.get(0);
                 labels.retain(|(old, _)| *old != id);
-                labels.push((moved, r.label.clone()));
+                labels.push((to, r.label.clone()));
+                moved.insert(id, to);
                 out[i] = Appended {
-                    id: moved,
+                    id: to,
                     duplicate: true,
                 };
                 continue;
@@ -229,6 +237,7 @@ impl FeedbackStore for PostgresStore {
             };
         }
         tx.commit().map_err(storage)?;
+        follow_moves(&mut out, &moved);
         Ok(out)
     }
 

@@ -7,7 +7,10 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection};
 use sha2::{Digest, Sha256};
 
-use super::{placement, Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback, Placement};
+use super::{
+    follow_moves, placement, Appended, Feedback, FeedbackError, FeedbackStore, NewFeedback,
+    Placement,
+};
 
 fn storage(e: impl std::fmt::Display) -> FeedbackError {
     FeedbackError::Storage(e.to_string())
@@ -65,6 +68,7 @@ impl FeedbackStore for SqliteStore {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(storage)?;
         let mut out = Vec::with_capacity(rows.len());
+        let mut moved = std::collections::HashMap::new();
         {
             let mut stored = tx
                 .prepare_cached("SELECT id, label FROM feedback WHERE task = ?1 AND text_hash = ?2")
@@ -151,6 +155,7 @@ impl FeedbackStore for SqliteStore {
                                 created_at
                             ])
                             .map_err(storage)?;
+                        moved.insert(id, tx.last_insert_rowid());
                         Appended {
                             id: tx.last_insert_rowid(),
                             duplicate: true,
@@ -161,6 +166,7 @@ impl FeedbackStore for SqliteStore {
             }
         }
         tx.commit().map_err(storage)?;
+        follow_moves(&mut out, &moved);
         Ok(out)
     }
 

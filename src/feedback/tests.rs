@@ -187,14 +187,20 @@ fn a_label_posted_again_after_a_correction_becomes_the_newest_row() {
             "{engine}: the first posting's time is kept"
         );
         assert_eq!(store.count("spam").unwrap(), 3, "{engine}");
-        // Once newest, posting it again counts in place; within one batch the same holds row by row.
+        // Once newest, posting it again counts in place; within one batch the same holds row by row, and
+        // each answer names the row where the batch left it (the first spam was moved by the third).
         let batch = store
             .append(&[row("flip", "spam"), row("flip", "ham"), row("flip", "spam")])
             .unwrap();
-        assert_eq!(batch[0].id, again.id, "{engine}");
+        assert_eq!(batch[0].id, batch[2].id, "{engine}: {batch:?}");
         assert!(
-            batch[1].id > batch[0].id && batch[2].id > batch[1].id,
+            batch[2].id > batch[1].id && batch[1].id > again.id,
             "{engine}: {batch:?}"
+        );
+        let listed = store.list("spam", 0, 10).unwrap();
+        assert!(
+            batch.iter().all(|a| listed.iter().any(|f| f.id == a.id)),
+            "{engine}: every answer names a stored row: {batch:?} {listed:?}"
         );
         let newest = store.latest("spam", 1, 100).unwrap();
         assert_eq!(

@@ -180,6 +180,9 @@ impl From<ClassifyError> for ApiError {
             ClassifyError::NoGeneration(_) | ClassifyError::NotReady(_) => Self::conflict(message),
             ClassifyError::WrongTask { .. } => Self::invalid(message),
             ClassifyError::Infer(e) => e.into(),
+            // A refusal (429, a bad input) says nothing of the arm; its instant answer would pull the
+            // arm's latency down.
+            ClassifyError::Served { error, .. } if error.is_not_the_models() => error.into(),
             ClassifyError::Served { task, arm, error } => Self {
                 labels: Some(super::RouteLabels { task, arm }),
                 ..error.into()

@@ -262,7 +262,8 @@ pub async fn post(
 pub struct FeedbackAccepted {
     /// Items stored (duplicates included).
     pub accepted: usize,
-    /// Each item's row id, in order (a duplicate's is the existing row's).
+    /// Each item's row id, in order: a duplicate's is the existing row's, unless the duplicate re-asserts a
+    /// label after a later row gave the text another, which moves the row to a new id (this one).
     pub ids: Vec<i64>,
     /// Items already stored with the same task, text and label; their count went up instead.
     pub duplicates: usize,

@@ -166,8 +166,9 @@ impl Entry {
 const PART_SHARE_OF_BUDGET: f64 = 0.5;
 
 /// Cuts sequences of these lengths, in order, into parts that each fit one batch: at most `max_size`
-/// sequences and `max_tokens` tokens, and, given a cost model and a cost in nanoseconds, at most that cost
-/// (a single sequence over a limit is a part of its own). Returns each part's number of sequences; always
+/// sequences and `max_tokens` tokens, and, given a cost model and a cost in nanoseconds, tokens costing at
+/// most that (the fixed cost of a forward pass left out: were it near the cap, every text would make a
+/// pass of its own). A single sequence over a limit is a part of its own. Returns each part's number of sequences; always
 /// at least one part.
 fn parts(
     lengths: &[usize],
@@ -183,7 +184,7 @@ fn parts(
         let with = work.plus(one);
         let over = with.sequences > max_size as u64
             || with.tokens > max_tokens as u64
-            || max_cost.is_some_and(|(cost, max)| cost.nanos(with, 1) > max);
+            || max_cost.is_some_and(|(cost, max)| cost.nanos(with, 0) > max);
         if *current > 0 && over {
             parts.push(1);
             work = one;
@@ -501,6 +502,9 @@ impl Infer {
             );
         }
         part_permits.push(permits);
+        // Between one part's answer and the next part's queueing nothing of the request is pending: the
+        // trainer must not take the cores back in that gap.
+        let _pending = (parts.len() > 1).then(|| self.pressure.begin());
         let enqueued = Instant::now();
         let mut rest = sequences.into_iter();
         let mut lengths = tokens.as_slice();
@@ -587,14 +591,14 @@ mod tests {
         assert_eq!(parts(&[1; 9], 4, 100, None), [4, 4, 1]);
         // A sequence over the token budget alone still makes a part (the batcher runs it on its own).
         assert_eq!(parts(&[5, 200, 5], 4, 100, None), [1, 1, 1]);
-        // By cost: 1 ms a pass and 10 µs a token, at most 2 ms a part: 100 tokens.
+        // By cost: 10 µs a token, at most 1 ms a part: 100 tokens (the 1 ms a pass costs is not counted).
         let cost = CostModel {
             per_batch_ns: 1e6,
             per_token_ns: 1e4,
             per_square_ns: 0.0,
         };
         assert_eq!(
-            parts(&[40, 40, 40, 40, 200, 10], 128, 16_384, Some((cost, 2e6))),
+            parts(&[40, 40, 40, 40, 200, 10], 128, 16_384, Some((cost, 1e6))),
             [2, 2, 1, 1]
         );
         // The parts cover every sequence, in order.

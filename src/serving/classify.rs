@@ -133,6 +133,7 @@ impl Services {
         let started = Instant::now();
         // Drift watches what the stable generation serves (in shadow mode, stable answers every request).
         let watched = pinned.is_none() && arm == "stable" && self.watch_drift;
+        let weights = weights(&generation)?;
         let rollout = route.as_ref().and_then(|r| r.rollout.as_deref());
         let unanswered = rollout.map(|rollout| Unanswered {
             rollouts: &self.rollouts,
@@ -141,7 +142,7 @@ impl Services {
             generation: &generation.id,
             started,
         });
-        let result = self.infer.classify(&texts, weights(&generation)?).await;
+        let result = self.infer.classify(&texts, weights).await;
         // Answered, or failed: the observation below records it.
         std::mem::forget(unanswered);
         if let Some(rollout) = rollout {

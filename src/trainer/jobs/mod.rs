@@ -353,6 +353,19 @@ impl Jobs {
         self.queue(task, config, None)
     }
 
+    /// Refuses a LoRA job while the registry is full: at once, rather than after the job's compute, when its
+    /// publish would fail.
+    fn check_room(&self, config: &TrainConfig) -> Result<(), TrainError> {
+        if config.method == super::train::Method::Lora && self.registry.is_full() {
+            return Err(TrainError::Conflict(
+                "the adapter limit ([adapters] max_adapters) is reached: a new generation could not be \
+                 published; delete one (DELETE /v1/adapters/{id}) first"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Queues a job for `task`, a re-run of `rerun_of` when given.
     fn queue(
         &self,
@@ -361,19 +374,12 @@ impl Jobs {
         rerun_of: Option<String>,
     ) -> Result<JobRecord, TrainError> {
         config.validate()?;
-        // Refused now rather than after the whole job's compute, when its publish would fail.
-        if config.method == super::train::Method::Lora && self.registry.is_full() {
-            return Err(TrainError::Conflict(
-                "the adapter limit ([adapters] max_adapters) is reached: a new generation could not be \
-                 published; delete one (DELETE /v1/adapters/{id}) first"
-                    .to_owned(),
-            ));
-        }
         if let Some(queue) = &self.shared.queue {
             // Any replica queues; the training replicas claim.
             if self.shared.shutting_down.load(Ordering::Relaxed) {
                 return Err(TrainError::ShuttingDown);
             }
+            self.check_room(&config)?;
             let status = JobRecord::queued(task, config);
             queue.insert(&status, self.max_queued)?;
             return Ok(status);
@@ -381,6 +387,7 @@ impl Jobs {
         if !self.enabled {
             return Err(TrainError::Disabled);
         }
+        self.check_room(&config)?;
         // Held from the count to the write (and the undoing of a failed one): two submissions cannot both
         // take the queue's last place, and no other write may put the job on disk in between, or a job
         // answered 503 could run after a crash.

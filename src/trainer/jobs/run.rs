@@ -479,8 +479,11 @@ pub(super) fn train_and_publish(
                 write_atomically(&tmp.join(SIDECAR_FILE), &bytes).map_err(|e| invalid(&e))
             })?;
             let (generation, _) = deps.registry.load(&name, &task.name, None).map_err(|e| {
-                // Nothing names the directory: it would only fill the disk.
-                let _ = std::fs::remove_dir_all(deps.registry.root().join(&name));
+                // Refused (the adapter limit): nothing names the directory, which would only fill
+                // the disk. After another failure it stays, for `POST /v1/adapters` to load.
+                if matches!(e, crate::adapters::RegistryError::Conflict(_)) {
+                    let _ = std::fs::remove_dir_all(deps.registry.root().join(&name));
+                }
                 TrainError::Invalid(e.to_string())
             })?;
             tracing::info!(job = %job.id, adapter = %generation.id, val_macro_f1 = run.val.as_ref().map(|v| v.macro_f1), "training published a generation");
