@@ -309,18 +309,22 @@ fn a_job_the_server_cannot_write_down_is_refused_and_an_unreadable_list_stops_th
     assert!(jobs.join("in-the-way").is_dir());
 }
 
+/// A server whose autopilot trains every `every` new feedback rows, with no interval between jobs, on the
+/// CPU where the build or the machine has no GPU (`auto`), with `extra` settings.
+fn autopilot_server(every: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![
+        ("FLYWHEEL_TRAINER__AUTO_EVERY_FEEDBACK", every),
+        ("FLYWHEEL_TRAINER__DEVICE", "auto"),
+        ("FLYWHEEL_TRAINER__AUTO_MIN_INTERVAL_SECS", "0"),
+        ("FLYWHEEL_ROLLOUTS__EVALUATE_EVERY_MS", "200"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start(&[], &env)
+}
+
 #[test]
 fn the_autopilot_trains_once_enough_feedback_arrived() {
-    let server = Server::start(
-        &[],
-        &[
-            ("FLYWHEEL_TRAINER__AUTO_EVERY_FEEDBACK", "20"),
-            // `auto` trains on the CPU where the build or the machine has no GPU.
-            ("FLYWHEEL_TRAINER__DEVICE", "auto"),
-            ("FLYWHEEL_TRAINER__AUTO_MIN_INTERVAL_SECS", "0"),
-            ("FLYWHEEL_ROLLOUTS__EVALUATE_EVERY_MS", "200"),
-        ],
-    );
+    let server = autopilot_server("20", &[]);
     let (status, body) = server.post(
         "/v1/tasks",
         &json!({"name": "spam", "labels": ["ham", "spam"]}),
@@ -377,16 +381,12 @@ fn the_autopilot_trains_once_enough_feedback_arrived() {
 #[test]
 fn at_the_adapter_limit_a_job_is_refused_at_once_and_the_autopilot_retires_the_oldest_free_generation(
 ) {
-    let server = Server::start(
-        &[],
+    // Each round posts 20 mails, of which a sampled text may repeat an earlier one: 15 rows start a job.
+    let server = autopilot_server(
+        "15",
         &[
             ("FLYWHEEL_ADAPTERS__MAX_ADAPTERS", "2"),
             ("FLYWHEEL_ROLLOUTS__AUTO_CANARY", "false"),
-            // Each round posts 20 mails, of which a sampled text may repeat an earlier one.
-            ("FLYWHEEL_TRAINER__AUTO_EVERY_FEEDBACK", "15"),
-            ("FLYWHEEL_TRAINER__DEVICE", "auto"),
-            ("FLYWHEEL_TRAINER__AUTO_MIN_INTERVAL_SECS", "0"),
-            ("FLYWHEEL_ROLLOUTS__EVALUATE_EVERY_MS", "200"),
         ],
     );
     let (status, body) = server.post(

@@ -96,7 +96,8 @@ impl FeedbackStore for SqliteStore {
                     .map_err(storage)?
                     .collect::<Result<Vec<(i64, String)>, _>>()
                     .map_err(storage)?;
-                let appended = match placement(&labels, &r.label) {
+                let place = placement(&labels, &r.label);
+                let appended = match place {
                     Placement::Count(id) => {
                         bump.execute(params![id]).map_err(storage)?;
                         Appended {
@@ -104,61 +105,42 @@ impl FeedbackStore for SqliteStore {
                             duplicate: true,
                         }
                     }
-                    Placement::Insert => {
-                        insert
-                            .execute(params![
-                                r.task,
-                                r.text,
-                                hash,
-                                r.label,
-                                r.request_id,
-                                r.adapter,
-                                r.arm,
+                    Placement::Insert | Placement::Move(_) => {
+                        let (request_id, adapter, arm, count, created_at) = match place {
+                            // AUTOINCREMENT never reuses an id, so the row comes back after every
+                            // other, with what it held and one more posting.
+                            Placement::Move(id) => take
+                                .query_row(params![id], |row| {
+                                    Ok((
+                                        row.get(0)?,
+                                        row.get(1)?,
+                                        row.get(2)?,
+                                        row.get::<_, i64>(3)? + 1,
+                                        row.get(4)?,
+                                    ))
+                                })
+                                .map_err(storage)?,
+                            _ => (
+                                r.request_id.clone(),
+                                r.adapter.clone(),
+                                r.arm.clone(),
                                 1,
-                                now
-                            ])
-                            .map_err(storage)?;
-                        Appended {
-                            id: tx.last_insert_rowid(),
-                            duplicate: false,
-                        }
-                    }
-                    Placement::Move(id) => {
-                        // AUTOINCREMENT never reuses an id, so the row comes back after every other.
-                        let (request_id, adapter, arm, count, created_at): (
-                            Option<String>,
-                            Option<String>,
-                            Option<String>,
-                            i64,
-                            i64,
-                        ) = take
-                            .query_row(params![id], |row| {
-                                Ok((
-                                    row.get(0)?,
-                                    row.get(1)?,
-                                    row.get(2)?,
-                                    row.get(3)?,
-                                    row.get(4)?,
-                                ))
-                            })
-                            .map_err(storage)?;
+                                now,
+                            ),
+                        };
                         insert
                             .execute(params![
-                                r.task,
-                                r.text,
-                                hash,
-                                r.label,
-                                request_id,
-                                adapter,
-                                arm,
-                                count + 1,
+                                r.task, r.text, hash, r.label, request_id, adapter, arm, count,
                                 created_at
                             ])
                             .map_err(storage)?;
-                        moved.insert(id, tx.last_insert_rowid());
+                        let id = tx.last_insert_rowid();
+                        if let Placement::Move(old) = place {
+                            moved.insert(old, id);
+                        }
                         Appended {
-                            id: tx.last_insert_rowid(),
-                            duplicate: true,
+                            id,
+                            duplicate: matches!(place, Placement::Move(_)),
                         }
                     }
                 };
