@@ -12,9 +12,9 @@
 //! not refused for its size while the model keeps up). A request with nothing ahead of it is always
 //! admitted, however large.
 //!
-//! A request larger than one batch is queued a part at a time, each part once the one before it is
-//! answered, so only its current part is in the backlog: a request arriving meanwhile waits behind one
-//! batch of it, not all of it.
+//! A request larger than one batch, or than half the budget's worth of work, is queued a part at a time,
+//! each part once the one before it is answered, so only its current part is in the backlog: a request
+//! arriving meanwhile waits behind one part of it, not all of it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

@@ -168,8 +168,8 @@ const PART_SHARE_OF_BUDGET: f64 = 0.5;
 /// Cuts sequences of these lengths, in order, into parts that each fit one batch: at most `max_size`
 /// sequences and `max_tokens` tokens, and, given a cost model and a cost in nanoseconds, tokens costing at
 /// most that (the fixed cost of a forward pass left out: were it near the cap, every text would make a
-/// pass of its own). A single sequence over a limit is a part of its own. Returns each part's number of sequences; always
-/// at least one part.
+/// pass of its own). A single sequence over a limit is a part of its own. Returns each part's number of
+/// sequences; always at least one part.
 fn parts(
     lengths: &[usize],
     max_size: usize,
