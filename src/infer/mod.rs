@@ -294,9 +294,7 @@ impl Infer {
     pub async fn embed(&self, texts: &[String], normalize: bool) -> Result<Outputs, InferError> {
         let started = Instant::now();
         // Under overload most requests are refused: refuse them before spending CPU on their tokens.
-        if let Some(wait) = self.backlog.refuses_all() {
-            return Err(self.over_budget(wait));
-        }
+        self.shed()?;
         let sequences = self.tokenize(texts).await?;
         self.run(sequences, started, Job::Embed { normalize }, None, false)
             .await
@@ -310,9 +308,7 @@ impl Infer {
         normalize: bool,
     ) -> Result<Outputs, InferError> {
         let started = Instant::now();
-        if let Some(wait) = self.backlog.refuses_all() {
-            return Err(self.over_budget(wait));
-        }
+        self.shed()?;
         // The text path's truncation keeps the closing special token ([SEP], </s>); ids that end with it
         // keep it too, so the same text embeds alike either way.
         let end = self.tokenizer.end_token();
